@@ -1,0 +1,497 @@
+//! Connections, routing and the request loop.
+
+use crate::retry::RetryPolicy;
+use parking_lot::{Mutex, RwLock};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tern_core::codec::partition_of;
+use tern_core::limits::GRPC_MESSAGE_BYTES_MAX;
+use tern_core::time::SeededRandom;
+use tern_core::{NodeId, TernError, TernResult};
+use tern_proto::kv_client::KvClient;
+use tern_proto::meta_client::MetaClient;
+use tern_proto::*;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub meta: Vec<String>,
+    /// Total time one operation may take, retries included.
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+impl ClientConfig {
+    pub fn new(meta: Vec<String>) -> ClientConfig {
+        ClientConfig { meta, timeout: Duration::from_secs(10), retry: RetryPolicy::default() }
+    }
+}
+
+/// A table's routing: partitions with their replicas and the leader we currently believe in.
+struct Route {
+    table: TableInfo,
+    leaders: Vec<AtomicU64>,
+}
+
+struct Inner {
+    cfg: ClientConfig,
+    meta: Mutex<Option<MetaClient<Channel>>>,
+    channels: Mutex<HashMap<String, Channel>>,
+    addresses: RwLock<HashMap<NodeId, String>>,
+    routes: RwLock<HashMap<String, Arc<Route>>>,
+    client_id: u64,
+    next_seq: AtomicU64,
+    inflight: Mutex<BTreeSet<u64>>,
+    rng: Mutex<SeededRandom>,
+}
+
+/// A connection to a Tern cluster; cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+/// A handle on one table.
+#[derive(Clone)]
+pub struct Table {
+    client: Client,
+    name: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ScanOptions {
+    pub start: Vec<u8>,
+    pub stop: Vec<u8>,
+    pub prefix: Vec<u8>,
+    pub limit: u32,
+    pub no_value: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CasResult {
+    pub set_done: bool,
+    pub check_value: Option<Vec<u8>>,
+}
+
+/// Where a full-table scan continues: a partition and a resume token inside it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FullScanCursor {
+    pub partition: u32,
+    pub token: Vec<u8>,
+    pub done: bool,
+}
+
+fn status_error(s: tonic::Status) -> TernError {
+    tern_proto::from_status(&s)
+}
+
+enum Routed<'a> {
+    Hashkey(&'a [u8]),
+    Partition(u32),
+}
+
+impl Client {
+    pub fn new(cfg: ClientConfig) -> TernResult<Client> {
+        if cfg.meta.is_empty() {
+            return Err(TernError::invalid("the client needs at least one meta address"));
+        }
+        Ok(Client {
+            inner: Arc::new(Inner {
+                cfg,
+                meta: Mutex::new(None),
+                channels: Mutex::new(HashMap::new()),
+                addresses: RwLock::new(HashMap::new()),
+                routes: RwLock::new(HashMap::new()),
+                client_id: rand::random::<u64>() | 1,
+                next_seq: AtomicU64::new(1),
+                inflight: Mutex::new(BTreeSet::new()),
+                rng: Mutex::new(SeededRandom::from_entropy()),
+            }),
+        })
+    }
+
+    pub fn table(&self, name: &str) -> Table {
+        Table { client: self.clone(), name: name.to_string() }
+    }
+
+    fn channel(&self, address: &str) -> TernResult<Channel> {
+        let mut channels = self.inner.channels.lock();
+        if let Some(c) = channels.get(address) {
+            return Ok(c.clone());
+        }
+        let c = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| TernError::invalid(format!("address {address:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(address.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// A meta client (the first meta address that answers).
+    pub async fn meta(&self) -> TernResult<MetaClient<Channel>> {
+        if let Some(m) = self.inner.meta.lock().clone() {
+            return Ok(m);
+        }
+        let mut last = TernError::Unavailable("no meta address".into());
+        for a in &self.inner.cfg.meta {
+            let mut m = MetaClient::new(self.channel(a)?);
+            match m.list_nodes(ListNodesRequest {}).await {
+                Ok(r) => {
+                    self.learn_nodes(&r.into_inner().nodes);
+                    *self.inner.meta.lock() = Some(m.clone());
+                    return Ok(m);
+                }
+                Err(s) => last = status_error(s),
+            }
+        }
+        Err(last)
+    }
+
+    fn forget_meta(&self) {
+        *self.inner.meta.lock() = None;
+    }
+
+    fn learn_nodes(&self, nodes: &[NodeInfo]) {
+        let mut a = self.inner.addresses.write();
+        for n in nodes {
+            a.insert(n.node_id, n.address.clone());
+        }
+    }
+
+    /// Runs a meta call with retries on transport failures, inside the client timeout.
+    pub async fn meta_call<T, F, Fut>(&self, f: F) -> TernResult<T>
+    where
+        F: Fn(MetaClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let deadline = Instant::now() + self.inner.cfg.timeout;
+        let mut attempt = 0;
+        loop {
+            let r = match self.meta().await {
+                Ok(m) => f(m).await.map_err(status_error),
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                    self.forget_meta();
+                    let d = self.inner.cfg.retry.delay(attempt, &mut *self.inner.rng.lock());
+                    tokio::time::sleep(d).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn refresh_route(&self, table: &str) -> TernResult<Arc<Route>> {
+        let name = table.to_string();
+        let r = self.meta_call(|mut m| {
+            let name = name.clone();
+            async move { m.get_table(TableRequest { name }).await.map(|r| r.into_inner()) }
+        })
+        .await?;
+        tern_proto::check(&r.error)?;
+        let info = r.table.ok_or_else(|| TernError::Internal("meta returned no table".into()))?;
+        let needs_nodes = {
+            let a = self.inner.addresses.read();
+            info.partitions.iter().flat_map(|p| &p.peers).any(|p| !a.contains_key(&p.node_id))
+        };
+        if needs_nodes {
+            let nodes = self.meta_call(|mut m| async move { m.list_nodes(ListNodesRequest {}).await.map(|r| r.into_inner()) }).await?;
+            self.learn_nodes(&nodes.nodes);
+        }
+        let leaders = info.partitions.iter().map(|p| AtomicU64::new(p.leader_node)).collect();
+        let route = Arc::new(Route { table: info, leaders });
+        self.inner.routes.write().insert(table.to_string(), route.clone());
+        Ok(route)
+    }
+
+    async fn route(&self, table: &str) -> TernResult<Arc<Route>> {
+        if let Some(r) = self.inner.routes.read().get(table) {
+            return Ok(r.clone());
+        }
+        self.refresh_route(table).await
+    }
+
+    fn forget_route(&self, table: &str) {
+        self.inner.routes.write().remove(table);
+    }
+
+    /// The partition count of a table (fetching its route if needed).
+    pub async fn partition_count(&self, table: &str) -> TernResult<u32> {
+        Ok(self.route(table).await?.table.partition_count)
+    }
+
+    fn kv(&self, node: NodeId) -> TernResult<KvClient<Channel>> {
+        let address = self
+            .inner
+            .addresses
+            .read()
+            .get(&node)
+            .cloned()
+            .ok_or_else(|| TernError::StaleConfig(format!("no address known for node {node}")))?;
+        Ok(KvClient::new(self.channel(&address)?).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX.max(64 << 20)).max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX))
+    }
+
+    /// After a failure without a leader hint, try the partition's next replica.
+    fn rotate_leader(route: &Route, partition: u32) {
+        let p = &route.table.partitions[partition as usize];
+        let current = route.leaders[partition as usize].load(Ordering::Relaxed);
+        let pos = p.peers.iter().position(|x| x.node_id == current).map(|i| i + 1).unwrap_or(0);
+        if let Some(next) = p.peers.get(pos % p.peers.len().max(1)) {
+            route.leaders[partition as usize].store(next.node_id, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends one request to the partition leader with the retry loop. `call` builds and sends the
+    /// request for a partition ref on a KV client and returns the response's error and the response.
+    async fn execute<T, F, Fut>(&self, table: &str, routed: Routed<'_>, call: F) -> TernResult<T>
+    where
+        F: Fn(KvClient<Channel>, PartitionRef, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<(Option<Error>, T), tonic::Status>>,
+    {
+        let deadline = Instant::now() + self.inner.cfg.timeout;
+        let mut attempt: u32 = 0;
+        loop {
+            let result: TernResult<T> = async {
+                let route = self.route(table).await?;
+                let count = route.table.partition_count;
+                let partition = match routed {
+                    Routed::Hashkey(h) => partition_of(h, count),
+                    Routed::Partition(p) if p < count => p,
+                    Routed::Partition(p) => return Err(TernError::invalid(format!("partition {p} out of range ({count})"))),
+                };
+                let node = route.leaders[partition as usize].load(Ordering::Relaxed);
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                let pref = PartitionRef { table_id: route.table.table_id, partition, partition_count: count };
+                let outcome = tokio::time::timeout(remaining, call(self.kv(node)?, pref, remaining)).await;
+                let r = match outcome {
+                    Err(_) => Err(TernError::Timeout("request deadline passed".into())),
+                    Ok(Err(status)) => Err(status_error(status)),
+                    Ok(Ok((error, value))) => tern_proto::check(&error).map(|_| value),
+                };
+                match &r {
+                    Err(TernError::NotLeader { leader: Some(l) }) if *l != node => {
+                        route.leaders[partition as usize].store(*l, Ordering::Relaxed);
+                    }
+                    Err(TernError::StaleConfig(_)) | Err(TernError::TableNotFound(_)) | Err(TernError::PartitionNotFound(_)) => {
+                        self.forget_route(table)
+                    }
+                    Err(e) if e.is_retryable() => Self::rotate_leader(&route, partition),
+                    _ => {}
+                }
+                r
+            }
+            .await;
+            match result {
+                Ok(v) => return Ok(v),
+                Err(TernError::TableNotFound(t)) if attempt == 0 => {
+                    // Maybe the cached route was for a dropped-and-recreated table: one fresh look.
+                    tracing::debug!("table {t} not found; refreshing route");
+                }
+                Err(e) if !e.is_retryable() => return Err(e),
+                Err(e) => {
+                    if Instant::now() >= deadline {
+                        return Err(match e {
+                            TernError::Timeout(m) => TernError::Timeout(m),
+                            other => TernError::Timeout(format!("gave up after {} attempts; last error: {other}", attempt + 1)),
+                        });
+                    }
+                    if !matches!(e, TernError::NotLeader { leader: Some(_) }) || attempt > 3 {
+                        let d = self.inner.cfg.retry.delay(attempt, &mut *self.inner.rng.lock());
+                        tokio::time::sleep(d.min(deadline.saturating_duration_since(Instant::now()))).await;
+                    }
+                }
+            }
+            attempt += 1;
+        }
+    }
+
+    async fn write(&self, table: &str, hashkey: &[u8], op: write_request::Op, dedup: bool) -> TernResult<WriteResponse> {
+        let seq = if dedup {
+            let s = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+            self.inner.inflight.lock().insert(s);
+            s
+        } else {
+            0
+        };
+        let client_id = if dedup { self.inner.client_id } else { 0 };
+        let r = self
+            .execute(table, Routed::Hashkey(hashkey), |mut kv, partition, _| {
+                let first_incomplete_seq = if dedup { self.inner.inflight.lock().first().copied().unwrap_or(seq) } else { 0 };
+                let request = WriteRequest { partition: Some(partition), client_id, seq, first_incomplete_seq, op: Some(op.clone()) };
+                async move { kv.write(request).await.map(|r| r.into_inner()).map(|r| (r.error.clone(), r)) }
+            })
+            .await;
+        if dedup {
+            self.inner.inflight.lock().remove(&seq);
+        }
+        r
+    }
+
+    async fn read(&self, table: &str, routed: Routed<'_>, op: read_request::Op) -> TernResult<ReadResponse> {
+        self.execute(table, routed, |mut kv, partition, _| {
+            let request = ReadRequest { partition: Some(partition), allow_stale: false, op: Some(op.clone()) };
+            async move { kv.read(request).await.map(|r| r.into_inner()).map(|r| (r.error.clone(), r)) }
+        })
+        .await
+    }
+
+    /// Checksum of one replica (by node), for consistency checks and tests.
+    pub async fn replica_checksum(&self, node: NodeId, group_id: u64) -> TernResult<ChecksumResponse> {
+        let mut kv = self.kv(node)?;
+        let r = kv.checksum(ChecksumRequest { group_id }).await.map_err(status_error)?.into_inner();
+        tern_proto::check(&r.error)?;
+        Ok(r)
+    }
+
+    /// Refreshes node addresses from meta (after servers moved).
+    pub async fn refresh_nodes(&self) -> TernResult<Vec<NodeInfo>> {
+        let nodes = self.meta_call(|mut m| async move { m.list_nodes(ListNodesRequest {}).await.map(|r| r.into_inner()) }).await?;
+        self.learn_nodes(&nodes.nodes);
+        Ok(nodes.nodes)
+    }
+}
+
+fn bytes(b: &[u8]) -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(b)
+}
+
+impl Table {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub async fn set(&self, hashkey: &[u8], sortkey: &[u8], value: &[u8], ttl_seconds: u32) -> TernResult<()> {
+        self.multi_set(hashkey, &[(sortkey.to_vec(), value.to_vec())], ttl_seconds).await
+    }
+
+    /// Sets several sortkeys of one hashkey atomically.
+    pub async fn multi_set(&self, hashkey: &[u8], values: &[(Vec<u8>, Vec<u8>)], ttl_seconds: u32) -> TernResult<()> {
+        let op = write_request::Op::Set(MultiSet {
+            hashkey: bytes(hashkey),
+            values: values.iter().map(|(s, v)| SortkeyValue { sortkey: bytes(s), value: bytes(v), ttl_seconds }).collect(),
+        });
+        self.client.write(&self.name, hashkey, op, false).await.map(|_| ())
+    }
+
+    /// Deletes one record; true if it existed.
+    pub async fn del(&self, hashkey: &[u8], sortkey: &[u8]) -> TernResult<bool> {
+        Ok(self.multi_del(hashkey, &[sortkey.to_vec()]).await? > 0)
+    }
+
+    /// Deletes several sortkeys of one hashkey atomically; returns how many existed.
+    pub async fn multi_del(&self, hashkey: &[u8], sortkeys: &[Vec<u8>]) -> TernResult<u64> {
+        let op = write_request::Op::Del(MultiDel { hashkey: bytes(hashkey), sortkeys: sortkeys.iter().map(|s| bytes(s)).collect() });
+        Ok(self.client.write(&self.name, hashkey, op, false).await?.count)
+    }
+
+    /// Adds `delta` to an integer record (absent = 0) exactly once, even when retried.
+    pub async fn incr(&self, hashkey: &[u8], sortkey: &[u8], delta: i64, ttl_seconds: u32) -> TernResult<i64> {
+        let op = write_request::Op::Incr(Incr { hashkey: bytes(hashkey), sortkey: bytes(sortkey), delta, ttl_seconds });
+        Ok(self.client.write(&self.name, hashkey, op, true).await?.new_value)
+    }
+
+    /// If (hashkey, check_sortkey) passes the check, sets (hashkey, set_sortkey) = value, atomically and
+    /// exactly once.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn check_and_set(
+        &self,
+        hashkey: &[u8],
+        check_sortkey: &[u8],
+        check: CheckType,
+        operand: &[u8],
+        set_sortkey: &[u8],
+        value: &[u8],
+        ttl_seconds: u32,
+    ) -> TernResult<CasResult> {
+        let op = write_request::Op::CheckAndSet(CheckAndSet {
+            hashkey: bytes(hashkey),
+            check_sortkey: bytes(check_sortkey),
+            check_type: check as i32,
+            check_operand: bytes(operand),
+            set_sortkey: bytes(set_sortkey),
+            set_value: bytes(value),
+            set_ttl_seconds: ttl_seconds,
+            return_check_value: true,
+        });
+        let r = self.client.write(&self.name, hashkey, op, true).await?;
+        Ok(CasResult { set_done: r.set_done, check_value: r.check_value_exists.then(|| r.check_value.to_vec()) })
+    }
+
+    pub async fn get(&self, hashkey: &[u8], sortkey: &[u8]) -> TernResult<Option<Vec<u8>>> {
+        Ok(self.get_record(hashkey, sortkey).await?.map(|r| r.value.to_vec()))
+    }
+
+    /// The record with its expiry, if it exists.
+    pub async fn get_record(&self, hashkey: &[u8], sortkey: &[u8]) -> TernResult<Option<Record>> {
+        Ok(self.multi_get(hashkey, &[sortkey.to_vec()]).await?.into_iter().next())
+    }
+
+    /// The named sortkeys of a hashkey (all of them, up to the read limit, when `sortkeys` is empty).
+    pub async fn multi_get(&self, hashkey: &[u8], sortkeys: &[Vec<u8>]) -> TernResult<Vec<Record>> {
+        let op = read_request::Op::Get(MultiGet { hashkey: bytes(hashkey), sortkeys: sortkeys.iter().map(|s| bytes(s)).collect(), limit: 0, no_value: false });
+        Ok(self.client.read(&self.name, Routed::Hashkey(hashkey), op).await?.records)
+    }
+
+    pub async fn exists(&self, hashkey: &[u8], sortkey: &[u8]) -> TernResult<bool> {
+        let op = read_request::Op::Get(MultiGet { hashkey: bytes(hashkey), sortkeys: vec![bytes(sortkey)], limit: 0, no_value: true });
+        Ok(!self.client.read(&self.name, Routed::Hashkey(hashkey), op).await?.records.is_empty())
+    }
+
+    /// Remaining time to live: None if the record does not exist, Some(None) if it never expires.
+    pub async fn ttl(&self, hashkey: &[u8], sortkey: &[u8]) -> TernResult<Option<Option<Duration>>> {
+        let op = read_request::Op::Get(MultiGet { hashkey: bytes(hashkey), sortkeys: vec![bytes(sortkey)], limit: 0, no_value: true });
+        let records = self.client.read(&self.name, Routed::Hashkey(hashkey), op).await?.records;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        Ok(records.first().map(|r| (r.expire_at_ms != 0).then(|| Duration::from_millis(r.expire_at_ms.saturating_sub(now)))))
+    }
+
+    /// Sortkeys of a hashkey in [start, stop) with an optional prefix; returns the records and a resume
+    /// sortkey (empty when done).
+    pub async fn scan(&self, hashkey: &[u8], opts: &ScanOptions) -> TernResult<(Vec<Record>, Vec<u8>)> {
+        let op = read_request::Op::Scan(Scan {
+            hashkey: bytes(hashkey),
+            full_table: false,
+            start: bytes(&opts.start),
+            stop: bytes(&opts.stop),
+            prefix: bytes(&opts.prefix),
+            limit: opts.limit,
+            no_value: opts.no_value,
+        });
+        let r = self.client.read(&self.name, Routed::Hashkey(hashkey), op).await?;
+        Ok((r.records, r.resume.to_vec()))
+    }
+
+    /// Number of live records under a hashkey.
+    pub async fn count(&self, hashkey: &[u8]) -> TernResult<u64> {
+        let op = read_request::Op::Count(Count { hashkey: bytes(hashkey) });
+        Ok(self.client.read(&self.name, Routed::Hashkey(hashkey), op).await?.count)
+    }
+
+    /// One page of a full-table scan (partition by partition); pass the returned cursor back in.
+    pub async fn full_scan(&self, cursor: &FullScanCursor, limit: u32) -> TernResult<(Vec<Record>, FullScanCursor)> {
+        let count = self.client.partition_count(&self.name).await?;
+        let mut cursor = cursor.clone();
+        let mut records = Vec::new();
+        while !cursor.done && (records.len() as u32) < limit.max(1) {
+            let want = limit.max(1) - records.len() as u32;
+            let op = read_request::Op::Scan(Scan { full_table: true, start: bytes(&cursor.token), limit: want, ..Default::default() });
+            let r = self.client.read(&self.name, Routed::Partition(cursor.partition), op).await?;
+            records.extend(r.records);
+            if r.resume.is_empty() {
+                cursor.partition += 1;
+                cursor.token.clear();
+                cursor.done = cursor.partition >= count;
+            } else {
+                cursor.token = r.resume.to_vec();
+            }
+        }
+        Ok((records, cursor))
+    }
+}

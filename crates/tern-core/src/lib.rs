@@ -1,0 +1,14 @@
+//! Tern's shared vocabulary: identifiers, size limits, the on-disk key codec, the partition hash, the
+//! value header (TTL + checksum), the error type, and the clock and randomness interfaces.
+//!
+//! Owns: everything every other crate agrees on. Must not depend on any other Tern crate, on RocksDB,
+//! raft, tonic or tokio. Put new shared types here only when two or more crates need them.
+
+pub mod codec;
+pub mod error;
+pub mod ids;
+pub mod limits;
+pub mod time;
+
+pub use error::{ErrorCode, TernError, TernResult};
+pub use ids::{GroupId, NodeId, PeerId, TableId};

@@ -1,0 +1,130 @@
+//! A behaviour suite every engine must pass. Each check opens a fresh engine from the factory.
+
+use crate::{EngineFactory, KvEngine, WriteBatch};
+use std::path::Path;
+
+fn collect(engine: &dyn KvEngine, start: &[u8], end: Option<&[u8]>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::new();
+    engine
+        .scan(start, end, &mut |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            true
+        })
+        .expect("scan");
+    out
+}
+
+/// Puts, deletes and range deletes apply atomically and scans see them in key order.
+pub fn check_batches_and_scans(factory: &dyn EngineFactory, dir: &Path) {
+    let engine = factory.open(dir).expect("open");
+    let mut b = WriteBatch::default();
+    for i in 0u8..10 {
+        b.put(vec![b'k', i], vec![i]);
+    }
+    engine.write(b).expect("write");
+    assert_eq!(engine.get(&[b'k', 3]).unwrap(), Some(vec![3]));
+    assert_eq!(engine.get(b"missing").unwrap(), None);
+
+    let mut b = WriteBatch::default();
+    b.delete(vec![b'k', 0]);
+    b.delete_range(vec![b'k', 5], vec![b'k', 8]);
+    b.put(vec![b'k', 9], vec![99]);
+    engine.write(b).expect("write");
+    let keys: Vec<u8> = collect(engine.as_ref(), b"k", None).iter().map(|(k, _)| k[1]).collect();
+    assert_eq!(keys, vec![1, 2, 3, 4, 8, 9]);
+    assert_eq!(engine.get(&[b'k', 9]).unwrap(), Some(vec![99]));
+
+    let bounded = collect(engine.as_ref(), &[b'k', 2], Some(&[b'k', 4]));
+    assert_eq!(bounded.len(), 2);
+    let mut seen = 0;
+    engine
+        .scan(b"", None, &mut |_, _| {
+            seen += 1;
+            seen < 3
+        })
+        .unwrap();
+    assert_eq!(seen, 3, "scan stops when the visitor says so");
+}
+
+/// A checkpoint is a consistent copy that opens as an engine with the same contents, unaffected by
+/// later writes to the original.
+pub fn check_checkpoint(factory: &dyn EngineFactory, dir: &Path, checkpoint_dir: &Path) {
+    let engine = factory.open(dir).expect("open");
+    let mut b = WriteBatch::default();
+    b.put(b"a".to_vec(), b"1".to_vec());
+    b.put(b"b".to_vec(), b"2".to_vec());
+    engine.write(b).unwrap();
+    engine.checkpoint(checkpoint_dir).expect("checkpoint");
+    let mut b = WriteBatch::default();
+    b.put(b"c".to_vec(), b"3".to_vec());
+    engine.write(b).unwrap();
+
+    let copy = factory.open(checkpoint_dir).expect("open checkpoint");
+    assert_eq!(collect(copy.as_ref(), b"", None).len(), 2);
+    assert_eq!(copy.get(b"b").unwrap(), Some(b"2".to_vec()));
+    assert_eq!(copy.get(b"c").unwrap(), None);
+}
+
+/// Data survives closing and reopening the engine.
+pub fn check_reopen(factory: &dyn EngineFactory, dir: &Path) {
+    {
+        let engine = factory.open(dir).expect("open");
+        let mut b = WriteBatch::default();
+        b.put(b"durable".to_vec(), b"yes".to_vec());
+        engine.write(b).unwrap();
+        engine.sync().unwrap();
+    }
+    let engine = factory.open(dir).expect("reopen");
+    assert_eq!(engine.get(b"durable").unwrap(), Some(b"yes".to_vec()));
+}
+
+/// Records the expiry filter calls expired disappear on compaction; others stay.
+pub fn check_expiry_filter(factory: &dyn EngineFactory, dir: &Path) {
+    let engine = factory.open(dir).expect("open");
+    let mut b = WriteBatch::default();
+    b.put(b"expired:1".to_vec(), b"x".to_vec());
+    b.put(b"live:1".to_vec(), b"y".to_vec());
+    engine.write(b).unwrap();
+    engine.compact_all().unwrap();
+    assert_eq!(engine.get(b"expired:1").unwrap(), None);
+    assert_eq!(engine.get(b"live:1").unwrap(), Some(b"y".to_vec()));
+}
+
+/// The filter the expiry check uses: keys starting with "expired:" are expired.
+pub fn test_expiry_filter(key: &[u8], _value: &[u8], _now: u64) -> bool {
+    key.starts_with(b"expired:")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{MemoryEngineFactory, RocksEngineFactory, RocksSharedResources};
+
+    fn rocks() -> RocksEngineFactory {
+        RocksEngineFactory::new(RocksSharedResources::new(8 << 20, 8 << 20), Some(test_expiry_filter))
+    }
+    fn memory() -> MemoryEngineFactory {
+        MemoryEngineFactory::new(Some(test_expiry_filter))
+    }
+
+    /// Both engines pass the whole suite.
+    #[test]
+    fn rocksdb_conformance() {
+        let t = tempfile::tempdir().unwrap();
+        let f = rocks();
+        check_batches_and_scans(&f, &t.path().join("a"));
+        check_checkpoint(&f, &t.path().join("b"), &t.path().join("b-cp"));
+        check_reopen(&f, &t.path().join("c"));
+        check_expiry_filter(&f, &t.path().join("d"));
+    }
+
+    #[test]
+    fn memory_conformance() {
+        let t = tempfile::tempdir().unwrap();
+        let f = memory();
+        check_batches_and_scans(&f, &t.path().join("a"));
+        check_checkpoint(&f, &t.path().join("b"), &t.path().join("b-cp"));
+        check_reopen(&f, &t.path().join("c"));
+        check_expiry_filter(&f, &t.path().join("d"));
+    }
+}

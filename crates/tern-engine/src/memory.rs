@@ -1,0 +1,163 @@
+//! An in-memory engine with the same semantics as the RocksDB one, for unit tests and the simulator.
+//! Checkpoints are written as one file so snapshot transfer works unchanged.
+
+use crate::{EngineError, EngineFactory, EngineResult, ExpiryFilter, KvEngine, WriteBatch, WriteOp};
+use parking_lot::{Mutex, RwLock};
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+type Map = BTreeMap<Vec<u8>, Vec<u8>>;
+
+const CHECKPOINT_FILE: &str = "memory-engine.dat";
+
+/// Engines live in the factory keyed by directory, so "reopening" after a simulated restart finds the
+/// same contents (the simulator decides what survives a crash).
+#[derive(Default)]
+pub struct MemoryEngineFactory {
+    stores: Mutex<HashMap<PathBuf, Arc<RwLock<Map>>>>,
+    expiry: Option<ExpiryFilter>,
+}
+
+impl MemoryEngineFactory {
+    pub fn new(expiry: Option<ExpiryFilter>) -> MemoryEngineFactory {
+        MemoryEngineFactory { stores: Default::default(), expiry }
+    }
+}
+
+impl EngineFactory for MemoryEngineFactory {
+    fn open(&self, dir: &Path) -> EngineResult<Box<dyn KvEngine>> {
+        let mut stores = self.stores.lock();
+        let map = stores.entry(dir.to_path_buf()).or_default().clone();
+        // A checkpoint directory received from a peer is loaded on first open.
+        let file = dir.join(CHECKPOINT_FILE);
+        if map.read().is_empty() && file.exists() {
+            let bytes = std::fs::read(&file).map_err(|e| EngineError::Io(e.to_string()))?;
+            *map.write() = decode(&bytes)?;
+        }
+        Ok(Box::new(MemoryEngine { map, expiry: self.expiry }))
+    }
+
+    fn destroy(&self, dir: &Path) -> EngineResult<()> {
+        self.stores.lock().remove(dir);
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| EngineError::Io(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+pub struct MemoryEngine {
+    map: Arc<RwLock<Map>>,
+    expiry: Option<ExpiryFilter>,
+}
+
+impl MemoryEngine {
+    pub fn new() -> MemoryEngine {
+        MemoryEngine { map: Default::default(), expiry: None }
+    }
+}
+
+impl Default for MemoryEngine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn encode(map: &Map) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (k, v) in map {
+        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        out.extend_from_slice(k);
+        out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        out.extend_from_slice(v);
+    }
+    out
+}
+
+fn decode(mut bytes: &[u8]) -> EngineResult<Map> {
+    let mut map = Map::new();
+    let take = |bytes: &mut &[u8]| -> EngineResult<Vec<u8>> {
+        if bytes.len() < 4 {
+            return Err(EngineError::Corruption("truncated checkpoint".into()));
+        }
+        let n = u32::from_be_bytes(bytes[..4].try_into().expect("4 bytes")) as usize;
+        if bytes.len() < 4 + n {
+            return Err(EngineError::Corruption("truncated checkpoint".into()));
+        }
+        let item = bytes[4..4 + n].to_vec();
+        *bytes = &bytes[4 + n..];
+        Ok(item)
+    };
+    while !bytes.is_empty() {
+        let k = take(&mut bytes)?;
+        let v = take(&mut bytes)?;
+        map.insert(k, v);
+    }
+    Ok(map)
+}
+
+impl KvEngine for MemoryEngine {
+    fn get(&self, key: &[u8]) -> EngineResult<Option<Vec<u8>>> {
+        Ok(self.map.read().get(key).cloned())
+    }
+
+    fn write(&self, batch: WriteBatch) -> EngineResult<()> {
+        let mut map = self.map.write();
+        for op in batch.ops {
+            match op {
+                WriteOp::Put { key, value } => {
+                    map.insert(key, value);
+                }
+                WriteOp::Delete { key } => {
+                    map.remove(&key);
+                }
+                WriteOp::DeleteRange { start, end } => {
+                    let doomed: Vec<Vec<u8>> = map
+                        .range::<[u8], _>((Bound::Included(&start[..]), Bound::Excluded(&end[..])))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for k in doomed {
+                        map.remove(&k);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn scan(&self, start: &[u8], end: Option<&[u8]>, visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> EngineResult<()> {
+        let map = self.map.read();
+        let upper = match end {
+            Some(e) => Bound::Excluded(e),
+            None => Bound::Unbounded,
+        };
+        for (k, v) in map.range::<[u8], _>((Bound::Included(start), upper)) {
+            if !visit(k, v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> EngineResult<()> {
+        Ok(())
+    }
+
+    fn checkpoint(&self, dir: &Path) -> EngineResult<()> {
+        std::fs::create_dir_all(dir).map_err(|e| EngineError::Io(e.to_string()))?;
+        std::fs::write(dir.join(CHECKPOINT_FILE), encode(&self.map.read())).map_err(|e| EngineError::Io(e.to_string()))
+    }
+
+    fn compact_all(&self) -> EngineResult<()> {
+        if let Some(expired) = self.expiry {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            self.map.write().retain(|k, v| !expired(k, v, now));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,132 @@
+//! The RocksDB engine: one RocksDB instance per replica, with one block cache and one write-buffer
+//! budget shared by every replica of the server.
+
+use crate::{EngineError, EngineFactory, EngineResult, ExpiryFilter, KvEngine, WriteBatch, WriteOp};
+use rocksdb::compaction_filter::Decision;
+use rocksdb::{BlockBasedOptions, Cache, Options, WriteBufferManager, WriteOptions, DB};
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+fn io(e: rocksdb::Error) -> EngineError {
+    EngineError::Io(e.into_string())
+}
+
+/// Resources shared by every replica on one server.
+pub struct RocksSharedResources {
+    cache: Cache,
+    write_buffers: WriteBufferManager,
+}
+
+impl RocksSharedResources {
+    pub fn new(block_cache_bytes: usize, write_buffer_bytes: usize) -> RocksSharedResources {
+        let cache = Cache::new_lru_cache(block_cache_bytes);
+        let write_buffers =
+            WriteBufferManager::new_write_buffer_manager_with_cache(write_buffer_bytes, false, cache.clone());
+        RocksSharedResources { cache, write_buffers }
+    }
+}
+
+pub struct RocksEngineFactory {
+    shared: RocksSharedResources,
+    expiry: Option<ExpiryFilter>,
+}
+
+impl RocksEngineFactory {
+    pub fn new(shared: RocksSharedResources, expiry: Option<ExpiryFilter>) -> RocksEngineFactory {
+        RocksEngineFactory { shared, expiry }
+    }
+
+    fn options(&self) -> Options {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.set_write_buffer_manager(&self.shared.write_buffers);
+        opts.set_write_buffer_size(16 * 1024 * 1024);
+        opts.set_max_background_jobs(2);
+        opts.set_keep_log_file_num(2);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&self.shared.cache);
+        table.set_bloom_filter(10.0, false);
+        opts.set_block_based_table_factory(&table);
+        if let Some(expired) = self.expiry {
+            opts.set_compaction_filter("tern-ttl", move |_level: u32, key: &[u8], value: &[u8]| {
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+                if expired(key, value, now) {
+                    Decision::Remove
+                } else {
+                    Decision::Keep
+                }
+            });
+        }
+        opts
+    }
+}
+
+impl EngineFactory for RocksEngineFactory {
+    fn open(&self, dir: &Path) -> EngineResult<Box<dyn KvEngine>> {
+        let db = DB::open(&self.options(), dir).map_err(io)?;
+        Ok(Box::new(RocksEngine { db }))
+    }
+
+    fn destroy(&self, dir: &Path) -> EngineResult<()> {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| EngineError::Io(format!("remove {}: {e}", dir.display())))?;
+        }
+        Ok(())
+    }
+}
+
+pub struct RocksEngine {
+    db: DB,
+}
+
+impl KvEngine for RocksEngine {
+    fn get(&self, key: &[u8]) -> EngineResult<Option<Vec<u8>>> {
+        self.db.get(key).map_err(io)
+    }
+
+    fn write(&self, batch: WriteBatch) -> EngineResult<()> {
+        let mut wb = rocksdb::WriteBatch::default();
+        for op in batch.ops {
+            match op {
+                WriteOp::Put { key, value } => wb.put(key, value),
+                WriteOp::Delete { key } => wb.delete(key),
+                WriteOp::DeleteRange { start, end } => wb.delete_range(start, end),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(false);
+        self.db.write_opt(wb, &wo).map_err(io)
+    }
+
+    fn scan(&self, start: &[u8], end: Option<&[u8]>, visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> EngineResult<()> {
+        let mut ro = rocksdb::ReadOptions::default();
+        if let Some(end) = end {
+            ro.set_iterate_upper_bound(end.to_vec());
+        }
+        let mut it = self.db.raw_iterator_opt(ro);
+        it.seek(start);
+        while it.valid() {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else { break };
+            if !visit(k, v) {
+                return Ok(());
+            }
+            it.next();
+        }
+        it.status().map_err(io)
+    }
+
+    fn sync(&self) -> EngineResult<()> {
+        self.db.flush_wal(true).map_err(io)
+    }
+
+    fn checkpoint(&self, dir: &Path) -> EngineResult<()> {
+        let cp = rocksdb::checkpoint::Checkpoint::new(&self.db).map_err(io)?;
+        cp.create_checkpoint(dir).map_err(io)
+    }
+
+    fn compact_all(&self) -> EngineResult<()> {
+        self.db.compact_range::<&[u8], &[u8]>(None, None);
+        Ok(())
+    }
+}

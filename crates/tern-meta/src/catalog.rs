@@ -1,0 +1,219 @@
+//! The catalog and the decisions made on it. Pure: every function takes the state and its inputs
+//! (including the time) and returns results, so it can be tested and simulated.
+
+use std::collections::{BTreeMap, HashMap};
+use tern_core::limits::{check_partition_count, check_replica_count, check_table_name};
+use tern_core::{GroupId, NodeId, PeerId, TableId, TernError};
+
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NodeRecord {
+    pub address: String,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PartitionRecord {
+    /// (peer id, node id) of each replica.
+    pub peers: Vec<(PeerId, NodeId)>,
+    /// The node whose replica campaigns first, to spread leaders evenly.
+    pub preferred_leader: NodeId,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TableRecord {
+    pub id: TableId,
+    pub name: String,
+    pub partition_count: u32,
+    pub replica_count: u32,
+    pub partitions: Vec<PartitionRecord>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Catalog {
+    pub next_node_id: NodeId,
+    pub next_table_id: TableId,
+    pub next_peer_id: PeerId,
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    pub tables: BTreeMap<String, TableRecord>,
+    pub dropped_tables: Vec<TableId>,
+}
+
+/// A replica a node should host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Assignment {
+    pub group: GroupId,
+    pub peer_id: PeerId,
+    pub peers: Vec<(PeerId, NodeId)>,
+    pub partition_count: u32,
+    pub preferred_leader: bool,
+}
+
+impl Catalog {
+    /// Registers a server at an address and returns its new id (ids are never reused).
+    pub fn register(&mut self, address: &str) -> Result<NodeId, TernError> {
+        if address.is_empty() || address.len() > 256 {
+            return Err(TernError::invalid("node address must be 1 to 256 characters"));
+        }
+        self.next_node_id += 1;
+        let id = self.next_node_id;
+        self.nodes.insert(id, NodeRecord { address: address.to_string() });
+        Ok(id)
+    }
+
+    /// Creates a table, placing `replica_count` replicas of each partition on distinct nodes among
+    /// `alive` so that replica counts and preferred leaders are as even as possible.
+    pub fn create_table(&mut self, name: &str, partition_count: u32, replica_count: u32, alive: &[NodeId]) -> Result<&TableRecord, TernError> {
+        check_table_name(name)?;
+        check_partition_count(partition_count)?;
+        check_replica_count(replica_count)?;
+        if self.tables.contains_key(name) {
+            return Err(TernError::TableExists(name.to_string()));
+        }
+        if (alive.len() as u32) < replica_count {
+            return Err(TernError::NotEnoughNodes(format!(
+                "{replica_count} replicas need {replica_count} live servers; {} are live",
+                alive.len()
+            )));
+        }
+        let mut replicas: HashMap<NodeId, u64> = alive.iter().map(|n| (*n, 0)).collect();
+        let mut leaders: HashMap<NodeId, u64> = alive.iter().map(|n| (*n, 0)).collect();
+        for t in self.tables.values() {
+            for p in &t.partitions {
+                for (_, n) in &p.peers {
+                    if let Some(c) = replicas.get_mut(n) {
+                        *c += 1;
+                    }
+                }
+                if let Some(c) = leaders.get_mut(&p.preferred_leader) {
+                    *c += 1;
+                }
+            }
+        }
+        let mut partitions = Vec::with_capacity(partition_count as usize);
+        for _ in 0..partition_count {
+            let mut candidates: Vec<NodeId> = alive.to_vec();
+            candidates.sort_by_key(|n| (replicas[n], *n));
+            candidates.truncate(replica_count as usize);
+            let leader = *candidates.iter().min_by_key(|n| (leaders[n], **n)).expect("replica_count >= 1");
+            *leaders.get_mut(&leader).expect("alive") += 1;
+            let peers = candidates
+                .iter()
+                .map(|n| {
+                    *replicas.get_mut(n).expect("alive") += 1;
+                    self.next_peer_id += 1;
+                    (self.next_peer_id, *n)
+                })
+                .collect();
+            partitions.push(PartitionRecord { peers, preferred_leader: leader });
+        }
+        self.next_table_id += 1;
+        let table = TableRecord { id: self.next_table_id, name: name.to_string(), partition_count, replica_count, partitions };
+        self.tables.insert(name.to_string(), table);
+        Ok(&self.tables[name])
+    }
+
+    pub fn drop_table(&mut self, name: &str) -> Result<TableRecord, TernError> {
+        let table = self.tables.remove(name).ok_or_else(|| TernError::TableNotFound(name.to_string()))?;
+        self.dropped_tables.push(table.id);
+        Ok(table)
+    }
+
+    pub fn table(&self, name: &str) -> Result<&TableRecord, TernError> {
+        self.tables.get(name).ok_or_else(|| TernError::TableNotFound(name.to_string()))
+    }
+
+    /// Every replica `node` should host.
+    pub fn assignments(&self, node: NodeId) -> Vec<Assignment> {
+        let mut out = Vec::new();
+        for t in self.tables.values() {
+            for (i, p) in t.partitions.iter().enumerate() {
+                if let Some((peer_id, _)) = p.peers.iter().find(|(_, n)| *n == node) {
+                    out.push(Assignment {
+                        group: GroupId::new(t.id, i as u32),
+                        peer_id: *peer_id,
+                        peers: p.peers.clone(),
+                        partition_count: t.partition_count,
+                        preferred_leader: p.preferred_leader == node,
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog_with_nodes(n: usize) -> (Catalog, Vec<NodeId>) {
+        let mut c = Catalog::default();
+        let ids = (0..n).map(|i| c.register(&format!("127.0.0.1:{}", 1000 + i)).unwrap()).collect();
+        (c, ids)
+    }
+
+    /// Replicas of a partition land on distinct nodes, spread evenly, with preferred leaders even.
+    #[test]
+    fn placement_is_even_and_distinct() {
+        let (mut c, nodes) = catalog_with_nodes(4);
+        let t = c.create_table("t", 16, 3, &nodes).unwrap().clone();
+        let mut replicas: HashMap<NodeId, usize> = HashMap::new();
+        let mut leaders: HashMap<NodeId, usize> = HashMap::new();
+        for p in &t.partitions {
+            let mut ns: Vec<NodeId> = p.peers.iter().map(|(_, n)| *n).collect();
+            ns.sort();
+            ns.dedup();
+            assert_eq!(ns.len(), 3, "distinct nodes");
+            assert!(ns.contains(&p.preferred_leader));
+            for n in ns {
+                *replicas.entry(n).or_default() += 1;
+            }
+            *leaders.entry(p.preferred_leader).or_default() += 1;
+        }
+        assert_eq!(replicas.values().copied().collect::<std::collections::BTreeSet<_>>(), [12].into(), "{replicas:?}");
+        assert!(leaders.values().all(|&l| l == 4), "{leaders:?}");
+        // Peer ids are unique across the table.
+        let mut peers: Vec<PeerId> = t.partitions.iter().flat_map(|p| p.peers.iter().map(|(p, _)| *p)).collect();
+        peers.sort();
+        peers.dedup();
+        assert_eq!(peers.len(), 48);
+    }
+
+    /// Bad table parameters and too few nodes are refused with typed errors; names are unique.
+    #[test]
+    fn create_table_checks() {
+        let (mut c, nodes) = catalog_with_nodes(3);
+        assert!(matches!(c.create_table("t", 3, 3, &nodes), Err(TernError::InvalidArgument(_))));
+        assert!(matches!(c.create_table("t", 4, 6, &nodes), Err(TernError::InvalidArgument(_))));
+        assert!(matches!(c.create_table("t", 4, 3, &nodes[..2]), Err(TernError::NotEnoughNodes(_))));
+        assert!(matches!(c.create_table("bad name", 4, 3, &nodes), Err(TernError::InvalidArgument(_))));
+        c.create_table("t", 4, 3, &nodes).unwrap();
+        assert!(matches!(c.create_table("t", 4, 3, &nodes), Err(TernError::TableExists(_))));
+    }
+
+    /// Dropping a table removes it, records its id for servers, and never reuses the id.
+    #[test]
+    fn drop_and_recreate() {
+        let (mut c, nodes) = catalog_with_nodes(3);
+        let first = c.create_table("t", 2, 3, &nodes).unwrap().id;
+        c.drop_table("t").unwrap();
+        assert_eq!(c.dropped_tables, vec![first]);
+        assert!(c.assignments(nodes[0]).is_empty());
+        let second = c.create_table("t", 2, 3, &nodes).unwrap().id;
+        assert_ne!(first, second);
+        assert!(matches!(c.drop_table("nope"), Err(TernError::TableNotFound(_))));
+    }
+
+    /// Each node is assigned exactly the replicas placed on it.
+    #[test]
+    fn assignments_match_placement() {
+        let (mut c, nodes) = catalog_with_nodes(3);
+        c.create_table("t", 8, 3, &nodes).unwrap();
+        for n in &nodes {
+            let a = c.assignments(*n);
+            assert_eq!(a.len(), 8);
+            assert!(a.iter().all(|a| a.peers.iter().any(|(p, node)| *p == a.peer_id && node == n)));
+        }
+        let preferred: usize = nodes.iter().map(|n| c.assignments(*n).iter().filter(|a| a.preferred_leader).count()).sum();
+        assert_eq!(preferred, 8);
+    }
+}

@@ -1,0 +1,17 @@
+//! Partition replicas and the per-node store that drives them.
+//!
+//! Owns: the raft-rs glue (`replica`: RawNode, Ready handling in raft-rs's documented order, proposals,
+//! ReadIndex reads, snapshots, log compaction), raft log storage (`log_store`: the `LogStore` trait,
+//! raft-engine and in-memory implementations, `PeerStorage`), the deterministic state machine
+//! (`apply`, `read`, `keys`), and the store (`store`: mailbox, rounds, group commit, `Transport` trait).
+//!
+//! Must not depend on tonic, tokio or any network code: the world is reached through `Transport`,
+//! `LogStore`, `tern_engine::EngineFactory` and `tern_core::time::Clock`, so the simulator can drive
+//! the same code. New request types go in `apply`/`read`; new replica events in `replica` + `store`.
+
+pub mod apply;
+pub mod keys;
+pub mod log_store;
+pub mod read;
+pub mod replica;
+pub mod store;

@@ -1,0 +1,591 @@
+//! Raft log storage: the `LogStore` interface (one instance per node, shared by all its replicas),
+//! its raft-engine implementation, an in-memory one, and `PeerStorage`, the raft-rs `Storage` view of
+//! one group's log.
+//!
+//! Writes are collected into a `LogWriteBatch` by every replica in a store round and written with one
+//! synced write: group commit across partitions.
+
+use parking_lot::Mutex;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use raft_engine::{Command, Config as RaftEngineConfig, Engine, LogBatch, MessageExt};
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use tern_core::TernError;
+
+/// One change to one group's log.
+#[derive(Clone, Debug)]
+pub enum LogOp {
+    Append(Vec<Entry>),
+    HardState(HardState),
+    /// Everything up to and including `index` (of `term`) is covered by the state machine.
+    Truncated { index: u64, term: u64 },
+    /// Deletes entries with an index below this one.
+    CompactBelow(u64),
+    /// Deletes the group's whole log and state.
+    Clean,
+}
+
+#[derive(Default, Debug)]
+pub struct LogWriteBatch {
+    pub ops: Vec<(u64, LogOp)>,
+}
+
+impl LogWriteBatch {
+    pub fn push(&mut self, group: u64, op: LogOp) {
+        self.ops.push((group, op));
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+pub trait LogStore: Send + Sync {
+    /// Applies the batch in order; with `sync`, it is durable when this returns.
+    fn write(&self, batch: LogWriteBatch, sync: bool) -> Result<(), TernError>;
+    /// Entries in [low, high), at most `max_bytes` of them but at least one.
+    fn entries(&self, group: u64, low: u64, high: u64, max_bytes: Option<u64>) -> Result<Vec<Entry>, TernError>;
+    fn entry(&self, group: u64, index: u64) -> Result<Option<Entry>, TernError>;
+    fn last_index(&self, group: u64) -> Option<u64>;
+    fn hard_state(&self, group: u64) -> Result<Option<HardState>, TernError>;
+    fn truncated(&self, group: u64) -> Result<Option<(u64, u64)>, TernError>;
+    /// Groups that have any state in the log.
+    fn groups(&self) -> Vec<u64>;
+    /// Reclaims space of files that hold only deleted entries.
+    fn purge(&self) -> Result<(), TernError>;
+}
+
+const HARD_STATE_KEY: &[u8] = b"hs";
+const TRUNCATED_KEY: &[u8] = b"tr";
+
+#[derive(Clone)]
+struct EntryExt;
+impl MessageExt for EntryExt {
+    type Entry = Entry;
+    fn index(e: &Entry) -> u64 {
+        e.index
+    }
+}
+
+fn log_error(e: raft_engine::Error) -> TernError {
+    TernError::Internal(format!("raft log: {e}"))
+}
+
+/// The production log store: raft-engine.
+pub struct RaftEngineLogStore {
+    engine: Engine,
+}
+
+impl RaftEngineLogStore {
+    pub fn open(dir: &std::path::Path) -> Result<RaftEngineLogStore, TernError> {
+        let cfg = RaftEngineConfig {
+            dir: dir.to_string_lossy().into_owned(),
+            target_file_size: raft_engine::ReadableSize::mb(64),
+            purge_threshold: raft_engine::ReadableSize::mb(256),
+            ..Default::default()
+        };
+        let engine = Engine::open(cfg).map_err(log_error)?;
+        Ok(RaftEngineLogStore { engine })
+    }
+}
+
+impl LogStore for RaftEngineLogStore {
+    fn write(&self, batch: LogWriteBatch, sync: bool) -> Result<(), TernError> {
+        let mut lb = LogBatch::default();
+        for (group, op) in batch.ops {
+            match op {
+                LogOp::Append(entries) => lb.add_entries::<EntryExt>(group, &entries).map_err(log_error)?,
+                LogOp::HardState(hs) => lb.put_message(group, HARD_STATE_KEY.to_vec(), &hs).map_err(log_error)?,
+                LogOp::Truncated { index, term } => {
+                    let mut v = index.to_be_bytes().to_vec();
+                    v.extend_from_slice(&term.to_be_bytes());
+                    lb.put(group, TRUNCATED_KEY.to_vec(), v).map_err(log_error)?;
+                }
+                LogOp::CompactBelow(index) => lb.add_command(group, Command::Compact { index }),
+                LogOp::Clean => lb.add_command(group, Command::Clean),
+            }
+        }
+        if lb.is_empty() {
+            return Ok(());
+        }
+        self.engine.write(&mut lb, sync).map_err(log_error)?;
+        Ok(())
+    }
+
+    fn entries(&self, group: u64, low: u64, high: u64, max_bytes: Option<u64>) -> Result<Vec<Entry>, TernError> {
+        let mut out = Vec::with_capacity((high - low) as usize);
+        self.engine
+            .fetch_entries_to::<EntryExt>(group, low, high, max_bytes.map(|b| b as usize), &mut out)
+            .map_err(log_error)?;
+        Ok(out)
+    }
+
+    fn entry(&self, group: u64, index: u64) -> Result<Option<Entry>, TernError> {
+        self.engine.get_entry::<EntryExt>(group, index).map_err(log_error)
+    }
+
+    fn last_index(&self, group: u64) -> Option<u64> {
+        self.engine.last_index(group)
+    }
+
+    fn hard_state(&self, group: u64) -> Result<Option<HardState>, TernError> {
+        self.engine.get_message::<HardState>(group, HARD_STATE_KEY).map_err(log_error)
+    }
+
+    fn truncated(&self, group: u64) -> Result<Option<(u64, u64)>, TernError> {
+        Ok(self.engine.get(group, TRUNCATED_KEY).and_then(|v| {
+            (v.len() == 16).then(|| {
+                (u64::from_be_bytes(v[..8].try_into().expect("8")), u64::from_be_bytes(v[8..].try_into().expect("8")))
+            })
+        }))
+    }
+
+    fn groups(&self) -> Vec<u64> {
+        self.engine.raft_groups()
+    }
+
+    fn purge(&self) -> Result<(), TernError> {
+        self.engine.purge_expired_files().map_err(log_error)?;
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct MemGroup {
+    entries: BTreeMap<u64, Entry>,
+    hard_state: Option<HardState>,
+    truncated: Option<(u64, u64)>,
+}
+
+/// An in-memory log store for tests and the simulator.
+#[derive(Default)]
+pub struct MemoryLogStore {
+    groups: Mutex<HashMap<u64, MemGroup>>,
+}
+
+impl LogStore for MemoryLogStore {
+    fn write(&self, batch: LogWriteBatch, _sync: bool) -> Result<(), TernError> {
+        let mut groups = self.groups.lock();
+        for (group, op) in batch.ops {
+            let g = groups.entry(group).or_default();
+            match op {
+                LogOp::Append(entries) => {
+                    if let Some(first) = entries.first() {
+                        let _ = g.entries.split_off(&first.index);
+                    }
+                    for e in entries {
+                        g.entries.insert(e.index, e);
+                    }
+                }
+                LogOp::HardState(hs) => g.hard_state = Some(hs),
+                LogOp::Truncated { index, term } => g.truncated = Some((index, term)),
+                LogOp::CompactBelow(index) => g.entries = g.entries.split_off(&index),
+                LogOp::Clean => *g = MemGroup::default(),
+            }
+        }
+        Ok(())
+    }
+
+    fn entries(&self, group: u64, low: u64, high: u64, max_bytes: Option<u64>) -> Result<Vec<Entry>, TernError> {
+        let groups = self.groups.lock();
+        let mut out: Vec<Entry> = groups
+            .get(&group)
+            .map(|g| g.entries.range(low..high).map(|(_, e)| e.clone()).collect())
+            .unwrap_or_default();
+        raft::util::limit_size(&mut out, max_bytes);
+        Ok(out)
+    }
+
+    fn entry(&self, group: u64, index: u64) -> Result<Option<Entry>, TernError> {
+        Ok(self.groups.lock().get(&group).and_then(|g| g.entries.get(&index).cloned()))
+    }
+
+    fn last_index(&self, group: u64) -> Option<u64> {
+        self.groups.lock().get(&group).and_then(|g| g.entries.keys().next_back().copied())
+    }
+
+    fn hard_state(&self, group: u64) -> Result<Option<HardState>, TernError> {
+        Ok(self.groups.lock().get(&group).and_then(|g| g.hard_state.clone()))
+    }
+
+    fn truncated(&self, group: u64) -> Result<Option<(u64, u64)>, TernError> {
+        Ok(self.groups.lock().get(&group).and_then(|g| g.truncated))
+    }
+
+    fn groups(&self) -> Vec<u64> {
+        self.groups.lock().keys().copied().collect()
+    }
+
+    fn purge(&self) -> Result<(), TernError> {
+        Ok(())
+    }
+}
+
+/// Recently appended entries, so that sending appends to followers and term look-ups rarely read the
+/// log files. Bounded by count and bytes.
+#[derive(Default)]
+struct EntryCache {
+    entries: VecDeque<Entry>,
+    bytes: usize,
+}
+
+const ENTRY_CACHE_COUNT_MAX: usize = 4096;
+const ENTRY_CACHE_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+impl EntryCache {
+    fn append(&mut self, new: &[Entry]) {
+        let Some(first) = new.first() else { return };
+        while self.entries.back().is_some_and(|e| e.index >= first.index) {
+            let e = self.entries.pop_back().expect("back exists");
+            self.bytes -= e.data.len();
+        }
+        if self.entries.back().is_some_and(|e| e.index + 1 != first.index) {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        for e in new {
+            self.bytes += e.data.len();
+            self.entries.push_back(e.clone());
+        }
+        while self.entries.len() > ENTRY_CACHE_COUNT_MAX || (self.bytes > ENTRY_CACHE_BYTES_MAX && self.entries.len() > 1) {
+            let e = self.entries.pop_front().expect("front exists");
+            self.bytes -= e.data.len();
+        }
+    }
+
+    fn compact_below(&mut self, index: u64) {
+        while self.entries.front().is_some_and(|e| e.index < index) {
+            let e = self.entries.pop_front().expect("front exists");
+            self.bytes -= e.data.len();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|e| e.index)
+    }
+
+    fn get(&self, index: u64) -> Option<&Entry> {
+        let first = self.first_index()?;
+        if index < first {
+            return None;
+        }
+        self.entries.get((index - first) as usize)
+    }
+}
+
+/// raft-rs's view of one group's persisted log. Mutated only by its replica, inside the store round.
+pub struct PeerStorage {
+    group: u64,
+    log: Arc<dyn LogStore>,
+    hard_state: HardState,
+    conf_state: ConfState,
+    truncated: (u64, u64),
+    last_index: u64,
+    cache: EntryCache,
+    /// The latest snapshot generated from the state machine (metadata only; data names it).
+    generated_snapshot: Option<Snapshot>,
+    /// Set when raft asked for a snapshot we do not have yet; the replica generates one.
+    snapshot_wanted: Cell<bool>,
+}
+
+impl PeerStorage {
+    /// Opens the storage of a group from the log; `conf_state` comes from the state machine's apply
+    /// state. A group with no log state starts at `initial` (index, term).
+    pub fn open(group: u64, log: Arc<dyn LogStore>, conf_state: ConfState, initial: (u64, u64)) -> Result<PeerStorage, TernError> {
+        let hard_state = log.hard_state(group)?.unwrap_or_else(|| {
+            let mut hs = HardState::default();
+            hs.term = initial.1;
+            hs.commit = initial.0;
+            hs
+        });
+        let truncated = log.truncated(group)?.unwrap_or(initial);
+        let last_index = log.last_index(group).unwrap_or(truncated.0).max(truncated.0);
+        Ok(PeerStorage {
+            group,
+            log,
+            hard_state,
+            conf_state,
+            truncated,
+            last_index,
+            cache: EntryCache::default(),
+            generated_snapshot: None,
+            snapshot_wanted: Cell::new(false),
+        })
+    }
+
+    /// Records state that must be written for a fresh group so a restart finds it.
+    pub fn initial_writes(&self, batch: &mut LogWriteBatch) {
+        batch.push(self.group, LogOp::HardState(self.hard_state.clone()));
+        batch.push(self.group, LogOp::Truncated { index: self.truncated.0, term: self.truncated.1 });
+    }
+
+    pub fn truncated_index(&self) -> u64 {
+        self.truncated.0
+    }
+
+    pub fn first_log_index(&self) -> u64 {
+        self.truncated.0 + 1
+    }
+
+    pub fn last_log_index(&self) -> u64 {
+        self.last_index
+    }
+
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+
+    pub fn set_conf_state(&mut self, cs: ConfState) {
+        self.conf_state = cs;
+    }
+
+    /// Queues new entries (and a changed hard state) for the round's log write.
+    pub fn append(&mut self, entries: &[Entry], batch: &mut LogWriteBatch) {
+        if let Some(last) = entries.last() {
+            assert!(entries[0].index > self.truncated.0, "append below the truncated index");
+            self.last_index = last.index;
+            self.cache.append(entries);
+            batch.push(self.group, LogOp::Append(entries.to_vec()));
+        }
+    }
+
+    pub fn set_hard_state(&mut self, hs: HardState, batch: &mut LogWriteBatch) {
+        self.hard_state = hs.clone();
+        batch.push(self.group, LogOp::HardState(hs));
+    }
+
+    pub fn set_commit(&mut self, commit: u64, batch: &mut LogWriteBatch) {
+        if commit != self.hard_state.commit {
+            let mut hs = self.hard_state.clone();
+            hs.commit = commit;
+            self.set_hard_state(hs, batch);
+        }
+    }
+
+    /// Discards entries up to and including `index` (which must be applied and synced to the engine).
+    pub fn compact_to(&mut self, index: u64, batch: &mut LogWriteBatch) -> Result<(), TernError> {
+        if index <= self.truncated.0 {
+            return Ok(());
+        }
+        assert!(index <= self.last_index, "compact beyond the log");
+        let term = self.term_of(index)?;
+        self.truncated = (index, term);
+        self.cache.compact_below(index + 1);
+        batch.push(self.group, LogOp::Truncated { index, term });
+        batch.push(self.group, LogOp::CompactBelow(index + 1));
+        Ok(())
+    }
+
+    /// Replaces the log with a received snapshot's position.
+    pub fn apply_snapshot(&mut self, snapshot: &Snapshot, batch: &mut LogWriteBatch) {
+        let meta = snapshot.get_metadata();
+        self.truncated = (meta.index, meta.term);
+        self.last_index = meta.index;
+        self.conf_state = meta.get_conf_state().clone();
+        self.hard_state.commit = self.hard_state.commit.max(meta.index);
+        self.hard_state.term = self.hard_state.term.max(meta.term);
+        self.cache.clear();
+        self.generated_snapshot = None;
+        batch.push(self.group, LogOp::Clean);
+        batch.push(self.group, LogOp::HardState(self.hard_state.clone()));
+        batch.push(self.group, LogOp::Truncated { index: meta.index, term: meta.term });
+    }
+
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.snapshot_wanted.replace(false)
+    }
+
+    pub fn set_generated_snapshot(&mut self, snapshot: Snapshot) {
+        self.generated_snapshot = Some(snapshot);
+    }
+
+    pub fn generated_snapshot(&self) -> Option<&Snapshot> {
+        self.generated_snapshot.as_ref()
+    }
+
+    fn term_of(&self, index: u64) -> Result<u64, TernError> {
+        if index == self.truncated.0 {
+            return Ok(self.truncated.1);
+        }
+        if let Some(e) = self.cache.get(index) {
+            return Ok(e.term);
+        }
+        match self.log.entry(self.group, index)? {
+            Some(e) => Ok(e.term),
+            None => Err(TernError::Internal(format!("group {} has no log entry {index}", self.group))),
+        }
+    }
+}
+
+fn storage_error(e: TernError) -> raft::Error {
+    raft::Error::Store(StorageError::Other(Box::new(e)))
+}
+
+impl raft::Storage for PeerStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState { hard_state: self.hard_state.clone(), conf_state: self.conf_state.clone() })
+    }
+
+    fn entries(&self, low: u64, high: u64, max_size: impl Into<Option<u64>>, _ctx: GetEntriesContext) -> raft::Result<Vec<Entry>> {
+        let max_size = max_size.into();
+        if low <= self.truncated.0 {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last_index + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        if self.cache.first_index().is_some_and(|first| first <= low) {
+            let first = self.cache.first_index().expect("checked");
+            let mut out: Vec<Entry> =
+                self.cache.entries.range((low - first) as usize..(high - first) as usize).cloned().collect();
+            raft::util::limit_size(&mut out, max_size);
+            return Ok(out);
+        }
+        let out = self.log.entries(self.group, low, high, max_size).map_err(storage_error)?;
+        if out.is_empty() && low < high {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx < self.truncated.0 {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > self.last_index {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        self.term_of(idx).map_err(storage_error)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.truncated.0 + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last_index)
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        if let Some(s) = &self.generated_snapshot {
+            let index = s.get_metadata().index;
+            if index >= request_index && index >= self.truncated.0 {
+                return Ok(s.clone());
+            }
+        }
+        self.snapshot_wanted.set(true);
+        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::Storage;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = term;
+        e.data = vec![index as u8; 10].into();
+        e
+    }
+
+    fn check_log_store(log: Arc<dyn LogStore>) {
+        let mut b = LogWriteBatch::default();
+        b.push(1, LogOp::Append((1..=10).map(|i| entry(i, 1)).collect()));
+        let mut hs = HardState::default();
+        hs.term = 1;
+        hs.commit = 5;
+        b.push(1, LogOp::HardState(hs.clone()));
+        log.write(b, true).unwrap();
+        assert_eq!(log.last_index(1), Some(10));
+        assert_eq!(log.hard_state(1).unwrap(), Some(hs));
+        assert_eq!(log.entries(1, 3, 6, None).unwrap().len(), 3);
+
+        // A conflicting append replaces the tail.
+        let mut b = LogWriteBatch::default();
+        b.push(1, LogOp::Append(vec![entry(8, 2)]));
+        log.write(b, true).unwrap();
+        assert_eq!(log.last_index(1), Some(8));
+        assert_eq!(log.entry(1, 8).unwrap().unwrap().term, 2);
+
+        let mut b = LogWriteBatch::default();
+        b.push(1, LogOp::CompactBelow(5));
+        b.push(1, LogOp::Truncated { index: 4, term: 1 });
+        log.write(b, true).unwrap();
+        assert!(log.entry(1, 4).unwrap().is_none());
+        assert!(log.entry(1, 5).unwrap().is_some());
+        assert_eq!(log.truncated(1).unwrap(), Some((4, 1)));
+
+        let mut b = LogWriteBatch::default();
+        b.push(1, LogOp::Clean);
+        log.write(b, true).unwrap();
+        assert_eq!(log.last_index(1), None);
+    }
+
+    /// Both log stores append, overwrite conflicting tails, compact and clean the same way.
+    #[test]
+    fn log_store_conformance() {
+        check_log_store(Arc::new(MemoryLogStore::default()));
+        let dir = tempfile::tempdir().unwrap();
+        check_log_store(Arc::new(RaftEngineLogStore::open(dir.path()).unwrap()));
+    }
+
+    /// The raft-engine log survives reopening, including hard state and truncation.
+    #[test]
+    fn raft_engine_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = RaftEngineLogStore::open(dir.path()).unwrap();
+            let mut b = LogWriteBatch::default();
+            b.push(7, LogOp::Append((6..=9).map(|i| entry(i, 3)).collect()));
+            b.push(7, LogOp::Truncated { index: 5, term: 5 });
+            log.write(b, true).unwrap();
+        }
+        let log = RaftEngineLogStore::open(dir.path()).unwrap();
+        assert_eq!(log.last_index(7), Some(9));
+        assert_eq!(log.truncated(7).unwrap(), Some((5, 5)));
+        assert_eq!(log.groups(), vec![7]);
+    }
+
+    /// PeerStorage answers raft's queries from cache and log, and reports compaction correctly.
+    #[test]
+    fn peer_storage_queries() {
+        let log: Arc<dyn LogStore> = Arc::new(MemoryLogStore::default());
+        let mut s = PeerStorage::open(3, log.clone(), ConfState::default(), (5, 5)).unwrap();
+        let mut b = LogWriteBatch::default();
+        s.append(&(6..=20).map(|i| entry(i, 6)).collect::<Vec<_>>(), &mut b);
+        log.write(b, true).unwrap();
+        assert_eq!(s.first_index().unwrap(), 6);
+        assert_eq!(s.last_index().unwrap(), 20);
+        assert_eq!(s.term(5).unwrap(), 5);
+        assert_eq!(s.term(12).unwrap(), 6);
+        assert!(matches!(s.term(4), Err(raft::Error::Store(StorageError::Compacted))));
+        assert!(matches!(s.term(21), Err(raft::Error::Store(StorageError::Unavailable))));
+        assert_eq!(s.entries(6, 9, None, GetEntriesContext::empty(false)).unwrap().len(), 3);
+        assert_eq!(s.entries(6, 9, Some(0), GetEntriesContext::empty(false)).unwrap().len(), 1, "at least one");
+
+        let mut b = LogWriteBatch::default();
+        s.compact_to(10, &mut b).unwrap();
+        log.write(b, true).unwrap();
+        assert_eq!(s.first_index().unwrap(), 11);
+        assert_eq!(s.term(10).unwrap(), 6);
+        assert!(s.entries(9, 12, None, GetEntriesContext::empty(false)).is_err());
+
+        // Cold read path (cache cleared) goes to the log store.
+        s.cache.clear();
+        assert_eq!(s.entries(11, 15, None, GetEntriesContext::empty(false)).unwrap().len(), 4);
+        assert_eq!(s.term(15).unwrap(), 6);
+
+        // A snapshot request without a generated snapshot asks the replica to make one.
+        assert!(s.snapshot(10, 2).is_err());
+        assert!(s.take_snapshot_wanted());
+    }
+}

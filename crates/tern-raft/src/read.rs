@@ -1,0 +1,186 @@
+//! Reads against a replica's engine. Expired records are invisible; corrupt ones are reported, never
+//! served.
+
+use crate::apply::engine_error;
+use crate::keys;
+use tern_core::{codec, limits::READ_RECORDS_MAX, TernError};
+use tern_engine::KvEngine;
+use tern_proto::{read_request::Op, ReadRequest, ReadResponse, Record};
+
+pub fn execute_read(engine: &dyn KvEngine, request: &ReadRequest, now_ms: u64) -> ReadResponse {
+    match read(engine, request, now_ms) {
+        Ok(r) => r,
+        Err(e) => ReadResponse { error: Some(e.into()), ..Default::default() },
+    }
+}
+
+fn effective_limit(limit: u32) -> usize {
+    if limit == 0 || limit > READ_RECORDS_MAX {
+        READ_RECORDS_MAX as usize
+    } else {
+        limit as usize
+    }
+}
+
+fn record(hashkey: &[u8], sortkey: &[u8], stored: &[u8], now_ms: u64, no_value: bool) -> Result<Option<Record>, TernError> {
+    let (expire, value) = codec::decode_value(stored)?;
+    if codec::is_expired(expire, now_ms) {
+        return Ok(None);
+    }
+    Ok(Some(Record {
+        hashkey: hashkey.to_vec().into(),
+        sortkey: sortkey.to_vec().into(),
+        value: if no_value { Default::default() } else { value.to_vec().into() },
+        expire_at_ms: expire,
+    }))
+}
+
+fn read(engine: &dyn KvEngine, request: &ReadRequest, now_ms: u64) -> Result<ReadResponse, TernError> {
+    let mut response = ReadResponse::default();
+    match &request.op {
+        None => return Err(TernError::invalid("read request without an operation")),
+        Some(Op::Get(get)) if !get.sortkeys.is_empty() => {
+            for sortkey in &get.sortkeys {
+                if let Some(stored) = engine.get(&keys::data_key(&get.hashkey, sortkey)).map_err(engine_error)? {
+                    if let Some(r) = record(&get.hashkey, sortkey, &stored, now_ms, get.no_value)? {
+                        response.records.push(r);
+                    }
+                }
+            }
+        }
+        Some(Op::Get(get)) => {
+            // Every sortkey of the hashkey, bounded.
+            let scan = tern_proto::Scan { hashkey: get.hashkey.clone(), limit: get.limit, no_value: get.no_value, ..Default::default() };
+            return scan_hashkey(engine, &scan, now_ms);
+        }
+        Some(Op::Scan(scan)) if scan.full_table => return scan_partition(engine, scan, now_ms),
+        Some(Op::Scan(scan)) => return scan_hashkey(engine, scan, now_ms),
+        Some(Op::Count(count)) => {
+            let prefix = keys::hashkey_prefix(&count.hashkey);
+            let end = codec::prefix_successor(&prefix);
+            let mut failure = None;
+            engine
+                .scan(&prefix, end.as_deref(), &mut |_, v| match codec::decode_value(v) {
+                    Ok((expire, _)) => {
+                        if !codec::is_expired(expire, now_ms) {
+                            response.count += 1;
+                        }
+                        true
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        false
+                    }
+                })
+                .map_err(engine_error)?;
+            if let Some(e) = failure {
+                return Err(e);
+            }
+        }
+    }
+    Ok(response)
+}
+
+/// Sortkeys of one hashkey in [start, stop), optionally with a sortkey prefix.
+fn scan_hashkey(engine: &dyn KvEngine, scan: &tern_proto::Scan, now_ms: u64) -> Result<ReadResponse, TernError> {
+    let limit = effective_limit(scan.limit);
+    let hashkey_prefix = keys::hashkey_prefix(&scan.hashkey);
+    let mut start_sortkey = scan.start.to_vec();
+    if !scan.prefix.is_empty() && start_sortkey < scan.prefix.to_vec() {
+        start_sortkey = scan.prefix.to_vec();
+    }
+    let start = keys::data_key(&scan.hashkey, &start_sortkey);
+    let mut end = codec::prefix_successor(&hashkey_prefix);
+    if !scan.stop.is_empty() {
+        end = Some(keys::data_key(&scan.hashkey, &scan.stop));
+    }
+    let mut response = ReadResponse::default();
+    let mut failure = None;
+    let prefix_len = hashkey_prefix.len();
+    engine
+        .scan(&start, end.as_deref(), &mut |k, v| {
+            let sortkey = &k[prefix_len..];
+            if !scan.prefix.is_empty() && !sortkey.starts_with(&scan.prefix) {
+                return false; // sorted: past the prefix range
+            }
+            if response.records.len() == limit {
+                response.resume = sortkey.to_vec().into();
+                return false;
+            }
+            match record(&scan.hashkey, sortkey, v, now_ms, scan.no_value) {
+                Ok(Some(r)) => response.records.push(r),
+                Ok(None) => {}
+                Err(e) => {
+                    failure = Some(e);
+                    return false;
+                }
+            }
+            true
+        })
+        .map_err(engine_error)?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Ok(response)
+}
+
+/// Every record of the partition, resumable: `start` is the storage key to continue from.
+fn scan_partition(engine: &dyn KvEngine, scan: &tern_proto::Scan, now_ms: u64) -> Result<ReadResponse, TernError> {
+    let limit = effective_limit(scan.limit);
+    let start = if scan.start.is_empty() { vec![keys::DATA_PREFIX] } else { scan.start.to_vec() };
+    if start.first() != Some(&keys::DATA_PREFIX) {
+        return Err(TernError::invalid("full scan resume token is malformed"));
+    }
+    let end = keys::data_end();
+    let mut response = ReadResponse::default();
+    let mut failure = None;
+    engine
+        .scan(&start, Some(&end), &mut |k, v| {
+            if response.records.len() == limit {
+                response.resume = k.to_vec().into();
+                return false;
+            }
+            let decoded = codec::decode_key(&k[1..]).and_then(|(hk, sk)| record(hk, sk, v, now_ms, scan.no_value));
+            match decoded {
+                Ok(Some(r)) => response.records.push(r),
+                Ok(None) => {}
+                Err(e) => {
+                    failure = Some(e);
+                    return false;
+                }
+            }
+            true
+        })
+        .map_err(engine_error)?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Ok(response)
+}
+
+/// A checksum of the replicated contents (records and remembered results, not the apply state), with
+/// records expired at `now_ms` left out so that compaction timing does not matter.
+pub fn checksum(engine: &dyn KvEngine, now_ms: u64) -> Result<(u64, u64), TernError> {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut count = 0;
+    let mut mix = |bytes: &[u8]| {
+        for &b in bytes {
+            hash ^= b as u64;
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    engine
+        .scan(&[0x00, b'b'], None, &mut |k, v| {
+            if keys::is_expired_record(k, v, now_ms) {
+                return true;
+            }
+            mix(&(k.len() as u32).to_be_bytes());
+            mix(k);
+            mix(&(v.len() as u32).to_be_bytes());
+            mix(v);
+            count += 1;
+            true
+        })
+        .map_err(engine_error)?;
+    Ok((hash, count))
+}

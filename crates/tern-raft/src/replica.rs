@@ -1,0 +1,678 @@
+//! One partition replica: a raft-rs `RawNode` over `PeerStorage`, the `StateMachine`, and the
+//! bookkeeping that ties client requests to log entries. It is changed only by its `Store`, one event
+//! at a time; it does no network I/O itself (messages go to the store's outbox) and writes the raft
+//! log only through the round's shared `LogWriteBatch`.
+
+use crate::apply::{error_response, ApplyState, StateMachine};
+use crate::log_store::{LogStore, LogWriteBatch, PeerStorage};
+use crate::read::{checksum, execute_read};
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, EntryType, Message, MessageType, Snapshot};
+use raft::{RawNode, Ready, SnapshotStatus, StateRole};
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tern_core::{GroupId, NodeId, PeerId, TernError};
+use tern_engine::EngineFactory;
+use tern_proto::{RaftCommand, ReadRequest, ReadResponse, ReplicaStatus, WriteRequest, WriteResponse};
+
+pub type WriteCallback = Box<dyn FnOnce(WriteResponse) + Send>;
+pub type ReadCallback = Box<dyn FnOnce(ReadResponse) + Send>;
+
+/// Raft log position every initial replica of a partition starts from (as TiKV does), so that all
+/// initial members agree on the state below it without exchanging a snapshot.
+pub const INITIAL_INDEX: u64 = 5;
+pub const INITIAL_TERM: u64 = 5;
+
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    /// Ticks without a leader before an election; the real value is drawn per replica from
+    /// [election_tick, 2 * election_tick) by the store's seeded generator.
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    /// Compact the log once this many applied entries sit in it.
+    pub log_gc_count_threshold: u64,
+    /// A leader keeps entries a follower still needs unless the follower lags by more than this.
+    pub log_gc_lag_max: u64,
+    /// Check for log compaction every this many ticks.
+    pub log_gc_interval_ticks: u64,
+    /// Client writes proposed but not yet applied, per replica.
+    pub pending_proposals_max: usize,
+    /// Client reads waiting for a read index, per replica.
+    pub pending_reads_max: usize,
+    /// Give up on a read index after this many ticks (the client retries).
+    pub read_timeout_ticks: u64,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig {
+            election_tick: 10,
+            heartbeat_tick: 2,
+            log_gc_count_threshold: 10_000,
+            log_gc_lag_max: 50_000,
+            log_gc_interval_ticks: 10,
+            pending_proposals_max: 20_000,
+            pending_reads_max: 20_000,
+            read_timeout_ticks: 50,
+        }
+    }
+}
+
+/// A raft message leaving this node; snapshots carry the directory of the checkpoint to stream.
+#[derive(Debug)]
+pub struct OutMessage {
+    pub group: GroupId,
+    pub to_node: NodeId,
+    pub message: Message,
+    pub snapshot_dir: Option<PathBuf>,
+}
+
+struct Proposal {
+    index: u64,
+    term: u64,
+    callback: WriteCallback,
+}
+
+struct ReadBatch {
+    id: u64,
+    issued_tick: u64,
+    first_tick: u64,
+    index: Option<u64>,
+    reads: Vec<(ReadRequest, ReadCallback)>,
+}
+
+/// What a replica remembers about itself across restarts (besides the raft log and its engine).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaMeta {
+    pub group: u64,
+    pub peer_id: PeerId,
+    /// (peer id, node id) of every member.
+    pub peers: Vec<(PeerId, NodeId)>,
+    pub partition_count: u32,
+    /// The engine directory under the replica's directory (changes when a snapshot is installed).
+    pub engine_dir: String,
+}
+
+impl ReplicaMeta {
+    pub fn load(dir: &Path) -> Result<ReplicaMeta, TernError> {
+        let path = dir.join("replica.json");
+        let bytes = std::fs::read(&path).map_err(|e| TernError::Internal(format!("read {}: {e}", path.display())))?;
+        serde_json::from_slice(&bytes).map_err(|e| TernError::Corruption(format!("{}: {e}", path.display())))
+    }
+
+    /// Atomic replace: write a temporary file, sync it, rename over the old one.
+    pub fn save(&self, dir: &Path) -> Result<(), TernError> {
+        let tmp = dir.join("replica.json.tmp");
+        let bytes = serde_json::to_vec_pretty(self).expect("serialize replica meta");
+        let io = |e: std::io::Error| TernError::Internal(format!("save replica meta in {}: {e}", dir.display()));
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            f.write_all(&bytes).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, dir.join("replica.json")).map_err(io)
+    }
+}
+
+pub struct Replica {
+    pub group: GroupId,
+    pub peer_id: PeerId,
+    meta: ReplicaMeta,
+    dir: PathBuf,
+    snapshot_dir: PathBuf,
+    raw: RawNode<PeerStorage>,
+    sm: StateMachine,
+    engines: Arc<dyn EngineFactory>,
+    cfg: ReplicaConfig,
+    proposals: VecDeque<Proposal>,
+    waiting_reads: Vec<(ReadRequest, ReadCallback)>,
+    read_batches: VecDeque<ReadBatch>,
+    next_read_id: u64,
+    ticks: u64,
+    snapshots_applied: u64,
+    received_snapshots: HashMap<(u64, u64), PathBuf>,
+    /// Log changes made outside a Ready (compaction); drained into the round's batch.
+    pending_log: LogWriteBatch,
+    was_leader: bool,
+}
+
+fn fatal(group: GroupId, what: &str, e: impl std::fmt::Display) -> ! {
+    // Storage failures leave raft state unknowable: stop rather than risk serving wrong data.
+    panic!("replica {group}: {what}: {e}");
+}
+
+impl Replica {
+    /// Opens (or, for a new initial replica, bootstraps) a replica from its directory.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open(
+        meta: ReplicaMeta,
+        dir: PathBuf,
+        snapshot_dir: PathBuf,
+        bootstrap_voters: Option<Vec<PeerId>>,
+        log: Arc<dyn LogStore>,
+        engines: Arc<dyn EngineFactory>,
+        cfg: ReplicaConfig,
+        election_tick: usize,
+    ) -> Result<Replica, TernError> {
+        let group = GroupId(meta.group);
+        let engine = engines.open(&dir.join(&meta.engine_dir)).map_err(crate::apply::engine_error)?;
+        let initial_state = match &bootstrap_voters {
+            Some(voters) => {
+                let mut cs = ConfState::default();
+                cs.voters = voters.clone();
+                ApplyState { applied_index: INITIAL_INDEX, applied_term: INITIAL_TERM, conf_state: cs }
+            }
+            None => ApplyState::default(),
+        };
+        let sm = StateMachine::open(engine, initial_state)?;
+        let applied = sm.state().clone();
+        let initial_pos = (applied.applied_index, applied.applied_term);
+        let mut storage = PeerStorage::open(group.0, log.clone(), applied.conf_state.clone(), initial_pos)?;
+        let mut pending_log = LogWriteBatch::default();
+        let fresh_log = log.hard_state(group.0)?.is_none();
+        if storage.hard_state().commit < applied.applied_index || storage.last_log_index() < applied.applied_index {
+            // The engine is ahead of the log: a snapshot was installed but the log reset was not
+            // written before a crash. The engine is the truth; restart the log from it.
+            let mut snap = Snapshot::default();
+            snap.mut_metadata().index = applied.applied_index;
+            snap.mut_metadata().term = applied.applied_term;
+            snap.mut_metadata().set_conf_state(applied.conf_state.clone());
+            storage.apply_snapshot(&snap, &mut pending_log);
+        } else if fresh_log {
+            storage.initial_writes(&mut pending_log);
+        }
+        let config = raft::Config {
+            id: meta.peer_id,
+            election_tick: cfg.election_tick,
+            min_election_tick: election_tick,
+            max_election_tick: election_tick + 1,
+            heartbeat_tick: cfg.heartbeat_tick,
+            applied: applied.applied_index,
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            max_uncommitted_size: 128 * 1024 * 1024,
+            ..Default::default()
+        };
+        config.validate().map_err(|e| TernError::Internal(format!("raft config: {e}")))?;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let raw = RawNode::new(&config, storage, &logger).map_err(|e| TernError::Internal(format!("raft: {e}")))?;
+        std::fs::create_dir_all(&snapshot_dir).map_err(|e| TernError::Internal(e.to_string()))?;
+        Ok(Replica {
+            group,
+            peer_id: meta.peer_id,
+            meta,
+            dir,
+            snapshot_dir,
+            raw,
+            sm,
+            engines,
+            cfg,
+            proposals: VecDeque::new(),
+            waiting_reads: Vec::new(),
+            read_batches: VecDeque::new(),
+            next_read_id: 1,
+            ticks: 0,
+            snapshots_applied: 0,
+            received_snapshots: HashMap::new(),
+            pending_log,
+            was_leader: false,
+        })
+    }
+
+    pub fn meta(&self) -> &ReplicaMeta {
+        &self.meta
+    }
+
+    pub fn set_peers(&mut self, peers: Vec<(PeerId, NodeId)>) -> Result<(), TernError> {
+        if peers != self.meta.peers {
+            self.meta.peers = peers;
+            self.meta.save(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    fn node_of(&self, peer: PeerId) -> Option<NodeId> {
+        self.meta.peers.iter().find(|(p, _)| *p == peer).map(|(_, n)| *n)
+    }
+
+    fn not_leader(&self) -> TernError {
+        TernError::NotLeader { leader: self.node_of(self.raw.raft.leader_id) }
+    }
+
+    pub fn campaign(&mut self) {
+        let _ = self.raw.campaign();
+    }
+
+    pub fn partition_count(&self) -> u32 {
+        self.meta.partition_count
+    }
+
+    /// Proposes a client write stamped with the leader's wall clock.
+    pub fn propose(&mut self, write: WriteRequest, now_unix_ms: u64, callback: WriteCallback) {
+        if !self.is_leader() {
+            return callback(error_response(self.not_leader()));
+        }
+        if self.proposals.len() >= self.cfg.pending_proposals_max {
+            return callback(error_response(TernError::Busy(format!(
+                "partition {} has {} writes in flight (limit {})",
+                self.group,
+                self.proposals.len(),
+                self.cfg.pending_proposals_max
+            ))));
+        }
+        let data = RaftCommand { now_unix_ms, write: Some(write) }.encode_to_vec();
+        let before = self.raw.raft.raft_log.last_index();
+        match self.raw.propose(vec![], data) {
+            Ok(()) => {
+                let index = self.raw.raft.raft_log.last_index();
+                if index == before {
+                    return callback(error_response(TernError::ProposalDropped("proposal was not appended".into())));
+                }
+                self.proposals.push_back(Proposal { index, term: self.raw.raft.term, callback });
+            }
+            Err(e) => callback(error_response(TernError::ProposalDropped(format!("raft refused the proposal: {e}")))),
+        }
+    }
+
+    /// Queues a read. Stale reads are answered at once from local state; linearizable reads wait for
+    /// a read index (one per batch of reads) and for apply to reach it.
+    pub fn read(&mut self, request: ReadRequest, now_unix_ms: u64, callback: ReadCallback) {
+        if request.allow_stale {
+            return callback(execute_read(self.sm.engine(), &request, now_unix_ms));
+        }
+        if !self.is_leader() {
+            return callback(ReadResponse { error: Some(self.not_leader().into()), ..Default::default() });
+        }
+        let queued: usize = self.waiting_reads.len() + self.read_batches.iter().map(|b| b.reads.len()).sum::<usize>();
+        if queued >= self.cfg.pending_reads_max {
+            let e = TernError::Busy(format!("partition {} has {queued} reads queued (limit {})", self.group, self.cfg.pending_reads_max));
+            return callback(ReadResponse { error: Some(e.into()), ..Default::default() });
+        }
+        self.waiting_reads.push((request, callback));
+    }
+
+    /// Turns the reads that arrived since the last round into one read-index request.
+    pub fn flush_reads(&mut self) {
+        if self.waiting_reads.is_empty() {
+            return;
+        }
+        let id = self.next_read_id;
+        self.next_read_id += 1;
+        self.raw.read_index(id.to_be_bytes().to_vec());
+        let reads = std::mem::take(&mut self.waiting_reads);
+        self.read_batches.push_back(ReadBatch { id, issued_tick: self.ticks, first_tick: self.ticks, index: None, reads });
+    }
+
+    /// Steps a raft message from a peer. A snapshot message comes with the directory it was received into.
+    pub fn step(&mut self, message: Message, snapshot_dir: Option<PathBuf>) {
+        if message.get_msg_type() == MessageType::MsgSnapshot {
+            let meta = message.get_snapshot().get_metadata();
+            match snapshot_dir {
+                Some(dir) => {
+                    self.received_snapshots.insert((meta.index, meta.term), dir);
+                }
+                None => return, // a snapshot without its data cannot be installed
+            }
+        }
+        let _ = self.raw.step(message);
+    }
+
+    pub fn report_snapshot(&mut self, to_peer: PeerId, ok: bool) {
+        let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+        self.raw.report_snapshot(to_peer, status);
+    }
+
+    pub fn report_unreachable(&mut self, to_peer: PeerId) {
+        self.raw.report_unreachable(to_peer);
+    }
+
+    pub fn tick(&mut self) {
+        self.ticks += 1;
+        self.raw.tick();
+        // Read indexes are dropped by raft while a new leader has not committed in its term: re-ask,
+        // and give up after a while so clients retry elsewhere.
+        let now = self.ticks;
+        let timeout = self.cfg.read_timeout_ticks;
+        let mut expired = Vec::new();
+        for batch in self.read_batches.iter_mut() {
+            if batch.index.is_none() {
+                if now - batch.first_tick >= timeout {
+                    expired.push(batch.id);
+                } else if now - batch.issued_tick >= 5 {
+                    batch.issued_tick = now;
+                    self.raw.read_index(batch.id.to_be_bytes().to_vec());
+                }
+            }
+        }
+        for id in expired {
+            if let Some(pos) = self.read_batches.iter().position(|b| b.id == id) {
+                let batch = self.read_batches.remove(pos).expect("position is valid");
+                fail_reads(batch.reads, TernError::Timeout("no read index from raft in time".into()));
+            }
+        }
+        if self.ticks % self.cfg.log_gc_interval_ticks == 0 {
+            self.maybe_compact_log();
+        }
+    }
+
+    fn maybe_compact_log(&mut self) {
+        let applied = self.sm.state().applied_index;
+        let first = self.raw.store().first_log_index();
+        if applied < first + self.cfg.log_gc_count_threshold {
+            return;
+        }
+        let mut target = applied;
+        if self.is_leader() {
+            let min_matched = self.raw.raft.prs().iter().map(|(_, p)| p.matched).min().unwrap_or(applied);
+            if applied.saturating_sub(min_matched) <= self.cfg.log_gc_lag_max {
+                target = min_matched.min(applied);
+            }
+        }
+        if target < first {
+            return;
+        }
+        // The engine must hold everything below the new log start durably before the log goes.
+        if let Err(e) = self.sm.engine().sync() {
+            fatal(self.group, "sync engine before log compaction", e);
+        }
+        if let Err(e) = self.raw.mut_store().compact_to(target, &mut self.pending_log) {
+            fatal(self.group, "compact log", e);
+        }
+    }
+
+    /// Generates a snapshot if raft asked for one (called after every event that may step raft).
+    pub fn maybe_generate_snapshot(&mut self) {
+        if !self.raw.store().take_snapshot_wanted() {
+            return;
+        }
+        let state = self.sm.state().clone();
+        if self.raw.store().generated_snapshot().is_some_and(|s| s.get_metadata().index == state.applied_index) {
+            return;
+        }
+        let name = format!("{}_{}", state.applied_index, state.applied_term);
+        let dir = self.snapshot_dir.join(&name);
+        if dir.exists() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        if let Err(e) = self.sm.engine().checkpoint(&dir) {
+            tracing::warn!(group = %self.group, "snapshot checkpoint failed: {e}");
+            return;
+        }
+        let mut snap = Snapshot::default();
+        snap.set_data(name.clone().into_bytes().into());
+        let meta = snap.mut_metadata();
+        meta.index = state.applied_index;
+        meta.term = state.applied_term;
+        meta.set_conf_state(state.conf_state);
+        self.raw.mut_store().set_generated_snapshot(snap);
+        self.remove_old_snapshots(&name);
+    }
+
+    /// Keeps the newest generated checkpoint and one before it (a transfer may still be reading it).
+    fn remove_old_snapshots(&self, keep: &str) {
+        let Ok(dir) = std::fs::read_dir(&self.snapshot_dir) else { return };
+        let mut names: Vec<(u64, String)> = dir
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n != keep)
+            .filter_map(|n| n.split('_').next().and_then(|i| i.parse().ok()).map(|i| (i, n)))
+            .collect();
+        names.sort();
+        names.pop();
+        for (_, n) in names {
+            let _ = std::fs::remove_dir_all(self.snapshot_dir.join(n));
+        }
+    }
+
+    pub fn has_ready(&self) -> bool {
+        self.raw.has_ready() || !self.pending_log.is_empty()
+    }
+
+    /// First half of Ready handling (raft-rs's documented order): send leader messages, install a
+    /// snapshot, apply committed entries, queue new entries and hard state into the round's log batch.
+    /// Returns the Ready to finish once the batch is durable.
+    pub fn ready_before_persist(&mut self, outbox: &mut Vec<OutMessage>, log_batch: &mut LogWriteBatch, now_unix_ms: u64) -> Option<Ready> {
+        log_batch.ops.append(&mut self.pending_log.ops);
+        if !self.raw.has_ready() {
+            return None;
+        }
+        let mut rd = self.raw.ready();
+        if let Some(ss) = rd.ss() {
+            self.on_role_change(ss.raft_state);
+        }
+        self.route(rd.take_messages(), outbox);
+        if !rd.snapshot().is_empty() {
+            self.install_snapshot(rd.snapshot().clone(), log_batch);
+        }
+        for rs in rd.take_read_states() {
+            let id = u64::from_be_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
+            if let Some(batch) = self.read_batches.iter_mut().find(|b| b.id == id) {
+                batch.index.get_or_insert(rs.index);
+            }
+        }
+        let committed = rd.take_committed_entries();
+        self.apply_entries(committed, now_unix_ms);
+        if !rd.entries().is_empty() {
+            let entries = rd.take_entries();
+            self.raw.mut_store().append(&entries, log_batch);
+        }
+        if let Some(hs) = rd.hs() {
+            self.raw.mut_store().set_hard_state(hs.clone(), log_batch);
+        }
+        Some(rd)
+    }
+
+    /// Second half, after the round's log batch is durable: send messages that had to wait for
+    /// persistence, advance, and apply what the light ready committed.
+    pub fn ready_after_persist(&mut self, mut rd: Ready, outbox: &mut Vec<OutMessage>, log_batch: &mut LogWriteBatch, now_unix_ms: u64) {
+        self.route(rd.take_persisted_messages(), outbox);
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit, log_batch);
+        }
+        self.route(light.take_messages(), outbox);
+        self.apply_entries(light.take_committed_entries(), now_unix_ms);
+        self.raw.advance_apply();
+    }
+
+    fn on_role_change(&mut self, role: StateRole) {
+        let leader = role == StateRole::Leader;
+        if self.was_leader && !leader {
+            // Pending proposals stay: they are answered when their index is applied (committed in
+            // our term, or replaced by the new leader's entry). Reads must go to the new leader.
+            let batches: Vec<ReadBatch> = self.read_batches.drain(..).collect();
+            for b in batches {
+                fail_reads(b.reads, self.not_leader());
+            }
+            fail_reads(std::mem::take(&mut self.waiting_reads), self.not_leader());
+        }
+        self.was_leader = leader;
+    }
+
+    fn route(&self, messages: Vec<Message>, outbox: &mut Vec<OutMessage>) {
+        for message in messages {
+            let Some(to_node) = self.node_of(message.to) else { continue };
+            let snapshot_dir = (message.get_msg_type() == MessageType::MsgSnapshot).then(|| {
+                let name = String::from_utf8_lossy(message.get_snapshot().get_data()).into_owned();
+                self.snapshot_dir.join(name)
+            });
+            outbox.push(OutMessage { group: self.group, to_node, message, snapshot_dir });
+        }
+    }
+
+    fn install_snapshot(&mut self, snapshot: Snapshot, log_batch: &mut LogWriteBatch) {
+        let meta = snapshot.get_metadata();
+        let key = (meta.index, meta.term);
+        let Some(received) = self.received_snapshots.remove(&key) else {
+            fatal(self.group, "install snapshot", format!("no received data for snapshot {key:?}"));
+        };
+        for (_, stale) in self.received_snapshots.drain() {
+            let _ = std::fs::remove_dir_all(stale);
+        }
+        let engine_dir = format!("engine-{}-{}", meta.index, meta.term);
+        let target = self.dir.join(&engine_dir);
+        if target.exists() {
+            let _ = std::fs::remove_dir_all(&target);
+        }
+        if let Err(e) = std::fs::rename(&received, &target) {
+            fatal(self.group, "move received snapshot into place", e);
+        }
+        let engine = match self.engines.open(&target) {
+            Ok(e) => e,
+            Err(e) => fatal(self.group, "open snapshot engine", e),
+        };
+        let sm = match StateMachine::open(engine, ApplyState::default()) {
+            Ok(sm) => sm,
+            Err(e) => fatal(self.group, "open snapshot state", e),
+        };
+        assert_eq!(sm.state().applied_index, meta.index, "snapshot engine must be at the snapshot index");
+        let old_dir = self.dir.join(&self.meta.engine_dir);
+        self.sm = sm; // drops (closes) the old engine
+        self.meta.engine_dir = engine_dir;
+        if let Err(e) = self.meta.save(&self.dir) {
+            fatal(self.group, "save replica meta after snapshot", e);
+        }
+        let _ = self.engines.destroy(&old_dir);
+        self.raw.mut_store().apply_snapshot(&snapshot, log_batch);
+        self.snapshots_applied += 1;
+        tracing::info!(group = %self.group, index = meta.index, "installed snapshot");
+    }
+
+    fn apply_entries(&mut self, entries: Vec<raft::eraftpb::Entry>, now_unix_ms: u64) {
+        if entries.is_empty() {
+            self.serve_reads(now_unix_ms);
+            return;
+        }
+        let mut batch = self.sm.begin();
+        let mut results: Vec<(u64, u64, WriteResponse)> = Vec::new();
+        for entry in &entries {
+            if entry.index <= self.sm.state().applied_index {
+                continue; // already applied before a restart
+            }
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => {
+                    if !entry.data.is_empty() {
+                        let response = batch.apply_command(self.sm.engine(), &entry.data);
+                        results.push((entry.index, entry.term, response));
+                    }
+                }
+                EntryType::EntryConfChange => {
+                    let mut cc = ConfChange::default();
+                    if let Err(e) = cc.merge_from_bytes(&entry.data) {
+                        fatal(self.group, "decode conf change", e);
+                    }
+                    self.apply_conf_change(&cc, &mut batch);
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let mut cc = ConfChangeV2::default();
+                    if let Err(e) = cc.merge_from_bytes(&entry.data) {
+                        fatal(self.group, "decode conf change", e);
+                    }
+                    self.apply_conf_change(&cc, &mut batch);
+                }
+            }
+            batch.set_applied(entry.index, entry.term);
+        }
+        if let Err(e) = self.sm.finish(batch) {
+            fatal(self.group, "apply to engine", e);
+        }
+        for (index, term, response) in results {
+            self.answer_proposal(index, term, response);
+        }
+        self.serve_reads(now_unix_ms);
+    }
+
+    fn apply_conf_change(&mut self, cc: &impl raft_proto::ConfChangeI, batch: &mut crate::apply::ApplyBatch) {
+        match self.raw.apply_conf_change(cc) {
+            Ok(cs) => {
+                batch.set_conf_state(cs.clone());
+                self.raw.mut_store().set_conf_state(cs);
+            }
+            Err(e) => tracing::warn!(group = %self.group, "conf change rejected: {e}"),
+        }
+    }
+
+    fn answer_proposal(&mut self, index: u64, term: u64, response: WriteResponse) {
+        while let Some(p) = self.proposals.front() {
+            if p.index > index {
+                return;
+            }
+            let p = self.proposals.pop_front().expect("front exists");
+            if p.index == index && p.term == term {
+                (p.callback)(response);
+                return;
+            }
+            // Our entry at that index was replaced by another leader's: it was never committed.
+            (p.callback)(error_response(TernError::ProposalDropped(format!(
+                "entry {} of term {} was overwritten; the write did not happen",
+                p.index, p.term
+            ))));
+        }
+    }
+
+    fn serve_reads(&mut self, now_unix_ms: u64) {
+        let applied = self.sm.state().applied_index;
+        while self.read_batches.front().is_some_and(|b| b.index.is_some_and(|i| i <= applied)) {
+            let batch = self.read_batches.pop_front().expect("front exists");
+            for (request, callback) in batch.reads {
+                callback(execute_read(self.sm.engine(), &request, now_unix_ms));
+            }
+        }
+    }
+
+    pub fn status(&self) -> ReplicaStatus {
+        let leader_peer = self.raw.raft.leader_id;
+        ReplicaStatus {
+            group_id: self.group.0,
+            peer_id: self.peer_id,
+            is_leader: self.is_leader(),
+            term: self.raw.raft.term,
+            applied_index: self.sm.state().applied_index,
+            commit_index: self.raw.raft.raft_log.committed,
+            first_log_index: self.raw.store().first_log_index(),
+            snapshots_applied: self.snapshots_applied,
+            leader_peer,
+        }
+    }
+
+    /// (applied index, checksum, record count) of the replica's contents.
+    pub fn checksum(&self, now_unix_ms: u64) -> Result<(u64, u64, u64), TernError> {
+        let (sum, count) = checksum(self.sm.engine(), now_unix_ms)?;
+        Ok((self.sm.state().applied_index, sum, count))
+    }
+
+    /// Answers every waiting client (the replica is being destroyed or the node is stopping).
+    pub fn fail_all(&mut self, e: TernError) {
+        for p in self.proposals.drain(..) {
+            (p.callback)(error_response(e.clone()));
+        }
+        let batches: Vec<ReadBatch> = self.read_batches.drain(..).collect();
+        for b in batches {
+            fail_reads(b.reads, e.clone());
+        }
+        fail_reads(std::mem::take(&mut self.waiting_reads), e);
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn snapshot_dir(&self) -> &Path {
+        &self.snapshot_dir
+    }
+}
+
+fn fail_reads(reads: Vec<(ReadRequest, ReadCallback)>, e: TernError) {
+    for (_, callback) in reads {
+        callback(ReadResponse { error: Some(e.clone().into()), ..Default::default() });
+    }
+}

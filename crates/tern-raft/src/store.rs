@@ -1,0 +1,402 @@
+//! The store: every replica on one node, driven in rounds by one thread (or by the simulator).
+//!
+//! A round: handle a bounded batch of mailbox messages, tick if due, then run each touched replica's
+//! Ready in two halves around ONE synced raft-log write for all of them (group commit). The store is
+//! the replicas' single owner: the mailbox is the only way in.
+
+use crate::log_store::{LogStore, LogWriteBatch};
+use crate::replica::{OutMessage, ReadCallback, Replica, ReplicaConfig, ReplicaMeta, WriteCallback};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use raft::eraftpb::Message;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tern_core::time::{Clock, RandomSource, SeededRandom};
+use tern_core::{GroupId, NodeId, PeerId, TableId, TernError};
+use tern_engine::EngineFactory;
+use tern_proto::{ReadRequest, ReadResponse, ReplicaStatus, WriteRequest};
+
+/// Sends raft messages to other nodes. Must not block: implementations queue and batch.
+pub trait Transport: Send {
+    fn send(&mut self, messages: Vec<OutMessage>);
+}
+
+/// What a replica should look like, as meta assigns it.
+#[derive(Clone, Debug)]
+pub struct ReplicaSpec {
+    pub group: GroupId,
+    pub peer_id: PeerId,
+    pub peers: Vec<(PeerId, NodeId)>,
+    pub initial: bool,
+    pub partition_count: u32,
+    pub preferred_leader: bool,
+}
+
+pub type ChecksumCallback = Box<dyn FnOnce(Result<(u64, u64, u64), TernError>) + Send>;
+
+pub enum StoreMsg {
+    Write { group: GroupId, request: WriteRequest, callback: WriteCallback },
+    Read { group: GroupId, request: ReadRequest, callback: ReadCallback },
+    Raft { group: GroupId, message: Message, snapshot_dir: Option<PathBuf> },
+    SnapshotReport { group: GroupId, to_peer: PeerId, ok: bool },
+    Unreachable { group: GroupId, to_peer: PeerId },
+    EnsureReplicas(Vec<ReplicaSpec>),
+    DropTables(Vec<TableId>),
+    Status(Box<dyn FnOnce(Vec<ReplicaStatus>) + Send>),
+    Checksum { group: GroupId, callback: ChecksumCallback },
+    Shutdown,
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub tick_interval: Duration,
+    pub replica: ReplicaConfig,
+    /// Messages handled per round before Ready processing (bounds latency of a round).
+    pub round_messages_max: usize,
+    /// Mailbox capacity; senders get Busy beyond it.
+    pub mailbox_capacity: usize,
+    /// Purge obsolete raft-log files every this many ticks.
+    pub log_purge_interval_ticks: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            tick_interval: Duration::from_millis(100),
+            replica: ReplicaConfig::default(),
+            round_messages_max: 4096,
+            mailbox_capacity: 100_000,
+            log_purge_interval_ticks: 100,
+        }
+    }
+}
+
+pub struct Store {
+    node_id: NodeId,
+    data_dir: PathBuf,
+    log: Arc<dyn LogStore>,
+    engines: Arc<dyn EngineFactory>,
+    clock: Arc<dyn Clock>,
+    rng: SeededRandom,
+    cfg: StoreConfig,
+    replicas: BTreeMap<GroupId, Replica>,
+    dirty: BTreeSet<GroupId>,
+    transport: Box<dyn Transport>,
+    ticks: u64,
+}
+
+fn not_hosted(group: GroupId) -> TernError {
+    TernError::PartitionNotFound(format!("partition {group} has no replica on this server"))
+}
+
+/// The client addressed the partition with a different partition count than the table has.
+fn stale(replica: &Replica, partition: &Option<tern_proto::PartitionRef>) -> bool {
+    partition.as_ref().is_some_and(|p| p.partition_count != replica.partition_count())
+}
+
+fn stale_error(replica: &Replica) -> TernError {
+    TernError::StaleConfig(format!("table {} has {} partitions", replica.group.table_id(), replica.partition_count()))
+}
+
+impl Store {
+    /// Opens the store and every replica found under `data_dir/replicas`.
+    pub fn open(
+        node_id: NodeId,
+        data_dir: PathBuf,
+        log: Arc<dyn LogStore>,
+        engines: Arc<dyn EngineFactory>,
+        clock: Arc<dyn Clock>,
+        seed: u64,
+        cfg: StoreConfig,
+        transport: Box<dyn Transport>,
+    ) -> Result<Store, TernError> {
+        let io = |e: std::io::Error| TernError::Internal(format!("store directory {}: {e}", data_dir.display()));
+        std::fs::create_dir_all(data_dir.join("replicas")).map_err(io)?;
+        let mut store = Store {
+            node_id,
+            data_dir: data_dir.clone(),
+            log,
+            engines,
+            clock,
+            rng: SeededRandom::new(seed),
+            cfg,
+            replicas: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            transport,
+            ticks: 0,
+        };
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(data_dir.join("replicas"))
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("replica.json").exists())
+            .collect();
+        dirs.sort();
+        for dir in dirs {
+            let meta = ReplicaMeta::load(&dir)?;
+            let replica = store.open_replica(meta, dir, None)?;
+            store.dirty.insert(replica.group);
+            store.replicas.insert(replica.group, replica);
+        }
+        Ok(store)
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    fn open_replica(&mut self, meta: ReplicaMeta, dir: PathBuf, bootstrap: Option<Vec<PeerId>>) -> Result<Replica, TernError> {
+        let election = self.cfg.replica.election_tick;
+        let election_tick = self.rng.range(election as u64, 2 * election as u64) as usize;
+        let snapshot_dir = self.data_dir.join("snapshots").join(meta.group.to_string());
+        Replica::open(meta, dir, snapshot_dir, bootstrap, self.log.clone(), self.engines.clone(), self.cfg.replica.clone(), election_tick)
+    }
+
+    pub fn replica_count(&self) -> usize {
+        self.replicas.len()
+    }
+
+    /// Handles one mailbox message. Returns false on shutdown.
+    pub fn handle(&mut self, msg: StoreMsg) -> bool {
+        let now = self.clock.now_unix_ms();
+        match msg {
+            StoreMsg::Write { group, request, callback } => match self.replicas.get_mut(&group) {
+                Some(r) if stale(r, &request.partition) => callback(crate::apply::error_response(stale_error(r))),
+                Some(r) => {
+                    r.propose(request, now, callback);
+                    self.dirty.insert(group);
+                }
+                None => callback(crate::apply::error_response(not_hosted(group))),
+            },
+            StoreMsg::Read { group, request, callback } => match self.replicas.get_mut(&group) {
+                Some(r) if stale(r, &request.partition) => {
+                    callback(ReadResponse { error: Some(stale_error(r).into()), ..Default::default() })
+                }
+                Some(r) => {
+                    r.read(request, now, callback);
+                    self.dirty.insert(group);
+                }
+                None => callback(ReadResponse { error: Some(not_hosted(group).into()), ..Default::default() }),
+            },
+            StoreMsg::Raft { group, message, snapshot_dir } => {
+                if let Some(r) = self.replicas.get_mut(&group) {
+                    r.step(message, snapshot_dir);
+                    self.dirty.insert(group);
+                } else if let Some(dir) = snapshot_dir {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+            }
+            StoreMsg::SnapshotReport { group, to_peer, ok } => {
+                if let Some(r) = self.replicas.get_mut(&group) {
+                    r.report_snapshot(to_peer, ok);
+                    self.dirty.insert(group);
+                }
+            }
+            StoreMsg::Unreachable { group, to_peer } => {
+                if let Some(r) = self.replicas.get_mut(&group) {
+                    r.report_unreachable(to_peer);
+                }
+            }
+            StoreMsg::EnsureReplicas(specs) => {
+                for spec in specs {
+                    if let Err(e) = self.ensure_replica(spec) {
+                        tracing::error!("cannot create replica: {e}");
+                    }
+                }
+            }
+            StoreMsg::DropTables(tables) => self.drop_tables(&tables),
+            StoreMsg::Status(callback) => callback(self.replicas.values().map(|r| r.status()).collect()),
+            StoreMsg::Checksum { group, callback } => match self.replicas.get(&group) {
+                Some(r) => callback(r.checksum(now)),
+                None => callback(Err(not_hosted(group))),
+            },
+            StoreMsg::Shutdown => return false,
+        }
+        true
+    }
+
+    fn ensure_replica(&mut self, spec: ReplicaSpec) -> Result<(), TernError> {
+        if let Some(r) = self.replicas.get_mut(&spec.group) {
+            return r.set_peers(spec.peers);
+        }
+        let dir = self.data_dir.join("replicas").join(spec.group.0.to_string());
+        std::fs::create_dir_all(&dir).map_err(|e| TernError::Internal(format!("create {}: {e}", dir.display())))?;
+        let meta = ReplicaMeta {
+            group: spec.group.0,
+            peer_id: spec.peer_id,
+            peers: spec.peers.clone(),
+            partition_count: spec.partition_count,
+            engine_dir: "engine".into(),
+        };
+        meta.save(&dir)?;
+        let voters = spec.initial.then(|| spec.peers.iter().map(|(p, _)| *p).collect());
+        let mut replica = self.open_replica(meta, dir, voters)?;
+        if spec.preferred_leader {
+            replica.campaign();
+        }
+        tracing::info!(node = self.node_id, group = %spec.group, peer = spec.peer_id, "created replica");
+        self.dirty.insert(spec.group);
+        self.replicas.insert(spec.group, replica);
+        Ok(())
+    }
+
+    fn drop_tables(&mut self, tables: &[TableId]) {
+        let doomed: Vec<GroupId> = self.replicas.keys().filter(|g| tables.contains(&g.table_id())).copied().collect();
+        let mut batch = LogWriteBatch::default();
+        for group in doomed {
+            let mut replica = self.replicas.remove(&group).expect("listed above");
+            replica.fail_all(TernError::TableNotFound(format!("table {} was dropped", group.table_id())));
+            let dirs = (replica.dir().to_path_buf(), replica.snapshot_dir().to_path_buf());
+            drop(replica);
+            let _ = std::fs::remove_dir_all(&dirs.0);
+            let _ = std::fs::remove_dir_all(&dirs.1);
+            batch.push(group.0, crate::log_store::LogOp::Clean);
+            self.dirty.remove(&group);
+            tracing::info!(node = self.node_id, group = %group, "destroyed replica of dropped table");
+        }
+        if let Err(e) = self.log.write(batch, true) {
+            panic!("raft log write failed: {e}");
+        }
+    }
+
+    pub fn tick(&mut self) {
+        self.ticks += 1;
+        for (group, replica) in self.replicas.iter_mut() {
+            replica.tick();
+            self.dirty.insert(*group);
+        }
+        if self.ticks % self.cfg.log_purge_interval_ticks == 0 {
+            if let Err(e) = self.log.purge() {
+                tracing::warn!("raft log purge: {e}");
+            }
+        }
+    }
+
+    /// Runs Ready for every touched replica with one synced log write for all of them.
+    pub fn process_ready(&mut self) {
+        let now = self.clock.now_unix_ms();
+        let mut outbox = Vec::new();
+        let mut batch = LogWriteBatch::default();
+        let mut readies = Vec::new();
+        for group in std::mem::take(&mut self.dirty) {
+            let Some(replica) = self.replicas.get_mut(&group) else { continue };
+            replica.flush_reads();
+            replica.maybe_generate_snapshot();
+            if let Some(rd) = replica.ready_before_persist(&mut outbox, &mut batch, now) {
+                readies.push((group, rd));
+            }
+        }
+        if !outbox.is_empty() {
+            self.transport.send(std::mem::take(&mut outbox));
+        }
+        if !batch.is_empty() {
+            if let Err(e) = self.log.write(batch, true) {
+                panic!("raft log write failed: {e}");
+            }
+        }
+        let mut commit_batch = LogWriteBatch::default();
+        for (group, rd) in readies {
+            let replica = self.replicas.get_mut(&group).expect("replica present during round");
+            replica.ready_after_persist(rd, &mut outbox, &mut commit_batch, now);
+            replica.maybe_generate_snapshot();
+            if replica.has_ready() {
+                self.dirty.insert(group);
+            }
+        }
+        // Commit-index updates need no sync: a restart recovers them from the applied index.
+        if !commit_batch.is_empty() {
+            if let Err(e) = self.log.write(commit_batch, false) {
+                panic!("raft log write failed: {e}");
+            }
+        }
+        if !outbox.is_empty() {
+            self.transport.send(outbox);
+        }
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Fails every waiting client; called when the node stops.
+    pub fn shutdown(&mut self) {
+        for r in self.replicas.values_mut() {
+            r.fail_all(TernError::Unavailable("server is shutting down".into()));
+        }
+    }
+}
+
+/// The mailbox's sending side, cloned by every service that talks to the store.
+#[derive(Clone)]
+pub struct StoreHandle {
+    sender: Sender<StoreMsg>,
+}
+
+impl StoreMsg {
+    /// Answers whoever waits on this message with an error (the message could not be delivered).
+    pub fn fail(self, e: TernError) {
+        match self {
+            StoreMsg::Write { callback, .. } => callback(crate::apply::error_response(e)),
+            StoreMsg::Read { callback, .. } => callback(ReadResponse { error: Some(e.into()), ..Default::default() }),
+            StoreMsg::Checksum { callback, .. } => callback(Err(e)),
+            StoreMsg::Status(callback) => callback(Vec::new()),
+            _ => {}
+        }
+    }
+}
+
+impl StoreHandle {
+    /// Delivers a message without blocking; a full or stopped mailbox answers its callback with
+    /// Busy or Unavailable instead.
+    pub fn send(&self, msg: StoreMsg) {
+        match self.sender.try_send(msg) {
+            Ok(()) => {}
+            Err(TrySendError::Full(msg)) => msg.fail(TernError::Busy("store mailbox is full".into())),
+            Err(TrySendError::Disconnected(msg)) => msg.fail(TernError::Unavailable("store has stopped".into())),
+        }
+    }
+}
+
+/// Creates a mailbox.
+pub fn mailbox(capacity: usize) -> (StoreHandle, Receiver<StoreMsg>) {
+    let (sender, receiver) = crossbeam_channel::bounded(capacity);
+    (StoreHandle { sender }, receiver)
+}
+
+/// The production driver: one thread runs rounds until shutdown or until every handle is dropped.
+pub fn run(mut store: Store, mailbox: Receiver<StoreMsg>, tick_interval: Duration, round_messages_max: usize) {
+    let mut next_tick = Instant::now() + tick_interval;
+    'rounds: loop {
+        let wait = if store.has_work() { Duration::ZERO } else { next_tick.saturating_duration_since(Instant::now()) };
+        match mailbox.recv_timeout(wait) {
+            Ok(msg) => {
+                if !store.handle(msg) {
+                    break 'rounds;
+                }
+                for _ in 1..round_messages_max {
+                    match mailbox.try_recv() {
+                        Ok(msg) => {
+                            if !store.handle(msg) {
+                                break 'rounds;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            store.tick();
+            next_tick += tick_interval;
+            if next_tick < now {
+                next_tick = now + tick_interval;
+            }
+        }
+        store.process_ready();
+    }
+    store.shutdown();
+}
+

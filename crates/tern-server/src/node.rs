@@ -1,0 +1,283 @@
+//! A replica server's lifecycle: open storage, register with meta, run the store thread, serve gRPC,
+//! heartbeat, and stop cleanly.
+
+use crate::service::{KvService, RaftService};
+use crate::transport::{AddressBook, GrpcTransport};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tern_core::limits::GRPC_MESSAGE_BYTES_MAX;
+use tern_core::time::SystemClock;
+use tern_core::{GroupId, NodeId, TernError};
+use tern_engine::{RocksEngineFactory, RocksSharedResources};
+use tern_proto::kv_server::KvServer;
+use tern_proto::meta_client::MetaClient;
+use tern_proto::raft_server::RaftServer;
+use tern_proto::{HeartbeatRequest, RegisterRequest};
+use tern_raft::log_store::RaftEngineLogStore;
+use tern_raft::store::{self, ReplicaSpec, Store, StoreConfig, StoreHandle, StoreMsg};
+use tokio::sync::{oneshot, watch};
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    /// Address to listen on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Address other nodes and clients use to reach this server (default: the bound address).
+    pub advertise: Option<String>,
+    /// Meta server addresses.
+    pub meta: Vec<String>,
+    pub store: StoreConfig,
+    pub heartbeat_interval: Duration,
+    /// Snapshot transfer rate limit per transfer, bytes per second (0 = unlimited).
+    pub snapshot_bytes_per_second: u64,
+    pub block_cache_bytes: usize,
+    pub write_buffer_bytes: usize,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: PathBuf, listen: SocketAddr, meta: Vec<String>) -> ServerConfig {
+        ServerConfig {
+            data_dir,
+            listen,
+            advertise: None,
+            meta,
+            store: StoreConfig::default(),
+            heartbeat_interval: Duration::from_secs(1),
+            snapshot_bytes_per_second: 100 * 1024 * 1024,
+            block_cache_bytes: 128 * 1024 * 1024,
+            write_buffer_bytes: 64 * 1024 * 1024,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), TernError> {
+        if self.meta.is_empty() {
+            return Err(TernError::invalid("a server needs at least one meta address (--meta)"));
+        }
+        if self.heartbeat_interval.is_zero() {
+            return Err(TernError::invalid("heartbeat interval must be positive"));
+        }
+        if self.store.tick_interval.is_zero() {
+            return Err(TernError::invalid("raft tick interval must be positive"));
+        }
+        if self.block_cache_bytes < 1024 * 1024 {
+            return Err(TernError::invalid("block cache must be at least 1 MiB"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NodeIdentity {
+    node_id: NodeId,
+}
+
+pub struct ServerNode {
+    pub node_id: NodeId,
+    pub address: String,
+    store: StoreHandle,
+    stop: watch::Sender<bool>,
+    store_thread: Option<std::thread::JoinHandle<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn internal(what: &str) -> impl Fn(std::io::Error) -> TernError + '_ {
+    move |e| TernError::Internal(format!("{what}: {e}"))
+}
+
+async fn meta_client(addresses: &[String]) -> Result<MetaClient<tonic::transport::Channel>, TernError> {
+    let mut last = String::new();
+    for a in addresses {
+        match tonic::transport::Endpoint::from_shared(format!("http://{a}"))
+            .map_err(|e| TernError::invalid(format!("meta address {a:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .connect()
+            .await
+        {
+            Ok(ch) => return Ok(MetaClient::new(ch)),
+            Err(e) => last = format!("{a}: {e}"),
+        }
+    }
+    Err(TernError::Unavailable(format!("no meta server reachable ({last})")))
+}
+
+/// Loads this server's node id, or registers with meta for a new one.
+async fn node_identity(cfg: &ServerConfig, address: &str) -> Result<NodeId, TernError> {
+    let path = cfg.data_dir.join("node.json");
+    if path.exists() {
+        let bytes = std::fs::read(&path).map_err(internal("read node.json"))?;
+        let id: NodeIdentity = serde_json::from_slice(&bytes).map_err(|e| TernError::Corruption(format!("{}: {e}", path.display())))?;
+        return Ok(id.node_id);
+    }
+    let mut attempt = 0u32;
+    let node_id = loop {
+        let r = async {
+            let mut meta = meta_client(&cfg.meta).await?;
+            let r = meta.register(RegisterRequest { address: address.to_string() }).await.map_err(|s| tern_proto::from_status(&s))?.into_inner();
+            tern_proto::check(&r.error)?;
+            Ok::<_, TernError>(r.node_id)
+        }
+        .await;
+        match r {
+            Ok(id) => break id,
+            Err(e) if e.is_retryable() && attempt < 600 => {
+                attempt += 1;
+                if attempt % 10 == 1 {
+                    tracing::warn!("waiting for meta to register this server: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let tmp = cfg.data_dir.join("node.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&NodeIdentity { node_id }).expect("serialize")).map_err(internal("write node.json"))?;
+    std::fs::rename(&tmp, &path).map_err(internal("write node.json"))?;
+    Ok(node_id)
+}
+
+impl ServerNode {
+    pub async fn start(cfg: ServerConfig) -> Result<ServerNode, TernError> {
+        cfg.validate()?;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(internal("create data directory"))?;
+        let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(internal("bind server address"))?;
+        let bound = listener.local_addr().map_err(internal("server address"))?;
+        let address = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
+        let node_id = node_identity(&cfg, &address).await?;
+
+        let log = Arc::new(RaftEngineLogStore::open(&cfg.data_dir.join("raft-log"))?);
+        let engines = Arc::new(RocksEngineFactory::new(
+            RocksSharedResources::new(cfg.block_cache_bytes, cfg.write_buffer_bytes),
+            Some(tern_raft::keys::is_expired_record),
+        ));
+        let receive_dir = cfg.data_dir.join("snapshots-received");
+        let _ = std::fs::remove_dir_all(&receive_dir);
+        std::fs::create_dir_all(&receive_dir).map_err(internal("create snapshot directory"))?;
+
+        let (handle, mailbox) = store::mailbox(cfg.store.mailbox_capacity);
+        let addresses: AddressBook = Default::default();
+        let transport = GrpcTransport::new(node_id, tokio::runtime::Handle::current(), addresses.clone(), handle.clone(), cfg.snapshot_bytes_per_second);
+        let data_dir = cfg.data_dir.clone();
+        let store_cfg = cfg.store.clone();
+        let store = tokio::task::spawn_blocking(move || {
+            Store::open(node_id, data_dir, log, engines, Arc::new(SystemClock::default()), rand::random(), store_cfg, Box::new(transport))
+        })
+        .await
+        .map_err(|e| TernError::Internal(format!("open store: {e}")))??;
+        let (tick, round_max) = (cfg.store.tick_interval, cfg.store.round_messages_max);
+        let store_thread = std::thread::Builder::new()
+            .name(format!("tern-store-{node_id}"))
+            .spawn(move || store::run(store, mailbox, tick, round_max))
+            .map_err(internal("start store thread"))?;
+
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let kv = KvServer::new(KvService::new(handle.clone()))
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(usize::MAX);
+        let raft = RaftServer::new(RaftService::new(node_id, handle.clone(), receive_dir))
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(usize::MAX);
+        let mut server_stop = stopped.clone();
+        tasks.push(tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let r = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(kv)
+                .add_service(raft)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = server_stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("server stopped: {e}");
+            }
+        }));
+        tasks.push(tokio::spawn(heartbeat_loop(node_id, address.clone(), cfg.meta.clone(), cfg.heartbeat_interval, handle.clone(), addresses, stopped)));
+        tracing::info!(node_id, %address, "replica server started");
+        Ok(ServerNode { node_id, address, store: handle, stop, store_thread: Some(store_thread), tasks })
+    }
+
+    /// Stops serving, answers waiting clients, and waits for the store thread to finish.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        self.store.send(StoreMsg::Shutdown);
+        if let Some(t) = self.store_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+
+    pub fn data_dir_of(cfg: &ServerConfig) -> &Path {
+        &cfg.data_dir
+    }
+}
+
+async fn replica_statuses(store: &StoreHandle) -> Vec<tern_proto::ReplicaStatus> {
+    let (tx, rx) = oneshot::channel();
+    store.send(StoreMsg::Status(Box::new(move |s| drop(tx.send(s)))));
+    rx.await.unwrap_or_default()
+}
+
+async fn heartbeat_loop(
+    node_id: NodeId,
+    address: String,
+    meta: Vec<String>,
+    interval: Duration,
+    store: StoreHandle,
+    addresses: AddressBook,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut client = None;
+    loop {
+        if client.is_none() {
+            client = meta_client(&meta).await.ok();
+        }
+        if let Some(c) = client.as_mut() {
+            let replicas = replica_statuses(&store).await;
+            match c.heartbeat(HeartbeatRequest { node_id, address: address.clone(), replicas }).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    if let Err(e) = tern_proto::check(&r.error) {
+                        tracing::warn!("meta refused heartbeat: {e}");
+                    }
+                    {
+                        let mut book = addresses.write();
+                        for n in &r.nodes {
+                            book.insert(n.node_id, n.address.clone());
+                        }
+                    }
+                    let specs: Vec<ReplicaSpec> = r
+                        .assignments
+                        .into_iter()
+                        .map(|a| ReplicaSpec {
+                            group: GroupId(a.group_id),
+                            peer_id: a.peer_id,
+                            peers: a.peers.iter().map(|p| (p.peer_id, p.node_id)).collect(),
+                            initial: a.initial,
+                            partition_count: a.partition_count,
+                            preferred_leader: a.preferred_leader,
+                        })
+                        .collect();
+                    if !specs.is_empty() {
+                        store.send(StoreMsg::EnsureReplicas(specs));
+                    }
+                    if !r.dropped_tables.is_empty() {
+                        store.send(StoreMsg::DropTables(r.dropped_tables));
+                    }
+                }
+                Err(status) => {
+                    tracing::debug!("heartbeat failed: {status}");
+                    client = None;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stopped.wait_for(|s| *s) => return,
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The raft transport over gRPC: one long-lived client stream per destination node carrying batches
+//! of messages, and a separate streamed transfer per snapshot (checkpoint files in chunks, rate
+//! limited). Sending never blocks the store: each destination has a bounded queue, and messages that
+//! do not fit are dropped (raft retransmits) and reported as unreachable.
+
+use parking_lot::RwLock;
+use protobuf::Message as _;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tern_core::limits::GRPC_MESSAGE_BYTES_MAX;
+use tern_core::{GroupId, NodeId};
+use tern_proto::raft_client::RaftClient;
+use tern_proto::{RaftBatch, RaftEnvelope, SnapshotChunk};
+use tern_raft::replica::OutMessage;
+use tern_raft::store::{StoreHandle, StoreMsg, Transport};
+use tokio::sync::mpsc;
+
+/// Node id -> address, refreshed from meta's heartbeat answers.
+pub type AddressBook = Arc<RwLock<HashMap<NodeId, String>>>;
+
+/// Messages queued per destination before new ones are dropped.
+const PEER_QUEUE_MESSAGES_MAX: usize = 16_384;
+/// Messages per batch on the wire.
+const BATCH_MESSAGES_MAX: usize = 512;
+/// Snapshot file chunk size.
+const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+
+pub struct GrpcTransport {
+    node_id: NodeId,
+    runtime: tokio::runtime::Handle,
+    addresses: AddressBook,
+    peers: HashMap<NodeId, mpsc::Sender<RaftEnvelope>>,
+    store: StoreHandle,
+    snapshot_bytes_per_second: u64,
+}
+
+impl GrpcTransport {
+    pub fn new(node_id: NodeId, runtime: tokio::runtime::Handle, addresses: AddressBook, store: StoreHandle, snapshot_bytes_per_second: u64) -> GrpcTransport {
+        GrpcTransport { node_id, runtime, addresses, peers: HashMap::new(), store, snapshot_bytes_per_second }
+    }
+
+    fn peer_queue(&mut self, to: NodeId) -> &mpsc::Sender<RaftEnvelope> {
+        self.peers.entry(to).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(PEER_QUEUE_MESSAGES_MAX);
+            self.runtime.spawn(peer_sender(to, self.addresses.clone(), rx));
+            tx
+        })
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn send(&mut self, messages: Vec<OutMessage>) {
+        for out in messages {
+            let envelope = RaftEnvelope {
+                group_id: out.group.0,
+                from_node: self.node_id,
+                to_node: out.to_node,
+                message: out.message.write_to_bytes().expect("encode raft message").into(),
+            };
+            if let Some(dir) = out.snapshot_dir {
+                let task = send_snapshot(
+                    self.addresses.clone(),
+                    envelope,
+                    dir,
+                    self.store.clone(),
+                    out.group,
+                    out.message.to,
+                    self.snapshot_bytes_per_second,
+                );
+                self.runtime.spawn(task);
+                continue;
+            }
+            let to_peer = out.message.to;
+            if self.peer_queue(out.to_node).try_send(envelope).is_err() {
+                self.store.send(StoreMsg::Unreachable { group: out.group, to_peer });
+            }
+        }
+    }
+}
+
+async fn connect(addresses: &AddressBook, to: NodeId) -> Option<RaftClient<tonic::transport::Channel>> {
+    let address = addresses.read().get(&to).cloned()?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .ok()?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .ok()?;
+    Some(RaftClient::new(channel).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX).max_encoding_message_size(usize::MAX))
+}
+
+/// Keeps one stream open to a node and forwards batches; reconnects with a pause after failures,
+/// dropping what was queued meanwhile (raft resends).
+async fn peer_sender(to: NodeId, addresses: AddressBook, mut queue: mpsc::Receiver<RaftEnvelope>) {
+    loop {
+        let Some(mut client) = connect(&addresses, to).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            while queue.try_recv().is_ok() {}
+            if queue.is_closed() {
+                return;
+            }
+            continue;
+        };
+        let (tx, rx) = mpsc::channel::<RaftBatch>(64);
+        let call = tokio::spawn(async move { client.send(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+        loop {
+            let Some(first) = queue.recv().await else { return };
+            let mut messages = vec![first];
+            while messages.len() < BATCH_MESSAGES_MAX {
+                match queue.try_recv() {
+                    Ok(m) => messages.push(m),
+                    Err(_) => break,
+                }
+            }
+            if tx.send(RaftBatch { messages }).await.is_err() {
+                break; // stream ended: reconnect
+            }
+        }
+        drop(tx);
+        let _ = call.await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Streams a checkpoint directory to a peer, then tells the store whether it arrived.
+async fn send_snapshot(addresses: AddressBook, envelope: RaftEnvelope, dir: PathBuf, store: StoreHandle, group: GroupId, to_peer: u64, bytes_per_second: u64) {
+    let to = envelope.to_node;
+    let result = async {
+        let mut client = connect(&addresses, to).await.ok_or_else(|| format!("cannot connect to node {to}"))?;
+        let chunks = snapshot_chunks(&dir, envelope).map_err(|e| format!("read snapshot {}: {e}", dir.display()))?;
+        let (tx, rx) = mpsc::channel::<SnapshotChunk>(4);
+        let feeder = tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let mut sent: u64 = 0;
+            for chunk in chunks {
+                sent += chunk.data.len() as u64;
+                if bytes_per_second > 0 {
+                    let due = Duration::from_secs_f64(sent as f64 / bytes_per_second as f64);
+                    tokio::time::sleep_until(started + due).await;
+                }
+                if tx.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let r = client.send_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+        let _ = feeder.await;
+        r.map(|_| ()).map_err(|e| e.to_string())
+    }
+    .await;
+    if let Err(e) = &result {
+        tracing::warn!(%group, to, "snapshot transfer failed: {e}");
+    }
+    store.send(StoreMsg::SnapshotReport { group, to_peer, ok: result.is_ok() });
+}
+
+/// Reads a checkpoint into chunks. Checkpoints are of bounded size per partition; reading them into
+/// memory up front keeps the transfer simple (the rate limit still paces the network).
+fn snapshot_chunks(dir: &Path, envelope: RaftEnvelope) -> std::io::Result<Vec<SnapshotChunk>> {
+    let mut chunks = vec![SnapshotChunk { envelope: Some(envelope), ..Default::default() }];
+    let mut names: Vec<String> = std::fs::read_dir(dir)?.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).collect();
+    names.sort();
+    for name in names {
+        let data = std::fs::read(dir.join(&name))?;
+        let mut pieces = data.chunks(SNAPSHOT_CHUNK_BYTES).peekable();
+        if pieces.peek().is_none() {
+            chunks.push(SnapshotChunk { file_name: name.clone(), file_done: true, ..Default::default() });
+        }
+        while let Some(piece) = pieces.next() {
+            let last = pieces.peek().is_none();
+            chunks.push(SnapshotChunk { file_name: name.clone(), data: piece.to_vec().into(), file_done: last, envelope: None });
+        }
+    }
+    Ok(chunks)
+}

@@ -1,0 +1,156 @@
+//! Checks every client request before it reaches a replica: sizes against `tern_core::limits`, and that
+//! the hashkey really belongs to the addressed partition.
+
+use tern_core::codec::partition_of;
+use tern_core::limits::{self, check_hashkey, check_record_count, check_sortkey, check_value, check_write_size};
+use tern_core::{GroupId, TernError};
+use tern_proto::{read_request, write_request, PartitionRef, ReadRequest, WriteRequest};
+
+fn partition(p: &Option<PartitionRef>) -> Result<&PartitionRef, TernError> {
+    let p = p.as_ref().ok_or_else(|| TernError::invalid("request has no partition"))?;
+    limits::check_partition_count(p.partition_count)?;
+    if p.partition >= p.partition_count {
+        return Err(TernError::invalid(format!("partition {} is out of range for {} partitions", p.partition, p.partition_count)));
+    }
+    Ok(p)
+}
+
+fn hashkey_in_partition(hashkey: &[u8], p: &PartitionRef) -> Result<(), TernError> {
+    check_hashkey(hashkey)?;
+    let expected = partition_of(hashkey, p.partition_count);
+    if expected != p.partition {
+        return Err(TernError::invalid(format!(
+            "hashkey belongs to partition {expected}, not {} (of {})",
+            p.partition, p.partition_count
+        )));
+    }
+    Ok(())
+}
+
+/// Validates a write and returns the group it addresses.
+pub fn write(request: &WriteRequest) -> Result<GroupId, TernError> {
+    let p = partition(&request.partition)?;
+    let mut bytes = 0usize;
+    match &request.op {
+        None => return Err(TernError::invalid("write request has no operation")),
+        Some(write_request::Op::Set(set)) => {
+            hashkey_in_partition(&set.hashkey, p)?;
+            if set.values.is_empty() {
+                return Err(TernError::invalid("set needs at least one sortkey and value"));
+            }
+            check_record_count(set.values.len())?;
+            for v in &set.values {
+                check_sortkey(&v.sortkey)?;
+                check_value(&v.value)?;
+                bytes += set.hashkey.len() + v.sortkey.len() + v.value.len();
+            }
+        }
+        Some(write_request::Op::Del(del)) => {
+            hashkey_in_partition(&del.hashkey, p)?;
+            if del.sortkeys.is_empty() {
+                return Err(TernError::invalid("delete needs at least one sortkey"));
+            }
+            check_record_count(del.sortkeys.len())?;
+            for s in &del.sortkeys {
+                check_sortkey(s)?;
+                bytes += del.hashkey.len() + s.len();
+            }
+        }
+        Some(write_request::Op::Incr(incr)) => {
+            hashkey_in_partition(&incr.hashkey, p)?;
+            check_sortkey(&incr.sortkey)?;
+        }
+        Some(write_request::Op::CheckAndSet(cas)) => {
+            hashkey_in_partition(&cas.hashkey, p)?;
+            check_sortkey(&cas.check_sortkey)?;
+            check_sortkey(&cas.set_sortkey)?;
+            check_value(&cas.check_operand)?;
+            check_value(&cas.set_value)?;
+            if tern_proto::CheckType::try_from(cas.check_type).is_err() {
+                return Err(TernError::invalid(format!("unknown check type {}", cas.check_type)));
+            }
+            bytes += cas.hashkey.len() * 2 + cas.check_sortkey.len() + cas.set_sortkey.len() + cas.check_operand.len() + cas.set_value.len();
+        }
+    }
+    check_write_size(bytes)?;
+    Ok(GroupId::new(p.table_id, p.partition))
+}
+
+/// Validates a read and returns the group it addresses.
+pub fn read(request: &ReadRequest) -> Result<GroupId, TernError> {
+    let p = partition(&request.partition)?;
+    match &request.op {
+        None => return Err(TernError::invalid("read request has no operation")),
+        Some(read_request::Op::Get(get)) => {
+            hashkey_in_partition(&get.hashkey, p)?;
+            check_record_count(get.sortkeys.len())?;
+            for s in &get.sortkeys {
+                check_sortkey(s)?;
+            }
+        }
+        Some(read_request::Op::Scan(scan)) => {
+            if !scan.full_table {
+                hashkey_in_partition(&scan.hashkey, p)?;
+                check_sortkey(&scan.start)?;
+                check_sortkey(&scan.stop)?;
+                check_sortkey(&scan.prefix)?;
+            } else if scan.start.len() > 2 + limits::HASHKEY_BYTES_MAX + limits::SORTKEY_BYTES_MAX + 1 {
+                return Err(TernError::invalid("full scan resume token is too long"));
+            }
+        }
+        Some(read_request::Op::Count(count)) => hashkey_in_partition(&count.hashkey, p)?,
+    }
+    Ok(GroupId::new(p.table_id, p.partition))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_proto::{MultiSet, SortkeyValue};
+
+    fn set_request(hashkey: &[u8], partition: u32, value_len: usize) -> WriteRequest {
+        WriteRequest {
+            partition: Some(PartitionRef { table_id: 1, partition, partition_count: 8 }),
+            op: Some(write_request::Op::Set(MultiSet {
+                hashkey: hashkey.to_vec().into(),
+                values: vec![SortkeyValue { sortkey: "s".into(), value: vec![0; value_len].into(), ttl_seconds: 0 }],
+            })),
+            ..Default::default()
+        }
+    }
+
+    /// Writes addressed to the wrong partition, oversized values and missing fields are rejected with
+    /// messages that name the problem.
+    #[test]
+    fn rejects_bad_writes() {
+        let p = partition_of(b"hk", 8);
+        assert_eq!(write(&set_request(b"hk", p, 10)).unwrap(), GroupId::new(1, p));
+        let wrong = (p + 1) % 8;
+        let e = write(&set_request(b"hk", wrong, 10)).unwrap_err();
+        assert!(e.to_string().contains("belongs to partition"), "{e}");
+        let e = write(&set_request(b"hk", p, limits::VALUE_BYTES_MAX + 1)).unwrap_err();
+        assert!(e.to_string().contains("limit"), "{e}");
+        let mut r = set_request(b"hk", p, 1);
+        r.partition = None;
+        assert!(write(&r).is_err());
+        let mut r = set_request(b"hk", p, 1);
+        r.partition.as_mut().unwrap().partition_count = 6;
+        assert!(write(&r).unwrap_err().to_string().contains("power of two"));
+        let mut r = set_request(b"hk", p, 1);
+        r.op = None;
+        assert!(write(&r).is_err());
+    }
+
+    /// A multi_set whose total size passes 4 MiB is rejected even if each value is within 1 MiB.
+    #[test]
+    fn rejects_oversized_batches() {
+        let p = partition_of(b"hk", 8);
+        let mut r = set_request(b"hk", p, 0);
+        if let Some(write_request::Op::Set(s)) = &mut r.op {
+            s.values = (0..5)
+                .map(|i| SortkeyValue { sortkey: vec![i].into(), value: vec![0; limits::VALUE_BYTES_MAX].into(), ttl_seconds: 0 })
+                .collect();
+        }
+        assert!(write(&r).unwrap_err().to_string().contains("write request is"));
+    }
+}

@@ -1,0 +1,216 @@
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tern::{bench, playground, shell};
+use tern_client::{Client, ClientConfig};
+
+#[derive(Parser)]
+#[command(name = "tern", version, about = "Tern: a strongly consistent, replicated, partitioned key-value store")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A whole cluster in one process: 1 meta + N replica servers on 127.0.0.1.
+    Playground {
+        #[arg(long, default_value = "./tern-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 34601)]
+        meta_port: u16,
+        /// Port of the first replica server; the others use the following ports.
+        #[arg(long, default_value_t = 34801)]
+        server_port: u16,
+        #[arg(long, default_value_t = 3)]
+        servers: usize,
+    },
+    /// A meta server.
+    Meta {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:34601")]
+        listen: SocketAddr,
+        /// Seconds without a heartbeat before a server is reported down.
+        #[arg(long, default_value_t = 10)]
+        node_grace_seconds: u64,
+    },
+    /// A replica server.
+    Server {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:34801")]
+        listen: SocketAddr,
+        /// Address peers and clients use to reach this server (default: the listen address).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Meta server addresses, comma separated.
+        #[arg(long, default_value = "127.0.0.1:34601", value_delimiter = ',')]
+        meta: Vec<String>,
+        /// Raft tick in milliseconds (election timeout is 10-20 ticks).
+        #[arg(long, default_value_t = 100)]
+        raft_tick_ms: u64,
+        /// Compact the raft log once this many applied entries sit in it.
+        #[arg(long, default_value_t = 10_000)]
+        log_gc_threshold: u64,
+        /// A leader keeps log entries a lagging follower still needs unless it lags by more than this
+        /// many entries (then the follower gets a snapshot).
+        #[arg(long, default_value_t = 50_000)]
+        log_gc_lag_max: u64,
+        /// Snapshot transfer rate limit in MiB/s (0 = unlimited).
+        #[arg(long, default_value_t = 100)]
+        snapshot_rate_mib: u64,
+        #[arg(long, default_value_t = 128)]
+        block_cache_mib: usize,
+    },
+    /// Interactive or one-shot commands against a cluster.
+    Shell {
+        #[arg(long, default_value = "127.0.0.1:34601", value_delimiter = ',')]
+        meta: Vec<String>,
+        #[arg(long, default_value = "demo")]
+        table: String,
+        /// Commands separated by ';'. Exit status is non-zero if any failed.
+        #[arg(short = 'e', long = "execute")]
+        execute: Option<String>,
+    },
+    /// Load generator: throughput and latency percentiles.
+    Bench {
+        #[arg(long, default_value = "127.0.0.1:34601", value_delimiter = ',')]
+        meta: Vec<String>,
+        #[arg(long, default_value = "demo")]
+        table: String,
+        /// write, read or mixed.
+        #[arg(long, default_value = "write")]
+        workload: bench::Workload,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 100)]
+        value_size: usize,
+        #[arg(long, default_value_t = 100_000)]
+        keys: u64,
+        /// Seconds.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn wait_for_ctrl_c() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Playground { data_dir, meta_port, server_port, servers } => {
+            init_logging();
+            let cfg = playground::PlaygroundConfig { data_dir: data_dir.clone(), meta_port, first_server_port: server_port, servers, ..Default::default() };
+            let pg = playground::Playground::start(cfg).await.context("starting the playground")?;
+            println!("Tern playground is running (data in {})", data_dir.display());
+            println!("  meta:    {}", pg.meta_address());
+            for s in &pg.servers {
+                println!("  server:  {} (node {})", s.address, s.node_id);
+            }
+            println!("  table:   demo (8 partitions, 3 replicas)");
+            println!("Try: tern shell -e 'set user:1 name Ada; get user:1 name'   Ctrl-C stops.");
+            wait_for_ctrl_c().await;
+            println!("stopping...");
+            pg.shutdown().await;
+        }
+        Command::Meta { data_dir, listen, node_grace_seconds } => {
+            init_logging();
+            if node_grace_seconds == 0 {
+                bail!("--node-grace-seconds must be positive");
+            }
+            let mut cfg = tern_meta::MetaConfig::new(data_dir, listen);
+            cfg.node_grace = Duration::from_secs(node_grace_seconds);
+            let meta = tern_meta::MetaNode::start(cfg).await?;
+            println!("meta listening on {}", meta.address);
+            wait_for_ctrl_c().await;
+            meta.shutdown().await;
+        }
+        Command::Server { data_dir, listen, advertise, meta, raft_tick_ms, log_gc_threshold, log_gc_lag_max, snapshot_rate_mib, block_cache_mib } => {
+            init_logging();
+            if raft_tick_ms == 0 || raft_tick_ms > 10_000 {
+                bail!("--raft-tick-ms must be between 1 and 10000");
+            }
+            if log_gc_threshold == 0 {
+                bail!("--log-gc-threshold must be positive");
+            }
+            let mut cfg = tern_server::ServerConfig::new(data_dir, listen, meta);
+            cfg.advertise = advertise;
+            cfg.store.tick_interval = Duration::from_millis(raft_tick_ms);
+            cfg.store.replica.log_gc_count_threshold = log_gc_threshold;
+            cfg.store.replica.log_gc_lag_max = log_gc_lag_max;
+            cfg.snapshot_bytes_per_second = snapshot_rate_mib * 1024 * 1024;
+            cfg.block_cache_bytes = block_cache_mib * 1024 * 1024;
+            let server = tern_server::ServerNode::start(cfg).await?;
+            println!("server {} listening on {}", server.node_id, server.address);
+            wait_for_ctrl_c().await;
+            server.shutdown().await;
+        }
+        Command::Shell { meta, table, execute } => {
+            let client = Client::new(ClientConfig::new(meta.clone()))?;
+            let mut sh = shell::Shell { client, table, meta };
+            match execute {
+                Some(script) => {
+                    if !shell::run_script(&mut sh, &script).await {
+                        std::process::exit(1);
+                    }
+                }
+                None => interactive(sh).await?,
+            }
+        }
+        Command::Bench { meta, table, workload, concurrency, value_size, keys, duration } => {
+            let client = Client::new(ClientConfig::new(meta))?;
+            let cfg = bench::BenchConfig { table, workload, concurrency, value_bytes: value_size, keys, duration: Duration::from_secs(duration) };
+            cfg.validate()?;
+            println!("bench: {workload:?}, concurrency {concurrency}, value {value_size} B, {keys} keys, {duration} s");
+            let report = bench::run(&client, &cfg).await?;
+            print!("{}", report.render());
+        }
+    }
+    Ok(())
+}
+
+async fn interactive(mut sh: shell::Shell) -> anyhow::Result<()> {
+    let mut editor = rustyline::DefaultEditor::new()?;
+    let history = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".tern_history"));
+    if let Some(h) = &history {
+        let _ = editor.load_history(h);
+    }
+    println!("Tern shell. Type help for commands, quit to leave.");
+    loop {
+        let line = match editor.readline(&format!("{}> ", sh.table)) {
+            Ok(l) => l,
+            Err(rustyline::error::ReadlineError::Interrupted) => continue,
+            Err(rustyline::error::ReadlineError::Eof) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let _ = editor.add_history_entry(line.as_str());
+        match shell::parse(&line) {
+            Ok(None) => {}
+            Ok(Some(shell::Command::Quit)) => break,
+            Ok(Some(c)) => match sh.run(c).await {
+                Ok(out) => println!("{out}"),
+                Err(e) => println!("{e}"),
+            },
+            Err(e) => println!("error: {e}"),
+        }
+    }
+    if let Some(h) = &history {
+        let _ = editor.save_history(h);
+    }
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! A whole cluster in one process: one meta server and N replica servers on 127.0.0.1, data under one
+//! directory, and a default table created on first start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tern_client::{Client, ClientConfig};
+use tern_core::TernError;
+use tern_meta::{MetaConfig, MetaNode};
+use tern_proto::CreateTableRequest;
+use tern_server::{ServerConfig, ServerNode};
+
+#[derive(Clone, Debug)]
+pub struct PlaygroundConfig {
+    pub data_dir: PathBuf,
+    pub meta_port: u16,
+    /// Port of the first server; the others follow it. 0 = random ports.
+    pub first_server_port: u16,
+    pub servers: usize,
+    pub default_table: String,
+    pub default_partitions: u32,
+    pub default_replicas: u32,
+}
+
+impl Default for PlaygroundConfig {
+    fn default() -> Self {
+        PlaygroundConfig {
+            data_dir: PathBuf::from("./tern-data"),
+            meta_port: 34601,
+            first_server_port: 34801,
+            servers: 3,
+            default_table: "demo".into(),
+            default_partitions: 8,
+            default_replicas: 3,
+        }
+    }
+}
+
+pub struct Playground {
+    pub meta: MetaNode,
+    pub servers: Vec<ServerNode>,
+}
+
+impl Playground {
+    pub async fn start(cfg: PlaygroundConfig) -> Result<Playground, TernError> {
+        if cfg.servers == 0 || cfg.servers > 16 {
+            return Err(TernError::invalid(format!("--servers must be between 1 and 16, not {}", cfg.servers)));
+        }
+        let localhost = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let meta = MetaNode::start(MetaConfig::new(cfg.data_dir.join("meta"), localhost(cfg.meta_port))).await?;
+        let mut servers = Vec::new();
+        for i in 0..cfg.servers {
+            let port = if cfg.first_server_port == 0 { 0 } else { cfg.first_server_port + i as u16 };
+            let sc = ServerConfig::new(cfg.data_dir.join(format!("server{}", i + 1)), localhost(port), vec![meta.address.clone()]);
+            servers.push(ServerNode::start(sc).await?);
+        }
+        let playground = Playground { meta, servers };
+        playground.ensure_table(&cfg).await?;
+        Ok(playground)
+    }
+
+    async fn ensure_table(&self, cfg: &PlaygroundConfig) -> Result<(), TernError> {
+        let client = Client::new(ClientConfig::new(vec![self.meta.address.clone()]))?;
+        // Servers become "live" at their first heartbeat; wait for enough of them.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let name = cfg.default_table.clone();
+            let (partition_count, replica_count) = (cfg.default_partitions, cfg.default_replicas);
+            let r = client
+                .meta_call(|mut m| {
+                    let name = name.clone();
+                    async move { m.create_table(CreateTableRequest { name, partition_count, replica_count }).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            match tern_proto::check(&r.error) {
+                Ok(()) | Err(TernError::TableExists(_)) => break,
+                Err(TernError::NotEnoughNodes(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // Wait until every partition answers, so the first command a user types works.
+        let table = client.table(&cfg.default_table);
+        let count = client.partition_count(&cfg.default_table).await?;
+        for p in 0..count {
+            let mut probe = 0u64;
+            let key = loop {
+                let k = format!("__probe{probe}");
+                if tern_core::codec::partition_of(k.as_bytes(), count) == p {
+                    break k;
+                }
+                probe += 1;
+            };
+            table.exists(key.as_bytes(), b"").await?;
+        }
+        Ok(())
+    }
+
+    pub fn meta_address(&self) -> &str {
+        &self.meta.address
+    }
+
+    pub async fn shutdown(self) {
+        for s in self.servers {
+            s.shutdown().await;
+        }
+        self.meta.shutdown().await;
+    }
+}

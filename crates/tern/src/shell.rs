@@ -1,0 +1,596 @@
+//! `tern shell`: an interactive and one-shot command line over the client. Parsing is pure
+//! (`parse`), so every syntax error is a typed message and is unit-tested.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+use tern_client::{Client, FullScanCursor, ScanOptions};
+use tern_proto::{CheckType, CreateTableRequest, DropTableRequest, ListTablesRequest, PartitionStatusRequest};
+
+pub const HELP: &str = "\
+commands (keys and values are words; quote them with \"...\" or '...', \\xHH escapes in double quotes):
+  ls                                     list tables
+  create TABLE [-p PARTITIONS] [-r REPLICAS]   create a table (defaults: 8 partitions, 3 replicas)
+  drop TABLE                             drop a table and its data
+  use TABLE                              switch the current table
+  set HK SK VALUE [TTL_SECONDS]          write a record
+  get HK SK                              read a record
+  del HK SK                              delete a record
+  multi_set HK SK VALUE [SK VALUE ...]   write several sortkeys of one hashkey atomically
+  multi_get HK [SK ...]                  read sortkeys of a hashkey (all of them if none named)
+  multi_del HK SK [SK ...]               delete sortkeys of a hashkey atomically
+  scan HK [--start SK] [--stop SK] [--prefix P] [--limit N]
+  count HK                               number of records under a hashkey
+  incr HK SK [DELTA]                     add DELTA (default 1) to an integer record
+  check_and_set HK CHECK_SK (always|not_exist|exist|equal OPERAND) SET_SK VALUE [TTL_SECONDS]
+  ttl HK SK                              remaining time to live
+  exists HK SK                           whether a record exists
+  full_scan [--limit N]                  records of the whole table (default limit 100)
+  nodes                                  replica servers and their state
+  partitions [TABLE]                     replica set, leader and applied index of each partition
+  cluster_info                           meta address, servers, tables
+  help                                   this text
+  quit                                   leave the shell";
+
+#[derive(Debug, PartialEq)]
+pub enum Command {
+    Ls,
+    Create { table: String, partitions: u32, replicas: u32 },
+    Drop { table: String },
+    Use { table: String },
+    Set { hashkey: Vec<u8>, sortkey: Vec<u8>, value: Vec<u8>, ttl: u32 },
+    Get { hashkey: Vec<u8>, sortkey: Vec<u8> },
+    Del { hashkey: Vec<u8>, sortkey: Vec<u8> },
+    MultiSet { hashkey: Vec<u8>, pairs: Vec<(Vec<u8>, Vec<u8>)> },
+    MultiGet { hashkey: Vec<u8>, sortkeys: Vec<Vec<u8>> },
+    MultiDel { hashkey: Vec<u8>, sortkeys: Vec<Vec<u8>> },
+    Scan { hashkey: Vec<u8>, options: ScanOptions },
+    Count { hashkey: Vec<u8> },
+    Incr { hashkey: Vec<u8>, sortkey: Vec<u8>, delta: i64 },
+    CheckAndSet { hashkey: Vec<u8>, check_sortkey: Vec<u8>, check: CheckType, operand: Vec<u8>, set_sortkey: Vec<u8>, value: Vec<u8>, ttl: u32 },
+    Ttl { hashkey: Vec<u8>, sortkey: Vec<u8> },
+    Exists { hashkey: Vec<u8>, sortkey: Vec<u8> },
+    FullScan { limit: u32 },
+    Nodes,
+    Partitions { table: Option<String> },
+    ClusterInfo,
+    Help,
+    Quit,
+}
+
+/// Splits a line into words, honouring quotes and escapes.
+pub fn tokenize(line: &str) -> Result<Vec<Vec<u8>>, String> {
+    let mut words = Vec::new();
+    let mut chars = line.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let Some(&first) = chars.peek() else { break };
+        let mut word = Vec::new();
+        if first == '"' || first == '\'' {
+            chars.next();
+            let mut closed = false;
+            while let Some(c) = chars.next() {
+                if c == first {
+                    closed = true;
+                    break;
+                }
+                if c == '\\' && first == '"' {
+                    match chars.next() {
+                        Some('n') => word.push(b'\n'),
+                        Some('t') => word.push(b'\t'),
+                        Some('\\') => word.push(b'\\'),
+                        Some('"') => word.push(b'"'),
+                        Some('x') => {
+                            let hex: String = chars.by_ref().take(2).collect();
+                            let b = u8::from_str_radix(&hex, 16).map_err(|_| format!("bad escape \\x{hex}: want two hex digits"))?;
+                            word.push(b);
+                        }
+                        Some(other) => return Err(format!("unknown escape \\{other}")),
+                        None => return Err("line ends inside an escape".into()),
+                    }
+                } else {
+                    let mut buf = [0; 4];
+                    word.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                }
+            }
+            if !closed {
+                return Err(format!("unterminated {first}quote"));
+            }
+            if chars.peek().is_some_and(|c| !c.is_whitespace()) {
+                return Err("a closing quote must be followed by a space".into());
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                let mut buf = [0; 4];
+                word.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                chars.next();
+            }
+        }
+        words.push(word);
+    }
+    Ok(words)
+}
+
+fn text(word: &[u8]) -> String {
+    String::from_utf8_lossy(word).into_owned()
+}
+
+fn number<T: std::str::FromStr>(word: &[u8], what: &str) -> Result<T, String> {
+    text(word).parse().map_err(|_| format!("{what} must be a number, not {:?}", text(word)))
+}
+
+fn arity(name: &str, args: &[Vec<u8>], min: usize, max: usize, usage: &str) -> Result<(), String> {
+    if args.len() < min || args.len() > max {
+        return Err(format!("usage: {name} {usage}"));
+    }
+    Ok(())
+}
+
+/// Parses one command line.
+pub fn parse(line: &str) -> Result<Option<Command>, String> {
+    let words = tokenize(line)?;
+    let Some((name, args)) = words.split_first() else { return Ok(None) };
+    let name = text(name).to_lowercase();
+    let hk_sk = |usage: &str| -> Result<(Vec<u8>, Vec<u8>), String> {
+        arity(&name, args, 2, 2, usage)?;
+        Ok((args[0].clone(), args[1].clone()))
+    };
+    let command = match name.as_str() {
+        "ls" => Command::Ls,
+        "create" => {
+            if args.is_empty() {
+                return Err("usage: create TABLE [-p PARTITIONS] [-r REPLICAS]".into());
+            }
+            let (mut partitions, mut replicas) = (8, 3);
+            let mut rest = args[1..].iter();
+            while let Some(flag) = rest.next() {
+                let value = rest.next().ok_or_else(|| format!("{} needs a value", text(flag)))?;
+                match text(flag).as_str() {
+                    "-p" | "--partitions" => partitions = number(value, "partition count")?,
+                    "-r" | "--replicas" => replicas = number(value, "replica count")?,
+                    other => return Err(format!("unknown option {other} (want -p or -r)")),
+                }
+            }
+            Command::Create { table: text(&args[0]), partitions, replicas }
+        }
+        "drop" => {
+            arity(&name, args, 1, 1, "TABLE")?;
+            Command::Drop { table: text(&args[0]) }
+        }
+        "use" => {
+            arity(&name, args, 1, 1, "TABLE")?;
+            Command::Use { table: text(&args[0]) }
+        }
+        "set" => {
+            arity(&name, args, 3, 4, "HK SK VALUE [TTL_SECONDS]")?;
+            let ttl = args.get(3).map(|t| number(t, "TTL")).transpose()?.unwrap_or(0);
+            Command::Set { hashkey: args[0].clone(), sortkey: args[1].clone(), value: args[2].clone(), ttl }
+        }
+        "get" => {
+            let (hashkey, sortkey) = hk_sk("HK SK")?;
+            Command::Get { hashkey, sortkey }
+        }
+        "del" => {
+            let (hashkey, sortkey) = hk_sk("HK SK")?;
+            Command::Del { hashkey, sortkey }
+        }
+        "ttl" => {
+            let (hashkey, sortkey) = hk_sk("HK SK")?;
+            Command::Ttl { hashkey, sortkey }
+        }
+        "exists" => {
+            let (hashkey, sortkey) = hk_sk("HK SK")?;
+            Command::Exists { hashkey, sortkey }
+        }
+        "multi_set" => {
+            if args.len() < 3 || args.len() % 2 == 0 {
+                return Err("usage: multi_set HK SK VALUE [SK VALUE ...]".into());
+            }
+            let pairs = args[1..].chunks(2).map(|c| (c[0].clone(), c[1].clone())).collect();
+            Command::MultiSet { hashkey: args[0].clone(), pairs }
+        }
+        "multi_get" => {
+            arity(&name, args, 1, usize::MAX, "HK [SK ...]")?;
+            Command::MultiGet { hashkey: args[0].clone(), sortkeys: args[1..].to_vec() }
+        }
+        "multi_del" => {
+            arity(&name, args, 2, usize::MAX, "HK SK [SK ...]")?;
+            Command::MultiDel { hashkey: args[0].clone(), sortkeys: args[1..].to_vec() }
+        }
+        "scan" => {
+            if args.is_empty() {
+                return Err("usage: scan HK [--start SK] [--stop SK] [--prefix P] [--limit N]".into());
+            }
+            let mut options = ScanOptions { limit: 100, ..Default::default() };
+            let mut rest = args[1..].iter();
+            while let Some(flag) = rest.next() {
+                let value = rest.next().ok_or_else(|| format!("{} needs a value", text(flag)))?;
+                match text(flag).as_str() {
+                    "--start" => options.start = value.clone(),
+                    "--stop" => options.stop = value.clone(),
+                    "--prefix" => options.prefix = value.clone(),
+                    "--limit" => options.limit = number(value, "limit")?,
+                    other => return Err(format!("unknown option {other} (want --start, --stop, --prefix or --limit)")),
+                }
+            }
+            Command::Scan { hashkey: args[0].clone(), options }
+        }
+        "count" => {
+            arity(&name, args, 1, 1, "HK")?;
+            Command::Count { hashkey: args[0].clone() }
+        }
+        "incr" => {
+            arity(&name, args, 2, 3, "HK SK [DELTA]")?;
+            let delta = args.get(2).map(|d| number(d, "delta")).transpose()?.unwrap_or(1);
+            Command::Incr { hashkey: args[0].clone(), sortkey: args[1].clone(), delta }
+        }
+        "check_and_set" => {
+            let usage = "usage: check_and_set HK CHECK_SK (always|not_exist|exist|equal OPERAND) SET_SK VALUE [TTL_SECONDS]";
+            if args.len() < 5 {
+                return Err(usage.into());
+            }
+            let (check, operand, rest) = match text(&args[2]).as_str() {
+                "always" => (CheckType::NoCheck, vec![], &args[3..]),
+                "not_exist" => (CheckType::ValueNotExist, vec![], &args[3..]),
+                "exist" => (CheckType::ValueExist, vec![], &args[3..]),
+                "equal" => (CheckType::ValueEqual, args[3].clone(), &args[4..]),
+                other => return Err(format!("unknown check {other:?}; {usage}")),
+            };
+            if rest.len() < 2 || rest.len() > 3 {
+                return Err(usage.into());
+            }
+            let ttl = rest.get(2).map(|t| number(t, "TTL")).transpose()?.unwrap_or(0);
+            Command::CheckAndSet {
+                hashkey: args[0].clone(),
+                check_sortkey: args[1].clone(),
+                check,
+                operand,
+                set_sortkey: rest[0].clone(),
+                value: rest[1].clone(),
+                ttl,
+            }
+        }
+        "full_scan" => {
+            let mut limit = 100;
+            let mut rest = args.iter();
+            while let Some(flag) = rest.next() {
+                let value = rest.next().ok_or_else(|| format!("{} needs a value", text(flag)))?;
+                match text(flag).as_str() {
+                    "--limit" => limit = number(value, "limit")?,
+                    other => return Err(format!("unknown option {other} (want --limit)")),
+                }
+            }
+            Command::FullScan { limit }
+        }
+        "nodes" => Command::Nodes,
+        "partitions" => {
+            arity(&name, args, 0, 1, "[TABLE]")?;
+            Command::Partitions { table: args.first().map(|t| text(t)) }
+        }
+        "cluster_info" => Command::ClusterInfo,
+        "help" | "?" => Command::Help,
+        "quit" | "exit" => Command::Quit,
+        other => return Err(format!("unknown command {other:?}; type help")),
+    };
+    Ok(Some(command))
+}
+
+/// Shows bytes as text, escaping what is not printable.
+pub fn show(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() + 2);
+    out.push('"');
+    for &b in bytes {
+        match b {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b'\n' => out.push_str("\\n"),
+            b'\t' => out.push_str("\\t"),
+            0x20..=0x7e => out.push(b as char),
+            _ => {
+                let _ = write!(out, "\\x{b:02x}");
+            }
+        }
+    }
+    out.push('"');
+    out
+}
+
+pub struct Shell {
+    pub client: Client,
+    pub table: String,
+    pub meta: Vec<String>,
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    format!("error: {e}")
+}
+
+impl Shell {
+    /// Runs one parsed command and returns its printed result.
+    pub async fn run(&mut self, command: Command) -> Result<String, String> {
+        let table = self.client.table(&self.table);
+        let out = match command {
+            Command::Help => HELP.to_string(),
+            Command::Quit => String::new(),
+            Command::Use { table } => {
+                self.client.partition_count(&table).await.map_err(err)?;
+                self.table = table.clone();
+                format!("using table {table}")
+            }
+            Command::Ls => {
+                let r = self.client.meta_call(|mut m| async move { m.list_tables(ListTablesRequest {}).await.map(|r| r.into_inner()) }).await.map_err(err)?;
+                let mut out = format!("{:<24} {:>6} {:>10} {:>8}", "table", "id", "partitions", "replicas");
+                for t in r.tables {
+                    let _ = write!(out, "\n{:<24} {:>6} {:>10} {:>8}", t.name, t.table_id, t.partition_count, t.replica_count);
+                }
+                out
+            }
+            Command::Create { table, partitions, replicas } => {
+                let name = table.clone();
+                let r = self
+                    .client
+                    .meta_call(|mut m| {
+                        let name = name.clone();
+                        async move { m.create_table(CreateTableRequest { name, partition_count: partitions, replica_count: replicas }).await.map(|r| r.into_inner()) }
+                    })
+                    .await
+                    .map_err(err)?;
+                tern_proto::check(&r.error).map_err(err)?;
+                format!("created table {table} with {partitions} partitions and {replicas} replicas")
+            }
+            Command::Drop { table } => {
+                let name = table.clone();
+                let r = self
+                    .client
+                    .meta_call(|mut m| {
+                        let name = name.clone();
+                        async move { m.drop_table(DropTableRequest { name }).await.map(|r| r.into_inner()) }
+                    })
+                    .await
+                    .map_err(err)?;
+                tern_proto::check(&r.error).map_err(err)?;
+                format!("dropped table {table}")
+            }
+            Command::Set { hashkey, sortkey, value, ttl } => {
+                table.set(&hashkey, &sortkey, &value, ttl).await.map_err(err)?;
+                "OK".into()
+            }
+            Command::Get { hashkey, sortkey } => match table.get(&hashkey, &sortkey).await.map_err(err)? {
+                Some(v) => show(&v),
+                None => "(not found)".into(),
+            },
+            Command::Del { hashkey, sortkey } => {
+                let existed = table.del(&hashkey, &sortkey).await.map_err(err)?;
+                if existed { "deleted 1 record" } else { "deleted 0 records (not found)" }.into()
+            }
+            Command::MultiSet { hashkey, pairs } => {
+                table.multi_set(&hashkey, &pairs, 0).await.map_err(err)?;
+                format!("OK ({} records)", pairs.len())
+            }
+            Command::MultiGet { hashkey, sortkeys } => {
+                let records = table.multi_get(&hashkey, &sortkeys).await.map_err(err)?;
+                let mut out = String::new();
+                for r in &records {
+                    let _ = writeln!(out, "{} : {} => {}", show(&r.hashkey), show(&r.sortkey), show(&r.value));
+                }
+                let _ = write!(out, "({} records)", records.len());
+                out
+            }
+            Command::MultiDel { hashkey, sortkeys } => {
+                let n = table.multi_del(&hashkey, &sortkeys).await.map_err(err)?;
+                format!("deleted {n} records")
+            }
+            Command::Scan { hashkey, options } => {
+                let (records, resume) = table.scan(&hashkey, &options).await.map_err(err)?;
+                let mut out = String::new();
+                for r in &records {
+                    let _ = writeln!(out, "{} : {} => {}", show(&r.hashkey), show(&r.sortkey), show(&r.value));
+                }
+                let _ = write!(out, "({} records)", records.len());
+                if !resume.is_empty() {
+                    let _ = write!(out, "; more from --start {}", show(&resume));
+                }
+                out
+            }
+            Command::Count { hashkey } => format!("{}", table.count(&hashkey).await.map_err(err)?),
+            Command::Incr { hashkey, sortkey, delta } => format!("{}", table.incr(&hashkey, &sortkey, delta, 0).await.map_err(err)?),
+            Command::CheckAndSet { hashkey, check_sortkey, check, operand, set_sortkey, value, ttl } => {
+                let r = table.check_and_set(&hashkey, &check_sortkey, check, &operand, &set_sortkey, &value, ttl).await.map_err(err)?;
+                let checked = r.check_value.as_deref().map(show).unwrap_or_else(|| "(not found)".into());
+                format!("{}; checked value was {checked}", if r.set_done { "set" } else { "not set (check failed)" })
+            }
+            Command::Ttl { hashkey, sortkey } => match table.ttl(&hashkey, &sortkey).await.map_err(err)? {
+                None => "(not found)".into(),
+                Some(None) => "no TTL (never expires)".into(),
+                Some(Some(d)) => format!("{} s", d.as_secs_f64().ceil() as u64),
+            },
+            Command::Exists { hashkey, sortkey } => (if table.exists(&hashkey, &sortkey).await.map_err(err)? { "true" } else { "false" }).into(),
+            Command::FullScan { limit } => {
+                let (records, cursor) = table.full_scan(&FullScanCursor::default(), limit).await.map_err(err)?;
+                let mut out = String::new();
+                for r in &records {
+                    let _ = writeln!(out, "{} : {} => {}", show(&r.hashkey), show(&r.sortkey), show(&r.value));
+                }
+                let _ = write!(out, "({} records{})", records.len(), if cursor.done { "" } else { "; more remain" });
+                out
+            }
+            Command::Nodes => {
+                let nodes = self.client.refresh_nodes().await.map_err(err)?;
+                let mut out = format!("{:>5} {:<22} {:<6} {:>8} {:>8} {:>12}", "id", "address", "state", "replicas", "leaders", "last seen");
+                for n in nodes {
+                    let seen = if n.last_heartbeat_ms_ago == u64::MAX { "never".to_string() } else { format!("{:.1}s ago", n.last_heartbeat_ms_ago as f64 / 1000.0) };
+                    let _ = write!(
+                        out,
+                        "\n{:>5} {:<22} {:<6} {:>8} {:>8} {:>12}",
+                        n.node_id,
+                        n.address,
+                        if n.alive { "up" } else { "down" },
+                        n.replica_count,
+                        n.leader_count,
+                        seen
+                    );
+                }
+                out
+            }
+            Command::Partitions { table } => {
+                let name = table.unwrap_or_else(|| self.table.clone());
+                let n = name.clone();
+                let r = self
+                    .client
+                    .meta_call(|mut m| {
+                        let table = n.clone();
+                        async move { m.get_partition_status(PartitionStatusRequest { table }).await.map(|r| r.into_inner()) }
+                    })
+                    .await
+                    .map_err(err)?;
+                tern_proto::check(&r.error).map_err(err)?;
+                let mut out = format!("table {name}\n{:>4} {:>7} {:<30} {}", "pidx", "leader", "replicas (node:peer)", "applied index per replica");
+                for p in r.partitions {
+                    let replicas: Vec<String> = p.peers.iter().map(|x| format!("{}:{}", x.node_id, x.peer_id)).collect();
+                    let applied: Vec<String> = p
+                        .peers
+                        .iter()
+                        .map(|peer| match p.replicas.iter().find(|r| r.peer_id == peer.peer_id) {
+                            Some(r) => format!("{}{}", r.applied_index, if r.is_leader { "*" } else { "" }),
+                            None => "down".into(),
+                        })
+                        .collect();
+                    let health = if p.replicas.len() < p.peers.len() { "  under-replicated" } else { "" };
+                    let _ = write!(out, "\n{:>4} {:>7} {:<30} {}{}", p.index, p.leader_node, replicas.join(","), applied.join(","), health);
+                }
+                out
+            }
+            Command::ClusterInfo => {
+                let nodes = self.client.refresh_nodes().await.map_err(err)?;
+                let tables = self.client.meta_call(|mut m| async move { m.list_tables(ListTablesRequest {}).await.map(|r| r.into_inner()) }).await.map_err(err)?;
+                let alive = nodes.iter().filter(|n| n.alive).count();
+                let replicas: u32 = nodes.iter().map(|n| n.replica_count).sum();
+                format!(
+                    "meta: {}\nservers: {} ({} up)\ntables: {}\nreplicas: {}\ncurrent table: {}",
+                    self.meta.join(","),
+                    nodes.len(),
+                    alive,
+                    tables.tables.len(),
+                    replicas,
+                    self.table
+                )
+            }
+        };
+        Ok(out)
+    }
+}
+
+/// Runs `-e` commands separated by ';': prints each result, returns whether all succeeded.
+pub async fn run_script(shell: &mut Shell, script: &str) -> bool {
+    let mut ok = true;
+    for line in split_commands(script) {
+        match parse(&line) {
+            Ok(None) => {}
+            Ok(Some(Command::Quit)) => break,
+            Ok(Some(c)) => match shell.run(c).await {
+                Ok(out) => println!("{out}"),
+                Err(e) => {
+                    eprintln!("{e}");
+                    ok = false;
+                }
+            },
+            Err(e) => {
+                eprintln!("error: {e}");
+                ok = false;
+            }
+        }
+    }
+    ok
+}
+
+/// Splits on ';' outside quotes.
+pub fn split_commands(script: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in script.chars() {
+        if escaped {
+            escaped = false;
+        } else if c == '\\' && quote == Some('"') {
+            escaped = true;
+        } else if let Some(q) = quote {
+            if c == q {
+                quote = None;
+            }
+        } else if c == '"' || c == '\'' {
+            quote = Some(c);
+        } else if c == ';' {
+            out.push(std::mem::take(&mut current));
+            continue;
+        }
+        current.push(c);
+    }
+    out.push(current);
+    out.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+}
+
+/// Waits a little for servers to answer before the first prompt (for scripts started right after
+/// the cluster).
+pub const STARTUP_GRACE: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Quotes, escapes and bare words tokenize as a user expects; malformed quoting is an error.
+    #[test]
+    fn tokenizer() {
+        assert_eq!(tokenize(r#"set a "b c" 'd e'"#).unwrap(), vec![b"set".to_vec(), b"a".to_vec(), b"b c".to_vec(), b"d e".to_vec()]);
+        assert_eq!(tokenize(r#""\x00\n\"""#).unwrap(), vec![vec![0, b'\n', b'"']]);
+        assert_eq!(tokenize(r#""""#).unwrap(), vec![Vec::<u8>::new()]);
+        assert!(tokenize(r#""open"#).is_err());
+        assert!(tokenize(r#""\xZZ""#).is_err());
+        assert!(tokenize(r#""a"b"#).is_err());
+    }
+
+    /// Every command parses with its arguments; wrong arity and bad numbers give usage errors.
+    #[test]
+    fn parser() {
+        assert_eq!(
+            parse("set h s v 10").unwrap(),
+            Some(Command::Set { hashkey: b"h".to_vec(), sortkey: b"s".to_vec(), value: b"v".to_vec(), ttl: 10 })
+        );
+        assert!(parse("set h s").unwrap_err().contains("usage"));
+        assert!(parse("set h s v ten").unwrap_err().contains("number"));
+        assert_eq!(parse("create t -p 16 -r 1").unwrap(), Some(Command::Create { table: "t".into(), partitions: 16, replicas: 1 }));
+        assert!(parse("create t -x 1").is_err());
+        assert!(parse("multi_set h s").is_err());
+        assert!(matches!(parse("multi_set h s1 v1 s2 v2").unwrap(), Some(Command::MultiSet { pairs, .. }) if pairs.len() == 2));
+        assert!(matches!(parse("scan h --prefix p --limit 5").unwrap(), Some(Command::Scan { options, .. }) if options.limit == 5 && options.prefix == b"p"));
+        assert!(parse("scan h --limit").is_err());
+        assert!(matches!(parse("incr h s").unwrap(), Some(Command::Incr { delta: 1, .. })));
+        assert!(matches!(parse("incr h s -3").unwrap(), Some(Command::Incr { delta: -3, .. })));
+        assert!(matches!(
+            parse("check_and_set h c equal old s new").unwrap(),
+            Some(Command::CheckAndSet { check: CheckType::ValueEqual, .. })
+        ));
+        assert!(parse("check_and_set h c maybe s v").is_err());
+        assert_eq!(parse("   ").unwrap(), None);
+        assert!(parse("frobnicate").unwrap_err().contains("unknown command"));
+        assert_eq!(parse("PARTITIONS demo").unwrap(), Some(Command::Partitions { table: Some("demo".into()) }));
+    }
+
+    /// Scripts split on semicolons outside quotes.
+    #[test]
+    fn script_splitting() {
+        assert_eq!(split_commands("set a b c; get a b"), vec!["set a b c", "get a b"]);
+        assert_eq!(split_commands(r#"set a b "x;y"; get a b;"#), vec![r#"set a b "x;y""#, "get a b"]);
+    }
+
+    /// Non-printable bytes are shown escaped.
+    #[test]
+    fn showing_values() {
+        assert_eq!(show(b"ab"), "\"ab\"");
+        assert_eq!(show(&[0, b'"']), "\"\\x00\\\"\"");
+    }
+}

@@ -1,0 +1,269 @@
+//! Integration tests on a real cluster in this process: one meta server and three replica servers on
+//! loopback with random ports, RocksDB and raft-engine in temporary directories, gRPC between them.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+use tern_client::{Client, ClientConfig, FullScanCursor, ScanOptions, TernError};
+use tern_meta::{MetaConfig, MetaNode};
+use tern_proto::{CheckType, CreateTableRequest};
+use tern_server::{ServerConfig, ServerNode};
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    meta: MetaNode,
+    servers: Vec<ServerNode>,
+    client: Client,
+}
+
+fn any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+impl Cluster {
+    async fn start(table: &str, partitions: u32) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MetaNode::start(MetaConfig::new(dir.path().join("meta"), any_port())).await.unwrap();
+        let mut servers = Vec::new();
+        for i in 0..3 {
+            let cfg = ServerConfig::new(dir.path().join(format!("s{i}")), any_port(), vec![meta.address.clone()]);
+            servers.push(ServerNode::start(cfg).await.unwrap());
+        }
+        let client = Client::new(ClientConfig::new(vec![meta.address.clone()])).unwrap();
+        let cluster = Cluster { _dir: dir, meta, servers, client };
+        cluster.create_table(table, partitions).await;
+        cluster
+    }
+
+    async fn create_table(&self, name: &str, partitions: u32) {
+        for _ in 0..100 {
+            let name = name.to_string();
+            let r = self
+                .client
+                .meta_call(|mut m| {
+                    let name = name.clone();
+                    async move { m.create_table(CreateTableRequest { name, partition_count: partitions, replica_count: 3 }).await.map(|r| r.into_inner()) }
+                })
+                .await
+                .unwrap();
+            match tern_proto::check(&r.error) {
+                Ok(()) => return,
+                Err(TernError::NotEnoughNodes(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => panic!("create table: {e}"),
+            }
+        }
+        panic!("servers never became live");
+    }
+
+    async fn shutdown(self) {
+        for s in self.servers {
+            s.shutdown().await;
+        }
+        self.meta.shutdown().await;
+    }
+}
+
+/// Point operations, multi-record operations and scans behave as documented: values round-trip,
+/// deletes report whether a record existed, scans honour start/stop/prefix/limit and resume tokens,
+/// full scans visit every partition exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crud_and_scan_semantics() {
+    let c = Cluster::start("t", 4).await;
+    let t = c.client.table("t");
+
+    t.set(b"user:1", b"name", b"Ada", 0).await.unwrap();
+    assert_eq!(t.get(b"user:1", b"name").await.unwrap(), Some(b"Ada".to_vec()));
+    assert_eq!(t.get(b"user:1", b"missing").await.unwrap(), None);
+    assert!(t.exists(b"user:1", b"name").await.unwrap());
+    t.set(b"user:1", b"name", b"Grace", 0).await.unwrap();
+    assert_eq!(t.get(b"user:1", b"name").await.unwrap(), Some(b"Grace".to_vec()));
+    assert!(t.del(b"user:1", b"name").await.unwrap());
+    assert!(!t.del(b"user:1", b"name").await.unwrap());
+    assert!(!t.exists(b"user:1", b"name").await.unwrap());
+
+    // Binary and empty keys and values.
+    t.set(b"", b"", b"", 0).await.unwrap();
+    assert_eq!(t.get(b"", b"").await.unwrap(), Some(vec![]));
+    t.set(&[0, 255], &[1, 0], &[0, 0, 7], 0).await.unwrap();
+    assert_eq!(t.get(&[0, 255], &[1, 0]).await.unwrap(), Some(vec![0, 0, 7]));
+
+    // multi_set / multi_get / multi_del on one hashkey.
+    let pairs: Vec<(Vec<u8>, Vec<u8>)> = (0..20).map(|i| (format!("s{i:02}").into_bytes(), format!("v{i}").into_bytes())).collect();
+    t.multi_set(b"h", &pairs, 0).await.unwrap();
+    assert_eq!(t.count(b"h").await.unwrap(), 20);
+    let all = t.multi_get(b"h", &[]).await.unwrap();
+    assert_eq!(all.len(), 20);
+    assert!(all.windows(2).all(|w| w[0].sortkey < w[1].sortkey), "sorted by sortkey");
+    let some = t.multi_get(b"h", &[b"s03".to_vec(), b"nope".to_vec(), b"s07".to_vec()]).await.unwrap();
+    assert_eq!(some.iter().map(|r| r.value.to_vec()).collect::<Vec<_>>(), vec![b"v3".to_vec(), b"v7".to_vec()]);
+
+    // Scans: range, prefix, limit with resume.
+    let (r, resume) = t.scan(b"h", &ScanOptions { start: b"s05".to_vec(), stop: b"s08".to_vec(), ..Default::default() }).await.unwrap();
+    assert_eq!(r.iter().map(|r| r.sortkey.to_vec()).collect::<Vec<_>>(), vec![b"s05".to_vec(), b"s06".to_vec(), b"s07".to_vec()]);
+    assert!(resume.is_empty());
+    let (r, _) = t.scan(b"h", &ScanOptions { prefix: b"s1".to_vec(), ..Default::default() }).await.unwrap();
+    assert_eq!(r.len(), 10);
+    let mut seen = Vec::new();
+    let mut opts = ScanOptions { limit: 7, ..Default::default() };
+    loop {
+        let (r, resume) = t.scan(b"h", &opts).await.unwrap();
+        seen.extend(r.into_iter().map(|r| r.sortkey.to_vec()));
+        if resume.is_empty() {
+            break;
+        }
+        opts.start = resume;
+    }
+    assert_eq!(seen.len(), 20, "paging visits every record once");
+
+    assert_eq!(t.multi_del(b"h", &[b"s00".to_vec(), b"s01".to_vec(), b"zz".to_vec()]).await.unwrap(), 2);
+    assert_eq!(t.count(b"h").await.unwrap(), 18);
+
+    // incr and check_and_set.
+    assert_eq!(t.incr(b"c", b"n", 5, 0).await.unwrap(), 5);
+    assert_eq!(t.incr(b"c", b"n", -7, 0).await.unwrap(), -2);
+    assert_eq!(t.get(b"c", b"n").await.unwrap(), Some(b"-2".to_vec()));
+    t.set(b"c", b"text", b"abc", 0).await.unwrap();
+    assert!(matches!(t.incr(b"c", b"text", 1, 0).await, Err(TernError::WrongType(_))));
+    let r = t.check_and_set(b"c", b"lock", CheckType::ValueNotExist, b"", b"lock", b"me", 0).await.unwrap();
+    assert!(r.set_done && r.check_value.is_none());
+    let r = t.check_and_set(b"c", b"lock", CheckType::ValueNotExist, b"", b"lock", b"you", 0).await.unwrap();
+    assert!(!r.set_done);
+    assert_eq!(r.check_value, Some(b"me".to_vec()));
+    let r = t.check_and_set(b"c", b"lock", CheckType::ValueEqual, b"me", b"lock", b"you", 0).await.unwrap();
+    assert!(r.set_done);
+    assert_eq!(t.get(b"c", b"lock").await.unwrap(), Some(b"you".to_vec()));
+
+    // Full-table scan across partitions, paged.
+    for i in 0..50 {
+        t.set(format!("fs{i}").as_bytes(), b"", b"x", 0).await.unwrap();
+    }
+    let mut cursor = FullScanCursor::default();
+    let mut total = 0;
+    while !cursor.done {
+        let (records, next) = t.full_scan(&cursor, 13).await.unwrap();
+        total += records.len();
+        cursor = next;
+    }
+    let expected = 50 + 18 + 3 /* c: n, text, lock */ + 2 /* empty and binary */;
+    assert_eq!(total, expected);
+    c.shutdown().await;
+}
+
+/// Bad input is refused with typed errors that name the limit, and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_is_rejected() {
+    let c = Cluster::start("t", 2).await;
+    let t = c.client.table("t");
+    let big = vec![0u8; tern_core::limits::VALUE_BYTES_MAX + 1];
+    match t.set(b"k", b"s", &big, 0).await {
+        Err(TernError::InvalidArgument(m)) => assert!(m.contains("1048576"), "{m}"),
+        other => panic!("want InvalidArgument, got {other:?}"),
+    }
+    assert_eq!(t.get(b"k", b"s").await.unwrap(), None);
+    let long_key = vec![b'k'; tern_core::limits::HASHKEY_BYTES_MAX + 1];
+    assert!(matches!(t.get(&long_key, b"").await, Err(TernError::InvalidArgument(_))));
+    let missing = c.client.table("no_such_table");
+    assert!(matches!(missing.get(b"k", b"").await, Err(TernError::TableNotFound(_))));
+    c.shutdown().await;
+}
+
+/// TTL: the leader stamps an absolute expiry; the record reports its remaining TTL, then disappears
+/// from reads and counts once it expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ttl_expiry() {
+    let c = Cluster::start("t", 2).await;
+    let t = c.client.table("t");
+    t.set(b"session", b"a", b"short", 1).await.unwrap();
+    t.set(b"session", b"b", b"forever", 0).await.unwrap();
+    let ttl = t.ttl(b"session", b"a").await.unwrap().unwrap().unwrap();
+    assert!(ttl <= Duration::from_secs(1), "{ttl:?}");
+    assert_eq!(t.ttl(b"session", b"b").await.unwrap(), Some(None));
+    assert_eq!(t.ttl(b"session", b"zzz").await.unwrap(), None);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(t.get(b"session", b"a").await.unwrap(), None);
+    assert_eq!(t.count(b"session").await.unwrap(), 1);
+    assert_eq!(t.get(b"session", b"b").await.unwrap(), Some(b"forever".to_vec()));
+    // An incr on an expired counter starts from zero.
+    t.set(b"session", b"n", b"41", 1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(t.incr(b"session", b"n", 1, 0).await.unwrap(), 1);
+    c.shutdown().await;
+}
+
+/// A retried incr (same client id and sequence, as the client sends after a lost answer) returns the
+/// first result and increments once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn incr_is_exactly_once_under_retry() {
+    use tern_proto::kv_client::KvClient;
+    use tern_proto::{write_request::Op, Incr, PartitionRef, WriteRequest};
+    let c = Cluster::start("t", 2).await;
+    let t = c.client.table("t");
+    t.set(b"ctr", b"n", b"10", 0).await.unwrap(); // also warms up leaders
+    let partition = tern_core::codec::partition_of(b"ctr", 2);
+    let info = c
+        .client
+        .meta_call(|mut m| async move { m.get_table(tern_proto::TableRequest { name: "t".into() }).await.map(|r| r.into_inner()) })
+        .await
+        .unwrap()
+        .table
+        .unwrap();
+    let request = WriteRequest {
+        partition: Some(PartitionRef { table_id: info.table_id, partition, partition_count: 2 }),
+        client_id: 4242,
+        seq: 1,
+        first_incomplete_seq: 1,
+        op: Some(Op::Incr(Incr { hashkey: "ctr".into(), sortkey: "n".into(), delta: 5, ttl_seconds: 0 })),
+    };
+    // Send the same request to whichever server leads, twice.
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let mut answered = false;
+        for _ in 0..50 {
+            for s in &c.servers {
+                let mut kv = KvClient::connect(format!("http://{}", s.address)).await.unwrap();
+                let r = kv.write(request.clone()).await.unwrap().into_inner();
+                if r.error.is_none() {
+                    answers.push(r.new_value);
+                    answered = true;
+                    break;
+                }
+            }
+            if answered {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(answered, "some server leads the partition");
+    }
+    assert_eq!(answers, vec![15, 15], "the retry returns the first result");
+    assert_eq!(t.get(b"ctr", b"n").await.unwrap(), Some(b"15".to_vec()), "applied once");
+    c.shutdown().await;
+}
+
+/// Dropping a table removes it from the catalog and its data from the servers; a new table of the
+/// same name starts empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drop_and_recreate_table() {
+    let c = Cluster::start("t", 2).await;
+    let t = c.client.table("t");
+    t.set(b"k", b"", b"old", 0).await.unwrap();
+    let r = c
+        .client
+        .meta_call(|mut m| async move { m.drop_table(tern_proto::DropTableRequest { name: "t".into() }).await.map(|r| r.into_inner()) })
+        .await
+        .unwrap();
+    tern_proto::check(&r.error).unwrap();
+    // Servers destroy the replicas at their next heartbeat; until then a client with a cached route
+    // may still reach them. Soon every read reports the table as gone.
+    let mut gone = false;
+    for _ in 0..50 {
+        if matches!(t.get(b"k", b"").await, Err(TernError::TableNotFound(_))) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "dropped table still readable");
+    c.create_table("t", 2).await;
+    assert_eq!(t.get(b"k", b"").await.unwrap(), None);
+    c.shutdown().await;
+}

@@ -1,0 +1,316 @@
+//! Fault tests on a real multi-process cluster: `tern meta` and three `tern server` processes on
+//! loopback, killed with SIGKILL and restarted, driven through the Rust client.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tern_client::{Client, ClientConfig, TernError};
+use tern_proto::{CreateTableRequest, PartitionStatusRequest};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Proc {
+    args: Vec<String>,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(args: Vec<String>, log: PathBuf) -> Proc {
+        let mut p = Proc { args, child: None, log };
+        p.start();
+        p
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(&self.args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tern");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no shutdown code runs, unsynced state is whatever the OS kept.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct ProcCluster {
+    dir: tempfile::TempDir,
+    meta_address: String,
+    _meta: Proc,
+    servers: Vec<Proc>,
+    client: Client,
+}
+
+impl ProcCluster {
+    fn start(extra_server_args: &[&str]) -> ProcCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let meta_address = format!("127.0.0.1:{}", free_port());
+        let meta = Proc::spawn(
+            vec!["meta".into(), "--data-dir".into(), path(dir.path(), "meta"), "--listen".into(), meta_address.clone()],
+            dir.path().join("meta.log"),
+        );
+        let servers = (0..3)
+            .map(|i| {
+                let mut args = vec![
+                    "server".to_string(),
+                    "--data-dir".into(),
+                    path(dir.path(), &format!("s{i}")),
+                    "--listen".into(),
+                    SocketAddr::from(([127, 0, 0, 1], free_port())).to_string(),
+                    "--meta".into(),
+                    meta_address.clone(),
+                ];
+                args.extend(extra_server_args.iter().map(|s| s.to_string()));
+                Proc::spawn(args, dir.path().join(format!("s{i}.log")))
+            })
+            .collect();
+        let mut cfg = ClientConfig::new(vec![meta_address.clone()]);
+        cfg.timeout = Duration::from_secs(3);
+        let client = Client::new(cfg).unwrap();
+        ProcCluster { dir, meta_address, _meta: meta, servers, client }
+    }
+
+    async fn create_table(&self, name: &str, partitions: u32) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let n = name.to_string();
+            let r = self
+                .client
+                .meta_call(|mut m| {
+                    let name = n.clone();
+                    async move { m.create_table(CreateTableRequest { name, partition_count: partitions, replica_count: 3 }).await.map(|r| r.into_inner()) }
+                })
+                .await;
+            match r.map(|r| tern_proto::check(&r.error)) {
+                Ok(Ok(())) => break,
+                Ok(Err(TernError::NotEnoughNodes(_))) | Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                other => panic!("create table: {other:?}"),
+            }
+        }
+        // Wait until every partition accepts a write.
+        let t = self.client.table(name);
+        for p in 0..partitions {
+            let key = key_in_partition(p, partitions);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while t.set(key.as_bytes(), b"probe", b"1", 0).await.is_err() {
+                assert!(Instant::now() < deadline, "partition {p} never became writable");
+            }
+        }
+    }
+
+    /// Waits until, for every partition, all replicas report the same applied index and checksum.
+    async fn wait_replicas_identical(&self, table: &str, timeout: Duration) -> BTreeMap<u32, (u64, u64)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.replica_checksums(table).await {
+                Ok(sums) if sums.values().all(|v| v.windows(2).all(|w| w[0] == w[1]) && v.len() == 3) => {
+                    return sums.into_iter().map(|(p, v)| (p, v[0])).collect();
+                }
+                other => {
+                    assert!(Instant::now() < deadline, "replicas did not converge: {other:?}\nlogs in {}", self.dir.path().display());
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+    }
+
+    async fn replica_checksums(&self, table: &str) -> Result<BTreeMap<u32, Vec<(u64, u64)>>, TernError> {
+        self.client.refresh_nodes().await?;
+        let info = self
+            .client
+            .meta_call(|mut m| {
+                let name = table.to_string();
+                async move { m.get_table(tern_proto::TableRequest { name }).await.map(|r| r.into_inner()) }
+            })
+            .await?
+            .table
+            .unwrap();
+        let mut out = BTreeMap::new();
+        for p in &info.partitions {
+            let group = tern_core::GroupId::new(info.table_id, p.index).0;
+            let mut sums = Vec::new();
+            for peer in &p.peers {
+                let r = self.client.replica_checksum(peer.node_id, group).await?;
+                sums.push((r.applied_index, r.checksum));
+            }
+            out.insert(p.index, sums);
+        }
+        Ok(out)
+    }
+}
+
+fn path(dir: &Path, name: &str) -> String {
+    dir.join(name).to_string_lossy().into_owned()
+}
+
+fn key_in_partition(partition: u32, count: u32) -> String {
+    (0..).map(|i| format!("probe{i}")).find(|k| tern_core::codec::partition_of(k.as_bytes(), count) == partition).unwrap()
+}
+
+/// Writes continue while one of three servers is SIGKILLed: raft elects new leaders by itself, every
+/// acknowledged write is readable afterwards, and the restarted server catches up to identical
+/// replica contents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_one_server_loses_no_acknowledged_write() {
+    let mut c = ProcCluster::start(&[]);
+    c.create_table("f", 4).await;
+    let acked: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4u64 {
+        let (t, acked, stop) = (c.client.table("f"), acked.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut i = w;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if t.set(format!("k{i}").as_bytes(), b"", format!("v{i}").as_bytes(), 0).await.is_ok() {
+                    acked.lock().unwrap().push((i, Instant::now()));
+                }
+                i += 4;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.servers[1].kill();
+    let killed_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let after_kill = acked.iter().filter(|(_, at)| *at > killed_at + Duration::from_secs(4)).count();
+    assert!(after_kill > 0, "writes resumed after the kill ({} acked in total)", acked.len());
+    let first_after = acked.iter().filter(|(_, at)| *at > killed_at).map(|(_, at)| *at - killed_at).min();
+    eprintln!("acked {} writes; first ack after the kill came {:?} later", acked.len(), first_after);
+
+    c.servers[1].start();
+    let t = c.client.table("f");
+    for (i, _) in &acked {
+        assert_eq!(t.get(format!("k{i}").as_bytes(), b"").await.unwrap(), Some(format!("v{i}").into_bytes()), "acknowledged write k{i} lost");
+    }
+    c.wait_replicas_identical("f", Duration::from_secs(60)).await;
+}
+
+/// A server that is down while its peers compact their logs comes back, receives a snapshot (RocksDB
+/// checkpoint streamed in chunks), and converges to contents identical to its peers'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lagging_replica_catches_up_by_snapshot() {
+    let mut c = ProcCluster::start(&["--log-gc-threshold", "20", "--log-gc-lag-max", "50"]);
+    c.create_table("s", 2).await;
+    let t = c.client.table("s");
+    for i in 0..20 {
+        t.set(format!("before{i}").as_bytes(), b"", b"x", 0).await.unwrap();
+    }
+    c.servers[2].kill();
+    for i in 0..400 {
+        t.set(format!("during{i}").as_bytes(), b"sk", format!("{i}").as_bytes(), 0).await.unwrap();
+    }
+    // Give leaders a log-GC interval (1 s) to compact past the dead replica.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.servers[2].start();
+    c.wait_replicas_identical("s", Duration::from_secs(60)).await;
+
+    // Every replica of the restarted server was refilled from a snapshot (meta learns of it at the
+    // next heartbeat).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = c
+            .client
+            .meta_call(|mut m| async move { m.get_partition_status(PartitionStatusRequest { table: "s".into() }).await.map(|r| r.into_inner()) })
+            .await
+            .unwrap();
+        let snapshots: u64 = status.partitions.iter().flat_map(|p| p.replicas.iter()).map(|r| r.snapshots_applied).sum();
+        if snapshots >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "expected snapshot installs on the restarted server, saw {snapshots}: {status:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for i in (0..400).step_by(37) {
+        assert_eq!(t.get(format!("during{i}").as_bytes(), b"sk").await.unwrap(), Some(format!("{i}").into_bytes()));
+    }
+    let _ = &c.meta_address;
+}
+
+fn shell(meta: &str, script: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tern")).args(["shell", "--meta", meta, "-e", script]).output().expect("run tern shell")
+}
+
+/// The embedded default: `tern playground` starts a cluster with table demo, the one-shot shell
+/// talks to it and reports failures through its exit status, and after a clean stop (SIGTERM) and a
+/// restart every record is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn playground_shell_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta_port = free_port();
+    let meta = format!("127.0.0.1:{meta_port}");
+    let args = vec![
+        "playground".to_string(),
+        "--data-dir".into(),
+        path(dir.path(), "data"),
+        "--meta-port".into(),
+        meta_port.to_string(),
+        "--server-port".into(),
+        "0".into(),
+    ];
+    let mut pg = Proc::spawn(args, dir.path().join("playground.log"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = shell(&meta, "set user:1 name Ada; multi_set user:1 age 36 lang en; incr user:1 visits 2");
+        if out.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "playground never answered: {}", String::from_utf8_lossy(&out.stderr));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let out = shell(&meta, "get user:1 name; count user:1; ls");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("\"Ada\"") && stdout.contains("\n4\n") && stdout.contains("demo"), "{stdout}");
+
+    let out = shell(&meta, "get user:1; frobnicate");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("usage: get") && stderr.contains("unknown command"), "{stderr}");
+
+    // Clean stop (SIGTERM, as Ctrl-C) and restart.
+    let pid = pg.child.as_ref().unwrap().id();
+    Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let status = pg.child.take().unwrap().wait().unwrap();
+    assert!(status.success(), "playground exits cleanly on SIGTERM: {status:?}");
+    pg.start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = shell(&meta, "get user:1 name; get user:1 visits");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() {
+            assert!(stdout.contains("\"Ada\"") && stdout.contains("\"2\""), "{stdout}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "restarted playground never answered: {}", String::from_utf8_lossy(&out.stderr));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
