@@ -46,7 +46,12 @@ struct Inner {
     next_seq: AtomicU64,
     inflight: Mutex<BTreeSet<u64>>,
     rng: Mutex<SeededRandom>,
+    /// When node addresses were last re-read from meta after a connection failure.
+    nodes_refreshed_at: Mutex<Option<Instant>>,
 }
+
+/// Connection failures re-read node addresses from meta at most this often (servers may have moved).
+const NODE_REFRESH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// A connection to a Tern cluster; cheap to clone.
 #[derive(Clone)]
@@ -109,6 +114,7 @@ impl Client {
                 next_seq: AtomicU64::new(1),
                 inflight: Mutex::new(BTreeSet::new()),
                 rng: Mutex::new(SeededRandom::from_entropy()),
+                nodes_refreshed_at: Mutex::new(None),
             }),
         })
     }
@@ -282,6 +288,10 @@ impl Client {
                     Err(TernError::StaleConfig(_)) | Err(TernError::TableNotFound(_)) | Err(TernError::PartitionNotFound(_)) => {
                         self.forget_route(table)
                     }
+                    Err(TernError::Unavailable(_)) => {
+                        Self::rotate_leader(&route, partition);
+                        self.maybe_refresh_nodes().await;
+                    }
                     Err(e) if e.is_retryable() => Self::rotate_leader(&route, partition),
                     _ => {}
                 }
@@ -348,6 +358,23 @@ impl Client {
         let r = kv.checksum(ChecksumRequest { group_id }).await.map_err(status_error)?.into_inner();
         tern_proto::check(&r.error)?;
         Ok(r)
+    }
+
+    /// Re-reads node addresses from meta after a connection failure, at most every
+    /// NODE_REFRESH_INTERVAL (a server may have restarted on another address).
+    async fn maybe_refresh_nodes(&self) {
+        {
+            let mut at = self.inner.nodes_refreshed_at.lock();
+            if at.is_some_and(|t| t.elapsed() < NODE_REFRESH_INTERVAL) {
+                return;
+            }
+            *at = Some(Instant::now());
+        }
+        if let Ok(m) = self.meta().await {
+            if let Ok(r) = m.clone().list_nodes(ListNodesRequest {}).await {
+                self.learn_nodes(&r.into_inner().nodes);
+            }
+        }
     }
 
     /// Refreshes node addresses from meta (after servers moved).

@@ -312,6 +312,9 @@ impl MetaNode {
 
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+        let mut task = self.task;
+        if tokio::time::timeout(Duration::from_millis(500), &mut task).await.is_err() {
+            task.abort();
+        }
     }
 }

@@ -202,8 +202,11 @@ impl ServerNode {
     /// Stops serving, answers waiting clients, and waits for the store thread to finish.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
-        for t in self.tasks.drain(..) {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        for mut t in self.tasks.drain(..) {
+            // Graceful close waits for peers' long-lived raft streams; don't wait for them long.
+            if tokio::time::timeout(Duration::from_millis(500), &mut t).await.is_err() {
+                t.abort();
+            }
         }
         self.store.send(StoreMsg::Shutdown);
         if let Some(t) = self.store_thread.take() {

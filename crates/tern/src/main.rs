@@ -101,11 +101,23 @@ fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
-async fn wait_for_ctrl_c() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// Ctrl-C and SIGTERM, registered before anything starts so that an early signal still stops cleanly.
+struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals { interrupt: signal(SignalKind::interrupt())?, terminate: signal(SignalKind::terminate())? })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
     }
 }
 
@@ -115,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Playground { data_dir, meta_port, server_port, servers } => {
             init_logging();
+            let signals = StopSignals::install()?;
             let cfg = playground::PlaygroundConfig { data_dir: data_dir.clone(), meta_port, first_server_port: server_port, servers, ..Default::default() };
             let pg = playground::Playground::start(cfg).await.context("starting the playground")?;
             println!("Tern playground is running (data in {})", data_dir.display());
@@ -124,12 +137,13 @@ async fn main() -> anyhow::Result<()> {
             }
             println!("  table:   demo (8 partitions, 3 replicas)");
             println!("Try: tern shell -e 'set user:1 name Ada; get user:1 name'   Ctrl-C stops.");
-            wait_for_ctrl_c().await;
+            signals.wait().await;
             println!("stopping...");
             pg.shutdown().await;
         }
         Command::Meta { data_dir, listen, node_grace_seconds } => {
             init_logging();
+            let signals = StopSignals::install()?;
             if node_grace_seconds == 0 {
                 bail!("--node-grace-seconds must be positive");
             }
@@ -137,11 +151,12 @@ async fn main() -> anyhow::Result<()> {
             cfg.node_grace = Duration::from_secs(node_grace_seconds);
             let meta = tern_meta::MetaNode::start(cfg).await?;
             println!("meta listening on {}", meta.address);
-            wait_for_ctrl_c().await;
+            signals.wait().await;
             meta.shutdown().await;
         }
         Command::Server { data_dir, listen, advertise, meta, raft_tick_ms, log_gc_threshold, log_gc_lag_max, snapshot_rate_mib, block_cache_mib } => {
             init_logging();
+            let signals = StopSignals::install()?;
             if raft_tick_ms == 0 || raft_tick_ms > 10_000 {
                 bail!("--raft-tick-ms must be between 1 and 10000");
             }
@@ -157,7 +172,7 @@ async fn main() -> anyhow::Result<()> {
             cfg.block_cache_bytes = block_cache_mib * 1024 * 1024;
             let server = tern_server::ServerNode::start(cfg).await?;
             println!("server {} listening on {}", server.node_id, server.address);
-            wait_for_ctrl_c().await;
+            signals.wait().await;
             server.shutdown().await;
         }
         Command::Shell { meta, table, execute } => {

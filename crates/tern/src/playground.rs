@@ -102,8 +102,9 @@ impl Playground {
     }
 
     pub async fn shutdown(self) {
-        for s in self.servers {
-            s.shutdown().await;
+        let stops: Vec<_> = self.servers.into_iter().map(|s| tokio::spawn(s.shutdown())).collect();
+        for s in stops {
+            let _ = s.await;
         }
         self.meta.shutdown().await;
     }

@@ -310,7 +310,11 @@ async fn playground_shell_and_restart() {
             assert!(stdout.contains("\"Ada\"") && stdout.contains("\"2\""), "{stdout}");
             break;
         }
-        assert!(Instant::now() < deadline, "restarted playground never answered: {}", String::from_utf8_lossy(&out.stderr));
+        if Instant::now() >= deadline {
+            let log = std::fs::read_to_string(dir.path().join("playground.log")).unwrap_or_default();
+            let tail: String = log.lines().take(12).collect::<Vec<_>>().join("\n");
+            panic!("restarted playground never answered: {}\n--- playground log ---\n{tail}", String::from_utf8_lossy(&out.stderr));
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
