@@ -173,14 +173,19 @@ impl Replica {
         let mut storage = PeerStorage::open(group.0, log.clone(), applied.conf_state.clone(), initial_pos)?;
         let mut pending_log = LogWriteBatch::default();
         let fresh_log = log.hard_state(group.0)?.is_none();
-        if storage.hard_state().commit < applied.applied_index || storage.last_log_index() < applied.applied_index {
-            // The engine is ahead of the log: a snapshot was installed but the log reset was not
-            // written before a crash. The engine is the truth; restart the log from it.
+        if storage.last_log_index() < applied.applied_index {
+            // The engine is ahead of the whole log: a snapshot was installed but the log reset was
+            // not written before a crash. The engine is the truth; restart the log from it.
             let mut snap = Snapshot::default();
             snap.mut_metadata().index = applied.applied_index;
             snap.mut_metadata().term = applied.applied_term;
             snap.mut_metadata().set_conf_state(applied.conf_state.clone());
             storage.apply_snapshot(&snap, &mut pending_log);
+        } else if storage.hard_state().commit < applied.applied_index {
+            // Entries were applied (so they were committed) but the commit index written after them
+            // was lost in a crash. Keep the log: entries past the applied index may have been
+            // acknowledged to a leader.
+            storage.set_commit(applied.applied_index, &mut pending_log);
         } else if fresh_log {
             storage.initial_writes(&mut pending_log);
         }

@@ -125,30 +125,19 @@ async fn peer_sender(to: NodeId, addresses: AddressBook, mut queue: mpsc::Receiv
     }
 }
 
-/// Streams a checkpoint directory to a peer, then tells the store whether it arrived.
+/// Streams a checkpoint directory to a peer, file by file in chunks at a bounded rate, then tells the
+/// store whether it arrived.
 async fn send_snapshot(addresses: AddressBook, envelope: RaftEnvelope, dir: PathBuf, store: StoreHandle, group: GroupId, to_peer: u64, bytes_per_second: u64) {
     let to = envelope.to_node;
     let result = async {
         let mut client = connect(&addresses, to).await.ok_or_else(|| format!("cannot connect to node {to}"))?;
-        let chunks = snapshot_chunks(&dir, envelope).map_err(|e| format!("read snapshot {}: {e}", dir.display()))?;
         let (tx, rx) = mpsc::channel::<SnapshotChunk>(4);
-        let feeder = tokio::spawn(async move {
-            let started = tokio::time::Instant::now();
-            let mut sent: u64 = 0;
-            for chunk in chunks {
-                sent += chunk.data.len() as u64;
-                if bytes_per_second > 0 {
-                    let due = Duration::from_secs_f64(sent as f64 / bytes_per_second as f64);
-                    tokio::time::sleep_until(started + due).await;
-                }
-                if tx.send(chunk).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let r = client.send_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
-        let _ = feeder.await;
-        r.map(|_| ()).map_err(|e| e.to_string())
+        let source = dir.clone();
+        let feeder = tokio::spawn(async move { feed_snapshot(&source, envelope, tx, bytes_per_second).await });
+        let sent = client.send_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+        let fed = feeder.await.map_err(|e| e.to_string())?;
+        fed.map_err(|e| format!("read snapshot {}: {e}", dir.display()))?;
+        sent.map(|_| ()).map_err(|e| e.to_string())
     }
     .await;
     if let Err(e) = &result {
@@ -157,22 +146,33 @@ async fn send_snapshot(addresses: AddressBook, envelope: RaftEnvelope, dir: Path
     store.send(StoreMsg::SnapshotReport { group, to_peer, ok: result.is_ok() });
 }
 
-/// Reads a checkpoint into chunks. Checkpoints are of bounded size per partition; reading them into
-/// memory up front keeps the transfer simple (the rate limit still paces the network).
-fn snapshot_chunks(dir: &Path, envelope: RaftEnvelope) -> std::io::Result<Vec<SnapshotChunk>> {
-    let mut chunks = vec![SnapshotChunk { envelope: Some(envelope), ..Default::default() }];
+/// Reads the checkpoint's files in chunks into the stream, pacing to `bytes_per_second` (0 = no limit).
+async fn feed_snapshot(dir: &Path, envelope: RaftEnvelope, tx: mpsc::Sender<SnapshotChunk>, bytes_per_second: u64) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let closed = || std::io::Error::other("receiver closed the stream");
+    tx.send(SnapshotChunk { envelope: Some(envelope), ..Default::default() }).await.map_err(|_| closed())?;
     let mut names: Vec<String> = std::fs::read_dir(dir)?.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).collect();
     names.sort();
+    let started = tokio::time::Instant::now();
+    let mut sent: u64 = 0;
     for name in names {
-        let data = std::fs::read(dir.join(&name))?;
-        let mut pieces = data.chunks(SNAPSHOT_CHUNK_BYTES).peekable();
-        if pieces.peek().is_none() {
-            chunks.push(SnapshotChunk { file_name: name.clone(), file_done: true, ..Default::default() });
-        }
-        while let Some(piece) = pieces.next() {
-            let last = pieces.peek().is_none();
-            chunks.push(SnapshotChunk { file_name: name.clone(), data: piece.to_vec().into(), file_done: last, envelope: None });
+        let mut file = tokio::fs::File::open(dir.join(&name)).await?;
+        let length = file.metadata().await?.len();
+        let mut remaining = length;
+        loop {
+            let mut data = vec![0u8; (remaining as usize).min(SNAPSHOT_CHUNK_BYTES)];
+            file.read_exact(&mut data).await?;
+            remaining -= data.len() as u64;
+            sent += data.len() as u64;
+            if bytes_per_second > 0 {
+                tokio::time::sleep_until(started + Duration::from_secs_f64(sent as f64 / bytes_per_second as f64)).await;
+            }
+            let chunk = SnapshotChunk { envelope: None, file_name: name.clone(), data: data.into(), file_done: remaining == 0 };
+            tx.send(chunk).await.map_err(|_| closed())?;
+            if remaining == 0 {
+                break;
+            }
         }
     }
-    Ok(chunks)
+    Ok(())
 }
