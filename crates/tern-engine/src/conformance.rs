@@ -36,6 +36,11 @@ pub fn check_batches_and_scans(factory: &dyn EngineFactory, dir: &Path) {
 
     let bounded = collect(engine.as_ref(), &[b'k', 2], Some(&[b'k', 4]));
     assert_eq!(bounded.len(), 2);
+    assert!(collect(engine.as_ref(), &[b'k', 8], Some(&[b'k', 2])).is_empty(), "inverted range is empty");
+    let mut b = WriteBatch::default();
+    b.delete_range(vec![b'k', 9], vec![b'k', 1]);
+    engine.write(b).expect("inverted delete range is a no-op");
+    assert_eq!(engine.get(&[b'k', 9]).unwrap(), Some(vec![99]));
     let mut seen = 0;
     engine
         .scan(b"", None, &mut |_, _| {

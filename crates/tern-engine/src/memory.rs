@@ -113,7 +113,7 @@ impl KvEngine for MemoryEngine {
                 WriteOp::Delete { key } => {
                     map.remove(&key);
                 }
-                WriteOp::DeleteRange { start, end } => {
+                WriteOp::DeleteRange { start, end } if start < end => {
                     let doomed: Vec<Vec<u8>> = map
                         .range::<[u8], _>((Bound::Included(&start[..]), Bound::Excluded(&end[..])))
                         .map(|(k, _)| k.clone())
@@ -122,12 +122,16 @@ impl KvEngine for MemoryEngine {
                         map.remove(&k);
                     }
                 }
+                WriteOp::DeleteRange { .. } => {} // empty range, as RocksDB treats it
             }
         }
         Ok(())
     }
 
     fn scan(&self, start: &[u8], end: Option<&[u8]>, visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> EngineResult<()> {
+        if end.is_some_and(|e| e <= start) {
+            return Ok(()); // empty range (RocksDB yields nothing too)
+        }
         let map = self.map.read();
         let upper = match end {
             Some(e) => Bound::Excluded(e),

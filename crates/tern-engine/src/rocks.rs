@@ -91,7 +91,8 @@ impl KvEngine for RocksEngine {
             match op {
                 WriteOp::Put { key, value } => wb.put(key, value),
                 WriteOp::Delete { key } => wb.delete(key),
-                WriteOp::DeleteRange { start, end } => wb.delete_range(start, end),
+                WriteOp::DeleteRange { start, end } if start < end => wb.delete_range(start, end),
+                WriteOp::DeleteRange { .. } => {} // empty range: RocksDB would refuse the batch
             }
         }
         let mut wo = WriteOptions::default();

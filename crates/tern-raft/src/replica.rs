@@ -24,6 +24,8 @@ pub type ReadCallback = Box<dyn FnOnce(ReadResponse) + Send>;
 /// initial members agree on the state below it without exchanging a snapshot.
 pub const INITIAL_INDEX: u64 = 5;
 pub const INITIAL_TERM: u64 = 5;
+/// Received snapshot directories kept while waiting for raft to install one.
+const RECEIVED_SNAPSHOTS_MAX: usize = 4;
 
 #[derive(Clone, Debug)]
 pub struct ReplicaConfig {
@@ -324,6 +326,13 @@ impl Replica {
             match snapshot_dir {
                 Some(dir) => {
                     self.received_snapshots.insert((meta.index, meta.term), dir);
+                    // Snapshots raft rejected (stale or duplicate) are never installed: keep a few.
+                    while self.received_snapshots.len() > RECEIVED_SNAPSHOTS_MAX {
+                        let oldest = *self.received_snapshots.keys().min().expect("not empty");
+                        if let Some(stale) = self.received_snapshots.remove(&oldest) {
+                            let _ = std::fs::remove_dir_all(stale);
+                        }
+                    }
                 }
                 None => return, // a snapshot without its data cannot be installed
             }

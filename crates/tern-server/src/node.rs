@@ -284,3 +284,27 @@ async fn heartbeat_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Configuration values that cannot work are refused with a message naming the setting.
+    #[test]
+    fn config_validation() {
+        let ok = ServerConfig::new("d".into(), "127.0.0.1:0".parse().unwrap(), vec!["127.0.0.1:1".into()]);
+        assert!(ok.validate().is_ok());
+        let mut c = ok.clone();
+        c.meta.clear();
+        assert!(c.validate().unwrap_err().to_string().contains("--meta"));
+        let mut c = ok.clone();
+        c.heartbeat_interval = Duration::ZERO;
+        assert!(c.validate().is_err());
+        let mut c = ok.clone();
+        c.store.tick_interval = Duration::ZERO;
+        assert!(c.validate().is_err());
+        let mut c = ok;
+        c.block_cache_bytes = 1;
+        assert!(c.validate().unwrap_err().to_string().contains("block cache"));
+    }
+}
