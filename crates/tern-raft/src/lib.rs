@@ -9,6 +9,9 @@
 //! `LogStore`, `tern_engine::EngineFactory` and `tern_core::time::Clock`, so the simulator can drive
 //! the same code. New request types go in `apply`/`read`; new replica events in `replica` + `store`.
 
+// raft-rs's protobuf types are built field by field in the style of its own examples.
+#![allow(clippy::field_reassign_with_default)]
+
 pub mod apply;
 pub mod keys;
 pub mod log_store;

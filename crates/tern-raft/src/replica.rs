@@ -373,7 +373,7 @@ impl Replica {
                 fail_reads(batch.reads, TernError::Timeout("no read index from raft in time".into()));
             }
         }
-        if self.ticks % self.cfg.log_gc_interval_ticks == 0 {
+        if self.ticks.is_multiple_of(self.cfg.log_gc_interval_ticks) {
             self.maybe_compact_log();
         }
     }

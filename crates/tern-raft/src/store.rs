@@ -101,6 +101,7 @@ fn stale_error(replica: &Replica) -> TernError {
 
 impl Store {
     /// Opens the store and every replica found under `data_dir/replicas`.
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         node_id: NodeId,
         data_dir: PathBuf,
@@ -265,7 +266,7 @@ impl Store {
             replica.tick();
             self.dirty.insert(*group);
         }
-        if self.ticks % self.cfg.log_purge_interval_ticks == 0 {
+        if self.ticks.is_multiple_of(self.cfg.log_purge_interval_ticks) {
             if let Err(e) = self.log.purge() {
                 tracing::warn!("raft log purge: {e}");
             }

@@ -171,6 +171,6 @@ pub async fn run(client: &Client, cfg: &BenchConfig) -> Result<BenchReport, Tern
         writes.errors += we;
     }
     let elapsed = started.elapsed();
-    let ops = [writes, reads].into_iter().filter(|s| s.histogram.len() > 0 || s.errors > 0).collect();
+    let ops = [writes, reads].into_iter().filter(|s| !s.histogram.is_empty() || s.errors > 0).collect();
     Ok(BenchReport { elapsed, ops })
 }
