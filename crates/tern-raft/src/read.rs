@@ -58,24 +58,13 @@ fn read(engine: &dyn KvEngine, request: &ReadRequest, now_ms: u64) -> Result<Rea
         Some(Op::Count(count)) => {
             let prefix = keys::hashkey_prefix(&count.hashkey);
             let end = codec::prefix_successor(&prefix);
-            let mut failure = None;
-            engine
-                .scan(&prefix, end.as_deref(), &mut |_, v| match codec::decode_value(v) {
-                    Ok((expire, _)) => {
-                        if !codec::is_expired(expire, now_ms) {
-                            response.count += 1;
-                        }
-                        true
-                    }
-                    Err(e) => {
-                        failure = Some(e);
-                        false
-                    }
-                })
-                .map_err(engine_error)?;
-            if let Some(e) = failure {
-                return Err(e);
-            }
+            try_scan(engine, &prefix, end.as_deref(), |_, v| {
+                let (expire, _) = codec::decode_value(v)?;
+                if !codec::is_expired(expire, now_ms) {
+                    response.count += 1;
+                }
+                Ok(true)
+            })?;
         }
     }
     Ok(response)
@@ -95,32 +84,19 @@ fn scan_hashkey(engine: &dyn KvEngine, scan: &tern_proto::Scan, now_ms: u64) -> 
         end = Some(keys::data_key(&scan.hashkey, &scan.stop));
     }
     let mut response = ReadResponse::default();
-    let mut failure = None;
     let prefix_len = hashkey_prefix.len();
-    engine
-        .scan(&start, end.as_deref(), &mut |k, v| {
-            let sortkey = &k[prefix_len..];
-            if !scan.prefix.is_empty() && !sortkey.starts_with(&scan.prefix) {
-                return false; // sorted: past the prefix range
-            }
-            if response.records.len() == limit {
-                response.resume = sortkey.to_vec().into();
-                return false;
-            }
-            match record(&scan.hashkey, sortkey, v, now_ms, scan.no_value) {
-                Ok(Some(r)) => response.records.push(r),
-                Ok(None) => {}
-                Err(e) => {
-                    failure = Some(e);
-                    return false;
-                }
-            }
-            true
-        })
-        .map_err(engine_error)?;
-    if let Some(e) = failure {
-        return Err(e);
-    }
+    try_scan(engine, &start, end.as_deref(), |k, v| {
+        let sortkey = &k[prefix_len..];
+        if !scan.prefix.is_empty() && !sortkey.starts_with(&scan.prefix) {
+            return Ok(false); // sorted: past the prefix range
+        }
+        if response.records.len() == limit {
+            response.resume = sortkey.to_vec().into();
+            return Ok(false);
+        }
+        response.records.extend(record(&scan.hashkey, sortkey, v, now_ms, scan.no_value)?);
+        Ok(true)
+    })?;
     Ok(response)
 }
 
@@ -133,29 +109,36 @@ fn scan_partition(engine: &dyn KvEngine, scan: &tern_proto::Scan, now_ms: u64) -
     }
     let end = keys::data_end();
     let mut response = ReadResponse::default();
+    try_scan(engine, &start, Some(&end), |k, v| {
+        if response.records.len() == limit {
+            response.resume = k.to_vec().into();
+            return Ok(false);
+        }
+        let (hashkey, sortkey) = codec::decode_key(&k[1..])?;
+        response.records.extend(record(hashkey, sortkey, v, now_ms, scan.no_value)?);
+        Ok(true)
+    })?;
+    Ok(response)
+}
+
+/// Scans [start, end) with a visitor that may fail; the first failure stops the scan and is returned.
+fn try_scan(
+    engine: &dyn KvEngine,
+    start: &[u8],
+    end: Option<&[u8]>,
+    mut visit: impl FnMut(&[u8], &[u8]) -> Result<bool, TernError>,
+) -> Result<(), TernError> {
     let mut failure = None;
     engine
-        .scan(&start, Some(&end), &mut |k, v| {
-            if response.records.len() == limit {
-                response.resume = k.to_vec().into();
-                return false;
+        .scan(start, end, &mut |k, v| match visit(k, v) {
+            Ok(more) => more,
+            Err(e) => {
+                failure = Some(e);
+                false
             }
-            let decoded = codec::decode_key(&k[1..]).and_then(|(hk, sk)| record(hk, sk, v, now_ms, scan.no_value));
-            match decoded {
-                Ok(Some(r)) => response.records.push(r),
-                Ok(None) => {}
-                Err(e) => {
-                    failure = Some(e);
-                    return false;
-                }
-            }
-            true
         })
         .map_err(engine_error)?;
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    Ok(response)
+    failure.map_or(Ok(()), Err)
 }
 
 /// A checksum of the replicated contents (records and remembered results, not the apply state), with

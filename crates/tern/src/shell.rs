@@ -299,6 +299,16 @@ pub fn show(bytes: &[u8]) -> String {
     out
 }
 
+/// One line per record, then a count line with an optional remark.
+fn render_records(records: &[tern_proto::Record], remark: &str) -> String {
+    let mut out = String::new();
+    for r in records {
+        let _ = writeln!(out, "{} : {} => {}", show(&r.hashkey), show(&r.sortkey), show(&r.value));
+    }
+    let _ = write!(out, "({} records{remark})", records.len());
+    out
+}
+
 pub struct Shell {
     pub client: Client,
     pub table: String,
@@ -373,12 +383,7 @@ impl Shell {
             }
             Command::MultiGet { hashkey, sortkeys } => {
                 let records = table.multi_get(&hashkey, &sortkeys).await.map_err(err)?;
-                let mut out = String::new();
-                for r in &records {
-                    let _ = writeln!(out, "{} : {} => {}", show(&r.hashkey), show(&r.sortkey), show(&r.value));
-                }
-                let _ = write!(out, "({} records)", records.len());
-                out
+                render_records(&records, "")
             }
             Command::MultiDel { hashkey, sortkeys } => {
                 let n = table.multi_del(&hashkey, &sortkeys).await.map_err(err)?;
@@ -386,15 +391,8 @@ impl Shell {
             }
             Command::Scan { hashkey, options } => {
                 let (records, resume) = table.scan(&hashkey, &options).await.map_err(err)?;
-                let mut out = String::new();
-                for r in &records {
-                    let _ = writeln!(out, "{} : {} => {}", show(&r.hashkey), show(&r.sortkey), show(&r.value));
-                }
-                let _ = write!(out, "({} records)", records.len());
-                if !resume.is_empty() {
-                    let _ = write!(out, "; more from --start {}", show(&resume));
-                }
-                out
+                let more = if resume.is_empty() { String::new() } else { format!("; more from --start {}", show(&resume)) };
+                render_records(&records, &more)
             }
             Command::Count { hashkey } => format!("{}", table.count(&hashkey).await.map_err(err)?),
             Command::Incr { hashkey, sortkey, delta } => format!("{}", table.incr(&hashkey, &sortkey, delta, 0).await.map_err(err)?),
@@ -411,12 +409,7 @@ impl Shell {
             Command::Exists { hashkey, sortkey } => (if table.exists(&hashkey, &sortkey).await.map_err(err)? { "true" } else { "false" }).into(),
             Command::FullScan { limit } => {
                 let (records, cursor) = table.full_scan(&FullScanCursor::default(), limit).await.map_err(err)?;
-                let mut out = String::new();
-                for r in &records {
-                    let _ = writeln!(out, "{} : {} => {}", show(&r.hashkey), show(&r.sortkey), show(&r.value));
-                }
-                let _ = write!(out, "({} records{})", records.len(), if cursor.done { "" } else { "; more remain" });
-                out
+                render_records(&records, if cursor.done { "" } else { "; more remain" })
             }
             Command::Nodes => {
                 let nodes = self.client.refresh_nodes().await.map_err(err)?;
