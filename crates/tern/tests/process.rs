@@ -203,8 +203,18 @@ async fn sigkill_one_server_loses_no_acknowledged_write() {
     let acked = acked.lock().unwrap().clone();
     let after_kill = acked.iter().filter(|(_, at)| *at > killed_at + Duration::from_secs(4)).count();
     assert!(after_kill > 0, "writes resumed after the kill ({} acked in total)", acked.len());
-    let first_after = acked.iter().filter(|(_, at)| *at > killed_at).map(|(_, at)| *at - killed_at).min();
-    eprintln!("acked {} writes; first ack after the kill came {:?} later", acked.len(), first_after);
+    // Per partition: how long after the kill its first write was acknowledged (the partitions the
+    // killed server led wait for an election; the others barely notice).
+    let mut first_after: BTreeMap<u32, Duration> = BTreeMap::new();
+    for (i, at) in &acked {
+        if *at > killed_at {
+            let p = tern_core::codec::partition_of(format!("k{i}").as_bytes(), 4);
+            let gap = *at - killed_at;
+            first_after.entry(p).and_modify(|g| *g = (*g).min(gap)).or_insert(gap);
+        }
+    }
+    eprintln!("acked {} writes; first ack per partition after the kill: {first_after:?}", acked.len());
+    assert_eq!(first_after.len(), 4, "every partition took writes with one server down");
 
     c.servers[1].start();
     let t = c.client.table("f");
