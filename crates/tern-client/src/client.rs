@@ -1,6 +1,7 @@
 //! Connections, routing and the request loop.
 
 use crate::retry::RetryPolicy;
+use crate::routing::{next_step, LeaderTable, NextStep, Reaction};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,7 +34,7 @@ impl ClientConfig {
 /// A table's routing: partitions with their replicas and the leader we currently believe in.
 struct Route {
     table: TableInfo,
-    leaders: Vec<AtomicU64>,
+    leaders: LeaderTable,
 }
 
 struct Inner {
@@ -211,7 +212,9 @@ impl Client {
             let nodes = self.meta_call(|mut m| async move { m.list_nodes(ListNodesRequest {}).await.map(|r| r.into_inner()) }).await?;
             self.learn_nodes(&nodes.nodes);
         }
-        let leaders = info.partitions.iter().map(|p| AtomicU64::new(p.leader_node)).collect();
+        let leaders = LeaderTable::new(
+            info.partitions.iter().map(|p| (p.peers.iter().map(|x| x.node_id).collect(), p.leader_node)).collect(),
+        );
         let route = Arc::new(Route { table: info, leaders });
         self.inner.routes.write().insert(table.to_string(), route.clone());
         Ok(route)
@@ -244,16 +247,6 @@ impl Client {
         Ok(KvClient::new(self.channel(&address)?).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX.max(64 << 20)).max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX))
     }
 
-    /// After a failure without a leader hint, try the partition's next replica.
-    fn rotate_leader(route: &Route, partition: u32) {
-        let p = &route.table.partitions[partition as usize];
-        let current = route.leaders[partition as usize].load(Ordering::Relaxed);
-        let pos = p.peers.iter().position(|x| x.node_id == current).map(|i| i + 1).unwrap_or(0);
-        if let Some(next) = p.peers.get(pos % p.peers.len().max(1)) {
-            route.leaders[partition as usize].store(next.node_id, Ordering::Relaxed);
-        }
-    }
-
     /// Sends one request to the partition leader with the retry loop. `call` builds and sends the
     /// request for a partition ref on a KV client and returns the response's error and the response.
     async fn execute<T, F, Fut>(&self, table: &str, routed: Routed<'_>, call: F) -> TernResult<T>
@@ -272,7 +265,7 @@ impl Client {
                     Routed::Partition(p) if p < count => p,
                     Routed::Partition(p) => return Err(TernError::invalid(format!("partition {p} out of range ({count})"))),
                 };
-                let node = route.leaders[partition as usize].load(Ordering::Relaxed);
+                let node = route.leaders.leader(partition);
                 let remaining = deadline.saturating_duration_since(Instant::now());
                 let pref = PartitionRef { table_id: route.table.table_id, partition, partition_count: count };
                 let outcome = tokio::time::timeout(remaining, call(self.kv(node)?, pref, remaining)).await;
@@ -281,40 +274,27 @@ impl Client {
                     Ok(Err(status)) => Err(status_error(status)),
                     Ok(Ok((error, value))) => tern_proto::check(&error).map(|_| value),
                 };
-                match &r {
-                    Err(TernError::NotLeader { leader: Some(l) }) if *l != node => {
-                        route.leaders[partition as usize].store(*l, Ordering::Relaxed);
+                if let Err(e) = &r {
+                    match route.leaders.observe(partition, node, e) {
+                        Reaction::RefreshRoute => self.forget_route(table),
+                        Reaction::RefreshNodes => self.maybe_refresh_nodes().await,
+                        Reaction::None => {}
                     }
-                    Err(TernError::StaleConfig(_)) | Err(TernError::TableNotFound(_)) | Err(TernError::PartitionNotFound(_)) => {
-                        self.forget_route(table)
-                    }
-                    Err(TernError::Unavailable(_)) => {
-                        Self::rotate_leader(&route, partition);
-                        self.maybe_refresh_nodes().await;
-                    }
-                    Err(e) if e.is_retryable() => Self::rotate_leader(&route, partition),
-                    _ => {}
                 }
                 r
             }
             .await;
-            match result {
+            let error = match result {
                 Ok(v) => return Ok(v),
-                Err(TernError::TableNotFound(t)) if attempt == 0 => {
-                    // Maybe the cached route was for a dropped-and-recreated table: one fresh look.
-                    tracing::debug!("table {t} not found; refreshing route");
-                }
-                Err(e) if !e.is_retryable() => return Err(e),
-                Err(e) => {
-                    if Instant::now() >= deadline {
-                        return Err(match e {
-                            TernError::Timeout(m) => TernError::Timeout(m),
-                            other => TernError::Timeout(format!("gave up after {} attempts; last error: {other}", attempt + 1)),
-                        });
-                    }
-                    if !matches!(e, TernError::NotLeader { leader: Some(_) }) || attempt > 3 {
-                        let d = self.inner.cfg.retry.delay(attempt, &mut *self.inner.rng.lock());
-                        tokio::time::sleep(d.min(deadline.saturating_duration_since(Instant::now()))).await;
+                Err(e) => e,
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let step = next_step(error, attempt, remaining, &self.inner.cfg.retry, &mut *self.inner.rng.lock());
+            match step {
+                NextStep::GiveUp(e) => return Err(e),
+                NextStep::Retry(pause) => {
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
                     }
                 }
             }
@@ -322,25 +302,20 @@ impl Client {
         }
     }
 
-    async fn write(&self, table: &str, hashkey: &[u8], op: write_request::Op, dedup: bool) -> TernResult<WriteResponse> {
-        let seq = if dedup {
-            let s = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-            self.inner.inflight.lock().insert(s);
-            s
-        } else {
-            0
-        };
-        let client_id = if dedup { self.inner.client_id } else { 0 };
+    /// Every write carries (client id, sequence): a retry after a lost answer, or a late duplicate,
+    /// is applied at most once.
+    async fn write(&self, table: &str, hashkey: &[u8], op: write_request::Op) -> TernResult<WriteResponse> {
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        self.inner.inflight.lock().insert(seq);
+        let client_id = self.inner.client_id;
         let r = self
             .execute(table, Routed::Hashkey(hashkey), |mut kv, partition, _| {
-                let first_incomplete_seq = if dedup { self.inner.inflight.lock().first().copied().unwrap_or(seq) } else { 0 };
+                let first_incomplete_seq = self.inner.inflight.lock().first().copied().unwrap_or(seq);
                 let request = WriteRequest { partition: Some(partition), client_id, seq, first_incomplete_seq, op: Some(op.clone()) };
                 async move { kv.write(request).await.map(|r| r.into_inner()).map(|r| (r.error.clone(), r)) }
             })
             .await;
-        if dedup {
-            self.inner.inflight.lock().remove(&seq);
-        }
+        self.inner.inflight.lock().remove(&seq);
         r
     }
 
@@ -404,7 +379,7 @@ impl Table {
             hashkey: bytes(hashkey),
             values: values.iter().map(|(s, v)| SortkeyValue { sortkey: bytes(s), value: bytes(v), ttl_seconds }).collect(),
         });
-        self.client.write(&self.name, hashkey, op, false).await.map(|_| ())
+        self.client.write(&self.name, hashkey, op).await.map(|_| ())
     }
 
     /// Deletes one record; true if it existed.
@@ -415,13 +390,13 @@ impl Table {
     /// Deletes several sortkeys of one hashkey atomically; returns how many existed.
     pub async fn multi_del(&self, hashkey: &[u8], sortkeys: &[Vec<u8>]) -> TernResult<u64> {
         let op = write_request::Op::Del(MultiDel { hashkey: bytes(hashkey), sortkeys: sortkeys.iter().map(|s| bytes(s)).collect() });
-        Ok(self.client.write(&self.name, hashkey, op, false).await?.count)
+        Ok(self.client.write(&self.name, hashkey, op).await?.count)
     }
 
     /// Adds `delta` to an integer record (absent = 0) exactly once, even when retried.
     pub async fn incr(&self, hashkey: &[u8], sortkey: &[u8], delta: i64, ttl_seconds: u32) -> TernResult<i64> {
         let op = write_request::Op::Incr(Incr { hashkey: bytes(hashkey), sortkey: bytes(sortkey), delta, ttl_seconds });
-        Ok(self.client.write(&self.name, hashkey, op, true).await?.new_value)
+        Ok(self.client.write(&self.name, hashkey, op).await?.new_value)
     }
 
     /// If (hashkey, check_sortkey) passes the check, sets (hashkey, set_sortkey) = value, atomically and
@@ -447,7 +422,7 @@ impl Table {
             set_ttl_seconds: ttl_seconds,
             return_check_value: true,
         });
-        let r = self.client.write(&self.name, hashkey, op, true).await?;
+        let r = self.client.write(&self.name, hashkey, op).await?;
         Ok(CasResult { set_done: r.set_done, check_value: r.check_value_exists.then(|| r.check_value.to_vec()) })
     }
 

@@ -1,15 +1,17 @@
 //! The Tern client: fetches a table's routing table from meta, hashes each hashkey to its partition,
 //! sends to the partition's leader, follows NotLeader hints, refreshes stale routes, and retries
 //! retryable failures with exponential backoff and jitter inside a caller-given deadline.
-//! Non-idempotent writes (incr, check_and_set) carry (client id, sequence) so that a retry is applied
-//! at most once.
+//! Every write carries (client id, sequence) so that a retry, or a late duplicate of a request, is
+//! applied at most once.
 //!
-//! Owns: `retry` (the pure backoff policy), `client` (connections, routing, the request loop) and the
+//! Owns: `retry` (the pure backoff policy), `routing` (pure leader tracking and retry decisions,
+//! shared with the simulator), `client` (connections, routing, the request loop) and the
 //! typed operations on `Table`. Must not depend on tern-raft, tern-server or tern-meta: it speaks only
 //! the wire protocol in tern-proto.
 
 mod client;
 pub mod retry;
+pub mod routing;
 
 pub use client::{CasResult, Client, ClientConfig, FullScanCursor, ScanOptions, Table};
 pub use tern_core::TernError;

@@ -123,6 +123,25 @@ mod tests {
         check_expiry_filter(&f, &t.path().join("d"));
     }
 
+    /// The memory engine models power loss: unsynced writes vanish on crash, synced ones stay.
+    #[test]
+    fn memory_engine_crash_loses_unsynced_writes() {
+        let t = tempfile::tempdir().unwrap();
+        let f = memory();
+        let e = f.open(t.path()).unwrap();
+        let mut b = WriteBatch::default();
+        b.put(b"synced".to_vec(), b"1".to_vec());
+        e.write(b).unwrap();
+        e.sync().unwrap();
+        let mut b = WriteBatch::default();
+        b.put(b"unsynced".to_vec(), b"2".to_vec());
+        e.write(b).unwrap();
+        f.crash();
+        let e = f.open(t.path()).unwrap();
+        assert_eq!(e.get(b"synced").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(e.get(b"unsynced").unwrap(), None);
+    }
+
     #[test]
     fn memory_conformance() {
         let t = tempfile::tempdir().unwrap();

@@ -12,11 +12,19 @@ type Map = BTreeMap<Vec<u8>, Vec<u8>>;
 
 const CHECKPOINT_FILE: &str = "memory-engine.dat";
 
+/// A store's contents as the engine sees them, and as they would survive a power failure.
+#[derive(Default)]
+struct Slot {
+    current: Arc<RwLock<Map>>,
+    durable: Arc<Mutex<Map>>,
+}
+
 /// Engines live in the factory keyed by directory, so "reopening" after a simulated restart finds the
-/// same contents (the simulator decides what survives a crash).
+/// contents that survived. Writes are durable only after `sync` (or a checkpoint); `crash` forgets the
+/// rest, as a power failure would.
 #[derive(Default)]
 pub struct MemoryEngineFactory {
-    stores: Mutex<HashMap<PathBuf, Arc<RwLock<Map>>>>,
+    stores: Mutex<HashMap<PathBuf, Slot>>,
     expiry: Option<ExpiryFilter>,
 }
 
@@ -24,19 +32,28 @@ impl MemoryEngineFactory {
     pub fn new(expiry: Option<ExpiryFilter>) -> MemoryEngineFactory {
         MemoryEngineFactory { stores: Default::default(), expiry }
     }
+
+    /// Every store loses what was written since its last sync.
+    pub fn crash(&self) {
+        for slot in self.stores.lock().values() {
+            *slot.current.write() = slot.durable.lock().clone();
+        }
+    }
 }
 
 impl EngineFactory for MemoryEngineFactory {
     fn open(&self, dir: &Path) -> EngineResult<Box<dyn KvEngine>> {
         let mut stores = self.stores.lock();
-        let map = stores.entry(dir.to_path_buf()).or_default().clone();
+        let slot = stores.entry(dir.to_path_buf()).or_default();
         // A checkpoint directory received from a peer is loaded on first open.
         let file = dir.join(CHECKPOINT_FILE);
-        if map.read().is_empty() && file.exists() {
+        if slot.current.read().is_empty() && file.exists() {
             let bytes = std::fs::read(&file).map_err(|e| EngineError::Io(e.to_string()))?;
-            *map.write() = decode(&bytes)?;
+            let map = decode(&bytes)?;
+            *slot.durable.lock() = map.clone();
+            *slot.current.write() = map;
         }
-        Ok(Box::new(MemoryEngine { map, expiry: self.expiry }))
+        Ok(Box::new(MemoryEngine { map: slot.current.clone(), durable: slot.durable.clone(), expiry: self.expiry }))
     }
 
     fn destroy(&self, dir: &Path) -> EngineResult<()> {
@@ -50,12 +67,13 @@ impl EngineFactory for MemoryEngineFactory {
 
 pub struct MemoryEngine {
     map: Arc<RwLock<Map>>,
+    durable: Arc<Mutex<Map>>,
     expiry: Option<ExpiryFilter>,
 }
 
 impl MemoryEngine {
     pub fn new() -> MemoryEngine {
-        MemoryEngine { map: Default::default(), expiry: None }
+        MemoryEngine { map: Default::default(), durable: Default::default(), expiry: None }
     }
 }
 
@@ -146,6 +164,7 @@ impl KvEngine for MemoryEngine {
     }
 
     fn sync(&self) -> EngineResult<()> {
+        *self.durable.lock() = self.map.read().clone();
         Ok(())
     }
 

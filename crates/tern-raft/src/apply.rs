@@ -168,15 +168,32 @@ impl ApplyBatch {
                 Err(e) => return error_response(e),
             }
         }
+        // Results below the client's floor were forgotten: a request that old is a late duplicate of
+        // one the client has finished with, and must not apply again.
+        let floor_key = keys::dedup_floor_key(write.client_id);
+        let floor = match &dedup {
+            None => 0,
+            Some(_) => match self.live_record(engine, &floor_key, now) {
+                Ok(Some((_, v))) => v.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0),
+                Ok(None) => 0,
+                Err(e) => return error_response(e),
+            },
+        };
+        if dedup.is_some() && write.seq < floor {
+            return error_response(TernError::ProposalDropped(format!(
+                "request {} of client {} is older than its acknowledged sequence {floor}; ignored",
+                write.seq, write.client_id
+            )));
+        }
         let response = match self.execute(engine, &write, now) {
             Ok(r) => r,
             Err(e) => error_response(e),
         };
         if let Some(key) = dedup {
-            let forget_from = keys::dedup_key(write.client_id, 0);
-            let forget_to = keys::dedup_key(write.client_id, write.first_incomplete_seq.min(write.seq));
-            if forget_from < forget_to {
-                self.wb.delete_range(forget_from, forget_to);
+            let new_floor = write.first_incomplete_seq.min(write.seq).max(floor);
+            if new_floor > floor {
+                self.wb.delete_range(keys::dedup_key(write.client_id, floor), keys::dedup_key(write.client_id, new_floor));
+                self.put(floor_key, codec::encode_value(now + DEDUP_RESULT_TTL_MS, &new_floor.to_be_bytes()));
             }
             self.put(key, codec::encode_value(now + DEDUP_RESULT_TTL_MS, &response.encode_to_vec()));
         }
@@ -303,7 +320,8 @@ mod tests {
         assert_eq!(apply(&mut sm, 5, command(1000, 0, 0, incr(1))).new_value, 12);
     }
 
-    /// Remembered results below the client's first incomplete seq are forgotten.
+    /// Remembered results below the client's first incomplete seq are forgotten, and a late duplicate
+    /// of a forgotten request is refused instead of applied again.
     #[test]
     fn dedup_results_are_garbage_collected() {
         let mut sm = open();
@@ -311,6 +329,9 @@ mod tests {
         apply(&mut sm, 2, command(1000, 7, 2, incr(1)));
         assert!(sm.engine().get(&keys::dedup_key(7, 1)).unwrap().is_none(), "seq 1 forgotten once seq 2 arrives");
         assert!(sm.engine().get(&keys::dedup_key(7, 2)).unwrap().is_some());
+        let late = apply(&mut sm, 3, command(1000, 7, 1, incr(1)));
+        assert_eq!(late.error.unwrap().code, tern_proto::ErrorCode::ProposalDropped as i32);
+        assert_eq!(apply(&mut sm, 4, command(1000, 0, 0, incr(0))).new_value, 2, "the late duplicate did not apply");
     }
 
     /// Remembered results expire by the leader's clock, deterministically.

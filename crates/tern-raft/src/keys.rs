@@ -3,7 +3,8 @@
 //! - `0x01 ++ codec::encode_key(hashkey, sortkey)`: user records (value: codec value header + value);
 //! - `0x00 'a'`: the apply state (applied index and term, conf state);
 //! - `0x00 'd' ++ client_id (u64 BE) ++ seq (u64 BE)`: remembered results of deduplicated writes
-//!   (value: codec value header with an expiry + encoded WriteResponse).
+//!   (value: codec value header with an expiry + encoded WriteResponse); seq u64::MAX holds the
+//!   client's floor (see `dedup_floor_key`).
 
 use tern_core::codec;
 
@@ -25,6 +26,12 @@ pub fn hashkey_prefix(hashkey: &[u8]) -> Vec<u8> {
 /// The first key after every data key.
 pub fn data_end() -> Vec<u8> {
     vec![DATA_PREFIX + 1]
+}
+
+/// The lowest sequence number of a client whose result may still be remembered (below it, results
+/// were forgotten and requests are refused as late duplicates). Sorts after every dedup key of the client.
+pub fn dedup_floor_key(client_id: u64) -> Vec<u8> {
+    dedup_key(client_id, u64::MAX)
 }
 
 pub fn dedup_key(client_id: u64, seq: u64) -> Vec<u8> {

@@ -27,7 +27,7 @@ pub enum LogOp {
     Clean,
 }
 
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone)]
 pub struct LogWriteBatch {
     pub ops: Vec<(u64, LogOp)>,
 }
@@ -151,37 +151,71 @@ impl LogStore for RaftEngineLogStore {
     }
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct MemGroup {
     entries: BTreeMap<u64, Entry>,
     hard_state: Option<HardState>,
     truncated: Option<(u64, u64)>,
 }
 
-/// An in-memory log store for tests and the simulator.
+/// An in-memory log store for tests and the simulator. It models a disk: writes without `sync` are
+/// visible but lost by `crash()` until a later synced write makes them durable, and writes can be
+/// made to fail.
 #[derive(Default)]
 pub struct MemoryLogStore {
     groups: Mutex<HashMap<u64, MemGroup>>,
+    durable: Mutex<HashMap<u64, MemGroup>>,
+    unsynced: Mutex<Vec<LogWriteBatch>>,
+    failing_writes: std::sync::atomic::AtomicU32,
+}
+
+fn apply_log_batch(groups: &mut HashMap<u64, MemGroup>, batch: LogWriteBatch) {
+    for (group, op) in batch.ops {
+        let g = groups.entry(group).or_default();
+        match op {
+            LogOp::Append(entries) => {
+                if let Some(first) = entries.first() {
+                    let _ = g.entries.split_off(&first.index);
+                }
+                for e in entries {
+                    g.entries.insert(e.index, e);
+                }
+            }
+            LogOp::HardState(hs) => g.hard_state = Some(hs),
+            LogOp::Truncated { index, term } => g.truncated = Some((index, term)),
+            LogOp::CompactBelow(index) => g.entries = g.entries.split_off(&index),
+            LogOp::Clean => *g = MemGroup::default(),
+        }
+    }
+}
+
+impl MemoryLogStore {
+    /// Loses every write not yet covered by a synced write, as a power failure would.
+    pub fn crash(&self) {
+        self.unsynced.lock().clear();
+        *self.groups.lock() = self.durable.lock().clone();
+    }
+
+    /// The next `count` writes fail with an I/O error.
+    pub fn fail_writes(&self, count: u32) {
+        self.failing_writes.store(count, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl LogStore for MemoryLogStore {
-    fn write(&self, batch: LogWriteBatch, _sync: bool) -> Result<(), TernError> {
-        let mut groups = self.groups.lock();
-        for (group, op) in batch.ops {
-            let g = groups.entry(group).or_default();
-            match op {
-                LogOp::Append(entries) => {
-                    if let Some(first) = entries.first() {
-                        let _ = g.entries.split_off(&first.index);
-                    }
-                    for e in entries {
-                        g.entries.insert(e.index, e);
-                    }
-                }
-                LogOp::HardState(hs) => g.hard_state = Some(hs),
-                LogOp::Truncated { index, term } => g.truncated = Some((index, term)),
-                LogOp::CompactBelow(index) => g.entries = g.entries.split_off(&index),
-                LogOp::Clean => *g = MemGroup::default(),
+    fn write(&self, batch: LogWriteBatch, sync: bool) -> Result<(), TernError> {
+        use std::sync::atomic::Ordering;
+        if self.failing_writes.load(Ordering::SeqCst) > 0 {
+            self.failing_writes.fetch_sub(1, Ordering::SeqCst);
+            return Err(TernError::Internal("raft log: injected write error".into()));
+        }
+        apply_log_batch(&mut self.groups.lock(), batch.clone());
+        let mut unsynced = self.unsynced.lock();
+        unsynced.push(batch);
+        if sync {
+            let mut durable = self.durable.lock();
+            for b in unsynced.drain(..) {
+                apply_log_batch(&mut durable, b);
             }
         }
         Ok(())

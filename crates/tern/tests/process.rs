@@ -86,7 +86,7 @@ impl ProcCluster {
             })
             .collect();
         let mut cfg = ClientConfig::new(vec![meta_address.clone()]);
-        cfg.timeout = Duration::from_secs(3);
+        cfg.timeout = Duration::from_secs(10);
         let client = Client::new(cfg).unwrap();
         ProcCluster { dir, meta_address, _meta: meta, servers, client }
     }

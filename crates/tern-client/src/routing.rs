@@ -1,0 +1,140 @@
+//! The client's decisions, without I/O: which replica to send a partition's request to, how to react
+//! to each answer, and whether to retry. The async client and the simulator's clients both use these,
+//! so the simulator exercises the real retry logic.
+
+use crate::retry::RetryPolicy;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tern_core::time::RandomSource;
+use tern_core::{NodeId, TernError};
+
+/// The leader the client believes in for each partition of one table, and each partition's replicas.
+pub struct LeaderTable {
+    replicas: Vec<Vec<NodeId>>,
+    leaders: Vec<AtomicU64>,
+}
+
+/// What the caller must do besides retrying, after an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reaction {
+    None,
+    /// The routing table is stale: fetch it again from meta.
+    RefreshRoute,
+    /// A server could not be reached: re-read node addresses from meta.
+    RefreshNodes,
+}
+
+/// What to do after an attempt failed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum NextStep {
+    /// Try again after this pause (zero: at once).
+    Retry(Duration),
+    /// Stop and report this error.
+    GiveUp(TernError),
+}
+
+impl LeaderTable {
+    /// `partitions[i]` is (replica nodes, believed leader) of partition i.
+    pub fn new(partitions: Vec<(Vec<NodeId>, NodeId)>) -> LeaderTable {
+        let leaders = partitions.iter().map(|(_, l)| AtomicU64::new(*l)).collect();
+        LeaderTable { replicas: partitions.into_iter().map(|(r, _)| r).collect(), leaders }
+    }
+
+    pub fn partition_count(&self) -> usize {
+        self.replicas.len()
+    }
+
+    pub fn leader(&self, partition: u32) -> NodeId {
+        self.leaders[partition as usize].load(Ordering::Relaxed)
+    }
+
+    /// Moves the guess to the partition's next replica (after a failure without a hint).
+    fn rotate(&self, partition: u32) {
+        let replicas = &self.replicas[partition as usize];
+        if replicas.is_empty() {
+            return;
+        }
+        let current = self.leader(partition);
+        let pos = replicas.iter().position(|n| *n == current).map(|i| i + 1).unwrap_or(0);
+        self.leaders[partition as usize].store(replicas[pos % replicas.len()], Ordering::Relaxed);
+    }
+
+    /// Learns from an error answered by (or about) `node` for `partition`.
+    pub fn observe(&self, partition: u32, node: NodeId, error: &TernError) -> Reaction {
+        match error {
+            TernError::NotLeader { leader: Some(l) } if *l != node => {
+                self.leaders[partition as usize].store(*l, Ordering::Relaxed);
+                Reaction::None
+            }
+            TernError::StaleConfig(_) | TernError::TableNotFound(_) | TernError::PartitionNotFound(_) => Reaction::RefreshRoute,
+            TernError::Unavailable(_) => {
+                self.rotate(partition);
+                Reaction::RefreshNodes
+            }
+            e if e.is_retryable() => {
+                self.rotate(partition);
+                Reaction::None
+            }
+            _ => Reaction::None,
+        }
+    }
+}
+
+/// Decides whether attempt number `attempt` (0-based), which failed with `error`, is retried, given
+/// the time left before the caller's deadline.
+pub fn next_step(error: TernError, attempt: u32, remaining: Duration, policy: &RetryPolicy, rng: &mut dyn RandomSource) -> NextStep {
+    let retryable = error.is_retryable() || (matches!(error, TernError::TableNotFound(_)) && attempt == 0);
+    if !retryable {
+        return NextStep::GiveUp(error);
+    }
+    if remaining.is_zero() {
+        return NextStep::GiveUp(match error {
+            TernError::Timeout(m) => TernError::Timeout(m),
+            other => TernError::Timeout(format!("gave up after {} attempts; last error: {other}", attempt + 1)),
+        });
+    }
+    // Following a fresh leader hint needs no pause, the first few times.
+    if matches!(error, TernError::NotLeader { leader: Some(_) }) && attempt <= 3 {
+        return NextStep::Retry(Duration::ZERO);
+    }
+    NextStep::Retry(policy.delay(attempt, rng).min(remaining))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_core::time::SeededRandom;
+
+    fn table() -> LeaderTable {
+        LeaderTable::new(vec![(vec![1, 2, 3], 1), (vec![2, 3, 4], 3)])
+    }
+
+    /// Leader hints are followed; failures without a hint rotate through the replicas.
+    #[test]
+    fn leader_following() {
+        let t = table();
+        assert_eq!(t.observe(0, 1, &TernError::NotLeader { leader: Some(3) }), Reaction::None);
+        assert_eq!(t.leader(0), 3);
+        t.observe(0, 3, &TernError::Timeout("x".into()));
+        assert_eq!(t.leader(0), 1, "wraps around");
+        assert_eq!(t.observe(1, 3, &TernError::Unavailable("down".into())), Reaction::RefreshNodes);
+        assert_eq!(t.leader(1), 4);
+        assert_eq!(t.observe(1, 4, &TernError::StaleConfig("x".into())), Reaction::RefreshRoute);
+        assert_eq!(t.observe(1, 4, &TernError::invalid("bad")), Reaction::None);
+        assert_eq!(t.leader(1), 4, "a request error says nothing about leadership");
+    }
+
+    /// Non-retryable errors end at once; retryable ones retry with backoff until the deadline.
+    #[test]
+    fn retry_decisions() {
+        let p = RetryPolicy::default();
+        let mut rng = SeededRandom::new(3);
+        let left = Duration::from_secs(5);
+        assert!(matches!(next_step(TernError::invalid("x"), 0, left, &p, &mut rng), NextStep::GiveUp(TernError::InvalidArgument(_))));
+        assert_eq!(next_step(TernError::NotLeader { leader: Some(2) }, 0, left, &p, &mut rng), NextStep::Retry(Duration::ZERO));
+        assert!(matches!(next_step(TernError::Busy("x".into()), 2, left, &p, &mut rng), NextStep::Retry(d) if d > Duration::ZERO));
+        assert!(matches!(next_step(TernError::Busy("x".into()), 2, Duration::ZERO, &p, &mut rng), NextStep::GiveUp(TernError::Timeout(_))));
+        assert!(matches!(next_step(TernError::TableNotFound("t".into()), 0, left, &p, &mut rng), NextStep::Retry(_)));
+        assert!(matches!(next_step(TernError::TableNotFound("t".into()), 1, left, &p, &mut rng), NextStep::GiveUp(_)));
+    }
+}
