@@ -65,9 +65,13 @@ impl StateMachine {
         let state = match engine.get(keys::APPLY_STATE_KEY).map_err(engine_error)? {
             Some(bytes) => ApplyState::decode(&bytes)?,
             None => {
+                // Synced: the initial conf state exists nowhere else, and a replica that lost it
+                // (power failure before the engine's first sync) could never vote or campaign again.
+                // Found by the simulator (seeds 1084, 1120, 1181).
                 let mut wb = WriteBatch::default();
                 wb.put(keys::APPLY_STATE_KEY.to_vec(), initial.encode());
                 engine.write(wb).map_err(engine_error)?;
+                engine.sync().map_err(engine_error)?;
                 initial
             }
         };

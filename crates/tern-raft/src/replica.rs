@@ -24,6 +24,11 @@ pub type ReadCallback = Box<dyn FnOnce(ReadResponse) + Send>;
 /// initial members agree on the state below it without exchanging a snapshot.
 pub const INITIAL_INDEX: u64 = 5;
 pub const INITIAL_TERM: u64 = 5;
+/// A deliberately planted bug, for proving that the simulator's checker catches it: when set, a
+/// leader answers linearizable reads from local state without confirming its leadership (ReadIndex),
+/// so a deposed leader can serve stale data. Only the simulator's tests set it.
+pub static PLANTED_BUG_READ_WITHOUT_READ_INDEX: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Received snapshot directories kept while waiting for raft to install one.
 const RECEIVED_SNAPSHOTS_MAX: usize = 4;
 
@@ -298,6 +303,9 @@ impl Replica {
         }
         if !self.is_leader() {
             return callback(ReadResponse { error: Some(self.not_leader().into()), ..Default::default() });
+        }
+        if PLANTED_BUG_READ_WITHOUT_READ_INDEX.load(std::sync::atomic::Ordering::Relaxed) {
+            return callback(execute_read(self.sm.engine(), &request, now_unix_ms));
         }
         let queued: usize = self.waiting_reads.len() + self.read_batches.iter().map(|b| b.reads.len()).sum::<usize>();
         if queued >= self.cfg.pending_reads_max {
