@@ -67,7 +67,7 @@ impl StateMachine {
             None => {
                 // Synced: the initial conf state exists nowhere else, and a replica that lost it
                 // (power failure before the engine's first sync) could never vote or campaign again.
-                // Found by the simulator (seeds 1084, 1120, 1181).
+                // Found by the simulator (regression seeds in tern-sim/tests/sim.rs).
                 let mut wb = WriteBatch::default();
                 wb.put(keys::APPLY_STATE_KEY.to_vec(), initial.encode());
                 engine.write(wb).map_err(engine_error)?;

@@ -135,6 +135,10 @@ enum Fault {
     Heal,
     ClockJump(NodeId, i64),
     Noise(bool),
+    /// The node stops processing (as under SIGSTOP or a long pause) for this many milliseconds.
+    Pause(NodeId, u64),
+    /// The node's next raft-log write fails: the store treats it as fatal and the node restarts.
+    DiskFailure(NodeId),
     HealAll,
 }
 
@@ -280,6 +284,9 @@ struct Node {
     clock_offset: Arc<AtomicI64>,
     store: Option<Store>,
     epoch: u64,
+    paused_until: u64,
+    /// A disk failure was injected: the panic it causes is expected.
+    disk_failure_armed: bool,
 }
 
 /// One operation a client is working on.
@@ -323,6 +330,10 @@ pub struct World {
     trace_tail: std::collections::VecDeque<String>,
     /// (group, term) -> leader peer seen, for the one-leader-per-term invariant.
     leaders_seen: BTreeMap<(u64, u64), u64>,
+    /// (group, index) -> (term, data hash) of every committed entry seen: committed entries never change.
+    committed: BTreeMap<(u64, u64), (u64, u64)>,
+    /// (node, group) -> highest committed index already compared.
+    committed_checked: BTreeMap<(NodeId, u64), u64>,
     healed_at: Option<u64>,
 }
 
@@ -334,8 +345,23 @@ fn node_seed(seed: u64, node: NodeId, epoch: u64) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (node << 32) ^ epoch
 }
 
+/// Panics caused by injected faults are expected; keep them out of the output.
+fn quiet_injected_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info.payload().downcast_ref::<String>().map(|s| s.as_str()).or_else(|| info.payload().downcast_ref::<&str>().copied());
+            if !msg.is_some_and(|m| m.contains("injected")) {
+                default(info);
+            }
+        }));
+    });
+}
+
 impl World {
     pub fn new(cfg: SimConfig) -> World {
+        quiet_injected_panics();
         let root_dir = tempfile::tempdir().expect("temporary directory");
         let root = root_dir.path().to_path_buf();
         let now = Arc::new(AtomicU64::new(0));
@@ -356,6 +382,8 @@ impl World {
                 clock_offset: Arc::new(AtomicI64::new(0)),
                 store: None,
                 epoch: 0,
+                paused_until: 0,
+                disk_failure_armed: false,
             })
             .collect();
         let replicas: Vec<NodeId> = (1..=cfg.nodes as u64).collect();
@@ -388,6 +416,8 @@ impl World {
             events: 0,
             trace_tail: Default::default(),
             leaders_seen: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            committed_checked: BTreeMap::new(),
             healed_at: None,
         };
         for i in 0..world.nodes.len() {
@@ -402,8 +432,8 @@ impl World {
     }
 
     fn store_config() -> StoreConfig {
-        let mut cfg = StoreConfig::default();
-        cfg.tick_interval = Duration::from_millis(TICK_MS);
+        // Small log thresholds so that compaction and snapshot transfer happen in every run.
+        let mut cfg = StoreConfig { tick_interval: Duration::from_millis(TICK_MS), ..Default::default() };
         cfg.replica.log_gc_count_threshold = 50;
         cfg.replica.log_gc_lag_max = 100;
         cfg.replica.log_gc_interval_ticks = 5;
@@ -466,7 +496,7 @@ impl World {
         while t < self.cfg.fault_phase_ms {
             let node = rng.range(1, n + 1);
             let length = rng.range(300, 3000);
-            match rng.range(0, 6) {
+            match rng.range(0, 8) {
                 0 => {
                     planned.push((t, Fault::Crash(node)));
                     planned.push((t + length, Fault::Restart(node)));
@@ -481,6 +511,8 @@ impl World {
                     planned.push((t + length, Fault::Heal));
                 }
                 3 => planned.push((t, Fault::ClockJump(node, rng.range(0, 20_000) as i64 - 10_000))),
+                4 => planned.push((t, Fault::Pause(node, length))),
+                5 => planned.push((t, Fault::DiskFailure(node))),
                 _ => {
                     planned.push((t, Fault::Noise(true)));
                     planned.push((t + length, Fault::Noise(false)));
@@ -502,7 +534,15 @@ impl World {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(store)));
         if let Err(panic) = result {
             let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
-            self.failures.push(format!("node {} panicked: {msg}", self.nodes[index].id));
+            let node = self.nodes[index].id;
+            if self.nodes[index].disk_failure_armed && msg.contains("raft log write failed") {
+                // The injected disk failure did what it should: the node stops; it restarts later.
+                self.nodes[index].disk_failure_armed = false;
+                let delay = self.shared.lock().rng.range(200, 2000);
+                self.shared.lock().schedule(delay, Event::Fault(Fault::Restart(node)));
+            } else {
+                self.failures.push(format!("node {node} panicked: {msg}"));
+            }
             self.crash(index);
         }
     }
@@ -593,7 +633,24 @@ impl World {
         (id - 1) as usize
     }
 
+    /// The node an event is delivered to, if any.
+    fn target(event: &Event) -> Option<NodeId> {
+        match event {
+            Event::Raft { to, .. } => Some(*to),
+            Event::SnapshotReport { node, .. } | Event::Tick { node, .. } | Event::Request { node, .. } => Some(*node),
+            _ => None,
+        }
+    }
+
     fn handle(&mut self, event: Event) {
+        if let Some(node) = Self::target(&event) {
+            let until = self.nodes[self.node_index(node)].paused_until;
+            let now = self.now.load(Ordering::SeqCst);
+            if now < until {
+                self.shared.lock().schedule(until - now, event);
+                return;
+            }
+        }
         match event {
             Event::Raft { to, group, message, snapshot_dir } => {
                 let i = self.node_index(to);
@@ -673,12 +730,26 @@ impl World {
             Fault::ClockJump(node, delta) => {
                 self.nodes[self.node_index(node)].clock_offset.fetch_add(delta, Ordering::SeqCst);
             }
+            Fault::Pause(node, length) => {
+                let i = self.node_index(node);
+                self.nodes[i].paused_until = self.now.load(Ordering::SeqCst) + length;
+            }
+            Fault::DiskFailure(node) => {
+                let i = self.node_index(node);
+                if self.nodes[i].store.is_some() {
+                    self.nodes[i].disk_failure_armed = true;
+                    self.nodes[i].log.fail_writes(1);
+                }
+            }
             Fault::HealAll => {
                 net(&|w: &mut Network| {
                     w.cut.clear();
                     w.noisy = false;
                 });
                 for i in 0..self.nodes.len() {
+                    self.nodes[i].log.fail_writes(0);
+                    self.nodes[i].disk_failure_armed = false;
+                    self.nodes[i].paused_until = 0;
                     if self.nodes[i].store.is_none() {
                         self.start_node(i);
                     }
@@ -724,6 +795,7 @@ impl World {
             store.handle(StoreMsg::Status(Box::new(move |s| drop(tx.send(s)))));
             statuses = rx.try_recv().unwrap_or_default();
         }
+        self.check_committed_entries(index, &statuses);
         for s in statuses.iter().filter(|s| s.is_leader) {
             match self.leaders_seen.get(&(s.group_id, s.term)) {
                 Some(&peer) if peer != s.peer_id => {
@@ -733,6 +805,37 @@ impl World {
                     self.leaders_seen.insert((s.group_id, s.term), s.peer_id);
                 }
             }
+        }
+    }
+
+    /// Committed entries never change: every committed entry a replica holds must equal what any
+    /// replica held at that index before.
+    fn check_committed_entries(&mut self, index: usize, statuses: &[tern_proto::ReplicaStatus]) {
+        use tern_raft::log_store::LogStore;
+        let node = self.nodes[index].id;
+        for s in statuses {
+            let checked = self.committed_checked.get(&(node, s.group_id)).copied().unwrap_or(0);
+            let from = checked.max(s.first_log_index.saturating_sub(1)) + 1;
+            for i in from..=s.commit_index {
+                let Ok(Some(entry)) = self.nodes[index].log.entry(s.group_id, i) else { continue };
+                let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+                for b in entry.data.iter() {
+                    hash ^= *b as u64;
+                    hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+                }
+                match self.committed.get(&(s.group_id, i)) {
+                    Some(&(term, h)) if (term, h) != (entry.term, hash) => self.failures.push(format!(
+                        "committed entry {i} of group {} changed: term {term} before, term {} on node {node} now",
+                        GroupId(s.group_id),
+                        entry.term
+                    )),
+                    Some(_) => {}
+                    None => {
+                        self.committed.insert((s.group_id, i), (entry.term, hash));
+                    }
+                }
+            }
+            self.committed_checked.insert((node, s.group_id), s.commit_index.max(checked));
         }
     }
 
