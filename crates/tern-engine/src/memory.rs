@@ -26,11 +26,17 @@ struct Slot {
 pub struct MemoryEngineFactory {
     stores: Mutex<HashMap<PathBuf, Slot>>,
     expiry: Option<ExpiryFilter>,
+    failing_writes: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl MemoryEngineFactory {
     pub fn new(expiry: Option<ExpiryFilter>) -> MemoryEngineFactory {
-        MemoryEngineFactory { stores: Default::default(), expiry }
+        MemoryEngineFactory { stores: Default::default(), expiry, failing_writes: Default::default() }
+    }
+
+    /// The next `count` write batches (to any store of this factory) fail with an I/O error.
+    pub fn fail_writes(&self, count: u32) {
+        self.failing_writes.store(count, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Every store loses what was written since its last sync.
@@ -53,7 +59,12 @@ impl EngineFactory for MemoryEngineFactory {
             *slot.durable.lock() = map.clone();
             *slot.current.write() = map;
         }
-        Ok(Box::new(MemoryEngine { map: slot.current.clone(), durable: slot.durable.clone(), expiry: self.expiry }))
+        Ok(Box::new(MemoryEngine {
+            map: slot.current.clone(),
+            durable: slot.durable.clone(),
+            expiry: self.expiry,
+            failing_writes: self.failing_writes.clone(),
+        }))
     }
 
     fn destroy(&self, dir: &Path) -> EngineResult<()> {
@@ -69,11 +80,12 @@ pub struct MemoryEngine {
     map: Arc<RwLock<Map>>,
     durable: Arc<Mutex<Map>>,
     expiry: Option<ExpiryFilter>,
+    failing_writes: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl MemoryEngine {
     pub fn new() -> MemoryEngine {
-        MemoryEngine { map: Default::default(), durable: Default::default(), expiry: None }
+        MemoryEngine { map: Default::default(), durable: Default::default(), expiry: None, failing_writes: Default::default() }
     }
 }
 
@@ -122,6 +134,11 @@ impl KvEngine for MemoryEngine {
     }
 
     fn write(&self, batch: WriteBatch) -> EngineResult<()> {
+        use std::sync::atomic::Ordering;
+        if self.failing_writes.load(Ordering::SeqCst) > 0 {
+            self.failing_writes.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Io("injected write error".into()));
+        }
         let mut map = self.map.write();
         for op in batch.ops {
             match op {

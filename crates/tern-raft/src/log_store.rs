@@ -167,6 +167,7 @@ pub struct MemoryLogStore {
     durable: Mutex<HashMap<u64, MemGroup>>,
     unsynced: Mutex<Vec<LogWriteBatch>>,
     failing_writes: std::sync::atomic::AtomicU32,
+    failing_reads: std::sync::atomic::AtomicU32,
 }
 
 fn apply_log_batch(groups: &mut HashMap<u64, MemGroup>, batch: LogWriteBatch) {
@@ -200,6 +201,25 @@ impl MemoryLogStore {
     pub fn fail_writes(&self, count: u32) {
         self.failing_writes.store(count, std::sync::atomic::Ordering::SeqCst);
     }
+
+    /// The next `count` entry reads fail with an I/O error.
+    pub fn fail_reads(&self, count: u32) {
+        self.failing_reads.store(count, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Reads an entry without fault injection (for the simulator's invariant checks).
+    pub fn peek_entry(&self, group: u64, index: u64) -> Option<Entry> {
+        self.groups.lock().get(&group).and_then(|g| g.entries.get(&index).cloned())
+    }
+
+    fn injected_read_error(&self) -> Result<(), TernError> {
+        use std::sync::atomic::Ordering;
+        if self.failing_reads.load(Ordering::SeqCst) > 0 {
+            self.failing_reads.fetch_sub(1, Ordering::SeqCst);
+            return Err(TernError::Internal("raft log: injected read error".into()));
+        }
+        Ok(())
+    }
 }
 
 impl LogStore for MemoryLogStore {
@@ -222,6 +242,7 @@ impl LogStore for MemoryLogStore {
     }
 
     fn entries(&self, group: u64, low: u64, high: u64, max_bytes: Option<u64>) -> Result<Vec<Entry>, TernError> {
+        self.injected_read_error()?;
         let groups = self.groups.lock();
         let mut out: Vec<Entry> = groups
             .get(&group)
@@ -232,6 +253,7 @@ impl LogStore for MemoryLogStore {
     }
 
     fn entry(&self, group: u64, index: u64) -> Result<Option<Entry>, TernError> {
+        self.injected_read_error()?;
         Ok(self.groups.lock().get(&group).and_then(|g| g.entries.get(&index).cloned()))
     }
 

@@ -125,6 +125,13 @@ enum Event {
     Fault(Fault),
 }
 
+#[derive(Clone, Copy, Debug)]
+enum DiskFault {
+    LogWrite,
+    LogRead,
+    EngineWrite,
+}
+
 #[derive(Clone, Debug)]
 enum Fault {
     Crash(NodeId),
@@ -137,8 +144,9 @@ enum Fault {
     Noise(bool),
     /// The node stops processing (as under SIGSTOP or a long pause) for this many milliseconds.
     Pause(NodeId, u64),
-    /// The node's next raft-log write fails: the store treats it as fatal and the node restarts.
-    DiskFailure(NodeId),
+    /// The node's next raft-log write, raft-log read or engine write fails: the store treats it as
+    /// fatal and the node restarts.
+    DiskFailure(NodeId, DiskFault),
     HealAll,
 }
 
@@ -345,14 +353,19 @@ fn node_seed(seed: u64, node: NodeId, epoch: u64) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (node << 32) ^ epoch
 }
 
-/// Panics caused by injected faults are expected; keep them out of the output.
+thread_local! {
+    /// Set while production code runs under `with_store`, where injected faults may panic.
+    static IN_STORE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Panics caused by injected faults inside production code are expected; keep them out of the output.
 fn quiet_injected_panics() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             let msg = info.payload().downcast_ref::<String>().map(|s| s.as_str()).or_else(|| info.payload().downcast_ref::<&str>().copied());
-            if !msg.is_some_and(|m| m.contains("injected")) {
+            if !(IN_STORE.with(|f| f.get()) && msg.is_some_and(|m| m.contains("injected"))) {
                 default(info);
             }
         }));
@@ -445,19 +458,15 @@ impl World {
         node.epoch += 1;
         let transport = SimTransport { node: node.id, shared: self.shared.clone(), root: self.root.clone() };
         let clock = Arc::new(SimClock { now: self.now.clone(), offset_ms: node.clock_offset.clone() });
-        let store = Store::open(
-            node.id,
-            node.dir.clone(),
-            node.log.clone(),
-            node.engines.clone(),
-            clock,
-            node_seed(self.cfg.seed, node.id, node.epoch),
-            Self::store_config(),
-            Box::new(transport),
-        );
+        let seed = node_seed(self.cfg.seed, node.id, node.epoch);
+        let (log, engines) = (node.log.clone(), node.engines.clone());
+        let store = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Store::open(node.id, node.dir.clone(), log, engines, clock, seed, Self::store_config(), Box::new(transport))
+        }));
         match store {
-            Ok(s) => node.store = Some(s),
-            Err(e) => self.failures.push(format!("node {} failed to open its store: {e}", node.id)),
+            Ok(Ok(s)) => node.store = Some(s),
+            Ok(Err(e)) => self.failures.push(format!("node {} failed to open its store: {e}", node.id)),
+            Err(_) => self.failures.push(format!("node {} panicked while opening its store", node.id)),
         }
         let (id, epoch) = (node.id, node.epoch);
         let offset = self.shared.lock().rng.range(1, TICK_MS);
@@ -512,7 +521,10 @@ impl World {
                 }
                 3 => planned.push((t, Fault::ClockJump(node, rng.range(0, 20_000) as i64 - 10_000))),
                 4 => planned.push((t, Fault::Pause(node, length))),
-                5 => planned.push((t, Fault::DiskFailure(node))),
+                5 => {
+                    let kind = [DiskFault::LogWrite, DiskFault::LogRead, DiskFault::EngineWrite][rng.range(0, 3) as usize];
+                    planned.push((t, Fault::DiskFailure(node, kind)));
+                }
                 _ => {
                     planned.push((t, Fault::Noise(true)));
                     planned.push((t + length, Fault::Noise(false)));
@@ -531,11 +543,13 @@ impl World {
     /// Runs a store operation; a panic inside production code is a failure of the run.
     fn with_store(&mut self, index: usize, f: impl FnOnce(&mut Store)) {
         let Some(store) = self.nodes[index].store.as_mut() else { return };
+        IN_STORE.with(|flag| flag.set(true));
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(store)));
+        IN_STORE.with(|flag| flag.set(false));
         if let Err(panic) = result {
             let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
             let node = self.nodes[index].id;
-            if self.nodes[index].disk_failure_armed && msg.contains("raft log write failed") {
+            if self.nodes[index].disk_failure_armed && msg.contains("injected") {
                 // The injected disk failure did what it should: the node stops; it restarts later.
                 self.nodes[index].disk_failure_armed = false;
                 let delay = self.shared.lock().rng.range(200, 2000);
@@ -553,6 +567,11 @@ impl World {
         node.log.crash();
         node.engines.crash();
         node.epoch += 1;
+        // An injected disk fault is a one-off: it does not outlive the process it hit.
+        node.disk_failure_armed = false;
+        node.log.fail_writes(0);
+        node.log.fail_reads(0);
+        node.engines.fail_writes(0);
     }
 
     fn trace(&mut self, at: u64, event: &Event) {
@@ -734,11 +753,15 @@ impl World {
                 let i = self.node_index(node);
                 self.nodes[i].paused_until = self.now.load(Ordering::SeqCst) + length;
             }
-            Fault::DiskFailure(node) => {
+            Fault::DiskFailure(node, kind) => {
                 let i = self.node_index(node);
                 if self.nodes[i].store.is_some() {
                     self.nodes[i].disk_failure_armed = true;
-                    self.nodes[i].log.fail_writes(1);
+                    match kind {
+                        DiskFault::LogWrite => self.nodes[i].log.fail_writes(1),
+                        DiskFault::LogRead => self.nodes[i].log.fail_reads(1),
+                        DiskFault::EngineWrite => self.nodes[i].engines.fail_writes(1),
+                    }
                 }
             }
             Fault::HealAll => {
@@ -748,6 +771,8 @@ impl World {
                 });
                 for i in 0..self.nodes.len() {
                     self.nodes[i].log.fail_writes(0);
+                    self.nodes[i].log.fail_reads(0);
+                    self.nodes[i].engines.fail_writes(0);
                     self.nodes[i].disk_failure_armed = false;
                     self.nodes[i].paused_until = 0;
                     if self.nodes[i].store.is_none() {
@@ -811,13 +836,12 @@ impl World {
     /// Committed entries never change: every committed entry a replica holds must equal what any
     /// replica held at that index before.
     fn check_committed_entries(&mut self, index: usize, statuses: &[tern_proto::ReplicaStatus]) {
-        use tern_raft::log_store::LogStore;
         let node = self.nodes[index].id;
         for s in statuses {
             let checked = self.committed_checked.get(&(node, s.group_id)).copied().unwrap_or(0);
             let from = checked.max(s.first_log_index.saturating_sub(1)) + 1;
             for i in from..=s.commit_index {
-                let Ok(Some(entry)) = self.nodes[index].log.entry(s.group_id, i) else { continue };
+                let Some(entry) = self.nodes[index].log.peek_entry(s.group_id, i) else { continue };
                 let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
                 for b in entry.data.iter() {
                     hash ^= *b as u64;

@@ -24,12 +24,12 @@ fn one_seed() {
 
 /// Seeds that found real bugs, kept as regression tests. A seed's schedule depends on the simulator's
 /// generators: whoever changes those re-finds the seeds with the bug put back (and updates this list).
-/// - 1024, 1064, 1078 (first found as 1084, 1120, 1181 before pauses and disk faults were added): a
+/// - 1024, 1058, 1064 (first found as 1084, 1120, 1181 before pauses and disk faults were added): a
 ///   replica's initial conf state was written to its engine without a sync; after a power failure it
 ///   was gone, and the replica could neither vote nor campaign (no leader, for good).
 #[test]
 fn regression_seeds() {
-    for seed in [1024, 1064, 1078] {
+    for seed in [1024, 1058, 1064] {
         let report = run(SimConfig::new(seed));
         assert!(report.ok(), "{}", report.describe());
     }
