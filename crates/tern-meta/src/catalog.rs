@@ -12,11 +12,29 @@ pub struct NodeRecord {
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PartitionRecord {
-    /// (peer id, node id) of each replica.
+    /// (peer id, node id) of each voting replica.
     pub peers: Vec<(PeerId, NodeId)>,
     /// The node whose replica campaigns first, to spread leaders evenly.
     pub preferred_leader: NodeId,
+    /// Replicas being filled (raft learners) before they replace a lost voter.
+    #[serde(default)]
+    pub learners: Vec<(PeerId, NodeId)>,
+    /// Peers of the first replica set: they bootstrap raft; later ones start empty.
+    #[serde(default)]
+    pub initial_peers: Vec<PeerId>,
 }
+
+/// What meta knows of one partition's replicas from heartbeats.
+#[derive(Clone, Debug, Default)]
+pub struct GroupProgress {
+    /// Commit index reported by the current leader (0 if no leader reported).
+    pub leader_commit: u64,
+    /// Applied index reported by each peer.
+    pub applied: HashMap<PeerId, u64>,
+}
+
+/// A learner is promoted once it has applied to within this many entries of the leader's commit.
+pub const LEARNER_CATCH_UP_ENTRIES: u64 = 100;
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TableRecord {
@@ -43,6 +61,8 @@ pub struct Assignment {
     pub group: GroupId,
     pub peer_id: PeerId,
     pub peers: Vec<(PeerId, NodeId)>,
+    pub learners: Vec<(PeerId, NodeId)>,
+    pub initial: bool,
     pub partition_count: u32,
     pub preferred_leader: bool,
 }
@@ -95,7 +115,7 @@ impl Catalog {
             candidates.truncate(replica_count as usize);
             let leader = *candidates.iter().min_by_key(|n| (leaders[n], **n)).expect("replica_count >= 1");
             *leaders.get_mut(&leader).expect("alive") += 1;
-            let peers = candidates
+            let peers: Vec<(PeerId, NodeId)> = candidates
                 .iter()
                 .map(|n| {
                     *replicas.get_mut(n).expect("alive") += 1;
@@ -103,7 +123,8 @@ impl Catalog {
                     (self.next_peer_id, *n)
                 })
                 .collect();
-            partitions.push(PartitionRecord { peers, preferred_leader: leader });
+            let initial_peers = peers.iter().map(|(p, _)| *p).collect();
+            partitions.push(PartitionRecord { peers, preferred_leader: leader, learners: vec![], initial_peers });
         }
         self.next_table_id += 1;
         let table = TableRecord { id: self.next_table_id, name: name.to_string(), partition_count, replica_count, partitions };
@@ -121,16 +142,87 @@ impl Catalog {
         self.tables.get(name).ok_or_else(|| TernError::TableNotFound(name.to_string()))
     }
 
+    /// Re-replication: for each partition that lost a voter to a down node, add a learner on the
+    /// least-loaded live node that has no replica of it; once the learner has caught up, make it a
+    /// voter in place of the lost one. At most `per_target_max` learners fill on one node at a time
+    /// (each is a snapshot transfer). Returns what changed, for the log; empty if nothing did.
+    pub fn schedule_repairs(&mut self, alive: &[NodeId], progress: &HashMap<u64, GroupProgress>, per_target_max: usize) -> Vec<String> {
+        let mut changes = Vec::new();
+        let mut load: HashMap<NodeId, usize> = alive.iter().map(|n| (*n, 0)).collect();
+        let mut filling: HashMap<NodeId, usize> = HashMap::new();
+        for t in self.tables.values() {
+            for p in &t.partitions {
+                for (_, n) in p.peers.iter().chain(p.learners.iter()) {
+                    if let Some(c) = load.get_mut(n) {
+                        *c += 1;
+                    }
+                }
+                for (_, n) in &p.learners {
+                    *filling.entry(*n).or_default() += 1;
+                }
+            }
+        }
+        let mut next_peer_id = self.next_peer_id;
+        for t in self.tables.values_mut() {
+            for (i, p) in t.partitions.iter_mut().enumerate() {
+                let group = GroupId::new(t.id, i as u32);
+                let lost: Vec<(PeerId, NodeId)> = p.peers.iter().copied().filter(|(_, n)| !alive.contains(n)).collect();
+                if let Some(&(learner, node)) = p.learners.first() {
+                    if lost.is_empty() {
+                        // The lost node came back before the learner was ready: stop filling it.
+                        p.learners.clear();
+                        changes.push(format!("partition {group}: cancelled learner {learner} on node {node}"));
+                        continue;
+                    }
+                    let g = progress.get(&group.0);
+                    let caught_up = g.is_some_and(|g| {
+                        g.leader_commit > 0 && g.applied.get(&learner).is_some_and(|a| a + LEARNER_CATCH_UP_ENTRIES >= g.leader_commit)
+                    });
+                    if caught_up {
+                        let (dead_peer, dead_node) = lost[0];
+                        p.peers.retain(|(peer, _)| *peer != dead_peer);
+                        p.peers.push((learner, node));
+                        p.learners.clear();
+                        if p.preferred_leader == dead_node {
+                            p.preferred_leader = node;
+                        }
+                        changes.push(format!("partition {group}: peer {learner} on node {node} replaces peer {dead_peer} on node {dead_node}"));
+                    }
+                    continue;
+                }
+                if lost.is_empty() {
+                    continue;
+                }
+                let hosting: Vec<NodeId> = p.peers.iter().map(|(_, n)| *n).collect();
+                let target = alive
+                    .iter()
+                    .filter(|n| !hosting.contains(n) && filling.get(n).copied().unwrap_or(0) < per_target_max)
+                    .min_by_key(|n| (load[n], **n))
+                    .copied();
+                let Some(target) = target else { continue };
+                next_peer_id += 1;
+                p.learners.push((next_peer_id, target));
+                *load.get_mut(&target).expect("alive") += 1;
+                *filling.entry(target).or_default() += 1;
+                changes.push(format!("partition {group}: adding learner {next_peer_id} on node {target} for lost node {}", lost[0].1));
+            }
+        }
+        self.next_peer_id = next_peer_id;
+        changes
+    }
+
     /// Every replica `node` should host.
     pub fn assignments(&self, node: NodeId) -> Vec<Assignment> {
         let mut out = Vec::new();
         for t in self.tables.values() {
             for (i, p) in t.partitions.iter().enumerate() {
-                if let Some((peer_id, _)) = p.peers.iter().find(|(_, n)| *n == node) {
+                if let Some((peer_id, _)) = p.peers.iter().chain(p.learners.iter()).find(|(_, n)| *n == node) {
                     out.push(Assignment {
                         group: GroupId::new(t.id, i as u32),
                         peer_id: *peer_id,
                         peers: p.peers.clone(),
+                        learners: p.learners.clone(),
+                        initial: p.initial_peers.is_empty() || p.initial_peers.contains(peer_id),
                         partition_count: t.partition_count,
                         preferred_leader: p.preferred_leader == node,
                     });
@@ -201,6 +293,52 @@ mod tests {
         let second = c.create_table("t", 2, 3, &nodes).unwrap().id;
         assert_ne!(first, second);
         assert!(matches!(c.drop_table("nope"), Err(TernError::TableNotFound(_))));
+    }
+
+    /// A partition that lost a node gets a learner on a spare live node, which replaces the lost
+    /// voter once it has caught up; placement stays on distinct nodes and peer ids stay unique.
+    #[test]
+    fn repairs_lost_replicas() {
+        let (mut c, nodes) = catalog_with_nodes(4);
+        c.create_table("t", 4, 3, &nodes[..3]).unwrap();
+        let alive = vec![nodes[0], nodes[1], nodes[3]]; // nodes[2] died
+        let changes = c.schedule_repairs(&alive, &HashMap::new(), 8);
+        assert_eq!(changes.len(), 4, "{changes:?}");
+        for p in &c.tables["t"].partitions {
+            assert_eq!(p.learners.len(), 1);
+            assert_eq!(p.learners[0].1, nodes[3], "the only spare node");
+        }
+        // Not caught up yet: nothing changes.
+        assert!(c.schedule_repairs(&alive, &HashMap::new(), 8).is_empty());
+        let mut progress = HashMap::new();
+        for (i, p) in c.tables["t"].partitions.iter().enumerate() {
+            let group = GroupId::new(c.tables["t"].id, i as u32).0;
+            let mut g = GroupProgress { leader_commit: 500, ..Default::default() };
+            g.applied.insert(p.learners[0].0, 450);
+            progress.insert(group, g);
+        }
+        assert_eq!(c.schedule_repairs(&alive, &progress, 8).len(), 4);
+        for p in &c.tables["t"].partitions {
+            assert!(p.learners.is_empty());
+            let ns: Vec<NodeId> = p.peers.iter().map(|(_, n)| *n).collect();
+            assert_eq!(ns.len(), 3);
+            assert!(!ns.contains(&nodes[2]) && ns.contains(&nodes[3]), "{ns:?}");
+        }
+        let a = c.assignments(nodes[3]);
+        assert_eq!(a.len(), 4);
+        assert!(a.iter().all(|a| !a.initial), "a replacement replica starts empty");
+    }
+
+    /// The cap on concurrent fills per node holds, and nothing is scheduled without a spare node.
+    #[test]
+    fn repairs_respect_limits() {
+        let (mut c, nodes) = catalog_with_nodes(4);
+        c.create_table("t", 8, 3, &nodes[..3]).unwrap();
+        let alive = vec![nodes[0], nodes[1], nodes[3]];
+        assert_eq!(c.schedule_repairs(&alive, &HashMap::new(), 2).len(), 2);
+        let (mut c, nodes) = catalog_with_nodes(3);
+        c.create_table("t", 2, 3, &nodes).unwrap();
+        assert!(c.schedule_repairs(&nodes[..2], &HashMap::new(), 2).is_empty(), "no spare node");
     }
 
     /// Each node is assigned exactly the replicas placed on it.

@@ -1,7 +1,7 @@
 //! The meta gRPC service: persists the catalog (atomically, to one file), tracks heartbeats, answers
 //! routing queries.
 
-use crate::catalog::{Catalog, TableRecord};
+use crate::catalog::{Catalog, GroupProgress, TableRecord};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -43,7 +43,11 @@ pub struct MetaService {
     state: Arc<Mutex<State>>,
     path: PathBuf,
     grace: Duration,
+    started: Instant,
 }
+
+/// Replicas filled on one node at the same time by re-replication (each is a snapshot transfer).
+const REPAIRS_PER_NODE_MAX: usize = 2;
 
 fn io_error(e: std::io::Error) -> TernError {
     TernError::Internal(format!("meta catalog file: {e}"))
@@ -59,7 +63,12 @@ impl MetaService {
         } else {
             Catalog::default()
         };
-        Ok(MetaService { state: Arc::new(Mutex::new(State { catalog, liveness: HashMap::new() })), path, grace })
+        Ok(MetaService {
+            state: Arc::new(Mutex::new(State { catalog, liveness: HashMap::new() })),
+            path,
+            grace,
+            started: Instant::now(),
+        })
     }
 
     /// Writes the catalog durably (temp file, fsync, rename) before a change is acknowledged.
@@ -82,6 +91,45 @@ impl MetaService {
         self.persist(&next)?;
         state.catalog = next;
         Ok(out)
+    }
+
+    /// One pass of the scheduler: repair partitions that lost replicas to down nodes. Waits one grace
+    /// period after meta starts, so that servers are not mistaken for dead before their first heartbeat.
+    pub fn schedule_once(&self) {
+        if self.started.elapsed() < self.grace {
+            return;
+        }
+        let mut state = self.state.lock();
+        let alive = alive_nodes(&state, self.grace);
+        let mut progress: HashMap<u64, GroupProgress> = HashMap::new();
+        let mut leader_terms: HashMap<u64, u64> = HashMap::new();
+        for (node, l) in &state.liveness {
+            if !alive.contains(node) {
+                continue;
+            }
+            for r in &l.replicas {
+                let g = progress.entry(r.group_id).or_default();
+                g.applied.insert(r.peer_id, r.applied_index);
+                if r.is_leader && r.term >= leader_terms.get(&r.group_id).copied().unwrap_or(0) {
+                    leader_terms.insert(r.group_id, r.term);
+                    g.leader_commit = r.commit_index;
+                }
+            }
+        }
+        let mut next = state.catalog.clone();
+        let changes = next.schedule_repairs(&alive, &progress, REPAIRS_PER_NODE_MAX);
+        if changes.is_empty() {
+            return;
+        }
+        match self.persist(&next) {
+            Ok(()) => {
+                state.catalog = next;
+                for c in changes {
+                    tracing::info!("re-replication: {c}");
+                }
+            }
+            Err(e) => tracing::error!("cannot persist scheduling decisions: {e}"),
+        }
     }
 
     fn table_info(state: &State, t: &TableRecord) -> TableInfo {
@@ -200,7 +248,8 @@ impl Meta for MetaService {
                 group_id: a.group.0,
                 peer_id: a.peer_id,
                 peers: a.peers.iter().map(|(p, n)| PeerInfo { peer_id: *p, node_id: *n }).collect(),
-                initial: true,
+                learners: a.learners.iter().map(|(p, n)| PeerInfo { peer_id: *p, node_id: *n }).collect(),
+                initial: a.initial,
                 partition_count: a.partition_count,
                 preferred_leader: a.preferred_leader,
             })
@@ -210,6 +259,7 @@ impl Meta for MetaService {
             assignments,
             nodes: Self::node_infos(&state, self.grace),
             dropped_tables: state.catalog.dropped_tables.clone(),
+            live_tables: state.catalog.tables.values().map(|t| t.id).collect(),
         }))
     }
 
@@ -294,6 +344,16 @@ impl MetaNode {
         let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| TernError::Internal(format!("bind meta address {}: {e}", cfg.listen)))?;
         let address = listener.local_addr().map_err(|e| TernError::Internal(e.to_string()))?.to_string();
         let (stop, mut stopped) = watch::channel(false);
+        let scheduler = service.clone();
+        let mut scheduler_stopped = stopped.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => scheduler.schedule_once(),
+                    _ = scheduler_stopped.wait_for(|s| *s) => return,
+                }
+            }
+        });
         let task = tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             let r = tonic::transport::Server::builder()

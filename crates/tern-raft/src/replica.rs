@@ -8,7 +8,7 @@ use crate::log_store::{LogStore, LogWriteBatch, PeerStorage};
 use crate::read::{checksum, execute_read};
 use prost::Message as _;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, EntryType, Message, MessageType, Snapshot};
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, ConfState, EntryType, Message, MessageType, Snapshot};
 use raft::{RawNode, Ready, SnapshotStatus, StateRole};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -28,6 +28,9 @@ pub const INITIAL_TERM: u64 = 5;
 /// leader answers linearizable reads from local state without confirming its leadership (ReadIndex),
 /// so a deposed leader can serve stale data. Only the simulator's tests set it.
 pub static PLANTED_BUG_READ_WITHOUT_READ_INDEX: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A learner is promoted once it is within this many entries of the leader's log.
+const LEARNER_CATCH_UP_ENTRIES: u64 = 100;
 
 /// Received snapshot directories kept while waiting for raft to install one.
 const RECEIVED_SNAPSHOTS_MAX: usize = 4;
@@ -240,12 +243,80 @@ impl Replica {
         &self.meta
     }
 
-    pub fn set_peers(&mut self, peers: Vec<(PeerId, NodeId)>) -> Result<(), TernError> {
+    /// Sets where each peer lives (from meta). Peers raft still counts as members keep their
+    /// address even if meta has moved on, so a membership change in flight can finish.
+    pub fn set_peers(&mut self, mut peers: Vec<(PeerId, NodeId)>) -> Result<(), TernError> {
+        let cs = &self.sm.state().conf_state;
+        for (peer, node) in &self.meta.peers {
+            let member = cs.voters.contains(peer) || cs.learners.contains(peer) || cs.voters_outgoing.contains(peer);
+            if member && !peers.iter().any(|(p, _)| p == peer) {
+                peers.push((*peer, *node));
+            }
+        }
+        peers.sort();
         if peers != self.meta.peers {
             self.meta.peers = peers;
             self.meta.save(&self.dir)?;
         }
         Ok(())
+    }
+
+    /// Moves the group one step toward the membership meta wants: add missing learners; when they
+    /// have caught up, promote them and remove voters meta dropped (one joint-consensus change);
+    /// never more than one change in flight. Only the leader acts; others just learn the addresses.
+    pub fn reconcile_membership(&mut self, voters: &[(PeerId, NodeId)], learners: &[(PeerId, NodeId)]) {
+        if !self.is_leader() || self.raw.raft.has_pending_conf() {
+            return;
+        }
+        let cs = self.sm.state().conf_state.clone();
+        if !cs.voters_outgoing.is_empty() || voters.is_empty() {
+            return; // leaving a joint configuration is already under way
+        }
+        let present: Vec<PeerId> = cs.voters.iter().chain(cs.learners.iter()).copied().collect();
+        let all_targets: Vec<(PeerId, NodeId)> = voters.iter().chain(learners.iter()).copied().collect();
+        let mut changes = Vec::new();
+        for (peer, _) in &all_targets {
+            if !present.contains(peer) {
+                changes.push(raft_proto::new_conf_change_single(*peer, ConfChangeType::AddLearnerNode));
+            }
+        }
+        if changes.is_empty() {
+            let last = self.raw.raft.raft_log.last_index();
+            let caught_up = |peer: PeerId| self.raw.raft.prs().get(peer).is_some_and(|p| p.matched + LEARNER_CATCH_UP_ENTRIES >= last);
+            let promote: Vec<PeerId> = voters.iter().map(|(p, _)| *p).filter(|p| cs.learners.contains(p)).collect();
+            if !promote.iter().all(|p| caught_up(*p)) {
+                return;
+            }
+            let targets: Vec<PeerId> = all_targets.iter().map(|(p, _)| *p).collect();
+            let remove: Vec<PeerId> = present.iter().copied().filter(|p| !targets.contains(p)).collect();
+            if remove.contains(&self.peer_id) {
+                // Hand leadership to a voter that stays, then let it finish the change.
+                if let Some((next, _)) = voters.iter().find(|(p, _)| *p != self.peer_id && cs.voters.contains(p)) {
+                    self.raw.transfer_leader(*next);
+                }
+                return;
+            }
+            for p in promote {
+                changes.push(raft_proto::new_conf_change_single(p, ConfChangeType::AddNode));
+            }
+            for p in remove {
+                changes.push(raft_proto::new_conf_change_single(p, ConfChangeType::RemoveNode));
+            }
+        }
+        if changes.is_empty() {
+            return;
+        }
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(changes.into());
+        // The context tells every replica which node each peer lives on.
+        let mut context = Vec::with_capacity(all_targets.len() * 16);
+        for (peer, node) in &all_targets {
+            context.extend_from_slice(&peer.to_be_bytes());
+            context.extend_from_slice(&node.to_be_bytes());
+        }
+        if let Err(e) = self.raw.propose_conf_change(context, cc) {
+            tracing::warn!(group = %self.group, "membership change refused: {e}");
+        }
     }
 
     pub fn is_leader(&self) -> bool {
@@ -599,6 +670,7 @@ impl Replica {
                     if let Err(e) = cc.merge_from_bytes(&entry.data) {
                         fatal(self.group, "decode conf change", e);
                     }
+                    self.learn_peer_nodes(&entry.context);
                     self.apply_conf_change(&cc, &mut batch);
                 }
             }
@@ -611,6 +683,21 @@ impl Replica {
             self.answer_proposal(index, term, response);
         }
         self.serve_reads(now_unix_ms);
+    }
+
+    /// Records the peer -> node pairs a membership change carries, so messages to new peers route.
+    fn learn_peer_nodes(&mut self, context: &[u8]) {
+        let mut peers = self.meta.peers.clone();
+        for pair in context.chunks_exact(16) {
+            let peer = u64::from_be_bytes(pair[..8].try_into().expect("8 bytes"));
+            let node = u64::from_be_bytes(pair[8..].try_into().expect("8 bytes"));
+            if !peers.iter().any(|(p, _)| *p == peer) {
+                peers.push((peer, node));
+            }
+        }
+        if let Err(e) = self.set_peers(peers) {
+            fatal(self.group, "save replica meta", e);
+        }
     }
 
     fn apply_conf_change(&mut self, cc: &impl raft_proto::ConfChangeI, batch: &mut crate::apply::ApplyBatch) {
@@ -663,6 +750,8 @@ impl Replica {
             first_log_index: self.raw.store().first_log_index(),
             snapshots_applied: self.snapshots_applied,
             leader_peer,
+            voters: self.sm.state().conf_state.voters.clone(),
+            learners: self.sm.state().conf_state.learners.clone(),
         }
     }
 

@@ -27,7 +27,10 @@ pub trait Transport: Send {
 pub struct ReplicaSpec {
     pub group: GroupId,
     pub peer_id: PeerId,
+    /// The voters meta wants.
     pub peers: Vec<(PeerId, NodeId)>,
+    /// The learners meta wants (being filled before they become voters).
+    pub learners: Vec<(PeerId, NodeId)>,
     pub initial: bool,
     pub partition_count: u32,
     pub preferred_leader: bool,
@@ -42,6 +45,8 @@ pub enum StoreMsg {
     SnapshotReport { group: GroupId, to_peer: PeerId, ok: bool },
     Unreachable { group: GroupId, to_peer: PeerId },
     EnsureReplicas(Vec<ReplicaSpec>),
+    /// Destroys replicas of `tables` that are not in `keep` (they were removed from their group).
+    RetainReplicas { tables: Vec<TableId>, keep: Vec<GroupId> },
     DropTables(Vec<TableId>),
     Status(Box<dyn FnOnce(Vec<ReplicaStatus>) + Send>),
     Checksum { group: GroupId, callback: ChecksumCallback },
@@ -205,7 +210,15 @@ impl Store {
                     }
                 }
             }
-            StoreMsg::DropTables(tables) => self.drop_tables(&tables),
+            StoreMsg::DropTables(tables) => {
+                let doomed: Vec<GroupId> = self.replicas.keys().filter(|g| tables.contains(&g.table_id())).copied().collect();
+                self.destroy_replicas(doomed, "its table was dropped");
+            }
+            StoreMsg::RetainReplicas { tables, keep } => {
+                let doomed: Vec<GroupId> =
+                    self.replicas.keys().filter(|g| tables.contains(&g.table_id()) && !keep.contains(g)).copied().collect();
+                self.destroy_replicas(doomed, "it was removed from its group");
+            }
             StoreMsg::Status(callback) => callback(self.replicas.values().map(|r| r.status()).collect()),
             StoreMsg::Checksum { group, callback } => match self.replicas.get(&group) {
                 Some(r) => callback(r.checksum(now)),
@@ -217,15 +230,19 @@ impl Store {
     }
 
     fn ensure_replica(&mut self, spec: ReplicaSpec) -> Result<(), TernError> {
+        let everyone: Vec<(PeerId, NodeId)> = spec.peers.iter().chain(spec.learners.iter()).copied().collect();
         if let Some(r) = self.replicas.get_mut(&spec.group) {
-            return r.set_peers(spec.peers);
+            r.set_peers(everyone)?;
+            r.reconcile_membership(&spec.peers, &spec.learners);
+            self.dirty.insert(spec.group);
+            return Ok(());
         }
         let dir = self.data_dir.join("replicas").join(spec.group.0.to_string());
         std::fs::create_dir_all(&dir).map_err(|e| TernError::Internal(format!("create {}: {e}", dir.display())))?;
         let meta = ReplicaMeta {
             group: spec.group.0,
             peer_id: spec.peer_id,
-            peers: spec.peers.clone(),
+            peers: everyone,
             partition_count: spec.partition_count,
             engine_dir: "engine".into(),
         };
@@ -241,19 +258,21 @@ impl Store {
         Ok(())
     }
 
-    fn drop_tables(&mut self, tables: &[TableId]) {
-        let doomed: Vec<GroupId> = self.replicas.keys().filter(|g| tables.contains(&g.table_id())).copied().collect();
+    fn destroy_replicas(&mut self, doomed: Vec<GroupId>, why: &str) {
+        if doomed.is_empty() {
+            return;
+        }
         let mut batch = LogWriteBatch::default();
         for group in doomed {
-            let mut replica = self.replicas.remove(&group).expect("listed above");
-            replica.fail_all(TernError::TableNotFound(format!("table {} was dropped", group.table_id())));
+            let mut replica = self.replicas.remove(&group).expect("listed by the caller");
+            replica.fail_all(TernError::PartitionNotFound(format!("replica of {group} was destroyed: {why}")));
             let dirs = (replica.dir().to_path_buf(), replica.snapshot_dir().to_path_buf());
             drop(replica);
             let _ = std::fs::remove_dir_all(&dirs.0);
             let _ = std::fs::remove_dir_all(&dirs.1);
             batch.push(group.0, crate::log_store::LogOp::Clean);
             self.dirty.remove(&group);
-            tracing::info!(node = self.node_id, group = %group, "destroyed replica of dropped table");
+            tracing::info!(node = self.node_id, group = %group, "destroyed replica: {why}");
         }
         if let Err(e) = self.log.write(batch, true) {
             panic!("raft log write failed: {e}");

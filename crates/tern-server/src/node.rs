@@ -260,13 +260,18 @@ async fn heartbeat_loop(
                             group: GroupId(a.group_id),
                             peer_id: a.peer_id,
                             peers: a.peers.iter().map(|p| (p.peer_id, p.node_id)).collect(),
+                            learners: a.learners.iter().map(|p| (p.peer_id, p.node_id)).collect(),
                             initial: a.initial,
                             partition_count: a.partition_count,
                             preferred_leader: a.preferred_leader,
                         })
                         .collect();
+                    let keep: Vec<GroupId> = specs.iter().map(|s| s.group).collect();
                     if !specs.is_empty() {
                         store.send(StoreMsg::EnsureReplicas(specs));
+                    }
+                    if r.error.is_none() && !r.live_tables.is_empty() {
+                        store.send(StoreMsg::RetainReplicas { tables: r.live_tables, keep });
                     }
                     if !r.dropped_tables.is_empty() {
                         store.send(StoreMsg::DropTables(r.dropped_tables));

@@ -482,6 +482,7 @@ impl World {
                     group: GroupId::new(TABLE_ID, p),
                     peer_id: p as u64 * n + node,
                     peers: (1..=n).map(|m| (p as u64 * n + m, m)).collect(),
+                    learners: vec![],
                     initial: true,
                     partition_count: self.cfg.partitions,
                     preferred_leader: 1 + (p as u64 % n) == node,
