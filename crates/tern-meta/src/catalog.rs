@@ -22,6 +22,9 @@ pub struct PartitionRecord {
     /// Peers of the first replica set: they bootstrap raft; later ones start empty.
     #[serde(default)]
     pub initial_peers: Vec<PeerId>,
+    /// The voter the learner in `learners` will replace once it has caught up.
+    #[serde(default)]
+    pub replacing: Option<PeerId>,
 }
 
 /// What meta knows of one partition's replicas from heartbeats.
@@ -53,6 +56,50 @@ pub struct Catalog {
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     pub tables: BTreeMap<String, TableRecord>,
     pub dropped_tables: Vec<TableId>,
+    /// Servers being decommissioned: their replicas move elsewhere, and they get no new ones.
+    #[serde(default)]
+    pub draining: std::collections::BTreeSet<NodeId>,
+    /// Balancing (replica moves and leader preferences) paused by an operator; repairs still run.
+    #[serde(default)]
+    pub balancer_paused: bool,
+}
+
+/// Keeps each partition's preferred leader on a usable voter and evens preferred leaders out over
+/// the table's nodes (moving at most one preference per table per pass).
+fn balance_preferred_leaders(t: &mut TableRecord, usable: &[NodeId], paused: bool) -> Vec<String> {
+    let mut changes = Vec::new();
+    let mut counts: HashMap<NodeId, usize> = usable.iter().map(|n| (*n, 0)).collect();
+    for p in &t.partitions {
+        if let Some(c) = counts.get_mut(&p.preferred_leader) {
+            *c += 1;
+        }
+    }
+    for (i, p) in t.partitions.iter_mut().enumerate() {
+        let voters: Vec<NodeId> = p.peers.iter().map(|(_, n)| *n).filter(|n| usable.contains(n)).collect();
+        if !voters.contains(&p.preferred_leader) {
+            if let Some(best) = voters.iter().min_by_key(|n| (counts[n], **n)).copied() {
+                *counts.get_mut(&best).expect("usable") += 1;
+                changes.push(format!("partition {}.{i}: preferred leader node {} -> {best}", t.id, p.preferred_leader));
+                p.preferred_leader = best;
+            }
+        }
+    }
+    if paused {
+        return changes;
+    }
+    let Some((&max_node, &max)) = counts.iter().max_by_key(|(n, c)| (**c, **n)) else { return changes };
+    for (i, p) in t.partitions.iter_mut().enumerate() {
+        if p.preferred_leader != max_node {
+            continue;
+        }
+        let better = p.peers.iter().map(|(_, n)| *n).filter(|n| usable.contains(n) && counts[n] + 1 < max).min_by_key(|n| (counts[n], *n));
+        if let Some(better) = better {
+            changes.push(format!("partition {}.{i}: preferred leader node {max_node} -> {better} (balance)", t.id));
+            p.preferred_leader = better;
+            break;
+        }
+    }
+    changes
 }
 
 /// A replica a node should host.
@@ -60,6 +107,7 @@ pub struct Catalog {
 pub struct Assignment {
     pub group: GroupId,
     pub peer_id: PeerId,
+    pub preferred_leader_peer: PeerId,
     pub peers: Vec<(PeerId, NodeId)>,
     pub learners: Vec<(PeerId, NodeId)>,
     pub initial: bool,
@@ -124,7 +172,7 @@ impl Catalog {
                 })
                 .collect();
             let initial_peers = peers.iter().map(|(p, _)| *p).collect();
-            partitions.push(PartitionRecord { peers, preferred_leader: leader, learners: vec![], initial_peers });
+            partitions.push(PartitionRecord { peers, preferred_leader: leader, learners: vec![], initial_peers, replacing: None });
         }
         self.next_table_id += 1;
         let table = TableRecord { id: self.next_table_id, name: name.to_string(), partition_count, replica_count, partitions };
@@ -138,18 +186,91 @@ impl Catalog {
         Ok(table)
     }
 
+    /// Starts moving every replica off `node`.
+    pub fn decommission(&mut self, node: NodeId, alive: &[NodeId]) -> Result<String, TernError> {
+        if !self.nodes.contains_key(&node) {
+            return Err(TernError::invalid(format!("no server with id {node}")));
+        }
+        let usable_after = alive.iter().filter(|n| **n != node && !self.draining.contains(n)).count() as u32;
+        let needed = self.tables.values().map(|t| t.replica_count).max().unwrap_or(0);
+        if usable_after < needed {
+            return Err(TernError::NotEnoughNodes(format!(
+                "tables need {needed} servers; only {usable_after} would remain in use"
+            )));
+        }
+        self.draining.insert(node);
+        Ok(format!("decommissioning node {node}: its replicas will move to other servers"))
+    }
+
+    pub fn recommission(&mut self, node: NodeId) -> Result<String, TernError> {
+        if !self.draining.remove(&node) {
+            return Err(TernError::invalid(format!("node {node} is not being decommissioned")));
+        }
+        Ok(format!("node {node} is back in use"))
+    }
+
+    fn partition_mut(&mut self, table: &str, partition: u32) -> Result<&mut PartitionRecord, TernError> {
+        let t = self.tables.get_mut(table).ok_or_else(|| TernError::TableNotFound(table.to_string()))?;
+        let count = t.partition_count;
+        t.partitions
+            .get_mut(partition as usize)
+            .ok_or_else(|| TernError::invalid(format!("table {table} has {count} partitions; there is no partition {partition}")))
+    }
+
+    /// Prefers `node` (which must hold a voter) as the partition's leader.
+    pub fn transfer_leader(&mut self, table: &str, partition: u32, node: NodeId) -> Result<String, TernError> {
+        let p = self.partition_mut(table, partition)?;
+        if !p.peers.iter().any(|(_, n)| *n == node) {
+            return Err(TernError::invalid(format!("node {node} holds no voter of {table}.{partition}")));
+        }
+        p.preferred_leader = node;
+        Ok(format!("leadership of {table}.{partition} will move to node {node}"))
+    }
+
+    /// Moves the partition's replica on `from` to `to` (learner first, then swapped in).
+    pub fn move_replica(&mut self, table: &str, partition: u32, from: NodeId, to: NodeId, alive: &[NodeId]) -> Result<String, TernError> {
+        if !alive.contains(&to) || self.draining.contains(&to) {
+            return Err(TernError::invalid(format!("node {to} is not a live server in use")));
+        }
+        let mut next_peer_id = self.next_peer_id;
+        let p = self.partition_mut(table, partition)?;
+        let Some(&(victim, _)) = p.peers.iter().find(|(_, n)| *n == from) else {
+            return Err(TernError::invalid(format!("node {from} holds no voter of {table}.{partition}")));
+        };
+        if p.peers.iter().any(|(_, n)| *n == to) {
+            return Err(TernError::invalid(format!("node {to} already holds a replica of {table}.{partition}")));
+        }
+        if !p.learners.is_empty() {
+            return Err(TernError::Busy(format!("{table}.{partition} already has a move in progress")));
+        }
+        next_peer_id += 1;
+        p.learners.push((next_peer_id, to));
+        p.replacing = Some(victim);
+        self.next_peer_id = next_peer_id;
+        Ok(format!("moving {table}.{partition} from node {from} to node {to}"))
+    }
+
     pub fn table(&self, name: &str) -> Result<&TableRecord, TernError> {
         self.tables.get(name).ok_or_else(|| TernError::TableNotFound(name.to_string()))
     }
 
-    /// Re-replication: for each partition that lost a voter to a down node, add a learner on the
-    /// least-loaded live node that has no replica of it; once the learner has caught up, make it a
-    /// voter in place of the lost one. At most `per_target_max` learners fill on one node at a time
-    /// (each is a snapshot transfer). Returns what changed, for the log; empty if nothing did.
-    pub fn schedule_repairs(&mut self, alive: &[NodeId], progress: &HashMap<u64, GroupProgress>, per_target_max: usize) -> Vec<String> {
+    /// One pass of the scheduler, pure: cluster state in, catalog changes out (returned as log lines;
+    /// empty if nothing changed). In order of urgency, for each partition without a move in flight:
+    /// 1. repair: a voter on a down node is replaced;
+    /// 2. drain: a voter on a decommissioned node is moved off;
+    /// 3. balance (unless paused): a voter on the table's most loaded node moves to its least loaded
+    ///    one when they differ by more than one (one balancing move at a time in the cluster).
+    ///
+    /// A move adds a learner on the least-loaded usable node (live, not draining, no replica of the
+    /// partition yet), at most `per_target_max` filling per node; once the learner has caught up it
+    /// replaces the moved voter. Then preferred leaders are kept on live voters and evened out per
+    /// table (unless paused); leaders follow their preference.
+    pub fn schedule(&mut self, alive: &[NodeId], progress: &HashMap<u64, GroupProgress>, per_target_max: usize) -> Vec<String> {
+        let usable: Vec<NodeId> = alive.iter().copied().filter(|n| !self.draining.contains(n)).collect();
         let mut changes = Vec::new();
-        let mut load: HashMap<NodeId, usize> = alive.iter().map(|n| (*n, 0)).collect();
+        let mut load: HashMap<NodeId, usize> = usable.iter().map(|n| (*n, 0)).collect();
         let mut filling: HashMap<NodeId, usize> = HashMap::new();
+        let mut balancing = false;
         for t in self.tables.values() {
             for p in &t.partitions {
                 for (_, n) in p.peers.iter().chain(p.learners.iter()) {
@@ -160,17 +281,30 @@ impl Catalog {
                 for (_, n) in &p.learners {
                     *filling.entry(*n).or_default() += 1;
                 }
+                let moved_node = p.replacing.and_then(|r| p.peers.iter().find(|(x, _)| *x == r)).map(|(_, n)| *n);
+                if moved_node.is_some_and(|n| usable.contains(&n)) {
+                    balancing = true;
+                }
             }
         }
         let mut next_peer_id = self.next_peer_id;
+        let paused = self.balancer_paused;
         for t in self.tables.values_mut() {
+            let mut table_load: HashMap<NodeId, usize> = usable.iter().map(|n| (*n, 0)).collect();
+            for p in &t.partitions {
+                for (_, n) in p.peers.iter().chain(p.learners.iter()) {
+                    if let Some(c) = table_load.get_mut(n) {
+                        *c += 1;
+                    }
+                }
+            }
             for (i, p) in t.partitions.iter_mut().enumerate() {
                 let group = GroupId::new(t.id, i as u32);
-                let lost: Vec<(PeerId, NodeId)> = p.peers.iter().copied().filter(|(_, n)| !alive.contains(n)).collect();
                 if let Some(&(learner, node)) = p.learners.first() {
-                    if lost.is_empty() {
-                        // The lost node came back before the learner was ready: stop filling it.
+                    let replacing = p.replacing.filter(|r| p.peers.iter().any(|(x, _)| x == r));
+                    if !alive.contains(&node) || replacing.is_none() {
                         p.learners.clear();
+                        p.replacing = None;
                         changes.push(format!("partition {group}: cancelled learner {learner} on node {node}"));
                         continue;
                     }
@@ -179,33 +313,56 @@ impl Catalog {
                         g.leader_commit > 0 && g.applied.get(&learner).is_some_and(|a| a + LEARNER_CATCH_UP_ENTRIES >= g.leader_commit)
                     });
                     if caught_up {
-                        let (dead_peer, dead_node) = lost[0];
-                        p.peers.retain(|(peer, _)| *peer != dead_peer);
+                        let old = replacing.expect("checked above");
+                        let old_node = p.peers.iter().find(|(x, _)| *x == old).map(|(_, n)| *n).expect("checked above");
+                        p.peers.retain(|(x, _)| *x != old);
                         p.peers.push((learner, node));
                         p.learners.clear();
-                        if p.preferred_leader == dead_node {
+                        p.replacing = None;
+                        if p.preferred_leader == old_node {
                             p.preferred_leader = node;
                         }
-                        changes.push(format!("partition {group}: peer {learner} on node {node} replaces peer {dead_peer} on node {dead_node}"));
+                        changes.push(format!("partition {group}: peer {learner} on node {node} replaced peer {old} on node {old_node}"));
                     }
                     continue;
                 }
-                if lost.is_empty() {
-                    continue;
-                }
                 let hosting: Vec<NodeId> = p.peers.iter().map(|(_, n)| *n).collect();
-                let target = alive
-                    .iter()
-                    .filter(|n| !hosting.contains(n) && filling.get(n).copied().unwrap_or(0) < per_target_max)
-                    .min_by_key(|n| (load[n], **n))
-                    .copied();
+                let candidates = |load: &HashMap<NodeId, usize>, filling: &HashMap<NodeId, usize>| {
+                    usable
+                        .iter()
+                        .filter(|n| !hosting.contains(n) && filling.get(n).copied().unwrap_or(0) < per_target_max)
+                        .min_by_key(|n| (load[n], **n))
+                        .copied()
+                };
+                let lost = p.peers.iter().find(|(_, n)| !alive.contains(n)).copied();
+                let drained = p.peers.iter().find(|(_, n)| self.draining.contains(n) && alive.contains(n)).copied();
+                let (victim, target, why) = if let Some(v) = lost.or(drained) {
+                    let why = if lost.is_some() { "lost" } else { "draining" };
+                    (v, candidates(&load, &filling), why)
+                } else if !paused && !balancing {
+                    let heaviest = p.peers.iter().filter(|(_, n)| table_load.contains_key(n)).max_by_key(|(_, n)| (table_load[n], *n)).copied();
+                    let lightest = candidates(&table_load, &filling);
+                    match (heaviest, lightest) {
+                        (Some(v), Some(target)) if table_load[&v.1] > table_load[&target] + 1 => (v, Some(target), "balance"),
+                        _ => continue,
+                    }
+                } else {
+                    continue;
+                };
                 let Some(target) = target else { continue };
                 next_peer_id += 1;
                 p.learners.push((next_peer_id, target));
-                *load.get_mut(&target).expect("alive") += 1;
+                p.replacing = Some(victim.0);
+                *load.get_mut(&target).expect("usable") += 1;
+                *table_load.get_mut(&target).expect("usable") += 1;
+                if let Some(c) = table_load.get_mut(&victim.1) {
+                    *c -= 1;
+                }
                 *filling.entry(target).or_default() += 1;
-                changes.push(format!("partition {group}: adding learner {next_peer_id} on node {target} for lost node {}", lost[0].1));
+                balancing |= why == "balance";
+                changes.push(format!("partition {group}: moving peer {} off node {} ({why}): learner {next_peer_id} on node {target}", victim.0, victim.1));
             }
+            changes.extend(balance_preferred_leaders(t, &usable, paused));
         }
         self.next_peer_id = next_peer_id;
         changes
@@ -220,6 +377,7 @@ impl Catalog {
                     out.push(Assignment {
                         group: GroupId::new(t.id, i as u32),
                         peer_id: *peer_id,
+                        preferred_leader_peer: p.peers.iter().find(|(_, n)| *n == p.preferred_leader).map(|(x, _)| *x).unwrap_or(0),
                         peers: p.peers.clone(),
                         learners: p.learners.clone(),
                         initial: p.initial_peers.is_empty() || p.initial_peers.contains(peer_id),
@@ -302,14 +460,15 @@ mod tests {
         let (mut c, nodes) = catalog_with_nodes(4);
         c.create_table("t", 4, 3, &nodes[..3]).unwrap();
         let alive = vec![nodes[0], nodes[1], nodes[3]]; // nodes[2] died
-        let changes = c.schedule_repairs(&alive, &HashMap::new(), 8);
-        assert_eq!(changes.len(), 4, "{changes:?}");
+        let changes = c.schedule(&alive, &HashMap::new(), 8);
+        assert_eq!(changes.iter().filter(|c| c.contains("moving")).count(), 4, "{changes:?}");
         for p in &c.tables["t"].partitions {
             assert_eq!(p.learners.len(), 1);
             assert_eq!(p.learners[0].1, nodes[3], "the only spare node");
         }
         // Not caught up yet: nothing changes.
-        assert!(c.schedule_repairs(&alive, &HashMap::new(), 8).is_empty());
+        assert!(c.schedule(&alive, &HashMap::new(), 8).is_empty());
+
         let mut progress = HashMap::new();
         for (i, p) in c.tables["t"].partitions.iter().enumerate() {
             let group = GroupId::new(c.tables["t"].id, i as u32).0;
@@ -317,7 +476,7 @@ mod tests {
             g.applied.insert(p.learners[0].0, 450);
             progress.insert(group, g);
         }
-        assert_eq!(c.schedule_repairs(&alive, &progress, 8).len(), 4);
+        assert_eq!(c.schedule(&alive, &progress, 8).iter().filter(|c| c.contains("replaced")).count(), 4);
         for p in &c.tables["t"].partitions {
             assert!(p.learners.is_empty());
             let ns: Vec<NodeId> = p.peers.iter().map(|(_, n)| *n).collect();
@@ -335,10 +494,58 @@ mod tests {
         let (mut c, nodes) = catalog_with_nodes(4);
         c.create_table("t", 8, 3, &nodes[..3]).unwrap();
         let alive = vec![nodes[0], nodes[1], nodes[3]];
-        assert_eq!(c.schedule_repairs(&alive, &HashMap::new(), 2).len(), 2);
+        assert_eq!(c.schedule(&alive, &HashMap::new(), 2).iter().filter(|c| c.contains("moving")).count(), 2);
         let (mut c, nodes) = catalog_with_nodes(3);
         c.create_table("t", 2, 3, &nodes).unwrap();
-        assert!(c.schedule_repairs(&nodes[..2], &HashMap::new(), 2).is_empty(), "no spare node");
+        let changes = c.schedule(&nodes[..2], &HashMap::new(), 2);
+        assert!(changes.iter().all(|c| c.contains("preferred leader")), "no spare node for replicas: {changes:?}");
+        assert!(c.tables["t"].partitions.iter().all(|p| p.learners.is_empty()));
+    }
+
+    /// A draining node's replicas move to other nodes one fill at a time; a new empty node receives
+    /// replicas by balancing; preferred leaders stay on usable voters and even out.
+    #[test]
+    fn drain_and_balance() {
+        let (mut c, nodes) = catalog_with_nodes(4);
+        c.create_table("t", 8, 3, &nodes[..3]).unwrap();
+        let done = |c: &mut Catalog, alive: &[NodeId]| {
+            // Pretend every learner catches up at once, and run passes until nothing changes.
+            for _ in 0..100 {
+                let mut progress = HashMap::new();
+                for t in c.tables.values() {
+                    for (i, p) in t.partitions.iter().enumerate() {
+                        let mut g = GroupProgress { leader_commit: 10, ..Default::default() };
+                        for (peer, _) in p.peers.iter().chain(p.learners.iter()) {
+                            g.applied.insert(*peer, 10);
+                        }
+                        progress.insert(GroupId::new(t.id, i as u32).0, g);
+                    }
+                }
+                if c.schedule(alive, &progress, 2).is_empty() {
+                    return;
+                }
+            }
+            panic!("scheduler never settled");
+        };
+        // The fourth node joins: balancing moves replicas onto it until counts differ by at most one.
+        done(&mut c, &nodes);
+        let count = |c: &Catalog, n: NodeId| c.tables["t"].partitions.iter().filter(|p| p.peers.iter().any(|(_, x)| *x == n)).count();
+        let counts: Vec<usize> = nodes.iter().map(|n| count(&c, *n)).collect();
+        assert!(counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1, "{counts:?}");
+        assert_eq!(counts.iter().sum::<usize>(), 24);
+        let leaders: Vec<usize> = nodes.iter().map(|n| c.tables["t"].partitions.iter().filter(|p| p.preferred_leader == *n).count()).collect();
+        assert!(leaders.iter().max().unwrap() - leaders.iter().min().unwrap() <= 1, "{leaders:?}");
+        // Decommission node 1: it ends with no replicas and no leaders.
+        c.draining.insert(nodes[0]);
+        done(&mut c, &nodes);
+        assert_eq!(count(&c, nodes[0]), 0);
+        assert!(c.tables["t"].partitions.iter().all(|p| p.preferred_leader != nodes[0]));
+        for p in &c.tables["t"].partitions {
+            let mut ns: Vec<NodeId> = p.peers.iter().map(|(_, n)| *n).collect();
+            ns.sort();
+            ns.dedup();
+            assert_eq!(ns.len(), 3, "distinct nodes");
+        }
     }
 
     /// Each node is assigned exactly the replicas placed on it.

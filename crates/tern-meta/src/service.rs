@@ -117,7 +117,7 @@ impl MetaService {
             }
         }
         let mut next = state.catalog.clone();
-        let changes = next.schedule_repairs(&alive, &progress, REPAIRS_PER_NODE_MAX);
+        let changes = next.schedule(&alive, &progress, REPAIRS_PER_NODE_MAX);
         if changes.is_empty() {
             return;
         }
@@ -170,6 +170,7 @@ impl MetaService {
                     last_heartbeat_ms_ago: ago.as_millis().min(u64::MAX as u128) as u64,
                     replica_count: live.map(|l| l.replicas.len() as u32).unwrap_or(0),
                     leader_count: live.map(|l| l.replicas.iter().filter(|r| r.is_leader).count() as u32).unwrap_or(0),
+                    draining: state.catalog.draining.contains(id),
                 }
             })
             .collect()
@@ -252,6 +253,7 @@ impl Meta for MetaService {
                 initial: a.initial,
                 partition_count: a.partition_count,
                 preferred_leader: a.preferred_leader,
+                preferred_leader_peer: a.preferred_leader_peer,
             })
             .collect();
         Ok(Response::new(HeartbeatResponse {
@@ -328,6 +330,62 @@ impl Meta for MetaService {
             })
             .collect();
         Ok(Response::new(PartitionStatusResponse { error: None, partitions }))
+    }
+
+    async fn decommission(&self, request: Request<NodeRequest>) -> Result<Response<AdminResponse>, Status> {
+        let node = request.into_inner().node_id;
+        Ok(Response::new(admin(self.change(|c, alive| c.decommission(node, alive)))))
+    }
+
+    async fn recommission(&self, request: Request<NodeRequest>) -> Result<Response<AdminResponse>, Status> {
+        let node = request.into_inner().node_id;
+        Ok(Response::new(admin(self.change(|c, _| c.recommission(node)))))
+    }
+
+    async fn balance(&self, request: Request<BalanceRequest>) -> Result<Response<BalanceResponse>, Status> {
+        let action = BalanceAction::try_from(request.into_inner().action);
+        let pause = match action {
+            Ok(BalanceAction::BalanceStatus) => None,
+            Ok(BalanceAction::BalancePause) => Some(true),
+            Ok(BalanceAction::BalanceResume) => Some(false),
+            Err(_) => {
+                return Ok(Response::new(err(TernError::invalid("unknown balance action"), |r: &mut BalanceResponse, e| r.error = e)));
+            }
+        };
+        if let Some(paused) = pause {
+            if let Err(e) = self.change(|c, _| {
+                c.balancer_paused = paused;
+                Ok(())
+            }) {
+                return Ok(Response::new(err(e, |r: &mut BalanceResponse, e| r.error = e)));
+            }
+        }
+        let state = self.state.lock();
+        let alive = alive_nodes(&state, self.grace);
+        let partitions = state.catalog.tables.values().flat_map(|t| t.partitions.iter());
+        let (mut moves, mut under) = (0, 0);
+        for p in partitions {
+            moves += p.learners.len() as u32;
+            under += p.peers.iter().any(|(_, n)| !alive.contains(n)) as u32;
+        }
+        Ok(Response::new(BalanceResponse { error: None, paused: state.catalog.balancer_paused, moves_in_flight: moves, under_replicated: under }))
+    }
+
+    async fn transfer_leader(&self, request: Request<TransferLeaderRequest>) -> Result<Response<AdminResponse>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(admin(self.change(|c, _| c.transfer_leader(&r.table, r.partition, r.node_id)))))
+    }
+
+    async fn move_replica(&self, request: Request<MoveReplicaRequest>) -> Result<Response<AdminResponse>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(admin(self.change(|c, alive| c.move_replica(&r.table, r.partition, r.from_node, r.to_node, alive)))))
+    }
+}
+
+fn admin(r: Result<String, TernError>) -> AdminResponse {
+    match r {
+        Ok(message) => AdminResponse { error: None, message },
+        Err(e) => AdminResponse { error: Some(e.into()), message: String::new() },
     }
 }
 

@@ -29,6 +29,9 @@ pub const INITIAL_TERM: u64 = 5;
 /// so a deposed leader can serve stale data. Only the simulator's tests set it.
 pub static PLANTED_BUG_READ_WITHOUT_READ_INDEX: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Ticks between two attempts to hand leadership to the preferred peer.
+const LEADER_TRANSFER_COOLDOWN_TICKS: u64 = 30;
+
 /// A learner is promoted once it is within this many entries of the leader's log.
 const LEARNER_CATCH_UP_ENTRIES: u64 = 100;
 
@@ -147,6 +150,7 @@ pub struct Replica {
     /// Log changes made outside a Ready (compaction); drained into the round's batch.
     pending_log: LogWriteBatch,
     was_leader: bool,
+    last_transfer_tick: u64,
 }
 
 fn fatal(group: GroupId, what: &str, e: impl std::fmt::Display) -> ! {
@@ -236,6 +240,7 @@ impl Replica {
             received_snapshots: HashMap::new(),
             pending_log,
             was_leader: false,
+            last_transfer_tick: 0,
         })
     }
 
@@ -264,10 +269,11 @@ impl Replica {
     /// Moves the group one step toward the membership meta wants: add missing learners; when they
     /// have caught up, promote them and remove voters meta dropped (one joint-consensus change);
     /// never more than one change in flight. Only the leader acts; others just learn the addresses.
-    pub fn reconcile_membership(&mut self, voters: &[(PeerId, NodeId)], learners: &[(PeerId, NodeId)]) {
+    pub fn reconcile_membership(&mut self, voters: &[(PeerId, NodeId)], learners: &[(PeerId, NodeId)], preferred_leader: PeerId) {
         if !self.is_leader() || self.raw.raft.has_pending_conf() {
             return;
         }
+        self.maybe_transfer_leadership(preferred_leader);
         let cs = self.sm.state().conf_state.clone();
         if !cs.voters_outgoing.is_empty() || voters.is_empty() {
             return; // leaving a joint configuration is already under way
@@ -316,6 +322,21 @@ impl Replica {
         }
         if let Err(e) = self.raw.propose_conf_change(context, cc) {
             tracing::warn!(group = %self.group, "membership change refused: {e}");
+        }
+    }
+
+    /// Hands leadership to the preferred voter once it is fully caught up (leader priority: a
+    /// preferred node gets leadership back when it is healthy). At most one attempt per cooldown.
+    fn maybe_transfer_leadership(&mut self, preferred: PeerId) {
+        if preferred == 0 || preferred == self.peer_id || self.ticks < self.last_transfer_tick + LEADER_TRANSFER_COOLDOWN_TICKS {
+            return;
+        }
+        let cs = &self.sm.state().conf_state;
+        let last = self.raw.raft.raft_log.last_index();
+        let ready = cs.voters.contains(&preferred) && self.raw.raft.prs().get(preferred).is_some_and(|p| p.matched == last);
+        if ready {
+            self.last_transfer_tick = self.ticks;
+            self.raw.transfer_leader(preferred);
         }
     }
 

@@ -34,6 +34,8 @@ pub struct ReplicaSpec {
     pub initial: bool,
     pub partition_count: u32,
     pub preferred_leader: bool,
+    /// The peer meta prefers as leader (0: none).
+    pub preferred_leader_peer: PeerId,
 }
 
 pub type ChecksumCallback = Box<dyn FnOnce(Result<(u64, u64, u64), TernError>) + Send>;
@@ -233,7 +235,7 @@ impl Store {
         let everyone: Vec<(PeerId, NodeId)> = spec.peers.iter().chain(spec.learners.iter()).copied().collect();
         if let Some(r) = self.replicas.get_mut(&spec.group) {
             r.set_peers(everyone)?;
-            r.reconcile_membership(&spec.peers, &spec.learners);
+            r.reconcile_membership(&spec.peers, &spec.learners, spec.preferred_leader_peer);
             self.dirty.insert(spec.group);
             return Ok(());
         }

@@ -264,6 +264,7 @@ async fn heartbeat_loop(
                             initial: a.initial,
                             partition_count: a.partition_count,
                             preferred_leader: a.preferred_leader,
+                            preferred_leader_peer: a.preferred_leader_peer,
                         })
                         .collect();
                     let keep: Vec<GroupId> = specs.iter().map(|s| s.group).collect();

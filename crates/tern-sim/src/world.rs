@@ -486,6 +486,7 @@ impl World {
                     initial: true,
                     partition_count: self.cfg.partitions,
                     preferred_leader: 1 + (p as u64 % n) == node,
+                    preferred_leader_peer: 0,
                 })
                 .collect();
             self.with_store(index, |s| {

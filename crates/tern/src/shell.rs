@@ -26,6 +26,11 @@ commands (keys and values are words; quote them with \"...\" or '...', \\xHH esc
   exists HK SK                           whether a record exists
   full_scan [--limit N]                  records of the whole table (default limit 100)
   nodes                                  replica servers and their state
+  decommission NODE_ID [--wait]          move every replica off a server (--wait: show progress)
+  recommission NODE_ID                   take a decommissioned server back into use
+  balance status|pause|resume            the balancer (replica moves and leader placement)
+  move_replica TABLE PIDX FROM_NODE TO_NODE   move one replica (learner first, then swapped in)
+  transfer_leader TABLE PIDX NODE_ID     prefer a server as the partition's leader
   partitions [TABLE]                     replica set, leader and applied index of each partition
   cluster_info                           meta address, servers, tables
   help                                   this text
@@ -51,6 +56,11 @@ pub enum Command {
     Exists { hashkey: Vec<u8>, sortkey: Vec<u8> },
     FullScan { limit: u32 },
     Nodes,
+    Decommission { node: u64, wait: bool },
+    Recommission { node: u64 },
+    Balance { action: tern_proto::BalanceAction },
+    MoveReplica { table: String, partition: u32, from: u64, to: u64 },
+    TransferLeader { table: String, partition: u32, node: u64 },
     Partitions { table: Option<String> },
     ClusterInfo,
     Help,
@@ -267,6 +277,42 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
             Command::FullScan { limit }
         }
         "nodes" => Command::Nodes,
+        "decommission" => {
+            arity(&name, args, 1, 2, "NODE_ID [--wait]")?;
+            let wait = match args.get(1).map(|a| text(a)) {
+                None => false,
+                Some(flag) if flag == "--wait" => true,
+                Some(other) => return Err(format!("unknown option {other} (want --wait)")),
+            };
+            Command::Decommission { node: number(&args[0], "node id")?, wait }
+        }
+        "recommission" => {
+            arity(&name, args, 1, 1, "NODE_ID")?;
+            Command::Recommission { node: number(&args[0], "node id")? }
+        }
+        "balance" => {
+            arity(&name, args, 1, 1, "status|pause|resume")?;
+            let action = match text(&args[0]).as_str() {
+                "status" => tern_proto::BalanceAction::BalanceStatus,
+                "pause" => tern_proto::BalanceAction::BalancePause,
+                "resume" => tern_proto::BalanceAction::BalanceResume,
+                other => return Err(format!("unknown balance action {other:?} (want status, pause or resume)")),
+            };
+            Command::Balance { action }
+        }
+        "move_replica" => {
+            arity(&name, args, 4, 4, "TABLE PIDX FROM_NODE TO_NODE")?;
+            Command::MoveReplica {
+                table: text(&args[0]),
+                partition: number(&args[1], "partition index")?,
+                from: number(&args[2], "node id")?,
+                to: number(&args[3], "node id")?,
+            }
+        }
+        "transfer_leader" => {
+            arity(&name, args, 3, 3, "TABLE PIDX NODE_ID")?;
+            Command::TransferLeader { table: text(&args[0]), partition: number(&args[1], "partition index")?, node: number(&args[2], "node id")? }
+        }
         "partitions" => {
             arity(&name, args, 0, 1, "[TABLE]")?;
             Command::Partitions { table: args.first().map(|t| text(t)) }
@@ -421,13 +467,78 @@ impl Shell {
                         "\n{:>5} {:<22} {:<6} {:>8} {:>8} {:>12}",
                         n.node_id,
                         n.address,
-                        if n.alive { "up" } else { "down" },
+                        match (n.alive, n.draining) {
+                            (true, false) => "up",
+                            (true, true) => "drain",
+                            (false, _) => "down",
+                        },
                         n.replica_count,
                         n.leader_count,
                         seen
                     );
                 }
                 out
+            }
+            Command::Decommission { node, wait } => {
+                let r = self
+                    .client
+                    .meta_call(|mut m| async move { m.decommission(tern_proto::NodeRequest { node_id: node }).await.map(|r| r.into_inner()) })
+                    .await
+                    .map_err(err)?;
+                tern_proto::check(&r.error).map_err(err)?;
+                if wait {
+                    println!("{}", r.message);
+                    self.wait_drained(node).await?
+                } else {
+                    format!("{} (watch it with `nodes`)", r.message)
+                }
+            }
+            Command::Recommission { node } => {
+                let r = self
+                    .client
+                    .meta_call(|mut m| async move { m.recommission(tern_proto::NodeRequest { node_id: node }).await.map(|r| r.into_inner()) })
+                    .await
+                    .map_err(err)?;
+                tern_proto::check(&r.error).map_err(err)?;
+                r.message
+            }
+            Command::Balance { action } => {
+                let r = self
+                    .client
+                    .meta_call(|mut m| async move { m.balance(tern_proto::BalanceRequest { action: action as i32 }).await.map(|r| r.into_inner()) })
+                    .await
+                    .map_err(err)?;
+                tern_proto::check(&r.error).map_err(err)?;
+                format!(
+                    "balancer {}; {} replica moves in progress; {} partitions with a replica on a down server",
+                    if r.paused { "paused" } else { "running" },
+                    r.moves_in_flight,
+                    r.under_replicated
+                )
+            }
+            Command::MoveReplica { table, partition, from, to } => {
+                let r = self
+                    .client
+                    .meta_call(|mut m| {
+                        let table = table.clone();
+                        async move { m.move_replica(tern_proto::MoveReplicaRequest { table, partition, from_node: from, to_node: to }).await.map(|r| r.into_inner()) }
+                    })
+                    .await
+                    .map_err(err)?;
+                tern_proto::check(&r.error).map_err(err)?;
+                r.message
+            }
+            Command::TransferLeader { table, partition, node } => {
+                let r = self
+                    .client
+                    .meta_call(|mut m| {
+                        let table = table.clone();
+                        async move { m.transfer_leader(tern_proto::TransferLeaderRequest { table, partition, node_id: node }).await.map(|r| r.into_inner()) }
+                    })
+                    .await
+                    .map_err(err)?;
+                tern_proto::check(&r.error).map_err(err)?;
+                r.message
             }
             Command::Partitions { table } => {
                 let name = table.unwrap_or_else(|| self.table.clone());
@@ -474,6 +585,25 @@ impl Shell {
             }
         };
         Ok(out)
+    }
+}
+
+impl Shell {
+    /// Prints the draining server's remaining replicas every second until none are left.
+    async fn wait_drained(&self, node: u64) -> Result<String, String> {
+        let started = std::time::Instant::now();
+        loop {
+            let nodes = self.client.refresh_nodes().await.map_err(err)?;
+            let Some(n) = nodes.iter().find(|n| n.node_id == node) else { return Err(format!("error: node {node} is gone")) };
+            if n.replica_count == 0 {
+                return Ok(format!("node {node} holds no replicas after {:.0} s; it can be stopped", started.elapsed().as_secs_f64()));
+            }
+            println!("node {node}: {} replicas left, {} leaders", n.replica_count, n.leader_count);
+            if started.elapsed() > Duration::from_secs(3600) {
+                return Err(format!("error: node {node} still holds {} replicas after an hour", n.replica_count));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 }
 

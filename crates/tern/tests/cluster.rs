@@ -347,3 +347,66 @@ async fn lost_server_is_replaced_by_re_replication() {
     }
     c.shutdown().await;
 }
+
+async fn node_counts(c: &Cluster) -> Vec<tern_proto::NodeInfo> {
+    c.client.refresh_nodes().await.unwrap()
+}
+
+/// Membership operations while clients keep working: a new server receives replicas (and then
+/// leaders) by balancing; a decommissioned server ends with no replicas; every write stays readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn new_server_gets_replicas_and_decommission_drains() {
+    let mut c = Cluster::start_with("t", 4, 3, Duration::from_secs(3)).await;
+    let t = c.client.table("t");
+    for i in 0..100 {
+        t.set(format!("k{i}").as_bytes(), b"", format!("v{i}").as_bytes(), 0).await.unwrap();
+    }
+    let cfg = ServerConfig::new(c._dir.path().join("s-new"), any_port(), vec![c.meta.address.clone()]);
+    let newcomer = ServerNode::start(cfg).await.unwrap();
+    let new_id = newcomer.node_id;
+    c.servers.push(newcomer);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let nodes = node_counts(&c).await;
+        let counts: Vec<u32> = nodes.iter().map(|n| n.replica_count).collect();
+        let newcomer = nodes.iter().find(|n| n.node_id == new_id).unwrap();
+        if newcomer.replica_count >= 3 && newcomer.leader_count >= 1 && counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "replicas did not spread to the new server: {nodes:?}");
+        t.set(b"during-balance", b"", b"x", 0).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let victim = c.servers[0].node_id;
+    let r = c
+        .client
+        .meta_call(|mut m| async move { m.decommission(tern_proto::NodeRequest { node_id: victim }).await.map(|r| r.into_inner()) })
+        .await
+        .unwrap();
+    tern_proto::check(&r.error).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let nodes = node_counts(&c).await;
+        let v = nodes.iter().find(|n| n.node_id == victim).unwrap();
+        assert!(v.draining);
+        if v.replica_count == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "decommissioned server still holds replicas: {nodes:?}");
+        t.set(b"during-drain", b"", b"y", 0).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for i in 0..100 {
+        assert_eq!(t.get(format!("k{i}").as_bytes(), b"").await.unwrap(), Some(format!("v{i}").into_bytes()), "k{i}");
+    }
+    // Too few servers would remain for three replicas: refused with a typed error.
+    let other = c.servers[1].node_id;
+    let r = c
+        .client
+        .meta_call(|mut m| async move { m.decommission(tern_proto::NodeRequest { node_id: other }).await.map(|r| r.into_inner()) })
+        .await
+        .unwrap();
+    assert!(matches!(tern_proto::check(&r.error), Err(TernError::NotEnoughNodes(_))), "{r:?}");
+    c.shutdown().await;
+}
