@@ -1,8 +1,8 @@
 //! A replica server's lifecycle: open storage, register with meta, run the store thread, serve gRPC,
 //! heartbeat, and stop cleanly.
 
-use crate::service::{KvService, RaftService};
-use crate::transport::{AddressBook, GrpcTransport};
+use crate::service::KvService;
+use tern_transport::{AddressBook, GrpcTransport, RaftService};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

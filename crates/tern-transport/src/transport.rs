@@ -1,4 +1,4 @@
-//! The raft transport over gRPC: one long-lived client stream per destination node carrying batches
+//! Sending raft messages over gRPC: one long-lived client stream per destination node carrying batches
 //! of messages, and a separate streamed transfer per snapshot (checkpoint files in chunks, rate
 //! limited). Sending never blocks the store: each destination has a bounded queue, and messages that
 //! do not fit are dropped (raft retransmits) and reported as unreachable.

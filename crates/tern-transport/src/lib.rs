@@ -1,0 +1,103 @@
+//! The raft transport over gRPC, shared by replica servers and meta nodes: `GrpcTransport` (sending:
+//! one long-lived stream per destination node carrying batches, snapshots streamed in chunks) and
+//! `RaftService` (receiving).
+//!
+//! Owns: moving raft messages and snapshots between nodes. Must not contain consensus logic
+//! (tern-raft) or request handling (tern-server, tern-meta).
+
+mod transport;
+
+pub use transport::{AddressBook, GrpcTransport};
+
+use protobuf::Message as _;
+use std::path::PathBuf;
+use tern_core::{GroupId, NodeId};
+use tern_proto::raft_server::Raft;
+use tern_proto::{Done, RaftBatch, SnapshotChunk};
+use tern_raft::store::{StoreHandle, StoreMsg};
+use tokio::io::AsyncWriteExt;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Largest snapshot file name accepted from a peer.
+const SNAPSHOT_FILE_NAME_BYTES_MAX: usize = 255;
+
+#[derive(Clone)]
+pub struct RaftService {
+    node_id: NodeId,
+    store: StoreHandle,
+    receive_dir: PathBuf,
+}
+
+impl RaftService {
+    pub fn new(node_id: NodeId, store: StoreHandle, receive_dir: PathBuf) -> RaftService {
+        RaftService { node_id, store, receive_dir }
+    }
+
+    fn deliver(&self, envelope: tern_proto::RaftEnvelope, snapshot_dir: Option<PathBuf>) -> Result<(), Status> {
+        if envelope.to_node != self.node_id {
+            return Err(Status::failed_precondition(format!("this is node {}, not {}", self.node_id, envelope.to_node)));
+        }
+        let message = raft::eraftpb::Message::parse_from_bytes(&envelope.message)
+            .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
+        self.store.send(StoreMsg::Raft { group: GroupId(envelope.group_id), message, snapshot_dir });
+        Ok(())
+    }
+}
+
+fn valid_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= SNAPSHOT_FILE_NAME_BYTES_MAX
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\\')
+        && !name.contains('\0')
+}
+
+#[tonic::async_trait]
+impl Raft for RaftService {
+    async fn send(&self, request: Request<Streaming<RaftBatch>>) -> Result<Response<Done>, Status> {
+        let mut stream = request.into_inner();
+        while let Some(batch) = stream.message().await? {
+            for envelope in batch.messages {
+                self.deliver(envelope, None)?;
+            }
+        }
+        Ok(Response::new(Done {}))
+    }
+
+    async fn send_snapshot(&self, request: Request<Streaming<SnapshotChunk>>) -> Result<Response<Done>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let envelope = first.envelope.ok_or_else(|| Status::invalid_argument("snapshot stream must start with its raft message"))?;
+        let dir = self.receive_dir.join(format!("{}-{}-{}", envelope.group_id, envelope.from_node, rand::random::<u64>()));
+        let io = |e: std::io::Error| Status::internal(format!("write received snapshot: {e}"));
+        tokio::fs::create_dir_all(&dir).await.map_err(io)?;
+        let received = async {
+            let mut current: Option<(String, tokio::fs::File)> = None;
+            while let Some(chunk) = stream.message().await? {
+                if !valid_file_name(&chunk.file_name) {
+                    return Err(Status::invalid_argument(format!("bad snapshot file name {:?}", chunk.file_name)));
+                }
+                if current.as_ref().map(|(n, _)| n != &chunk.file_name).unwrap_or(true) {
+                    let f = tokio::fs::File::create(dir.join(&chunk.file_name)).await.map_err(io)?;
+                    current = Some((chunk.file_name.clone(), f));
+                }
+                let (_, f) = current.as_mut().expect("opened above");
+                f.write_all(&chunk.data).await.map_err(io)?;
+                if chunk.file_done {
+                    f.sync_all().await.map_err(io)?;
+                    current = None;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = received {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(e);
+        }
+        self.deliver(envelope, Some(dir))?;
+        Ok(Response::new(Done {}))
+    }
+}
