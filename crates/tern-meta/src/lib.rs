@@ -1,10 +1,10 @@
 //! The meta server: the cluster catalog (nodes, tables, partitions and their replica sets), initial
 //! placement, routing tables for clients, and node liveness from heartbeats.
 //!
-//! Owns: `catalog` (pure state and decisions: register, create/drop table, placement, assignments; no
-//! I/O, no clock — time is passed in) and `service` (gRPC, persistence of the catalog, heartbeats).
-//! Must not depend on tern-raft, tern-server or tern-client. Today the catalog is persisted by one meta
-//! node to a file; making it a raft group belongs in a later change and should reuse tern-raft.
+//! Owns: `catalog` (pure state and decisions: register, create/drop table, placement, assignments,
+//! the scheduler; no I/O, no clock) and `service` (gRPC, the catalog replicated through a raft group
+//! of 1, 3 or 5 meta nodes on tern-raft's store, heartbeats, the scheduling loop).
+//! Must not depend on tern-server or tern-client.
 
 pub mod catalog;
 pub mod service;

@@ -1,17 +1,22 @@
-//! The meta gRPC service: persists the catalog (atomically, to one file), tracks heartbeats, answers
-//! routing queries.
+//! The meta gRPC service. The catalog is replicated: every meta node runs a one-group raft store
+//! (the same `tern_raft::store::Store` partitions use, over raft-engine and RocksDB) whose state
+//! machine holds the catalog; the raft leader is the meta leader. Only the leader answers (others
+//! answer UNAVAILABLE so callers try the next address); it keeps the catalog in memory, writes every
+//! change through raft before acknowledging it, tracks heartbeats and runs the scheduler.
 
 use crate::catalog::{Catalog, GroupProgress, TableRecord};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tern_core::{NodeId, TernError};
+use tern_core::{GroupId, NodeId, TernError};
 use tern_proto::meta_server::{Meta, MetaServer};
 use tern_proto::*;
-use tokio::sync::watch;
+use tern_raft::store::{self, ReplicaSpec, Store, StoreConfig, StoreHandle, StoreMsg};
+use tokio::sync::{oneshot, watch};
 use tonic::{Request, Response, Status};
 
 #[derive(Clone, Debug)]
@@ -20,11 +25,36 @@ pub struct MetaConfig {
     pub listen: SocketAddr,
     /// A server silent for this long is reported as down.
     pub node_grace: Duration,
+    /// This meta node's id among `peers` (1-based).
+    pub id: u64,
+    /// Every meta node (id, address), this one included. Empty: a single meta node at `listen`.
+    pub peers: Vec<(u64, String)>,
 }
 
 impl MetaConfig {
     pub fn new(data_dir: PathBuf, listen: SocketAddr) -> MetaConfig {
-        MetaConfig { data_dir, listen, node_grace: Duration::from_secs(10) }
+        MetaConfig { data_dir, listen, node_grace: Duration::from_secs(10), id: 1, peers: vec![] }
+    }
+
+    pub fn validate(&self) -> Result<(), TernError> {
+        if self.node_grace.is_zero() {
+            return Err(TernError::invalid("node grace period must be positive"));
+        }
+        if !self.peers.is_empty() {
+            if ![1, 3, 5].contains(&self.peers.len()) {
+                return Err(TernError::invalid(format!("meta needs 1, 3 or 5 nodes, not {}", self.peers.len())));
+            }
+            if !self.peers.iter().any(|(id, _)| *id == self.id) {
+                return Err(TernError::invalid(format!("meta id {} is not among the meta peers", self.id)));
+            }
+            let mut ids: Vec<u64> = self.peers.iter().map(|(id, _)| *id).collect();
+            ids.sort();
+            ids.dedup();
+            if ids.len() != self.peers.len() || ids[0] == 0 {
+                return Err(TernError::invalid("meta peer ids must be distinct and positive"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -36,99 +66,190 @@ struct NodeLiveness {
 struct State {
     catalog: Catalog,
     liveness: HashMap<NodeId, NodeLiveness>,
+    /// When this node last became meta leader (liveness is judged only a grace period after it).
+    leader_since: Instant,
 }
+
+/// The raft group that holds the catalog, and where in it the catalog lives.
+const CATALOG_GROUP: GroupId = GroupId(0);
+const CATALOG_KEY: &[u8] = b"catalog";
+/// How long a catalog write or read through raft may take.
+const CATALOG_IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct MetaService {
     state: Arc<Mutex<State>>,
-    path: PathBuf,
+    /// Serialises catalog changes: each is computed on the current catalog, written through raft,
+    /// then installed.
+    changes: Arc<tokio::sync::Mutex<()>>,
+    store: StoreHandle,
+    leader: Arc<AtomicBool>,
     grace: Duration,
-    started: Instant,
 }
 
 /// Replicas filled on one node at the same time by re-replication (each is a snapshot transfer).
 const REPAIRS_PER_NODE_MAX: usize = 2;
 
-fn io_error(e: std::io::Error) -> TernError {
-    TernError::Internal(format!("meta catalog file: {e}"))
+fn not_leader() -> Status {
+    Status::unavailable("this meta node is not the leader; try another meta address")
+}
+
+fn catalog_ref() -> Option<PartitionRef> {
+    Some(PartitionRef { table_id: 0, partition: 0, partition_count: 1 })
 }
 
 impl MetaService {
-    pub fn open(data_dir: PathBuf, grace: Duration) -> Result<MetaService, TernError> {
-        std::fs::create_dir_all(&data_dir).map_err(io_error)?;
-        let path = data_dir.join("catalog.json");
-        let catalog = if path.exists() {
-            let bytes = std::fs::read(&path).map_err(io_error)?;
-            serde_json::from_slice(&bytes).map_err(|e| TernError::Corruption(format!("{}: {e}", path.display())))?
-        } else {
-            Catalog::default()
-        };
-        Ok(MetaService {
-            state: Arc::new(Mutex::new(State { catalog, liveness: HashMap::new() })),
-            path,
+    fn new(store: StoreHandle, grace: Duration) -> MetaService {
+        MetaService {
+            state: Arc::new(Mutex::new(State { catalog: Catalog::default(), liveness: HashMap::new(), leader_since: Instant::now() })),
+            changes: Arc::new(tokio::sync::Mutex::new(())),
+            store,
+            leader: Arc::new(AtomicBool::new(false)),
             grace,
-            started: Instant::now(),
-        })
+        }
     }
 
-    /// Writes the catalog durably (temp file, fsync, rename) before a change is acknowledged.
-    fn persist(&self, catalog: &Catalog) -> Result<(), TernError> {
-        use std::io::Write;
-        let tmp = self.path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(catalog).expect("serialize catalog");
-        let mut f = std::fs::File::create(&tmp).map_err(io_error)?;
-        f.write_all(&bytes).map_err(io_error)?;
-        f.sync_all().map_err(io_error)?;
-        std::fs::rename(&tmp, &self.path).map_err(io_error)
+    fn check_leader(&self) -> Result<(), Status> {
+        if self.leader.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(not_leader())
+        }
     }
 
-    /// Applies a change to a copy of the catalog, persists it, then installs it.
-    fn change<T>(&self, f: impl FnOnce(&mut Catalog, &[NodeId]) -> Result<T, TernError>) -> Result<T, TernError> {
-        let mut state = self.state.lock();
-        let alive = alive_nodes(&state, self.grace);
-        let mut next = state.catalog.clone();
-        let out = f(&mut next, &alive)?;
-        self.persist(&next)?;
-        state.catalog = next;
+    /// Writes the catalog through raft; returns once a majority has it and it is applied.
+    async fn persist(&self, catalog: &Catalog) -> Result<(), TernError> {
+        let value = serde_json::to_vec(catalog).expect("serialize catalog");
+        let request = WriteRequest {
+            partition: catalog_ref(),
+            op: Some(write_request::Op::Set(MultiSet {
+                hashkey: CATALOG_KEY.to_vec().into(),
+                values: vec![SortkeyValue { sortkey: Default::default(), value: value.into(), ttl_seconds: 0 }],
+            })),
+            ..Default::default()
+        };
+        let (tx, rx) = oneshot::channel();
+        self.store.send(StoreMsg::Write { group: CATALOG_GROUP, request, callback: Box::new(move |r| drop(tx.send(r))) });
+        match tokio::time::timeout(CATALOG_IO_TIMEOUT, rx).await {
+            Ok(Ok(r)) => tern_proto::check(&r.error),
+            Ok(Err(_)) => Err(TernError::Unavailable("meta store stopped".into())),
+            Err(_) => Err(TernError::Timeout("catalog write did not commit in time".into())),
+        }
+    }
+
+    /// Reads the catalog through raft (linearizable: sees every change a previous leader committed).
+    async fn load(&self) -> Result<Catalog, TernError> {
+        let request = ReadRequest {
+            partition: catalog_ref(),
+            allow_stale: false,
+            op: Some(read_request::Op::Get(MultiGet { hashkey: CATALOG_KEY.to_vec().into(), sortkeys: vec![Default::default()], limit: 0, no_value: false })),
+        };
+        let (tx, rx) = oneshot::channel();
+        self.store.send(StoreMsg::Read { group: CATALOG_GROUP, request, callback: Box::new(move |r| drop(tx.send(r))) });
+        let r = match tokio::time::timeout(CATALOG_IO_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => return Err(TernError::Unavailable("meta store stopped".into())),
+            Err(_) => return Err(TernError::Timeout("catalog read did not finish in time".into())),
+        };
+        tern_proto::check(&r.error)?;
+        match r.records.first() {
+            None => Ok(Catalog::default()),
+            Some(record) => serde_json::from_slice(&record.value).map_err(|e| TernError::Corruption(format!("catalog: {e}"))),
+        }
+    }
+
+    /// Follows the catalog group's raft leadership: on becoming leader, reads the catalog and starts
+    /// answering; on losing it, stops.
+    async fn follow_leadership(self, mut stopped: watch::Receiver<bool>) {
+        loop {
+            let (tx, rx) = oneshot::channel();
+            self.store.send(StoreMsg::Status(Box::new(move |s| drop(tx.send(s)))));
+            let leads = rx.await.unwrap_or_default().iter().any(|r| r.group_id == CATALOG_GROUP.0 && r.is_leader);
+            let was = self.leader.load(Ordering::SeqCst);
+            if leads && !was {
+                match self.load().await {
+                    Ok(catalog) => {
+                        let mut state = self.state.lock();
+                        state.catalog = catalog;
+                        state.liveness.clear();
+                        state.leader_since = Instant::now();
+                        self.leader.store(true, Ordering::SeqCst);
+                        tracing::info!("this meta node is now the leader");
+                    }
+                    Err(e) => tracing::warn!("became meta leader but cannot read the catalog yet: {e}"),
+                }
+            } else if !leads && was {
+                self.leader.store(false, Ordering::SeqCst);
+                tracing::info!("this meta node is no longer the leader");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = stopped.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// Applies a change to a copy of the catalog, writes it through raft, then installs it.
+    async fn change<T>(&self, f: impl FnOnce(&mut Catalog, &[NodeId]) -> Result<T, TernError>) -> Result<T, TernError> {
+        let _serial = self.changes.lock().await;
+        if !self.leader.load(Ordering::SeqCst) {
+            return Err(TernError::Unavailable("this meta node is not the leader".into()));
+        }
+        let (next, out) = {
+            let state = self.state.lock();
+            let alive = alive_nodes(&state, self.grace);
+            let mut next = state.catalog.clone();
+            let out = f(&mut next, &alive)?;
+            (next, out)
+        };
+        self.persist(&next).await?;
+        self.state.lock().catalog = next;
         Ok(out)
     }
 
-    /// One pass of the scheduler: repair partitions that lost replicas to down nodes. Waits one grace
-    /// period after meta starts, so that servers are not mistaken for dead before their first heartbeat.
-    pub fn schedule_once(&self) {
-        if self.started.elapsed() < self.grace {
-            return;
-        }
-        let mut state = self.state.lock();
-        let alive = alive_nodes(&state, self.grace);
-        let mut progress: HashMap<u64, GroupProgress> = HashMap::new();
-        let mut leader_terms: HashMap<u64, u64> = HashMap::new();
-        for (node, l) in &state.liveness {
-            if !alive.contains(node) {
-                continue;
+    /// One pass of the scheduler (leader only, and only a grace period after becoming leader, so
+    /// that servers are not mistaken for dead before their first heartbeat to this leader).
+    pub async fn schedule_once(&self) {
+        {
+            let state = self.state.lock();
+            if !self.leader.load(Ordering::SeqCst) || state.leader_since.elapsed() < self.grace {
+                return;
             }
-            for r in &l.replicas {
-                let g = progress.entry(r.group_id).or_default();
-                g.applied.insert(r.peer_id, r.applied_index);
-                if r.is_leader && r.term >= leader_terms.get(&r.group_id).copied().unwrap_or(0) {
-                    leader_terms.insert(r.group_id, r.term);
-                    g.leader_commit = r.commit_index;
+        }
+        let _serial = self.changes.lock().await;
+        let (next, changes) = {
+            let state = self.state.lock();
+            let alive = alive_nodes(&state, self.grace);
+            let mut progress: HashMap<u64, GroupProgress> = HashMap::new();
+            let mut leader_terms: HashMap<u64, u64> = HashMap::new();
+            for (node, l) in &state.liveness {
+                if !alive.contains(node) {
+                    continue;
+                }
+                for r in &l.replicas {
+                    let g = progress.entry(r.group_id).or_default();
+                    g.applied.insert(r.peer_id, r.applied_index);
+                    if r.is_leader && r.term >= leader_terms.get(&r.group_id).copied().unwrap_or(0) {
+                        leader_terms.insert(r.group_id, r.term);
+                        g.leader_commit = r.commit_index;
+                    }
                 }
             }
-        }
-        let mut next = state.catalog.clone();
-        let changes = next.schedule(&alive, &progress, REPAIRS_PER_NODE_MAX);
+            let mut next = state.catalog.clone();
+            let changes = next.schedule(&alive, &progress, REPAIRS_PER_NODE_MAX);
+            (next, changes)
+        };
         if changes.is_empty() {
             return;
         }
-        match self.persist(&next) {
+        match self.persist(&next).await {
             Ok(()) => {
-                state.catalog = next;
+                self.state.lock().catalog = next;
                 for c in changes {
-                    tracing::info!("re-replication: {c}");
+                    tracing::info!("scheduler: {c}");
                 }
             }
-            Err(e) => tracing::error!("cannot persist scheduling decisions: {e}"),
+            Err(e) => tracing::warn!("cannot persist scheduling decisions: {e}"),
         }
     }
 
@@ -210,8 +331,9 @@ fn err<T: Default>(e: TernError, set: impl FnOnce(&mut T, Option<Error>)) -> T {
 #[tonic::async_trait]
 impl Meta for MetaService {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        self.check_leader()?;
         let address = request.into_inner().address;
-        let r = self.change(|c, _| c.register(&address));
+        let r = self.change(|c, _| c.register(&address)).await;
         Ok(Response::new(match r {
             Ok(node_id) => {
                 self.state.lock().liveness.insert(node_id, NodeLiveness { last_seen: Instant::now(), replicas: vec![] });
@@ -223,6 +345,7 @@ impl Meta for MetaService {
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        self.check_leader()?;
         let hb = request.into_inner();
         let known = self.state.lock().catalog.nodes.get(&hb.node_id).cloned();
         let Some(record) = known else {
@@ -232,10 +355,13 @@ impl Meta for MetaService {
         if record.address != hb.address {
             // A server restarted on a new address: remember it so peers and clients can find it.
             let (id, address) = (hb.node_id, hb.address.clone());
-            if let Err(e) = self.change(|c, _| {
-                c.nodes.insert(id, crate::catalog::NodeRecord { address });
-                Ok(())
-            }) {
+            if let Err(e) = self
+                .change(|c, _| {
+                    c.nodes.insert(id, crate::catalog::NodeRecord { address });
+                    Ok(())
+                })
+                .await
+            {
                 return Ok(Response::new(err(e, |r: &mut HeartbeatResponse, e| r.error = e)));
             }
         }
@@ -266,8 +392,9 @@ impl Meta for MetaService {
     }
 
     async fn create_table(&self, request: Request<CreateTableRequest>) -> Result<Response<TableResponse>, Status> {
+        self.check_leader()?;
         let r = request.into_inner();
-        let created = self.change(|c, alive| c.create_table(&r.name, r.partition_count, r.replica_count, alive).cloned());
+        let created = self.change(|c, alive| c.create_table(&r.name, r.partition_count, r.replica_count, alive).cloned()).await;
         Ok(Response::new(match created {
             Ok(t) => {
                 tracing::info!(table = %t.name, id = t.id, partitions = t.partition_count, "created table");
@@ -278,14 +405,16 @@ impl Meta for MetaService {
     }
 
     async fn drop_table(&self, request: Request<DropTableRequest>) -> Result<Response<TableResponse>, Status> {
+        self.check_leader()?;
         let name = request.into_inner().name;
-        Ok(Response::new(match self.change(|c, _| c.drop_table(&name)) {
+        Ok(Response::new(match self.change(|c, _| c.drop_table(&name)).await {
             Ok(_) => TableResponse::default(),
             Err(e) => err(e, |r: &mut TableResponse, e| r.error = e),
         }))
     }
 
     async fn get_table(&self, request: Request<TableRequest>) -> Result<Response<TableResponse>, Status> {
+        self.check_leader()?;
         let name = request.into_inner().name;
         let state = self.state.lock();
         Ok(Response::new(match state.catalog.table(&name) {
@@ -295,17 +424,20 @@ impl Meta for MetaService {
     }
 
     async fn list_tables(&self, _: Request<ListTablesRequest>) -> Result<Response<ListTablesResponse>, Status> {
+        self.check_leader()?;
         let state = self.state.lock();
         let tables = state.catalog.tables.values().map(|t| Self::table_info(&state, t)).collect();
         Ok(Response::new(ListTablesResponse { error: None, tables }))
     }
 
     async fn list_nodes(&self, _: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
+        self.check_leader()?;
         let state = self.state.lock();
         Ok(Response::new(ListNodesResponse { error: None, nodes: Self::node_infos(&state, self.grace) }))
     }
 
     async fn get_partition_status(&self, request: Request<PartitionStatusRequest>) -> Result<Response<PartitionStatusResponse>, Status> {
+        self.check_leader()?;
         let name = request.into_inner().table;
         let state = self.state.lock();
         let table = match state.catalog.table(&name) {
@@ -333,16 +465,19 @@ impl Meta for MetaService {
     }
 
     async fn decommission(&self, request: Request<NodeRequest>) -> Result<Response<AdminResponse>, Status> {
+        self.check_leader()?;
         let node = request.into_inner().node_id;
-        Ok(Response::new(admin(self.change(|c, alive| c.decommission(node, alive)))))
+        Ok(Response::new(admin(self.change(|c, alive| c.decommission(node, alive)).await)))
     }
 
     async fn recommission(&self, request: Request<NodeRequest>) -> Result<Response<AdminResponse>, Status> {
+        self.check_leader()?;
         let node = request.into_inner().node_id;
-        Ok(Response::new(admin(self.change(|c, _| c.recommission(node)))))
+        Ok(Response::new(admin(self.change(|c, _| c.recommission(node)).await)))
     }
 
     async fn balance(&self, request: Request<BalanceRequest>) -> Result<Response<BalanceResponse>, Status> {
+        self.check_leader()?;
         let action = BalanceAction::try_from(request.into_inner().action);
         let pause = match action {
             Ok(BalanceAction::BalanceStatus) => None,
@@ -353,10 +488,13 @@ impl Meta for MetaService {
             }
         };
         if let Some(paused) = pause {
-            if let Err(e) = self.change(|c, _| {
-                c.balancer_paused = paused;
-                Ok(())
-            }) {
+            if let Err(e) = self
+                .change(|c, _| {
+                    c.balancer_paused = paused;
+                    Ok(())
+                })
+                .await
+            {
                 return Ok(Response::new(err(e, |r: &mut BalanceResponse, e| r.error = e)));
             }
         }
@@ -372,13 +510,15 @@ impl Meta for MetaService {
     }
 
     async fn transfer_leader(&self, request: Request<TransferLeaderRequest>) -> Result<Response<AdminResponse>, Status> {
+        self.check_leader()?;
         let r = request.into_inner();
-        Ok(Response::new(admin(self.change(|c, _| c.transfer_leader(&r.table, r.partition, r.node_id)))))
+        Ok(Response::new(admin(self.change(|c, _| c.transfer_leader(&r.table, r.partition, r.node_id)).await)))
     }
 
     async fn move_replica(&self, request: Request<MoveReplicaRequest>) -> Result<Response<AdminResponse>, Status> {
+        self.check_leader()?;
         let r = request.into_inner();
-        Ok(Response::new(admin(self.change(|c, alive| c.move_replica(&r.table, r.partition, r.from_node, r.to_node, alive)))))
+        Ok(Response::new(admin(self.change(|c, alive| c.move_replica(&r.table, r.partition, r.from_node, r.to_node, alive)).await)))
     }
 }
 
@@ -389,50 +529,103 @@ fn admin(r: Result<String, TernError>) -> AdminResponse {
     }
 }
 
-/// A running meta server.
+/// A running meta node.
 pub struct MetaNode {
     pub address: String,
     stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    store: StoreHandle,
+    store_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn internal(what: &'static str) -> impl Fn(std::io::Error) -> TernError {
+    move |e| TernError::Internal(format!("{what}: {e}"))
 }
 
 impl MetaNode {
     pub async fn start(cfg: MetaConfig) -> Result<MetaNode, TernError> {
-        let service = MetaService::open(cfg.data_dir.clone(), cfg.node_grace)?;
+        cfg.validate()?;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(internal("create meta data directory"))?;
         let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| TernError::Internal(format!("bind meta address {}: {e}", cfg.listen)))?;
-        let address = listener.local_addr().map_err(|e| TernError::Internal(e.to_string()))?.to_string();
-        let (stop, mut stopped) = watch::channel(false);
+        let address = listener.local_addr().map_err(internal("meta address"))?.to_string();
+        let peers = if cfg.peers.is_empty() { vec![(cfg.id, address.clone())] } else { cfg.peers.clone() };
+
+        // The catalog's raft group, on the same machinery as partitions.
+        let log = Arc::new(tern_raft::log_store::RaftEngineLogStore::open(&cfg.data_dir.join("raft-log"))?);
+        let engines = Arc::new(tern_engine::RocksEngineFactory::new(tern_engine::RocksSharedResources::new(16 << 20, 16 << 20), None));
+        let (handle, mailbox) = store::mailbox(10_000);
+        let addresses: tern_transport::AddressBook = Default::default();
+        addresses.write().extend(peers.iter().cloned());
+        let transport = tern_transport::GrpcTransport::new(cfg.id, tokio::runtime::Handle::current(), addresses, handle.clone(), 0);
+        let (id, data_dir) = (cfg.id, cfg.data_dir.clone());
+        let store_cfg = StoreConfig::default();
+        let (tick, round_max) = (store_cfg.tick_interval, store_cfg.round_messages_max);
+        let meta_store = tokio::task::spawn_blocking(move || {
+            Store::open(id, data_dir, log, engines, Arc::new(tern_core::time::SystemClock::default()), rand::random(), store_cfg, Box::new(transport))
+        })
+        .await
+        .map_err(|e| TernError::Internal(format!("open meta store: {e}")))??;
+        let store_thread = std::thread::Builder::new()
+            .name(format!("tern-meta-store-{id}"))
+            .spawn(move || store::run(meta_store, mailbox, tick, round_max))
+            .map_err(internal("start meta store thread"))?;
+        let lowest = peers.iter().map(|(i, _)| *i).min().expect("at least one meta peer");
+        handle.send(StoreMsg::EnsureReplicas(vec![ReplicaSpec {
+            group: CATALOG_GROUP,
+            peer_id: cfg.id,
+            peers: peers.iter().map(|(i, _)| (*i, *i)).collect(),
+            learners: vec![],
+            initial: true,
+            partition_count: 1,
+            preferred_leader: cfg.id == lowest,
+            preferred_leader_peer: 0,
+        }]));
+
+        let service = MetaService::new(handle.clone(), cfg.node_grace);
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(service.clone().follow_leadership(stopped.clone())));
         let scheduler = service.clone();
         let mut scheduler_stopped = stopped.clone();
-        tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => scheduler.schedule_once(),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = scheduler_stopped.wait_for(|s| *s) => return,
                 }
+                scheduler.schedule_once().await;
             }
-        });
-        let task = tokio::spawn(async move {
+        }));
+        let raft = tern_proto::raft_server::RaftServer::new(tern_transport::RaftService::new(cfg.id, handle.clone(), cfg.data_dir.join("snapshots-received")))
+            .max_decoding_message_size(tern_core::limits::GRPC_MESSAGE_BYTES_MAX);
+        let mut server_stopped = stopped.clone();
+        tasks.push(tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             let r = tonic::transport::Server::builder()
                 .add_service(MetaServer::new(service))
+                .add_service(raft)
                 .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stopped.wait_for(|s| *s).await;
+                    let _ = server_stopped.wait_for(|s| *s).await;
                 })
                 .await;
             if let Err(e) = r {
                 tracing::error!("meta server stopped: {e}");
             }
-        });
-        tracing::info!(%address, "meta server started");
-        Ok(MetaNode { address, stop, task })
+        }));
+        tracing::info!(%address, id = cfg.id, peers = peers.len(), "meta node started");
+        Ok(MetaNode { address, stop, tasks, store: handle, store_thread: Some(store_thread) })
     }
 
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
-        let mut task = self.task;
-        if tokio::time::timeout(Duration::from_millis(500), &mut task).await.is_err() {
-            task.abort();
+        for mut t in self.tasks.drain(..) {
+            if tokio::time::timeout(Duration::from_millis(500), &mut t).await.is_err() {
+                t.abort();
+            }
+        }
+        self.store.send(StoreMsg::Shutdown);
+        if let Some(t) = self.store_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
     }
 }

@@ -86,9 +86,12 @@ fn internal(what: &str) -> impl Fn(std::io::Error) -> TernError + '_ {
     move |e| TernError::Internal(format!("{what}: {e}"))
 }
 
-async fn meta_client(addresses: &[String]) -> Result<MetaClient<tonic::transport::Channel>, TernError> {
+/// Connects to a meta node, trying the addresses from `start` on (callers move `start` along after
+/// a failure: the node that answered may not be the leader).
+async fn meta_client(addresses: &[String], start: usize) -> Result<MetaClient<tonic::transport::Channel>, TernError> {
     let mut last = String::new();
-    for a in addresses {
+    for i in 0..addresses.len() {
+        let a = &addresses[(start + i) % addresses.len()];
         match tonic::transport::Endpoint::from_shared(format!("http://{a}"))
             .map_err(|e| TernError::invalid(format!("meta address {a:?}: {e}")))?
             .connect_timeout(Duration::from_secs(1))
@@ -113,7 +116,7 @@ async fn node_identity(cfg: &ServerConfig, address: &str) -> Result<NodeId, Tern
     let mut attempt = 0u32;
     let node_id = loop {
         let r = async {
-            let mut meta = meta_client(&cfg.meta).await?;
+            let mut meta = meta_client(&cfg.meta, attempt as usize).await?;
             let r = meta.register(RegisterRequest { address: address.to_string() }).await.map_err(|s| tern_proto::from_status(&s))?.into_inner();
             tern_proto::check(&r.error)?;
             Ok::<_, TernError>(r.node_id)
@@ -235,9 +238,10 @@ async fn heartbeat_loop(
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut client = None;
+    let mut next_meta = 0usize;
     loop {
         if client.is_none() {
-            client = meta_client(&meta).await.ok();
+            client = meta_client(&meta, next_meta).await.ok();
         }
         if let Some(c) = client.as_mut() {
             let replicas = replica_statuses(&store).await;
@@ -281,6 +285,7 @@ async fn heartbeat_loop(
                 Err(status) => {
                     tracing::debug!("heartbeat failed: {status}");
                     client = None;
+                    next_meta += 1;
                 }
             }
         }

@@ -6,6 +6,9 @@ use std::time::Duration;
 use tern::{bench, playground, shell};
 use tern_client::{Client, ClientConfig};
 
+/// The playground's meta addresses (with --meta-replicas up to 3); unused ones are skipped quickly.
+const DEFAULT_META: &str = "127.0.0.1:34601,127.0.0.1:34602,127.0.0.1:34603";
+
 #[derive(Parser)]
 #[command(name = "tern", version, about = "Tern: a strongly consistent, replicated, partitioned key-value store")]
 struct Cli {
@@ -26,13 +29,22 @@ enum Command {
         server_port: u16,
         #[arg(long, default_value_t = 3)]
         servers: usize,
+        /// Meta nodes (1, 3 or 5) on --meta-port and the ports after it.
+        #[arg(long, default_value_t = 1)]
+        meta_replicas: usize,
     },
-    /// A meta server.
+    /// A meta node (one of 1, 3 or 5: they replicate the catalog with raft).
     Meta {
         #[arg(long)]
         data_dir: PathBuf,
         #[arg(long, default_value = "127.0.0.1:34601")]
         listen: SocketAddr,
+        /// This node's id among --peers.
+        #[arg(long, default_value_t = 1)]
+        id: u64,
+        /// Every meta node as ID=ADDRESS, comma separated (this one included). Empty: a single meta.
+        #[arg(long, value_delimiter = ',')]
+        peers: Vec<String>,
         /// Seconds without a heartbeat before a server is reported down.
         #[arg(long, default_value_t = 10)]
         node_grace_seconds: u64,
@@ -47,7 +59,7 @@ enum Command {
         #[arg(long)]
         advertise: Option<String>,
         /// Meta server addresses, comma separated.
-        #[arg(long, default_value = "127.0.0.1:34601", value_delimiter = ',')]
+        #[arg(long, default_value = DEFAULT_META, value_delimiter = ',')]
         meta: Vec<String>,
         /// Raft tick in milliseconds (election timeout is 10-20 ticks).
         #[arg(long, default_value_t = 100)]
@@ -67,7 +79,7 @@ enum Command {
     },
     /// Interactive or one-shot commands against a cluster.
     Shell {
-        #[arg(long, default_value = "127.0.0.1:34601", value_delimiter = ',')]
+        #[arg(long, default_value = DEFAULT_META, value_delimiter = ',')]
         meta: Vec<String>,
         #[arg(long, default_value = "demo")]
         table: String,
@@ -98,7 +110,7 @@ enum Command {
     },
     /// Load generator: throughput and latency percentiles.
     Bench {
-        #[arg(long, default_value = "127.0.0.1:34601", value_delimiter = ',')]
+        #[arg(long, default_value = DEFAULT_META, value_delimiter = ',')]
         meta: Vec<String>,
         #[arg(long, default_value = "demo")]
         table: String,
@@ -146,13 +158,15 @@ impl StopSignals {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Playground { data_dir, meta_port, server_port, servers } => {
+        Command::Playground { data_dir, meta_port, server_port, servers, meta_replicas } => {
             init_logging();
             let signals = StopSignals::install()?;
-            let cfg = playground::PlaygroundConfig { data_dir: data_dir.clone(), meta_port, first_server_port: server_port, servers, ..Default::default() };
+            let cfg = playground::PlaygroundConfig { data_dir: data_dir.clone(), meta_port, first_server_port: server_port, servers, meta_replicas, ..Default::default() };
             let pg = playground::Playground::start(cfg).await.context("starting the playground")?;
             println!("Tern playground is running (data in {})", data_dir.display());
-            println!("  meta:    {}", pg.meta_address());
+            for m in &pg.metas {
+                println!("  meta:    {}", m.address);
+            }
             for s in &pg.servers {
                 println!("  server:  {} (node {})", s.address, s.node_id);
             }
@@ -162,7 +176,7 @@ async fn main() -> anyhow::Result<()> {
             println!("stopping...");
             pg.shutdown().await;
         }
-        Command::Meta { data_dir, listen, node_grace_seconds } => {
+        Command::Meta { data_dir, listen, id, peers, node_grace_seconds } => {
             init_logging();
             let signals = StopSignals::install()?;
             if node_grace_seconds == 0 {
@@ -170,6 +184,12 @@ async fn main() -> anyhow::Result<()> {
             }
             let mut cfg = tern_meta::MetaConfig::new(data_dir, listen);
             cfg.node_grace = Duration::from_secs(node_grace_seconds);
+            cfg.id = id;
+            for p in peers {
+                let Some((peer_id, address)) = p.split_once('=') else { bail!("--peers wants ID=ADDRESS, not {p:?}") };
+                let peer_id: u64 = peer_id.parse().with_context(|| format!("meta peer id in {p:?}"))?;
+                cfg.peers.push((peer_id, address.to_string()));
+            }
             let meta = tern_meta::MetaNode::start(cfg).await?;
             println!("meta listening on {}", meta.address);
             signals.wait().await;

@@ -20,6 +20,8 @@ pub struct PlaygroundConfig {
     pub default_table: String,
     pub default_partitions: u32,
     pub default_replicas: u32,
+    /// Meta nodes: 1, 3 or 5, on meta_port and the ports after it.
+    pub meta_replicas: usize,
 }
 
 impl Default for PlaygroundConfig {
@@ -32,12 +34,13 @@ impl Default for PlaygroundConfig {
             default_table: "demo".into(),
             default_partitions: 8,
             default_replicas: 3,
+            meta_replicas: 1,
         }
     }
 }
 
 pub struct Playground {
-    pub meta: MetaNode,
+    pub metas: Vec<MetaNode>,
     pub servers: Vec<ServerNode>,
 }
 
@@ -46,21 +49,39 @@ impl Playground {
         if cfg.servers == 0 || cfg.servers > 16 {
             return Err(TernError::invalid(format!("--servers must be between 1 and 16, not {}", cfg.servers)));
         }
+        if ![1, 3, 5].contains(&cfg.meta_replicas) {
+            return Err(TernError::invalid(format!("--meta-replicas must be 1, 3 or 5, not {}", cfg.meta_replicas)));
+        }
+        if cfg.meta_port == 0 && cfg.meta_replicas > 1 {
+            return Err(TernError::invalid("several meta nodes need a fixed --meta-port"));
+        }
         let localhost = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-        let meta = MetaNode::start(MetaConfig::new(cfg.data_dir.join("meta"), localhost(cfg.meta_port))).await?;
+        let meta_peers: Vec<(u64, String)> =
+            (0..cfg.meta_replicas).map(|i| (i as u64 + 1, localhost(cfg.meta_port + i as u16).to_string())).collect();
+        let mut metas = Vec::new();
+        for (id, _) in &meta_peers {
+            let dir = if cfg.meta_replicas == 1 { cfg.data_dir.join("meta") } else { cfg.data_dir.join(format!("meta{id}")) };
+            let mut mc = MetaConfig::new(dir, localhost(cfg.meta_port + *id as u16 - 1));
+            mc.id = *id;
+            if cfg.meta_replicas > 1 {
+                mc.peers = meta_peers.clone();
+            }
+            metas.push(MetaNode::start(mc).await?);
+        }
+        let meta_addresses: Vec<String> = metas.iter().map(|m| m.address.clone()).collect();
         let mut servers = Vec::new();
         for i in 0..cfg.servers {
             let port = if cfg.first_server_port == 0 { 0 } else { cfg.first_server_port + i as u16 };
-            let sc = ServerConfig::new(cfg.data_dir.join(format!("server{}", i + 1)), localhost(port), vec![meta.address.clone()]);
+            let sc = ServerConfig::new(cfg.data_dir.join(format!("server{}", i + 1)), localhost(port), meta_addresses.clone());
             servers.push(ServerNode::start(sc).await?);
         }
-        let playground = Playground { meta, servers };
+        let playground = Playground { metas, servers };
         playground.ensure_table(&cfg).await?;
         Ok(playground)
     }
 
     async fn ensure_table(&self, cfg: &PlaygroundConfig) -> Result<(), TernError> {
-        let client = Client::new(ClientConfig::new(vec![self.meta.address.clone()]))?;
+        let client = Client::new(ClientConfig::new(self.metas.iter().map(|m| m.address.clone()).collect()))?;
         // Servers become "live" at their first heartbeat; wait for enough of them.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
@@ -97,15 +118,13 @@ impl Playground {
         Ok(())
     }
 
-    pub fn meta_address(&self) -> &str {
-        &self.meta.address
-    }
-
     pub async fn shutdown(self) {
         let stops: Vec<_> = self.servers.into_iter().map(|s| tokio::spawn(s.shutdown())).collect();
         for s in stops {
             let _ = s.await;
         }
-        self.meta.shutdown().await;
+        for m in self.metas {
+            m.shutdown().await;
+        }
     }
 }

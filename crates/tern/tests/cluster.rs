@@ -410,3 +410,58 @@ async fn new_server_gets_replicas_and_decommission_drains() {
     assert!(matches!(tern_proto::check(&r.error), Err(TernError::NotEnoughNodes(_))), "{r:?}");
     c.shutdown().await;
 }
+
+/// Meta is a raft group: with three meta nodes, killing the meta leader does not interrupt reads and
+/// writes, and table changes work again once a new meta leader is elected, with nothing forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn meta_leader_failure_is_survived() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+    let peers: Vec<(u64, String)> = ports.iter().enumerate().map(|(i, p)| (i as u64 + 1, format!("127.0.0.1:{p}"))).collect();
+    let mut metas = Vec::new();
+    for (id, address) in &peers {
+        let mut cfg = MetaConfig::new(dir.path().join(format!("meta{id}")), address.parse().unwrap());
+        cfg.id = *id;
+        cfg.peers = peers.clone();
+        metas.push(Some(MetaNode::start(cfg).await.unwrap()));
+    }
+    let meta_addresses: Vec<String> = peers.iter().map(|(_, a)| a.clone()).collect();
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        let cfg = ServerConfig::new(dir.path().join(format!("s{i}")), any_port(), meta_addresses.clone());
+        servers.push(ServerNode::start(cfg).await.unwrap());
+    }
+    let client = Client::new(ClientConfig::new(meta_addresses.clone())).unwrap();
+    let c = Cluster { _dir: dir, meta: metas[0].take().unwrap(), servers, client };
+    c.create_table("before", 2).await;
+    let t = c.client.table("before");
+    t.set(b"k", b"", b"v1", 0).await.unwrap();
+
+    // Find and stop the meta leader: the only meta node that answers.
+    let mut leader = None;
+    for (i, a) in meta_addresses.iter().enumerate() {
+        let mut m = tern_proto::meta_client::MetaClient::connect(format!("http://{a}")).await.unwrap();
+        if m.list_nodes(tern_proto::ListNodesRequest {}).await.is_ok() {
+            leader = Some(i);
+        }
+    }
+    let leader = leader.expect("one meta node leads");
+    let Cluster { _dir, meta, servers, client } = c;
+    metas[0] = Some(meta);
+    metas[leader].take().unwrap().shutdown().await;
+
+    // The data path does not need meta.
+    t.set(b"k", b"", b"v2", 0).await.unwrap();
+    assert_eq!(t.get(b"k", b"").await.unwrap(), Some(b"v2".to_vec()));
+    // DDL resumes under the new leader, which remembers the old table.
+    let c = Cluster { _dir, meta: metas.iter_mut().find_map(|m| m.take()).unwrap(), servers, client };
+    c.create_table("after", 2).await;
+    let after = c.client.table("after");
+    after.set(b"x", b"", b"y", 0).await.unwrap();
+    assert_eq!(after.get(b"x", b"").await.unwrap(), Some(b"y".to_vec()));
+    assert_eq!(c.client.table("before").get(b"k", b"").await.unwrap(), Some(b"v2".to_vec()));
+    for m in metas.into_iter().flatten() {
+        m.shutdown().await;
+    }
+    c.shutdown().await;
+}
