@@ -8,6 +8,8 @@ use tern_core::{GroupId, NodeId, PeerId, TableId, TernError};
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NodeRecord {
     pub address: String,
+    #[serde(default)]
+    pub zone: String,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -117,14 +119,40 @@ pub struct Assignment {
 
 impl Catalog {
     /// Registers a server at an address and returns its new id (ids are never reused).
-    pub fn register(&mut self, address: &str) -> Result<NodeId, TernError> {
+    pub fn register(&mut self, address: &str, zone: &str) -> Result<NodeId, TernError> {
         if address.is_empty() || address.len() > 256 {
             return Err(TernError::invalid("node address must be 1 to 256 characters"));
         }
+        if zone.len() > 128 {
+            return Err(TernError::invalid("zone names are at most 128 characters"));
+        }
         self.next_node_id += 1;
         let id = self.next_node_id;
-        self.nodes.insert(id, NodeRecord { address: address.to_string() });
+        self.nodes.insert(id, NodeRecord { address: address.to_string(), zone: zone.to_string() });
         Ok(id)
+    }
+
+    fn zone(&self, node: NodeId) -> &str {
+        self.nodes.get(&node).map(|n| n.zone.as_str()).unwrap_or("")
+    }
+
+    /// Orders candidate nodes for a new replica: nodes in zones the partition does not use yet
+    /// first, then by load, then by id.
+    fn rank(&self, candidates: &mut [NodeId], used_zones: &[&str], load: &HashMap<NodeId, usize>) {
+        candidates.sort_by_key(|n| (used_zones.contains(&self.zone(*n)), load.get(n).copied().unwrap_or(0), *n));
+    }
+
+    /// Changes a table's replica count; the scheduler adds or removes replicas to match.
+    pub fn set_replica_count(&mut self, table: &str, count: u32, alive: &[NodeId]) -> Result<String, TernError> {
+        check_replica_count(count)?;
+        let usable = alive.iter().filter(|n| !self.draining.contains(n)).count() as u32;
+        if count > usable {
+            return Err(TernError::NotEnoughNodes(format!("{count} replicas need {count} servers in use; {usable} are")));
+        }
+        let t = self.tables.get_mut(table).ok_or_else(|| TernError::TableNotFound(table.to_string()))?;
+        let old = t.replica_count;
+        t.replica_count = count;
+        Ok(format!("table {table}: replica count {old} -> {count}"))
     }
 
     /// Creates a table, placing `replica_count` replicas of each partition on distinct nodes among
@@ -158,9 +186,15 @@ impl Catalog {
         }
         let mut partitions = Vec::with_capacity(partition_count as usize);
         for _ in 0..partition_count {
-            let mut candidates: Vec<NodeId> = alive.to_vec();
-            candidates.sort_by_key(|n| (replicas[n], *n));
-            candidates.truncate(replica_count as usize);
+            // Greedy: each next replica on the least-loaded node of a zone not used yet, if any.
+            let mut candidates: Vec<NodeId> = Vec::new();
+            for _ in 0..replica_count {
+                let used: Vec<&str> = candidates.iter().map(|n| self.zone(*n)).collect();
+                let mut rest: Vec<NodeId> = alive.iter().copied().filter(|n| !candidates.contains(n)).collect();
+                let load: HashMap<NodeId, usize> = replicas.iter().map(|(n, c)| (*n, *c as usize)).collect();
+                self.rank(&mut rest, &used, &load);
+                candidates.push(rest[0]);
+            }
             let leader = *candidates.iter().min_by_key(|n| (leaders[n], **n)).expect("replica_count >= 1");
             *leaders.get_mut(&leader).expect("alive") += 1;
             let peers: Vec<(PeerId, NodeId)> = candidates
@@ -289,6 +323,7 @@ impl Catalog {
         }
         let mut next_peer_id = self.next_peer_id;
         let paused = self.balancer_paused;
+        let zone_of: HashMap<NodeId, String> = self.nodes.iter().map(|(id, n)| (*id, n.zone.clone())).collect();
         for t in self.tables.values_mut() {
             let mut table_load: HashMap<NodeId, usize> = usable.iter().map(|n| (*n, 0)).collect();
             for p in &t.partitions {
@@ -302,7 +337,8 @@ impl Catalog {
                 let group = GroupId::new(t.id, i as u32);
                 if let Some(&(learner, node)) = p.learners.first() {
                     let replacing = p.replacing.filter(|r| p.peers.iter().any(|(x, _)| x == r));
-                    if !alive.contains(&node) || replacing.is_none() {
+                    let growing = replacing.is_none() && (p.peers.len() as u32) < t.replica_count;
+                    if !alive.contains(&node) || (replacing.is_none() && !growing) {
                         p.learners.clear();
                         p.replacing = None;
                         changes.push(format!("partition {group}: cancelled learner {learner} on node {node}"));
@@ -312,7 +348,11 @@ impl Catalog {
                     let caught_up = g.is_some_and(|g| {
                         g.leader_commit > 0 && g.applied.get(&learner).is_some_and(|a| a + LEARNER_CATCH_UP_ENTRIES >= g.leader_commit)
                     });
-                    if caught_up {
+                    if caught_up && growing {
+                        p.peers.push((learner, node));
+                        p.learners.clear();
+                        changes.push(format!("partition {group}: peer {learner} on node {node} added as a voter"));
+                    } else if caught_up {
                         let old = replacing.expect("checked above");
                         let old_node = p.peers.iter().find(|(x, _)| *x == old).map(|(_, n)| *n).expect("checked above");
                         p.peers.retain(|(x, _)| *x != old);
@@ -326,22 +366,51 @@ impl Catalog {
                     }
                     continue;
                 }
+                if p.peers.len() as u32 > t.replica_count {
+                    // Shrink: drop the voter on the most loaded node (never the only one left).
+                    if let Some(&(peer, node)) = p.peers.iter().max_by_key(|(_, n)| (table_load.get(n).copied().unwrap_or(usize::MAX), *n)) {
+                        p.peers.retain(|(x, _)| *x != peer);
+                        if let Some(c) = table_load.get_mut(&node) {
+                            *c -= 1;
+                        }
+                        if p.preferred_leader == node {
+                            p.preferred_leader = p.peers[0].1;
+                        }
+                        changes.push(format!("partition {group}: removed peer {peer} on node {node} (replica count {})", t.replica_count));
+                    }
+                    continue;
+                }
                 let hosting: Vec<NodeId> = p.peers.iter().map(|(_, n)| *n).collect();
-                let candidates = |load: &HashMap<NodeId, usize>, filling: &HashMap<NodeId, usize>| {
+                let zones = &zone_of;
+                let candidates = |load: &HashMap<NodeId, usize>, filling: &HashMap<NodeId, usize>, leaving: NodeId| {
+                    let used: Vec<&str> = hosting.iter().filter(|n| **n != leaving).map(|n| zones.get(n).map(|z| z.as_str()).unwrap_or("")).collect();
                     usable
                         .iter()
                         .filter(|n| !hosting.contains(n) && filling.get(n).copied().unwrap_or(0) < per_target_max)
-                        .min_by_key(|n| (load[n], **n))
+                        .min_by_key(|n| (used.contains(&zones.get(n).map(|z| z.as_str()).unwrap_or("")), load[n], **n))
                         .copied()
                 };
+                if (p.peers.len() as u32) < t.replica_count {
+                    // Grow: a new learner that becomes an extra voter.
+                    if let Some(target) = candidates(&load, &filling, 0) {
+                        next_peer_id += 1;
+                        p.learners.push((next_peer_id, target));
+                        p.replacing = None;
+                        *load.get_mut(&target).expect("usable") += 1;
+                        *table_load.get_mut(&target).expect("usable") += 1;
+                        *filling.entry(target).or_default() += 1;
+                        changes.push(format!("partition {group}: adding learner {next_peer_id} on node {target} (replica count {})", t.replica_count));
+                    }
+                    continue;
+                }
                 let lost = p.peers.iter().find(|(_, n)| !alive.contains(n)).copied();
                 let drained = p.peers.iter().find(|(_, n)| self.draining.contains(n) && alive.contains(n)).copied();
                 let (victim, target, why) = if let Some(v) = lost.or(drained) {
                     let why = if lost.is_some() { "lost" } else { "draining" };
-                    (v, candidates(&load, &filling), why)
+                    (v, candidates(&load, &filling, v.1), why)
                 } else if !paused && !balancing {
                     let heaviest = p.peers.iter().filter(|(_, n)| table_load.contains_key(n)).max_by_key(|(_, n)| (table_load[n], *n)).copied();
-                    let lightest = candidates(&table_load, &filling);
+                    let lightest = heaviest.and_then(|h| candidates(&table_load, &filling, h.1));
                     match (heaviest, lightest) {
                         (Some(v), Some(target)) if table_load[&v.1] > table_load[&target] + 1 => (v, Some(target), "balance"),
                         _ => continue,
@@ -397,7 +466,7 @@ mod tests {
 
     fn catalog_with_nodes(n: usize) -> (Catalog, Vec<NodeId>) {
         let mut c = Catalog::default();
-        let ids = (0..n).map(|i| c.register(&format!("127.0.0.1:{}", 1000 + i)).unwrap()).collect();
+        let ids = (0..n).map(|i| c.register(&format!("127.0.0.1:{}", 1000 + i), "").unwrap()).collect();
         (c, ids)
     }
 
@@ -546,6 +615,71 @@ mod tests {
             ns.dedup();
             assert_eq!(ns.len(), 3, "distinct nodes");
         }
+    }
+
+    /// With zones, the replicas of a partition land in distinct zones even when that is not the
+    /// least-loaded choice, and a repair keeps them distinct.
+    #[test]
+    fn zones_are_respected() {
+        let mut c = Catalog::default();
+        let a1 = c.register("a1", "a").unwrap();
+        let a2 = c.register("a2", "a").unwrap();
+        let b1 = c.register("b1", "b").unwrap();
+        let c1 = c.register("c1", "c").unwrap();
+        let c2 = c.register("c2", "c").unwrap();
+        let all = vec![a1, a2, b1, c1, c2];
+        c.create_table("t", 8, 3, &all).unwrap();
+        let zones = |c: &Catalog, p: &PartitionRecord| {
+            let mut z: Vec<String> = p.peers.iter().map(|(_, n)| c.nodes[n].zone.clone()).collect();
+            z.sort();
+            z
+        };
+        for p in &c.tables["t"].partitions {
+            assert_eq!(zones(&c, p), vec!["a", "b", "c"]);
+        }
+        // a1 dies: its partitions are repaired onto a2 (zone a), not onto a second node in b or c.
+        c.balancer_paused = true;
+        let alive = vec![a2, b1, c1, c2];
+        c.schedule(&alive, &HashMap::new(), 8);
+        let repaired: Vec<&PartitionRecord> = c.tables["t"].partitions.iter().filter(|p| !p.learners.is_empty()).collect();
+        assert!(!repaired.is_empty());
+        for p in repaired {
+            assert_eq!(p.learners[0].1, a2);
+        }
+    }
+
+    /// Raising a table's replica count adds voters (learner first); lowering it removes voters.
+    #[test]
+    fn replica_count_changes() {
+        let (mut c, nodes) = catalog_with_nodes(4);
+        c.create_table("t", 2, 2, &nodes).unwrap();
+        c.set_replica_count("t", 3, &nodes).unwrap();
+        assert!(c.set_replica_count("t", 5, &nodes).is_err(), "only 4 servers");
+        let everyone_caught_up = |c: &Catalog| {
+            let mut progress = HashMap::new();
+            for t in c.tables.values() {
+                for (i, p) in t.partitions.iter().enumerate() {
+                    let mut g = GroupProgress { leader_commit: 10, ..Default::default() };
+                    for (peer, _) in p.peers.iter().chain(p.learners.iter()) {
+                        g.applied.insert(*peer, 10);
+                    }
+                    progress.insert(GroupId::new(t.id, i as u32).0, g);
+                }
+            }
+            progress
+        };
+        c.balancer_paused = true;
+        for _ in 0..3 {
+            let progress = everyone_caught_up(&c);
+            c.schedule(&nodes, &progress, 8);
+        }
+        assert!(c.tables["t"].partitions.iter().all(|p| p.peers.len() == 3 && p.learners.is_empty()));
+        c.set_replica_count("t", 1, &nodes).unwrap();
+        for _ in 0..3 {
+            let progress = everyone_caught_up(&c);
+            c.schedule(&nodes, &progress, 8);
+        }
+        assert!(c.tables["t"].partitions.iter().all(|p| p.peers.len() == 1));
     }
 
     /// Each node is assigned exactly the replicas placed on it.

@@ -292,6 +292,7 @@ impl MetaService {
                     replica_count: live.map(|l| l.replicas.len() as u32).unwrap_or(0),
                     leader_count: live.map(|l| l.replicas.iter().filter(|r| r.is_leader).count() as u32).unwrap_or(0),
                     draining: state.catalog.draining.contains(id),
+                    zone: n.zone.clone(),
                 }
             })
             .collect()
@@ -332,8 +333,8 @@ fn err<T: Default>(e: TernError, set: impl FnOnce(&mut T, Option<Error>)) -> T {
 impl Meta for MetaService {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         self.check_leader()?;
-        let address = request.into_inner().address;
-        let r = self.change(|c, _| c.register(&address)).await;
+        let RegisterRequest { address, zone } = request.into_inner();
+        let r = self.change(|c, _| c.register(&address, &zone)).await;
         Ok(Response::new(match r {
             Ok(node_id) => {
                 self.state.lock().liveness.insert(node_id, NodeLiveness { last_seen: Instant::now(), replicas: vec![] });
@@ -352,12 +353,12 @@ impl Meta for MetaService {
             let e = TernError::invalid(format!("node {} is not registered with this meta server", hb.node_id));
             return Ok(Response::new(err(e, |r: &mut HeartbeatResponse, e| r.error = e)));
         };
-        if record.address != hb.address {
-            // A server restarted on a new address: remember it so peers and clients can find it.
-            let (id, address) = (hb.node_id, hb.address.clone());
+        if record.address != hb.address || record.zone != hb.zone {
+            // A server restarted on a new address (or zone): remember it so peers and clients find it.
+            let (id, address, zone) = (hb.node_id, hb.address.clone(), hb.zone.clone());
             if let Err(e) = self
                 .change(|c, _| {
-                    c.nodes.insert(id, crate::catalog::NodeRecord { address });
+                    c.nodes.insert(id, crate::catalog::NodeRecord { address, zone });
                     Ok(())
                 })
                 .await
@@ -515,10 +516,21 @@ impl Meta for MetaService {
         Ok(Response::new(admin(self.change(|c, _| c.transfer_leader(&r.table, r.partition, r.node_id)).await)))
     }
 
+    async fn set_replica_count(&self, request: Request<SetReplicaCountRequest>) -> Result<Response<AdminResponse>, Status> {
+        self.check_leader()?;
+        Ok(Response::new(self.set_replica_count_impl(request.into_inner()).await))
+    }
+
     async fn move_replica(&self, request: Request<MoveReplicaRequest>) -> Result<Response<AdminResponse>, Status> {
         self.check_leader()?;
         let r = request.into_inner();
         Ok(Response::new(admin(self.change(|c, alive| c.move_replica(&r.table, r.partition, r.from_node, r.to_node, alive)).await)))
+    }
+}
+
+impl MetaService {
+    async fn set_replica_count_impl(&self, r: SetReplicaCountRequest) -> AdminResponse {
+        admin(self.change(|c, alive| c.set_replica_count(&r.table, r.replica_count, alive)).await)
     }
 }
 

@@ -34,6 +34,8 @@ pub struct ServerConfig {
     pub snapshot_bytes_per_second: u64,
     pub block_cache_bytes: usize,
     pub write_buffer_bytes: usize,
+    /// Failure domain; replicas of a partition go to distinct zones when possible.
+    pub zone: String,
 }
 
 impl ServerConfig {
@@ -48,6 +50,7 @@ impl ServerConfig {
             snapshot_bytes_per_second: 100 * 1024 * 1024,
             block_cache_bytes: 128 * 1024 * 1024,
             write_buffer_bytes: 64 * 1024 * 1024,
+            zone: String::new(),
         }
     }
 
@@ -117,7 +120,7 @@ async fn node_identity(cfg: &ServerConfig, address: &str) -> Result<NodeId, Tern
     let node_id = loop {
         let r = async {
             let mut meta = meta_client(&cfg.meta, attempt as usize).await?;
-            let r = meta.register(RegisterRequest { address: address.to_string() }).await.map_err(|s| tern_proto::from_status(&s))?.into_inner();
+            let r = meta.register(RegisterRequest { address: address.to_string(), zone: cfg.zone.clone() }).await.map_err(|s| tern_proto::from_status(&s))?.into_inner();
             tern_proto::check(&r.error)?;
             Ok::<_, TernError>(r.node_id)
         }
@@ -197,7 +200,14 @@ impl ServerNode {
                 tracing::error!("server stopped: {e}");
             }
         }));
-        tasks.push(tokio::spawn(heartbeat_loop(node_id, address.clone(), cfg.meta.clone(), cfg.heartbeat_interval, handle.clone(), addresses, stopped)));
+        tasks.push(tokio::spawn(heartbeat_loop(
+            (node_id, address.clone(), cfg.zone.clone()),
+            cfg.meta.clone(),
+            cfg.heartbeat_interval,
+            handle.clone(),
+            addresses,
+            stopped,
+        )));
         tracing::info!(node_id, %address, "replica server started");
         Ok(ServerNode { node_id, address, store: handle, stop, store_thread: Some(store_thread), tasks })
     }
@@ -229,8 +239,7 @@ async fn replica_statuses(store: &StoreHandle) -> Vec<tern_proto::ReplicaStatus>
 }
 
 async fn heartbeat_loop(
-    node_id: NodeId,
-    address: String,
+    (node_id, address, zone): (NodeId, String, String),
     meta: Vec<String>,
     interval: Duration,
     store: StoreHandle,
@@ -245,7 +254,7 @@ async fn heartbeat_loop(
         }
         if let Some(c) = client.as_mut() {
             let replicas = replica_statuses(&store).await;
-            match c.heartbeat(HeartbeatRequest { node_id, address: address.clone(), replicas }).await {
+            match c.heartbeat(HeartbeatRequest { node_id, address: address.clone(), replicas, zone: zone.clone() }).await {
                 Ok(r) => {
                     let r = r.into_inner();
                     if let Err(e) = tern_proto::check(&r.error) {

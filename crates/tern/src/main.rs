@@ -76,6 +76,9 @@ enum Command {
         snapshot_rate_mib: u64,
         #[arg(long, default_value_t = 128)]
         block_cache_mib: usize,
+        /// Failure domain (rack, room, region): replicas of a partition go to distinct zones.
+        #[arg(long, default_value = "")]
+        zone: String,
     },
     /// Interactive or one-shot commands against a cluster.
     Shell {
@@ -195,7 +198,7 @@ async fn main() -> anyhow::Result<()> {
             signals.wait().await;
             meta.shutdown().await;
         }
-        Command::Server { data_dir, listen, advertise, meta, raft_tick_ms, log_gc_threshold, log_gc_lag_max, snapshot_rate_mib, block_cache_mib } => {
+        Command::Server { data_dir, listen, advertise, meta, raft_tick_ms, log_gc_threshold, log_gc_lag_max, snapshot_rate_mib, block_cache_mib, zone } => {
             init_logging();
             let signals = StopSignals::install()?;
             if raft_tick_ms == 0 || raft_tick_ms > 10_000 {
@@ -211,6 +214,10 @@ async fn main() -> anyhow::Result<()> {
             cfg.store.replica.log_gc_lag_max = log_gc_lag_max;
             cfg.snapshot_bytes_per_second = snapshot_rate_mib * 1024 * 1024;
             cfg.block_cache_bytes = block_cache_mib * 1024 * 1024;
+            if zone.len() > 128 {
+                bail!("--zone is at most 128 characters");
+            }
+            cfg.zone = zone;
             let server = tern_server::ServerNode::start(cfg).await?;
             println!("server {} listening on {}", server.node_id, server.address);
             signals.wait().await;

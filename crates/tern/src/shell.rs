@@ -31,6 +31,7 @@ commands (keys and values are words; quote them with \"...\" or '...', \\xHH esc
   balance status|pause|resume            the balancer (replica moves and leader placement)
   move_replica TABLE PIDX FROM_NODE TO_NODE   move one replica (learner first, then swapped in)
   transfer_leader TABLE PIDX NODE_ID     prefer a server as the partition's leader
+  set_replica_count TABLE N              add or remove replicas of every partition
   partitions [TABLE]                     replica set, leader and applied index of each partition
   cluster_info                           meta address, servers, tables
   help                                   this text
@@ -61,6 +62,7 @@ pub enum Command {
     Balance { action: tern_proto::BalanceAction },
     MoveReplica { table: String, partition: u32, from: u64, to: u64 },
     TransferLeader { table: String, partition: u32, node: u64 },
+    SetReplicaCount { table: String, count: u32 },
     Partitions { table: Option<String> },
     ClusterInfo,
     Help,
@@ -309,6 +311,10 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
                 to: number(&args[3], "node id")?,
             }
         }
+        "set_replica_count" => {
+            arity(&name, args, 2, 2, "TABLE N")?;
+            Command::SetReplicaCount { table: text(&args[0]), count: number(&args[1], "replica count")? }
+        }
         "transfer_leader" => {
             arity(&name, args, 3, 3, "TABLE PIDX NODE_ID")?;
             Command::TransferLeader { table: text(&args[0]), partition: number(&args[1], "partition index")?, node: number(&args[2], "node id")? }
@@ -459,12 +465,12 @@ impl Shell {
             }
             Command::Nodes => {
                 let nodes = self.client.refresh_nodes().await.map_err(err)?;
-                let mut out = format!("{:>5} {:<22} {:<6} {:>8} {:>8} {:>12}", "id", "address", "state", "replicas", "leaders", "last seen");
+                let mut out = format!("{:>5} {:<22} {:<6} {:<8} {:>8} {:>8} {:>12}", "id", "address", "state", "zone", "replicas", "leaders", "last seen");
                 for n in nodes {
                     let seen = if n.last_heartbeat_ms_ago == u64::MAX { "never".to_string() } else { format!("{:.1}s ago", n.last_heartbeat_ms_ago as f64 / 1000.0) };
                     let _ = write!(
                         out,
-                        "\n{:>5} {:<22} {:<6} {:>8} {:>8} {:>12}",
+                        "\n{:>5} {:<22} {:<6} {:<8} {:>8} {:>8} {:>12}",
                         n.node_id,
                         n.address,
                         match (n.alive, n.draining) {
@@ -472,6 +478,7 @@ impl Shell {
                             (true, true) => "drain",
                             (false, _) => "down",
                         },
+                        if n.zone.is_empty() { "-" } else { n.zone.as_str() },
                         n.replica_count,
                         n.leader_count,
                         seen
@@ -522,6 +529,18 @@ impl Shell {
                     .meta_call(|mut m| {
                         let table = table.clone();
                         async move { m.move_replica(tern_proto::MoveReplicaRequest { table, partition, from_node: from, to_node: to }).await.map(|r| r.into_inner()) }
+                    })
+                    .await
+                    .map_err(err)?;
+                tern_proto::check(&r.error).map_err(err)?;
+                r.message
+            }
+            Command::SetReplicaCount { table, count } => {
+                let r = self
+                    .client
+                    .meta_call(|mut m| {
+                        let table = table.clone();
+                        async move { m.set_replica_count(tern_proto::SetReplicaCountRequest { table, replica_count: count }).await.map(|r| r.into_inner()) }
                     })
                     .await
                     .map_err(err)?;
