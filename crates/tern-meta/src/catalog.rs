@@ -345,8 +345,12 @@ impl Catalog {
                         continue;
                     }
                     let g = progress.get(&group.0);
+                    // A learner starts empty at index 0: it counts as caught up only once it holds
+                    // data (a snapshot) and is close to the leader. Found by the simulator (seed 5000
+                    // of the scheduler sweep): an empty learner of a short log was promoted.
                     let caught_up = g.is_some_and(|g| {
-                        g.leader_commit > 0 && g.applied.get(&learner).is_some_and(|a| a + LEARNER_CATCH_UP_ENTRIES >= g.leader_commit)
+                        g.leader_commit > 0
+                            && g.applied.get(&learner).is_some_and(|a| *a > 0 && a + LEARNER_CATCH_UP_ENTRIES >= g.leader_commit)
                     });
                     if caught_up && growing {
                         p.peers.push((learner, node));

@@ -288,7 +288,9 @@ impl Replica {
         }
         if changes.is_empty() {
             let last = self.raw.raft.raft_log.last_index();
-            let caught_up = |peer: PeerId| self.raw.raft.prs().get(peer).is_some_and(|p| p.matched + LEARNER_CATCH_UP_ENTRIES >= last);
+            // matched stays 0 until the learner has the data (its snapshot): an empty learner of a
+            // short log must not count as caught up.
+            let caught_up = |peer: PeerId| self.raw.raft.prs().get(peer).is_some_and(|p| p.matched > 0 && p.matched + LEARNER_CATCH_UP_ENTRIES >= last);
             let promote: Vec<PeerId> = voters.iter().map(|(p, _)| *p).filter(|p| cs.learners.contains(p)).collect();
             if !promote.iter().all(|p| caught_up(*p)) {
                 return;

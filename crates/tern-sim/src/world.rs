@@ -46,11 +46,30 @@ pub struct SimConfig {
     pub fault_phase_ms: u64,
     /// After healing, every pending operation must finish within this much virtual time.
     pub liveness_ms: u64,
+    /// Run meta's scheduler (tern_meta::catalog) on a fourth node: lost replicas are replaced,
+    /// replicas balanced, leaders preferred, all under the same faults (plus longer outages and
+    /// meta outages).
+    pub scheduler: bool,
 }
 
 impl SimConfig {
     pub fn new(seed: u64) -> SimConfig {
-        SimConfig { seed, nodes: 3, partitions: 2, clients: 4, operations: 500, faults: true, fault_phase_ms: 10_000, liveness_ms: 60_000 }
+        SimConfig {
+            seed,
+            nodes: 3,
+            partitions: 2,
+            clients: 4,
+            operations: 500,
+            faults: true,
+            fault_phase_ms: 10_000,
+            liveness_ms: 60_000,
+            scheduler: false,
+        }
+    }
+
+    /// Four nodes with meta's scheduler moving replicas among them.
+    pub fn with_scheduler(seed: u64) -> SimConfig {
+        SimConfig { nodes: 4, scheduler: true, fault_phase_ms: 15_000, ..SimConfig::new(seed) }
     }
 }
 
@@ -123,6 +142,8 @@ enum Event {
     ClientNext { client: usize },
     ClientRetry { client: usize, attempt: u64 },
     Fault(Fault),
+    /// Meta's scheduling pass and heartbeat answers.
+    MetaTick,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -147,6 +168,8 @@ enum Fault {
     /// The node's next raft-log write, raft-log read or engine write fails: the store treats it as
     /// fatal and the node restarts.
     DiskFailure(NodeId, DiskFault),
+    /// Meta is unreachable for this many milliseconds (no scheduling, no heartbeat answers).
+    MetaDown(u64),
     HealAll,
 }
 
@@ -162,6 +185,7 @@ impl Event {
             Event::ClientNext { client } => format!("client {client} next"),
             Event::ClientRetry { client, attempt } => format!("client {client} retry after attempt {attempt}"),
             Event::Fault(f) => format!("fault {f:?}"),
+            Event::MetaTick => "meta tick".to_string(),
         }
     }
 
@@ -176,6 +200,7 @@ impl Event {
             Event::ClientNext { client } => 7 + ((*client as u64) << 16),
             Event::ClientRetry { client, attempt } => 8 + ((*client as u64) << 16) + (attempt << 24),
             Event::Fault(_) => 9,
+            Event::MetaTick => 10,
         }
     }
 }
@@ -343,7 +368,16 @@ pub struct World {
     /// (node, group) -> highest committed index already compared.
     committed_checked: BTreeMap<(NodeId, u64), u64>,
     healed_at: Option<u64>,
+    /// Meta's catalog, when the scheduler runs.
+    catalog: Option<tern_meta::catalog::Catalog>,
+    /// Since when meta has not heard from each node (None: it hears from it).
+    unheard_since: Vec<Option<u64>>,
+    meta_down_until: u64,
 }
+
+/// Meta declares a node dead after this long without hearing from it (scheduler runs only).
+const SIM_NODE_GRACE_MS: u64 = 3_000;
+const META_TICK_MS: u64 = 1_000;
 
 const HASHKEYS: [&[u8]; 3] = [b"h0", b"h1", b"h2"];
 const SORTKEYS: [&[u8]; 2] = [b"a", b"b"];
@@ -399,6 +433,7 @@ impl World {
                 disk_failure_armed: false,
             })
             .collect();
+        // Clients know every node: a partition's replicas may move (the client follows hints).
         let replicas: Vec<NodeId> = (1..=cfg.nodes as u64).collect();
         let clients = (0..cfg.clients)
             .map(|i| SimClient {
@@ -432,7 +467,21 @@ impl World {
             committed: BTreeMap::new(),
             committed_checked: BTreeMap::new(),
             healed_at: None,
+            catalog: None,
+            unheard_since: Vec::new(),
+            meta_down_until: 0,
         };
+        if world.cfg.scheduler {
+            let mut catalog = tern_meta::catalog::Catalog::default();
+            for i in 1..=world.cfg.nodes {
+                catalog.register(&format!("n{i}"), "").expect("valid address");
+            }
+            let first_three: Vec<NodeId> = (1..=3).collect();
+            catalog.create_table("t", world.cfg.partitions, 3, &first_three).expect("valid table");
+            world.catalog = Some(catalog);
+            world.unheard_since = vec![None; world.cfg.nodes];
+            world.shared.lock().schedule(META_TICK_MS, Event::MetaTick);
+        }
         for i in 0..world.nodes.len() {
             world.start_node(i);
         }
@@ -474,6 +523,9 @@ impl World {
     }
 
     fn create_partitions(&mut self) {
+        if self.catalog.is_some() {
+            return self.deliver_assignments();
+        }
         let n = self.cfg.nodes as u64;
         for index in 0..self.nodes.len() {
             let node = self.nodes[index].id;
@@ -493,6 +545,90 @@ impl World {
                 s.handle(StoreMsg::EnsureReplicas(specs));
             });
         }
+    }
+
+    /// What meta tells every node it can reach: the replicas it should host (creating learners,
+    /// changing membership, preferring leaders) and that others of the table are to be destroyed.
+    fn deliver_assignments(&mut self) {
+        let Some(catalog) = self.catalog.as_ref() else { return };
+        let per_node: Vec<Vec<ReplicaSpec>> = (1..=self.cfg.nodes as u64)
+            .map(|node| {
+                catalog
+                    .assignments(node)
+                    .into_iter()
+                    .map(|a| ReplicaSpec {
+                        group: a.group,
+                        peer_id: a.peer_id,
+                        peers: a.peers,
+                        learners: a.learners,
+                        initial: a.initial,
+                        partition_count: a.partition_count,
+                        preferred_leader: a.preferred_leader,
+                        preferred_leader_peer: a.preferred_leader_peer,
+                    })
+                    .collect()
+            })
+            .collect();
+        for (index, specs) in per_node.into_iter().enumerate() {
+            if !self.meta_hears(index) {
+                continue;
+            }
+            let keep: Vec<GroupId> = specs.iter().map(|s| s.group).collect();
+            self.with_store(index, |s| {
+                s.handle(StoreMsg::EnsureReplicas(specs));
+                s.handle(StoreMsg::RetainReplicas { tables: vec![TABLE_ID], keep });
+                s.process_ready();
+            });
+        }
+    }
+
+    /// Whether meta can exchange heartbeats with the node now (up, not paused, not isolated).
+    fn meta_hears(&self, index: usize) -> bool {
+        let node = &self.nodes[index];
+        let now = self.now.load(Ordering::SeqCst);
+        let s = self.shared.lock();
+        let isolated = (1..=self.cfg.nodes as u64).filter(|o| *o != node.id).all(|o| s.network.cut.contains(&(node.id, o)));
+        node.store.is_some() && now >= node.paused_until && !isolated
+    }
+
+    /// One pass of meta: liveness with a grace period, progress from replica statuses, the real
+    /// scheduler, then assignments to every reachable node.
+    fn meta_tick(&mut self) {
+        let now = self.now.load(Ordering::SeqCst);
+        self.shared.lock().schedule(META_TICK_MS, Event::MetaTick);
+        if now < self.meta_down_until || self.catalog.is_none() {
+            return;
+        }
+        let mut alive = Vec::new();
+        let mut progress: std::collections::HashMap<u64, tern_meta::catalog::GroupProgress> = Default::default();
+        let mut leader_terms: BTreeMap<u64, u64> = BTreeMap::new();
+        for i in 0..self.nodes.len() {
+            if self.meta_hears(i) {
+                self.unheard_since[i] = None;
+                let (tx, rx) = std::sync::mpsc::channel();
+                self.with_store(i, |s| {
+                    s.handle(StoreMsg::Status(Box::new(move |st| drop(tx.send(st)))));
+                });
+                for r in rx.try_recv().unwrap_or_default() {
+                    let g = progress.entry(r.group_id).or_default();
+                    g.applied.insert(r.peer_id, r.applied_index);
+                    if r.is_leader && r.term >= leader_terms.get(&r.group_id).copied().unwrap_or(0) {
+                        leader_terms.insert(r.group_id, r.term);
+                        g.leader_commit = r.commit_index;
+                    }
+                }
+            } else {
+                self.unheard_since[i].get_or_insert(now);
+            }
+            if self.unheard_since[i].is_none_or(|since| now - since < SIM_NODE_GRACE_MS) {
+                alive.push(self.nodes[i].id);
+            }
+        }
+        let changes = self.catalog.as_mut().expect("checked").schedule(&alive, &progress, 2);
+        for c in changes {
+            self.faults.push(format!("{now:>6} ms  scheduler: {c}"));
+        }
+        self.deliver_assignments();
     }
 
     /// The fault schedule is drawn up front from the seed, so it can be printed.
@@ -533,6 +669,23 @@ impl World {
                 }
             }
             t += rng.range(500, 2500);
+        }
+        if self.cfg.scheduler {
+            // Outages long enough for meta to replace replicas, and meta outages, from their own
+            // generator so the schedules above stay as they were.
+            let mut rng = SeededRandom::new(self.cfg.seed ^ 0x5C4ED);
+            let mut t = rng.range(1_000, 3_000);
+            while t < self.cfg.fault_phase_ms {
+                let node = rng.range(1, n + 1);
+                let length = rng.range(4_000, 8_000);
+                if rng.range(0, 3) == 0 {
+                    planned.push((t, Fault::MetaDown(length / 2)));
+                } else {
+                    planned.push((t, Fault::Crash(node)));
+                    planned.push((t + length, Fault::Restart(node)));
+                }
+                t += rng.range(3_000, 6_000);
+            }
         }
         planned.push((self.cfg.fault_phase_ms, Fault::HealAll));
         let mut s = self.shared.lock();
@@ -713,6 +866,7 @@ impl World {
                 }
             }
             Event::Fault(f) => self.apply_fault(f),
+            Event::MetaTick => self.meta_tick(),
         }
     }
 
@@ -751,6 +905,9 @@ impl World {
             Fault::ClockJump(node, delta) => {
                 self.nodes[self.node_index(node)].clock_offset.fetch_add(delta, Ordering::SeqCst);
             }
+            Fault::MetaDown(length) => {
+                self.meta_down_until = self.now.load(Ordering::SeqCst) + length;
+            }
             Fault::Pause(node, length) => {
                 let i = self.node_index(node);
                 self.nodes[i].paused_until = self.now.load(Ordering::SeqCst) + length;
@@ -771,6 +928,7 @@ impl World {
                     w.cut.clear();
                     w.noisy = false;
                 });
+                self.meta_down_until = 0;
                 for i in 0..self.nodes.len() {
                     self.nodes[i].log.fail_writes(0);
                     self.nodes[i].log.fail_reads(0);
@@ -1072,7 +1230,7 @@ impl World {
             };
             let Some((at, event)) = next else { break };
             self.now.store(at, Ordering::SeqCst);
-            if matches!(event, Event::ClientNext { .. } | Event::ClientRetry { .. } | Event::Fault(_)) {
+            if matches!(event, Event::ClientNext { .. } | Event::ClientRetry { .. } | Event::Fault(_)) && !matches!(event, Event::Fault(Fault::Restart(_))) {
                 continue;
             }
             self.trace(at, &event);
@@ -1094,9 +1252,18 @@ impl World {
                 }
             }
         }
-        for (group, replicas) in by_group {
+        for (group, mut replicas) in by_group {
+            let expected = match &self.catalog {
+                None => self.nodes.len(),
+                Some(c) => {
+                    // Only the voters meta lists must agree; a replica being destroyed may lag.
+                    let voters: Vec<NodeId> = c.tables["t"].partitions[GroupId(group).partition() as usize].peers.iter().map(|(_, n)| *n).collect();
+                    replicas.retain(|r| voters.contains(&r.0));
+                    voters.len()
+                }
+            };
             let first = replicas[0];
-            if replicas.len() != self.nodes.len() || replicas.iter().any(|r| (r.1, r.2) != (first.1, first.2)) {
+            if replicas.len() != expected || replicas.iter().any(|r| (r.1, r.2) != (first.1, first.2)) {
                 self.failures.push(format!("replicas of group {} differ after settling: {replicas:?}", GroupId(group)));
             }
         }

@@ -85,15 +85,46 @@ fn planted_stale_read_bug_is_caught() {
 }
 
 /// Replays one seed with its full report: `TERN_SIM_SEED=N cargo nextest run -p tern-sim --run-ignored
-/// only replay_seed --no-capture`.
+/// only replay_seed --no-capture` (set TERN_SIM_SCHEDULER=1 for the four-node scheduler scenario).
 #[test]
 #[ignore]
 fn replay_seed() {
     let seed = std::env::var("TERN_SIM_SEED").ok().and_then(|s| s.parse().ok()).expect("set TERN_SIM_SEED");
-    let report = run(SimConfig::new(seed));
+    let scheduler = std::env::var("TERN_SIM_SCHEDULER").is_ok();
+    let report = run(if scheduler { SimConfig::with_scheduler(seed) } else { SimConfig::new(seed) });
     eprintln!("{}", report.describe());
     for f in &report.faults {
         eprintln!("  {f}");
     }
     assert!(report.ok());
+}
+
+/// Meta's real scheduler runs in the simulation on four nodes: longer outages make it replace lost
+/// replicas (learner, snapshot, joint-consensus swap), it balances and moves leaders, and meta itself
+/// goes away for a while, all under the usual faults; histories must stay linearizable and every
+/// invariant hold. `TERN_SIM_SEEDS=N` runs more.
+///
+/// Ignored for now because it still fails: about one seed in five ends without availability after
+/// healing, a few with diverged replicas or raft-rs refusing to restart a replica (applied index
+/// beyond the log). See the open issue on self-healing; replay with
+/// `TERN_SIM_SCHEDULER=1 TERN_SIM_SEED=5002 cargo nextest run -p tern-sim --run-ignored only replay_seed --no-capture`.
+#[test]
+#[ignore]
+fn scheduler_seed_sweep() {
+    let seeds = seeds_from_env(100);
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    let (mut operations, mut moves) = (0, 0);
+    for seed in 0..seeds {
+        let report = run(SimConfig::with_scheduler(5_000 + seed));
+        operations += report.operations;
+        moves += report.faults.iter().filter(|f| f.contains("replaced peer")).count();
+        if !report.ok() {
+            eprintln!("{}", report.describe());
+            failed.push(report.seed);
+        }
+    }
+    eprintln!("{seeds} scheduler seeds, {operations} operations, {moves} completed replica replacements, {:?} wall", started.elapsed());
+    assert!(failed.is_empty(), "failing seeds: {failed:?}");
+    assert!(moves > 0, "the scheduler never completed a replacement: the scenario does not exercise it");
 }

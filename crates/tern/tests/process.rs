@@ -288,14 +288,17 @@ async fn playground_shell_and_restart() {
     ];
     let mut pg = Proc::spawn(args, dir.path().join("playground.log"));
     let deadline = Instant::now() + Duration::from_secs(60);
+    // Wait with an idempotent command (each shell is a new client, so a retried incr would count twice).
     loop {
-        let out = shell(&meta, "set user:1 name Ada; multi_set user:1 age 36 lang en; incr user:1 visits 2");
+        let out = shell(&meta, "set user:1 name Ada");
         if out.status.success() {
             break;
         }
         assert!(Instant::now() < deadline, "playground never answered: {}", String::from_utf8_lossy(&out.stderr));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let out = shell(&meta, "multi_set user:1 age 36 lang en; incr user:1 visits 2");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = shell(&meta, "get user:1 name; count user:1; ls");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
