@@ -27,6 +27,11 @@ pub struct PartitionRecord {
     /// The voter the learner in `learners` will replace once it has caught up.
     #[serde(default)]
     pub replacing: Option<PeerId>,
+    /// Peers meta has dropped that raft may still count as members: they keep running (and no new
+    /// peer of the partition goes to their node) until the leader reports a configuration without
+    /// them. Destroying them earlier could cost the group its quorum.
+    #[serde(default)]
+    pub removing: Vec<(PeerId, NodeId)>,
 }
 
 /// What meta knows of one partition's replicas from heartbeats.
@@ -36,6 +41,9 @@ pub struct GroupProgress {
     pub leader_commit: u64,
     /// Applied index reported by each peer.
     pub applied: HashMap<PeerId, u64>,
+    /// Every member of the raft configuration the leader has applied (voters, outgoing voters and
+    /// learners); None if no leader reported.
+    pub leader_members: Option<Vec<PeerId>>,
 }
 
 /// A learner is promoted once it has applied to within this many entries of the leader's commit.
@@ -206,7 +214,7 @@ impl Catalog {
                 })
                 .collect();
             let initial_peers = peers.iter().map(|(p, _)| *p).collect();
-            partitions.push(PartitionRecord { peers, preferred_leader: leader, learners: vec![], initial_peers, replacing: None });
+            partitions.push(PartitionRecord { peers, preferred_leader: leader, learners: vec![], initial_peers, replacing: None, removing: vec![] });
         }
         self.next_table_id += 1;
         let table = TableRecord { id: self.next_table_id, name: name.to_string(), partition_count, replica_count, partitions };
@@ -274,7 +282,7 @@ impl Catalog {
         if p.peers.iter().any(|(_, n)| *n == to) {
             return Err(TernError::invalid(format!("node {to} already holds a replica of {table}.{partition}")));
         }
-        if !p.learners.is_empty() {
+        if !p.learners.is_empty() || !p.removing.is_empty() {
             return Err(TernError::Busy(format!("{table}.{partition} already has a move in progress")));
         }
         next_peer_id += 1;
@@ -335,6 +343,17 @@ impl Catalog {
             }
             for (i, p) in t.partitions.iter_mut().enumerate() {
                 let group = GroupId::new(t.id, i as u32);
+                if !p.removing.is_empty() {
+                    // Wait until raft has applied a configuration without the dropped peers.
+                    let members = progress.get(&group.0).and_then(|g| g.leader_members.as_ref());
+                    match members {
+                        Some(m) if p.removing.iter().all(|(x, _)| !m.contains(x)) => {
+                            let gone: Vec<PeerId> = p.removing.drain(..).map(|(x, _)| x).collect();
+                            changes.push(format!("partition {group}: raft no longer counts peers {gone:?}"));
+                        }
+                        _ => continue,
+                    }
+                }
                 if let Some(&(learner, node)) = p.learners.first() {
                     let replacing = p.replacing.filter(|r| p.peers.iter().any(|(x, _)| x == r));
                     let growing = replacing.is_none() && (p.peers.len() as u32) < t.replica_count;
@@ -361,6 +380,7 @@ impl Catalog {
                         let old_node = p.peers.iter().find(|(x, _)| *x == old).map(|(_, n)| *n).expect("checked above");
                         p.peers.retain(|(x, _)| *x != old);
                         p.peers.push((learner, node));
+                        p.removing.push((old, old_node));
                         p.learners.clear();
                         p.replacing = None;
                         if p.preferred_leader == old_node {
@@ -374,6 +394,7 @@ impl Catalog {
                     // Shrink: drop the voter on the most loaded node (never the only one left).
                     if let Some(&(peer, node)) = p.peers.iter().max_by_key(|(_, n)| (table_load.get(n).copied().unwrap_or(usize::MAX), *n)) {
                         p.peers.retain(|(x, _)| *x != peer);
+                        p.removing.push((peer, node));
                         if let Some(c) = table_load.get_mut(&node) {
                             *c -= 1;
                         }
@@ -384,7 +405,7 @@ impl Catalog {
                     }
                     continue;
                 }
-                let hosting: Vec<NodeId> = p.peers.iter().map(|(_, n)| *n).collect();
+                let hosting: Vec<NodeId> = p.peers.iter().chain(p.removing.iter()).map(|(_, n)| *n).collect();
                 let zones = &zone_of;
                 let candidates = |load: &HashMap<NodeId, usize>, filling: &HashMap<NodeId, usize>, leaving: NodeId| {
                     let used: Vec<&str> = hosting.iter().filter(|n| **n != leaving).map(|n| zones.get(n).map(|z| z.as_str()).unwrap_or("")).collect();
@@ -446,7 +467,7 @@ impl Catalog {
         let mut out = Vec::new();
         for t in self.tables.values() {
             for (i, p) in t.partitions.iter().enumerate() {
-                if let Some((peer_id, _)) = p.peers.iter().chain(p.learners.iter()).find(|(_, n)| *n == node) {
+                if let Some((peer_id, _)) = p.peers.iter().chain(p.learners.iter()).chain(p.removing.iter()).find(|(_, n)| *n == node) {
                     out.push(Assignment {
                         group: GroupId::new(t.id, i as u32),
                         peer_id: *peer_id,
@@ -591,6 +612,7 @@ mod tests {
                         for (peer, _) in p.peers.iter().chain(p.learners.iter()) {
                             g.applied.insert(*peer, 10);
                         }
+                        g.leader_members = Some(p.peers.iter().chain(p.learners.iter()).map(|(x, _)| *x).collect());
                         progress.insert(GroupId::new(t.id, i as u32).0, g);
                     }
                 }
@@ -667,6 +689,7 @@ mod tests {
                     for (peer, _) in p.peers.iter().chain(p.learners.iter()) {
                         g.applied.insert(*peer, 10);
                     }
+                    g.leader_members = Some(p.peers.iter().chain(p.learners.iter()).map(|(x, _)| *x).collect());
                     progress.insert(GroupId::new(t.id, i as u32).0, g);
                 }
             }

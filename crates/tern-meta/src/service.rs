@@ -232,6 +232,7 @@ impl MetaService {
                     if r.is_leader && r.term >= leader_terms.get(&r.group_id).copied().unwrap_or(0) {
                         leader_terms.insert(r.group_id, r.term);
                         g.leader_commit = r.commit_index;
+                        g.leader_members = Some(r.voters.iter().chain(r.learners.iter()).copied().collect());
                     }
                 }
             }

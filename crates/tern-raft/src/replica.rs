@@ -773,7 +773,13 @@ impl Replica {
             first_log_index: self.raw.store().first_log_index(),
             snapshots_applied: self.snapshots_applied,
             leader_peer,
-            voters: self.sm.state().conf_state.voters.clone(),
+            // Outgoing voters of a joint configuration still count.
+            voters: {
+                let cs = &self.sm.state().conf_state;
+                let mut v = cs.voters.clone();
+                v.extend(cs.voters_outgoing.iter().filter(|p| !cs.voters.contains(p)));
+                v
+            },
             learners: self.sm.state().conf_state.learners.clone(),
         }
     }

@@ -187,7 +187,9 @@ impl Store {
                 None => callback(ReadResponse { error: Some(not_hosted(group).into()), ..Default::default() }),
             },
             StoreMsg::Raft { group, message, snapshot_dir } => {
-                if let Some(r) = self.replicas.get_mut(&group) {
+                // A message for another peer of the group (one this node no longer or not yet hosts)
+                // must not reach the replica that is here.
+                if let Some(r) = self.replicas.get_mut(&group).filter(|r| r.peer_id == message.to) {
                     r.step(message, snapshot_dir);
                     self.dirty.insert(group);
                 } else if let Some(dir) = snapshot_dir {
@@ -232,6 +234,12 @@ impl Store {
     }
 
     fn ensure_replica(&mut self, spec: ReplicaSpec) -> Result<(), TernError> {
+        if self.replicas.get(&spec.group).is_some_and(|r| r.peer_id != spec.peer_id) {
+            // Meta removed this node's old peer of the group and now wants a new one here: the old
+            // replica is stale. Found by the simulator (scheduler sweep): a replica moved back to a
+            // node that still hosted its predecessor received the new peer's messages.
+            self.destroy_replicas(vec![spec.group], "a newer peer of its group replaces it on this node");
+        }
         let everyone: Vec<(PeerId, NodeId)> = spec.peers.iter().chain(spec.learners.iter()).copied().collect();
         if let Some(r) = self.replicas.get_mut(&spec.group) {
             r.set_peers(everyone)?;
@@ -269,7 +277,13 @@ impl Store {
             let mut replica = self.replicas.remove(&group).expect("listed by the caller");
             replica.fail_all(TernError::PartitionNotFound(format!("replica of {group} was destroyed: {why}")));
             let dirs = (replica.dir().to_path_buf(), replica.snapshot_dir().to_path_buf());
+            let engine_dir = replica.dir().join(&replica.meta().engine_dir);
             drop(replica);
+            // Through the factory: it owns what an engine directory means (found by the simulator,
+            // where a recreated replica found its predecessor's state).
+            if let Err(e) = self.engines.destroy(&engine_dir) {
+                tracing::warn!(group = %group, "destroy engine: {e}");
+            }
             let _ = std::fs::remove_dir_all(&dirs.0);
             let _ = std::fs::remove_dir_all(&dirs.1);
             batch.push(group.0, crate::log_store::LogOp::Clean);

@@ -615,6 +615,7 @@ impl World {
                     if r.is_leader && r.term >= leader_terms.get(&r.group_id).copied().unwrap_or(0) {
                         leader_terms.insert(r.group_id, r.term);
                         g.leader_commit = r.commit_index;
+                        g.leader_members = Some(r.voters.iter().chain(r.learners.iter()).copied().collect());
                     }
                 }
             } else {
@@ -956,7 +957,7 @@ impl World {
             store.handle(StoreMsg::Status(Box::new(move |s| drop(tx.send(s)))));
             for r in rx.try_recv().unwrap_or_default() {
                 out.push_str(&format!(
-                    "\n    node {} group {} peer {} leader={} term {} leader_peer {} commit {} applied {} first_log {}",
+                    "\n    node {} group {} peer {} leader={} term {} leader_peer {} commit {} applied {} first_log {} voters {:?} learners {:?}",
                     i + 1,
                     GroupId(r.group_id),
                     r.peer_id,
@@ -965,7 +966,9 @@ impl World {
                     r.leader_peer,
                     r.commit_index,
                     r.applied_index,
-                    r.first_log_index
+                    r.first_log_index,
+                    r.voters,
+                    r.learners
                 ));
             }
         }
@@ -1181,10 +1184,21 @@ impl World {
     fn on_error(&mut self, client: usize, error: TernError) {
         let now = self.now.load(Ordering::SeqCst);
         let partitions = self.cfg.partitions;
+        let now_meta_up = now >= self.meta_down_until;
+        let fresh_route = self.catalog.as_ref().filter(|_| now_meta_up).map(|catalog| {
+            // What the real client gets when it refreshes its route from meta.
+            let t = &catalog.tables["t"];
+            LeaderTable::new(t.partitions.iter().map(|p| (p.peers.iter().map(|(_, n)| *n).collect(), p.preferred_leader)).collect())
+        });
         let c = &mut self.clients[client];
         let p = c.pending.as_mut().expect("pending operation");
         let partition = partition_of(&p.hashkey, partitions);
-        c.leaders.observe(partition, p.node, &error);
+        let reaction = c.leaders.observe(partition, p.node, &error);
+        if reaction == tern_client::routing::Reaction::RefreshRoute {
+            if let Some(route) = fresh_route {
+                c.leaders = route;
+            }
+        }
         let remaining = Duration::from_millis((p.started + OPERATION_DEADLINE_MS).saturating_sub(now));
         let attempts = p.attempts;
         p.attempts += 1;
