@@ -61,6 +61,8 @@ impl MetaConfig {
 struct NodeLiveness {
     last_seen: Instant,
     replicas: Vec<ReplicaStatus>,
+    disk_used_bytes: u64,
+    requests_per_second: f64,
 }
 
 struct State {
@@ -294,6 +296,8 @@ impl MetaService {
                     leader_count: live.map(|l| l.replicas.iter().filter(|r| r.is_leader).count() as u32).unwrap_or(0),
                     draining: state.catalog.draining.contains(id),
                     zone: n.zone.clone(),
+                    disk_used_bytes: live.map(|l| l.disk_used_bytes).unwrap_or(0),
+                    requests_per_second: live.map(|l| l.requests_per_second).unwrap_or(0.0),
                 }
             })
             .collect()
@@ -338,7 +342,10 @@ impl Meta for MetaService {
         let r = self.change(|c, _| c.register(&address, &zone)).await;
         Ok(Response::new(match r {
             Ok(node_id) => {
-                self.state.lock().liveness.insert(node_id, NodeLiveness { last_seen: Instant::now(), replicas: vec![] });
+                self.state.lock().liveness.insert(
+                    node_id,
+                    NodeLiveness { last_seen: Instant::now(), replicas: vec![], disk_used_bytes: 0, requests_per_second: 0.0 },
+                );
                 tracing::info!(node_id, %address, "registered server");
                 RegisterResponse { error: None, node_id }
             }
@@ -368,7 +375,11 @@ impl Meta for MetaService {
             }
         }
         let mut state = self.state.lock();
-        state.liveness.insert(hb.node_id, NodeLiveness { last_seen: Instant::now(), replicas: hb.replicas });
+        let requests_per_second = if hb.requests_interval_ms > 0 { hb.requests as f64 * 1000.0 / hb.requests_interval_ms as f64 } else { 0.0 };
+        state.liveness.insert(
+            hb.node_id,
+            NodeLiveness { last_seen: Instant::now(), replicas: hb.replicas, disk_used_bytes: hb.disk_used_bytes, requests_per_second },
+        );
         let assignments = state
             .catalog
             .assignments(hb.node_id)

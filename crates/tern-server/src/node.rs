@@ -179,7 +179,8 @@ impl ServerNode {
 
         let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::new();
-        let kv = KvServer::new(KvService::new(handle.clone()))
+        let requests: Arc<std::sync::atomic::AtomicU64> = Default::default();
+        let kv = KvServer::new(KvService::new(handle.clone(), requests.clone()))
             .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(usize::MAX);
         let raft = RaftServer::new(RaftService::new(node_id, handle.clone(), receive_dir))
@@ -202,6 +203,7 @@ impl ServerNode {
         }));
         tasks.push(tokio::spawn(heartbeat_loop(
             (node_id, address.clone(), cfg.zone.clone()),
+            (cfg.data_dir.clone(), requests),
             cfg.meta.clone(),
             cfg.heartbeat_interval,
             handle.clone(),
@@ -238,8 +240,25 @@ async fn replica_statuses(store: &StoreHandle) -> Vec<tern_proto::ReplicaStatus>
     rx.await.unwrap_or_default()
 }
 
+/// Bytes under a directory (best effort: unreadable entries count as empty).
+fn directory_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => directory_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// How often (in heartbeats) the data directory is measured.
+const DISK_MEASURE_EVERY: u64 = 10;
+
 async fn heartbeat_loop(
     (node_id, address, zone): (NodeId, String, String),
+    (data_dir, requests): (PathBuf, Arc<std::sync::atomic::AtomicU64>),
     meta: Vec<String>,
     interval: Duration,
     store: StoreHandle,
@@ -248,13 +267,31 @@ async fn heartbeat_loop(
 ) {
     let mut client = None;
     let mut next_meta = 0usize;
+    let (mut beats, mut disk_used_bytes, mut last_beat) = (0u64, 0u64, tokio::time::Instant::now());
     loop {
+        if beats % DISK_MEASURE_EVERY == 0 {
+            let dir = data_dir.clone();
+            disk_used_bytes = tokio::task::spawn_blocking(move || directory_bytes(&dir)).await.unwrap_or(disk_used_bytes);
+        }
+        beats += 1;
         if client.is_none() {
             client = meta_client(&meta, next_meta).await.ok();
         }
         if let Some(c) = client.as_mut() {
             let replicas = replica_statuses(&store).await;
-            match c.heartbeat(HeartbeatRequest { node_id, address: address.clone(), replicas, zone: zone.clone() }).await {
+            let served = requests.swap(0, std::sync::atomic::Ordering::Relaxed);
+            let requests_interval_ms = last_beat.elapsed().as_millis() as u64;
+            last_beat = tokio::time::Instant::now();
+            let beat = HeartbeatRequest {
+                node_id,
+                address: address.clone(),
+                replicas,
+                zone: zone.clone(),
+                disk_used_bytes,
+                requests: served,
+                requests_interval_ms,
+            };
+            match c.heartbeat(beat).await {
                 Ok(r) => {
                     let r = r.into_inner();
                     if let Err(e) = tern_proto::check(&r.error) {

@@ -16,11 +16,17 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct KvService {
     store: StoreHandle,
+    /// Client requests served, for the load figures in heartbeats.
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl KvService {
-    pub fn new(store: StoreHandle) -> KvService {
-        KvService { store }
+    pub fn new(store: StoreHandle, requests: std::sync::Arc<std::sync::atomic::AtomicU64>) -> KvService {
+        KvService { store, requests }
+    }
+
+    fn count(&self) {
+        self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -43,6 +49,7 @@ async fn wait<T>(rx: oneshot::Receiver<T>, on_error: impl FnOnce(TernError) -> T
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+        self.count();
         let request = request.into_inner();
         let group = match validate::write(&request) {
             Ok(g) => g,
@@ -54,6 +61,7 @@ impl Kv for KvService {
     }
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
+        self.count();
         let request = request.into_inner();
         let group = match validate::read(&request) {
             Ok(g) => g,

@@ -465,12 +465,15 @@ impl Shell {
             }
             Command::Nodes => {
                 let nodes = self.client.refresh_nodes().await.map_err(err)?;
-                let mut out = format!("{:>5} {:<22} {:<6} {:<8} {:>8} {:>8} {:>12}", "id", "address", "state", "zone", "replicas", "leaders", "last seen");
+                let mut out = format!(
+                    "{:>5} {:<22} {:<6} {:<8} {:>8} {:>8} {:>10} {:>9} {:>12}",
+                    "id", "address", "state", "zone", "replicas", "leaders", "disk MiB", "req/s", "last seen"
+                );
                 for n in nodes {
                     let seen = if n.last_heartbeat_ms_ago == u64::MAX { "never".to_string() } else { format!("{:.1}s ago", n.last_heartbeat_ms_ago as f64 / 1000.0) };
                     let _ = write!(
                         out,
-                        "\n{:>5} {:<22} {:<6} {:<8} {:>8} {:>8} {:>12}",
+                        "\n{:>5} {:<22} {:<6} {:<8} {:>8} {:>8} {:>10.1} {:>9.0} {:>12}",
                         n.node_id,
                         n.address,
                         match (n.alive, n.draining) {
@@ -481,6 +484,8 @@ impl Shell {
                         if n.zone.is_empty() { "-" } else { n.zone.as_str() },
                         n.replica_count,
                         n.leader_count,
+                        n.disk_used_bytes as f64 / (1024.0 * 1024.0),
+                        n.requests_per_second,
                         seen
                     );
                 }
