@@ -110,6 +110,9 @@ enum Command {
         /// Run without injected faults.
         #[arg(long)]
         no_faults: bool,
+        /// Four nodes with meta's scheduler replacing lost replicas, balancing and moving leaders.
+        #[arg(long)]
+        scheduler: bool,
     },
     /// Load generator: throughput and latency percentiles.
     Bench {
@@ -235,7 +238,7 @@ async fn main() -> anyhow::Result<()> {
                 None => interactive(sh).await?,
             }
         }
-        Command::Sim { seed, seeds, first_seed, jobs, operations, no_faults } => {
+        Command::Sim { seed, seeds, first_seed, jobs, operations, no_faults, scheduler } => {
             if jobs == 0 || jobs > 256 {
                 bail!("--jobs must be between 1 and 256");
             }
@@ -243,7 +246,7 @@ async fn main() -> anyhow::Result<()> {
                 bail!("--operations must be positive");
             }
             let config = move |seed: u64| {
-                let mut cfg = tern_sim::SimConfig::new(seed);
+                let mut cfg = if scheduler { tern_sim::SimConfig::with_scheduler(seed) } else { tern_sim::SimConfig::new(seed) };
                 cfg.operations = operations;
                 cfg.faults = !no_faults;
                 // Keep faults coming for as long as the workload runs.
