@@ -46,6 +46,23 @@ pub struct GroupProgress {
     pub leader_members: Option<Vec<PeerId>>,
 }
 
+/// Summarises replica statuses (from heartbeats of live nodes) per group: each peer's applied index,
+/// and the commit index and configuration of the leader with the highest term.
+pub fn group_progress<'a>(statuses: impl IntoIterator<Item = &'a tern_proto::ReplicaStatus>) -> HashMap<u64, GroupProgress> {
+    let mut progress: HashMap<u64, GroupProgress> = HashMap::new();
+    let mut leader_terms: HashMap<u64, u64> = HashMap::new();
+    for r in statuses {
+        let g = progress.entry(r.group_id).or_default();
+        g.applied.insert(r.peer_id, r.applied_index);
+        if r.is_leader && r.term >= leader_terms.get(&r.group_id).copied().unwrap_or(0) {
+            leader_terms.insert(r.group_id, r.term);
+            g.leader_commit = r.commit_index;
+            g.leader_members = Some(r.voters.iter().chain(r.learners.iter()).copied().collect());
+        }
+    }
+    progress
+}
+
 /// A learner is promoted once it has applied to within this many entries of the leader's commit.
 pub const LEARNER_CATCH_UP_ENTRIES: u64 = 100;
 
@@ -489,6 +506,22 @@ impl Catalog {
 mod tests {
     use super::*;
 
+    /// Progress as if every learner had caught up and raft had applied meta's configuration.
+    fn everyone_caught_up(c: &Catalog) -> HashMap<u64, GroupProgress> {
+        let mut progress = HashMap::new();
+        for t in c.tables.values() {
+            for (i, p) in t.partitions.iter().enumerate() {
+                let mut g = GroupProgress { leader_commit: 10, ..Default::default() };
+                for (peer, _) in p.peers.iter().chain(p.learners.iter()) {
+                    g.applied.insert(*peer, 10);
+                }
+                g.leader_members = Some(p.peers.iter().chain(p.learners.iter()).map(|(x, _)| *x).collect());
+                progress.insert(GroupId::new(t.id, i as u32).0, g);
+            }
+        }
+        progress
+    }
+
     fn catalog_with_nodes(n: usize) -> (Catalog, Vec<NodeId>) {
         let mut c = Catalog::default();
         let ids = (0..n).map(|i| c.register(&format!("127.0.0.1:{}", 1000 + i), "").unwrap()).collect();
@@ -605,17 +638,7 @@ mod tests {
         let done = |c: &mut Catalog, alive: &[NodeId]| {
             // Pretend every learner catches up at once, and run passes until nothing changes.
             for _ in 0..100 {
-                let mut progress = HashMap::new();
-                for t in c.tables.values() {
-                    for (i, p) in t.partitions.iter().enumerate() {
-                        let mut g = GroupProgress { leader_commit: 10, ..Default::default() };
-                        for (peer, _) in p.peers.iter().chain(p.learners.iter()) {
-                            g.applied.insert(*peer, 10);
-                        }
-                        g.leader_members = Some(p.peers.iter().chain(p.learners.iter()).map(|(x, _)| *x).collect());
-                        progress.insert(GroupId::new(t.id, i as u32).0, g);
-                    }
-                }
+                let progress = everyone_caught_up(c);
                 if c.schedule(alive, &progress, 2).is_empty() {
                     return;
                 }
@@ -681,20 +704,6 @@ mod tests {
         c.create_table("t", 2, 2, &nodes).unwrap();
         c.set_replica_count("t", 3, &nodes).unwrap();
         assert!(c.set_replica_count("t", 5, &nodes).is_err(), "only 4 servers");
-        let everyone_caught_up = |c: &Catalog| {
-            let mut progress = HashMap::new();
-            for t in c.tables.values() {
-                for (i, p) in t.partitions.iter().enumerate() {
-                    let mut g = GroupProgress { leader_commit: 10, ..Default::default() };
-                    for (peer, _) in p.peers.iter().chain(p.learners.iter()) {
-                        g.applied.insert(*peer, 10);
-                    }
-                    g.leader_members = Some(p.peers.iter().chain(p.learners.iter()).map(|(x, _)| *x).collect());
-                    progress.insert(GroupId::new(t.id, i as u32).0, g);
-                }
-            }
-            progress
-        };
         c.balancer_paused = true;
         for _ in 0..3 {
             let progress = everyone_caught_up(&c);

@@ -4,7 +4,7 @@
 //! answer UNAVAILABLE so callers try the next address); it keeps the catalog in memory, writes every
 //! change through raft before acknowledging it, tracks heartbeats and runs the scheduler.
 
-use crate::catalog::{Catalog, GroupProgress, TableRecord};
+use crate::catalog::{group_progress, Catalog, TableRecord};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -222,22 +222,8 @@ impl MetaService {
         let (next, changes) = {
             let state = self.state.lock();
             let alive = alive_nodes(&state, self.grace);
-            let mut progress: HashMap<u64, GroupProgress> = HashMap::new();
-            let mut leader_terms: HashMap<u64, u64> = HashMap::new();
-            for (node, l) in &state.liveness {
-                if !alive.contains(node) {
-                    continue;
-                }
-                for r in &l.replicas {
-                    let g = progress.entry(r.group_id).or_default();
-                    g.applied.insert(r.peer_id, r.applied_index);
-                    if r.is_leader && r.term >= leader_terms.get(&r.group_id).copied().unwrap_or(0) {
-                        leader_terms.insert(r.group_id, r.term);
-                        g.leader_commit = r.commit_index;
-                        g.leader_members = Some(r.voters.iter().chain(r.learners.iter()).copied().collect());
-                    }
-                }
-            }
+            let statuses = state.liveness.iter().filter(|(node, _)| alive.contains(node)).flat_map(|(_, l)| l.replicas.iter());
+            let progress = group_progress(statuses);
             let mut next = state.catalog.clone();
             let changes = next.schedule(&alive, &progress, REPAIRS_PER_NODE_MAX);
             (next, changes)

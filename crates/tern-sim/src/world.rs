@@ -600,8 +600,7 @@ impl World {
             return;
         }
         let mut alive = Vec::new();
-        let mut progress: std::collections::HashMap<u64, tern_meta::catalog::GroupProgress> = Default::default();
-        let mut leader_terms: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut statuses = Vec::new();
         for i in 0..self.nodes.len() {
             if self.meta_hears(i) {
                 self.unheard_since[i] = None;
@@ -609,15 +608,7 @@ impl World {
                 self.with_store(i, |s| {
                     s.handle(StoreMsg::Status(Box::new(move |st| drop(tx.send(st)))));
                 });
-                for r in rx.try_recv().unwrap_or_default() {
-                    let g = progress.entry(r.group_id).or_default();
-                    g.applied.insert(r.peer_id, r.applied_index);
-                    if r.is_leader && r.term >= leader_terms.get(&r.group_id).copied().unwrap_or(0) {
-                        leader_terms.insert(r.group_id, r.term);
-                        g.leader_commit = r.commit_index;
-                        g.leader_members = Some(r.voters.iter().chain(r.learners.iter()).copied().collect());
-                    }
-                }
+                statuses.extend(rx.try_recv().unwrap_or_default());
             } else {
                 self.unheard_since[i].get_or_insert(now);
             }
@@ -625,6 +616,7 @@ impl World {
                 alive.push(self.nodes[i].id);
             }
         }
+        let progress = tern_meta::catalog::group_progress(&statuses);
         let changes = self.catalog.as_mut().expect("checked").schedule(&alive, &progress, 2);
         for c in changes {
             self.faults.push(format!("{now:>6} ms  scheduler: {c}"));
