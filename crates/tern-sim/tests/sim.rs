@@ -139,3 +139,17 @@ fn scheduler_seed_sweep() {
     assert!(failed.is_empty(), "failing seeds: {failed:?}");
     assert!(moves > 0, "the scheduler never completed a replacement: the scenario does not exercise it");
 }
+
+/// OPEN BUG, found by a 4000-seed scheduler soak: after healing, the three replicas of group 1.0 are
+/// at the same applied index (216) but one (node 3: it hosted peer 3 of the group, which was moved
+/// away, then received learner 8 of the same group, filled and promoted) has different contents:
+/// every `set` record agrees, but its incr counters are far behind (h0/n = 7 against 120, h2/n = 32
+/// against 113), so the state it started from missed most increments. Not understood yet; kept here
+/// so the next change can reproduce it:
+/// `cargo nextest run -p tern-sim --run-ignored only open_replica_divergence --no-capture`.
+#[test]
+#[ignore]
+fn open_replica_divergence_seed_20688() {
+    let report = run(SimConfig::with_scheduler(20688));
+    assert!(report.ok(), "{}", report.describe());
+}
