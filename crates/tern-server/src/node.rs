@@ -129,7 +129,7 @@ async fn node_identity(cfg: &ServerConfig, address: &str) -> Result<NodeId, Tern
             Ok(id) => break id,
             Err(e) if e.is_retryable() && attempt < 600 => {
                 attempt += 1;
-                if attempt % 10 == 1 {
+                if attempt % 10 == 5 {
                     tracing::warn!("waiting for meta to register this server: {e}");
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
