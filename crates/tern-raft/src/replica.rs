@@ -151,6 +151,8 @@ pub struct Replica {
     pending_log: LogWriteBatch,
     was_leader: bool,
     last_transfer_tick: u64,
+    /// Applied a configuration without itself: ignores raft messages and ticks from then on.
+    removed: bool,
 }
 
 fn fatal(group: GroupId, what: &str, e: impl std::fmt::Display) -> ! {
@@ -241,6 +243,7 @@ impl Replica {
             pending_log,
             was_leader: false,
             last_transfer_tick: 0,
+            removed: false,
         })
     }
 
@@ -270,7 +273,7 @@ impl Replica {
     /// have caught up, promote them and remove voters meta dropped (one joint-consensus change);
     /// never more than one change in flight. Only the leader acts; others just learn the addresses.
     pub fn reconcile_membership(&mut self, voters: &[(PeerId, NodeId)], learners: &[(PeerId, NodeId)], preferred_leader: PeerId) {
-        if !self.is_leader() || self.raw.raft.has_pending_conf() {
+        if self.removed || !self.is_leader() || self.raw.raft.has_pending_conf() {
             return;
         }
         self.maybe_transfer_leadership(preferred_leader);
@@ -364,7 +367,7 @@ impl Replica {
 
     /// Proposes a client write stamped with the leader's wall clock.
     pub fn propose(&mut self, write: WriteRequest, now_unix_ms: u64, callback: WriteCallback) {
-        if !self.is_leader() {
+        if !self.is_leader() || self.removed {
             return callback(error_response(self.not_leader()));
         }
         if self.proposals.len() >= self.cfg.pending_proposals_max {
@@ -395,7 +398,7 @@ impl Replica {
         if request.allow_stale {
             return callback(execute_read(self.sm.engine(), &request, now_unix_ms));
         }
-        if !self.is_leader() {
+        if !self.is_leader() || self.removed {
             return callback(ReadResponse { error: Some(self.not_leader().into()), ..Default::default() });
         }
         if PLANTED_BUG_READ_WITHOUT_READ_INDEX.load(std::sync::atomic::Ordering::Relaxed) {
@@ -423,6 +426,9 @@ impl Replica {
 
     /// Steps a raft message from a peer. A snapshot message comes with the directory it was received into.
     pub fn step(&mut self, message: Message, snapshot_dir: Option<PathBuf>) {
+        if self.removed {
+            return;
+        }
         if message.get_msg_type() == MessageType::MsgSnapshot {
             let meta = message.get_snapshot().get_metadata();
             match snapshot_dir {
@@ -452,6 +458,9 @@ impl Replica {
     }
 
     pub fn tick(&mut self) {
+        if self.removed {
+            return;
+        }
         self.ticks += 1;
         self.raw.tick();
         // Read indexes are dropped by raft while a new leader has not committed in its term: re-ask,
@@ -726,6 +735,14 @@ impl Replica {
     fn apply_conf_change(&mut self, cc: &impl raft_proto::ConfChangeI, batch: &mut crate::apply::ApplyBatch) {
         match self.raw.apply_conf_change(cc) {
             Ok(cs) => {
+                let member = [&cs.voters, &cs.learners, &cs.voters_outgoing, &cs.learners_next].iter().any(|set| set.contains(&self.peer_id));
+                if !member {
+                    // Removed from its group (perhaps proposed by an earlier leader while this one was
+                    // elected): it must take no further part, or raft-rs, leading a group it is not
+                    // in, panics. Found by the simulator (scheduler soak seed 21186). Meta destroys it.
+                    self.removed = true;
+                    tracing::info!(group = %self.group, peer = self.peer_id, "removed from the group; going quiet");
+                }
                 batch.set_conf_state(cs.clone());
                 self.raw.mut_store().set_conf_state(cs);
             }
