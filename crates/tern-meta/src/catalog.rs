@@ -10,6 +10,9 @@ pub struct NodeRecord {
     pub address: String,
     #[serde(default)]
     pub zone: String,
+    /// Higher wins leadership of the partitions it holds (X-Paxos style priority).
+    #[serde(default)]
+    pub leader_priority: i32,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -93,7 +96,10 @@ pub struct Catalog {
 
 /// Keeps each partition's preferred leader on a usable voter and evens preferred leaders out over
 /// the table's nodes (moving at most one preference per table per pass).
-fn balance_preferred_leaders(t: &mut TableRecord, usable: &[NodeId], paused: bool) -> Vec<String> {
+/// Leader priority (X-Paxos style): a partition prefers its usable voters with the highest priority
+/// (a preferred region), so leadership goes back there when it is healthy; ties are evened out.
+fn balance_preferred_leaders(t: &mut TableRecord, usable: &[NodeId], priority: &HashMap<NodeId, i32>, paused: bool) -> Vec<String> {
+    let prio = |n: &NodeId| priority.get(n).copied().unwrap_or(0);
     let mut changes = Vec::new();
     let mut counts: HashMap<NodeId, usize> = usable.iter().map(|n| (*n, 0)).collect();
     for p in &t.partitions {
@@ -103,8 +109,12 @@ fn balance_preferred_leaders(t: &mut TableRecord, usable: &[NodeId], paused: boo
     }
     for (i, p) in t.partitions.iter_mut().enumerate() {
         let voters: Vec<NodeId> = p.peers.iter().map(|(_, n)| *n).filter(|n| usable.contains(n)).collect();
-        if !voters.contains(&p.preferred_leader) {
-            if let Some(best) = voters.iter().min_by_key(|n| (counts[n], **n)).copied() {
+        let top = voters.iter().map(prio).max().unwrap_or(0);
+        if !voters.contains(&p.preferred_leader) || prio(&p.preferred_leader) < top {
+            if let Some(best) = voters.iter().filter(|n| prio(n) == top).min_by_key(|n| (counts[n], **n)).copied() {
+                if let Some(c) = counts.get_mut(&p.preferred_leader) {
+                    *c -= 1;
+                }
                 *counts.get_mut(&best).expect("usable") += 1;
                 changes.push(format!("partition {}.{i}: preferred leader node {} -> {best}", t.id, p.preferred_leader));
                 p.preferred_leader = best;
@@ -119,7 +129,12 @@ fn balance_preferred_leaders(t: &mut TableRecord, usable: &[NodeId], paused: boo
         if p.preferred_leader != max_node {
             continue;
         }
-        let better = p.peers.iter().map(|(_, n)| *n).filter(|n| usable.contains(n) && counts[n] + 1 < max).min_by_key(|n| (counts[n], *n));
+        let better = p
+            .peers
+            .iter()
+            .map(|(_, n)| *n)
+            .filter(|n| usable.contains(n) && prio(n) == prio(&max_node) && counts[n] + 1 < max)
+            .min_by_key(|n| (counts[n], *n));
         if let Some(better) = better {
             changes.push(format!("partition {}.{i}: preferred leader node {max_node} -> {better} (balance)", t.id));
             p.preferred_leader = better;
@@ -145,6 +160,10 @@ pub struct Assignment {
 impl Catalog {
     /// Registers a server at an address and returns its new id (ids are never reused).
     pub fn register(&mut self, address: &str, zone: &str) -> Result<NodeId, TernError> {
+        self.register_with_priority(address, zone, 0)
+    }
+
+    pub fn register_with_priority(&mut self, address: &str, zone: &str, leader_priority: i32) -> Result<NodeId, TernError> {
         if address.is_empty() || address.len() > 256 {
             return Err(TernError::invalid("node address must be 1 to 256 characters"));
         }
@@ -153,7 +172,7 @@ impl Catalog {
         }
         self.next_node_id += 1;
         let id = self.next_node_id;
-        self.nodes.insert(id, NodeRecord { address: address.to_string(), zone: zone.to_string() });
+        self.nodes.insert(id, NodeRecord { address: address.to_string(), zone: zone.to_string(), leader_priority });
         Ok(id)
     }
 
@@ -349,6 +368,7 @@ impl Catalog {
         let mut next_peer_id = self.next_peer_id;
         let paused = self.balancer_paused;
         let zone_of: HashMap<NodeId, String> = self.nodes.iter().map(|(id, n)| (*id, n.zone.clone())).collect();
+        let priority: HashMap<NodeId, i32> = self.nodes.iter().map(|(id, n)| (*id, n.leader_priority)).collect();
         for t in self.tables.values_mut() {
             let mut table_load: HashMap<NodeId, usize> = usable.iter().map(|n| (*n, 0)).collect();
             for p in &t.partitions {
@@ -473,7 +493,7 @@ impl Catalog {
                 balancing |= why == "balance";
                 changes.push(format!("partition {group}: moving peer {} off node {} ({why}): learner {next_peer_id} on node {target}", victim.0, victim.1));
             }
-            changes.extend(balance_preferred_leaders(t, &usable, paused));
+            changes.extend(balance_preferred_leaders(t, &usable, &priority, paused));
         }
         self.next_peer_id = next_peer_id;
         changes
@@ -695,6 +715,21 @@ mod tests {
         for p in repaired {
             assert_eq!(p.learners[0].1, a2);
         }
+    }
+
+    /// A node with a higher leader priority becomes the preferred leader of every partition it holds a
+    /// voter of, and takes it back after it was down.
+    #[test]
+    fn leader_priority() {
+        let (mut c, nodes) = catalog_with_nodes(3);
+        c.create_table("t", 4, 3, &nodes).unwrap();
+        c.nodes.get_mut(&nodes[2]).unwrap().leader_priority = 10;
+        c.schedule(&nodes, &HashMap::new(), 2);
+        assert!(c.tables["t"].partitions.iter().all(|p| p.preferred_leader == nodes[2]));
+        c.schedule(&nodes[..2], &HashMap::new(), 2);
+        assert!(c.tables["t"].partitions.iter().all(|p| p.preferred_leader != nodes[2]), "a down node leads nothing");
+        c.schedule(&nodes, &HashMap::new(), 2);
+        assert!(c.tables["t"].partitions.iter().all(|p| p.preferred_leader == nodes[2]), "leadership goes back");
     }
 
     /// Raising a table's replica count adds voters (learner first); lowering it removes voters.

@@ -324,8 +324,8 @@ fn err<T: Default>(e: TernError, set: impl FnOnce(&mut T, Option<Error>)) -> T {
 impl Meta for MetaService {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         self.check_leader()?;
-        let RegisterRequest { address, zone } = request.into_inner();
-        let r = self.change(|c, _| c.register(&address, &zone)).await;
+        let RegisterRequest { address, zone, leader_priority } = request.into_inner();
+        let r = self.change(|c, _| c.register_with_priority(&address, &zone, leader_priority)).await;
         Ok(Response::new(match r {
             Ok(node_id) => {
                 self.state.lock().liveness.insert(
@@ -347,12 +347,12 @@ impl Meta for MetaService {
             let e = TernError::invalid(format!("node {} is not registered with this meta server", hb.node_id));
             return Ok(Response::new(err(e, |r: &mut HeartbeatResponse, e| r.error = e)));
         };
-        if record.address != hb.address || record.zone != hb.zone {
+        if record.address != hb.address || record.zone != hb.zone || record.leader_priority != hb.leader_priority {
             // A server restarted on a new address (or zone): remember it so peers and clients find it.
-            let (id, address, zone) = (hb.node_id, hb.address.clone(), hb.zone.clone());
+            let (id, address, zone, leader_priority) = (hb.node_id, hb.address.clone(), hb.zone.clone(), hb.leader_priority);
             if let Err(e) = self
                 .change(|c, _| {
-                    c.nodes.insert(id, crate::catalog::NodeRecord { address, zone });
+                    c.nodes.insert(id, crate::catalog::NodeRecord { address, zone, leader_priority });
                     Ok(())
                 })
                 .await

@@ -36,6 +36,8 @@ pub struct ServerConfig {
     pub write_buffer_bytes: usize,
     /// Failure domain; replicas of a partition go to distinct zones when possible.
     pub zone: String,
+    /// Higher wins leadership of the partitions this server holds.
+    pub leader_priority: i32,
 }
 
 impl ServerConfig {
@@ -51,6 +53,7 @@ impl ServerConfig {
             block_cache_bytes: 128 * 1024 * 1024,
             write_buffer_bytes: 64 * 1024 * 1024,
             zone: String::new(),
+            leader_priority: 0,
         }
     }
 
@@ -120,7 +123,7 @@ async fn node_identity(cfg: &ServerConfig, address: &str) -> Result<NodeId, Tern
     let node_id = loop {
         let r = async {
             let mut meta = meta_client(&cfg.meta, attempt as usize).await?;
-            let r = meta.register(RegisterRequest { address: address.to_string(), zone: cfg.zone.clone() }).await.map_err(|s| tern_proto::from_status(&s))?.into_inner();
+            let r = meta.register(RegisterRequest { address: address.to_string(), zone: cfg.zone.clone(), leader_priority: cfg.leader_priority }).await.map_err(|s| tern_proto::from_status(&s))?.into_inner();
             tern_proto::check(&r.error)?;
             Ok::<_, TernError>(r.node_id)
         }
@@ -202,7 +205,7 @@ impl ServerNode {
             }
         }));
         tasks.push(tokio::spawn(heartbeat_loop(
-            (node_id, address.clone(), cfg.zone.clone()),
+            (node_id, address.clone(), cfg.zone.clone(), cfg.leader_priority),
             (cfg.data_dir.clone(), requests),
             cfg.meta.clone(),
             cfg.heartbeat_interval,
@@ -257,7 +260,7 @@ fn directory_bytes(dir: &Path) -> u64 {
 const DISK_MEASURE_EVERY: u64 = 10;
 
 async fn heartbeat_loop(
-    (node_id, address, zone): (NodeId, String, String),
+    (node_id, address, zone, leader_priority): (NodeId, String, String, i32),
     (data_dir, requests): (PathBuf, Arc<std::sync::atomic::AtomicU64>),
     meta: Vec<String>,
     interval: Duration,
@@ -290,6 +293,7 @@ async fn heartbeat_loop(
                 disk_used_bytes,
                 requests: served,
                 requests_interval_ms,
+                leader_priority,
             };
             match c.heartbeat(beat).await {
                 Ok(r) => {

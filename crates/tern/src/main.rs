@@ -79,6 +79,10 @@ enum Command {
         /// Failure domain (rack, room, region): replicas of a partition go to distinct zones.
         #[arg(long, default_value = "")]
         zone: String,
+        /// Leader priority: partitions prefer leaders on the servers with the highest value they hold
+        /// a replica on, and move leadership back there when they are healthy.
+        #[arg(long, default_value_t = 0)]
+        leader_priority: i32,
     },
     /// Interactive or one-shot commands against a cluster.
     Shell {
@@ -201,7 +205,7 @@ async fn main() -> anyhow::Result<()> {
             signals.wait().await;
             meta.shutdown().await;
         }
-        Command::Server { data_dir, listen, advertise, meta, raft_tick_ms, log_gc_threshold, log_gc_lag_max, snapshot_rate_mib, block_cache_mib, zone } => {
+        Command::Server { data_dir, listen, advertise, meta, raft_tick_ms, log_gc_threshold, log_gc_lag_max, snapshot_rate_mib, block_cache_mib, zone, leader_priority } => {
             init_logging();
             let signals = StopSignals::install()?;
             if raft_tick_ms == 0 || raft_tick_ms > 10_000 {
@@ -221,6 +225,7 @@ async fn main() -> anyhow::Result<()> {
                 bail!("--zone is at most 128 characters");
             }
             cfg.zone = zone;
+            cfg.leader_priority = leader_priority;
             let server = tern_server::ServerNode::start(cfg).await?;
             println!("server {} listening on {}", server.node_id, server.address);
             signals.wait().await;
