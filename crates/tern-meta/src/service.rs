@@ -212,6 +212,12 @@ impl MetaService {
     /// One pass of the scheduler (leader only, and only a grace period after becoming leader, so
     /// that servers are not mistaken for dead before their first heartbeat to this leader).
     pub async fn schedule_once(&self) {
+        self.schedule_pass(false).await
+    }
+
+    /// A scheduling pass; `step` runs balancing even while the balancer is paused (an operator's
+    /// manual step).
+    async fn schedule_pass(&self, step: bool) {
         {
             let state = self.state.lock();
             if !self.leader.load(Ordering::SeqCst) || state.leader_since.elapsed() < self.grace {
@@ -225,7 +231,12 @@ impl MetaService {
             let statuses = state.liveness.iter().filter(|(node, _)| alive.contains(node)).flat_map(|(_, l)| l.replicas.iter());
             let progress = group_progress(statuses);
             let mut next = state.catalog.clone();
+            let paused = next.balancer_paused;
+            if step {
+                next.balancer_paused = false;
+            }
             let changes = next.schedule(&alive, &progress, REPAIRS_PER_NODE_MAX);
+            next.balancer_paused = paused;
             (next, changes)
         };
         if changes.is_empty() {
@@ -482,6 +493,10 @@ impl Meta for MetaService {
             Ok(BalanceAction::BalanceStatus) => None,
             Ok(BalanceAction::BalancePause) => Some(true),
             Ok(BalanceAction::BalanceResume) => Some(false),
+            Ok(BalanceAction::BalanceStep) => {
+                self.schedule_pass(true).await;
+                None
+            }
             Err(_) => {
                 return Ok(Response::new(err(TernError::invalid("unknown balance action"), |r: &mut BalanceResponse, e| r.error = e)));
             }

@@ -28,7 +28,7 @@ commands (keys and values are words; quote them with \"...\" or '...', \\xHH esc
   nodes                                  replica servers and their state
   decommission NODE_ID [--wait]          move every replica off a server (--wait: show progress)
   recommission NODE_ID                   take a decommissioned server back into use
-  balance status|pause|resume            the balancer (replica moves and leader placement)
+  balance status|pause|resume|step       the balancer (replica moves and leader placement); step: one pass
   move_replica TABLE PIDX FROM_NODE TO_NODE   move one replica (learner first, then swapped in)
   transfer_leader TABLE PIDX NODE_ID     prefer a server as the partition's leader
   set_replica_count TABLE N              add or remove replicas of every partition
@@ -293,12 +293,13 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
             Command::Recommission { node: number(&args[0], "node id")? }
         }
         "balance" => {
-            arity(&name, args, 1, 1, "status|pause|resume")?;
+            arity(&name, args, 1, 1, "status|pause|resume|step")?;
             let action = match text(&args[0]).as_str() {
                 "status" => tern_proto::BalanceAction::BalanceStatus,
                 "pause" => tern_proto::BalanceAction::BalancePause,
                 "resume" => tern_proto::BalanceAction::BalanceResume,
-                other => return Err(format!("unknown balance action {other:?} (want status, pause or resume)")),
+                "step" => tern_proto::BalanceAction::BalanceStep,
+                other => return Err(format!("unknown balance action {other:?} (want status, pause, resume or step)")),
             };
             Command::Balance { action }
         }
