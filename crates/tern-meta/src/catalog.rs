@@ -753,6 +753,27 @@ mod tests {
         assert!(c.tables["t"].partitions.iter().all(|p| p.peers.len() == 1));
     }
 
+    /// Operator requests naming unknown nodes, tables or partitions, or impossible moves, are refused
+    /// with typed errors and change nothing.
+    #[test]
+    fn operations_reject_bad_input() {
+        let (mut c, nodes) = catalog_with_nodes(4);
+        c.create_table("t", 2, 3, &nodes[..3]).unwrap();
+        let before = c.clone();
+        assert!(matches!(c.decommission(99, &nodes), Err(TernError::InvalidArgument(_))));
+        assert!(matches!(c.recommission(nodes[0]), Err(TernError::InvalidArgument(_))));
+        assert!(matches!(c.transfer_leader("nope", 0, nodes[0]), Err(TernError::TableNotFound(_))));
+        assert!(matches!(c.transfer_leader("t", 7, nodes[0]), Err(TernError::InvalidArgument(_))));
+        assert!(matches!(c.transfer_leader("t", 0, nodes[3]), Err(TernError::InvalidArgument(_))), "node 4 holds no voter");
+        assert!(matches!(c.move_replica("t", 0, nodes[3], nodes[0], &nodes), Err(TernError::InvalidArgument(_))));
+        assert!(matches!(c.move_replica("t", 0, nodes[0], nodes[1], &nodes), Err(TernError::InvalidArgument(_))), "target already hosts it");
+        assert!(matches!(c.move_replica("t", 0, nodes[0], nodes[3], &nodes[..3]), Err(TernError::InvalidArgument(_))), "target down");
+        assert!(matches!(c.set_replica_count("t", 0, &nodes), Err(TernError::InvalidArgument(_))));
+        assert_eq!(c, before);
+        c.move_replica("t", 0, nodes[0], nodes[3], &nodes).unwrap();
+        assert!(matches!(c.move_replica("t", 0, nodes[1], nodes[3], &nodes), Err(TernError::Busy(_))), "one move at a time");
+    }
+
     /// Each node is assigned exactly the replicas placed on it.
     #[test]
     fn assignments_match_placement() {

@@ -654,3 +654,29 @@ impl MetaNode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Meta configurations that cannot form a group are refused with a message naming the problem.
+    #[test]
+    fn config_validation() {
+        let ok = MetaConfig::new("d".into(), "127.0.0.1:0".parse().unwrap());
+        assert!(ok.validate().is_ok());
+        let peers = |ids: &[u64]| ids.iter().map(|i| (*i, format!("127.0.0.1:{}", 1000 + i))).collect::<Vec<_>>();
+        let mut c = ok.clone();
+        c.peers = peers(&[1, 2]);
+        assert!(c.validate().unwrap_err().to_string().contains("1, 3 or 5"));
+        let mut c = ok.clone();
+        c.peers = peers(&[1, 2, 3]);
+        c.id = 4;
+        assert!(c.validate().unwrap_err().to_string().contains("not among"));
+        let mut c = ok.clone();
+        c.peers = peers(&[1, 1, 3]);
+        assert!(c.validate().unwrap_err().to_string().contains("distinct"));
+        let mut c = ok;
+        c.node_grace = Duration::ZERO;
+        assert!(c.validate().is_err());
+    }
+}

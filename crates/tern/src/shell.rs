@@ -728,6 +728,24 @@ mod tests {
         assert_eq!(parse("PARTITIONS demo").unwrap(), Some(Command::Partitions { table: Some("demo".into()) }));
     }
 
+    /// Operation commands parse, and bad node ids, actions and arities are refused with usage errors.
+    #[test]
+    fn operation_commands() {
+        assert_eq!(parse("decommission 3 --wait").unwrap(), Some(Command::Decommission { node: 3, wait: true }));
+        assert!(parse("decommission three").unwrap_err().contains("number"));
+        assert!(parse("decommission 3 --now").unwrap_err().contains("--wait"));
+        assert_eq!(parse("balance step").unwrap(), Some(Command::Balance { action: tern_proto::BalanceAction::BalanceStep }));
+        assert!(parse("balance sideways").unwrap_err().contains("unknown balance action"));
+        assert_eq!(
+            parse("move_replica t 1 2 3").unwrap(),
+            Some(Command::MoveReplica { table: "t".into(), partition: 1, from: 2, to: 3 })
+        );
+        assert!(parse("move_replica t 1 2").unwrap_err().contains("usage"));
+        assert!(parse("transfer_leader t x 1").unwrap_err().contains("number"));
+        assert_eq!(parse("set_replica_count t 5").unwrap(), Some(Command::SetReplicaCount { table: "t".into(), count: 5 }));
+        assert!(parse("set_replica_count t -1").is_err());
+    }
+
     /// Scripts split on semicolons outside quotes.
     #[test]
     fn script_splitting() {
