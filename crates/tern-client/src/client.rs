@@ -195,15 +195,21 @@ impl Client {
         }
     }
 
-    async fn refresh_route(&self, table: &str) -> TernResult<Arc<Route>> {
+    /// A table's layout from meta: partitions, their replicas and leader hints.
+    pub async fn table_info(&self, table: &str) -> TernResult<TableInfo> {
         let name = table.to_string();
-        let r = self.meta_call(|mut m| {
-            let name = name.clone();
-            async move { m.get_table(TableRequest { name }).await.map(|r| r.into_inner()) }
-        })
-        .await?;
+        let r = self
+            .meta_call(|mut m| {
+                let name = name.clone();
+                async move { m.get_table(TableRequest { name }).await.map(|r| r.into_inner()) }
+            })
+            .await?;
         tern_proto::check(&r.error)?;
-        let info = r.table.ok_or_else(|| TernError::Internal("meta returned no table".into()))?;
+        r.table.ok_or_else(|| TernError::Internal("meta returned no table".into()))
+    }
+
+    async fn refresh_route(&self, table: &str) -> TernResult<Arc<Route>> {
+        let info = self.table_info(table).await?;
         let needs_nodes = {
             let a = self.inner.addresses.read();
             info.partitions.iter().flat_map(|p| &p.peers).any(|p| !a.contains_key(&p.node_id))

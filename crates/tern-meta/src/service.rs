@@ -642,16 +642,7 @@ impl MetaNode {
     }
 
     pub async fn shutdown(mut self) {
-        let _ = self.stop.send(true);
-        for mut t in self.tasks.drain(..) {
-            if tokio::time::timeout(Duration::from_millis(500), &mut t).await.is_err() {
-                t.abort();
-            }
-        }
-        self.store.send(StoreMsg::Shutdown);
-        if let Some(t) = self.store_thread.take() {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
-        }
+        tern_transport::stop_node(&self.stop, std::mem::take(&mut self.tasks), &self.store, self.store_thread.take()).await;
     }
 }
 

@@ -18,6 +18,27 @@ use tern_raft::store::{StoreHandle, StoreMsg};
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
+/// Stops a node (replica server or meta): signals its tasks and gives each a moment to close
+/// gracefully (peers' long-lived raft streams would otherwise hold them open), then stops its store
+/// thread, which answers waiting clients.
+pub async fn stop_node(
+    stop: &tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    store: &StoreHandle,
+    store_thread: Option<std::thread::JoinHandle<()>>,
+) {
+    let _ = stop.send(true);
+    for mut t in tasks {
+        if tokio::time::timeout(std::time::Duration::from_millis(500), &mut t).await.is_err() {
+            t.abort();
+        }
+    }
+    store.send(StoreMsg::Shutdown);
+    if let Some(t) = store_thread {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
+}
+
 /// Largest snapshot file name accepted from a peer.
 const SNAPSHOT_FILE_NAME_BYTES_MAX: usize = 255;
 

@@ -205,13 +205,7 @@ async fn incr_is_exactly_once_under_retry() {
     let t = c.client.table("t");
     t.set(b"ctr", b"n", b"10", 0).await.unwrap(); // also warms up leaders
     let partition = tern_core::codec::partition_of(b"ctr", 2);
-    let info = c
-        .client
-        .meta_call(|mut m| async move { m.get_table(tern_proto::TableRequest { name: "t".into() }).await.map(|r| r.into_inner()) })
-        .await
-        .unwrap()
-        .table
-        .unwrap();
+    let info = c.client.table_info("t").await.unwrap();
     let request = WriteRequest {
         partition: Some(PartitionRef { table_id: info.table_id, partition, partition_count: 2 }),
         client_id: 4242,
@@ -295,13 +289,7 @@ async fn lost_server_is_replaced_by_re_replication() {
     }
     let deadline = started + Duration::from_secs(60);
     loop {
-        let info = c
-            .client
-            .meta_call(|mut m| async move { m.get_table(tern_proto::TableRequest { name: "t".into() }).await.map(|r| r.into_inner()) })
-            .await
-            .unwrap()
-            .table
-            .unwrap();
+        let info = c.client.table_info("t").await.unwrap();
         let placed_on_live = info.partitions.iter().all(|p| p.peers.len() == 3 && p.peers.iter().all(|x| x.node_id != dead_node));
         let mut identical = placed_on_live;
         if placed_on_live {

@@ -151,15 +151,7 @@ impl ProcCluster {
 
     async fn replica_checksums(&self, table: &str) -> Result<BTreeMap<u32, Vec<(u64, u64)>>, TernError> {
         self.client.refresh_nodes().await?;
-        let info = self
-            .client
-            .meta_call(|mut m| {
-                let name = table.to_string();
-                async move { m.get_table(tern_proto::TableRequest { name }).await.map(|r| r.into_inner()) }
-            })
-            .await?
-            .table
-            .unwrap();
+        let info = self.client.table_info(table).await?;
         let mut out = BTreeMap::new();
         for p in &info.partitions {
             let group = tern_core::GroupId::new(info.table_id, p.index).0;
@@ -375,13 +367,7 @@ async fn sigkill_under_load_heals_to_three_replicas() {
     c.servers[victim].kill();
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let info = c
-            .client
-            .meta_call(|mut m| async move { m.get_table(tern_proto::TableRequest { name: "h".into() }).await.map(|r| r.into_inner()) })
-            .await
-            .unwrap()
-            .table
-            .unwrap();
+        let info = c.client.table_info("h").await.unwrap();
         if info.partitions.iter().all(|p| p.peers.len() == 3 && p.peers.iter().all(|x| x.node_id != dead_node)) {
             break;
         }
