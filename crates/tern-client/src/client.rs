@@ -383,7 +383,7 @@ impl Table {
     pub async fn multi_set(&self, hashkey: &[u8], values: &[(Vec<u8>, Vec<u8>)], ttl_seconds: u32) -> TernResult<()> {
         let op = write_request::Op::Set(MultiSet {
             hashkey: bytes(hashkey),
-            values: values.iter().map(|(s, v)| SortkeyValue { sortkey: bytes(s), value: bytes(v), ttl_seconds }).collect(),
+            values: values.iter().map(|(s, v)| SortkeyValue { sortkey: bytes(s), value: bytes(v), ttl_seconds, expire_at_ms: 0 }).collect(),
         });
         self.client.write(&self.name, hashkey, op).await.map(|_| ())
     }
@@ -427,9 +427,16 @@ impl Table {
             set_value: bytes(value),
             set_ttl_seconds: ttl_seconds,
             return_check_value: true,
+            ..Default::default()
         });
         let r = self.client.write(&self.name, hashkey, op).await?;
         Ok(CasResult { set_done: r.set_done, check_value: r.check_value_exists.then(|| r.check_value.to_vec()) })
+    }
+
+    /// Sends any write operation on `hashkey` (built by the caller, e.g. a protocol proxy) with the same
+    /// routing, retries and exactly-once guarantee as the typed methods above.
+    pub async fn write_op(&self, hashkey: &[u8], op: write_request::Op) -> TernResult<WriteResponse> {
+        self.client.write(&self.name, hashkey, op).await
     }
 
     pub async fn get(&self, hashkey: &[u8], sortkey: &[u8]) -> TernResult<Option<Vec<u8>>> {
@@ -483,13 +490,14 @@ impl Table {
     }
 
     /// One page of a full-table scan (partition by partition); pass the returned cursor back in.
-    pub async fn full_scan(&self, cursor: &FullScanCursor, limit: u32) -> TernResult<(Vec<Record>, FullScanCursor)> {
+    /// `no_value` leaves values out (keys and expiry only).
+    pub async fn full_scan(&self, cursor: &FullScanCursor, limit: u32, no_value: bool) -> TernResult<(Vec<Record>, FullScanCursor)> {
         let count = self.client.partition_count(&self.name).await?;
         let mut cursor = cursor.clone();
         let mut records = Vec::new();
         while !cursor.done && (records.len() as u32) < limit.max(1) {
             let want = limit.max(1) - records.len() as u32;
-            let op = read_request::Op::Scan(Scan { full_table: true, start: bytes(&cursor.token), limit: want, ..Default::default() });
+            let op = read_request::Op::Scan(Scan { full_table: true, start: bytes(&cursor.token), limit: want, no_value, ..Default::default() });
             let r = self.client.read(&self.name, Routed::Partition(cursor.partition), op).await?;
             records.extend(r.records);
             if r.resume.is_empty() {

@@ -129,6 +129,15 @@ pub fn expiry_from_ttl(now_ms: u64, ttl_seconds: u32) -> u64 {
     }
 }
 
+/// A write's expiry: an absolute time when given (non-zero), else a TTL from `now_ms` (0 = never).
+pub fn expiry(now_ms: u64, ttl_seconds: u32, expire_at_ms: u64) -> u64 {
+    if expire_at_ms != 0 {
+        expire_at_ms
+    } else {
+        expiry_from_ttl(now_ms, ttl_seconds)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,5 +200,7 @@ mod tests {
         assert!(!is_expired(0, u64::MAX));
         assert_eq!(expiry_from_ttl(5000, 2), 7000);
         assert_eq!(expiry_from_ttl(5000, 0), 0);
+        assert_eq!(expiry(5000, 0, 9000), 9000);
+        assert_eq!(expiry(5000, 2, 0), 7000);
     }
 }

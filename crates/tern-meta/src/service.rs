@@ -126,7 +126,7 @@ impl MetaService {
             partition: catalog_ref(),
             op: Some(write_request::Op::Set(MultiSet {
                 hashkey: CATALOG_KEY.to_vec().into(),
-                values: vec![SortkeyValue { sortkey: Default::default(), value: value.into(), ttl_seconds: 0 }],
+                values: vec![SortkeyValue { sortkey: Default::default(), value: value.into(), ttl_seconds: 0, expire_at_ms: 0 }],
             })),
             ..Default::default()
         };

@@ -210,7 +210,7 @@ impl ApplyBatch {
             None => return Err(TernError::invalid("write request without an operation")),
             Some(Op::Set(set)) => {
                 for v in &set.values {
-                    let expire = codec::expiry_from_ttl(now, v.ttl_seconds);
+                    let expire = codec::expiry(now, v.ttl_seconds, v.expire_at_ms);
                     self.put(keys::data_key(&set.hashkey, &v.sortkey), codec::encode_value(expire, &v.value));
                 }
             }
@@ -251,8 +251,13 @@ impl ApplyBatch {
                     response.check_value = current.map(|(_, v)| v.into()).unwrap_or_default();
                 }
                 if passed {
-                    let expire = codec::expiry_from_ttl(now, cas.set_ttl_seconds);
-                    self.put(keys::data_key(&cas.hashkey, &cas.set_sortkey), codec::encode_value(expire, &cas.set_value));
+                    let key = keys::data_key(&cas.hashkey, &cas.set_sortkey);
+                    if cas.set_delete {
+                        self.delete(key);
+                    } else {
+                        let expire = codec::expiry(now, cas.set_ttl_seconds, cas.set_expire_at_ms);
+                        self.put(key, codec::encode_value(expire, &cas.set_value));
+                    }
                 }
                 response.set_done = passed;
             }
@@ -293,7 +298,7 @@ mod tests {
     fn set(hk: &str, sk: &str, v: &str, ttl: u32) -> Op {
         Op::Set(MultiSet {
             hashkey: hk.as_bytes().to_vec().into(),
-            values: vec![SortkeyValue { sortkey: sk.as_bytes().to_vec().into(), value: v.as_bytes().to_vec().into(), ttl_seconds: ttl }],
+            values: vec![SortkeyValue { sortkey: sk.as_bytes().to_vec().into(), value: v.as_bytes().to_vec().into(), ttl_seconds: ttl, expire_at_ms: 0 }],
         })
     }
 

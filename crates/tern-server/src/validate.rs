@@ -27,6 +27,13 @@ fn hashkey_in_partition(hashkey: &[u8], p: &PartitionRef) -> Result<(), TernErro
     Ok(())
 }
 
+fn check_expiry(ttl_seconds: u32, expire_at_ms: u64) -> Result<(), TernError> {
+    if ttl_seconds != 0 && expire_at_ms != 0 {
+        return Err(TernError::invalid("give either a TTL in seconds or an absolute expiry, not both"));
+    }
+    Ok(())
+}
+
 /// Validates a write and returns the group it addresses.
 pub fn write(request: &WriteRequest) -> Result<GroupId, TernError> {
     let p = partition(&request.partition)?;
@@ -40,6 +47,7 @@ pub fn write(request: &WriteRequest) -> Result<GroupId, TernError> {
             }
             check_record_count(set.values.len())?;
             for v in &set.values {
+                check_expiry(v.ttl_seconds, v.expire_at_ms)?;
                 check_sortkey(&v.sortkey)?;
                 check_value(&v.value)?;
                 bytes += set.hashkey.len() + v.sortkey.len() + v.value.len();
@@ -66,6 +74,10 @@ pub fn write(request: &WriteRequest) -> Result<GroupId, TernError> {
             check_sortkey(&cas.set_sortkey)?;
             check_value(&cas.check_operand)?;
             check_value(&cas.set_value)?;
+            check_expiry(cas.set_ttl_seconds, cas.set_expire_at_ms)?;
+            if cas.set_delete && !cas.set_value.is_empty() {
+                return Err(TernError::invalid("check_and_set with set_delete must not carry a value"));
+            }
             if tern_proto::CheckType::try_from(cas.check_type).is_err() {
                 return Err(TernError::invalid(format!("unknown check type {}", cas.check_type)));
             }
@@ -113,7 +125,7 @@ mod tests {
             partition: Some(PartitionRef { table_id: 1, partition, partition_count: 8 }),
             op: Some(write_request::Op::Set(MultiSet {
                 hashkey: hashkey.to_vec().into(),
-                values: vec![SortkeyValue { sortkey: "s".into(), value: vec![0; value_len].into(), ttl_seconds: 0 }],
+                values: vec![SortkeyValue { sortkey: "s".into(), value: vec![0; value_len].into(), ttl_seconds: 0, expire_at_ms: 0 }],
             })),
             ..Default::default()
         }
@@ -148,7 +160,7 @@ mod tests {
         let mut r = set_request(b"hk", p, 0);
         if let Some(write_request::Op::Set(s)) = &mut r.op {
             s.values = (0..5)
-                .map(|i| SortkeyValue { sortkey: vec![i].into(), value: vec![0; limits::VALUE_BYTES_MAX].into(), ttl_seconds: 0 })
+                .map(|i| SortkeyValue { sortkey: vec![i].into(), value: vec![0; limits::VALUE_BYTES_MAX].into(), ttl_seconds: 0, expire_at_ms: 0 })
                 .collect();
         }
         assert!(write(&r).unwrap_err().to_string().contains("write request is"));

@@ -1119,11 +1119,11 @@ impl World {
             Input::MultiGet { sortkeys } => read(read_request::Op::Get(tern_proto::MultiGet { hashkey: hk, sortkeys: sortkeys.iter().map(|s| bytes(s)).collect(), limit: 0, no_value: false })),
             Input::Set { sortkey, value } => write(write_request::Op::Set(tern_proto::MultiSet {
                 hashkey: hk,
-                values: vec![tern_proto::SortkeyValue { sortkey: bytes(sortkey), value: bytes(value), ttl_seconds: 0 }],
+                values: vec![tern_proto::SortkeyValue { sortkey: bytes(sortkey), value: bytes(value), ttl_seconds: 0, expire_at_ms: 0 }],
             })),
             Input::MultiSet { pairs } => write(write_request::Op::Set(tern_proto::MultiSet {
                 hashkey: hk,
-                values: pairs.iter().map(|(s, v)| tern_proto::SortkeyValue { sortkey: bytes(s), value: bytes(v), ttl_seconds: 0 }).collect(),
+                values: pairs.iter().map(|(s, v)| tern_proto::SortkeyValue { sortkey: bytes(s), value: bytes(v), ttl_seconds: 0, expire_at_ms: 0 }).collect(),
             })),
             Input::Del { sortkey } => write(write_request::Op::Del(tern_proto::MultiDel { hashkey: hk, sortkeys: vec![bytes(sortkey)] })),
             Input::Incr { sortkey, delta } => write(write_request::Op::Incr(tern_proto::Incr { hashkey: hk, sortkey: bytes(sortkey), delta: *delta, ttl_seconds: 0 })),
@@ -1134,8 +1134,7 @@ impl World {
                 check_operand: expected.as_deref().map(bytes).unwrap_or_default(),
                 set_sortkey: bytes(set_sortkey),
                 set_value: bytes(value),
-                set_ttl_seconds: 0,
-                return_check_value: false,
+                ..Default::default()
             })),
         };
         let mut s = self.shared.lock();

@@ -32,6 +32,23 @@ enum Command {
         /// Meta nodes (1, 3 or 5) on --meta-port and the ports after it.
         #[arg(long, default_value_t = 1)]
         meta_replicas: usize,
+        /// Port of the Redis endpoint for table demo (0 = none).
+        #[arg(long, default_value_t = 6379)]
+        redis_port: u16,
+    },
+    /// A Redis endpoint (RESP2/RESP3) for one table; stateless, start as many as you need.
+    Proxy {
+        #[arg(long, default_value = "127.0.0.1:6379")]
+        listen: SocketAddr,
+        #[arg(long, default_value = DEFAULT_META, value_delimiter = ',')]
+        meta: Vec<String>,
+        #[arg(long, default_value = "demo")]
+        table: String,
+        /// Require AUTH with this password (also read from TERN_PROXY_PASSWORD).
+        #[arg(long, env = "TERN_PROXY_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+        #[arg(long, default_value_t = 10_000)]
+        max_clients: usize,
     },
     /// A meta node (one of 1, 3 or 5: they replicate the catalog with raft).
     Meta {
@@ -168,10 +185,11 @@ impl StopSignals {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Playground { data_dir, meta_port, server_port, servers, meta_replicas } => {
+        Command::Playground { data_dir, meta_port, server_port, servers, meta_replicas, redis_port } => {
             init_logging();
             let signals = StopSignals::install()?;
-            let cfg = playground::PlaygroundConfig { data_dir: data_dir.clone(), meta_port, first_server_port: server_port, servers, meta_replicas, ..Default::default() };
+            let redis_port = (redis_port != 0).then_some(redis_port);
+            let cfg = playground::PlaygroundConfig { data_dir: data_dir.clone(), meta_port, first_server_port: server_port, servers, meta_replicas, redis_port, ..Default::default() };
             let pg = playground::Playground::start(cfg).await.context("starting the playground")?;
             println!("Tern playground is running (data in {})", data_dir.display());
             for m in &pg.metas {
@@ -180,8 +198,11 @@ async fn main() -> anyhow::Result<()> {
             for s in &pg.servers {
                 println!("  server:  {} (node {})", s.address, s.node_id);
             }
+            if let Some(p) = &pg.proxy {
+                println!("  redis:   {} (table demo)", p.address);
+            }
             println!("  table:   demo (8 partitions, 3 replicas)");
-            println!("Try: tern shell -e 'set user:1 name Ada; get user:1 name'   Ctrl-C stops.");
+            println!("Try: tern shell -e 'set user:1 name Ada; get user:1 name'   or: redis-cli set k v   Ctrl-C stops.");
             signals.wait().await;
             println!("stopping...");
             pg.shutdown().await;
@@ -230,6 +251,18 @@ async fn main() -> anyhow::Result<()> {
             println!("server {} listening on {}", server.node_id, server.address);
             signals.wait().await;
             server.shutdown().await;
+        }
+        Command::Proxy { listen, meta, table, password, max_clients } => {
+            init_logging();
+            let signals = StopSignals::install()?;
+            let client = Client::new(ClientConfig::new(meta))?;
+            let mut cfg = tern_proxy::ProxyConfig::new(listen, &table);
+            cfg.password = password;
+            cfg.max_clients = max_clients;
+            let proxy = tern_proxy::Proxy::start(client, cfg).await?;
+            println!("redis endpoint for table {table} listening on {}", proxy.address);
+            signals.wait().await;
+            proxy.shutdown().await;
         }
         Command::Shell { meta, table, execute } => {
             let client = Client::new(ClientConfig::new(meta.clone()))?;

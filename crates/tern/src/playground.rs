@@ -8,6 +8,7 @@ use tern_client::{Client, ClientConfig};
 use tern_core::TernError;
 use tern_meta::{MetaConfig, MetaNode};
 use tern_proto::CreateTableRequest;
+use tern_proxy::{Proxy, ProxyConfig};
 use tern_server::{ServerConfig, ServerNode};
 
 #[derive(Clone, Debug)]
@@ -22,6 +23,8 @@ pub struct PlaygroundConfig {
     pub default_replicas: u32,
     /// Meta nodes: 1, 3 or 5, on meta_port and the ports after it.
     pub meta_replicas: usize,
+    /// Port of the Redis endpoint serving the default table (None = no endpoint, 0 = random port).
+    pub redis_port: Option<u16>,
 }
 
 impl Default for PlaygroundConfig {
@@ -35,6 +38,7 @@ impl Default for PlaygroundConfig {
             default_partitions: 8,
             default_replicas: 3,
             meta_replicas: 1,
+            redis_port: Some(6379),
         }
     }
 }
@@ -42,6 +46,7 @@ impl Default for PlaygroundConfig {
 pub struct Playground {
     pub metas: Vec<MetaNode>,
     pub servers: Vec<ServerNode>,
+    pub proxy: Option<Proxy>,
 }
 
 impl Playground {
@@ -75,8 +80,12 @@ impl Playground {
             let sc = ServerConfig::new(cfg.data_dir.join(format!("server{}", i + 1)), localhost(port), meta_addresses.clone());
             servers.push(ServerNode::start(sc).await?);
         }
-        let playground = Playground { metas, servers };
+        let mut playground = Playground { metas, servers, proxy: None };
         playground.ensure_table(&cfg).await?;
+        if let Some(port) = cfg.redis_port {
+            let client = Client::new(ClientConfig::new(meta_addresses))?;
+            playground.proxy = Some(Proxy::start(client, ProxyConfig::new(localhost(port), &cfg.default_table)).await?);
+        }
         Ok(playground)
     }
 
@@ -119,6 +128,9 @@ impl Playground {
     }
 
     pub async fn shutdown(self) {
+        if let Some(p) = self.proxy {
+            p.shutdown().await;
+        }
         let stops: Vec<_> = self.servers.into_iter().map(|s| tokio::spawn(s.shutdown())).collect();
         for s in stops {
             let _ = s.await;

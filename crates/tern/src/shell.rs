@@ -461,7 +461,7 @@ impl Shell {
             },
             Command::Exists { hashkey, sortkey } => (if table.exists(&hashkey, &sortkey).await.map_err(err)? { "true" } else { "false" }).into(),
             Command::FullScan { limit } => {
-                let (records, cursor) = table.full_scan(&FullScanCursor::default(), limit).await.map_err(err)?;
+                let (records, cursor) = table.full_scan(&FullScanCursor::default(), limit, false).await.map_err(err)?;
                 render_records(&records, if cursor.done { "" } else { "; more remain" })
             }
             Command::Nodes => {

@@ -145,7 +145,7 @@ async fn crud_and_scan_semantics() {
     let mut cursor = FullScanCursor::default();
     let mut total = 0;
     while !cursor.done {
-        let (records, next) = t.full_scan(&cursor, 13).await.unwrap();
+        let (records, next) = t.full_scan(&cursor, 13, false).await.unwrap();
         total += records.len();
         cursor = next;
     }

@@ -289,6 +289,8 @@ async fn playground_shell_and_restart() {
         meta_port.to_string(),
         "--server-port".into(),
         "0".into(),
+        "--redis-port".into(),
+        "0".into(),
     ];
     let mut pg = Proc::spawn(args, dir.path().join("playground.log"));
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -1,0 +1,366 @@
+//! tern-proxy: a Redis endpoint (RESP2 and RESP3) over one Tern table.
+//!
+//! Owns: the RESP framing (`resp`), the Redis command semantics on Tern's data model (`commands`),
+//! INFO/COMMAND/CONFIG introspection (`info`), and connection handling with its limits (this file).
+//! The proxy is stateless apart from SCAN cursors: start as many as you like in front of a cluster.
+//! It talks to the cluster only through `tern-client`; it must not depend on server-side crates
+//! (raft, engine, meta).
+
+mod commands;
+mod glob;
+mod info;
+pub mod resp;
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use resp::{parse_command, Reply};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tern_client::{Client, FullScanCursor, Table};
+use tern_core::{TernError, TernResult};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    /// The Tern table this proxy serves.
+    pub table: String,
+    /// When set, clients must AUTH (or HELLO ... AUTH) before other commands.
+    pub password: Option<String>,
+    /// Connections beyond this are refused with an error.
+    pub max_clients: usize,
+}
+
+impl ProxyConfig {
+    pub fn new(listen: SocketAddr, table: &str) -> ProxyConfig {
+        ProxyConfig { listen, table: table.to_string(), password: None, max_clients: 10_000 }
+    }
+
+    pub fn validate(&self) -> TernResult<()> {
+        tern_core::limits::check_table_name(&self.table)?;
+        if self.max_clients == 0 || self.max_clients > 100_000 {
+            return Err(TernError::invalid(format!("max clients must be between 1 and 100000, not {}", self.max_clients)));
+        }
+        if self.password.as_ref().is_some_and(|p| p.is_empty() || p.len() > 512) {
+            return Err(TernError::invalid("the password must be 1 to 512 bytes"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+pub struct Stats {
+    pub connections_received: AtomicU64,
+    pub connected: AtomicUsize,
+    pub rejected: AtomicU64,
+    pub commands: AtomicU64,
+    pub errors: AtomicU64,
+    pub keyspace_hits: AtomicU64,
+    pub keyspace_misses: AtomicU64,
+}
+
+/// Where a SCAN or HSCAN continues.
+pub(crate) enum Cursor {
+    Scan(FullScanCursor),
+    HScan { key: Bytes, resume: Vec<u8> },
+}
+
+/// SCAN cursors handed out as integers (clients parse them as numbers); the newest are kept.
+pub(crate) struct Cursors {
+    inner: Mutex<(u64, HashMap<u64, Cursor>, VecDeque<u64>)>,
+}
+
+const CURSORS_MAX: usize = 10_000;
+
+impl Cursors {
+    fn new() -> Cursors {
+        Cursors { inner: Mutex::new((rand_start(), HashMap::new(), VecDeque::new())) }
+    }
+
+    pub(crate) fn put(&self, c: Cursor) -> Bytes {
+        let mut g = self.inner.lock();
+        let (next, map, order) = &mut *g;
+        *next += 1;
+        let id = *next;
+        map.insert(id, c);
+        order.push_back(id);
+        while order.len() > CURSORS_MAX {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+        Bytes::from(id.to_string())
+    }
+
+    /// The cursor for `text`: None for "0" (start), an error for an unknown or forgotten one.
+    pub(crate) fn take(&self, text: &[u8]) -> Result<Option<Cursor>, Reply> {
+        let id: u64 = std::str::from_utf8(text).ok().and_then(|s| s.parse().ok()).ok_or_else(|| Reply::err("ERR invalid cursor"))?;
+        if id == 0 {
+            return Ok(None);
+        }
+        let mut g = self.inner.lock();
+        g.1.remove(&id).map(Some).ok_or_else(|| Reply::err("ERR invalid cursor (unknown, already used, or expired: start again from 0)"))
+    }
+}
+
+fn rand_start() -> u64 {
+    // Distinct proxies hand out distinct cursor numbers, so a cursor sent to the wrong proxy fails.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    ((std::process::id() as u64 & 0x7fff_ffff) << 24) | (nanos as u64 & 0xff_ffff)
+}
+
+/// State shared by all connections of one proxy.
+pub struct Shared {
+    pub table: Table,
+    pub config: ProxyConfig,
+    pub stats: Stats,
+    pub(crate) cursors: Cursors,
+    pub started: Instant,
+    pub address: SocketAddr,
+    /// Last counted (keys, keys with an expiry) and when, for INFO keyspace.
+    key_count_cache: Mutex<Option<(u64, u64, Instant)>>,
+}
+
+impl Shared {
+    /// Keys in the table, counted by a full scan (exact at the time of each page, O(records)).
+    /// INFO reuses a count up to 10 s old; DBSIZE always counts (`fresh`).
+    pub(crate) async fn key_count(&self, fresh: bool) -> Result<(u64, u64), Reply> {
+        if !fresh {
+            if let Some((k, e, at)) = *self.key_count_cache.lock() {
+                if at.elapsed() < Duration::from_secs(10) {
+                    return Ok((k, e));
+                }
+            }
+        }
+        let mut cursor = FullScanCursor::default();
+        let (mut keys, mut expiring) = (0u64, 0u64);
+        let mut last: Option<Bytes> = None;
+        while !cursor.done {
+            let (records, next) = self.table.full_scan(&cursor, 5000, true).await.map_err(commands::store_error)?;
+            for r in records {
+                if last.as_ref() != Some(&r.hashkey) {
+                    keys += 1;
+                    expiring += (r.expire_at_ms != 0) as u64;
+                    last = Some(r.hashkey);
+                }
+            }
+            cursor = next;
+        }
+        *self.key_count_cache.lock() = Some((keys, expiring, Instant::now()));
+        Ok((keys, expiring))
+    }
+}
+
+/// One client connection's state.
+pub struct Session {
+    pub id: u64,
+    pub resp3: bool,
+    pub authenticated: bool,
+    pub name: Option<Bytes>,
+    pub quit: bool,
+}
+
+/// A running proxy.
+pub struct Proxy {
+    pub address: SocketAddr,
+    pub shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(client: Client, config: ProxyConfig) -> TernResult<Proxy> {
+        config.validate()?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| TernError::Unavailable(format!("redis endpoint cannot listen on {}: {e}", config.listen)))?;
+        let address = listener.local_addr().map_err(|e| TernError::Internal(e.to_string()))?;
+        let shared = Arc::new(Shared {
+            table: client.table(&config.table),
+            config,
+            stats: Stats::default(),
+            cursors: Cursors::new(),
+            started: Instant::now(),
+            address,
+            key_count_cache: Mutex::new(None),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), stopped));
+        Ok(Proxy { address, shared, stop, task })
+    }
+
+    /// Stops accepting and closes every connection.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+    let next_id = AtomicU64::new(1);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = stopped.changed() => break,
+            a = listener.accept() => a,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let Ok((mut stream, _)) = accepted else { continue };
+        shared.stats.connections_received.fetch_add(1, Ordering::Relaxed);
+        if shared.stats.connected.load(Ordering::Relaxed) >= shared.config.max_clients {
+            shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            let _ = stream.write_all(b"-ERR max number of clients reached\r\n").await;
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        shared.stats.connected.fetch_add(1, Ordering::Relaxed);
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        let shared = shared.clone();
+        let mut stop = stopped.clone();
+        connections.spawn(async move {
+            tokio::select! {
+                r = serve(stream, &shared, id) => {
+                    if let Err(e) = r {
+                        tracing::debug!("redis connection {id}: {e}");
+                    }
+                }
+                _ = stop.changed() => {}
+            }
+            shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    connections.shutdown().await;
+}
+
+/// Replies are flushed when the input has no further complete command or this much is pending.
+const FLUSH_BYTES: usize = 64 * 1024;
+
+async fn serve(mut stream: TcpStream, shared: &Shared, id: u64) -> std::io::Result<()> {
+    let mut session = Session { id, resp3: false, authenticated: shared.config.password.is_none(), name: None, quit: false };
+    let mut input = BytesMut::with_capacity(16 * 1024);
+    let mut out = Vec::with_capacity(16 * 1024);
+    loop {
+        loop {
+            let args = match parse_command(&mut input) {
+                Ok(Some(args)) if args.is_empty() => continue,
+                Ok(Some(args)) => args,
+                Ok(None) => break,
+                Err(resp::ProtocolError(m)) => {
+                    Reply::err(format!("ERR Protocol error: {m}")).encode(session.resp3, &mut out);
+                    stream.write_all(&out).await?;
+                    return Ok(());
+                }
+            };
+            shared.stats.commands.fetch_add(1, Ordering::Relaxed);
+            let reply = dispatch(shared, &mut session, &args).await;
+            if reply.is_error() {
+                shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            reply.encode(session.resp3, &mut out);
+            if session.quit {
+                stream.write_all(&out).await?;
+                return Ok(());
+            }
+            if out.len() >= FLUSH_BYTES {
+                stream.write_all(&out).await?;
+                out.clear();
+            }
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+            out.clear();
+            if out.capacity() > 1 << 20 {
+                out = Vec::with_capacity(16 * 1024);
+            }
+        }
+        input.reserve(16 * 1024);
+        if stream.read_buf(&mut input).await? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Connection-level commands (AUTH, HELLO) and the authentication gate, then the data commands.
+async fn dispatch(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply {
+    let name = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
+    match name.as_str() {
+        "AUTH" => auth(shared, session, &args[1..]),
+        "HELLO" => hello(shared, session, &args[1..]),
+        "QUIT" => {
+            session.quit = true;
+            Reply::Ok
+        }
+        _ if !session.authenticated => Reply::err("NOAUTH Authentication required."),
+        _ => commands::execute(shared, session, args).await,
+    }
+}
+
+fn check_password(shared: &Shared, session: &mut Session, user: Option<&[u8]>, password: &[u8]) -> Result<(), Reply> {
+    let Some(expected) = &shared.config.password else {
+        return Err(Reply::err(
+            "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+        ));
+    };
+    if user.is_some_and(|u| u != b"default") || password != expected.as_bytes() {
+        return Err(Reply::err("WRONGPASS invalid username-password pair or user is disabled."));
+    }
+    session.authenticated = true;
+    Ok(())
+}
+
+fn auth(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply {
+    let r = match args {
+        [password] => check_password(shared, session, None, password),
+        [user, password] => check_password(shared, session, Some(user), password),
+        _ => return Reply::err("ERR wrong number of arguments for 'auth' command"),
+    };
+    r.map_or_else(|e| e, |_| Reply::Ok)
+}
+
+fn hello(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply {
+    let mut version = if session.resp3 { 3 } else { 2 };
+    let mut i = 0;
+    if let Some(v) = args.first() {
+        match std::str::from_utf8(v).ok().and_then(|s| s.parse::<i64>().ok()) {
+            Some(v @ (2 | 3)) => version = v,
+            Some(_) => return Reply::err("NOPROTO unsupported protocol version"),
+            None => return Reply::err("ERR Protocol version is not an integer or out of range"),
+        }
+        i = 1;
+    }
+    while i < args.len() {
+        let option = String::from_utf8_lossy(&args[i]).to_ascii_uppercase();
+        match option.as_str() {
+            "AUTH" if i + 2 < args.len() => {
+                if let Err(e) = check_password(shared, session, Some(&args[i + 1]), &args[i + 2]) {
+                    return e;
+                }
+                i += 3;
+            }
+            "SETNAME" if i + 1 < args.len() => {
+                session.name = Some(args[i + 1].clone());
+                i += 2;
+            }
+            _ => return Reply::err(format!("ERR Syntax error in HELLO option '{option}'")),
+        }
+    }
+    if !session.authenticated {
+        return Reply::err("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time");
+    }
+    session.resp3 = version == 3;
+    let s = |v: &str| Reply::bulk(v.to_string());
+    Reply::Map(vec![
+        (s("server"), s("tern")),
+        (s("version"), s(info::REDIS_VERSION)),
+        (s("proto"), Reply::Int(version)),
+        (s("id"), Reply::Int(session.id as i64)),
+        (s("mode"), s("standalone")),
+        (s("role"), s("master")),
+        (s("modules"), Reply::Array(vec![])),
+    ])
+}
