@@ -483,6 +483,14 @@ impl Table {
         Ok((r.records, r.resume.to_vec()))
     }
 
+    /// Up to `limit` records of the hashkey's partition in storage order, starting at the hashkey
+    /// (a short range scan, as YCSB's workload E does; hash partitioning orders keys only within a
+    /// partition).
+    pub async fn scan_partition_from(&self, hashkey: &[u8], limit: u32, no_value: bool) -> TernResult<Vec<Record>> {
+        let op = read_request::Op::Scan(Scan { hashkey: bytes(hashkey), full_table: true, limit, no_value, ..Default::default() });
+        Ok(self.client.read(&self.name, Routed::Hashkey(hashkey), op).await?.records)
+    }
+
     /// Number of live records under a hashkey.
     pub async fn count(&self, hashkey: &[u8]) -> TernResult<u64> {
         let op = read_request::Op::Count(Count { hashkey: bytes(hashkey) });

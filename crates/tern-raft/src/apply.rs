@@ -13,6 +13,8 @@ use tern_proto::{write_request::Op, CheckType, RaftCommand, WriteRequest, WriteR
 
 /// How long a deduplicated write's result is remembered (retries must finish well within it).
 pub const DEDUP_RESULT_TTL_MS: u64 = 10 * 60 * 1000;
+/// Results below a client's floor are deleted once the floor crosses a multiple of this.
+pub const DEDUP_GC_CHUNK: u64 = 1024;
 
 /// What the engine records about how far the state machine has got.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -196,7 +198,14 @@ impl ApplyBatch {
         if let Some(key) = dedup {
             let new_floor = write.first_incomplete_seq.min(write.seq).max(floor);
             if new_floor > floor {
-                self.wb.delete_range(keys::dedup_key(write.client_id, floor), keys::dedup_key(write.client_id, new_floor));
+                // Forgotten results are removed in chunks: one range tombstone per DEDUP_GC_CHUNK
+                // sequence numbers, not one per write (thousands of memtable range tombstones made
+                // every engine read re-fragment them: most of a server's CPU under write load).
+                let (old_chunk, new_chunk) = (floor / DEDUP_GC_CHUNK, new_floor / DEDUP_GC_CHUNK);
+                if new_chunk > old_chunk {
+                    let from = keys::dedup_key(write.client_id, old_chunk * DEDUP_GC_CHUNK);
+                    self.wb.delete_range(from, keys::dedup_key(write.client_id, new_chunk * DEDUP_GC_CHUNK));
+                }
                 self.put(floor_key, codec::encode_value(now + DEDUP_RESULT_TTL_MS, &new_floor.to_be_bytes()));
             }
             self.put(key, codec::encode_value(now + DEDUP_RESULT_TTL_MS, &response.encode_to_vec()));
@@ -336,11 +345,14 @@ mod tests {
         let mut sm = open();
         apply(&mut sm, 1, command(1000, 7, 1, incr(1)));
         apply(&mut sm, 2, command(1000, 7, 2, incr(1)));
-        assert!(sm.engine().get(&keys::dedup_key(7, 1)).unwrap().is_none(), "seq 1 forgotten once seq 2 arrives");
-        assert!(sm.engine().get(&keys::dedup_key(7, 2)).unwrap().is_some());
         let late = apply(&mut sm, 3, command(1000, 7, 1, incr(1)));
+        assert_eq!(late.new_value, 1, "a remembered result still answers a duplicate below the floor until its chunk is collected");
+        apply(&mut sm, 4, command(1000, 7, DEDUP_GC_CHUNK + 1, incr(1)));
+        assert!(sm.engine().get(&keys::dedup_key(7, 2)).unwrap().is_none(), "seqs below the floor's chunk are forgotten");
+        assert!(sm.engine().get(&keys::dedup_key(7, DEDUP_GC_CHUNK + 1)).unwrap().is_some());
+        let late = apply(&mut sm, 5, command(1000, 7, 1, incr(1)));
         assert_eq!(late.error.unwrap().code, tern_proto::ErrorCode::ProposalDropped as i32);
-        assert_eq!(apply(&mut sm, 4, command(1000, 0, 0, incr(0))).new_value, 2, "the late duplicate did not apply");
+        assert_eq!(apply(&mut sm, 6, command(1000, 0, 0, incr(0))).new_value, 3, "the late duplicate did not apply");
     }
 
     /// Remembered results expire by the leader's clock, deterministically.

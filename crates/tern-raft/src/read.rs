@@ -103,7 +103,11 @@ fn scan_hashkey(engine: &dyn KvEngine, scan: &tern_proto::Scan, now_ms: u64) -> 
 /// Every record of the partition, resumable: `start` is the storage key to continue from.
 fn scan_partition(engine: &dyn KvEngine, scan: &tern_proto::Scan, now_ms: u64) -> Result<ReadResponse, TernError> {
     let limit = effective_limit(scan.limit);
-    let start = if scan.start.is_empty() { vec![keys::DATA_PREFIX] } else { scan.start.to_vec() };
+    let start = if scan.start.is_empty() && !scan.hashkey.is_empty() {
+        keys::hashkey_prefix(&scan.hashkey) // from a hashkey on (a short range scan)
+    } else if scan.start.is_empty() {
+        vec![keys::DATA_PREFIX]
+    } else { scan.start.to_vec() };
     if start.first() != Some(&keys::DATA_PREFIX) {
         return Err(TernError::invalid("full scan resume token is malformed"));
     }

@@ -106,6 +106,9 @@ pub fn read(request: &ReadRequest) -> Result<GroupId, TernError> {
                 check_sortkey(&scan.start)?;
                 check_sortkey(&scan.stop)?;
                 check_sortkey(&scan.prefix)?;
+            } else if !scan.hashkey.is_empty() {
+                // A partition scan from a hashkey: the hashkey must live in this partition.
+                hashkey_in_partition(&scan.hashkey, p)?;
             } else if scan.start.len() > 2 + limits::HASHKEY_BYTES_MAX + limits::SORTKEY_BYTES_MAX + 1 {
                 return Err(TernError::invalid("full scan resume token is too long"));
             }

@@ -135,24 +135,57 @@ enum Command {
         #[arg(long)]
         scheduler: bool,
     },
-    /// Load generator: throughput and latency percentiles.
+    /// YCSB-style load generator: load then run phases, HDR latency percentiles per operation.
     Bench {
-        #[arg(long, default_value = DEFAULT_META, value_delimiter = ',')]
-        meta: Vec<String>,
+        /// tern (native client), redis (RESP: redis-server or a tern proxy) or etcd (v3 gRPC).
+        #[arg(long, default_value = "tern")]
+        backend: bench::backend::BackendKind,
+        /// Addresses, comma separated: tern meta nodes, one redis address, or etcd endpoints
+        /// (defaults: the playground's meta nodes, 127.0.0.1:6379, 127.0.0.1:2379).
+        #[arg(long, value_delimiter = ',')]
+        target: Vec<String>,
+        /// Tern table (tern backend).
         #[arg(long, default_value = "demo")]
         table: String,
-        /// write, read or mixed.
-        #[arg(long, default_value = "write")]
+        /// YCSB workload a, b, c, d, e or f; or update (100% updates) or insert (100% inserts).
+        #[arg(long, default_value = "a")]
         workload: bench::Workload,
-        #[arg(long, default_value_t = 32)]
-        concurrency: usize,
+        /// uniform, zipfian or latest (default: the workload's own).
+        #[arg(long)]
+        distribution: Option<bench::keys::Distribution>,
+        /// Records written by the load phase and chosen from by the run phase.
+        #[arg(long, default_value_t = 100_000)]
+        records: u64,
         #[arg(long, default_value_t = 100)]
         value_size: usize,
-        #[arg(long, default_value_t = 100_000)]
-        keys: u64,
-        /// Seconds.
+        /// Longest scan of workload E (lengths are uniform in 1..=N).
+        #[arg(long, default_value_t = 100)]
+        scan_max: u32,
+        /// Concurrent requests (workers, each with its own connection where the backend has them).
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Open loop at this many operations per second in total (latency counts from when each
+        /// request was due). Without it: closed loop, as fast as answers come.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Seconds of run phase before measuring starts.
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
+        /// Measured seconds of run phase.
         #[arg(long, default_value_t = 10)]
         duration: u64,
+        /// Skip the load phase (records are already there).
+        #[arg(long)]
+        no_load: bool,
+        /// Write the results as JSON to this file ("-" = stdout, instead of the table).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write a latency-percentile plot (PNG) of the run phase to this file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Progress bar on stderr: auto (when stderr is a terminal), always or never.
+        #[arg(long, default_value = "auto")]
+        progress: String,
     },
 }
 
@@ -304,13 +337,84 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::Bench { meta, table, workload, concurrency, value_size, keys, duration } => {
-            let client = Client::new(ClientConfig::new(meta))?;
-            let cfg = bench::BenchConfig { table, workload, concurrency, value_bytes: value_size, keys, duration: Duration::from_secs(duration) };
+        Command::Bench { backend, target, table, workload, distribution, records, value_size, scan_max, concurrency, rate, warmup, duration, no_load, json, plot, progress } => {
+            use bench::backend::BackendKind;
+            let targets = if !target.is_empty() {
+                target
+            } else {
+                match backend {
+                    BackendKind::Tern => DEFAULT_META.split(',').map(str::to_string).collect(),
+                    BackendKind::Redis => vec!["127.0.0.1:6379".to_string()],
+                    BackendKind::Etcd => vec!["127.0.0.1:2379".to_string()],
+                }
+            };
+            let progress = match progress.as_str() {
+                "auto" => bench::progress_default(),
+                "always" => true,
+                "never" => false,
+                other => bail!("--progress must be auto, always or never, not {other:?}"),
+            };
+            let cfg = bench::BenchConfig {
+                backend,
+                targets,
+                table,
+                workload,
+                distribution,
+                records,
+                value_bytes: value_size,
+                scan_max,
+                concurrency,
+                rate,
+                warmup: Duration::from_secs(warmup),
+                duration: Duration::from_secs(duration),
+                load: !no_load,
+                progress,
+            };
             cfg.validate()?;
-            println!("bench: {workload:?}, concurrency {concurrency}, value {value_size} B, {keys} keys, {duration} s");
-            let report = bench::run(&client, &cfg).await?;
-            print!("{}", report.render());
+            let to_stdout = json.as_deref() == Some(std::path::Path::new("-"));
+            if !to_stdout {
+                println!(
+                    "bench: {backend:?} {:?}, workload {workload:?}, {records} records of {value_size} B, concurrency {concurrency}, {}",
+                    cfg.targets,
+                    rate.map_or("closed loop".to_string(), |r| format!("open loop at {r} ops/s"))
+                );
+            }
+            let reports = bench::run(&cfg).await?;
+            if let Some(path) = &json {
+                let doc = serde_json::json!({
+                    "backend": format!("{backend:?}").to_lowercase(),
+                    "targets": cfg.targets,
+                    "workload": format!("{workload:?}").to_lowercase(),
+                    "distribution": format!("{:?}", distribution).to_lowercase(),
+                    "records": records,
+                    "value_size": value_size,
+                    "concurrency": concurrency,
+                    "target_rate": rate,
+                    "warmup_s": warmup,
+                    "duration_s": duration,
+                    "phases": reports.iter().map(|r| r.json()).collect::<Vec<_>>(),
+                });
+                let text = serde_json::to_string_pretty(&doc)?;
+                if to_stdout {
+                    println!("{text}");
+                } else {
+                    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+                }
+            }
+            if !to_stdout {
+                for r in &reports {
+                    print!("{}", r.render());
+                }
+            }
+            if let Some(path) = &plot {
+                let run = reports.last().expect("a run phase");
+                bench::write_percentile_plot(path, &[(format!("{backend:?}"), run)])?;
+            }
+            let errors: u64 = reports.iter().flat_map(|r| r.ops.values()).map(|s| s.errors).sum();
+            if errors > 0 {
+                eprintln!("{errors} operations failed");
+                std::process::exit(2);
+            }
         }
     }
     Ok(())
