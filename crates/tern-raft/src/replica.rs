@@ -13,6 +13,7 @@ use raft::{RawNode, Ready, SnapshotStatus, StateRole};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use tern_core::{GroupId, NodeId, PeerId, TernError};
 use tern_engine::EngineFactory;
 use tern_proto::{RaftCommand, ReadRequest, ReadResponse, ReplicaStatus, WriteRequest, WriteResponse};
@@ -56,6 +57,10 @@ pub struct ReplicaConfig {
     pub pending_reads_max: usize,
     /// Give up on a read index after this many ticks (the client retries).
     pub read_timeout_ticks: u64,
+    /// How long after a read-index round a leader may answer reads without another one (a lease).
+    /// The store sets it below the time followers refuse to vote after hearing from a leader
+    /// (election_tick ticks); zero turns lease reads off.
+    pub read_lease: std::time::Duration,
 }
 
 impl Default for ReplicaConfig {
@@ -69,6 +74,7 @@ impl Default for ReplicaConfig {
             pending_proposals_max: 20_000,
             pending_reads_max: 20_000,
             read_timeout_ticks: 50,
+            read_lease: std::time::Duration::ZERO,
         }
     }
 }
@@ -94,6 +100,24 @@ struct ReadBatch {
     first_tick: u64,
     index: Option<u64>,
     reads: Vec<(ReadRequest, ReadCallback)>,
+    /// Monotonic time of the first read-index request, its term and lease epoch: a quorum confirmed
+    /// this leader at or after that time, which starts a lease.
+    issued_at: Duration,
+    term: u64,
+    lease_epoch: u64,
+}
+
+/// A leader's read lease. Followers with check_quorum refuse votes for election_tick ticks after they
+/// last heard from the leader, so no other leader can exist until `until` (monotonic) when the lease
+/// was started by a confirmed read-index round. Leadership transfers and membership changes end it.
+#[derive(Default)]
+struct Lease {
+    until: Duration,
+    term: u64,
+    /// Bumped whenever the lease is revoked: rounds issued before cannot renew it.
+    epoch: u64,
+    /// When a read last used the lease (renewals are only worth it while reads come).
+    used_at: Duration,
 }
 
 /// What a replica remembers about itself across restarts (besides the raft log and its engine).
@@ -144,6 +168,7 @@ pub struct Replica {
     waiting_reads: Vec<(ReadRequest, ReadCallback)>,
     read_batches: VecDeque<ReadBatch>,
     next_read_id: u64,
+    lease: Lease,
     ticks: u64,
     snapshots_applied: u64,
     received_snapshots: HashMap<(u64, u64), PathBuf>,
@@ -237,6 +262,7 @@ impl Replica {
             waiting_reads: Vec::new(),
             read_batches: VecDeque::new(),
             next_read_id: 1,
+            lease: Lease::default(),
             ticks: 0,
             snapshots_applied: 0,
             received_snapshots: HashMap::new(),
@@ -303,7 +329,9 @@ impl Replica {
             if remove.contains(&self.peer_id) {
                 // Hand leadership to a voter that stays, then let it finish the change.
                 if let Some((next, _)) = voters.iter().find(|(p, _)| *p != self.peer_id && cs.voters.contains(p)) {
-                    self.raw.transfer_leader(*next);
+                    let next = *next;
+                    self.revoke_lease();
+                    self.raw.transfer_leader(next);
                 }
                 return;
             }
@@ -341,12 +369,29 @@ impl Replica {
         let ready = cs.voters.contains(&preferred) && self.raw.raft.prs().get(preferred).is_some_and(|p| p.matched == last);
         if ready {
             self.last_transfer_tick = self.ticks;
+            self.revoke_lease();
             self.raw.transfer_leader(preferred);
         }
     }
 
     pub fn is_leader(&self) -> bool {
         self.raw.raft.state == StateRole::Leader
+    }
+
+    /// Ends the read lease (a transfer lets the target campaign at once, ignoring follower leases).
+    fn revoke_lease(&mut self) {
+        self.lease.until = Duration::ZERO;
+        self.lease.epoch += 1;
+    }
+
+    /// Whether reads may skip the read-index round: leader with a live lease in this term and no
+    /// transfer under way. Its commit index then covers every acknowledged write.
+    fn lease_covers(&self, now: Duration) -> bool {
+        self.is_leader()
+            && !self.removed
+            && now < self.lease.until
+            && self.lease.term == self.raw.raft.term
+            && self.raw.raft.lead_transferee.is_none()
     }
 
     fn node_of(&self, peer: PeerId) -> Option<NodeId> {
@@ -394,7 +439,7 @@ impl Replica {
 
     /// Queues a read. Stale reads are answered at once from local state; linearizable reads wait for
     /// a read index (one per batch of reads) and for apply to reach it.
-    pub fn read(&mut self, request: ReadRequest, now_unix_ms: u64, callback: ReadCallback) {
+    pub fn read(&mut self, request: ReadRequest, now_unix_ms: u64, now: Duration, callback: ReadCallback) {
         if request.allow_stale {
             return callback(execute_read(self.sm.engine(), &request, now_unix_ms));
         }
@@ -403,6 +448,19 @@ impl Replica {
         }
         if PLANTED_BUG_READ_WITHOUT_READ_INDEX.load(std::sync::atomic::Ordering::Relaxed) {
             return callback(execute_read(self.sm.engine(), &request, now_unix_ms));
+        }
+        if self.lease_covers(now) {
+            self.lease.used_at = now;
+            let committed = self.raw.raft.raft_log.committed;
+            if self.read_batches.is_empty() && self.sm.state().applied_index >= committed {
+                return callback(execute_read(self.sm.engine(), &request, now_unix_ms));
+            }
+            // Answered once apply reaches today's commit index, in order with earlier reads.
+            let (id, term, lease_epoch) = (0, self.raw.raft.term, self.lease.epoch);
+            let ticks = self.ticks;
+            let batch = ReadBatch { id, issued_tick: ticks, first_tick: ticks, index: Some(committed), reads: vec![(request, callback)], issued_at: now, term, lease_epoch };
+            self.read_batches.push_back(batch);
+            return;
         }
         let queued: usize = self.waiting_reads.len() + self.read_batches.iter().map(|b| b.reads.len()).sum::<usize>();
         if queued >= self.cfg.pending_reads_max {
@@ -413,15 +471,20 @@ impl Replica {
     }
 
     /// Turns the reads that arrived since the last round into one read-index request.
-    pub fn flush_reads(&mut self) {
+    pub fn flush_reads(&mut self, now: Duration) {
         if self.waiting_reads.is_empty() {
             return;
         }
+        let reads = std::mem::take(&mut self.waiting_reads);
+        self.issue_read_index(reads, now);
+    }
+
+    fn issue_read_index(&mut self, reads: Vec<(ReadRequest, ReadCallback)>, now: Duration) {
         let id = self.next_read_id;
         self.next_read_id += 1;
         self.raw.read_index(id.to_be_bytes().to_vec());
-        let reads = std::mem::take(&mut self.waiting_reads);
-        self.read_batches.push_back(ReadBatch { id, issued_tick: self.ticks, first_tick: self.ticks, index: None, reads });
+        let (term, lease_epoch) = (self.raw.raft.term, self.lease.epoch);
+        self.read_batches.push_back(ReadBatch { id, issued_tick: self.ticks, first_tick: self.ticks, index: None, reads, issued_at: now, term, lease_epoch });
     }
 
     /// Steps a raft message from a peer. A snapshot message comes with the directory it was received into.
@@ -457,12 +520,18 @@ impl Replica {
         self.raw.report_unreachable(to_peer);
     }
 
-    pub fn tick(&mut self) {
+    pub fn tick(&mut self, now: Duration) {
         if self.removed {
             return;
         }
         self.ticks += 1;
         self.raw.tick();
+        // Renew a lease that reads are using before it runs out, so they never wait for a round.
+        let lease = self.cfg.read_lease;
+        let renewing = self.read_batches.iter().any(|b| b.index.is_none());
+        if self.is_leader() && !lease.is_zero() && !renewing && now < self.lease.used_at + 2 * lease && self.lease.until < now + lease / 2 {
+            self.issue_read_index(Vec::new(), now);
+        }
         // Read indexes are dropped by raft while a new leader has not committed in its term: re-ask,
         // and give up after a while so clients retry elsewhere.
         let now = self.ticks;
@@ -582,6 +651,14 @@ impl Replica {
             let id = u64::from_be_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
             if let Some(batch) = self.read_batches.iter_mut().find(|b| b.id == id) {
                 batch.index.get_or_insert(rs.index);
+                // A quorum confirmed this leader after the round was first issued: a lease from then.
+                if batch.term == self.raw.raft.term && batch.lease_epoch == self.lease.epoch && !self.cfg.read_lease.is_zero() {
+                    let until = batch.issued_at + self.cfg.read_lease;
+                    if self.lease.term != batch.term || until > self.lease.until {
+                        self.lease.until = until;
+                        self.lease.term = batch.term;
+                    }
+                }
             }
         }
         let committed = rd.take_committed_entries();
@@ -733,6 +810,8 @@ impl Replica {
     }
 
     fn apply_conf_change(&mut self, cc: &impl raft_proto::ConfChangeI, batch: &mut crate::apply::ApplyBatch) {
+        // New voters may not have heard from this leader when its lease started.
+        self.revoke_lease();
         match self.raw.apply_conf_change(cc) {
             Ok(cs) => {
                 let member = [&cs.voters, &cs.learners, &cs.voters_outgoing, &cs.learners_next].iter().any(|set| set.contains(&self.peer_id));

@@ -17,6 +17,10 @@ use tern_core::{GroupId, NodeId, PeerId, TableId, TernError};
 use tern_engine::EngineFactory;
 use tern_proto::{ReadRequest, ReadResponse, ReplicaStatus, WriteRequest};
 
+/// Test hook for the simulator's own test: a read lease far longer than followers refuse votes for,
+/// so a deposed leader can serve stale reads. Never set outside that test.
+pub static PLANTED_BUG_LEASE_TOO_LONG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Sends raft messages to other nodes. Must not block: implementations queue and batch.
 pub trait Transport: Send {
     fn send(&mut self, messages: Vec<OutMessage>);
@@ -120,6 +124,13 @@ impl Store {
         transport: Box<dyn Transport>,
     ) -> Result<Store, TernError> {
         let io = |e: std::io::Error| TernError::Internal(format!("store directory {}: {e}", data_dir.display()));
+        let mut cfg = cfg;
+        // Followers refuse votes for election_tick ticks after hearing from the leader; the lease
+        // stays well inside that (a follower's first tick may come right after a message).
+        cfg.replica.read_lease = cfg.tick_interval * (cfg.replica.election_tick.saturating_sub(2) as u32) * 7 / 8;
+        if PLANTED_BUG_LEASE_TOO_LONG.load(std::sync::atomic::Ordering::Relaxed) {
+            cfg.replica.read_lease *= 40;
+        }
         std::fs::create_dir_all(data_dir.join("replicas")).map_err(io)?;
         let mut store = Store {
             node_id,
@@ -181,7 +192,7 @@ impl Store {
                     callback(ReadResponse { error: Some(stale_error(r).into()), ..Default::default() })
                 }
                 Some(r) => {
-                    r.read(request, now, callback);
+                    r.read(request, now, self.clock.monotonic(), callback);
                     self.dirty.insert(group);
                 }
                 None => callback(ReadResponse { error: Some(not_hosted(group).into()), ..Default::default() }),
@@ -308,8 +319,9 @@ impl Store {
 
     pub fn tick(&mut self) {
         self.ticks += 1;
+        let now = self.clock.monotonic();
         for (group, replica) in self.replicas.iter_mut() {
-            replica.tick();
+            replica.tick(now);
             self.dirty.insert(*group);
         }
         if self.ticks.is_multiple_of(self.cfg.log_purge_interval_ticks) {
@@ -322,12 +334,13 @@ impl Store {
     /// Runs Ready for every touched replica with one synced log write for all of them.
     pub fn process_ready(&mut self) {
         let now = self.clock.now_unix_ms();
+        let monotonic = self.clock.monotonic();
         let mut outbox = Vec::new();
         let mut batch = LogWriteBatch::default();
         let mut readies = Vec::new();
         for group in std::mem::take(&mut self.dirty) {
             let Some(replica) = self.replicas.get_mut(&group) else { continue };
-            replica.flush_reads();
+            replica.flush_reads(monotonic);
             replica.maybe_generate_snapshot();
             if let Some(rd) = replica.ready_before_persist(&mut outbox, &mut batch, now) {
                 readies.push((group, rd));
