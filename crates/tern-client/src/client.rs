@@ -1,5 +1,6 @@
 //! Connections, routing and the request loop.
 
+use crate::batch::BatchConn;
 use crate::retry::RetryPolicy;
 use crate::routing::{next_step, LeaderTable, NextStep, Reaction};
 use parking_lot::{Mutex, RwLock};
@@ -41,6 +42,8 @@ struct Inner {
     cfg: ClientConfig,
     meta: Mutex<Option<MetaClient<Channel>>>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// One batch stream per server address (reads and writes go through these).
+    batches: Mutex<HashMap<String, Arc<BatchConn>>>,
     addresses: RwLock<HashMap<NodeId, String>>,
     routes: RwLock<HashMap<String, Arc<Route>>>,
     client_id: u64,
@@ -109,6 +112,7 @@ impl Client {
                 cfg,
                 meta: Mutex::new(None),
                 channels: Mutex::new(HashMap::new()),
+                batches: Mutex::new(HashMap::new()),
                 addresses: RwLock::new(HashMap::new()),
                 routes: RwLock::new(HashMap::new()),
                 client_id: rand::random::<u64>() | 1,
@@ -242,23 +246,33 @@ impl Client {
         Ok(self.route(table).await?.table.partition_count)
     }
 
+    fn address(&self, node: NodeId) -> TernResult<String> {
+        self.inner.addresses.read().get(&node).cloned().ok_or_else(|| TernError::StaleConfig(format!("no address known for node {node}")))
+    }
+
+    /// The batch stream to a node's server, opened anew when the last one failed.
+    fn batch_conn(&self, node: NodeId) -> TernResult<Arc<BatchConn>> {
+        let address = self.address(node)?;
+        let mut batches = self.inner.batches.lock();
+        if let Some(b) = batches.get(&address).filter(|b| b.is_alive()) {
+            return Ok(b.clone());
+        }
+        let b = Arc::new(BatchConn::open(self.channel(&address)?));
+        batches.insert(address, b.clone());
+        Ok(b)
+    }
+
     fn kv(&self, node: NodeId) -> TernResult<KvClient<Channel>> {
-        let address = self
-            .inner
-            .addresses
-            .read()
-            .get(&node)
-            .cloned()
-            .ok_or_else(|| TernError::StaleConfig(format!("no address known for node {node}")))?;
+        let address = self.address(node)?;
         Ok(KvClient::new(self.channel(&address)?).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX.max(64 << 20)).max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX))
     }
 
-    /// Sends one request to the partition leader with the retry loop. `call` builds and sends the
-    /// request for a partition ref on a KV client and returns the response's error and the response.
-    async fn execute<T, F, Fut>(&self, table: &str, routed: Routed<'_>, call: F) -> TernResult<T>
+    /// Sends one request to the partition leader with the retry loop. `build` makes the request for
+    /// a partition ref; `extract` takes the response's error and value out of the reply.
+    async fn execute<T, B, X>(&self, table: &str, routed: Routed<'_>, build: B, extract: X) -> TernResult<T>
     where
-        F: Fn(KvClient<Channel>, PartitionRef, Duration) -> Fut,
-        Fut: std::future::Future<Output = Result<(Option<Error>, T), tonic::Status>>,
+        B: Fn(PartitionRef) -> batch_item::Op,
+        X: Fn(batch_reply::Result) -> Option<(Option<Error>, T)>,
     {
         let deadline = Instant::now() + self.inner.cfg.timeout;
         let mut attempt: u32 = 0;
@@ -274,11 +288,14 @@ impl Client {
                 let node = route.leaders.leader(partition);
                 let remaining = deadline.saturating_duration_since(Instant::now());
                 let pref = PartitionRef { table_id: route.table.table_id, partition, partition_count: count };
-                let outcome = tokio::time::timeout(remaining, call(self.kv(node)?, pref, remaining)).await;
+                let outcome = tokio::time::timeout(remaining, self.batch_conn(node)?.call(build(pref))).await;
                 let r = match outcome {
                     Err(_) => Err(TernError::Timeout("request deadline passed".into())),
-                    Ok(Err(status)) => Err(status_error(status)),
-                    Ok(Ok((error, value))) => tern_proto::check(&error).map(|_| value),
+                    Ok(Err(e)) => Err(e),
+                    Ok(Ok(reply)) => match extract(reply) {
+                        Some((error, value)) => tern_proto::check(&error).map(|_| value),
+                        None => Err(TernError::Internal("the server answered with the wrong kind of reply".into())),
+                    },
                 };
                 if let Err(e) = &r {
                     match route.leaders.observe(partition, node, e) {
@@ -315,21 +332,33 @@ impl Client {
         self.inner.inflight.lock().insert(seq);
         let client_id = self.inner.client_id;
         let r = self
-            .execute(table, Routed::Hashkey(hashkey), |mut kv, partition, _| {
-                let first_incomplete_seq = self.inner.inflight.lock().first().copied().unwrap_or(seq);
-                let request = WriteRequest { partition: Some(partition), client_id, seq, first_incomplete_seq, op: Some(op.clone()) };
-                async move { kv.write(request).await.map(|r| r.into_inner()).map(|r| (r.error.clone(), r)) }
-            })
+            .execute(
+                table,
+                Routed::Hashkey(hashkey),
+                |partition| {
+                    let first_incomplete_seq = self.inner.inflight.lock().first().copied().unwrap_or(seq);
+                    batch_item::Op::Write(WriteRequest { partition: Some(partition), client_id, seq, first_incomplete_seq, op: Some(op.clone()) })
+                },
+                |reply| match reply {
+                    batch_reply::Result::Write(r) => Some((r.error.clone(), r)),
+                    _ => None,
+                },
+            )
             .await;
         self.inner.inflight.lock().remove(&seq);
         r
     }
 
     async fn read(&self, table: &str, routed: Routed<'_>, op: read_request::Op) -> TernResult<ReadResponse> {
-        self.execute(table, routed, |mut kv, partition, _| {
-            let request = ReadRequest { partition: Some(partition), allow_stale: false, op: Some(op.clone()) };
-            async move { kv.read(request).await.map(|r| r.into_inner()).map(|r| (r.error.clone(), r)) }
-        })
+        self.execute(
+            table,
+            routed,
+            |partition| batch_item::Op::Read(ReadRequest { partition: Some(partition), allow_stale: false, op: Some(op.clone()) }),
+            |reply| match reply {
+                batch_reply::Result::Read(r) => Some((r.error.clone(), r)),
+                _ => None,
+            },
+        )
         .await
     }
 

@@ -6,9 +6,10 @@
 //!
 //! Owns: `retry` (the pure backoff policy), `routing` (pure leader tracking and retry decisions,
 //! shared with the simulator), `client` (connections, routing, the request loop) and the
-//! typed operations on `Table`. Must not depend on tern-raft, tern-server or tern-meta: it speaks only
+//! typed operations on `Table`, `batch` (one multiplexed request stream per server). Must not depend on tern-raft, tern-server or tern-meta: it speaks only
 //! the wire protocol in tern-proto.
 
+mod batch;
 mod client;
 pub mod retry;
 pub mod routing;

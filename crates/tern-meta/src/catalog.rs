@@ -92,6 +92,9 @@ pub struct Catalog {
     /// Balancing (replica moves and leader preferences) paused by an operator; repairs still run.
     #[serde(default)]
     pub balancer_paused: bool,
+    /// Drawn by the meta service when the first server registers (0 until then).
+    #[serde(default)]
+    pub cluster_id: u64,
 }
 
 /// Keeps each partition's preferred leader on a usable voter and evens preferred leaders out over

@@ -336,15 +336,23 @@ impl Meta for MetaService {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         self.check_leader()?;
         let RegisterRequest { address, zone, leader_priority } = request.into_inner();
-        let r = self.change(|c, _| c.register_with_priority(&address, &zone, leader_priority)).await;
+        let fresh_cluster_id = rand::random::<u64>() | 1;
+        let r = self
+            .change(|c, _| {
+                if c.cluster_id == 0 {
+                    c.cluster_id = fresh_cluster_id;
+                }
+                c.register_with_priority(&address, &zone, leader_priority).map(|id| (id, c.cluster_id))
+            })
+            .await;
         Ok(Response::new(match r {
-            Ok(node_id) => {
+            Ok((node_id, cluster_id)) => {
                 self.state.lock().liveness.insert(
                     node_id,
                     NodeLiveness { last_seen: Instant::now(), replicas: vec![], disk_used_bytes: 0, requests_per_second: 0.0 },
                 );
                 tracing::info!(node_id, %address, "registered server");
-                RegisterResponse { error: None, node_id }
+                RegisterResponse { error: None, node_id, cluster_id }
             }
             Err(e) => err(e, |r: &mut RegisterResponse, e| r.error = e),
         }))
@@ -398,6 +406,7 @@ impl Meta for MetaService {
             nodes: Self::node_infos(&state, self.grace),
             dropped_tables: state.catalog.dropped_tables.clone(),
             live_tables: state.catalog.tables.values().map(|t| t.id).collect(),
+            cluster_id: state.catalog.cluster_id,
         }))
     }
 
@@ -581,7 +590,9 @@ impl MetaNode {
         let (handle, mailbox) = store::mailbox(10_000);
         let addresses: tern_transport::AddressBook = Default::default();
         addresses.write().extend(peers.iter().cloned());
-        let transport = tern_transport::GrpcTransport::new(cfg.id, tokio::runtime::Handle::current(), addresses, handle.clone(), 0);
+        // Meta's own raft traffic carries no cluster id (0: accepted everywhere); servers' traffic does.
+        let no_cluster = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let transport = tern_transport::GrpcTransport::new(cfg.id, no_cluster.clone(), tokio::runtime::Handle::current(), addresses, handle.clone(), 0);
         let (id, data_dir) = (cfg.id, cfg.data_dir.clone());
         let store_cfg = StoreConfig::default();
         let (tick, round_max) = (store_cfg.tick_interval, store_cfg.round_messages_max);
@@ -621,7 +632,7 @@ impl MetaNode {
                 scheduler.schedule_once().await;
             }
         }));
-        let raft = tern_proto::raft_server::RaftServer::new(tern_transport::RaftService::new(cfg.id, handle.clone(), cfg.data_dir.join("snapshots-received")))
+        let raft = tern_proto::raft_server::RaftServer::new(tern_transport::RaftService::new(cfg.id, no_cluster, handle.clone(), cfg.data_dir.join("snapshots-received")))
             .max_decoding_message_size(tern_core::limits::GRPC_MESSAGE_BYTES_MAX);
         let mut server_stopped = stopped.clone();
         tasks.push(tokio::spawn(async move {

@@ -77,6 +77,9 @@ impl ServerConfig {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct NodeIdentity {
     node_id: NodeId,
+    /// 0 in files written before clusters had ids: learned from meta's heartbeat answers.
+    #[serde(default)]
+    cluster_id: u64,
 }
 
 pub struct ServerNode {
@@ -111,13 +114,13 @@ async fn meta_client(addresses: &[String], start: usize) -> Result<MetaClient<to
     Err(TernError::Unavailable(format!("no meta server reachable ({last})")))
 }
 
-/// Loads this server's node id, or registers with meta for a new one.
-async fn node_identity(cfg: &ServerConfig, address: &str) -> Result<NodeId, TernError> {
+/// Loads this server's node id and cluster id, or registers with meta for new ones.
+async fn node_identity(cfg: &ServerConfig, address: &str) -> Result<NodeIdentity, TernError> {
     let path = cfg.data_dir.join("node.json");
     if path.exists() {
         let bytes = std::fs::read(&path).map_err(internal("read node.json"))?;
         let id: NodeIdentity = serde_json::from_slice(&bytes).map_err(|e| TernError::Corruption(format!("{}: {e}", path.display())))?;
-        return Ok(id.node_id);
+        return Ok(id);
     }
     let mut attempt = 0u32;
     let node_id = loop {
@@ -125,7 +128,7 @@ async fn node_identity(cfg: &ServerConfig, address: &str) -> Result<NodeId, Tern
             let mut meta = meta_client(&cfg.meta, attempt as usize).await?;
             let r = meta.register(RegisterRequest { address: address.to_string(), zone: cfg.zone.clone(), leader_priority: cfg.leader_priority }).await.map_err(|s| tern_proto::from_status(&s))?.into_inner();
             tern_proto::check(&r.error)?;
-            Ok::<_, TernError>(r.node_id)
+            Ok::<_, TernError>(NodeIdentity { node_id: r.node_id, cluster_id: r.cluster_id })
         }
         .await;
         match r {
@@ -141,7 +144,7 @@ async fn node_identity(cfg: &ServerConfig, address: &str) -> Result<NodeId, Tern
         }
     };
     let tmp = cfg.data_dir.join("node.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(&NodeIdentity { node_id }).expect("serialize")).map_err(internal("write node.json"))?;
+    std::fs::write(&tmp, serde_json::to_vec(&node_id).expect("serialize")).map_err(internal("write node.json"))?;
     std::fs::rename(&tmp, &path).map_err(internal("write node.json"))?;
     Ok(node_id)
 }
@@ -153,7 +156,9 @@ impl ServerNode {
         let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(internal("bind server address"))?;
         let bound = listener.local_addr().map_err(internal("server address"))?;
         let address = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
-        let node_id = node_identity(&cfg, &address).await?;
+        let identity = node_identity(&cfg, &address).await?;
+        let node_id = identity.node_id;
+        let cluster_id = Arc::new(std::sync::atomic::AtomicU64::new(identity.cluster_id));
 
         let log = Arc::new(RaftEngineLogStore::open(&cfg.data_dir.join("raft-log"))?);
         let engines = Arc::new(RocksEngineFactory::new(
@@ -166,7 +171,7 @@ impl ServerNode {
 
         let (handle, mailbox) = store::mailbox(cfg.store.mailbox_capacity);
         let addresses: AddressBook = Default::default();
-        let transport = GrpcTransport::new(node_id, tokio::runtime::Handle::current(), addresses.clone(), handle.clone(), cfg.snapshot_bytes_per_second);
+        let transport = GrpcTransport::new(node_id, cluster_id.clone(), tokio::runtime::Handle::current(), addresses.clone(), handle.clone(), cfg.snapshot_bytes_per_second);
         let data_dir = cfg.data_dir.clone();
         let store_cfg = cfg.store.clone();
         let store = tokio::task::spawn_blocking(move || {
@@ -186,7 +191,7 @@ impl ServerNode {
         let kv = KvServer::new(KvService::new(handle.clone(), requests.clone()))
             .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(usize::MAX);
-        let raft = RaftServer::new(RaftService::new(node_id, handle.clone(), receive_dir))
+        let raft = RaftServer::new(RaftService::new(node_id, cluster_id.clone(), handle.clone(), receive_dir))
             .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(usize::MAX);
         let mut server_stop = stopped.clone();
@@ -206,7 +211,7 @@ impl ServerNode {
         }));
         tasks.push(tokio::spawn(heartbeat_loop(
             (node_id, address.clone(), cfg.zone.clone(), cfg.leader_priority),
-            (cfg.data_dir.clone(), requests),
+            (cfg.data_dir.clone(), requests, cluster_id),
             cfg.meta.clone(),
             cfg.heartbeat_interval,
             handle.clone(),
@@ -251,7 +256,7 @@ const DISK_MEASURE_EVERY: u64 = 10;
 
 async fn heartbeat_loop(
     (node_id, address, zone, leader_priority): (NodeId, String, String, i32),
-    (data_dir, requests): (PathBuf, Arc<std::sync::atomic::AtomicU64>),
+    (data_dir, requests, cluster_id): (PathBuf, Arc<std::sync::atomic::AtomicU64>, Arc<std::sync::atomic::AtomicU64>),
     meta: Vec<String>,
     interval: Duration,
     store: StoreHandle,
@@ -290,6 +295,9 @@ async fn heartbeat_loop(
                     let r = r.into_inner();
                     if let Err(e) = tern_proto::check(&r.error) {
                         tracing::warn!("meta refused heartbeat: {e}");
+                    }
+                    if r.cluster_id != 0 {
+                        cluster_id.store(r.cluster_id, std::sync::atomic::Ordering::Relaxed);
                     }
                     {
                         let mut book = addresses.write();

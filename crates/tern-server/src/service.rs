@@ -4,6 +4,7 @@ use crate::validate;
 use std::time::Duration;
 use tern_core::{GroupId, TernError};
 use tern_proto::kv_server::Kv;
+use tern_proto::{batch_item, batch_reply, BatchReply, BatchRequest, BatchResponse};
 use tern_proto::{ChecksumRequest, ChecksumResponse, ReadRequest, ReadResponse, WriteRequest, WriteResponse};
 use tern_raft::store::{StoreHandle, StoreMsg};
 use tokio::sync::oneshot;
@@ -27,6 +28,28 @@ impl KvService {
 
     fn count(&self) {
         self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Most replies the server packs into one batch message.
+const BATCH_REPLIES_MAX: usize = 1024;
+/// Reply bytes after which a batch message is sent without waiting for more.
+const BATCH_REPLY_BYTES_MAX: usize = 4 << 20;
+
+impl KvService {
+    /// Validates one request and hands it to the store; the answer goes to `reply` when it is ready.
+    fn dispatch(&self, op: batch_item::Op, reply: impl FnOnce(batch_reply::Result) + Send + 'static) {
+        self.count();
+        match op {
+            batch_item::Op::Write(request) => match validate::write(&request) {
+                Ok(group) => self.store.send(StoreMsg::Write { group, request, callback: Box::new(move |r| reply(batch_reply::Result::Write(r))) }),
+                Err(e) => reply(batch_reply::Result::Write(write_error(e))),
+            },
+            batch_item::Op::Read(request) => match validate::read(&request) {
+                Ok(group) => self.store.send(StoreMsg::Read { group, request, callback: Box::new(move |r| reply(batch_reply::Result::Read(r))) }),
+                Err(e) => reply(batch_reply::Result::Read(read_error(e))),
+            },
+        }
     }
 }
 
@@ -70,6 +93,46 @@ impl Kv for KvService {
         let (tx, rx) = oneshot::channel();
         self.store.send(StoreMsg::Read { group, request, callback: Box::new(move |r| drop(tx.send(r))) });
         Ok(Response::new(wait(rx, read_error).await))
+    }
+
+    type BatchStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<BatchResponse, Status>> + Send + 'static>>;
+
+    async fn batch(&self, request: Request<tonic::Streaming<BatchRequest>>) -> Result<Response<Self::BatchStream>, Status> {
+        let mut inbound = request.into_inner();
+        // Unbounded, yet bounded in practice: one reply per request the client sent and still
+        // waits for, and the client bounds those.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<BatchReply>();
+        let service = self.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(batch)) = inbound.message().await {
+                for item in batch.items {
+                    let (id, tx) = (item.id, tx.clone());
+                    let Some(op) = item.op else {
+                        let e = TernError::invalid("batch item without an operation");
+                        let _ = tx.send(BatchReply { id, result: Some(batch_reply::Result::Write(write_error(e))) });
+                        continue;
+                    };
+                    service.dispatch(op, move |r| drop(tx.send(BatchReply { id, result: Some(r) })));
+                }
+            }
+        });
+        let replies = futures::stream::unfold(rx, |mut rx| async move {
+            let first = rx.recv().await?;
+            let mut bytes = prost::Message::encoded_len(&first);
+            let mut replies = vec![first];
+            // A message stays well under what a client decodes (large reads go alone).
+            while replies.len() < BATCH_REPLIES_MAX && bytes < BATCH_REPLY_BYTES_MAX {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        bytes += prost::Message::encoded_len(&r);
+                        replies.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            Some((Ok(BatchResponse { replies }), rx))
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn checksum(&self, request: Request<ChecksumRequest>) -> Result<Response<ChecksumResponse>, Status> {

@@ -11,6 +11,8 @@ pub use transport::{AddressBook, GrpcTransport};
 
 use protobuf::Message as _;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use tern_core::{GroupId, NodeId};
 use tern_proto::raft_server::Raft;
 use tern_proto::{Done, RaftBatch, SnapshotChunk};
@@ -45,16 +47,22 @@ const SNAPSHOT_FILE_NAME_BYTES_MAX: usize = 255;
 #[derive(Clone)]
 pub struct RaftService {
     node_id: NodeId,
+    /// This server's cluster (0 until known): messages from another cluster are refused.
+    cluster_id: Arc<AtomicU64>,
     store: StoreHandle,
     receive_dir: PathBuf,
 }
 
 impl RaftService {
-    pub fn new(node_id: NodeId, store: StoreHandle, receive_dir: PathBuf) -> RaftService {
-        RaftService { node_id, store, receive_dir }
+    pub fn new(node_id: NodeId, cluster_id: Arc<AtomicU64>, store: StoreHandle, receive_dir: PathBuf) -> RaftService {
+        RaftService { node_id, cluster_id, store, receive_dir }
     }
 
     fn deliver(&self, envelope: tern_proto::RaftEnvelope, snapshot_dir: Option<PathBuf>) -> Result<(), Status> {
+        let mine = self.cluster_id.load(Ordering::Relaxed);
+        if mine != 0 && envelope.cluster_id != 0 && envelope.cluster_id != mine {
+            return Err(Status::failed_precondition(format!("this server belongs to cluster {mine:x}, not {:x}", envelope.cluster_id)));
+        }
         if envelope.to_node != self.node_id {
             return Err(Status::failed_precondition(format!("this is node {}, not {}", self.node_id, envelope.to_node)));
         }
@@ -120,5 +128,34 @@ impl Raft for RaftService {
         }
         self.deliver(envelope, Some(dir))?;
         Ok(Response::new(Done {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(cluster_id: u64, to_node: NodeId) -> tern_proto::RaftEnvelope {
+        let message = raft::eraftpb::Message::default().write_to_bytes().unwrap();
+        tern_proto::RaftEnvelope { group_id: 1, from_node: 2, to_node, message: message.into(), cluster_id }
+    }
+
+    /// Raft messages of another cluster (a server that took over an address another cluster still
+    /// dials) and messages for another node are refused before they reach a replica.
+    #[test]
+    fn refuses_other_clusters_and_nodes() {
+        let (store, mailbox) = tern_raft::store::mailbox(16);
+        let cluster = Arc::new(AtomicU64::new(0xabc));
+        let service = RaftService::new(1, cluster.clone(), store, std::env::temp_dir());
+        let e = service.deliver(envelope(0xdef, 1), None).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().contains("cluster"), "{e}");
+        assert!(service.deliver(envelope(0xabc, 2), None).is_err(), "addressed to another node");
+        assert!(mailbox.try_recv().is_err(), "nothing reached the store");
+        service.deliver(envelope(0xabc, 1), None).unwrap();
+        service.deliver(envelope(0, 1), None).unwrap();
+        cluster.store(0, Ordering::Relaxed);
+        service.deliver(envelope(0xdef, 1), None).unwrap();
+        assert_eq!(mailbox.try_iter().count(), 3, "same cluster, or a cluster id not known yet on either side");
     }
 }

@@ -7,6 +7,7 @@ use parking_lot::RwLock;
 use protobuf::Message as _;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tern_core::limits::GRPC_MESSAGE_BYTES_MAX;
@@ -29,6 +30,7 @@ const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 
 pub struct GrpcTransport {
     node_id: NodeId,
+    cluster_id: Arc<AtomicU64>,
     runtime: tokio::runtime::Handle,
     addresses: AddressBook,
     peers: HashMap<NodeId, mpsc::Sender<RaftEnvelope>>,
@@ -37,8 +39,15 @@ pub struct GrpcTransport {
 }
 
 impl GrpcTransport {
-    pub fn new(node_id: NodeId, runtime: tokio::runtime::Handle, addresses: AddressBook, store: StoreHandle, snapshot_bytes_per_second: u64) -> GrpcTransport {
-        GrpcTransport { node_id, runtime, addresses, peers: HashMap::new(), store, snapshot_bytes_per_second }
+    pub fn new(
+        node_id: NodeId,
+        cluster_id: Arc<AtomicU64>,
+        runtime: tokio::runtime::Handle,
+        addresses: AddressBook,
+        store: StoreHandle,
+        snapshot_bytes_per_second: u64,
+    ) -> GrpcTransport {
+        GrpcTransport { node_id, cluster_id, runtime, addresses, peers: HashMap::new(), store, snapshot_bytes_per_second }
     }
 
     fn peer_queue(&mut self, to: NodeId) -> &mpsc::Sender<RaftEnvelope> {
@@ -58,6 +67,7 @@ impl Transport for GrpcTransport {
                 from_node: self.node_id,
                 to_node: out.to_node,
                 message: out.message.write_to_bytes().expect("encode raft message").into(),
+                cluster_id: self.cluster_id.load(Ordering::Relaxed),
             };
             if let Some(dir) = out.snapshot_dir {
                 let task = send_snapshot(

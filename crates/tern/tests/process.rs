@@ -10,8 +10,21 @@ use std::time::{Duration, Instant};
 use tern_client::{Client, ClientConfig, TernError};
 use tern_proto::{CreateTableRequest, PartitionStatusRequest};
 
+/// A free port below the kernel's ephemeral range (32768 and up on Linux). Killed servers restart on
+/// their port, and raft peers keep dialling a dead server's port: a port the kernel could hand to
+/// another test's listener (bind to port 0) would let this cluster's raft messages reach that one.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = 20_000 + (std::process::id() % 1000) as u16 * 12;
+    let _ = NEXT.compare_exchange(0, start, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(port < 32_000, "no free port below the ephemeral range");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 struct Proc {
