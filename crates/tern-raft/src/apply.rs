@@ -197,15 +197,15 @@ impl ApplyBatch {
         };
         if let Some(key) = dedup {
             let new_floor = write.first_incomplete_seq.min(write.seq).max(floor);
-            if new_floor > floor {
-                // Forgotten results are removed in chunks: one range tombstone per DEDUP_GC_CHUNK
-                // sequence numbers, not one per write (thousands of memtable range tombstones made
-                // every engine read re-fragment them: most of a server's CPU under write load).
-                let (old_chunk, new_chunk) = (floor / DEDUP_GC_CHUNK, new_floor / DEDUP_GC_CHUNK);
-                if new_chunk > old_chunk {
-                    let from = keys::dedup_key(write.client_id, old_chunk * DEDUP_GC_CHUNK);
-                    self.wb.delete_range(from, keys::dedup_key(write.client_id, new_chunk * DEDUP_GC_CHUNK));
-                }
+            // The floor moves, and forgotten results are removed, in chunks: one range tombstone and
+            // one floor record per DEDUP_GC_CHUNK sequence numbers, not per write (thousands of
+            // memtable range tombstones made every engine read re-fragment them: most of a server's
+            // CPU under write load). Results at or above the stored floor are never removed, so a
+            // request above it either has its result here or never applied.
+            let (old_chunk, new_chunk) = (floor / DEDUP_GC_CHUNK, new_floor / DEDUP_GC_CHUNK);
+            if new_chunk > old_chunk {
+                let from = keys::dedup_key(write.client_id, old_chunk * DEDUP_GC_CHUNK);
+                self.wb.delete_range(from, keys::dedup_key(write.client_id, new_chunk * DEDUP_GC_CHUNK));
                 self.put(floor_key, codec::encode_value(now + DEDUP_RESULT_TTL_MS, &new_floor.to_be_bytes()));
             }
             self.put(key, codec::encode_value(now + DEDUP_RESULT_TTL_MS, &response.encode_to_vec()));
