@@ -490,4 +490,40 @@ mod tests {
         assert!((9300..9700).contains(&reads), "{reads}");
         assert!("g".parse::<Workload>().is_err());
     }
+
+    /// Bad settings are refused with a message that names the setting and its limit.
+    #[test]
+    fn config_validation() {
+        let good = BenchConfig {
+            backend: BackendKind::Tern,
+            targets: vec!["127.0.0.1:1".into()],
+            table: "demo".into(),
+            workload: Workload::A,
+            distribution: None,
+            records: 1000,
+            value_bytes: 100,
+            scan_max: 100,
+            concurrency: 8,
+            rate: None,
+            warmup: Duration::ZERO,
+            duration: Duration::from_secs(1),
+            load: true,
+            progress: false,
+        };
+        assert!(good.validate().is_ok());
+        let bad = |f: &dyn Fn(&mut BenchConfig), what: &str| {
+            let mut c = good.clone();
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(what), "{e}");
+        };
+        bad(&|c| c.concurrency = 0, "--concurrency");
+        bad(&|c| c.records = 0, "--records");
+        bad(&|c| c.value_bytes = 2 << 20, "--value-size");
+        bad(&|c| c.rate = Some(-1.0), "--rate");
+        bad(&|c| c.duration = Duration::ZERO, "--duration");
+        bad(&|c| c.targets.clear(), "target");
+        bad(&|c| (c.backend, c.workload) = (BackendKind::Redis, Workload::E), "range scans");
+        assert!("nope".parse::<Distribution>().is_err() && "nope".parse::<BackendKind>().is_err());
+    }
 }
