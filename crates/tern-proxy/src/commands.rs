@@ -229,9 +229,8 @@ fn expiry_arg(option: &str, value: &[u8], command: &str) -> Result<u64, Reply> {
     at.filter(|&t| t < i64::MAX as u64).ok_or_else(invalid)
 }
 
-/// Runs one command. `args[0]` is the command name.
-pub async fn execute(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply {
-    let name = upper(&args[0]);
+/// Runs one command. `name` is `args[0]` in upper case (the connection has computed it already).
+pub async fn execute(shared: &Shared, session: &mut Session, name: String, args: &[Bytes]) -> Reply {
     let t = &shared.table;
     let r = match name.as_str() {
         "GET" => cmd_get(shared, args).await,

@@ -296,7 +296,7 @@ async fn dispatch(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Rep
             Reply::Ok
         }
         _ if !session.authenticated => Reply::err("NOAUTH Authentication required."),
-        _ => commands::execute(shared, session, args).await,
+        _ => commands::execute(shared, session, name, args).await,
     }
 }
 

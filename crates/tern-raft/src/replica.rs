@@ -455,10 +455,9 @@ impl Replica {
             if self.read_batches.is_empty() && self.sm.state().applied_index >= committed {
                 return callback(execute_read(self.sm.engine(), &request, now_unix_ms));
             }
-            // Answered once apply reaches today's commit index, in order with earlier reads.
-            let (id, term, lease_epoch) = (0, self.raw.raft.term, self.lease.epoch);
-            let ticks = self.ticks;
-            let batch = ReadBatch { id, issued_tick: ticks, first_tick: ticks, index: Some(committed), reads: vec![(request, callback)], issued_at: now, term, lease_epoch };
+            // Answered once apply reaches today's commit index, in order with earlier reads (id 0:
+            // no read-index request behind it).
+            let batch = self.new_read_batch(0, Some(committed), vec![(request, callback)], now);
             self.read_batches.push_back(batch);
             return;
         }
@@ -483,8 +482,13 @@ impl Replica {
         let id = self.next_read_id;
         self.next_read_id += 1;
         self.raw.read_index(id.to_be_bytes().to_vec());
-        let (term, lease_epoch) = (self.raw.raft.term, self.lease.epoch);
-        self.read_batches.push_back(ReadBatch { id, issued_tick: self.ticks, first_tick: self.ticks, index: None, reads, issued_at: now, term, lease_epoch });
+        let batch = self.new_read_batch(id, None, reads, now);
+        self.read_batches.push_back(batch);
+    }
+
+    fn new_read_batch(&self, id: u64, index: Option<u64>, reads: Vec<(ReadRequest, ReadCallback)>, now: Duration) -> ReadBatch {
+        let (term, lease_epoch, ticks) = (self.raw.raft.term, self.lease.epoch, self.ticks);
+        ReadBatch { id, issued_tick: ticks, first_tick: ticks, index, reads, issued_at: now, term, lease_epoch }
     }
 
     /// Steps a raft message from a peer. A snapshot message comes with the directory it was received into.
