@@ -23,12 +23,14 @@ pub struct ClientConfig {
     pub meta: Vec<String>,
     /// Total time one operation may take, retries included.
     pub timeout: Duration,
+    /// Longest one attempt waits for a server before trying another replica (within `timeout`).
+    pub attempt_timeout: Duration,
     pub retry: RetryPolicy,
 }
 
 impl ClientConfig {
     pub fn new(meta: Vec<String>) -> ClientConfig {
-        ClientConfig { meta, timeout: Duration::from_secs(10), retry: RetryPolicy::default() }
+        ClientConfig { meta, timeout: Duration::from_secs(10), attempt_timeout: Duration::from_secs(3), retry: RetryPolicy::default() }
     }
 }
 
@@ -137,6 +139,11 @@ impl Client {
             .map_err(|e| TernError::invalid(format!("address {address:?}: {e}")))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
+            // A connection to a server that stopped (paused, gone without a FIN) is found dead and
+            // replaced instead of holding every request sent on it.
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true)
             .connect_lazy();
         channels.insert(address.to_string(), c.clone());
         Ok(c)
@@ -286,11 +293,13 @@ impl Client {
                     Routed::Partition(p) => return Err(TernError::invalid(format!("partition {p} out of range ({count})"))),
                 };
                 let node = route.leaders.leader(partition);
-                let remaining = deadline.saturating_duration_since(Instant::now());
+                // One attempt never takes the whole deadline: a server that stopped answering (paused,
+                // cut off) is left for another replica while time remains.
+                let attempt_time = deadline.saturating_duration_since(Instant::now()).min(self.inner.cfg.attempt_timeout);
                 let pref = PartitionRef { table_id: route.table.table_id, partition, partition_count: count };
-                let outcome = tokio::time::timeout(remaining, self.batch_conn(node)?.call(build(pref))).await;
+                let outcome = tokio::time::timeout(attempt_time, self.batch_conn(node)?.call(build(pref))).await;
                 let r = match outcome {
-                    Err(_) => Err(TernError::Timeout("request deadline passed".into())),
+                    Err(_) => Err(TernError::Timeout(format!("node {node} did not answer within {attempt_time:?}"))),
                     Ok(Err(e)) => Err(e),
                     Ok(Ok(reply)) => match extract(reply) {
                         Some((error, value)) => tern_proto::check(&error).map(|_| value),
@@ -328,8 +337,8 @@ impl Client {
     /// Every write carries (client id, sequence): a retry after a lost answer, or a late duplicate,
     /// is applied at most once.
     async fn write(&self, table: &str, hashkey: &[u8], op: write_request::Op) -> TernResult<WriteResponse> {
-        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-        self.inner.inflight.lock().insert(seq);
+        let in_flight = InFlight::register(&self.inner);
+        let seq = in_flight.seq;
         let client_id = self.inner.client_id;
         let r = self
             .execute(
@@ -345,7 +354,7 @@ impl Client {
                 },
             )
             .await;
-        self.inner.inflight.lock().remove(&seq);
+        drop(in_flight);
         r
     }
 
@@ -392,6 +401,31 @@ impl Client {
         let nodes = self.meta_call(|mut m| async move { m.list_nodes(ListNodesRequest {}).await.map(|r| r.into_inner()) }).await?;
         self.learn_nodes(&nodes.nodes);
         Ok(nodes.nodes)
+    }
+}
+
+/// A write's sequence number, registered as in flight for as long as this lives (also when the
+/// caller drops the write's future half way): the floor sent with other writes never passes it.
+struct InFlight<'a> {
+    inner: &'a Inner,
+    seq: u64,
+}
+
+impl<'a> InFlight<'a> {
+    /// Takes the next sequence number and registers it in one step: a concurrent write reading the
+    /// lowest in-flight number in between would otherwise send a floor above this one, and this
+    /// write would be refused as a late duplicate.
+    fn register(inner: &'a Inner) -> InFlight<'a> {
+        let mut inflight = inner.inflight.lock();
+        let seq = inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        inflight.insert(seq);
+        InFlight { inner, seq }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.inner.inflight.lock().remove(&self.seq);
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod codec;
 pub mod error;
+pub mod files;
 pub mod ids;
 pub mod limits;
 pub mod time;

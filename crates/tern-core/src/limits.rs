@@ -24,6 +24,10 @@ pub const READ_RECORDS_MAX: u32 = 10_000;
 pub const TABLE_NAME_BYTES_MAX: usize = 128;
 /// Largest gRPC message a server accepts (a write request plus framing).
 pub const GRPC_MESSAGE_BYTES_MAX: usize = WRITE_REQUEST_BYTES_MAX + 64 * 1024;
+/// Largest batch of raft messages one node sends another in one stream message (the receiver's
+/// decoding limit). Senders fill batches to half of it, so any single raft message (at most one
+/// write request of entries beyond raft's per-message size) always fits.
+pub const RAFT_BATCH_BYTES_MAX: usize = 2 * GRPC_MESSAGE_BYTES_MAX;
 
 pub fn check_hashkey(hashkey: &[u8]) -> Result<(), TernError> {
     if hashkey.len() > HASHKEY_BYTES_MAX {

@@ -83,21 +83,33 @@ pub fn check_reopen(factory: &dyn EngineFactory, dir: &Path) {
     assert_eq!(engine.get(b"durable").unwrap(), Some(b"yes".to_vec()));
 }
 
-/// Records the expiry filter calls expired disappear on compaction; others stay.
+/// Compaction drops what the expiry filter calls expired at the engine's horizon, never by the
+/// machine's clock: nothing before a horizon is set, then only what expired by the horizon (records
+/// here expire at the time in their key, long ago by any wall clock).
 pub fn check_expiry_filter(factory: &dyn EngineFactory, dir: &Path) {
     let engine = factory.open(dir).expect("open");
     let mut b = WriteBatch::default();
-    b.put(b"expired:1".to_vec(), b"x".to_vec());
-    b.put(b"live:1".to_vec(), b"y".to_vec());
+    b.put(b"expires:100".to_vec(), b"x".to_vec());
+    b.put(b"expires:200".to_vec(), b"y".to_vec());
+    b.put(b"live".to_vec(), b"z".to_vec());
     engine.write(b).unwrap();
     engine.compact_all().unwrap();
-    assert_eq!(engine.get(b"expired:1").unwrap(), None);
-    assert_eq!(engine.get(b"live:1").unwrap(), Some(b"y".to_vec()));
+    assert!(engine.get(b"expires:100").unwrap().is_some(), "no horizon yet: nothing has expired");
+    engine.set_expiry_horizon(150);
+    engine.compact_all().unwrap();
+    assert_eq!(engine.get(b"expires:100").unwrap(), None);
+    assert_eq!(engine.get(b"expires:200").unwrap(), Some(b"y".to_vec()), "expires after the horizon");
+    engine.set_expiry_horizon(120);
+    engine.set_expiry_horizon(250);
+    engine.compact_all().unwrap();
+    assert_eq!(engine.get(b"expires:200").unwrap(), None);
+    assert_eq!(engine.get(b"live").unwrap(), Some(b"z".to_vec()));
 }
 
-/// The filter the expiry check uses: keys starting with "expired:" are expired.
-pub fn test_expiry_filter(key: &[u8], _value: &[u8], _now: u64) -> bool {
-    key.starts_with(b"expired:")
+/// The filter the expiry check uses: a key "expires:T" expires at unix millisecond T.
+pub fn test_expiry_filter(key: &[u8], _value: &[u8], horizon_unix_ms: u64) -> bool {
+    let expiry = key.strip_prefix(b"expires:").and_then(|t| std::str::from_utf8(t).ok()).and_then(|t| t.parse::<u64>().ok());
+    expiry.is_some_and(|t| t <= horizon_unix_ms)
 }
 
 #[cfg(test)]

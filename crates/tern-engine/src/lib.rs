@@ -58,8 +58,8 @@ impl WriteBatch {
 }
 
 /// Decides at compaction time whether a stored record may be dropped (TTL expiry). Given the key, the
-/// stored value and the current unix time in milliseconds.
-pub type ExpiryFilter = fn(key: &[u8], value: &[u8], now_unix_ms: u64) -> bool;
+/// stored value and the engine's expiry horizon (unix milliseconds; see `set_expiry_horizon`).
+pub type ExpiryFilter = fn(key: &[u8], value: &[u8], horizon_unix_ms: u64) -> bool;
 
 /// A replica's key-value store.
 pub trait KvEngine: Send + Sync {
@@ -73,8 +73,12 @@ pub trait KvEngine: Send + Sync {
     fn sync(&self) -> EngineResult<()>;
     /// Writes a consistent copy of the whole store into `dir` (which must not exist).
     fn checkpoint(&self, dir: &Path) -> EngineResult<()>;
-    /// Runs a full compaction (drops expired records now); mainly for tests and operators.
+    /// Runs a full compaction (drops records expired by the horizon now); mainly for tests and operators.
     fn compact_all(&self) -> EngineResult<()>;
+    /// How far compaction may expire records: the expiry filter is asked about this time, never the
+    /// machine's clock (the owner's state machine decides what time it is; it starts at 0: nothing
+    /// expires). Never moves backwards.
+    fn set_expiry_horizon(&self, horizon_unix_ms: u64);
 }
 
 /// Opens, destroys and restores engines in directories; one factory per server, sharing its resources

@@ -6,6 +6,7 @@ use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 type Map = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -17,6 +18,7 @@ const CHECKPOINT_FILE: &str = "memory-engine.dat";
 struct Slot {
     current: Arc<RwLock<Map>>,
     durable: Arc<Mutex<Map>>,
+    horizon: Arc<AtomicU64>,
 }
 
 /// Engines live in the factory keyed by directory, so "reopening" after a simulated restart finds the
@@ -26,23 +28,62 @@ struct Slot {
 pub struct MemoryEngineFactory {
     stores: Mutex<HashMap<PathBuf, Slot>>,
     expiry: Option<ExpiryFilter>,
-    failing_writes: Arc<std::sync::atomic::AtomicU32>,
+    faults: Arc<Faults>,
+}
+
+/// Injected disk faults, shared by every engine of a factory: each counter says how many of the next
+/// operations of its kind fail.
+#[derive(Default)]
+struct Faults {
+    failing_writes: std::sync::atomic::AtomicU32,
+    failing_reads: std::sync::atomic::AtomicU32,
+    corrupt_reads: std::sync::atomic::AtomicU32,
+}
+
+/// Takes one from a fault counter; true if the operation is to fail.
+fn take(counter: &std::sync::atomic::AtomicU32) -> bool {
+    counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
 }
 
 impl MemoryEngineFactory {
     pub fn new(expiry: Option<ExpiryFilter>) -> MemoryEngineFactory {
-        MemoryEngineFactory { stores: Default::default(), expiry, failing_writes: Default::default() }
+        MemoryEngineFactory { stores: Default::default(), expiry, faults: Default::default() }
     }
 
     /// The next `count` write batches (to any store of this factory) fail with an I/O error.
     pub fn fail_writes(&self, count: u32) {
-        self.failing_writes.store(count, std::sync::atomic::Ordering::SeqCst);
+        self.faults.failing_writes.store(count, Ordering::SeqCst);
     }
 
-    /// Every store loses what was written since its last sync.
+    /// The next `count` point reads that find a record fail with an I/O error.
+    pub fn fail_reads(&self, count: u32) {
+        self.faults.failing_reads.store(count, Ordering::SeqCst);
+    }
+
+    /// The next `count` point reads that find a record return it with one byte flipped (what a
+    /// checksum must catch).
+    pub fn corrupt_reads(&self, count: u32) {
+        self.faults.corrupt_reads.store(count, Ordering::SeqCst);
+    }
+
+    /// Every store loses what was written since its last sync; horizons start again from 0 (the
+    /// owner sets them again when it reopens).
     pub fn crash(&self) {
         for slot in self.stores.lock().values() {
             *slot.current.write() = slot.durable.lock().clone();
+            slot.horizon.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// Runs the expiry filter over every store, as RocksDB's background compactions would at any
+    /// moment (the simulator calls it at random times). Like a compaction, what it drops is gone from
+    /// the durable contents too.
+    pub fn compact_everything(&self) {
+        let Some(expired) = self.expiry else { return };
+        for slot in self.stores.lock().values() {
+            let horizon = slot.horizon.load(Ordering::SeqCst);
+            slot.current.write().retain(|k, v| !expired(k, v, horizon));
+            slot.durable.lock().retain(|k, v| !expired(k, v, horizon));
         }
     }
 }
@@ -62,8 +103,9 @@ impl EngineFactory for MemoryEngineFactory {
         Ok(Box::new(MemoryEngine {
             map: slot.current.clone(),
             durable: slot.durable.clone(),
+            horizon: slot.horizon.clone(),
             expiry: self.expiry,
-            failing_writes: self.failing_writes.clone(),
+            faults: self.faults.clone(),
         }))
     }
 
@@ -79,13 +121,20 @@ impl EngineFactory for MemoryEngineFactory {
 pub struct MemoryEngine {
     map: Arc<RwLock<Map>>,
     durable: Arc<Mutex<Map>>,
+    horizon: Arc<AtomicU64>,
     expiry: Option<ExpiryFilter>,
-    failing_writes: Arc<std::sync::atomic::AtomicU32>,
+    faults: Arc<Faults>,
 }
 
 impl MemoryEngine {
     pub fn new() -> MemoryEngine {
-        MemoryEngine { map: Default::default(), durable: Default::default(), expiry: None, failing_writes: Default::default() }
+        MemoryEngine {
+            map: Default::default(),
+            durable: Default::default(),
+            horizon: Default::default(),
+            expiry: None,
+            faults: Default::default(),
+        }
     }
 }
 
@@ -130,13 +179,19 @@ fn decode(mut bytes: &[u8]) -> EngineResult<Map> {
 
 impl KvEngine for MemoryEngine {
     fn get(&self, key: &[u8]) -> EngineResult<Option<Vec<u8>>> {
-        Ok(self.map.read().get(key).cloned())
+        let Some(mut value) = self.map.read().get(key).cloned() else { return Ok(None) };
+        if take(&self.faults.failing_reads) {
+            return Err(EngineError::Io("injected read error".into()));
+        }
+        if !value.is_empty() && take(&self.faults.corrupt_reads) {
+            let last = value.len() - 1;
+            value[last] ^= 0x5a; // injected corruption
+        }
+        Ok(Some(value))
     }
 
     fn write(&self, batch: WriteBatch) -> EngineResult<()> {
-        use std::sync::atomic::Ordering;
-        if self.failing_writes.load(Ordering::SeqCst) > 0 {
-            self.failing_writes.fetch_sub(1, Ordering::SeqCst);
+        if take(&self.faults.failing_writes) {
             return Err(EngineError::Io("injected write error".into()));
         }
         let mut map = self.map.write();
@@ -192,12 +247,13 @@ impl KvEngine for MemoryEngine {
 
     fn compact_all(&self) -> EngineResult<()> {
         if let Some(expired) = self.expiry {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
-            self.map.write().retain(|k, v| !expired(k, v, now));
+            let horizon = self.horizon.load(Ordering::SeqCst);
+            self.map.write().retain(|k, v| !expired(k, v, horizon));
         }
         Ok(())
+    }
+
+    fn set_expiry_horizon(&self, horizon_unix_ms: u64) {
+        self.horizon.fetch_max(horizon_unix_ms, Ordering::SeqCst);
     }
 }

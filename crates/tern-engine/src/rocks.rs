@@ -5,7 +5,8 @@ use crate::{EngineError, EngineFactory, EngineResult, ExpiryFilter, KvEngine, Wr
 use rocksdb::compaction_filter::Decision;
 use rocksdb::{BlockBasedOptions, Cache, Options, WriteBufferManager, WriteOptions, DB};
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 fn io(e: rocksdb::Error) -> EngineError {
     EngineError::Io(e.into_string())
@@ -36,7 +37,7 @@ impl RocksEngineFactory {
         RocksEngineFactory { shared, expiry }
     }
 
-    fn options(&self) -> Options {
+    fn options(&self, horizon: &Arc<AtomicU64>) -> Options {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.set_write_buffer_manager(&self.shared.write_buffers);
@@ -49,9 +50,9 @@ impl RocksEngineFactory {
         table.set_bloom_filter(10.0, false);
         opts.set_block_based_table_factory(&table);
         if let Some(expired) = self.expiry {
+            let horizon = horizon.clone();
             opts.set_compaction_filter("tern-ttl", move |_level: u32, key: &[u8], value: &[u8]| {
-                let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-                if expired(key, value, now) {
+                if expired(key, value, horizon.load(Ordering::Acquire)) {
                     Decision::Remove
                 } else {
                     Decision::Keep
@@ -64,8 +65,9 @@ impl RocksEngineFactory {
 
 impl EngineFactory for RocksEngineFactory {
     fn open(&self, dir: &Path) -> EngineResult<Box<dyn KvEngine>> {
-        let db = DB::open(&self.options(), dir).map_err(io)?;
-        Ok(Box::new(RocksEngine { db }))
+        let horizon = Arc::new(AtomicU64::new(0));
+        let db = DB::open(&self.options(&horizon), dir).map_err(io)?;
+        Ok(Box::new(RocksEngine { db, horizon }))
     }
 
     fn destroy(&self, dir: &Path) -> EngineResult<()> {
@@ -78,6 +80,8 @@ impl EngineFactory for RocksEngineFactory {
 
 pub struct RocksEngine {
     db: DB,
+    /// Read by the compaction filter (on RocksDB's background threads).
+    horizon: Arc<AtomicU64>,
 }
 
 impl KvEngine for RocksEngine {
@@ -129,5 +133,9 @@ impl KvEngine for RocksEngine {
     fn compact_all(&self) -> EngineResult<()> {
         self.db.compact_range::<&[u8], &[u8]>(None, None);
         Ok(())
+    }
+
+    fn set_expiry_horizon(&self, horizon_unix_ms: u64) {
+        self.horizon.fetch_max(horizon_unix_ms, Ordering::AcqRel);
     }
 }

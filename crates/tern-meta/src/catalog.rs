@@ -47,6 +47,8 @@ pub struct GroupProgress {
     /// Every member of the raft configuration the leader has applied (voters, outgoing voters and
     /// learners); None if no leader reported.
     pub leader_members: Option<Vec<PeerId>>,
+    /// Peers that stopped after a storage failure: replaced like peers on a down node.
+    pub failed: Vec<PeerId>,
 }
 
 /// Summarises replica statuses (from heartbeats of live nodes) per group: each peer's applied index,
@@ -57,6 +59,9 @@ pub fn group_progress<'a>(statuses: impl IntoIterator<Item = &'a tern_proto::Rep
     for r in statuses {
         let g = progress.entry(r.group_id).or_default();
         g.applied.insert(r.peer_id, r.applied_index);
+        if !r.failure.is_empty() {
+            g.failed.push(r.peer_id);
+        }
         if r.is_leader && r.term >= leader_terms.get(&r.group_id).copied().unwrap_or(0) {
             leader_terms.insert(r.group_id, r.term);
             g.leader_commit = r.commit_index;
@@ -337,7 +342,7 @@ impl Catalog {
 
     /// One pass of the scheduler, pure: cluster state in, catalog changes out (returned as log lines;
     /// empty if nothing changed). In order of urgency, for each partition without a move in flight:
-    /// 1. repair: a voter on a down node is replaced;
+    /// 1. repair: a voter on a down node, or one that stopped after a storage failure, is replaced;
     /// 2. drain: a voter on a decommissioned node is moved off;
     /// 3. balance (unless paused): a voter on the table's most loaded node moves to its least loaded
     ///    one when they differ by more than one (one balancing move at a time in the cluster).
@@ -468,7 +473,8 @@ impl Catalog {
                     }
                     continue;
                 }
-                let lost = p.peers.iter().find(|(_, n)| !alive.contains(n)).copied();
+                let failed = progress.get(&group.0).map(|g| g.failed.as_slice()).unwrap_or_default();
+                let lost = p.peers.iter().find(|(x, n)| !alive.contains(n) || failed.contains(x)).copied();
                 let drained = p.peers.iter().find(|(_, n)| self.draining.contains(n) && alive.contains(n)).copied();
                 let (victim, target, why) = if let Some(v) = lost.or(drained) {
                     let why = if lost.is_some() { "lost" } else { "draining" };
@@ -601,6 +607,25 @@ mod tests {
         let second = c.create_table("t", 2, 3, &nodes).unwrap().id;
         assert_ne!(first, second);
         assert!(matches!(c.drop_table("nope"), Err(TernError::TableNotFound(_))));
+    }
+
+    /// A replica that stopped after a storage failure is replaced from a healthy peer although its
+    /// node is alive (the node's other replicas stay where they are).
+    #[test]
+    fn repairs_failed_replicas() {
+        let (mut c, nodes) = catalog_with_nodes(4);
+        c.create_table("t", 2, 3, &nodes[..3]).unwrap();
+        let table = c.tables["t"].clone();
+        let group = GroupId::new(table.id, 0).0;
+        let failed_peer = table.partitions[0].peers[0];
+        let statuses = vec![tern_proto::ReplicaStatus { group_id: group, peer_id: failed_peer.0, failure: "checksum mismatch".into(), ..Default::default() }];
+        let progress = group_progress(&statuses);
+        let changes = c.schedule(&nodes, &progress, 8);
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        let p = &c.tables["t"].partitions[0];
+        assert_eq!(p.replacing, Some(failed_peer.0));
+        assert_eq!(p.learners.len(), 1);
+        assert!(c.tables["t"].partitions[1].learners.is_empty(), "the healthy partition is left alone");
     }
 
     /// A partition that lost a node gets a learner on a spare live node, which replaces the lost

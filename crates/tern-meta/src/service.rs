@@ -75,6 +75,8 @@ struct State {
 /// The raft group that holds the catalog, and where in it the catalog lives.
 const CATALOG_GROUP: GroupId = GroupId(0);
 const CATALOG_KEY: &[u8] = b"catalog";
+/// A record never written: reading it confirms leadership without moving the catalog.
+const LEADER_PROBE_KEY: &[u8] = b"leader-probe";
 /// How long a catalog write or read through raft may take.
 const CATALOG_IO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -139,12 +141,28 @@ impl MetaService {
         }
     }
 
+    /// Confirms this node still leads the catalog group, through raft's linearizable read path (a
+    /// lease while one is held, else a read-index round), before it answers from its memory: a
+    /// deposed leader must not hand out assignments a newer leader has changed.
+    async fn confirm_leader(&self) -> Result<(), TernError> {
+        self.read_catalog_group(LEADER_PROBE_KEY).await.map(|_| ())
+    }
+
     /// Reads the catalog through raft (linearizable: sees every change a previous leader committed).
     async fn load(&self) -> Result<Catalog, TernError> {
+        let r = self.read_catalog_group(CATALOG_KEY).await?;
+        match r.records.first() {
+            None => Ok(Catalog::default()),
+            Some(record) => serde_json::from_slice(&record.value).map_err(|e| TernError::Corruption(format!("catalog: {e}"))),
+        }
+    }
+
+    /// A linearizable read of one record of the catalog group.
+    async fn read_catalog_group(&self, hashkey: &[u8]) -> Result<tern_proto::ReadResponse, TernError> {
         let request = ReadRequest {
             partition: catalog_ref(),
             allow_stale: false,
-            op: Some(read_request::Op::Get(MultiGet { hashkey: CATALOG_KEY.to_vec().into(), sortkeys: vec![Default::default()], limit: 0, no_value: false })),
+            op: Some(read_request::Op::Get(MultiGet { hashkey: hashkey.to_vec().into(), sortkeys: vec![Default::default()], limit: 0, no_value: false })),
         };
         let (tx, rx) = oneshot::channel();
         self.store.send(StoreMsg::Read { group: CATALOG_GROUP, request, callback: Box::new(move |r| drop(tx.send(r))) });
@@ -154,10 +172,7 @@ impl MetaService {
             Err(_) => return Err(TernError::Timeout("catalog read did not finish in time".into())),
         };
         tern_proto::check(&r.error)?;
-        match r.records.first() {
-            None => Ok(Catalog::default()),
-            Some(record) => serde_json::from_slice(&record.value).map_err(|e| TernError::Corruption(format!("catalog: {e}"))),
-        }
+        Ok(r)
     }
 
     /// Follows the catalog group's raft leadership: on becoming leader, reads the catalog and starts
@@ -360,6 +375,9 @@ impl Meta for MetaService {
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         self.check_leader()?;
+        if let Err(e) = self.confirm_leader().await {
+            return Err(Status::unavailable(format!("this meta node cannot confirm it still leads ({e}); try another meta address")));
+        }
         let hb = request.into_inner();
         let known = self.state.lock().catalog.nodes.get(&hb.node_id).cloned();
         let Some(record) = known else {
@@ -570,10 +588,19 @@ pub struct MetaNode {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     store: StoreHandle,
     store_thread: Option<std::thread::JoinHandle<()>>,
+    failed: watch::Receiver<bool>,
 }
 
 fn internal(what: &'static str) -> impl Fn(std::io::Error) -> TernError {
     move |e| TernError::Internal(format!("{what}: {e}"))
+}
+
+/// The id meta nodes' raft envelopes carry: the same on every member (all are given the same list),
+/// never 0.
+fn meta_group_cluster_id(peers: &[(u64, String)]) -> u64 {
+    let mut members: Vec<String> = peers.iter().map(|(id, address)| format!("{id}={address}")).collect();
+    members.sort();
+    tern_core::codec::partition_hash(format!("tern-meta:{}", members.join(",")).as_bytes()) | 1
 }
 
 impl MetaNode {
@@ -590,9 +617,10 @@ impl MetaNode {
         let (handle, mailbox) = store::mailbox(10_000);
         let addresses: tern_transport::AddressBook = Default::default();
         addresses.write().extend(peers.iter().cloned());
-        // Meta's own raft traffic carries no cluster id (0: accepted everywhere); servers' traffic does.
-        let no_cluster = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let transport = tern_transport::GrpcTransport::new(cfg.id, no_cluster.clone(), tokio::runtime::Handle::current(), addresses, handle.clone(), 0);
+        // Meta's own raft traffic carries an id of its group, drawn from the member list every meta
+        // node is given, so raft services refuse envelopes without one.
+        let meta_group_id = Arc::new(std::sync::atomic::AtomicU64::new(meta_group_cluster_id(&peers)));
+        let transport = tern_transport::GrpcTransport::new(cfg.id, meta_group_id.clone(), tokio::runtime::Handle::current(), addresses, handle.clone(), 0);
         let (id, data_dir) = (cfg.id, cfg.data_dir.clone());
         let store_cfg = StoreConfig::default();
         let (tick, round_max) = (store_cfg.tick_interval, store_cfg.round_messages_max);
@@ -601,10 +629,10 @@ impl MetaNode {
         })
         .await
         .map_err(|e| TernError::Internal(format!("open meta store: {e}")))??;
-        let store_thread = std::thread::Builder::new()
-            .name(format!("tern-meta-store-{id}"))
-            .spawn(move || store::run(meta_store, mailbox, tick, round_max))
-            .map_err(internal("start meta store thread"))?;
+        let (stop, stopped) = watch::channel(false);
+        let (store_thread, failed) =
+            tern_transport::spawn_store_thread(format!("tern-meta-store-{id}"), move || store::run(meta_store, mailbox, tick, round_max), &stop)
+                .map_err(internal("start meta store thread"))?;
         let lowest = peers.iter().map(|(i, _)| *i).min().expect("at least one meta peer");
         handle.send(StoreMsg::EnsureReplicas(vec![ReplicaSpec {
             group: CATALOG_GROUP,
@@ -618,7 +646,6 @@ impl MetaNode {
         }]));
 
         let service = MetaService::new(handle.clone(), cfg.node_grace);
-        let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(service.clone().follow_leadership(stopped.clone())));
         let scheduler = service.clone();
@@ -632,8 +659,8 @@ impl MetaNode {
                 scheduler.schedule_once().await;
             }
         }));
-        let raft = tern_proto::raft_server::RaftServer::new(tern_transport::RaftService::new(cfg.id, no_cluster, handle.clone(), cfg.data_dir.join("snapshots-received")))
-            .max_decoding_message_size(tern_core::limits::GRPC_MESSAGE_BYTES_MAX);
+        let raft = tern_proto::raft_server::RaftServer::new(tern_transport::RaftService::new(cfg.id, meta_group_id, handle.clone(), cfg.data_dir.join("snapshots-received")))
+            .max_decoding_message_size(tern_core::limits::RAFT_BATCH_BYTES_MAX);
         let mut server_stopped = stopped.clone();
         tasks.push(tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -649,7 +676,13 @@ impl MetaNode {
             }
         }));
         tracing::info!(%address, id = cfg.id, peers = peers.len(), "meta node started");
-        Ok(MetaNode { address, stop, tasks, store: handle, store_thread: Some(store_thread) })
+        Ok(MetaNode { address, stop, tasks, store: handle, store_thread: Some(store_thread), failed })
+    }
+
+    /// Resolves if the node failed on its own (its store thread died); the process should exit.
+    pub async fn failed(&self) {
+        let mut failed = self.failed.clone();
+        let _ = failed.wait_for(|f| *f).await;
     }
 
     pub async fn shutdown(mut self) {

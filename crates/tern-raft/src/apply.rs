@@ -22,7 +22,15 @@ pub struct ApplyState {
     pub applied_index: u64,
     pub applied_term: u64,
     pub conf_state: ConfState,
+    /// The state machine's clock: the newest leader timestamp applied so far (unix ms). Each entry is
+    /// applied at max(its stamp, this), so time as the log sees it never goes backwards, whatever
+    /// the clocks of successive leaders say, and every replica computes it identically.
+    pub stamp_ms: u64,
 }
+
+/// Bytes of the fixed part of an encoded apply state (index, term, stamp) before the conf state; a
+/// crc32 of everything before it ends the encoding.
+const APPLY_STATE_FIXED_BYTES: usize = 24;
 
 impl ApplyState {
     fn encode(&self) -> Vec<u8> {
@@ -30,24 +38,35 @@ impl ApplyState {
         let mut out = Vec::with_capacity(64);
         out.extend_from_slice(&self.applied_index.to_be_bytes());
         out.extend_from_slice(&self.applied_term.to_be_bytes());
+        out.extend_from_slice(&self.stamp_ms.to_be_bytes());
         out.extend_from_slice(&self.conf_state.write_to_bytes().expect("encode conf state"));
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_be_bytes());
         out
     }
 
     fn decode(bytes: &[u8]) -> Result<ApplyState, TernError> {
         use protobuf::Message as _;
-        if bytes.len() < 16 {
+        if bytes.len() < APPLY_STATE_FIXED_BYTES + 4 {
             return Err(TernError::Corruption(format!("apply state of {} bytes", bytes.len())));
         }
-        let conf_state = ConfState::parse_from_bytes(&bytes[16..])
+        let (bytes, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32fast::hash(bytes).to_be_bytes() != crc {
+            return Err(TernError::Corruption("apply state failed its checksum".into()));
+        }
+        let conf_state = ConfState::parse_from_bytes(&bytes[APPLY_STATE_FIXED_BYTES..])
             .map_err(|e| TernError::Corruption(format!("apply state conf state: {e}")))?;
-        Ok(ApplyState {
-            applied_index: u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes")),
-            applied_term: u64::from_be_bytes(bytes[8..16].try_into().expect("8 bytes")),
-            conf_state,
-        })
+        let word = |i: usize| u64::from_be_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        Ok(ApplyState { applied_index: word(0), applied_term: word(1), stamp_ms: word(2), conf_state })
     }
 }
+
+/// The state machine could not read or decode what it needs to apply an entry (an engine I/O error,
+/// a checksum mismatch, an undecodable command). Never an answer to a client: the replica stops,
+/// because answering and moving on would leave it with different contents than its peers.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("storage failure at apply: {0}")]
+pub struct StorageFailure(pub TernError);
 
 pub fn engine_error(e: tern_engine::EngineError) -> TernError {
     match e {
@@ -59,6 +78,8 @@ pub fn engine_error(e: tern_engine::EngineError) -> TernError {
 pub struct StateMachine {
     engine: Box<dyn KvEngine>,
     state: ApplyState,
+    /// Test-only: let compaction expire records by the node's own clock (see `PlantedBugs`).
+    expiry_by_local_clock: bool,
 }
 
 impl StateMachine {
@@ -77,7 +98,34 @@ impl StateMachine {
                 initial
             }
         };
-        Ok(StateMachine { engine, state })
+        engine.set_expiry_horizon(state.stamp_ms);
+        Ok(StateMachine { engine, state, expiry_by_local_clock: false })
+    }
+
+    /// Plants the bug the simulator must catch: compaction drops records that expired by this node's
+    /// wall clock instead of by the applied log's clock.
+    pub fn plant_expiry_by_local_clock(&mut self) {
+        self.expiry_by_local_clock = true;
+    }
+
+    /// Makes everything applied so far durable, then lets compaction expire records up to the
+    /// applied log's clock as of that point. Every later entry applies at that time or after it, so
+    /// what expired by then stays expired; and it is bounded by what is durable, because compaction
+    /// output survives a crash that loses unsynced applies: a record compacted away by a clock the
+    /// recovered state has not reached yet would be missing when those entries are applied again
+    /// (found by the simulator: seeds 1004 and 1111 diverged with the horizon at the applied clock).
+    pub fn sync(&self) -> Result<(), TernError> {
+        let stamp = self.state.stamp_ms;
+        self.engine.sync().map_err(engine_error)?;
+        self.engine.set_expiry_horizon(stamp);
+        Ok(())
+    }
+
+    /// The planted bug's horizon: the node's own clock, whatever is durable.
+    pub fn planted_expiry_horizon(&self, local_now_ms: u64) {
+        if self.expiry_by_local_clock {
+            self.engine.set_expiry_horizon(local_now_ms);
+        }
     }
 
     pub fn state(&self) -> &ApplyState {
@@ -90,7 +138,7 @@ impl StateMachine {
 
     /// Starts a batch of applies; nothing is visible until `finish`.
     pub fn begin(&self) -> ApplyBatch {
-        ApplyBatch { wb: WriteBatch::default(), overlay: HashMap::new(), state: self.state.clone() }
+        ApplyBatch { wb: WriteBatch::default(), overlay: HashMap::new(), deleted_ranges: Vec::new(), state: self.state.clone() }
     }
 
     /// Writes the batch and the new apply state atomically.
@@ -98,6 +146,7 @@ impl StateMachine {
         if batch.state == self.state && batch.wb.is_empty() {
             return Ok(());
         }
+        debug_assert!(batch.state.stamp_ms >= self.state.stamp_ms, "the log's clock never goes backwards");
         batch.wb.put(keys::APPLY_STATE_KEY.to_vec(), batch.state.encode());
         self.engine.write(batch.wb).map_err(engine_error)?;
         self.state = batch.state;
@@ -110,6 +159,9 @@ impl StateMachine {
 pub struct ApplyBatch {
     wb: WriteBatch,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Ranges deleted earlier in the batch (keys written after a delete are in `overlay`): what an
+    /// entry sees must not depend on how entries were grouped into batches.
+    deleted_ranges: Vec<(Vec<u8>, Vec<u8>)>,
     state: ApplyState,
 }
 
@@ -124,10 +176,11 @@ impl ApplyBatch {
         self.state.conf_state = conf_state;
     }
 
-    fn get(&self, engine: &dyn KvEngine, key: &[u8]) -> Result<Option<Vec<u8>>, TernError> {
+    fn get(&self, engine: &dyn KvEngine, key: &[u8]) -> Result<Option<Vec<u8>>, StorageFailure> {
         match self.overlay.get(key) {
             Some(v) => Ok(v.clone()),
-            None => engine.get(key).map_err(engine_error),
+            None if self.deleted_ranges.iter().any(|(start, end)| start.as_slice() <= key && key < end.as_slice()) => Ok(None),
+            None => engine.get(key).map_err(|e| StorageFailure(engine_error(e))),
         }
     }
 
@@ -141,10 +194,16 @@ impl ApplyBatch {
         self.wb.delete(key);
     }
 
+    fn delete_range(&mut self, start: Vec<u8>, end: Vec<u8>) {
+        self.overlay.retain(|k, _| !(start.as_slice() <= k.as_slice() && k.as_slice() < end.as_slice()));
+        self.deleted_ranges.push((start.clone(), end.clone()));
+        self.wb.delete_range(start, end);
+    }
+
     /// The live (unexpired, checksum-verified) record at `key`: (expire_at_ms, value).
-    fn live_record(&self, engine: &dyn KvEngine, key: &[u8], now_ms: u64) -> Result<Option<(u64, Vec<u8>)>, TernError> {
+    fn live_record(&self, engine: &dyn KvEngine, key: &[u8], now_ms: u64) -> Result<Option<(u64, Vec<u8>)>, StorageFailure> {
         let Some(stored) = self.get(engine, key)? else { return Ok(None) };
-        let (expire, value) = codec::decode_value(&stored)?;
+        let (expire, value) = codec::decode_value(&stored).map_err(StorageFailure)?;
         if codec::is_expired(expire, now_ms) {
             return Ok(None);
         }
@@ -152,26 +211,22 @@ impl ApplyBatch {
     }
 
     /// Applies one committed command and returns the client's answer. Errors that come from the
-    /// request (wrong type, overflow) are answers too: deterministic, no state change.
-    pub fn apply_command(&mut self, engine: &dyn KvEngine, data: &[u8]) -> WriteResponse {
-        let command = match RaftCommand::decode(data) {
-            Ok(c) => c,
-            Err(e) => return error_response(TernError::Corruption(format!("undecodable raft command: {e}"))),
-        };
-        let now = command.now_unix_ms;
+    /// request (wrong type, overflow) are answers: deterministic, no state change. A storage failure
+    /// is not: the caller must stop the replica.
+    pub fn apply_command(&mut self, engine: &dyn KvEngine, data: &[u8]) -> Result<WriteResponse, StorageFailure> {
+        let command = RaftCommand::decode(data)
+            .map_err(|e| StorageFailure(TernError::Corruption(format!("undecodable raft command: {e}"))))?;
+        // The log's clock: never behind an entry applied before (a new leader's clock may be).
+        let now = command.now_unix_ms.max(self.state.stamp_ms);
+        self.state.stamp_ms = now;
         let Some(write) = command.write else {
-            return error_response(TernError::invalid("raft command without a write"));
+            return Ok(error_response(TernError::invalid("raft command without a write")));
         };
         let dedup = (write.client_id != 0).then(|| keys::dedup_key(write.client_id, write.seq));
         if let Some(key) = &dedup {
-            match self.live_record(engine, key, now) {
-                Ok(Some((_, remembered))) => {
-                    return WriteResponse::decode(&remembered[..]).unwrap_or_else(|e| {
-                        error_response(TernError::Corruption(format!("remembered result: {e}")))
-                    });
-                }
-                Ok(None) => {}
-                Err(e) => return error_response(e),
+            if let Some((_, remembered)) = self.live_record(engine, key, now)? {
+                return WriteResponse::decode(&remembered[..])
+                    .map_err(|e| StorageFailure(TernError::Corruption(format!("remembered result: {e}"))));
             }
         }
         // Results below the client's floor were forgotten: a request that old is a late duplicate of
@@ -179,22 +234,20 @@ impl ApplyBatch {
         let floor_key = keys::dedup_floor_key(write.client_id);
         let floor = match &dedup {
             None => 0,
-            Some(_) => match self.live_record(engine, &floor_key, now) {
-                Ok(Some((_, v))) => v.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0),
-                Ok(None) => 0,
-                Err(e) => return error_response(e),
+            Some(_) => match self.live_record(engine, &floor_key, now)? {
+                Some((_, v)) => u64::from_be_bytes(
+                    v.as_slice().try_into().map_err(|_| StorageFailure(TernError::Corruption(format!("exactly-once floor of {} bytes", v.len()))))?,
+                ),
+                None => 0,
             },
         };
         if dedup.is_some() && write.seq < floor {
-            return error_response(TernError::ProposalDropped(format!(
+            return Ok(error_response(TernError::ProposalDropped(format!(
                 "request {} of client {} is older than its acknowledged sequence {floor}; ignored",
                 write.seq, write.client_id
-            )));
+            ))));
         }
-        let response = match self.execute(engine, &write, now) {
-            Ok(r) => r,
-            Err(e) => error_response(e),
-        };
+        let response = self.execute(engine, &write, now)?;
         if let Some(key) = dedup {
             let new_floor = write.first_incomplete_seq.min(write.seq).max(floor);
             // The floor moves, and forgotten results are removed, in chunks: one range tombstone and
@@ -205,18 +258,19 @@ impl ApplyBatch {
             let (old_chunk, new_chunk) = (floor / DEDUP_GC_CHUNK, new_floor / DEDUP_GC_CHUNK);
             if new_chunk > old_chunk {
                 let from = keys::dedup_key(write.client_id, old_chunk * DEDUP_GC_CHUNK);
-                self.wb.delete_range(from, keys::dedup_key(write.client_id, new_chunk * DEDUP_GC_CHUNK));
+                self.delete_range(from, keys::dedup_key(write.client_id, new_chunk * DEDUP_GC_CHUNK));
                 self.put(floor_key, codec::encode_value(now + DEDUP_RESULT_TTL_MS, &new_floor.to_be_bytes()));
             }
             self.put(key, codec::encode_value(now + DEDUP_RESULT_TTL_MS, &response.encode_to_vec()));
         }
-        response
+        Ok(response)
     }
 
-    fn execute(&mut self, engine: &dyn KvEngine, write: &WriteRequest, now: u64) -> Result<WriteResponse, TernError> {
+    /// Executes a write: request errors come back as error responses, storage failures as `Err`.
+    fn execute(&mut self, engine: &dyn KvEngine, write: &WriteRequest, now: u64) -> Result<WriteResponse, StorageFailure> {
         let mut response = WriteResponse::default();
         match &write.op {
-            None => return Err(TernError::invalid("write request without an operation")),
+            None => return Ok(error_response(TernError::invalid("write request without an operation"))),
             Some(Op::Set(set)) => {
                 for v in &set.values {
                     let expire = codec::expiry(now, v.ttl_seconds, v.expire_at_ms);
@@ -236,11 +290,17 @@ impl ApplyBatch {
                 let key = keys::data_key(&incr.hashkey, &incr.sortkey);
                 let (old, old_expire) = match self.live_record(engine, &key, now)? {
                     None => (0, 0),
-                    Some((expire, v)) => (parse_integer(&v)?, expire),
+                    Some((expire, v)) => match parse_integer(&v) {
+                        Ok(i) => (i, expire),
+                        Err(e) => return Ok(error_response(e)),
+                    },
                 };
-                let new = old.checked_add(incr.delta).ok_or_else(|| {
-                    TernError::invalid(format!("incr of {old} by {} overflows a signed 64-bit integer", incr.delta))
-                })?;
+                let Some(new) = old.checked_add(incr.delta) else {
+                    return Ok(error_response(TernError::invalid(format!(
+                        "incr of {old} by {} overflows a signed 64-bit integer",
+                        incr.delta
+                    ))));
+                };
                 let expire = if incr.ttl_seconds > 0 { codec::expiry_from_ttl(now, incr.ttl_seconds) } else { old_expire };
                 self.put(key, codec::encode_value(expire, new.to_string().as_bytes()));
                 response.new_value = new;
@@ -253,7 +313,7 @@ impl ApplyBatch {
                     Ok(CheckType::ValueNotExist) => current.is_none(),
                     Ok(CheckType::ValueExist) => current.is_some(),
                     Ok(CheckType::ValueEqual) => current.as_ref().is_some_and(|(_, v)| v[..] == cas.check_operand[..]),
-                    Err(_) => return Err(TernError::invalid(format!("unknown check type {}", cas.check_type))),
+                    Err(_) => return Ok(error_response(TernError::invalid(format!("unknown check type {}", cas.check_type)))),
                 };
                 if cas.return_check_value {
                     response.check_value_exists = current.is_some();
@@ -317,7 +377,7 @@ mod tests {
 
     fn apply(sm: &mut StateMachine, index: u64, data: Vec<u8>) -> WriteResponse {
         let mut batch = sm.begin();
-        let r = batch.apply_command(sm.engine(), &data);
+        let r = batch.apply_command(sm.engine(), &data).unwrap();
         batch.set_applied(index, 1);
         sm.finish(batch).unwrap();
         r
@@ -393,12 +453,105 @@ mod tests {
     fn batch_reads_its_own_writes() {
         let mut sm = open();
         let mut batch = sm.begin();
-        batch.apply_command(sm.engine(), &command(1000, 0, 0, incr(2)));
-        let r = batch.apply_command(sm.engine(), &command(1000, 0, 0, incr(3)));
+        batch.apply_command(sm.engine(), &command(1000, 0, 0, incr(2))).unwrap();
+        let r = batch.apply_command(sm.engine(), &command(1000, 0, 0, incr(3))).unwrap();
         assert_eq!(r.new_value, 5);
         batch.set_applied(1, 1);
         sm.finish(batch).unwrap();
         assert_eq!(sm.state().applied_index, 1);
+    }
+
+    /// Time as the log sees it never goes backwards: an entry stamped by a leader whose clock is
+    /// behind its predecessor's applies at the newest time already applied, so a record that expired
+    /// stays expired (without the clamp, the incr below would find 41 alive again and answer 42).
+    #[test]
+    fn log_clock_never_goes_backwards() {
+        let mut sm = open();
+        apply(&mut sm, 1, command(1000, 0, 0, set("h", "n", "41", 1)));
+        let del = Op::Del(MultiDel { hashkey: "h".into(), sortkeys: vec!["other".into()] });
+        apply(&mut sm, 2, command(2500, 0, 0, del));
+        assert_eq!(sm.state().stamp_ms, 2500);
+        assert_eq!(apply(&mut sm, 3, command(1500, 0, 0, incr(1))).new_value, 1, "expired at 2500 stays expired");
+        assert_eq!(sm.state().stamp_ms, 2500, "the older stamp did not move the clock back");
+    }
+
+    /// Compaction expires records only up to the applied log's clock, never by the machine's: a
+    /// replica replaying old entries keeps what those entries still need.
+    #[test]
+    fn compaction_expires_by_the_applied_log() {
+        let factory = tern_engine::MemoryEngineFactory::new(Some(keys::is_expired_record));
+        let dir = tempfile::tempdir().unwrap();
+        use tern_engine::EngineFactory as _;
+        let mut sm = StateMachine::open(factory.open(dir.path()).unwrap(), ApplyState::default()).unwrap();
+        apply(&mut sm, 1, command(1000, 0, 0, set("h", "n", "41", 1)));
+        sm.sync().unwrap();
+        sm.engine().compact_all().unwrap();
+        assert!(sm.engine().get(&keys::data_key(b"h", b"n")).unwrap().is_some(), "alive at the log's time 1000");
+        assert_eq!(apply(&mut sm, 2, command(1500, 0, 0, incr(1))).new_value, 42);
+        let elsewhere = Op::Del(MultiDel { hashkey: "other".into(), sortkeys: vec!["x".into()] });
+        apply(&mut sm, 3, command(9000, 0, 0, elsewhere));
+        sm.engine().compact_all().unwrap();
+        assert!(sm.engine().get(&keys::data_key(b"h", b"n")).is_ok_and(|v| v.is_some()), "not before the log's time 9000 is durable");
+        sm.sync().unwrap();
+        sm.engine().compact_all().unwrap();
+        assert!(sm.engine().get(&keys::data_key(b"h", b"n")).unwrap().is_none(), "expired by the log's time 9000, synced");
+    }
+
+    /// A storage failure while applying (here a stored value whose checksum does not match) is not
+    /// an answer: apply reports it so the replica stops, instead of answering an error and moving on
+    /// without the write its peers applied.
+    #[test]
+    fn storage_failure_is_not_an_answer() {
+        let mut sm = open();
+        apply(&mut sm, 1, command(1000, 0, 0, set("h", "n", "41", 0)));
+        let mut stored = sm.engine().get(&keys::data_key(b"h", b"n")).unwrap().unwrap();
+        *stored.last_mut().unwrap() ^= 0xff;
+        let mut wb = WriteBatch::default();
+        wb.put(keys::data_key(b"h", b"n"), stored);
+        sm.engine().write(wb).unwrap();
+        let mut batch = sm.begin();
+        let r = batch.apply_command(sm.engine(), &command(1000, 0, 0, incr(1)));
+        assert!(matches!(r, Err(StorageFailure(TernError::Corruption(_)))), "{r:?}");
+        let r = batch.apply_command(sm.engine(), &[0x12, 0x05, 0x01]); // a field cut short
+        assert!(matches!(r, Err(StorageFailure(TernError::Corruption(_)))), "{r:?}");
+    }
+
+    /// Sequence number u64::MAX is a request like any other: its result does not collide with the
+    /// client's floor record.
+    #[test]
+    fn largest_sequence_number_has_its_own_result() {
+        let mut sm = open();
+        apply(&mut sm, 1, command(1000, 7, 1, incr(1)));
+        apply(&mut sm, 2, command(1000, 7, DEDUP_GC_CHUNK + 1, incr(1)));
+        assert!(sm.engine().get(&keys::dedup_floor_key(7)).unwrap().is_some(), "a floor is stored");
+        assert_eq!(apply(&mut sm, 3, command(1000, 7, u64::MAX, incr(1))).new_value, 3);
+        assert_eq!(apply(&mut sm, 4, command(1000, 7, u64::MAX, incr(1))).new_value, 3, "its retry is answered from memory");
+        assert_eq!(apply(&mut sm, 5, command(1000, 0, 0, incr(0))).new_value, 3);
+    }
+
+    /// A batch sees its own range deletes: a late duplicate whose remembered result a floor move
+    /// earlier in the batch removed is refused, exactly as when the two land in separate batches.
+    #[test]
+    fn batch_sees_its_own_range_deletes() {
+        let answers = |one_batch: bool| {
+            let mut sm = open();
+            apply(&mut sm, 1, command(1000, 7, 1, incr(1)));
+            let moves_floor = command(1000, 7, DEDUP_GC_CHUNK + 1, incr(1));
+            let late = command(1000, 7, 1, incr(1));
+            if one_batch {
+                let mut batch = sm.begin();
+                batch.apply_command(sm.engine(), &moves_floor).unwrap();
+                let r = batch.apply_command(sm.engine(), &late).unwrap();
+                batch.set_applied(2, 1);
+                sm.finish(batch).unwrap();
+                r
+            } else {
+                apply(&mut sm, 2, moves_floor);
+                apply(&mut sm, 3, late)
+            }
+        };
+        assert_eq!(answers(true), answers(false));
+        assert!(answers(true).error.is_some(), "refused as older than the floor");
     }
 
     /// The apply state survives reopening.
@@ -406,8 +559,11 @@ mod tests {
     fn apply_state_round_trip() {
         let mut cs = ConfState::default();
         cs.voters = vec![1, 2, 3];
-        let s = ApplyState { applied_index: 9, applied_term: 4, conf_state: cs };
+        let s = ApplyState { applied_index: 9, applied_term: 4, conf_state: cs, stamp_ms: 77 };
         assert_eq!(ApplyState::decode(&s.encode()).unwrap(), s);
         assert!(ApplyState::decode(&[1, 2]).is_err());
+        let mut damaged = s.encode();
+        damaged[20] ^= 1;
+        assert!(ApplyState::decode(&damaged).is_err(), "a flipped bit is caught by the checksum");
     }
 }

@@ -3,14 +3,16 @@
 //! - `0x01 ++ codec::encode_key(hashkey, sortkey)`: user records (value: codec value header + value);
 //! - `0x00 'a'`: the apply state (applied index and term, conf state);
 //! - `0x00 'd' ++ client_id (u64 BE) ++ seq (u64 BE)`: remembered results of deduplicated writes
-//!   (value: codec value header with an expiry + encoded WriteResponse); seq u64::MAX holds the
-//!   client's floor (see `dedup_floor_key`).
+//!   (value: codec value header with an expiry + encoded WriteResponse);
+//! - `0x00 'f' ++ client_id (u64 BE)`: the client's floor (see `dedup_floor_key`), apart from the
+//!   results so that every sequence number, u64::MAX included, has a result key of its own.
 
 use tern_core::codec;
 
 pub const DATA_PREFIX: u8 = 0x01;
 pub const APPLY_STATE_KEY: &[u8] = &[0x00, b'a'];
 const DEDUP_PREFIX: &[u8] = &[0x00, b'd'];
+const DEDUP_FLOOR_PREFIX: &[u8] = &[0x00, b'f'];
 
 pub fn data_key(hashkey: &[u8], sortkey: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(3 + hashkey.len() + sortkey.len());
@@ -29,9 +31,11 @@ pub fn data_end() -> Vec<u8> {
 }
 
 /// The lowest sequence number of a client whose result may still be remembered (below it, results
-/// were forgotten and requests are refused as late duplicates). Sorts after every dedup key of the client.
+/// were forgotten and requests are refused as late duplicates).
 pub fn dedup_floor_key(client_id: u64) -> Vec<u8> {
-    dedup_key(client_id, u64::MAX)
+    let mut key = DEDUP_FLOOR_PREFIX.to_vec();
+    key.extend_from_slice(&client_id.to_be_bytes());
+    key
 }
 
 pub fn dedup_key(client_id: u64, seq: u64) -> Vec<u8> {
@@ -41,10 +45,10 @@ pub fn dedup_key(client_id: u64, seq: u64) -> Vec<u8> {
     key
 }
 
-/// Records whose value header says they have expired: user records and remembered results. The
-/// apply state and anything unrecognised are always kept.
+/// Records whose value header says they have expired: user records, remembered results and floors.
+/// The apply state and anything unrecognised are always kept.
 pub fn is_expired_record(key: &[u8], value: &[u8], now_unix_ms: u64) -> bool {
-    let ttl_bearing = key.first() == Some(&DATA_PREFIX) || key.starts_with(DEDUP_PREFIX);
+    let ttl_bearing = key.first() == Some(&DATA_PREFIX) || key.starts_with(DEDUP_PREFIX) || key.starts_with(DEDUP_FLOOR_PREFIX);
     ttl_bearing && codec::peek_expire_at_ms(value).is_some_and(|e| codec::is_expired(e, now_unix_ms))
 }
 
@@ -61,6 +65,7 @@ mod tests {
         assert!(!is_expired_record(&data_key(b"h", b"s"), &expired, 50));
         assert!(!is_expired_record(&data_key(b"h", b"s"), &live, 200));
         assert!(is_expired_record(&dedup_key(1, 2), &expired, 200));
+        assert!(is_expired_record(&dedup_floor_key(1), &expired, 200));
         assert!(!is_expired_record(APPLY_STATE_KEY, &expired, 200));
     }
 
@@ -69,6 +74,7 @@ mod tests {
     fn dedup_key_order() {
         assert!(dedup_key(1, 2) < dedup_key(1, 3));
         assert!(dedup_key(1, u64::MAX) < dedup_key(2, 0));
+        assert_ne!(dedup_key(1, u64::MAX), dedup_floor_key(1), "every sequence number has its own result key");
         assert!(data_key(b"", b"") < data_end());
     }
 }

@@ -17,4 +17,5 @@ pub mod keys;
 pub mod log_store;
 pub mod read;
 pub mod replica;
+pub mod snapshot;
 pub mod store;

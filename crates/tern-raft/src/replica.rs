@@ -3,7 +3,7 @@
 //! at a time; it does no network I/O itself (messages go to the store's outbox) and writes the raft
 //! log only through the round's shared `LogWriteBatch`.
 
-use crate::apply::{error_response, ApplyState, StateMachine};
+use crate::apply::{error_response, ApplyState, StateMachine, StorageFailure};
 use crate::log_store::{LogStore, LogWriteBatch, PeerStorage};
 use crate::read::{checksum, execute_read};
 use prost::Message as _;
@@ -25,10 +25,26 @@ pub type ReadCallback = Box<dyn FnOnce(ReadResponse) + Send>;
 /// initial members agree on the state below it without exchanging a snapshot.
 pub const INITIAL_INDEX: u64 = 5;
 pub const INITIAL_TERM: u64 = 5;
-/// A deliberately planted bug, for proving that the simulator's checker catches it: when set, a
-/// leader answers linearizable reads from local state without confirming its leadership (ReadIndex),
-/// so a deposed leader can serve stale data. Only the simulator's tests set it.
-pub static PLANTED_BUG_READ_WITHOUT_READ_INDEX: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Bugs planted on purpose by the tests that prove the simulator catches them. They travel in the
+/// configuration of the thing under test (never a process-wide switch that tests sharing a process
+/// could race on); production leaves every one off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlantedBugs {
+    /// A leader answers linearizable reads from local state without confirming leadership.
+    pub read_without_read_index: bool,
+    /// The read lease is 40 times longer than followers refuse votes for.
+    pub lease_too_long: bool,
+    /// A leader keeps using its lease after it started a leadership transfer.
+    pub lease_through_transfer: bool,
+    /// Compaction expires records by the node's wall clock instead of the applied log's clock.
+    pub expiry_by_local_clock: bool,
+    /// A storage failure at apply is answered as an error and the entry counts as applied.
+    pub storage_failure_as_answer: bool,
+    /// A received snapshot is handed to raft without checking it against its manifest.
+    pub unverified_snapshot: bool,
+    /// A restarted replica votes at once, forgetting it may have heard from a leader just before.
+    pub vote_right_after_restart: bool,
+}
 
 /// Ticks between two attempts to hand leadership to the preferred peer.
 const LEADER_TRANSFER_COOLDOWN_TICKS: u64 = 30;
@@ -51,6 +67,9 @@ pub struct ReplicaConfig {
     pub log_gc_lag_max: u64,
     /// Check for log compaction every this many ticks.
     pub log_gc_interval_ticks: u64,
+    /// Sync the engine every this many ticks (when it applied something meanwhile), so compaction
+    /// may expire records up to the durable applied clock (see `StateMachine::sync`).
+    pub expiry_sync_interval_ticks: u64,
     /// Client writes proposed but not yet applied, per replica.
     pub pending_proposals_max: usize,
     /// Client reads waiting for a read index, per replica.
@@ -61,6 +80,8 @@ pub struct ReplicaConfig {
     /// The store sets it below the time followers refuse to vote after hearing from a leader
     /// (election_tick ticks); zero turns lease reads off.
     pub read_lease: std::time::Duration,
+    /// Bugs put back on purpose by simulator tests (all off in production).
+    pub planted: PlantedBugs,
 }
 
 impl Default for ReplicaConfig {
@@ -71,10 +92,12 @@ impl Default for ReplicaConfig {
             log_gc_count_threshold: 10_000,
             log_gc_lag_max: 50_000,
             log_gc_interval_ticks: 10,
+            expiry_sync_interval_ticks: 100,
             pending_proposals_max: 20_000,
             pending_reads_max: 20_000,
             read_timeout_ticks: 50,
             read_lease: std::time::Duration::ZERO,
+            planted: PlantedBugs::default(),
         }
     }
 }
@@ -118,6 +141,10 @@ struct Lease {
     epoch: u64,
     /// When a read last used the lease (renewals are only worth it while reads come).
     used_at: Duration,
+    /// A term in which a leadership transfer was started: no lease for the rest of it. raft-rs may
+    /// abort the transfer, but a late MsgTimeoutNow can still elect the transferee, which never waits
+    /// out followers' vote refusal.
+    forbidden_term: u64,
 }
 
 /// What a replica remembers about itself across restarts (besides the raft log and its engine).
@@ -139,18 +166,11 @@ impl ReplicaMeta {
         serde_json::from_slice(&bytes).map_err(|e| TernError::Corruption(format!("{}: {e}", path.display())))
     }
 
-    /// Atomic replace: write a temporary file, sync it, rename over the old one.
+    /// Atomic, durable replace (temporary file synced, renamed, directory synced).
     pub fn save(&self, dir: &Path) -> Result<(), TernError> {
-        let tmp = dir.join("replica.json.tmp");
         let bytes = serde_json::to_vec_pretty(self).expect("serialize replica meta");
-        let io = |e: std::io::Error| TernError::Internal(format!("save replica meta in {}: {e}", dir.display()));
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            f.write_all(&bytes).map_err(io)?;
-            f.sync_all().map_err(io)?;
-        }
-        std::fs::rename(&tmp, dir.join("replica.json")).map_err(io)
+        tern_core::files::write_file_atomically(&dir.join("replica.json"), &bytes)
+            .map_err(|e| TernError::Internal(format!("save replica meta in {}: {e}", dir.display())))
     }
 }
 
@@ -178,6 +198,15 @@ pub struct Replica {
     last_transfer_tick: u64,
     /// Applied a configuration without itself: ignores raft messages and ticks from then on.
     removed: bool,
+    /// Stopped after a storage failure (the reason): takes no further part and answers nothing but
+    /// errors, until meta replaces it or the server restarts.
+    failure: Option<String>,
+    /// Vote requests are ignored until this tick: a replica opened from disk may have heard from a
+    /// leader just before it went down, and must not help elect a candidate cut off from that leader
+    /// before a follower that stayed up would (check_quorum's vote refusal, which a restart forgets).
+    votes_refused_until_tick: u64,
+    /// Applied index at the last periodic engine sync.
+    synced_index: u64,
 }
 
 fn fatal(group: GroupId, what: &str, e: impl std::fmt::Display) -> ! {
@@ -204,7 +233,7 @@ impl Replica {
             Some(voters) => {
                 let mut cs = ConfState::default();
                 cs.voters = voters.clone();
-                ApplyState { applied_index: INITIAL_INDEX, applied_term: INITIAL_TERM, conf_state: cs }
+                ApplyState { applied_index: INITIAL_INDEX, applied_term: INITIAL_TERM, conf_state: cs, stamp_ms: 0 }
             }
             None => ApplyState::default(),
         };
@@ -245,9 +274,15 @@ impl Replica {
             ..Default::default()
         };
         config.validate().map_err(|e| TernError::Internal(format!("raft config: {e}")))?;
+        let restarted = bootstrap_voters.is_none() && !fresh_log;
+        let votes_refused_until_tick = if restarted && !cfg.planted.vote_right_after_restart { cfg.election_tick as u64 } else { 0 };
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let raw = RawNode::new(&config, storage, &logger).map_err(|e| TernError::Internal(format!("raft: {e}")))?;
         std::fs::create_dir_all(&snapshot_dir).map_err(|e| TernError::Internal(e.to_string()))?;
+        let mut sm = sm;
+        if cfg.planted.expiry_by_local_clock {
+            sm.plant_expiry_by_local_clock();
+        }
         Ok(Replica {
             group,
             peer_id: meta.peer_id,
@@ -270,6 +305,9 @@ impl Replica {
             was_leader: false,
             last_transfer_tick: 0,
             removed: false,
+            failure: None,
+            votes_refused_until_tick,
+            synced_index: 0,
         })
     }
 
@@ -299,7 +337,7 @@ impl Replica {
     /// have caught up, promote them and remove voters meta dropped (one joint-consensus change);
     /// never more than one change in flight. Only the leader acts; others just learn the addresses.
     pub fn reconcile_membership(&mut self, voters: &[(PeerId, NodeId)], learners: &[(PeerId, NodeId)], preferred_leader: PeerId) {
-        if self.removed || !self.is_leader() || self.raw.raft.has_pending_conf() {
+        if !self.active() || !self.is_leader() || self.raw.raft.has_pending_conf() {
             return;
         }
         self.maybe_transfer_leadership(preferred_leader);
@@ -370,6 +408,9 @@ impl Replica {
         if ready {
             self.last_transfer_tick = self.ticks;
             self.revoke_lease();
+            if !self.cfg.planted.lease_through_transfer {
+                self.lease.forbidden_term = self.raw.raft.term;
+            }
             self.raw.transfer_leader(preferred);
         }
     }
@@ -388,10 +429,34 @@ impl Replica {
     /// transfer under way. Its commit index then covers every acknowledged write.
     fn lease_covers(&self, now: Duration) -> bool {
         self.is_leader()
-            && !self.removed
+            && self.active()
             && now < self.lease.until
             && self.lease.term == self.raw.raft.term
+            && self.lease.forbidden_term != self.raw.raft.term
             && self.raw.raft.lead_transferee.is_none()
+    }
+
+    /// Neither removed from its group nor stopped by a storage failure.
+    fn active(&self) -> bool {
+        !self.removed && self.failure.is_none()
+    }
+
+    /// The error a stopped replica answers with (retryable: the client tries another replica).
+    fn unavailable(&self) -> TernError {
+        TernError::Unavailable(format!("replica of partition {} stopped: {}", self.group, self.failure.as_deref().unwrap_or("removed from its group")))
+    }
+
+    /// Stops this replica after a storage failure: it takes no further part in raft (its peers carry
+    /// on and elect another leader if it led), waiting clients learn the outcome is unknown, and its
+    /// status tells meta, which replaces it from a healthy peer. The node's other replicas go on.
+    fn fail(&mut self, failure: StorageFailure) {
+        tracing::error!(group = %self.group, peer = self.peer_id, "replica stopped: {failure}");
+        self.failure = Some(failure.to_string());
+        self.fail_all(TernError::Timeout(format!("replica of partition {} stopped ({failure}); outcome unknown", self.group)));
+    }
+
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
     }
 
     fn node_of(&self, peer: PeerId) -> Option<NodeId> {
@@ -412,6 +477,9 @@ impl Replica {
 
     /// Proposes a client write stamped with the leader's wall clock.
     pub fn propose(&mut self, write: WriteRequest, now_unix_ms: u64, callback: WriteCallback) {
+        if self.failure.is_some() {
+            return callback(error_response(self.unavailable()));
+        }
         if !self.is_leader() || self.removed {
             return callback(error_response(self.not_leader()));
         }
@@ -440,13 +508,16 @@ impl Replica {
     /// Queues a read. Stale reads are answered at once from local state; linearizable reads wait for
     /// a read index (one per batch of reads) and for apply to reach it.
     pub fn read(&mut self, request: ReadRequest, now_unix_ms: u64, now: Duration, callback: ReadCallback) {
+        if self.failure.is_some() {
+            return callback(ReadResponse { error: Some(self.unavailable().into()), ..Default::default() });
+        }
         if request.allow_stale {
             return callback(execute_read(self.sm.engine(), &request, now_unix_ms));
         }
         if !self.is_leader() || self.removed {
             return callback(ReadResponse { error: Some(self.not_leader().into()), ..Default::default() });
         }
-        if PLANTED_BUG_READ_WITHOUT_READ_INDEX.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.cfg.planted.read_without_read_index {
             return callback(execute_read(self.sm.engine(), &request, now_unix_ms));
         }
         if self.lease_covers(now) {
@@ -493,13 +564,29 @@ impl Replica {
 
     /// Steps a raft message from a peer. A snapshot message comes with the directory it was received into.
     pub fn step(&mut self, message: Message, snapshot_dir: Option<PathBuf>) {
-        if self.removed {
+        if !self.active() {
+            if let Some(dir) = snapshot_dir {
+                let _ = std::fs::remove_dir_all(dir);
+            }
             return;
+        }
+        let vote = matches!(message.get_msg_type(), MessageType::MsgRequestVote | MessageType::MsgRequestPreVote);
+        if vote && self.ticks < self.votes_refused_until_tick && message.get_context() != raft::CAMPAIGN_TRANSFER {
+            return; // as a follower that heard from its leader would (a leader transfer is exempt)
         }
         if message.get_msg_type() == MessageType::MsgSnapshot {
             let meta = message.get_snapshot().get_metadata();
             match snapshot_dir {
                 Some(dir) => {
+                    // Only a whole snapshot reaches raft: one cut short is dropped here (the leader
+                    // sends it again), never installed.
+                    if !self.cfg.planted.unverified_snapshot {
+                        if let Err(e) = crate::snapshot::verify(&dir) {
+                            tracing::warn!(group = %self.group, "refused a received snapshot: {e}");
+                            let _ = std::fs::remove_dir_all(dir);
+                            return;
+                        }
+                    }
                     self.received_snapshots.insert((meta.index, meta.term), dir);
                     // Snapshots raft rejected (stale or duplicate) are never installed: keep a few.
                     while self.received_snapshots.len() > RECEIVED_SNAPSHOTS_MAX {
@@ -525,7 +612,7 @@ impl Replica {
     }
 
     pub fn tick(&mut self, now: Duration) {
-        if self.removed {
+        if !self.active() {
             return;
         }
         self.ticks += 1;
@@ -560,6 +647,12 @@ impl Replica {
         if self.ticks.is_multiple_of(self.cfg.log_gc_interval_ticks) {
             self.maybe_compact_log();
         }
+        if self.ticks.is_multiple_of(self.cfg.expiry_sync_interval_ticks) && self.sm.state().applied_index > self.synced_index {
+            self.synced_index = self.sm.state().applied_index;
+            if let Err(e) = self.sm.sync() {
+                self.fail(StorageFailure(e));
+            }
+        }
     }
 
     fn maybe_compact_log(&mut self) {
@@ -579,8 +672,8 @@ impl Replica {
             return;
         }
         // The engine must hold everything below the new log start durably before the log goes.
-        if let Err(e) = self.sm.engine().sync() {
-            fatal(self.group, "sync engine before log compaction", e);
+        if let Err(e) = self.sm.sync() {
+            return self.fail(StorageFailure(e));
         }
         if let Err(e) = self.raw.mut_store().compact_to(target, &mut self.pending_log) {
             fatal(self.group, "compact log", e);
@@ -603,6 +696,11 @@ impl Replica {
         }
         if let Err(e) = self.sm.engine().checkpoint(&dir) {
             tracing::warn!(group = %self.group, "snapshot checkpoint failed: {e}");
+            return;
+        }
+        if let Err(e) = crate::snapshot::write_manifest(&dir) {
+            tracing::warn!(group = %self.group, "snapshot manifest failed: {e}");
+            let _ = std::fs::remove_dir_all(&dir);
             return;
         }
         let mut snap = Snapshot::default();
@@ -632,7 +730,7 @@ impl Replica {
     }
 
     pub fn has_ready(&self) -> bool {
-        self.raw.has_ready() || !self.pending_log.is_empty()
+        (self.failure.is_none() && self.raw.has_ready()) || !self.pending_log.is_empty()
     }
 
     /// First half of Ready handling (raft-rs's documented order): send leader messages, install a
@@ -640,7 +738,7 @@ impl Replica {
     /// Returns the Ready to finish once the batch is durable.
     pub fn ready_before_persist(&mut self, outbox: &mut Vec<OutMessage>, log_batch: &mut LogWriteBatch, now_unix_ms: u64) -> Option<Ready> {
         log_batch.ops.append(&mut self.pending_log.ops);
-        if !self.raw.has_ready() {
+        if self.failure.is_some() || !self.raw.has_ready() {
             return None;
         }
         let mut rd = self.raw.ready();
@@ -656,7 +754,8 @@ impl Replica {
             if let Some(batch) = self.read_batches.iter_mut().find(|b| b.id == id) {
                 batch.index.get_or_insert(rs.index);
                 // A quorum confirmed this leader after the round was first issued: a lease from then.
-                if batch.term == self.raw.raft.term && batch.lease_epoch == self.lease.epoch && !self.cfg.read_lease.is_zero() {
+                let allowed = batch.term == self.raw.raft.term && batch.term != self.lease.forbidden_term;
+                if allowed && batch.lease_epoch == self.lease.epoch && !self.cfg.read_lease.is_zero() {
                     let until = batch.issued_at + self.cfg.read_lease;
                     if self.lease.term != batch.term || until > self.lease.until {
                         self.lease.until = until;
@@ -667,6 +766,9 @@ impl Replica {
         }
         let committed = rd.take_committed_entries();
         self.apply_entries(committed, now_unix_ms);
+        if self.failure.is_some() {
+            return None; // stopped: this Ready is never finished
+        }
         if !rd.entries().is_empty() {
             let entries = rd.take_entries();
             self.raw.mut_store().append(&entries, log_batch);
@@ -680,6 +782,7 @@ impl Replica {
     /// Second half, after the round's log batch is durable: send messages that had to wait for
     /// persistence, advance, and apply what the light ready committed.
     pub fn ready_after_persist(&mut self, mut rd: Ready, outbox: &mut Vec<OutMessage>, log_batch: &mut LogWriteBatch, now_unix_ms: u64) {
+        debug_assert!(self.failure.is_none(), "a stopped replica's Ready is never finished");
         self.route(rd.take_persisted_messages(), outbox);
         let mut light = self.raw.advance(rd);
         if let Some(commit) = light.commit_index() {
@@ -701,6 +804,20 @@ impl Replica {
             }
             fail_reads(std::mem::take(&mut self.waiting_reads), self.not_leader());
         }
+        if leader && !self.was_leader {
+            // Proposals of an earlier term of ours were either committed by the leaders in between or
+            // overwritten: unknown. Left queued they would sit ahead of this term's (their indexes
+            // can be higher, from a log since truncated) and hold up its answers.
+            let term = self.raw.raft.term;
+            let (old, current): (VecDeque<Proposal>, VecDeque<Proposal>) = self.proposals.drain(..).partition(|p| p.term < term);
+            self.proposals = current;
+            for p in old {
+                (p.callback)(error_response(TernError::Timeout(format!(
+                    "entry {} of term {} was proposed before this leader's term {term}; outcome unknown",
+                    p.index, p.term
+                ))));
+            }
+        }
         self.was_leader = leader;
     }
 
@@ -719,7 +836,7 @@ impl Replica {
         let meta = snapshot.get_metadata();
         let key = (meta.index, meta.term);
         let Some(received) = self.received_snapshots.remove(&key) else {
-            fatal(self.group, "install snapshot", format!("no received data for snapshot {key:?}"));
+            return self.fail(StorageFailure(TernError::Internal(format!("no received data for snapshot {key:?}"))));
         };
         for (_, stale) in self.received_snapshots.drain() {
             let _ = std::fs::remove_dir_all(stale);
@@ -729,23 +846,40 @@ impl Replica {
         if target.exists() {
             let _ = std::fs::remove_dir_all(&target);
         }
-        if let Err(e) = std::fs::rename(&received, &target) {
-            fatal(self.group, "move received snapshot into place", e);
+        if let Err(e) = tern_core::files::rename_durably(&received, &target) {
+            return self.fail(StorageFailure(TernError::Internal(format!("move received snapshot into place: {e}"))));
         }
+        // A snapshot that passed its manifest yet does not open, or is not at the index raft says,
+        // stops this replica (meta replaces it); it never takes the node down.
         let engine = match self.engines.open(&target) {
             Ok(e) => e,
-            Err(e) => fatal(self.group, "open snapshot engine", e),
+            Err(e) => return self.fail(StorageFailure(crate::apply::engine_error(e))),
         };
-        let sm = match StateMachine::open(engine, ApplyState::default()) {
+        let mut sm = match StateMachine::open(engine, ApplyState::default()) {
             Ok(sm) => sm,
-            Err(e) => fatal(self.group, "open snapshot state", e),
+            Err(e) => return self.fail(StorageFailure(e)),
         };
-        assert_eq!(sm.state().applied_index, meta.index, "snapshot engine must be at the snapshot index");
+        if sm.state().applied_index != meta.index {
+            let found = sm.state().applied_index;
+            return self.fail(StorageFailure(TernError::Corruption(format!("snapshot {key:?} holds a state machine at index {found}"))));
+        }
+        if self.cfg.planted.expiry_by_local_clock {
+            sm.plant_expiry_by_local_clock();
+        }
+        // Our proposals the snapshot covers may or may not be in it (committed by another leader,
+        // or overwritten): their outcome is unknown, not "did not happen".
+        while self.proposals.front().is_some_and(|p| p.index <= meta.index) {
+            let p = self.proposals.pop_front().expect("front exists");
+            (p.callback)(error_response(TernError::Timeout(format!(
+                "entry {} was replaced by a snapshot at index {}; outcome unknown",
+                p.index, meta.index
+            ))));
+        }
         let old_dir = self.dir.join(&self.meta.engine_dir);
         self.sm = sm; // drops (closes) the old engine
         self.meta.engine_dir = engine_dir;
         if let Err(e) = self.meta.save(&self.dir) {
-            fatal(self.group, "save replica meta after snapshot", e);
+            return self.fail(StorageFailure(e));
         }
         let _ = self.engines.destroy(&old_dir);
         self.raw.mut_store().apply_snapshot(&snapshot, log_batch);
@@ -767,31 +901,40 @@ impl Replica {
             match entry.get_entry_type() {
                 EntryType::EntryNormal => {
                     if !entry.data.is_empty() {
-                        let response = batch.apply_command(self.sm.engine(), &entry.data);
+                        let response = match batch.apply_command(self.sm.engine(), &entry.data) {
+                            Ok(response) => response,
+                            Err(StorageFailure(e)) if self.cfg.planted.storage_failure_as_answer => error_response(e),
+                            // Nothing of this round is written: the replica stops where it was.
+                            Err(failure) => return self.fail(failure),
+                        };
                         results.push((entry.index, entry.term, response));
                     }
                 }
                 EntryType::EntryConfChange => {
                     let mut cc = ConfChange::default();
                     if let Err(e) = cc.merge_from_bytes(&entry.data) {
-                        fatal(self.group, "decode conf change", e);
+                        return self.fail(StorageFailure(TernError::Corruption(format!("undecodable conf change: {e}"))));
                     }
                     self.apply_conf_change(&cc, &mut batch);
                 }
                 EntryType::EntryConfChangeV2 => {
                     let mut cc = ConfChangeV2::default();
                     if let Err(e) = cc.merge_from_bytes(&entry.data) {
-                        fatal(self.group, "decode conf change", e);
+                        return self.fail(StorageFailure(TernError::Corruption(format!("undecodable conf change: {e}"))));
                     }
                     self.learn_peer_nodes(&entry.context);
+                    if self.failure.is_some() {
+                        return;
+                    }
                     self.apply_conf_change(&cc, &mut batch);
                 }
             }
             batch.set_applied(entry.index, entry.term);
         }
         if let Err(e) = self.sm.finish(batch) {
-            fatal(self.group, "apply to engine", e);
+            return self.fail(StorageFailure(e));
         }
+        self.sm.planted_expiry_horizon(now_unix_ms);
         for (index, term, response) in results {
             self.answer_proposal(index, term, response);
         }
@@ -809,7 +952,7 @@ impl Replica {
             }
         }
         if let Err(e) = self.set_peers(peers) {
-            fatal(self.group, "save replica meta", e);
+            self.fail(StorageFailure(e));
         }
     }
 
@@ -874,6 +1017,7 @@ impl Replica {
             snapshots_applied: self.snapshots_applied,
             leader_peer,
             // Outgoing voters of a joint configuration still count.
+            failure: self.failure.clone().unwrap_or_default(),
             voters: {
                 let cs = &self.sm.state().conf_state;
                 let mut v = cs.voters.clone();

@@ -17,9 +17,9 @@ use tern_core::{GroupId, NodeId, PeerId, TableId, TernError};
 use tern_engine::EngineFactory;
 use tern_proto::{ReadRequest, ReadResponse, ReplicaStatus, WriteRequest};
 
-/// Test hook for the simulator's own test: a read lease far longer than followers refuse votes for,
-/// so a deposed leader can serve stale reads. Never set outside that test.
-pub static PLANTED_BUG_LEASE_TOO_LONG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Suffix of a replica directory being destroyed (`<group>.<peer>.destroyed`): renamed so, durably,
+/// before anything else is removed, so that a crash part way never brings back half a replica.
+const TOMBSTONE_SUFFIX: &str = ".destroyed";
 
 /// Sends raft messages to other nodes. Must not block: implementations queue and batch.
 pub trait Transport: Send {
@@ -128,7 +128,7 @@ impl Store {
         // Followers refuse votes for election_tick ticks after hearing from the leader; the lease
         // stays well inside that (a follower's first tick may come right after a message).
         cfg.replica.read_lease = cfg.tick_interval * (cfg.replica.election_tick.saturating_sub(2) as u32) * 7 / 8;
-        if PLANTED_BUG_LEASE_TOO_LONG.load(std::sync::atomic::Ordering::Relaxed) {
+        if cfg.replica.planted.lease_too_long {
             cfg.replica.read_lease *= 40;
         }
         std::fs::create_dir_all(data_dir.join("replicas")).map_err(io)?;
@@ -145,11 +145,11 @@ impl Store {
             transport,
             ticks: 0,
         };
-        let mut dirs: Vec<PathBuf> = std::fs::read_dir(data_dir.join("replicas"))
-            .map_err(io)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.join("replica.json").exists())
-            .collect();
+        let entries: Vec<PathBuf> = std::fs::read_dir(data_dir.join("replicas")).map_err(io)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        // Destroys a crash interrupted are finished first.
+        let tombstones: Vec<PathBuf> = entries.iter().filter(|p| is_tombstone(p)).cloned().collect();
+        store.finish_destroying(tombstones)?;
+        let mut dirs: Vec<PathBuf> = entries.into_iter().filter(|p| !is_tombstone(p) && p.join("replica.json").exists()).collect();
         dirs.sort();
         for dir in dirs {
             let meta = ReplicaMeta::load(&dir)?;
@@ -169,6 +169,11 @@ impl Store {
         let election_tick = self.rng.range(election as u64, 2 * election as u64) as usize;
         let snapshot_dir = self.data_dir.join("snapshots").join(meta.group.to_string());
         Replica::open(meta, dir, snapshot_dir, bootstrap, self.log.clone(), self.engines.clone(), self.cfg.replica.clone(), election_tick)
+    }
+
+    /// Replicas stopped after a storage failure, with the reason.
+    pub fn failed_replicas(&self) -> Vec<(GroupId, String)> {
+        self.replicas.values().filter_map(|r| r.failure().map(|f| (r.group, f.to_string()))).collect()
     }
 
     pub fn replica_count(&self) -> usize {
@@ -285,36 +290,73 @@ impl Store {
         Ok(())
     }
 
+    /// Destroys replicas, crash-safely: each directory is first renamed to a tombstone (durably), so
+    /// from then on a restart never opens the replica again, its vote and data gone as one; then the
+    /// raft logs are cleaned (one synced write) and the files removed. A restart finishes any
+    /// tombstone it finds. (Cleaning the log first, then removing files, could bring back a replica
+    /// with its vote erased, or a half-deleted engine, after a crash in between.)
     fn destroy_replicas(&mut self, doomed: Vec<GroupId>, why: &str) {
         if doomed.is_empty() {
             return;
         }
-        // The raft log goes first, durably: if this node dies half way, the replica is still whole
-        // on restart and is destroyed again. Removing files first could leave a log that a later
-        // replica of the same group would take for its own (found by the simulator: scheduler soak
-        // seeds 20688, 21751, 21913 diverged after an injected log-write failure here).
-        let mut batch = LogWriteBatch::default();
-        for group in &doomed {
-            batch.push(group.0, crate::log_store::LogOp::Clean);
-        }
-        if let Err(e) = self.log.write(batch, true) {
-            panic!("raft log write failed: {e}");
-        }
+        let mut tombstones = Vec::new();
         for group in doomed {
             let mut replica = self.replicas.remove(&group).expect("listed by the caller");
             replica.fail_all(TernError::PartitionNotFound(format!("replica of {group} was destroyed: {why}")));
-            let dirs = (replica.dir().to_path_buf(), replica.snapshot_dir().to_path_buf());
-            let engine_dir = replica.dir().join(&replica.meta().engine_dir);
-            drop(replica);
-            // Through the factory: it owns what an engine directory means.
-            if let Err(e) = self.engines.destroy(&engine_dir) {
-                tracing::warn!(group = %group, "destroy engine: {e}");
+            let dir = replica.dir().to_path_buf();
+            let name = format!("{}.{}{TOMBSTONE_SUFFIX}", group.0, replica.peer_id);
+            drop(replica); // closes its engine
+            let tombstone = self.data_dir.join("replicas").join(name);
+            if let Err(e) = tern_core::files::rename_durably(&dir, &tombstone) {
+                panic!("cannot retire replica directory {}: {e}", dir.display());
             }
-            let _ = std::fs::remove_dir_all(&dirs.0);
-            let _ = std::fs::remove_dir_all(&dirs.1);
             self.dirty.remove(&group);
-            tracing::info!(node = self.node_id, group = %group, "destroyed replica: {why}");
+            tracing::info!(node = self.node_id, group = %group, "destroying replica: {why}");
+            tombstones.push(tombstone);
         }
+        if let Err(e) = self.finish_destroying(tombstones) {
+            panic!("destroying replicas failed: {e}");
+        }
+    }
+
+    /// Cleans the raft logs of retired replica directories and removes their files.
+    fn finish_destroying(&mut self, tombstones: Vec<PathBuf>) -> Result<(), TernError> {
+        let mut retired = Vec::new();
+        let mut clean = LogWriteBatch::default();
+        for tombstone in tombstones {
+            // The group is in the name: a tombstone's replica.json may be gone if removal was cut short.
+            let name = tombstone.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            let Some(group) = name.split('.').next().and_then(|g| g.parse::<u64>().ok()) else {
+                return Err(TernError::Corruption(format!("unrecognised replica tombstone {}", tombstone.display())));
+            };
+            // The group's log and engine path belong to no one once the directory is retired, unless
+            // a newer replica of the group already lives here (it started from a clean log).
+            let live = self.data_dir.join("replicas").join(group.to_string());
+            let newer = live.join("replica.json").exists();
+            if !newer {
+                clean.push(group, crate::log_store::LogOp::Clean);
+            }
+            retired.push((group, tombstone, live, newer));
+        }
+        if !clean.is_empty() {
+            self.log.write(clean, true)?;
+        }
+        for (group, tombstone, live, newer) in retired {
+            if !newer {
+                // Through the factory, under the path the engine lived at: it owns what an engine
+                // directory means (the memory engine keys its contents by it).
+                if let Ok(meta) = ReplicaMeta::load(&tombstone) {
+                    if let Err(e) = self.engines.destroy(&live.join(&meta.engine_dir)) {
+                        tracing::warn!(group, "destroy engine: {e}");
+                    }
+                }
+                let _ = std::fs::remove_dir_all(self.data_dir.join("snapshots").join(group.to_string()));
+            }
+            let io = |e: std::io::Error| TernError::Internal(format!("remove {}: {e}", tombstone.display()));
+            std::fs::remove_dir_all(&tombstone).map_err(io)?;
+            tern_core::files::sync_directory(&self.data_dir.join("replicas")).map_err(io)?;
+        }
+        Ok(())
     }
 
     pub fn tick(&mut self) {
@@ -386,6 +428,10 @@ impl Store {
     }
 }
 
+fn is_tombstone(path: &std::path::Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(TOMBSTONE_SUFFIX))
+}
+
 /// The mailbox's sending side, cloned by every service that talks to the store.
 #[derive(Clone)]
 pub struct StoreHandle {
@@ -399,7 +445,8 @@ impl StoreMsg {
             StoreMsg::Write { callback, .. } => callback(crate::apply::error_response(e)),
             StoreMsg::Read { callback, .. } => callback(ReadResponse { error: Some(e.into()), ..Default::default() }),
             StoreMsg::Checksum { callback, .. } => callback(Err(e)),
-            StoreMsg::Status(callback) => callback(Vec::new()),
+            // Dropped unanswered: "no replicas" would be a lie a heartbeat could pass on to meta.
+            StoreMsg::Status(_) => {}
             _ => {}
         }
     }
@@ -414,6 +461,14 @@ impl StoreHandle {
             Err(TrySendError::Full(msg)) => msg.fail(TernError::Busy("store mailbox is full".into())),
             Err(TrySendError::Disconnected(msg)) => msg.fail(TernError::Unavailable("store has stopped".into())),
         }
+    }
+}
+
+impl StoreHandle {
+    /// Asks the store to stop, waiting up to `wait` for room in a full mailbox (blocks the caller).
+    /// False if the request could not be delivered (the store is gone or stayed full).
+    pub fn request_shutdown(&self, wait: Duration) -> bool {
+        self.sender.send_timeout(StoreMsg::Shutdown, wait).is_ok()
     }
 }
 

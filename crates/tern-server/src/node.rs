@@ -89,6 +89,7 @@ pub struct ServerNode {
     stop: watch::Sender<bool>,
     store_thread: Option<std::thread::JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    failed: watch::Receiver<bool>,
 }
 
 fn internal(what: &str) -> impl Fn(std::io::Error) -> TernError + '_ {
@@ -104,6 +105,10 @@ async fn meta_client(addresses: &[String], start: usize) -> Result<MetaClient<to
         match tonic::transport::Endpoint::from_shared(format!("http://{a}"))
             .map_err(|e| TernError::invalid(format!("meta address {a:?}: {e}")))?
             .connect_timeout(Duration::from_secs(1))
+            .timeout(HEARTBEAT_CALL_TIMEOUT)
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true)
             .connect()
             .await
         {
@@ -143,9 +148,9 @@ async fn node_identity(cfg: &ServerConfig, address: &str) -> Result<NodeIdentity
             Err(e) => return Err(e),
         }
     };
-    let tmp = cfg.data_dir.join("node.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(&node_id).expect("serialize")).map_err(internal("write node.json"))?;
-    std::fs::rename(&tmp, &path).map_err(internal("write node.json"))?;
+    // Durably (file and directory synced): a node that forgot its identity would register again as
+    // a new node while its replicas' peers still count on the old one.
+    tern_core::files::write_file_atomically(&path, &serde_json::to_vec(&node_id).expect("serialize")).map_err(internal("write node.json"))?;
     Ok(node_id)
 }
 
@@ -180,19 +185,18 @@ impl ServerNode {
         .await
         .map_err(|e| TernError::Internal(format!("open store: {e}")))??;
         let (tick, round_max) = (cfg.store.tick_interval, cfg.store.round_messages_max);
-        let store_thread = std::thread::Builder::new()
-            .name(format!("tern-store-{node_id}"))
-            .spawn(move || store::run(store, mailbox, tick, round_max))
-            .map_err(internal("start store thread"))?;
-
         let (stop, stopped) = watch::channel(false);
+        let (store_thread, failed) =
+            tern_transport::spawn_store_thread(format!("tern-store-{node_id}"), move || store::run(store, mailbox, tick, round_max), &stop)
+                .map_err(internal("start store thread"))?;
+
         let mut tasks = Vec::new();
         let requests: Arc<std::sync::atomic::AtomicU64> = Default::default();
         let kv = KvServer::new(KvService::new(handle.clone(), requests.clone()))
             .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(usize::MAX);
         let raft = RaftServer::new(RaftService::new(node_id, cluster_id.clone(), handle.clone(), receive_dir))
-            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_decoding_message_size(tern_core::limits::RAFT_BATCH_BYTES_MAX)
             .max_encoding_message_size(usize::MAX);
         let mut server_stop = stopped.clone();
         tasks.push(tokio::spawn(async move {
@@ -219,7 +223,14 @@ impl ServerNode {
             stopped,
         )));
         tracing::info!(node_id, %address, "replica server started");
-        Ok(ServerNode { node_id, address, store: handle, stop, store_thread: Some(store_thread), tasks })
+        Ok(ServerNode { node_id, address, store: handle, stop, store_thread: Some(store_thread), tasks, failed })
+    }
+
+    /// Resolves if the node failed on its own (its store thread died): it has stopped serving and
+    /// heartbeating, and the process should exit so a supervisor restarts it.
+    pub async fn failed(&self) {
+        let mut failed = self.failed.clone();
+        let _ = failed.wait_for(|f| *f).await;
     }
 
     /// Stops serving, answers waiting clients, and waits for the store thread to finish.
@@ -232,10 +243,22 @@ impl ServerNode {
     }
 }
 
-async fn replica_statuses(store: &StoreHandle) -> Vec<tern_proto::ReplicaStatus> {
+/// How long a heartbeat waits for the store's replica statuses. A store that does not answer in time
+/// is stalled: the beat is skipped, so meta sees the node go quiet rather than a node with no replicas.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one heartbeat call to meta may take before the connection is dropped and another meta
+/// address is tried (a half-open connection must not silence the node for good).
+const HEARTBEAT_CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The store's replica statuses; an error if the store is stalled, full or gone.
+async fn replica_statuses(store: &StoreHandle) -> Result<Vec<tern_proto::ReplicaStatus>, TernError> {
     let (tx, rx) = oneshot::channel();
     store.send(StoreMsg::Status(Box::new(move |s| drop(tx.send(s)))));
-    rx.await.unwrap_or_default()
+    match tokio::time::timeout(STATUS_TIMEOUT, rx).await {
+        Ok(Ok(statuses)) => Ok(statuses),
+        Ok(Err(_)) => Err(TernError::Unavailable("the store did not take the status request (full or stopped)".into())),
+        Err(_) => Err(TernError::Timeout(format!("the store did not answer a status request within {STATUS_TIMEOUT:?}"))),
+    }
 }
 
 /// Bytes under a directory (best effort: unreadable entries count as empty).
@@ -266,6 +289,7 @@ async fn heartbeat_loop(
     let mut client = None;
     let mut next_meta = 0usize;
     let (mut beats, mut disk_used_bytes, mut last_beat) = (0u64, 0u64, tokio::time::Instant::now());
+    let mut warned_at: Option<tokio::time::Instant> = None;
     loop {
         if beats % DISK_MEASURE_EVERY == 0 {
             let dir = data_dir.clone();
@@ -273,10 +297,19 @@ async fn heartbeat_loop(
         }
         beats += 1;
         if client.is_none() {
-            client = meta_client(&meta, next_meta).await.ok();
+            match meta_client(&meta, next_meta).await {
+                Ok(c) => client = Some(c),
+                Err(e) => warn_every(&mut warned_at, format!("heartbeat: {e}")),
+            }
         }
-        if let Some(c) = client.as_mut() {
-            let replicas = replica_statuses(&store).await;
+        let replicas = match replica_statuses(&store).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn_every(&mut warned_at, format!("heartbeat skipped: {e}"));
+                None
+            }
+        };
+        if let (Some(c), Some(replicas)) = (client.as_mut(), replicas) {
             let served = requests.swap(0, std::sync::atomic::Ordering::Relaxed);
             let requests_interval_ms = last_beat.elapsed().as_millis() as u64;
             last_beat = tokio::time::Instant::now();
@@ -290,7 +323,11 @@ async fn heartbeat_loop(
                 requests_interval_ms,
                 leader_priority,
             };
-            match c.heartbeat(beat).await {
+            let answer = match tokio::time::timeout(HEARTBEAT_CALL_TIMEOUT, c.heartbeat(beat)).await {
+                Ok(r) => r,
+                Err(_) => Err(tonic::Status::deadline_exceeded(format!("no answer within {HEARTBEAT_CALL_TIMEOUT:?}"))),
+            };
+            match answer {
                 Ok(r) => {
                     let r = r.into_inner();
                     if let Err(e) = tern_proto::check(&r.error) {
@@ -331,7 +368,7 @@ async fn heartbeat_loop(
                     }
                 }
                 Err(status) => {
-                    tracing::debug!("heartbeat failed: {status}");
+                    warn_every(&mut warned_at, format!("heartbeat to meta failed: {}", status.message()));
                     client = None;
                     next_meta += 1;
                 }
@@ -341,6 +378,16 @@ async fn heartbeat_loop(
             _ = tokio::time::sleep(interval) => {}
             _ = stopped.wait_for(|s| *s) => return,
         }
+    }
+}
+
+/// Logs a heartbeat problem at warn level, at most every few seconds (meta being elected or away for a
+/// while should not flood the log, but a node that cannot heartbeat must say so).
+fn warn_every(last: &mut Option<tokio::time::Instant>, message: String) {
+    const EVERY: Duration = Duration::from_secs(5);
+    if last.is_none_or(|t| t.elapsed() >= EVERY) {
+        *last = Some(tokio::time::Instant::now());
+        tracing::warn!("{message}");
     }
 }
 

@@ -22,6 +22,7 @@ use tern_engine::MemoryEngineFactory;
 use tern_proto::{read_request, write_request, ReadRequest, ReadResponse, WriteRequest, WriteResponse};
 use tern_raft::log_store::MemoryLogStore;
 use tern_raft::replica::OutMessage;
+use tern_raft::replica::PlantedBugs;
 use tern_raft::store::{ReplicaSpec, Store, StoreConfig, StoreMsg, Transport};
 
 /// Virtual unix time at the start of every run.
@@ -50,6 +51,8 @@ pub struct SimConfig {
     /// replicas balanced, leaders preferred, all under the same faults (plus longer outages and
     /// meta outages).
     pub scheduler: bool,
+    /// Bugs put back on purpose, to prove the simulator catches them (none by default).
+    pub planted: PlantedBugs,
 }
 
 impl SimConfig {
@@ -64,6 +67,7 @@ impl SimConfig {
             fault_phase_ms: 10_000,
             liveness_ms: 60_000,
             scheduler: false,
+            planted: PlantedBugs::default(),
         }
     }
 
@@ -151,6 +155,10 @@ enum DiskFault {
     LogWrite,
     LogRead,
     EngineWrite,
+    /// A point read of the engine fails (at apply: the replica stops).
+    EngineRead,
+    /// A point read of the engine returns a value with a flipped byte (its checksum must catch it).
+    EngineCorruptRead,
 }
 
 #[derive(Clone, Debug)]
@@ -170,6 +178,12 @@ enum Fault {
     DiskFailure(NodeId, DiskFault),
     /// Meta is unreachable for this many milliseconds (no scheduling, no heartbeat answers).
     MetaDown(u64),
+    /// The node's engines run a compaction now (RocksDB compacts in the background at any moment):
+    /// records the expiry filter allows to drop are dropped.
+    Compact(NodeId),
+    /// While on, snapshot transfers may arrive cut short (the sender died half way, its checkpoint
+    /// went away under it): the receiver must refuse them.
+    CutSnapshots(bool),
     HealAll,
 }
 
@@ -211,6 +225,8 @@ struct Network {
     /// (from, to) pairs whose messages are dropped.
     cut: BTreeSet<(NodeId, NodeId)>,
     noisy: bool,
+    /// Snapshot transfers may arrive cut short.
+    cut_snapshots: bool,
 }
 
 /// State shared with the transports and callbacks that production code calls into.
@@ -278,6 +294,23 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Damages a received snapshot copy the way a transfer cut short would: a file truncated or missing.
+/// The sender believes it finished (as when the stream just ended early). Returns true.
+fn cut_snapshot_short(dir: &Path, rng: &mut SeededRandom) -> bool {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
+    files.sort();
+    if files.is_empty() {
+        return true;
+    }
+    let victim = &files[rng.range(0, files.len() as u64) as usize];
+    if rng.range(0, 2) == 0 {
+        let _ = std::fs::remove_file(victim);
+    } else if let Ok(bytes) = std::fs::read(victim) {
+        let _ = std::fs::write(victim, &bytes[..bytes.len() / 2]);
+    }
+    true
+}
+
 impl Transport for SimTransport {
     fn send(&mut self, messages: Vec<OutMessage>) {
         let mut s = self.shared.lock();
@@ -289,7 +322,8 @@ impl Transport for SimTransport {
                 // The checkpoint is streamed: the receiver gets its own copy of the files.
                 let seq = s.seq;
                 let target = self.root.join(format!("n{to}")).join("snapshots-received").join(format!("sim-{seq}"));
-                let ok = !lost && copy_dir(&dir, &target).is_ok();
+                let cut_short = s.network.cut_snapshots && s.rng.range(0, 2) == 0;
+                let ok = !lost && copy_dir(&dir, &target).is_ok() && (!cut_short || cut_snapshot_short(&target, &mut s.rng));
                 if ok {
                     s.schedule(delay, Event::Raft { to, group: out.group, message: out.message.clone(), snapshot_dir: Some(target) });
                 }
@@ -382,6 +416,10 @@ const META_TICK_MS: u64 = 1_000;
 const HASHKEYS: [&[u8]; 3] = [b"h0", b"h1", b"h2"];
 const SORTKEYS: [&[u8]; 2] = [b"a", b"b"];
 const COUNTER: &[u8] = b"n";
+/// Records written with a TTL live under this hashkey. The checker has no model of time, so these
+/// operations stay out of the history: what checks them is that every replica ends identical (the
+/// state machine must expire records by the log's clock, never a node's).
+const TTL_HASHKEY: &[u8] = b"ttl";
 
 fn node_seed(seed: u64, node: NodeId, epoch: u64) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (node << 32) ^ epoch
@@ -493,12 +531,14 @@ impl World {
         world
     }
 
-    fn store_config() -> StoreConfig {
+    fn store_config(planted: PlantedBugs) -> StoreConfig {
         // Small log thresholds so that compaction and snapshot transfer happen in every run.
         let mut cfg = StoreConfig { tick_interval: Duration::from_millis(TICK_MS), ..Default::default() };
         cfg.replica.log_gc_count_threshold = 50;
         cfg.replica.log_gc_lag_max = 100;
         cfg.replica.log_gc_interval_ticks = 5;
+        cfg.replica.expiry_sync_interval_ticks = 20;
+        cfg.replica.planted = planted;
         cfg
     }
 
@@ -510,7 +550,7 @@ impl World {
         let seed = node_seed(self.cfg.seed, node.id, node.epoch);
         let (log, engines) = (node.log.clone(), node.engines.clone());
         let store = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Store::open(node.id, node.dir.clone(), log, engines, clock, seed, Self::store_config(), Box::new(transport))
+            Store::open(node.id, node.dir.clone(), log, engines, clock, seed, Self::store_config(self.cfg.planted), Box::new(transport))
         }));
         match store {
             Ok(Ok(s)) => node.store = Some(s),
@@ -680,6 +720,28 @@ impl World {
                 t += rng.range(3_000, 6_000);
             }
         }
+        // Faults added later come from their own generator, so the schedules above stay as they were.
+        let mut rng = SeededRandom::new(self.cfg.seed ^ 0xD15C);
+        let mut t = rng.range(500, 1500);
+        while t < self.cfg.fault_phase_ms {
+            let node = rng.range(1, n + 1);
+            match rng.range(0, 6) {
+                0 => planned.push((t, Fault::DiskFailure(node, DiskFault::EngineRead))),
+                1 => planned.push((t, Fault::DiskFailure(node, DiskFault::EngineCorruptRead))),
+                2 => {
+                    planned.push((t, Fault::CutSnapshots(true)));
+                    planned.push((t + rng.range(1_000, 4_000), Fault::CutSnapshots(false)));
+                }
+                _ => planned.push((t, Fault::Compact(node))),
+            }
+            t += rng.range(500, 2500);
+        }
+        // Compactions go on after healing too: what they drop must never matter.
+        let mut t = self.cfg.fault_phase_ms;
+        while t < self.cfg.fault_phase_ms + 20_000 {
+            t += rng.range(1_000, 4_000);
+            planned.push((t, Fault::Compact(rng.range(1, n + 1))));
+        }
         planned.push((self.cfg.fault_phase_ms, Fault::HealAll));
         let mut s = self.shared.lock();
         for (at, f) in planned {
@@ -706,6 +768,21 @@ impl World {
                 self.failures.push(format!("node {node} panicked: {msg}"));
             }
             self.crash(index);
+            return;
+        }
+        // A replica stops after a storage failure at apply. Only an injected fault may cause one;
+        // the node is then restarted (as an operator, or meta's replacement, would see to).
+        let failed = self.nodes[index].store.as_ref().map(|s| s.failed_replicas()).unwrap_or_default();
+        if !failed.is_empty() {
+            let node = self.nodes[index].id;
+            if self.nodes[index].disk_failure_armed && failed.iter().all(|(_, why)| why.contains("injected") || why.contains("checksum")) {
+                self.nodes[index].disk_failure_armed = false;
+                let delay = self.shared.lock().rng.range(200, 2000);
+                self.shared.lock().schedule(delay, Event::Fault(Fault::Restart(node)));
+            } else {
+                self.failures.push(format!("node {node}: replicas stopped without an injected fault: {failed:?}"));
+            }
+            self.crash(index);
         }
     }
 
@@ -720,6 +797,8 @@ impl World {
         node.log.fail_writes(0);
         node.log.fail_reads(0);
         node.engines.fail_writes(0);
+        node.engines.fail_reads(0);
+        node.engines.corrupt_reads(0);
     }
 
     fn trace(&mut self, at: u64, event: &Event) {
@@ -901,6 +980,10 @@ impl World {
             Fault::MetaDown(length) => {
                 self.meta_down_until = self.now.load(Ordering::SeqCst) + length;
             }
+            Fault::Compact(node) => {
+                self.nodes[self.node_index(node)].engines.compact_everything();
+            }
+            Fault::CutSnapshots(on) => net(&|w: &mut Network| w.cut_snapshots = on),
             Fault::Pause(node, length) => {
                 let i = self.node_index(node);
                 self.nodes[i].paused_until = self.now.load(Ordering::SeqCst) + length;
@@ -913,6 +996,8 @@ impl World {
                         DiskFault::LogWrite => self.nodes[i].log.fail_writes(1),
                         DiskFault::LogRead => self.nodes[i].log.fail_reads(1),
                         DiskFault::EngineWrite => self.nodes[i].engines.fail_writes(1),
+                        DiskFault::EngineRead => self.nodes[i].engines.fail_reads(1),
+                        DiskFault::EngineCorruptRead => self.nodes[i].engines.corrupt_reads(1),
                     }
                 }
             }
@@ -920,12 +1005,15 @@ impl World {
                 net(&|w: &mut Network| {
                     w.cut.clear();
                     w.noisy = false;
+                    w.cut_snapshots = false;
                 });
                 self.meta_down_until = 0;
                 for i in 0..self.nodes.len() {
                     self.nodes[i].log.fail_writes(0);
                     self.nodes[i].log.fail_reads(0);
                     self.nodes[i].engines.fail_writes(0);
+                    self.nodes[i].engines.fail_reads(0);
+                    self.nodes[i].engines.corrupt_reads(0);
                     self.nodes[i].disk_failure_armed = false;
                     self.nodes[i].paused_until = 0;
                     if self.nodes[i].store.is_none() {
@@ -1045,6 +1133,12 @@ impl World {
         let hashkey = HASHKEYS[rng.range(0, HASHKEYS.len() as u64) as usize].to_vec();
         let sortkey = SORTKEYS[rng.range(0, SORTKEYS.len() as u64) as usize].to_vec();
         let value = format!("c{client}-{}", self.issued).into_bytes();
+        if rng.range(0, 100) < 8 {
+            // Sets expire within seconds; incrs find the record alive or gone depending on the time
+            // the log says it is.
+            let input = if rng.range(0, 2) == 0 { Input::Set { sortkey: COUNTER.to_vec(), value: b"100".to_vec() } } else { Input::Incr { sortkey: COUNTER.to_vec(), delta: 1 } };
+            return (TTL_HASHKEY.to_vec(), input);
+        }
         let input = match rng.range(0, 100) {
             0..=29 => Input::Get { sortkey },
             30..=49 => Input::Set { sortkey, value },
@@ -1112,6 +1206,7 @@ impl World {
         let pref = Some(tern_proto::PartitionRef { table_id: TABLE_ID, partition, partition_count: partitions });
         let bytes = |b: &[u8]| bytes::Bytes::copy_from_slice(b);
         let hk = bytes(&p.hashkey);
+        let ttl_seconds = if p.hashkey == TTL_HASHKEY { 1 + (p.seq % 3) as u32 } else { 0 };
         let write = |op| Request::Write(group, WriteRequest { partition: pref, client_id, seq: p.seq, first_incomplete_seq: p.seq, op: Some(op) });
         let read = |op| Request::Read(group, ReadRequest { partition: pref, allow_stale: false, op: Some(op) });
         let request = match &p.input {
@@ -1119,7 +1214,7 @@ impl World {
             Input::MultiGet { sortkeys } => read(read_request::Op::Get(tern_proto::MultiGet { hashkey: hk, sortkeys: sortkeys.iter().map(|s| bytes(s)).collect(), limit: 0, no_value: false })),
             Input::Set { sortkey, value } => write(write_request::Op::Set(tern_proto::MultiSet {
                 hashkey: hk,
-                values: vec![tern_proto::SortkeyValue { sortkey: bytes(sortkey), value: bytes(value), ttl_seconds: 0, expire_at_ms: 0 }],
+                values: vec![tern_proto::SortkeyValue { sortkey: bytes(sortkey), value: bytes(value), ttl_seconds, expire_at_ms: 0 }],
             })),
             Input::MultiSet { pairs } => write(write_request::Op::Set(tern_proto::MultiSet {
                 hashkey: hk,
@@ -1209,7 +1304,7 @@ impl World {
         let c = &mut self.clients[client];
         let p = c.pending.take().expect("pending operation");
         let is_read = matches!(p.input, Input::Get { .. } | Input::MultiGet { .. });
-        if output.is_some() || !is_read {
+        if (output.is_some() || !is_read) && p.hashkey != TTL_HASHKEY {
             self.history.push(Operation { client: client as u64, hashkey: p.hashkey, input: p.input, output, call: p.started, ret: now });
         }
         let think = c.rng.range(0, 80);

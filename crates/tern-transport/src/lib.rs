@@ -35,10 +35,44 @@ pub async fn stop_node(
             t.abort();
         }
     }
-    store.send(StoreMsg::Shutdown);
+    // A full mailbox must not swallow the stop request (the thread would run on, unstoppable).
+    let handle = store.clone();
+    let _ = tokio::task::spawn_blocking(move || handle.request_shutdown(STORE_STOP_WAIT)).await;
     if let Some(t) = store_thread {
-        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        if tokio::time::timeout(STORE_STOP_WAIT, tokio::task::spawn_blocking(move || t.join())).await.is_err() {
+            tracing::error!("the store thread did not stop within {STORE_STOP_WAIT:?}; leaving it behind");
+        }
     }
+}
+
+/// How long stopping a node waits for its store thread to take the stop request and to finish.
+const STORE_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Starts a node's store thread. If the thread ends while the node is not stopping (a panic, a
+/// storage failure that stops the store), `stop` is raised so the node stops serving and
+/// heartbeating (meta then sees it down and re-replicates its partitions) and the returned flag turns
+/// true, so the process can exit instead of lingering half-alive.
+pub fn spawn_store_thread(
+    name: String,
+    run: impl FnOnce() + Send + 'static,
+    stop: &tokio::sync::watch::Sender<bool>,
+) -> std::io::Result<(std::thread::JoinHandle<()>, tokio::sync::watch::Receiver<bool>)> {
+    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new().name(name.clone()).spawn(move || {
+        let _ended = ended_tx; // dropped when the thread ends, by return or by unwinding
+        run();
+    })?;
+    let (failed_tx, failed_rx) = tokio::sync::watch::channel(false);
+    let (stop, stopping) = (stop.clone(), stop.subscribe());
+    tokio::spawn(async move {
+        let _ = ended_rx.await;
+        if !*stopping.borrow() {
+            tracing::error!("{name} ended unexpectedly: this node stops serving");
+            let _ = failed_tx.send(true);
+            let _ = stop.send(true);
+        }
+    });
+    Ok((thread, failed_rx))
 }
 
 /// Largest snapshot file name accepted from a peer.
@@ -59,9 +93,11 @@ impl RaftService {
     }
 
     fn deliver(&self, envelope: tern_proto::RaftEnvelope, snapshot_dir: Option<PathBuf>) -> Result<(), Status> {
+        // Every envelope names its cluster, and only this node's cluster is let in (a node that does
+        // not know its cluster yet takes no raft messages).
         let mine = self.cluster_id.load(Ordering::Relaxed);
-        if mine != 0 && envelope.cluster_id != 0 && envelope.cluster_id != mine {
-            return Err(Status::failed_precondition(format!("this server belongs to cluster {mine:x}, not {:x}", envelope.cluster_id)));
+        if mine == 0 || envelope.cluster_id != mine {
+            return Err(Status::failed_precondition(format!("this node belongs to cluster {mine:x}, not {:x}", envelope.cluster_id)));
         }
         if envelope.to_node != self.node_id {
             return Err(Status::failed_precondition(format!("this is node {}, not {}", self.node_id, envelope.to_node)));
@@ -122,7 +158,23 @@ impl Raft for RaftService {
             Ok(())
         }
         .await;
-        if let Err(e) = received {
+        // Only a whole snapshot is handed on: a stream cut short (the sender failed half way, its
+        // checkpoint was removed under it, only the envelope came) is refused here, so the sender
+        // reports a failure and raft sends it again.
+        let checked = match received {
+            Ok(()) => {
+                let d = dir.clone();
+                tokio::task::spawn_blocking(move || {
+                    tern_raft::snapshot::verify(&d)?;
+                    tern_core::files::sync_directory(&d).map_err(|e| tern_core::TernError::Internal(format!("sync {}: {e}", d.display())))
+                })
+                .await
+                .map_err(|e| Status::internal(format!("verify received snapshot: {e}")))?
+                .map_err(|e| Status::data_loss(format!("refused snapshot: {e}")))
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = checked {
             let _ = tokio::fs::remove_dir_all(&dir).await;
             return Err(e);
         }
@@ -141,7 +193,7 @@ mod tests {
     }
 
     /// Raft messages of another cluster (a server that took over an address another cluster still
-    /// dials) and messages for another node are refused before they reach a replica.
+    /// dials), without a cluster id, or for another node are refused before they reach a replica.
     #[test]
     fn refuses_other_clusters_and_nodes() {
         let (store, mailbox) = tern_raft::store::mailbox(16);
@@ -152,10 +204,10 @@ mod tests {
         assert!(e.message().contains("cluster"), "{e}");
         assert!(service.deliver(envelope(0xabc, 2), None).is_err(), "addressed to another node");
         assert!(mailbox.try_recv().is_err(), "nothing reached the store");
+        assert!(service.deliver(envelope(0, 1), None).is_err(), "no cluster id");
         service.deliver(envelope(0xabc, 1), None).unwrap();
-        service.deliver(envelope(0, 1), None).unwrap();
         cluster.store(0, Ordering::Relaxed);
-        service.deliver(envelope(0xdef, 1), None).unwrap();
-        assert_eq!(mailbox.try_iter().count(), 3, "same cluster, or a cluster id not known yet on either side");
+        assert!(service.deliver(envelope(0xabc, 1), None).is_err(), "a node that does not know its cluster takes nothing");
+        assert_eq!(mailbox.try_iter().count(), 1, "only its own cluster's message got through");
     }
 }

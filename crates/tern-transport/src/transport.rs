@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tern_core::limits::GRPC_MESSAGE_BYTES_MAX;
+use tern_core::limits::{GRPC_MESSAGE_BYTES_MAX, RAFT_BATCH_BYTES_MAX};
 use tern_core::{GroupId, NodeId};
 use tern_proto::raft_client::RaftClient;
 use tern_proto::{RaftBatch, RaftEnvelope, SnapshotChunk};
@@ -99,7 +99,7 @@ async fn connect(addresses: &AddressBook, to: NodeId) -> Option<RaftClient<tonic
         .connect()
         .await
         .ok()?;
-    Some(RaftClient::new(channel).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX).max_encoding_message_size(usize::MAX))
+    Some(RaftClient::new(channel).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX).max_encoding_message_size(RAFT_BATCH_BYTES_MAX))
 }
 
 /// Keeps one stream open to a node and forwards batches; reconnects with a pause after failures,
@@ -116,15 +116,17 @@ async fn peer_sender(to: NodeId, addresses: AddressBook, mut queue: mpsc::Receiv
         };
         let (tx, rx) = mpsc::channel::<RaftBatch>(64);
         let call = tokio::spawn(async move { client.send(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+        let mut carried: Option<RaftEnvelope> = None;
         loop {
-            let Some(first) = queue.recv().await else { return };
-            let mut messages = vec![first];
-            while messages.len() < BATCH_MESSAGES_MAX {
-                match queue.try_recv() {
-                    Ok(m) => messages.push(m),
-                    Err(_) => break,
-                }
-            }
+            let first = match carried.take() {
+                Some(m) => m,
+                None => match queue.recv().await {
+                    Some(m) => m,
+                    None => return,
+                },
+            };
+            let (messages, next) = fill_batch(first, &mut queue);
+            carried = next;
             if tx.send(RaftBatch { messages }).await.is_err() {
                 break; // stream ended: reconnect
             }
@@ -133,6 +135,25 @@ async fn peer_sender(to: NodeId, addresses: AddressBook, mut queue: mpsc::Receiv
         let _ = call.await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Takes queued messages after `first` into one batch, up to BATCH_MESSAGES_MAX messages and half of
+/// the receiver's RAFT_BATCH_BYTES_MAX (a batch the receiver refused would end the stream and drop
+/// everything queued behind it). Returns the batch and the message that did not fit, if any.
+fn fill_batch(first: RaftEnvelope, queue: &mut mpsc::Receiver<RaftEnvelope>) -> (Vec<RaftEnvelope>, Option<RaftEnvelope>) {
+    use prost::Message as _;
+    let mut bytes = first.encoded_len();
+    let mut messages = vec![first];
+    while messages.len() < BATCH_MESSAGES_MAX && bytes < RAFT_BATCH_BYTES_MAX / 2 {
+        let Ok(next) = queue.try_recv() else { break };
+        let size = next.encoded_len();
+        if bytes + size > RAFT_BATCH_BYTES_MAX / 2 {
+            return (messages, Some(next));
+        }
+        bytes += size;
+        messages.push(next);
+    }
+    (messages, None)
 }
 
 /// Streams a checkpoint directory to a peer, file by file in chunks at a bounded rate, then tells the
@@ -185,4 +206,41 @@ async fn feed_snapshot(dir: &Path, envelope: RaftEnvelope, tx: mpsc::Sender<Snap
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(bytes: usize) -> RaftEnvelope {
+        RaftEnvelope { group_id: 1, from_node: 1, to_node: 2, message: vec![0u8; bytes].into(), cluster_id: 1 }
+    }
+
+    /// Batches stay within the receiver's limit however large the queued messages are (512
+    /// messages of about 1 MiB each used to go out as one 512 MiB batch the receiver refused); a
+    /// message that does not fit starts the next batch, and small ones still travel together.
+    #[tokio::test]
+    async fn batches_are_capped_by_bytes() {
+        use prost::Message as _;
+        let (tx, mut rx) = mpsc::channel(1024);
+        for _ in 0..20 {
+            tx.try_send(envelope(1 << 20)).unwrap();
+        }
+        let mut sent = 0;
+        let mut carried = None;
+        while sent < 20 {
+            let first = carried.take().unwrap_or_else(|| rx.try_recv().unwrap());
+            let (batch, next) = fill_batch(first, &mut rx);
+            let bytes = RaftBatch { messages: batch.clone() }.encoded_len();
+            assert!(bytes <= RAFT_BATCH_BYTES_MAX, "batch of {bytes} bytes");
+            assert!(batch.len() > 1, "several large messages still share a batch");
+            sent += batch.len();
+            carried = next;
+        }
+        for _ in 0..100 {
+            tx.try_send(envelope(10)).unwrap();
+        }
+        let first = rx.try_recv().unwrap();
+        assert_eq!(fill_batch(first, &mut rx).0.len(), 100);
+    }
 }

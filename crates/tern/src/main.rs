@@ -261,8 +261,13 @@ async fn main() -> anyhow::Result<()> {
             }
             let meta = tern_meta::MetaNode::start(cfg).await?;
             println!("meta listening on {}", meta.address);
-            signals.wait().await;
-            meta.shutdown().await;
+            tokio::select! {
+                _ = signals.wait() => meta.shutdown().await,
+                _ = meta.failed() => {
+                    meta.shutdown().await;
+                    bail!("the meta node's store stopped (see the log above); exiting so it can be restarted");
+                }
+            }
         }
         Command::Server { data_dir, listen, advertise, meta, raft_tick_ms, log_gc_threshold, log_gc_lag_max, snapshot_rate_mib, block_cache_mib, zone, leader_priority } => {
             init_logging();
@@ -287,8 +292,13 @@ async fn main() -> anyhow::Result<()> {
             cfg.leader_priority = leader_priority;
             let server = tern_server::ServerNode::start(cfg).await?;
             println!("server {} listening on {}", server.node_id, server.address);
-            signals.wait().await;
-            server.shutdown().await;
+            tokio::select! {
+                _ = signals.wait() => server.shutdown().await,
+                _ = server.failed() => {
+                    server.shutdown().await;
+                    bail!("the server's store stopped (see the log above); exiting so it can be restarted");
+                }
+            }
         }
         Command::Proxy { listen, meta, table, password, max_clients } => {
             init_logging();
