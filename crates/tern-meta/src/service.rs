@@ -29,16 +29,42 @@ pub struct MetaConfig {
     pub id: u64,
     /// Every meta node (id, address), this one included. Empty: a single meta node at `listen`.
     pub peers: Vec<(u64, String)>,
+    /// The cluster's raft timing, which every server adopts (servers configured otherwise are
+    /// refused): one raft tick, and ticks without a leader before an election.
+    pub raft_tick: Duration,
+    pub election_ticks: u32,
 }
+
+/// Raft timing limits (a tick between 1 ms and 10 s; 5 to 100 ticks to an election).
+pub const RAFT_TICK_MS_MAX: u64 = 10_000;
+pub const ELECTION_TICKS_MIN: u32 = 5;
+pub const ELECTION_TICKS_MAX: u32 = 100;
 
 impl MetaConfig {
     pub fn new(data_dir: PathBuf, listen: SocketAddr) -> MetaConfig {
-        MetaConfig { data_dir, listen, node_grace: Duration::from_secs(10), id: 1, peers: vec![] }
+        MetaConfig {
+            data_dir,
+            listen,
+            node_grace: Duration::from_secs(10),
+            id: 1,
+            peers: vec![],
+            raft_tick: StoreConfig::default().tick_interval,
+            election_ticks: StoreConfig::default().replica.election_tick as u32,
+        }
     }
 
     pub fn validate(&self) -> Result<(), TernError> {
         if self.node_grace.is_zero() {
             return Err(TernError::invalid("node grace period must be positive"));
+        }
+        if self.raft_tick.is_zero() || self.raft_tick > Duration::from_millis(RAFT_TICK_MS_MAX) || self.raft_tick.subsec_micros() % 1000 != 0 {
+            return Err(TernError::invalid(format!("raft tick must be a whole number of milliseconds from 1 to {RAFT_TICK_MS_MAX}, not {:?}", self.raft_tick)));
+        }
+        if !(ELECTION_TICKS_MIN..=ELECTION_TICKS_MAX).contains(&self.election_ticks) {
+            return Err(TernError::invalid(format!(
+                "election ticks must be from {ELECTION_TICKS_MIN} to {ELECTION_TICKS_MAX}, not {}",
+                self.election_ticks
+            )));
         }
         if !self.peers.is_empty() {
             if ![1, 3, 5].contains(&self.peers.len()) {
@@ -82,6 +108,7 @@ const CATALOG_IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct MetaService {
+    settings: ClusterSettingsResponse,
     state: Arc<Mutex<State>>,
     /// Serialises catalog changes: each is computed on the current catalog, written through raft,
     /// then installed.
@@ -103,8 +130,9 @@ fn catalog_ref() -> Option<PartitionRef> {
 }
 
 impl MetaService {
-    fn new(store: StoreHandle, grace: Duration) -> MetaService {
+    fn new(store: StoreHandle, grace: Duration, settings: ClusterSettingsResponse) -> MetaService {
         MetaService {
+            settings,
             state: Arc::new(Mutex::new(State { catalog: Catalog::default(), liveness: HashMap::new(), leader_since: Instant::now() })),
             changes: Arc::new(tokio::sync::Mutex::new(())),
             store,
@@ -371,6 +399,10 @@ impl Meta for MetaService {
             }
             Err(e) => err(e, |r: &mut RegisterResponse, e| r.error = e),
         }))
+    }
+
+    async fn get_cluster_settings(&self, _: Request<ClusterSettingsRequest>) -> Result<Response<ClusterSettingsResponse>, Status> {
+        Ok(Response::new(self.settings.clone()))
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
@@ -645,7 +677,8 @@ impl MetaNode {
             preferred_leader_peer: 0,
         }]));
 
-        let service = MetaService::new(handle.clone(), cfg.node_grace);
+        let settings = ClusterSettingsResponse { error: None, raft_tick_ms: cfg.raft_tick.as_millis() as u64, election_ticks: cfg.election_ticks };
+        let service = MetaService::new(handle.clone(), cfg.node_grace, settings);
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(service.clone().follow_leadership(stopped.clone())));
         let scheduler = service.clone();

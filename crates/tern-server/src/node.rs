@@ -14,7 +14,7 @@ use tern_engine::{RocksEngineFactory, RocksSharedResources};
 use tern_proto::kv_server::KvServer;
 use tern_proto::meta_client::MetaClient;
 use tern_proto::raft_server::RaftServer;
-use tern_proto::{HeartbeatRequest, RegisterRequest};
+use tern_proto::{ClusterSettingsRequest, HeartbeatRequest, RegisterRequest};
 use tern_raft::log_store::RaftEngineLogStore;
 use tern_raft::store::{self, ReplicaSpec, Store, StoreConfig, StoreHandle, StoreMsg};
 use tokio::sync::{oneshot, watch};
@@ -38,6 +38,9 @@ pub struct ServerConfig {
     pub zone: String,
     /// Higher wins leadership of the partitions this server holds.
     pub leader_priority: i32,
+    /// The raft tick this server expects; None adopts the cluster's (from meta). Raft timing is a
+    /// cluster setting: a server whose value differs is refused at start.
+    pub raft_tick: Option<Duration>,
 }
 
 impl ServerConfig {
@@ -54,6 +57,7 @@ impl ServerConfig {
             write_buffer_bytes: 64 * 1024 * 1024,
             zone: String::new(),
             leader_priority: 0,
+            raft_tick: None,
         }
     }
 
@@ -119,6 +123,59 @@ async fn meta_client(addresses: &[String], start: usize) -> Result<MetaClient<to
     Err(TernError::Unavailable(format!("no meta server reachable ({last})")))
 }
 
+/// Calls meta until it answers (meta may be electing its leader or starting), for about five minutes.
+async fn ask_meta<T, F, Fut>(cfg: &ServerConfig, what: &str, call: F) -> Result<T, TernError>
+where
+    F: Fn(MetaClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, TernError>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        let r = match meta_client(&cfg.meta, attempt as usize).await {
+            Ok(meta) => call(meta).await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_retryable() && attempt < 600 => {
+                attempt += 1;
+                if attempt % 10 == 5 {
+                    tracing::warn!("waiting for meta to {what}: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The cluster's raft timing, which this server adopts; a server configured with other timing is
+/// refused (its read lease would not match its peers' vote refusal).
+async fn adopt_raft_timing(cfg: &mut ServerConfig) -> Result<(), TernError> {
+    let settings = ask_meta(cfg, "tell the cluster's settings", |mut meta| async move {
+        let r = meta.get_cluster_settings(ClusterSettingsRequest {}).await.map_err(|s| tern_proto::from_status(&s))?.into_inner();
+        tern_proto::check(&r.error)?;
+        Ok(r)
+    })
+    .await?;
+    let tick = Duration::from_millis(settings.raft_tick_ms);
+    if let Some(mine) = cfg.raft_tick {
+        if mine != tick {
+            return Err(TernError::invalid(format!(
+                "this server is configured with a raft tick of {} ms but its cluster runs {} ms: every server of a cluster shares the meta's --raft-tick-ms (leave --raft-tick-ms out to adopt it)",
+                mine.as_millis(),
+                settings.raft_tick_ms
+            )));
+        }
+    }
+    if tick.is_zero() || settings.election_ticks == 0 {
+        return Err(TernError::Internal(format!("meta sent unusable raft timing {settings:?}")));
+    }
+    cfg.store.tick_interval = tick;
+    cfg.store.replica.election_tick = settings.election_ticks as usize;
+    Ok(())
+}
+
 /// Loads this server's node id and cluster id, or registers with meta for new ones.
 async fn node_identity(cfg: &ServerConfig, address: &str) -> Result<NodeIdentity, TernError> {
     let path = cfg.data_dir.join("node.json");
@@ -127,27 +184,16 @@ async fn node_identity(cfg: &ServerConfig, address: &str) -> Result<NodeIdentity
         let id: NodeIdentity = serde_json::from_slice(&bytes).map_err(|e| TernError::Corruption(format!("{}: {e}", path.display())))?;
         return Ok(id);
     }
-    let mut attempt = 0u32;
-    let node_id = loop {
-        let r = async {
-            let mut meta = meta_client(&cfg.meta, attempt as usize).await?;
-            let r = meta.register(RegisterRequest { address: address.to_string(), zone: cfg.zone.clone(), leader_priority: cfg.leader_priority }).await.map_err(|s| tern_proto::from_status(&s))?.into_inner();
+    let request = RegisterRequest { address: address.to_string(), zone: cfg.zone.clone(), leader_priority: cfg.leader_priority };
+    let node_id = ask_meta(cfg, "register this server", |mut meta| {
+        let request = request.clone();
+        async move {
+            let r = meta.register(request).await.map_err(|s| tern_proto::from_status(&s))?.into_inner();
             tern_proto::check(&r.error)?;
-            Ok::<_, TernError>(NodeIdentity { node_id: r.node_id, cluster_id: r.cluster_id })
+            Ok(NodeIdentity { node_id: r.node_id, cluster_id: r.cluster_id })
         }
-        .await;
-        match r {
-            Ok(id) => break id,
-            Err(e) if e.is_retryable() && attempt < 600 => {
-                attempt += 1;
-                if attempt % 10 == 5 {
-                    tracing::warn!("waiting for meta to register this server: {e}");
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    };
+    })
+    .await?;
     // Durably (file and directory synced): a node that forgot its identity would register again as
     // a new node while its replicas' peers still count on the old one.
     tern_core::files::write_file_atomically(&path, &serde_json::to_vec(&node_id).expect("serialize")).map_err(internal("write node.json"))?;
@@ -155,13 +201,14 @@ async fn node_identity(cfg: &ServerConfig, address: &str) -> Result<NodeIdentity
 }
 
 impl ServerNode {
-    pub async fn start(cfg: ServerConfig) -> Result<ServerNode, TernError> {
+    pub async fn start(mut cfg: ServerConfig) -> Result<ServerNode, TernError> {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.data_dir).map_err(internal("create data directory"))?;
         let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(internal("bind server address"))?;
         let bound = listener.local_addr().map_err(internal("server address"))?;
         let address = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
         let identity = node_identity(&cfg, &address).await?;
+        adopt_raft_timing(&mut cfg).await?;
         let node_id = identity.node_id;
         let cluster_id = Arc::new(std::sync::atomic::AtomicU64::new(identity.cluster_id));
 

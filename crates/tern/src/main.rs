@@ -70,6 +70,12 @@ enum Command {
         /// Seconds without a heartbeat before a server is reported down.
         #[arg(long, default_value_t = 10)]
         node_grace_seconds: u64,
+        /// The cluster's raft tick in milliseconds (1-10000); every server adopts it.
+        #[arg(long, default_value_t = 100)]
+        raft_tick_ms: u64,
+        /// Ticks without a leader before a follower campaigns (5-100); the read lease stays inside it.
+        #[arg(long, default_value_t = 10)]
+        election_ticks: u32,
     },
     /// A replica server.
     Server {
@@ -83,9 +89,10 @@ enum Command {
         /// Meta server addresses, comma separated.
         #[arg(long, default_value = DEFAULT_META, value_delimiter = ',')]
         meta: Vec<String>,
-        /// Raft tick in milliseconds (election timeout is 10-20 ticks).
-        #[arg(long, default_value_t = 100)]
-        raft_tick_ms: u64,
+        /// Raft tick in milliseconds the server expects; by default it adopts its cluster's (set on
+        /// meta). A server whose value differs from the cluster's is refused.
+        #[arg(long)]
+        raft_tick_ms: Option<u64>,
         /// Compact the raft log once this many applied entries sit in it.
         #[arg(long, default_value_t = 10_000)]
         log_gc_threshold: u64,
@@ -245,7 +252,7 @@ async fn main() -> anyhow::Result<()> {
             println!("stopping...");
             pg.shutdown().await;
         }
-        Command::Meta { data_dir, listen, id, peers, node_grace_seconds } => {
+        Command::Meta { data_dir, listen, id, peers, node_grace_seconds, raft_tick_ms, election_ticks } => {
             init_logging();
             let signals = StopSignals::install()?;
             if node_grace_seconds == 0 {
@@ -253,6 +260,8 @@ async fn main() -> anyhow::Result<()> {
             }
             let mut cfg = tern_meta::MetaConfig::new(data_dir, listen);
             cfg.node_grace = Duration::from_secs(node_grace_seconds);
+            cfg.raft_tick = Duration::from_millis(raft_tick_ms);
+            cfg.election_ticks = election_ticks;
             cfg.id = id;
             for p in peers {
                 let Some((peer_id, address)) = p.split_once('=') else { bail!("--peers wants ID=ADDRESS, not {p:?}") };
@@ -272,7 +281,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Server { data_dir, listen, advertise, meta, raft_tick_ms, log_gc_threshold, log_gc_lag_max, snapshot_rate_mib, block_cache_mib, zone, leader_priority } => {
             init_logging();
             let signals = StopSignals::install()?;
-            if raft_tick_ms == 0 || raft_tick_ms > 10_000 {
+            if raft_tick_ms.is_some_and(|t| t == 0 || t > 10_000) {
                 bail!("--raft-tick-ms must be between 1 and 10000");
             }
             if log_gc_threshold == 0 {
@@ -280,7 +289,7 @@ async fn main() -> anyhow::Result<()> {
             }
             let mut cfg = tern_server::ServerConfig::new(data_dir, listen, meta);
             cfg.advertise = advertise;
-            cfg.store.tick_interval = Duration::from_millis(raft_tick_ms);
+            cfg.raft_tick = raft_tick_ms.map(Duration::from_millis);
             cfg.store.replica.log_gc_count_threshold = log_gc_threshold;
             cfg.store.replica.log_gc_lag_max = log_gc_lag_max;
             cfg.snapshot_bytes_per_second = snapshot_rate_mib * 1024 * 1024;

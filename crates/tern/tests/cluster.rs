@@ -453,3 +453,26 @@ async fn meta_leader_failure_is_survived() {
     }
     c.shutdown().await;
 }
+
+/// Raft timing is a cluster setting: a server configured with another raft tick than its meta's is
+/// refused with an error naming both values (its read lease would outlast its peers' vote refusal);
+/// one that leaves it out adopts the cluster's and joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_share_the_cluster_raft_timing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut meta_cfg = MetaConfig::new(dir.path().join("meta"), any_port());
+    meta_cfg.raft_tick = Duration::from_millis(50);
+    let meta = MetaNode::start(meta_cfg).await.unwrap();
+    let mut cfg = ServerConfig::new(dir.path().join("s0"), any_port(), vec![meta.address.clone()]);
+    cfg.raft_tick = Some(Duration::from_millis(100));
+    let refused = ServerNode::start(cfg.clone()).await.err().expect("a server with other raft timing is refused");
+    assert!(matches!(refused, TernError::InvalidArgument(_)), "{refused}");
+    assert!(refused.to_string().contains("100 ms") && refused.to_string().contains("50 ms"), "{refused}");
+    cfg.raft_tick = None;
+    let server = ServerNode::start(cfg).await.unwrap();
+    server.shutdown().await;
+    let mut bad = MetaConfig::new(dir.path().join("meta2"), any_port());
+    bad.election_ticks = 2;
+    assert!(MetaNode::start(bad).await.err().unwrap().to_string().contains("election ticks"));
+    meta.shutdown().await;
+}
