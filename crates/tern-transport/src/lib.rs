@@ -210,4 +210,23 @@ mod tests {
         assert!(service.deliver(envelope(0xabc, 1), None).is_err(), "a node that does not know its cluster takes nothing");
         assert_eq!(mailbox.try_iter().count(), 1, "only its own cluster's message got through");
     }
+
+    /// A store thread that dies while its node is not stopping raises the node's stop signal and its
+    /// failed flag (the node stops serving and heartbeating instead of lingering half-alive); one that
+    /// ends because the node stops does neither.
+    #[tokio::test]
+    async fn a_dead_store_thread_fails_the_node() {
+        let (stop, mut stopping) = tokio::sync::watch::channel(false);
+        let (thread, mut failed) = spawn_store_thread("test-store".into(), || panic!("store bug"), &stop).unwrap();
+        assert!(thread.join().is_err());
+        tokio::time::timeout(std::time::Duration::from_secs(5), failed.wait_for(|f| *f)).await.unwrap().unwrap();
+        assert!(*stopping.borrow_and_update(), "the node was told to stop");
+
+        let (stop, _) = tokio::sync::watch::channel(false);
+        let (thread, failed) = spawn_store_thread("test-store".into(), || {}, &stop).unwrap();
+        stop.send(true).unwrap();
+        thread.join().unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!*failed.borrow(), "a store that stopped on request is not a failure");
+    }
 }
