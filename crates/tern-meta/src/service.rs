@@ -57,7 +57,7 @@ impl MetaConfig {
         if self.node_grace.is_zero() {
             return Err(TernError::invalid("node grace period must be positive"));
         }
-        if self.raft_tick.is_zero() || self.raft_tick > Duration::from_millis(RAFT_TICK_MS_MAX) || self.raft_tick.subsec_micros() % 1000 != 0 {
+        if self.raft_tick.is_zero() || self.raft_tick > Duration::from_millis(RAFT_TICK_MS_MAX) || !self.raft_tick.subsec_micros().is_multiple_of(1000) {
             return Err(TernError::invalid(format!("raft tick must be a whole number of milliseconds from 1 to {RAFT_TICK_MS_MAX}, not {:?}", self.raft_tick)));
         }
         if !(ELECTION_TICKS_MIN..=ELECTION_TICKS_MAX).contains(&self.election_ticks) {

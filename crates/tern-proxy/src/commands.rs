@@ -59,7 +59,7 @@ fn now_ms() -> u64 {
 fn int_arg(b: &[u8]) -> Result<i64, Reply> {
     std::str::from_utf8(b)
         .ok()
-        .filter(|s| !s.starts_with('+') && !(s.len() > 1 && s.starts_with('0')) && !s.starts_with("-0"))
+        .filter(|s| !s.starts_with('+') && (s.len() <= 1 || !s.starts_with('0')) && !s.starts_with("-0"))
         .and_then(|s| s.parse::<i64>().ok())
         .ok_or_else(|| err(NOT_INTEGER))
 }
@@ -274,7 +274,7 @@ pub async fn execute(shared: &Shared, session: &mut Session, name: String, args:
         "PERSIST" if args.len() == 2 => set_expiry(t, &args[1], |current| (current != 0).then_some(0)).await.map(|d| Reply::Int(d as i64)),
         "TTL" | "PTTL" if args.len() == 2 => cmd_ttl(t, &args[1], name == "PTTL").await,
         "TYPE" if args.len() == 2 => key_type(t, &args[1]).await.map(|k| Reply::Simple(k.name().into())),
-        "HSET" | "HMSET" if args.len() >= 4 && args.len() % 2 == 0 => cmd_hset(t, &args[1], &args[2..], name == "HMSET").await,
+        "HSET" | "HMSET" if args.len() >= 4 && args.len().is_multiple_of(2) => cmd_hset(t, &args[1], &args[2..], name == "HMSET").await,
         "HSETNX" if args.len() == 4 => cmd_hsetnx(t, &args[1], &args[2], &args[3]).await,
         "HGET" if args.len() == 3 => hmget(t, &args[1], &args[2..3]).await.map(|mut v| v.pop().unwrap_or(Reply::Nil)),
         "HMGET" if args.len() >= 3 => hmget(t, &args[1], &args[2..]).await.map(Reply::Array),

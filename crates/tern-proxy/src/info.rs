@@ -9,7 +9,8 @@ use std::sync::atomic::Ordering;
 pub const REDIS_VERSION: &str = "7.0.0";
 
 /// (name, arity as in Redis COMMAND: negative = at least, flags, first key, last key, step)
-const COMMANDS: &[(&str, i64, &[&str], i64, i64, i64)] = &[
+type CommandSpec = (&'static str, i64, &'static [&'static str], i64, i64, i64);
+const COMMANDS: &[CommandSpec] = &[
     ("append", 3, &["write"], 1, 1, 1),
     ("auth", -2, &["fast", "no-auth"], 0, 0, 0),
     ("client", -2, &["admin"], 0, 0, 0),
