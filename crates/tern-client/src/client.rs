@@ -229,9 +229,7 @@ impl Client {
             let nodes = self.meta_call(|mut m| async move { m.list_nodes(ListNodesRequest {}).await.map(|r| r.into_inner()) }).await?;
             self.learn_nodes(&nodes.nodes);
         }
-        let leaders = LeaderTable::new(
-            info.partitions.iter().map(|p| (p.peers.iter().map(|x| x.node_id).collect(), p.leader_node)).collect(),
-        );
+        let leaders = LeaderTable::new(info.partitions.iter().map(|p| (p.peers.iter().map(|x| x.node_id).collect(), p.leader_node)).collect());
         let route = Arc::new(Route { table: info, leaders });
         self.inner.routes.write().insert(table.to_string(), route.clone());
         Ok(route)
@@ -271,7 +269,9 @@ impl Client {
 
     fn kv(&self, node: NodeId) -> TernResult<KvClient<Channel>> {
         let address = self.address(node)?;
-        Ok(KvClient::new(self.channel(&address)?).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX.max(64 << 20)).max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX))
+        Ok(KvClient::new(self.channel(&address)?)
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX.max(64 << 20))
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX))
     }
 
     /// Sends one request to the partition leader with the retry loop. `build` makes the request for
@@ -513,7 +513,12 @@ impl Table {
 
     /// The named sortkeys of a hashkey (all of them, up to the read limit, when `sortkeys` is empty).
     pub async fn multi_get(&self, hashkey: &[u8], sortkeys: &[Vec<u8>]) -> TernResult<Vec<Record>> {
-        let op = read_request::Op::Get(MultiGet { hashkey: bytes(hashkey), sortkeys: sortkeys.iter().map(|s| bytes(s)).collect(), limit: 0, no_value: false });
+        let op = read_request::Op::Get(MultiGet {
+            hashkey: bytes(hashkey),
+            sortkeys: sortkeys.iter().map(|s| bytes(s)).collect(),
+            limit: 0,
+            no_value: false,
+        });
         Ok(self.client.read(&self.name, Routed::Hashkey(hashkey), op).await?.records)
     }
 

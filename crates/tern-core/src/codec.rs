@@ -51,10 +51,7 @@ pub fn decode_key(key: &[u8]) -> Result<(&[u8], &[u8]), TernError> {
     }
     let len = u16::from_be_bytes([key[0], key[1]]) as usize;
     if key.len() < 2 + len {
-        return Err(TernError::Corruption(format!(
-            "storage key says hashkey is {len} bytes but only {} follow",
-            key.len() - 2
-        )));
+        return Err(TernError::Corruption(format!("storage key says hashkey is {len} bytes but only {} follow", key.len() - 2)));
     }
     Ok((&key[2..2 + len], &key[2 + len..]))
 }

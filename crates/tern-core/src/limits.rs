@@ -31,66 +31,49 @@ pub const RAFT_BATCH_BYTES_MAX: usize = 2 * GRPC_MESSAGE_BYTES_MAX;
 
 pub fn check_hashkey(hashkey: &[u8]) -> Result<(), TernError> {
     if hashkey.len() > HASHKEY_BYTES_MAX {
-        return Err(TernError::invalid(format!(
-            "hashkey is {} bytes; the limit is {HASHKEY_BYTES_MAX} bytes",
-            hashkey.len()
-        )));
+        return Err(TernError::invalid(format!("hashkey is {} bytes; the limit is {HASHKEY_BYTES_MAX} bytes", hashkey.len())));
     }
     Ok(())
 }
 
 pub fn check_sortkey(sortkey: &[u8]) -> Result<(), TernError> {
     if sortkey.len() > SORTKEY_BYTES_MAX {
-        return Err(TernError::invalid(format!(
-            "sortkey is {} bytes; the limit is {SORTKEY_BYTES_MAX} bytes",
-            sortkey.len()
-        )));
+        return Err(TernError::invalid(format!("sortkey is {} bytes; the limit is {SORTKEY_BYTES_MAX} bytes", sortkey.len())));
     }
     Ok(())
 }
 
 pub fn check_value(value: &[u8]) -> Result<(), TernError> {
     if value.len() > VALUE_BYTES_MAX {
-        return Err(TernError::invalid(format!(
-            "value is {} bytes; the limit is {VALUE_BYTES_MAX} bytes",
-            value.len()
-        )));
+        return Err(TernError::invalid(format!("value is {} bytes; the limit is {VALUE_BYTES_MAX} bytes", value.len())));
     }
     Ok(())
 }
 
 pub fn check_write_size(bytes: usize) -> Result<(), TernError> {
     if bytes > WRITE_REQUEST_BYTES_MAX {
-        return Err(TernError::invalid(format!(
-            "write request is {bytes} bytes; the limit is {WRITE_REQUEST_BYTES_MAX} bytes"
-        )));
+        return Err(TernError::invalid(format!("write request is {bytes} bytes; the limit is {WRITE_REQUEST_BYTES_MAX} bytes")));
     }
     Ok(())
 }
 
 pub fn check_record_count(count: usize) -> Result<(), TernError> {
     if count > MULTI_RECORDS_MAX {
-        return Err(TernError::invalid(format!(
-            "request names {count} records; the limit is {MULTI_RECORDS_MAX}"
-        )));
+        return Err(TernError::invalid(format!("request names {count} records; the limit is {MULTI_RECORDS_MAX}")));
     }
     Ok(())
 }
 
 pub fn check_partition_count(count: u32) -> Result<(), TernError> {
     if count == 0 || !count.is_power_of_two() || count > PARTITION_COUNT_MAX {
-        return Err(TernError::invalid(format!(
-            "partition count {count} must be a power of two between 1 and {PARTITION_COUNT_MAX}"
-        )));
+        return Err(TernError::invalid(format!("partition count {count} must be a power of two between 1 and {PARTITION_COUNT_MAX}")));
     }
     Ok(())
 }
 
 pub fn check_replica_count(count: u32) -> Result<(), TernError> {
     if !(REPLICA_COUNT_MIN..=REPLICA_COUNT_MAX).contains(&count) {
-        return Err(TernError::invalid(format!(
-            "replica count {count} must be between {REPLICA_COUNT_MIN} and {REPLICA_COUNT_MAX}"
-        )));
+        return Err(TernError::invalid(format!("replica count {count} must be between {REPLICA_COUNT_MIN} and {REPLICA_COUNT_MAX}")));
     }
     Ok(())
 }
@@ -98,9 +81,7 @@ pub fn check_replica_count(count: u32) -> Result<(), TernError> {
 pub fn check_table_name(name: &str) -> Result<(), TernError> {
     let valid_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.';
     if name.is_empty() || name.len() > TABLE_NAME_BYTES_MAX || !name.chars().all(valid_char) {
-        return Err(TernError::invalid(format!(
-            "table name {name:?} must be 1 to {TABLE_NAME_BYTES_MAX} characters of [A-Za-z0-9_.-]"
-        )));
+        return Err(TernError::invalid(format!("table name {name:?} must be 1 to {TABLE_NAME_BYTES_MAX} characters of [A-Za-z0-9_.-]")));
     }
     Ok(())
 }

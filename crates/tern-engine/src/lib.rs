@@ -30,10 +30,18 @@ pub type EngineResult<T> = Result<T, EngineError>;
 /// One operation in an atomic batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WriteOp {
-    Put { key: Vec<u8>, value: Vec<u8> },
-    Delete { key: Vec<u8> },
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
     /// Deletes every key in [start, end).
-    DeleteRange { start: Vec<u8>, end: Vec<u8> },
+    DeleteRange {
+        start: Vec<u8>,
+        end: Vec<u8>,
+    },
 }
 
 /// An atomic group of writes: all or nothing, visible together.
@@ -67,8 +75,7 @@ pub trait KvEngine: Send + Sync {
     /// Applies the batch atomically. Durability comes from the raft log, so this need not sync.
     fn write(&self, batch: WriteBatch) -> EngineResult<()>;
     /// Visits keys in [start, end) in order (end None = unbounded) until `visit` returns false.
-    fn scan(&self, start: &[u8], end: Option<&[u8]>, visit: &mut dyn FnMut(&[u8], &[u8]) -> bool)
-        -> EngineResult<()>;
+    fn scan(&self, start: &[u8], end: Option<&[u8]>, visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> EngineResult<()>;
     /// Makes every write so far durable (before the raft log below it is discarded).
     fn sync(&self) -> EngineResult<()>;
     /// Writes a consistent copy of the whole store into `dir` (which must not exist).

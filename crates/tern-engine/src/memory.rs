@@ -128,13 +128,7 @@ pub struct MemoryEngine {
 
 impl MemoryEngine {
     pub fn new() -> MemoryEngine {
-        MemoryEngine {
-            map: Default::default(),
-            durable: Default::default(),
-            horizon: Default::default(),
-            expiry: None,
-            faults: Default::default(),
-        }
+        MemoryEngine { map: Default::default(), durable: Default::default(), horizon: Default::default(), expiry: None, faults: Default::default() }
     }
 }
 
@@ -204,10 +198,8 @@ impl KvEngine for MemoryEngine {
                     map.remove(&key);
                 }
                 WriteOp::DeleteRange { start, end } if start < end => {
-                    let doomed: Vec<Vec<u8>> = map
-                        .range::<[u8], _>((Bound::Included(&start[..]), Bound::Excluded(&end[..])))
-                        .map(|(k, _)| k.clone())
-                        .collect();
+                    let doomed: Vec<Vec<u8>> =
+                        map.range::<[u8], _>((Bound::Included(&start[..]), Bound::Excluded(&end[..]))).map(|(k, _)| k.clone()).collect();
                     for k in doomed {
                         map.remove(&k);
                     }

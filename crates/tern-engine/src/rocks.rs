@@ -21,8 +21,7 @@ pub struct RocksSharedResources {
 impl RocksSharedResources {
     pub fn new(block_cache_bytes: usize, write_buffer_bytes: usize) -> RocksSharedResources {
         let cache = Cache::new_lru_cache(block_cache_bytes);
-        let write_buffers =
-            WriteBufferManager::new_write_buffer_manager_with_cache(write_buffer_bytes, false, cache.clone());
+        let write_buffers = WriteBufferManager::new_write_buffer_manager_with_cache(write_buffer_bytes, false, cache.clone());
         RocksSharedResources { cache, write_buffers }
     }
 }

@@ -217,10 +217,7 @@ impl Catalog {
             return Err(TernError::TableExists(name.to_string()));
         }
         if (alive.len() as u32) < replica_count {
-            return Err(TernError::NotEnoughNodes(format!(
-                "{replica_count} replicas need {replica_count} live servers; {} are live",
-                alive.len()
-            )));
+            return Err(TernError::NotEnoughNodes(format!("{replica_count} replicas need {replica_count} live servers; {} are live", alive.len())));
         }
         let mut replicas: HashMap<NodeId, u64> = alive.iter().map(|n| (*n, 0)).collect();
         let mut leaders: HashMap<NodeId, u64> = alive.iter().map(|n| (*n, 0)).collect();
@@ -280,9 +277,7 @@ impl Catalog {
         let usable_after = alive.iter().filter(|n| **n != node && !self.draining.contains(n)).count() as u32;
         let needed = self.tables.values().map(|t| t.replica_count).max().unwrap_or(0);
         if usable_after < needed {
-            return Err(TernError::NotEnoughNodes(format!(
-                "tables need {needed} servers; only {usable_after} would remain in use"
-            )));
+            return Err(TernError::NotEnoughNodes(format!("tables need {needed} servers; only {usable_after} would remain in use")));
         }
         self.draining.insert(node);
         Ok(format!("decommissioning node {node}: its replicas will move to other servers"))
@@ -413,8 +408,7 @@ impl Catalog {
                     // data (a snapshot) and is close to the leader. Found by the simulator (seed 5000
                     // of the scheduler sweep): an empty learner of a short log was promoted.
                     let caught_up = g.is_some_and(|g| {
-                        g.leader_commit > 0
-                            && g.applied.get(&learner).is_some_and(|a| *a > 0 && a + LEARNER_CATCH_UP_ENTRIES >= g.leader_commit)
+                        g.leader_commit > 0 && g.applied.get(&learner).is_some_and(|a| *a > 0 && a + LEARNER_CATCH_UP_ENTRIES >= g.leader_commit)
                     });
                     if caught_up && growing {
                         p.peers.push((learner, node));
@@ -469,7 +463,8 @@ impl Catalog {
                         *load.get_mut(&target).expect("usable") += 1;
                         *table_load.get_mut(&target).expect("usable") += 1;
                         *filling.entry(target).or_default() += 1;
-                        changes.push(format!("partition {group}: adding learner {next_peer_id} on node {target} (replica count {})", t.replica_count));
+                        changes
+                            .push(format!("partition {group}: adding learner {next_peer_id} on node {target} (replica count {})", t.replica_count));
                     }
                     continue;
                 }
@@ -500,7 +495,10 @@ impl Catalog {
                 }
                 *filling.entry(target).or_default() += 1;
                 balancing |= why == "balance";
-                changes.push(format!("partition {group}: moving peer {} off node {} ({why}): learner {next_peer_id} on node {target}", victim.0, victim.1));
+                changes.push(format!(
+                    "partition {group}: moving peer {} off node {} ({why}): learner {next_peer_id} on node {target}",
+                    victim.0, victim.1
+                ));
             }
             changes.extend(balance_preferred_leaders(t, &usable, &priority, paused));
         }
@@ -618,7 +616,8 @@ mod tests {
         let table = c.tables["t"].clone();
         let group = GroupId::new(table.id, 0).0;
         let failed_peer = table.partitions[0].peers[0];
-        let statuses = vec![tern_proto::ReplicaStatus { group_id: group, peer_id: failed_peer.0, failure: "checksum mismatch".into(), ..Default::default() }];
+        let statuses =
+            vec![tern_proto::ReplicaStatus { group_id: group, peer_id: failed_peer.0, failure: "checksum mismatch".into(), ..Default::default() }];
         let progress = group_progress(&statuses);
         let changes = c.schedule(&nodes, &progress, 8);
         assert_eq!(changes.len(), 1, "{changes:?}");

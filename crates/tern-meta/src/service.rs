@@ -57,8 +57,14 @@ impl MetaConfig {
         if self.node_grace.is_zero() {
             return Err(TernError::invalid("node grace period must be positive"));
         }
-        if self.raft_tick.is_zero() || self.raft_tick > Duration::from_millis(RAFT_TICK_MS_MAX) || !self.raft_tick.subsec_micros().is_multiple_of(1000) {
-            return Err(TernError::invalid(format!("raft tick must be a whole number of milliseconds from 1 to {RAFT_TICK_MS_MAX}, not {:?}", self.raft_tick)));
+        if self.raft_tick.is_zero()
+            || self.raft_tick > Duration::from_millis(RAFT_TICK_MS_MAX)
+            || !self.raft_tick.subsec_micros().is_multiple_of(1000)
+        {
+            return Err(TernError::invalid(format!(
+                "raft tick must be a whole number of milliseconds from 1 to {RAFT_TICK_MS_MAX}, not {:?}",
+                self.raft_tick
+            )));
         }
         if !(ELECTION_TICKS_MIN..=ELECTION_TICKS_MAX).contains(&self.election_ticks) {
             return Err(TernError::invalid(format!(
@@ -190,7 +196,12 @@ impl MetaService {
         let request = ReadRequest {
             partition: catalog_ref(),
             allow_stale: false,
-            op: Some(read_request::Op::Get(MultiGet { hashkey: hashkey.to_vec().into(), sortkeys: vec![Default::default()], limit: 0, no_value: false })),
+            op: Some(read_request::Op::Get(MultiGet {
+                hashkey: hashkey.to_vec().into(),
+                sortkeys: vec![Default::default()],
+                limit: 0,
+                no_value: false,
+            })),
         };
         let (tx, rx) = oneshot::channel();
         self.store.send(StoreMsg::Read { group: CATALOG_GROUP, request, callback: Box::new(move |r| drop(tx.send(r))) });
@@ -310,10 +321,7 @@ impl MetaService {
                 .map(|(i, p)| PartitionInfo {
                     index: i as u32,
                     peers: p.peers.iter().map(|(peer_id, node_id)| PeerInfo { peer_id: *peer_id, node_id: *node_id }).collect(),
-                    leader_node: leaders
-                        .get(&tern_core::GroupId::new(t.id, i as u32).0)
-                        .map(|(_, n)| *n)
-                        .unwrap_or(p.preferred_leader),
+                    leader_node: leaders.get(&tern_core::GroupId::new(t.id, i as u32).0).map(|(_, n)| *n).unwrap_or(p.preferred_leader),
                 })
                 .collect(),
         }
@@ -345,13 +353,7 @@ impl MetaService {
 }
 
 fn alive_nodes(state: &State, grace: Duration) -> Vec<NodeId> {
-    state
-        .catalog
-        .nodes
-        .keys()
-        .filter(|id| state.liveness.get(id).is_some_and(|l| l.last_seen.elapsed() < grace))
-        .copied()
-        .collect()
+    state.catalog.nodes.keys().filter(|id| state.liveness.get(id).is_some_and(|l| l.last_seen.elapsed() < grace)).copied().collect()
 }
 
 /// group -> (term, node) of the replica that most recently reported leadership (highest term).
@@ -390,10 +392,10 @@ impl Meta for MetaService {
             .await;
         Ok(Response::new(match r {
             Ok((node_id, cluster_id)) => {
-                self.state.lock().liveness.insert(
-                    node_id,
-                    NodeLiveness { last_seen: Instant::now(), replicas: vec![], disk_used_bytes: 0, requests_per_second: 0.0 },
-                );
+                self.state
+                    .lock()
+                    .liveness
+                    .insert(node_id, NodeLiveness { last_seen: Instant::now(), replicas: vec![], disk_used_bytes: 0, requests_per_second: 0.0 });
                 tracing::info!(node_id, %address, "registered server");
                 RegisterResponse { error: None, node_id, cluster_id }
             }
@@ -522,9 +524,11 @@ impl Meta for MetaService {
                     .peers
                     .iter()
                     .filter_map(|peer| {
-                        state.liveness.get(&peer.node_id).filter(|l| l.last_seen.elapsed() < self.grace).and_then(|l| {
-                            l.replicas.iter().find(|r| r.group_id == group).cloned()
-                        })
+                        state
+                            .liveness
+                            .get(&peer.node_id)
+                            .filter(|l| l.last_seen.elapsed() < self.grace)
+                            .and_then(|l| l.replicas.iter().find(|r| r.group_id == group).cloned())
                     })
                     .collect();
                 PartitionStatus { index: p.index, leader_node: p.leader_node, peers: p.peers.clone(), replicas }
@@ -639,7 +643,8 @@ impl MetaNode {
     pub async fn start(cfg: MetaConfig) -> Result<MetaNode, TernError> {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.data_dir).map_err(internal("create meta data directory"))?;
-        let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| TernError::Internal(format!("bind meta address {}: {e}", cfg.listen)))?;
+        let listener =
+            tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| TernError::Internal(format!("bind meta address {}: {e}", cfg.listen)))?;
         let address = listener.local_addr().map_err(internal("meta address"))?.to_string();
         let peers = if cfg.peers.is_empty() { vec![(cfg.id, address.clone())] } else { cfg.peers.clone() };
 
@@ -652,7 +657,8 @@ impl MetaNode {
         // Meta's own raft traffic carries an id of its group, drawn from the member list every meta
         // node is given, so raft services refuse envelopes without one.
         let meta_group_id = Arc::new(std::sync::atomic::AtomicU64::new(meta_group_cluster_id(&peers)));
-        let transport = tern_transport::GrpcTransport::new(cfg.id, meta_group_id.clone(), tokio::runtime::Handle::current(), addresses, handle.clone(), 0);
+        let transport =
+            tern_transport::GrpcTransport::new(cfg.id, meta_group_id.clone(), tokio::runtime::Handle::current(), addresses, handle.clone(), 0);
         let (id, data_dir) = (cfg.id, cfg.data_dir.clone());
         let store_cfg = StoreConfig::default();
         let (tick, round_max) = (store_cfg.tick_interval, store_cfg.round_messages_max);
@@ -692,8 +698,13 @@ impl MetaNode {
                 scheduler.schedule_once().await;
             }
         }));
-        let raft = tern_proto::raft_server::RaftServer::new(tern_transport::RaftService::new(cfg.id, meta_group_id, handle.clone(), cfg.data_dir.join("snapshots-received")))
-            .max_decoding_message_size(tern_core::limits::RAFT_BATCH_BYTES_MAX);
+        let raft = tern_proto::raft_server::RaftServer::new(tern_transport::RaftService::new(
+            cfg.id,
+            meta_group_id,
+            handle.clone(),
+            cfg.data_dir.join("snapshots-received"),
+        ))
+        .max_decoding_message_size(tern_core::limits::RAFT_BATCH_BYTES_MAX);
         let mut server_stopped = stopped.clone();
         tasks.push(tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);

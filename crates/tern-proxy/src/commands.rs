@@ -8,7 +8,7 @@
 
 use crate::glob::glob_match;
 use crate::resp::{format_double, Reply};
-use crate::{Shared, Session};
+use crate::{Session, Shared};
 use bytes::Bytes;
 use futures::future::join_all;
 use std::collections::HashSet;
@@ -79,7 +79,9 @@ fn upper(b: &[u8]) -> String {
 
 fn field(f: &Bytes) -> Result<Vec<u8>, Reply> {
     if f.is_empty() {
-        return Err(err("ERR empty hash field names are not supported (a hash field is a Tern sortkey, and the empty sortkey holds the string value)"));
+        return Err(err(
+            "ERR empty hash field names are not supported (a hash field is a Tern sortkey, and the empty sortkey holds the string value)",
+        ));
     }
     Ok(f.to_vec())
 }
@@ -191,8 +193,7 @@ async fn all_records(t: &Table, key: &[u8], no_value: bool, max: usize) -> Resul
 async fn delete_key(t: &Table, key: &[u8]) -> Result<bool, Reply> {
     let mut existed = false;
     loop {
-        let (records, resume) =
-            t.scan(key, &ScanOptions { limit: 1000, no_value: true, ..Default::default() }).await.map_err(store_error)?;
+        let (records, resume) = t.scan(key, &ScanOptions { limit: 1000, no_value: true, ..Default::default() }).await.map_err(store_error)?;
         if records.is_empty() {
             return Ok(existed);
         }
@@ -279,9 +280,7 @@ pub async fn execute(shared: &Shared, session: &mut Session, name: String, args:
         "HGET" if args.len() == 3 => hmget(t, &args[1], &args[2..3]).await.map(|mut v| v.pop().unwrap_or(Reply::Nil)),
         "HMGET" if args.len() >= 3 => hmget(t, &args[1], &args[2..]).await.map(Reply::Array),
         "HDEL" if args.len() >= 3 => cmd_hdel(t, &args[1], &args[2..]).await,
-        "HEXISTS" if args.len() == 3 => {
-            hmget(t, &args[1], &args[2..3]).await.map(|v| Reply::Int(v.first().is_some_and(|r| *r != Reply::Nil) as i64))
-        }
+        "HEXISTS" if args.len() == 3 => hmget(t, &args[1], &args[2..3]).await.map(|v| Reply::Int(v.first().is_some_and(|r| *r != Reply::Nil) as i64)),
         "HLEN" if args.len() == 2 => cmd_hlen(t, &args[1]).await,
         "HKEYS" | "HVALS" | "HGETALL" if args.len() == 2 => cmd_hgetall(t, &name, &args[1]).await,
         "HINCRBY" if args.len() == 4 => match (field(&args[2]), int_arg(&args[3])) {
@@ -490,9 +489,7 @@ async fn cmd_mset(t: &Table, pairs: &[Bytes]) -> R {
 async fn cmd_msetnx(t: &Table, pairs: &[Bytes]) -> R {
     let keys: HashSet<&Bytes> = pairs.iter().step_by(2).collect();
     if keys.len() > 1 {
-        return Err(err(
-            "ERR MSETNX of several keys is not supported: Tern sets one key atomically, not several (use one key, or MSET)",
-        ));
+        return Err(err("ERR MSETNX of several keys is not supported: Tern sets one key atomically, not several (use one key, or MSET)"));
     }
     let (key, value) = (&pairs[pairs.len() - 2], &pairs[pairs.len() - 1]);
     Ok(Reply::Int(set_if(t, key, value, CheckType::ValueNotExist).await? as i64))

@@ -29,10 +29,7 @@ fn line_end(buf: &[u8], from: usize) -> Option<usize> {
 }
 
 fn parse_len(digits: &[u8], what: &str) -> Result<i64, ProtocolError> {
-    std::str::from_utf8(digits)
-        .ok()
-        .and_then(|s| s.parse::<i64>().ok())
-        .map_or_else(|| perr(format!("invalid {what} length")), Ok)
+    std::str::from_utf8(digits).ok().and_then(|s| s.parse::<i64>().ok()).map_or_else(|| perr(format!("invalid {what} length")), Ok)
 }
 
 /// Takes one complete command off the front of `buf`: Ok(None) if more bytes are needed.

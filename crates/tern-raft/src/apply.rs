@@ -214,8 +214,7 @@ impl ApplyBatch {
     /// request (wrong type, overflow) are answers: deterministic, no state change. A storage failure
     /// is not: the caller must stop the replica.
     pub fn apply_command(&mut self, engine: &dyn KvEngine, data: &[u8]) -> Result<WriteResponse, StorageFailure> {
-        let command = RaftCommand::decode(data)
-            .map_err(|e| StorageFailure(TernError::Corruption(format!("undecodable raft command: {e}"))))?;
+        let command = RaftCommand::decode(data).map_err(|e| StorageFailure(TernError::Corruption(format!("undecodable raft command: {e}"))))?;
         // The log's clock: never behind an entry applied before (a new leader's clock may be).
         let now = command.now_unix_ms.max(self.state.stamp_ms);
         self.state.stamp_ms = now;
@@ -225,8 +224,7 @@ impl ApplyBatch {
         let dedup = (write.client_id != 0).then(|| keys::dedup_key(write.client_id, write.seq));
         if let Some(key) = &dedup {
             if let Some((_, remembered)) = self.live_record(engine, key, now)? {
-                return WriteResponse::decode(&remembered[..])
-                    .map_err(|e| StorageFailure(TernError::Corruption(format!("remembered result: {e}"))));
+                return WriteResponse::decode(&remembered[..]).map_err(|e| StorageFailure(TernError::Corruption(format!("remembered result: {e}"))));
             }
         }
         // Results below the client's floor were forgotten: a request that old is a late duplicate of
@@ -296,10 +294,7 @@ impl ApplyBatch {
                     },
                 };
                 let Some(new) = old.checked_add(incr.delta) else {
-                    return Ok(error_response(TernError::invalid(format!(
-                        "incr of {old} by {} overflows a signed 64-bit integer",
-                        incr.delta
-                    ))));
+                    return Ok(error_response(TernError::invalid(format!("incr of {old} by {} overflows a signed 64-bit integer", incr.delta))));
                 };
                 let expire = if incr.ttl_seconds > 0 { codec::expiry_from_ttl(now, incr.ttl_seconds) } else { old_expire };
                 self.put(key, codec::encode_value(expire, new.to_string().as_bytes()));
@@ -357,17 +352,19 @@ mod tests {
     use tern_proto::{Incr, MultiDel, MultiSet, SortkeyValue};
 
     fn command(now: u64, client_id: u64, seq: u64, op: Op) -> Vec<u8> {
-        RaftCommand {
-            now_unix_ms: now,
-            write: Some(WriteRequest { client_id, seq, first_incomplete_seq: seq, op: Some(op), ..Default::default() }),
-        }
-        .encode_to_vec()
+        RaftCommand { now_unix_ms: now, write: Some(WriteRequest { client_id, seq, first_incomplete_seq: seq, op: Some(op), ..Default::default() }) }
+            .encode_to_vec()
     }
 
     fn set(hk: &str, sk: &str, v: &str, ttl: u32) -> Op {
         Op::Set(MultiSet {
             hashkey: hk.as_bytes().to_vec().into(),
-            values: vec![SortkeyValue { sortkey: sk.as_bytes().to_vec().into(), value: v.as_bytes().to_vec().into(), ttl_seconds: ttl, expire_at_ms: 0 }],
+            values: vec![SortkeyValue {
+                sortkey: sk.as_bytes().to_vec().into(),
+                value: v.as_bytes().to_vec().into(),
+                ttl_seconds: ttl,
+                expire_at_ms: 0,
+            }],
         })
     }
 

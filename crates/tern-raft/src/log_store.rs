@@ -20,7 +20,10 @@ pub enum LogOp {
     Append(Vec<Entry>),
     HardState(HardState),
     /// Everything up to and including `index` (of `term`) is covered by the state machine.
-    Truncated { index: u64, term: u64 },
+    Truncated {
+        index: u64,
+        term: u64,
+    },
     /// Deletes entries with an index below this one.
     CompactBelow(u64),
     /// Deletes the group's whole log and state.
@@ -115,9 +118,7 @@ impl LogStore for RaftEngineLogStore {
 
     fn entries(&self, group: u64, low: u64, high: u64, max_bytes: Option<u64>) -> Result<Vec<Entry>, TernError> {
         let mut out = Vec::with_capacity((high - low) as usize);
-        self.engine
-            .fetch_entries_to::<EntryExt>(group, low, high, max_bytes.map(|b| b as usize), &mut out)
-            .map_err(log_error)?;
+        self.engine.fetch_entries_to::<EntryExt>(group, low, high, max_bytes.map(|b| b as usize), &mut out).map_err(log_error)?;
         Ok(out)
     }
 
@@ -135,9 +136,7 @@ impl LogStore for RaftEngineLogStore {
 
     fn truncated(&self, group: u64) -> Result<Option<(u64, u64)>, TernError> {
         Ok(self.engine.get(group, TRUNCATED_KEY).and_then(|v| {
-            (v.len() == 16).then(|| {
-                (u64::from_be_bytes(v[..8].try_into().expect("8")), u64::from_be_bytes(v[8..].try_into().expect("8")))
-            })
+            (v.len() == 16).then(|| (u64::from_be_bytes(v[..8].try_into().expect("8")), u64::from_be_bytes(v[8..].try_into().expect("8"))))
         }))
     }
 
@@ -244,10 +243,7 @@ impl LogStore for MemoryLogStore {
     fn entries(&self, group: u64, low: u64, high: u64, max_bytes: Option<u64>) -> Result<Vec<Entry>, TernError> {
         self.injected_read_error()?;
         let groups = self.groups.lock();
-        let mut out: Vec<Entry> = groups
-            .get(&group)
-            .map(|g| g.entries.range(low..high).map(|(_, e)| e.clone()).collect())
-            .unwrap_or_default();
+        let mut out: Vec<Entry> = groups.get(&group).map(|g| g.entries.range(low..high).map(|(_, e)| e.clone()).collect()).unwrap_or_default();
         raft::util::limit_size(&mut out, max_bytes);
         Ok(out)
     }
@@ -498,8 +494,7 @@ impl raft::Storage for PeerStorage {
         }
         if self.cache.first_index().is_some_and(|first| first <= low) {
             let first = self.cache.first_index().expect("checked");
-            let mut out: Vec<Entry> =
-                self.cache.entries.range((low - first) as usize..(high - first) as usize).cloned().collect();
+            let mut out: Vec<Entry> = self.cache.entries.range((low - first) as usize..(high - first) as usize).cloned().collect();
             raft::util::limit_size(&mut out, max_size);
             return Ok(out);
         }

@@ -107,7 +107,9 @@ fn scan_partition(engine: &dyn KvEngine, scan: &tern_proto::Scan, now_ms: u64) -
         keys::hashkey_prefix(&scan.hashkey) // from a hashkey on (a short range scan)
     } else if scan.start.is_empty() {
         vec![keys::DATA_PREFIX]
-    } else { scan.start.to_vec() };
+    } else {
+        scan.start.to_vec()
+    };
     if start.first() != Some(&keys::DATA_PREFIX) {
         return Err(TernError::invalid("full scan resume token is malformed"));
     }

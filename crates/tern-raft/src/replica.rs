@@ -357,7 +357,8 @@ impl Replica {
             let last = self.raw.raft.raft_log.last_index();
             // matched stays 0 until the learner has the data (its snapshot): an empty learner of a
             // short log must not count as caught up.
-            let caught_up = |peer: PeerId| self.raw.raft.prs().get(peer).is_some_and(|p| p.matched > 0 && p.matched + LEARNER_CATCH_UP_ENTRIES >= last);
+            let caught_up =
+                |peer: PeerId| self.raw.raft.prs().get(peer).is_some_and(|p| p.matched > 0 && p.matched + LEARNER_CATCH_UP_ENTRIES >= last);
             let promote: Vec<PeerId> = voters.iter().map(|(p, _)| *p).filter(|p| cs.learners.contains(p)).collect();
             if !promote.iter().all(|p| caught_up(*p)) {
                 return;
@@ -443,7 +444,11 @@ impl Replica {
 
     /// The error a stopped replica answers with (retryable: the client tries another replica).
     fn unavailable(&self) -> TernError {
-        TernError::Unavailable(format!("replica of partition {} stopped: {}", self.group, self.failure.as_deref().unwrap_or("removed from its group")))
+        TernError::Unavailable(format!(
+            "replica of partition {} stopped: {}",
+            self.group,
+            self.failure.as_deref().unwrap_or("removed from its group")
+        ))
     }
 
     /// Stops this replica after a storage failure: it takes no further part in raft (its peers carry

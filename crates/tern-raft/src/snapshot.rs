@@ -74,7 +74,8 @@ pub fn write_manifest(dir: &Path) -> Result<(), TernError> {
 pub fn verify(dir: &Path) -> Result<(), TernError> {
     let path = dir.join(MANIFEST_FILE);
     let bytes = std::fs::read(&path).map_err(|e| TernError::Corruption(format!("snapshot {} has no readable manifest: {e}", dir.display())))?;
-    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| TernError::Corruption(format!("snapshot manifest {}: {e}", path.display())))?;
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| TernError::Corruption(format!("snapshot manifest {}: {e}", path.display())))?;
     let present = data_files(dir)?;
     let listed: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
     if present.iter().map(String::as_str).ne(listed.iter().copied()) {

@@ -45,17 +45,42 @@ pub struct ReplicaSpec {
 pub type ChecksumCallback = Box<dyn FnOnce(Result<(u64, u64, u64), TernError>) + Send>;
 
 pub enum StoreMsg {
-    Write { group: GroupId, request: WriteRequest, callback: WriteCallback },
-    Read { group: GroupId, request: ReadRequest, callback: ReadCallback },
-    Raft { group: GroupId, message: Message, snapshot_dir: Option<PathBuf> },
-    SnapshotReport { group: GroupId, to_peer: PeerId, ok: bool },
-    Unreachable { group: GroupId, to_peer: PeerId },
+    Write {
+        group: GroupId,
+        request: WriteRequest,
+        callback: WriteCallback,
+    },
+    Read {
+        group: GroupId,
+        request: ReadRequest,
+        callback: ReadCallback,
+    },
+    Raft {
+        group: GroupId,
+        message: Message,
+        snapshot_dir: Option<PathBuf>,
+    },
+    SnapshotReport {
+        group: GroupId,
+        to_peer: PeerId,
+        ok: bool,
+    },
+    Unreachable {
+        group: GroupId,
+        to_peer: PeerId,
+    },
     EnsureReplicas(Vec<ReplicaSpec>),
     /// Destroys replicas of `tables` that are not in `keep` (they were removed from their group).
-    RetainReplicas { tables: Vec<TableId>, keep: Vec<GroupId> },
+    RetainReplicas {
+        tables: Vec<TableId>,
+        keep: Vec<GroupId>,
+    },
     DropTables(Vec<TableId>),
     Status(Box<dyn FnOnce(Vec<ReplicaStatus>) + Send>),
-    Checksum { group: GroupId, callback: ChecksumCallback },
+    Checksum {
+        group: GroupId,
+        callback: ChecksumCallback,
+    },
     Shutdown,
 }
 
@@ -193,9 +218,7 @@ impl Store {
                 None => callback(crate::apply::error_response(not_hosted(group))),
             },
             StoreMsg::Read { group, request, callback } => match self.replicas.get_mut(&group) {
-                Some(r) if stale(r, &request.partition) => {
-                    callback(ReadResponse { error: Some(stale_error(r).into()), ..Default::default() })
-                }
+                Some(r) if stale(r, &request.partition) => callback(ReadResponse { error: Some(stale_error(r).into()), ..Default::default() }),
                 Some(r) => {
                     r.read(request, now, self.clock.monotonic(), callback);
                     self.dirty.insert(group);
@@ -235,8 +258,7 @@ impl Store {
                 self.destroy_replicas(doomed, "its table was dropped");
             }
             StoreMsg::RetainReplicas { tables, keep } => {
-                let doomed: Vec<GroupId> =
-                    self.replicas.keys().filter(|g| tables.contains(&g.table_id()) && !keep.contains(g)).copied().collect();
+                let doomed: Vec<GroupId> = self.replicas.keys().filter(|g| tables.contains(&g.table_id()) && !keep.contains(g)).copied().collect();
                 self.destroy_replicas(doomed, "it was removed from its group");
             }
             StoreMsg::Status(callback) => callback(self.replicas.values().map(|r| r.status()).collect()),
@@ -515,7 +537,6 @@ pub fn run(mut store: Store, mailbox: Receiver<StoreMsg>, tick_interval: Duratio
     store.shutdown();
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -529,7 +550,8 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path, log: &Arc<MemoryLogStore>, engines: &Arc<MemoryEngineFactory>) -> Store {
-        Store::open(1, dir.to_path_buf(), log.clone(), engines.clone(), ManualClock::new(1_000), 7, StoreConfig::default(), Box::new(NoNetwork)).unwrap()
+        Store::open(1, dir.to_path_buf(), log.clone(), engines.clone(), ManualClock::new(1_000), 7, StoreConfig::default(), Box::new(NoNetwork))
+            .unwrap()
     }
 
     fn single_voter(group: GroupId, peer: PeerId) -> ReplicaSpec {

@@ -2,7 +2,6 @@
 //! heartbeat, and stop cleanly.
 
 use crate::service::KvService;
-use tern_transport::{AddressBook, GrpcTransport, RaftService};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,6 +16,7 @@ use tern_proto::raft_server::RaftServer;
 use tern_proto::{ClusterSettingsRequest, HeartbeatRequest, RegisterRequest};
 use tern_raft::log_store::RaftEngineLogStore;
 use tern_raft::store::{self, ReplicaSpec, Store, StoreConfig, StoreHandle, StoreMsg};
+use tern_transport::{AddressBook, GrpcTransport, RaftService};
 use tokio::sync::{oneshot, watch};
 
 #[derive(Clone, Debug)]
@@ -223,7 +223,14 @@ impl ServerNode {
 
         let (handle, mailbox) = store::mailbox(cfg.store.mailbox_capacity);
         let addresses: AddressBook = Default::default();
-        let transport = GrpcTransport::new(node_id, cluster_id.clone(), tokio::runtime::Handle::current(), addresses.clone(), handle.clone(), cfg.snapshot_bytes_per_second);
+        let transport = GrpcTransport::new(
+            node_id,
+            cluster_id.clone(),
+            tokio::runtime::Handle::current(),
+            addresses.clone(),
+            handle.clone(),
+            cfg.snapshot_bytes_per_second,
+        );
         let data_dir = cfg.data_dir.clone();
         let store_cfg = cfg.store.clone();
         let store = tokio::task::spawn_blocking(move || {

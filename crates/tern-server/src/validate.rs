@@ -19,10 +19,7 @@ fn hashkey_in_partition(hashkey: &[u8], p: &PartitionRef) -> Result<(), TernErro
     check_hashkey(hashkey)?;
     let expected = partition_of(hashkey, p.partition_count);
     if expected != p.partition {
-        return Err(TernError::invalid(format!(
-            "hashkey belongs to partition {expected}, not {} (of {})",
-            p.partition, p.partition_count
-        )));
+        return Err(TernError::invalid(format!("hashkey belongs to partition {expected}, not {} (of {})", p.partition, p.partition_count)));
     }
     Ok(())
 }

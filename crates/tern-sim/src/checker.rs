@@ -10,16 +10,35 @@ pub type Model = BTreeMap<Vec<u8>, Vec<u8>>;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Input {
-    Get { sortkey: Vec<u8> },
-    Set { sortkey: Vec<u8>, value: Vec<u8> },
+    Get {
+        sortkey: Vec<u8>,
+    },
+    Set {
+        sortkey: Vec<u8>,
+        value: Vec<u8>,
+    },
     /// Several sortkeys of the hashkey, atomically.
-    MultiSet { pairs: Vec<(Vec<u8>, Vec<u8>)> },
+    MultiSet {
+        pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    },
     /// Several sortkeys read in one request (must see one state).
-    MultiGet { sortkeys: Vec<Vec<u8>> },
-    Del { sortkey: Vec<u8> },
-    Incr { sortkey: Vec<u8>, delta: i64 },
+    MultiGet {
+        sortkeys: Vec<Vec<u8>>,
+    },
+    Del {
+        sortkey: Vec<u8>,
+    },
+    Incr {
+        sortkey: Vec<u8>,
+        delta: i64,
+    },
     /// Set `set_sortkey` if `check_sortkey` is absent (expected None) or equals the expected value.
-    CheckAndSet { check_sortkey: Vec<u8>, expected: Option<Vec<u8>>, set_sortkey: Vec<u8>, value: Vec<u8> },
+    CheckAndSet {
+        check_sortkey: Vec<u8>,
+        expected: Option<Vec<u8>>,
+        set_sortkey: Vec<u8>,
+        value: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -49,9 +68,13 @@ pub struct Operation {
 pub enum Verdict {
     Linearizable,
     /// No order explains the history of this hashkey.
-    Violation { hashkey: Vec<u8> },
+    Violation {
+        hashkey: Vec<u8>,
+    },
     /// The search budget ran out for this hashkey.
-    Unknown { hashkey: Vec<u8> },
+    Unknown {
+        hashkey: Vec<u8>,
+    },
 }
 
 fn parse_int(v: Option<&Vec<u8>>) -> Option<i64> {

@@ -137,14 +137,44 @@ enum Answer {
 }
 
 enum Event {
-    Raft { to: NodeId, group: GroupId, message: Message, snapshot_dir: Option<PathBuf> },
-    SnapshotReport { node: NodeId, group: GroupId, to_peer: u64, ok: bool },
-    Tick { node: NodeId, epoch: u64 },
-    Request { node: NodeId, client: usize, attempt: u64, request: Request },
-    Answer { client: usize, attempt: u64, answer: Answer },
-    AttemptTimeout { client: usize, attempt: u64 },
-    ClientNext { client: usize },
-    ClientRetry { client: usize, attempt: u64 },
+    Raft {
+        to: NodeId,
+        group: GroupId,
+        message: Message,
+        snapshot_dir: Option<PathBuf>,
+    },
+    SnapshotReport {
+        node: NodeId,
+        group: GroupId,
+        to_peer: u64,
+        ok: bool,
+    },
+    Tick {
+        node: NodeId,
+        epoch: u64,
+    },
+    Request {
+        node: NodeId,
+        client: usize,
+        attempt: u64,
+        request: Request,
+    },
+    Answer {
+        client: usize,
+        attempt: u64,
+        answer: Answer,
+    },
+    AttemptTimeout {
+        client: usize,
+        attempt: u64,
+    },
+    ClientNext {
+        client: usize,
+    },
+    ClientRetry {
+        client: usize,
+        attempt: u64,
+    },
     Fault(Fault),
     /// Meta's scheduling pass and heartbeat answers.
     MetaTick,
@@ -205,7 +235,9 @@ impl Event {
 
     fn trace_key(&self) -> u64 {
         match self {
-            Event::Raft { to, group, message, .. } => 1 + (*to << 8) + (group.0 << 16) + ((message.get_msg_type() as u64) << 40) + (message.index << 48),
+            Event::Raft { to, group, message, .. } => {
+                1 + (*to << 8) + (group.0 << 16) + ((message.get_msg_type() as u64) << 40) + (message.index << 48)
+            }
             Event::SnapshotReport { node, .. } => 2 + (*node << 8),
             Event::Tick { node, .. } => 3 + (*node << 8),
             Event::Request { node, client, attempt, .. } => 4 + (*node << 8) + ((*client as u64) << 16) + (attempt << 24),
@@ -843,7 +875,14 @@ impl World {
                         .enumerate()
                         .filter(|(_, c)| !c.finished)
                         .map(|(i, c)| match &c.pending {
-                            Some(p) => format!("client {i}: {:?} on {:?} since {} ms, {} attempts, last to node {}", p.input, String::from_utf8_lossy(&p.hashkey), p.started, p.attempts, p.node),
+                            Some(p) => format!(
+                                "client {i}: {:?} on {:?} since {} ms, {} attempts, last to node {}",
+                                p.input,
+                                String::from_utf8_lossy(&p.hashkey),
+                                p.started,
+                                p.attempts,
+                                p.node
+                            ),
                             None => format!("client {i}: idle"),
                         })
                         .collect();
@@ -1136,7 +1175,11 @@ impl World {
         if rng.range(0, 100) < 8 {
             // Sets expire within seconds; incrs find the record alive or gone depending on the time
             // the log says it is.
-            let input = if rng.range(0, 2) == 0 { Input::Set { sortkey: COUNTER.to_vec(), value: b"100".to_vec() } } else { Input::Incr { sortkey: COUNTER.to_vec(), delta: 1 } };
+            let input = if rng.range(0, 2) == 0 {
+                Input::Set { sortkey: COUNTER.to_vec(), value: b"100".to_vec() }
+            } else {
+                Input::Incr { sortkey: COUNTER.to_vec(), delta: 1 }
+            };
             return (TTL_HASHKEY.to_vec(), input);
         }
         let input = match rng.range(0, 100) {
@@ -1145,7 +1188,11 @@ impl World {
             50..=54 => Input::Del { sortkey },
             55..=69 => Input::Incr { sortkey: COUNTER.to_vec(), delta: rng.range(1, 10) as i64 },
             70..=79 => {
-                let expected = if rng.range(0, 2) == 0 { None } else { Some(format!("c{}-{}", rng.range(0, 4), rng.range(0, self.issued as u64 + 1)).into_bytes()) };
+                let expected = if rng.range(0, 2) == 0 {
+                    None
+                } else {
+                    Some(format!("c{}-{}", rng.range(0, 4), rng.range(0, self.issued as u64 + 1)).into_bytes())
+                };
                 Input::CheckAndSet { check_sortkey: SORTKEYS[0].to_vec(), expected, set_sortkey: SORTKEYS[1].to_vec(), value }
             }
             80..=89 => Input::MultiSet { pairs: SORTKEYS.iter().map(|s| (s.to_vec(), value.clone())).collect() },
@@ -1169,7 +1216,14 @@ impl World {
                     v.push((h.to_vec(), Input::MultiGet { sortkeys: SORTKEYS.iter().map(|s| s.to_vec()).chain([COUNTER.to_vec()]).collect() }));
                 }
                 self.clients[0].verification = v;
-                self.history.push(Operation { client: u64::MAX, hashkey: vec![], input: Input::Get { sortkey: vec![] }, output: None, call: 0, ret: 0 });
+                self.history.push(Operation {
+                    client: u64::MAX,
+                    hashkey: vec![],
+                    input: Input::Get { sortkey: vec![] },
+                    output: None,
+                    call: 0,
+                    ret: 0,
+                });
             }
             self.clients[0].verification.pop()
         } else if client == 0 && self.issued >= self.cfg.operations {
@@ -1210,18 +1264,30 @@ impl World {
         let write = |op| Request::Write(group, WriteRequest { partition: pref, client_id, seq: p.seq, first_incomplete_seq: p.seq, op: Some(op) });
         let read = |op| Request::Read(group, ReadRequest { partition: pref, allow_stale: false, op: Some(op) });
         let request = match &p.input {
-            Input::Get { sortkey } => read(read_request::Op::Get(tern_proto::MultiGet { hashkey: hk, sortkeys: vec![bytes(sortkey)], limit: 0, no_value: false })),
-            Input::MultiGet { sortkeys } => read(read_request::Op::Get(tern_proto::MultiGet { hashkey: hk, sortkeys: sortkeys.iter().map(|s| bytes(s)).collect(), limit: 0, no_value: false })),
+            Input::Get { sortkey } => {
+                read(read_request::Op::Get(tern_proto::MultiGet { hashkey: hk, sortkeys: vec![bytes(sortkey)], limit: 0, no_value: false }))
+            }
+            Input::MultiGet { sortkeys } => read(read_request::Op::Get(tern_proto::MultiGet {
+                hashkey: hk,
+                sortkeys: sortkeys.iter().map(|s| bytes(s)).collect(),
+                limit: 0,
+                no_value: false,
+            })),
             Input::Set { sortkey, value } => write(write_request::Op::Set(tern_proto::MultiSet {
                 hashkey: hk,
                 values: vec![tern_proto::SortkeyValue { sortkey: bytes(sortkey), value: bytes(value), ttl_seconds, expire_at_ms: 0 }],
             })),
             Input::MultiSet { pairs } => write(write_request::Op::Set(tern_proto::MultiSet {
                 hashkey: hk,
-                values: pairs.iter().map(|(s, v)| tern_proto::SortkeyValue { sortkey: bytes(s), value: bytes(v), ttl_seconds: 0, expire_at_ms: 0 }).collect(),
+                values: pairs
+                    .iter()
+                    .map(|(s, v)| tern_proto::SortkeyValue { sortkey: bytes(s), value: bytes(v), ttl_seconds: 0, expire_at_ms: 0 })
+                    .collect(),
             })),
             Input::Del { sortkey } => write(write_request::Op::Del(tern_proto::MultiDel { hashkey: hk, sortkeys: vec![bytes(sortkey)] })),
-            Input::Incr { sortkey, delta } => write(write_request::Op::Incr(tern_proto::Incr { hashkey: hk, sortkey: bytes(sortkey), delta: *delta, ttl_seconds: 0 })),
+            Input::Incr { sortkey, delta } => {
+                write(write_request::Op::Incr(tern_proto::Incr { hashkey: hk, sortkey: bytes(sortkey), delta: *delta, ttl_seconds: 0 }))
+            }
             Input::CheckAndSet { check_sortkey, expected, set_sortkey, value } => write(write_request::Op::CheckAndSet(tern_proto::CheckAndSet {
                 hashkey: hk,
                 check_sortkey: bytes(check_sortkey),
@@ -1253,9 +1319,9 @@ impl World {
             Ok(()) => {
                 let output = match (&p.input, answer) {
                     (Input::Get { .. }, Answer::Read(r)) => Output::Value(r.records.first().map(|r| r.value.to_vec())),
-                    (Input::MultiGet { sortkeys }, Answer::Read(r)) => Output::Values(
-                        sortkeys.iter().map(|s| r.records.iter().find(|x| x.sortkey[..] == s[..]).map(|x| x.value.to_vec())).collect(),
-                    ),
+                    (Input::MultiGet { sortkeys }, Answer::Read(r)) => {
+                        Output::Values(sortkeys.iter().map(|s| r.records.iter().find(|x| x.sortkey[..] == s[..]).map(|x| x.value.to_vec())).collect())
+                    }
                     (Input::Set { .. } | Input::MultiSet { .. }, Answer::Write(_)) => Output::Done,
                     (Input::Del { .. }, Answer::Write(w)) => Output::Existed(w.count > 0),
                     (Input::Incr { .. }, Answer::Write(w)) => Output::Integer(w.new_value),
@@ -1330,7 +1396,9 @@ impl World {
             };
             let Some((at, event)) = next else { break };
             self.now.store(at, Ordering::SeqCst);
-            if matches!(event, Event::ClientNext { .. } | Event::ClientRetry { .. } | Event::Fault(_)) && !matches!(event, Event::Fault(Fault::Restart(_))) {
+            if matches!(event, Event::ClientNext { .. } | Event::ClientRetry { .. } | Event::Fault(_))
+                && !matches!(event, Event::Fault(Fault::Restart(_)))
+            {
                 continue;
             }
             self.trace(at, &event);

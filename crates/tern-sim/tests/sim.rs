@@ -186,7 +186,6 @@ fn scheduler_seed_sweep() {
     assert!(moves > 0, "the scheduler never completed a replacement: the scenario does not exercise it");
 }
 
-
 /// Hunts for seeds that catch a planted bug, for refreshing the seeds the planted-bug tests name after
 /// the simulator's generators change: `TERN_SIM_PLANT=lease_too_long TERN_SIM_FIRST_SEED=5000
 /// TERN_SIM_SEEDS=3000 TERN_SIM_OPERATIONS=1500 cargo nextest run -p tern-sim --run-ignored only

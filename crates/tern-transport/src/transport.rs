@@ -158,7 +158,15 @@ fn fill_batch(first: RaftEnvelope, queue: &mut mpsc::Receiver<RaftEnvelope>) -> 
 
 /// Streams a checkpoint directory to a peer, file by file in chunks at a bounded rate, then tells the
 /// store whether it arrived.
-async fn send_snapshot(addresses: AddressBook, envelope: RaftEnvelope, dir: PathBuf, store: StoreHandle, group: GroupId, to_peer: u64, bytes_per_second: u64) {
+async fn send_snapshot(
+    addresses: AddressBook,
+    envelope: RaftEnvelope,
+    dir: PathBuf,
+    store: StoreHandle,
+    group: GroupId,
+    to_peer: u64,
+    bytes_per_second: u64,
+) {
     let to = envelope.to_node;
     let result = async {
         let mut client = connect(&addresses, to).await.ok_or_else(|| format!("cannot connect to node {to}"))?;

@@ -234,7 +234,15 @@ async fn main() -> anyhow::Result<()> {
             init_logging();
             let signals = StopSignals::install()?;
             let redis_port = (redis_port != 0).then_some(redis_port);
-            let cfg = playground::PlaygroundConfig { data_dir: data_dir.clone(), meta_port, first_server_port: server_port, servers, meta_replicas, redis_port, ..Default::default() };
+            let cfg = playground::PlaygroundConfig {
+                data_dir: data_dir.clone(),
+                meta_port,
+                first_server_port: server_port,
+                servers,
+                meta_replicas,
+                redis_port,
+                ..Default::default()
+            };
             let pg = playground::Playground::start(cfg).await.context("starting the playground")?;
             println!("Tern playground is running (data in {})", data_dir.display());
             for m in &pg.metas {
@@ -278,7 +286,19 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Server { data_dir, listen, advertise, meta, raft_tick_ms, log_gc_threshold, log_gc_lag_max, snapshot_rate_mib, block_cache_mib, zone, leader_priority } => {
+        Command::Server {
+            data_dir,
+            listen,
+            advertise,
+            meta,
+            raft_tick_ms,
+            log_gc_threshold,
+            log_gc_lag_max,
+            snapshot_rate_mib,
+            block_cache_mib,
+            zone,
+            leader_priority,
+        } => {
             init_logging();
             let signals = StopSignals::install()?;
             if raft_tick_ms.is_some_and(|t| t == 0 || t > 10_000) {
@@ -361,7 +381,24 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::Bench { backend, target, table, workload, distribution, records, value_size, scan_max, concurrency, rate, warmup, duration, no_load, json, plot, progress } => {
+        Command::Bench {
+            backend,
+            target,
+            table,
+            workload,
+            distribution,
+            records,
+            value_size,
+            scan_max,
+            concurrency,
+            rate,
+            warmup,
+            duration,
+            no_load,
+            json,
+            plot,
+            progress,
+        } => {
             use bench::backend::BackendKind;
             let targets = if !target.is_empty() {
                 target

@@ -385,7 +385,11 @@ impl Shell {
                 format!("using table {table}")
             }
             Command::Ls => {
-                let r = self.client.meta_call(|mut m| async move { m.list_tables(ListTablesRequest {}).await.map(|r| r.into_inner()) }).await.map_err(err)?;
+                let r = self
+                    .client
+                    .meta_call(|mut m| async move { m.list_tables(ListTablesRequest {}).await.map(|r| r.into_inner()) })
+                    .await
+                    .map_err(err)?;
                 let mut out = format!("{:<24} {:>6} {:>10} {:>8}", "table", "id", "partitions", "replicas");
                 for t in r.tables {
                     let _ = write!(out, "\n{:<24} {:>6} {:>10} {:>8}", t.name, t.table_id, t.partition_count, t.replica_count);
@@ -398,7 +402,11 @@ impl Shell {
                     .client
                     .meta_call(|mut m| {
                         let name = name.clone();
-                        async move { m.create_table(CreateTableRequest { name, partition_count: partitions, replica_count: replicas }).await.map(|r| r.into_inner()) }
+                        async move {
+                            m.create_table(CreateTableRequest { name, partition_count: partitions, replica_count: replicas })
+                                .await
+                                .map(|r| r.into_inner())
+                        }
                     })
                     .await
                     .map_err(err)?;
@@ -471,7 +479,11 @@ impl Shell {
                     "id", "address", "state", "zone", "replicas", "leaders", "disk MiB", "req/s", "last seen"
                 );
                 for n in nodes {
-                    let seen = if n.last_heartbeat_ms_ago == u64::MAX { "never".to_string() } else { format!("{:.1}s ago", n.last_heartbeat_ms_ago as f64 / 1000.0) };
+                    let seen = if n.last_heartbeat_ms_ago == u64::MAX {
+                        "never".to_string()
+                    } else {
+                        format!("{:.1}s ago", n.last_heartbeat_ms_ago as f64 / 1000.0)
+                    };
                     let _ = write!(
                         out,
                         "\n{:>5} {:<22} {:<6} {:<8} {:>8} {:>8} {:>10.1} {:>9.0} {:>12}",
@@ -534,7 +546,11 @@ impl Shell {
                     .client
                     .meta_call(|mut m| {
                         let table = table.clone();
-                        async move { m.move_replica(tern_proto::MoveReplicaRequest { table, partition, from_node: from, to_node: to }).await.map(|r| r.into_inner()) }
+                        async move {
+                            m.move_replica(tern_proto::MoveReplicaRequest { table, partition, from_node: from, to_node: to })
+                                .await
+                                .map(|r| r.into_inner())
+                        }
                     })
                     .await
                     .map_err(err)?;
@@ -546,7 +562,9 @@ impl Shell {
                     .client
                     .meta_call(|mut m| {
                         let table = table.clone();
-                        async move { m.set_replica_count(tern_proto::SetReplicaCountRequest { table, replica_count: count }).await.map(|r| r.into_inner()) }
+                        async move {
+                            m.set_replica_count(tern_proto::SetReplicaCountRequest { table, replica_count: count }).await.map(|r| r.into_inner())
+                        }
                     })
                     .await
                     .map_err(err)?;
@@ -558,7 +576,9 @@ impl Shell {
                     .client
                     .meta_call(|mut m| {
                         let table = table.clone();
-                        async move { m.transfer_leader(tern_proto::TransferLeaderRequest { table, partition, node_id: node }).await.map(|r| r.into_inner()) }
+                        async move {
+                            m.transfer_leader(tern_proto::TransferLeaderRequest { table, partition, node_id: node }).await.map(|r| r.into_inner())
+                        }
                     })
                     .await
                     .map_err(err)?;
@@ -595,7 +615,11 @@ impl Shell {
             }
             Command::ClusterInfo => {
                 let nodes = self.client.refresh_nodes().await.map_err(err)?;
-                let tables = self.client.meta_call(|mut m| async move { m.list_tables(ListTablesRequest {}).await.map(|r| r.into_inner()) }).await.map_err(err)?;
+                let tables = self
+                    .client
+                    .meta_call(|mut m| async move { m.list_tables(ListTablesRequest {}).await.map(|r| r.into_inner()) })
+                    .await
+                    .map_err(err)?;
                 let alive = nodes.iter().filter(|n| n.alive).count();
                 let replicas: u32 = nodes.iter().map(|n| n.replica_count).sum();
                 format!(
@@ -714,14 +738,13 @@ mod tests {
         assert!(parse("create t -x 1").is_err());
         assert!(parse("multi_set h s").is_err());
         assert!(matches!(parse("multi_set h s1 v1 s2 v2").unwrap(), Some(Command::MultiSet { pairs, .. }) if pairs.len() == 2));
-        assert!(matches!(parse("scan h --prefix p --limit 5").unwrap(), Some(Command::Scan { options, .. }) if options.limit == 5 && options.prefix == b"p"));
+        assert!(
+            matches!(parse("scan h --prefix p --limit 5").unwrap(), Some(Command::Scan { options, .. }) if options.limit == 5 && options.prefix == b"p")
+        );
         assert!(parse("scan h --limit").is_err());
         assert!(matches!(parse("incr h s").unwrap(), Some(Command::Incr { delta: 1, .. })));
         assert!(matches!(parse("incr h s -3").unwrap(), Some(Command::Incr { delta: -3, .. })));
-        assert!(matches!(
-            parse("check_and_set h c equal old s new").unwrap(),
-            Some(Command::CheckAndSet { check: CheckType::ValueEqual, .. })
-        ));
+        assert!(matches!(parse("check_and_set h c equal old s new").unwrap(), Some(Command::CheckAndSet { check: CheckType::ValueEqual, .. })));
         assert!(parse("check_and_set h c maybe s v").is_err());
         assert_eq!(parse("   ").unwrap(), None);
         assert!(parse("frobnicate").unwrap_err().contains("unknown command"));
@@ -736,10 +759,7 @@ mod tests {
         assert!(parse("decommission 3 --now").unwrap_err().contains("--wait"));
         assert_eq!(parse("balance step").unwrap(), Some(Command::Balance { action: tern_proto::BalanceAction::BalanceStep }));
         assert!(parse("balance sideways").unwrap_err().contains("unknown balance action"));
-        assert_eq!(
-            parse("move_replica t 1 2 3").unwrap(),
-            Some(Command::MoveReplica { table: "t".into(), partition: 1, from: 2, to: 3 })
-        );
+        assert_eq!(parse("move_replica t 1 2 3").unwrap(), Some(Command::MoveReplica { table: "t".into(), partition: 1, from: 2, to: 3 }));
         assert!(parse("move_replica t 1 2").unwrap_err().contains("usage"));
         assert!(parse("transfer_leader t x 1").unwrap_err().contains("number"));
         assert_eq!(parse("set_replica_count t 5").unwrap(), Some(Command::SetReplicaCount { table: "t".into(), count: 5 }));

@@ -43,14 +43,16 @@ impl Cluster {
     async fn create_table(&self, name: &str, partitions: u32) {
         for _ in 0..100 {
             let name = name.to_string();
-            let r = self
-                .client
-                .meta_call(|mut m| {
-                    let name = name.clone();
-                    async move { m.create_table(CreateTableRequest { name, partition_count: partitions, replica_count: 3 }).await.map(|r| r.into_inner()) }
-                })
-                .await
-                .unwrap();
+            let r =
+                self.client
+                    .meta_call(|mut m| {
+                        let name = name.clone();
+                        async move {
+                            m.create_table(CreateTableRequest { name, partition_count: partitions, replica_count: 3 }).await.map(|r| r.into_inner())
+                        }
+                    })
+                    .await
+                    .unwrap();
             match tern_proto::check(&r.error) {
                 Ok(()) => return,
                 Err(TernError::NotEnoughNodes(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -310,7 +312,9 @@ async fn lost_server_is_replaced_by_re_replication() {
             // Raft itself agrees: the leader's applied configuration is exactly the new replica set.
             let status = c
                 .client
-                .meta_call(|mut m| async move { m.get_partition_status(tern_proto::PartitionStatusRequest { table: "t".into() }).await.map(|r| r.into_inner()) })
+                .meta_call(|mut m| async move {
+                    m.get_partition_status(tern_proto::PartitionStatusRequest { table: "t".into() }).await.map(|r| r.into_inner())
+                })
                 .await
                 .unwrap();
             let configured = status.partitions.iter().all(|p| {

@@ -250,7 +250,11 @@ async fn run_faults(duration: Duration, seed: u64) {
     let mut per_client: std::collections::BTreeMap<u64, (u64, u64)> = Default::default();
     for o in &history {
         let e = per_client.entry(o.client).or_default();
-        if o.output.is_some() { e.0 += 1 } else { e.1 += 1 }
+        if o.output.is_some() {
+            e.0 += 1
+        } else {
+            e.1 += 1
+        }
     }
     eprintln!("per client (completed, unknown); 0-2 speak RESP to the proxy, 100-102 use the Rust client: {per_client:?}");
     let verdict = check(&history, CHECK_STEPS_PER_KEY_MAX);
@@ -289,8 +293,9 @@ async fn faults_short_window() {
 #[ignore]
 async fn faults_soak() {
     let seconds = std::env::var("TERN_FAULT_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(600);
-    let seed = std::env::var("TERN_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
-    });
+    let seed = std::env::var("TERN_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs());
     run_faults(Duration::from_secs(seconds), seed).await;
 }

@@ -18,41 +18,20 @@ struct Pg {
 
 async fn playground() -> Pg {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = PlaygroundConfig {
-        data_dir: dir.path().join("data"),
-        meta_port: 0,
-        first_server_port: 0,
-        redis_port: Some(0),
-        ..Default::default()
-    };
+    let cfg = PlaygroundConfig { data_dir: dir.path().join("data"), meta_port: 0, first_server_port: 0, redis_port: Some(0), ..Default::default() };
     let playground = Playground::start(cfg).await.unwrap();
     let port = playground.proxy.as_ref().unwrap().address.port();
-    Pg {
-        playground,
-        port,
-        _dir: dir,
-    }
+    Pg { playground, port, _dir: dir }
 }
 
 impl Pg {
     fn client(&self) -> Client {
-        Client::new(ClientConfig::new(
-            self.playground
-                .metas
-                .iter()
-                .map(|m| m.address.clone())
-                .collect(),
-        ))
-        .unwrap()
+        Client::new(ClientConfig::new(self.playground.metas.iter().map(|m| m.address.clone()).collect())).unwrap()
     }
 }
 
 fn tool(name: &str) -> Command {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let found = Command::new("sh").args(["-c", &format!("command -v {name}")]).output().map(|o| o.status.success()).unwrap_or(false);
     assert!(found, "{name} is not installed: run ./scripts/install-deps --with-test-tools (the test command does)");
     Command::new(name)
 }
@@ -61,28 +40,13 @@ fn tool(name: &str) -> Command {
 async fn run(mut cmd: Command, stdin: Option<String>) -> (bool, String, String) {
     tokio::task::spawn_blocking(move || {
         use std::process::Stdio;
-        cmd.stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn client tool");
         if let Some(input) = stdin {
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(input.as_bytes())
-                .unwrap();
+            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
         }
         let out = child.wait_with_output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
     })
     .await
     .unwrap()
@@ -93,10 +57,7 @@ async fn cli(port: u16, script: &str) -> Vec<String> {
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
     let (ok, out, err) = run(cmd, Some(script.to_string())).await;
     assert!(ok, "redis-cli failed: {err}");
-    out.lines()
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect()
+    out.lines().filter(|l| !l.is_empty()).map(str::to_string).collect()
 }
 
 /// redis-cli, as a person would use it: strings, hashes, TTLs, counters and Redis's own error texts;
@@ -157,37 +118,19 @@ async fn redis_cli_commands() {
     let native = pg.client().table("demo");
     native.set(b"shared", b"", b"from-native", 0).await.unwrap();
     native.set(b"h2", b"field", b"value", 0).await.unwrap();
-    let out = cli(
-        pg.port,
-        "GET shared\nHGET h2 field\nSET fromredis yes\nDBSIZE\nINFO keyspace\nCOMMAND COUNT\n",
-    )
-    .await;
+    let out = cli(pg.port, "GET shared\nHGET h2 field\nSET fromredis yes\nDBSIZE\nINFO keyspace\nCOMMAND COUNT\n").await;
     assert_eq!(&out[..3], ["from-native", "value", "OK"]);
-    assert_eq!(
-        native.get(b"fromredis", b"").await.unwrap().as_deref(),
-        Some(&b"yes"[..])
-    );
+    assert_eq!(native.get(b"fromredis", b"").await.unwrap().as_deref(), Some(&b"yes"[..]));
     let keys: i64 = out[3].parse().unwrap();
     assert!(keys >= 6, "DBSIZE counts every key: {out:?}");
-    assert!(
-        out[4] == "# Keyspace" && out[5].starts_with("db0:keys="),
-        "{out:?}"
-    );
+    assert!(out[4] == "# Keyspace" && out[5].starts_with("db0:keys="), "{out:?}");
     assert!(out[6].parse::<i64>().unwrap() > 40, "{out:?}");
 
     let mut info = tool("redis-cli");
     info.args(["-p", &pg.port.to_string(), "INFO"]);
     let (_, text, _) = run(info, None).await;
-    for field in [
-        "# Server",
-        "redis_version:",
-        "tcp_port:",
-        "# Clients",
-        "connected_clients:",
-        "# Stats",
-        "total_commands_processed:",
-        "# Keyspace",
-    ] {
+    for field in ["# Server", "redis_version:", "tcp_port:", "# Clients", "connected_clients:", "# Stats", "total_commands_processed:", "# Keyspace"]
+    {
         assert!(text.contains(field), "INFO lacks {field}: {text}");
     }
     pg.playground.shutdown().await;
@@ -202,7 +145,10 @@ async fn redis_py_client() {
     let mut cmd = tool("python3");
     cmd.args([script, &pg.port.to_string(), "py"]);
     let (ok, out, err) = run(cmd, None).await;
-    assert!(ok && out.contains("redis-py ok"), "redis-py check failed:\n{out}\n{err}\n(redis-py is installed by ./scripts/install-deps --with-test-tools)");
+    assert!(
+        ok && out.contains("redis-py ok"),
+        "redis-py check failed:\n{out}\n{err}\n(redis-py is installed by ./scripts/install-deps --with-test-tools)"
+    );
     pg.playground.shutdown().await;
 }
 
@@ -212,38 +158,14 @@ async fn redis_py_client() {
 async fn redis_benchmark_pipelined() {
     let pg = playground().await;
     let mut cmd = tool("redis-benchmark");
-    cmd.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &pg.port.to_string(),
-        "-t",
-        "set,get,incr,hset,mset",
-        "-n",
-        "3000",
-        "-c",
-        "12",
-        "-P",
-        "8",
-        "--csv",
-    ]);
+    cmd.args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-t", "set,get,incr,hset,mset", "-n", "3000", "-c", "12", "-P", "8", "--csv"]);
     let (ok, out, err) = run(cmd, None).await;
     assert!(ok, "redis-benchmark failed: {out}\n{err}");
-    for test in [
-        "\"SET\"",
-        "\"GET\"",
-        "\"INCR\"",
-        "\"HSET\"",
-        "\"MSET (10 keys)\"",
-    ] {
+    for test in ["\"SET\"", "\"GET\"", "\"INCR\"", "\"HSET\"", "\"MSET (10 keys)\""] {
         assert!(out.contains(test), "no result for {test}: {out}");
     }
     assert!(!err.contains("ERR") && !out.contains("ERR"), "{out}\n{err}");
-    let out = cli(
-        pg.port,
-        "GET counter:__rand_int__\nHGET myhash element:__rand_int__\nGET key:__rand_int__\n",
-    )
-    .await;
+    let out = cli(pg.port, "GET counter:__rand_int__\nHGET myhash element:__rand_int__\nGET key:__rand_int__\n").await;
     assert_eq!(out[0], "3000", "every INCR applied exactly once");
     assert_eq!(out[1].len(), 3, "{out:?}");
     pg.playground.shutdown().await;
@@ -322,51 +244,24 @@ async fn protocol_abuse_and_limits() {
     let port = guarded.address.port();
     tokio::task::spawn_blocking(move || {
         let mut a = connect(port);
-        assert_eq!(
-            exchange(&mut a, b"GET p\r\n", 1),
-            "-NOAUTH Authentication required.\r\n"
-        );
+        assert_eq!(exchange(&mut a, b"GET p\r\n", 1), "-NOAUTH Authentication required.\r\n");
         assert!(exchange(&mut a, b"AUTH wrong\r\n", 1).starts_with("-WRONGPASS"));
-        assert_eq!(
-            exchange(&mut a, b"AUTH s3cret\r\nGET p\r\n", 3),
-            "+OK\r\n$2\r\nv1\r\n"
-        );
+        assert_eq!(exchange(&mut a, b"AUTH s3cret\r\nGET p\r\n", 3), "+OK\r\n$2\r\nv1\r\n");
         let mut b = connect(port);
         let hello = exchange(&mut b, b"HELLO 3 AUTH default s3cret\r\n", 26);
-        assert!(
-            hello.starts_with("%7\r\n") && hello.contains("proto\r\n:3\r\n"),
-            "{hello}"
-        );
-        assert_eq!(
-            exchange(&mut b, b"GET nothing\r\n", 1),
-            "_\r\n",
-            "RESP3 null"
-        );
+        assert!(hello.starts_with("%7\r\n") && hello.contains("proto\r\n:3\r\n"), "{hello}");
+        assert_eq!(exchange(&mut b, b"GET nothing\r\n", 1), "_\r\n", "RESP3 null");
         let mut c = connect(port);
-        assert_eq!(
-            exchange(&mut c, b"PING\r\n", 1),
-            "-ERR max number of clients reached\r\n"
-        );
+        assert_eq!(exchange(&mut c, b"PING\r\n", 1), "-ERR max number of clients reached\r\n");
         drop(a);
         std::thread::sleep(Duration::from_millis(300));
         let mut d = connect(port);
-        assert_eq!(
-            exchange(&mut d, b"AUTH default s3cret\r\n", 1),
-            "+OK\r\n",
-            "a freed slot is reusable"
-        );
+        assert_eq!(exchange(&mut d, b"AUTH default s3cret\r\n", 1), "+OK\r\n", "a freed slot is reusable");
     })
     .await
     .unwrap();
     guarded.shutdown().await;
-    assert!(ProxyConfig {
-        max_clients: 0,
-        ..ProxyConfig::new("127.0.0.1:0".parse().unwrap(), "demo")
-    }
-    .validate()
-    .is_err());
-    assert!(ProxyConfig::new("127.0.0.1:0".parse().unwrap(), "bad name")
-        .validate()
-        .is_err());
+    assert!(ProxyConfig { max_clients: 0, ..ProxyConfig::new("127.0.0.1:0".parse().unwrap(), "demo") }.validate().is_err());
+    assert!(ProxyConfig::new("127.0.0.1:0".parse().unwrap(), "bad name").validate().is_err());
     pg.playground.shutdown().await;
 }

@@ -7,11 +7,8 @@ use plotters::prelude::*;
 use std::path::Path;
 
 /// Fonts tried for labels (Debian: fonts-dejavu-core).
-const FONTS: &[&str] = &[
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-];
+const FONTS: &[&str] =
+    &["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf", "/usr/share/fonts/dejavu/DejaVuSans.ttf"];
 
 fn register_font() -> anyhow::Result<()> {
     for f in FONTS {

@@ -141,18 +141,18 @@ impl ProcCluster {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let n = name.to_string();
-            let r = self
-                .client
-                .meta_call(|mut m| {
-                    let name = n.clone();
-                    async move { m.create_table(CreateTableRequest { name, partition_count: partitions, replica_count: 3 }).await.map(|r| r.into_inner()) }
-                })
-                .await;
+            let r =
+                self.client
+                    .meta_call(|mut m| {
+                        let name = n.clone();
+                        async move {
+                            m.create_table(CreateTableRequest { name, partition_count: partitions, replica_count: 3 }).await.map(|r| r.into_inner())
+                        }
+                    })
+                    .await;
             match r.map(|r| tern_proto::check(&r.error)) {
                 Ok(Ok(())) => break,
-                Ok(Err(TernError::NotEnoughNodes(_))) | Err(_) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(200)).await
-                }
+                Ok(Err(TernError::NotEnoughNodes(_))) | Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
                 other => panic!("create table: {other:?}"),
             }
         }
@@ -208,20 +208,12 @@ pub fn key_in_partition(partition: u32, count: u32) -> String {
     (0..).map(|i| format!("probe{i}")).find(|k| tern_core::codec::partition_of(k.as_bytes(), count) == partition).unwrap()
 }
 
-
 impl ProcCluster {
     /// A `tern proxy` process (Redis endpoint) for `table`; returns it and its address.
     pub fn start_proxy(&self, table: &str) -> (Proc, String) {
         let address = format!("127.0.0.1:{}", free_port());
-        let args = vec![
-            "proxy".to_string(),
-            "--listen".into(),
-            address.clone(),
-            "--meta".into(),
-            self.meta_address.clone(),
-            "--table".into(),
-            table.into(),
-        ];
+        let args =
+            vec!["proxy".to_string(), "--listen".into(), address.clone(), "--meta".into(), self.meta_address.clone(), "--table".into(), table.into()];
         (Proc::spawn(args, self.dir.path().join("proxy.log")), address)
     }
 
