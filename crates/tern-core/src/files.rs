@@ -16,8 +16,10 @@ pub fn sync_directory(dir: &Path) -> std::io::Result<()> {
 pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| std::io::Error::other(format!("{} names no file", path.display())))?;
+    // Unique, so that concurrent writers of one path never share a temporary file.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let mut tmp_name = name.to_os_string();
-    tmp_name.push(".tmp");
+    tmp_name.push(format!(".{}.{}.tmp", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
     let tmp = dir.join(tmp_name);
     {
         let mut f = std::fs::File::create(&tmp)?;
@@ -53,7 +55,7 @@ mod tests {
         write_file_atomically(&path, b"one").unwrap();
         write_file_atomically(&path, b"two").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"two");
-        assert!(!dir.join("meta.json.tmp").exists());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left behind");
         rename_durably(&path, &dir.join("moved.json")).unwrap();
         assert_eq!(std::fs::read(dir.join("moved.json")).unwrap(), b"two");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -102,6 +102,8 @@ struct State {
     liveness: HashMap<NodeId, NodeLiveness>,
     /// When this node last became meta leader (liveness is judged only a grace period after it).
     leader_since: Instant,
+    /// The raft term in which the catalog in memory was loaded (the leader's term).
+    leader_term: u64,
 }
 
 /// The raft group that holds the catalog, and where in it the catalog lives.
@@ -139,7 +141,12 @@ impl MetaService {
     fn new(store: StoreHandle, grace: Duration, settings: ClusterSettingsResponse) -> MetaService {
         MetaService {
             settings,
-            state: Arc::new(Mutex::new(State { catalog: Catalog::default(), liveness: HashMap::new(), leader_since: Instant::now() })),
+            state: Arc::new(Mutex::new(State {
+                catalog: Catalog::default(),
+                liveness: HashMap::new(),
+                leader_since: Instant::now(),
+                leader_term: 0,
+            })),
             changes: Arc::new(tokio::sync::Mutex::new(())),
             store,
             leader: Arc::new(AtomicBool::new(false)),
@@ -175,11 +182,25 @@ impl MetaService {
         }
     }
 
+    /// The term in which this node leads the catalog group, if it does.
+    async fn leading_term(&self) -> Option<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.store.send(StoreMsg::Status(Box::new(move |s| drop(tx.send(s)))));
+        let statuses = tokio::time::timeout(CATALOG_IO_TIMEOUT, rx).await.ok()?.ok()?;
+        statuses.iter().find(|r| r.group_id == CATALOG_GROUP.0 && r.is_leader).map(|r| r.term)
+    }
+
     /// Confirms this node still leads the catalog group, through raft's linearizable read path (a
-    /// lease while one is held, else a read-index round), before it answers from its memory: a
-    /// deposed leader must not hand out assignments a newer leader has changed.
+    /// lease while one is held, else a read-index round), in the same term it loaded its catalog in,
+    /// before it answers from memory: a deposed leader, or one that lost and regained leadership
+    /// since, must not hand out assignments a newer leader has changed.
     async fn confirm_leader(&self) -> Result<(), TernError> {
-        self.read_catalog_group(LEADER_PROBE_KEY).await.map(|_| ())
+        self.read_catalog_group(LEADER_PROBE_KEY).await?;
+        let loaded = self.state.lock().leader_term;
+        match self.leading_term().await {
+            Some(term) if term == loaded => Ok(()),
+            _ => Err(TernError::Unavailable(format!("leadership changed since the catalog was loaded in term {loaded}"))),
+        }
     }
 
     /// Reads the catalog through raft (linearizable: sees every change a previous leader committed).
@@ -218,17 +239,21 @@ impl MetaService {
     /// answering; on losing it, stops.
     async fn follow_leadership(self, mut stopped: watch::Receiver<bool>) {
         loop {
-            let (tx, rx) = oneshot::channel();
-            self.store.send(StoreMsg::Status(Box::new(move |s| drop(tx.send(s)))));
-            let leads = rx.await.unwrap_or_default().iter().any(|r| r.group_id == CATALOG_GROUP.0 && r.is_leader);
+            let term = self.leading_term().await;
             let was = self.leader.load(Ordering::SeqCst);
-            if leads && !was {
+            // A new term of leadership (also one regained between two looks) starts from the
+            // catalog as raft has it: a leader in between may have changed it.
+            let fresh = term.is_some_and(|t| !was || t != self.state.lock().leader_term);
+            let leads = term.is_some();
+            if fresh {
+                self.leader.store(false, Ordering::SeqCst);
                 match self.load().await {
                     Ok(catalog) => {
                         let mut state = self.state.lock();
                         state.catalog = catalog;
                         state.liveness.clear();
                         state.leader_since = Instant::now();
+                        state.leader_term = term.expect("leads");
                         self.leader.store(true, Ordering::SeqCst);
                         tracing::info!("this meta node is now the leader");
                     }
@@ -251,6 +276,7 @@ impl MetaService {
         if !self.leader.load(Ordering::SeqCst) {
             return Err(TernError::Unavailable("this meta node is not the leader".into()));
         }
+        self.confirm_leader().await?;
         let (next, out) = {
             let state = self.state.lock();
             let alive = alive_nodes(&state, self.grace);
@@ -631,11 +657,13 @@ fn internal(what: &'static str) -> impl Fn(std::io::Error) -> TernError {
     move |e| TernError::Internal(format!("{what}: {e}"))
 }
 
-/// The id meta nodes' raft envelopes carry: the same on every member (all are given the same list),
-/// never 0.
+/// The id meta nodes' raft envelopes carry: the same on every member, never 0. Drawn from the member
+/// ids only, so members that list each other's addresses differently (a name here, an IP there)
+/// still agree.
 fn meta_group_cluster_id(peers: &[(u64, String)]) -> u64 {
-    let mut members: Vec<String> = peers.iter().map(|(id, address)| format!("{id}={address}")).collect();
-    members.sort();
+    let mut ids: Vec<u64> = peers.iter().map(|(id, _)| *id).collect();
+    ids.sort();
+    let members: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
     tern_core::codec::partition_hash(format!("tern-meta:{}", members.join(",")).as_bytes()) | 1
 }
 

@@ -13,6 +13,9 @@ use tern_proto::{write_request::Op, CheckType, RaftCommand, WriteRequest, WriteR
 
 /// How long a deduplicated write's result is remembered (retries must finish well within it).
 pub const DEDUP_RESULT_TTL_MS: u64 = 10 * 60 * 1000;
+/// The most one entry may move the log's clock forward (a partition idle for longer catches up over
+/// a few entries).
+pub const STAMP_STEP_MS_MAX: u64 = 60 * 60 * 1000;
 /// Results below a client's floor are deleted once the floor crosses a multiple of this.
 pub const DEDUP_GC_CHUNK: u64 = 1024;
 
@@ -98,6 +101,9 @@ impl StateMachine {
                 initial
             }
         };
+        // What was read may not be durable yet (an engine reopened without a crash): sync before
+        // letting compaction expire by it.
+        engine.sync().map_err(engine_error)?;
         engine.set_expiry_horizon(state.stamp_ms);
         Ok(StateMachine { engine, state, expiry_by_local_clock: false })
     }
@@ -215,8 +221,11 @@ impl ApplyBatch {
     /// is not: the caller must stop the replica.
     pub fn apply_command(&mut self, engine: &dyn KvEngine, data: &[u8]) -> Result<WriteResponse, StorageFailure> {
         let command = RaftCommand::decode(data).map_err(|e| StorageFailure(TernError::Corruption(format!("undecodable raft command: {e}"))))?;
-        // The log's clock: never behind an entry applied before (a new leader's clock may be).
-        let now = command.now_unix_ms.max(self.state.stamp_ms);
+        // The log's clock: never behind an entry applied before (a new leader's clock may be), and
+        // never more than STAMP_STEP_MS_MAX ahead of it in one entry (a leader whose clock runs far
+        // ahead would otherwise expire every TTL'd record and remembered result at once, for good).
+        let previous = self.state.stamp_ms;
+        let now = if previous == 0 { command.now_unix_ms } else { command.now_unix_ms.clamp(previous, previous + STAMP_STEP_MS_MAX) };
         self.state.stamp_ms = now;
         let Some(write) = command.write else {
             return Ok(error_response(TernError::invalid("raft command without a write")));
@@ -470,6 +479,9 @@ mod tests {
         assert_eq!(sm.state().stamp_ms, 2500);
         assert_eq!(apply(&mut sm, 3, command(1500, 0, 0, incr(1))).new_value, 1, "expired at 2500 stays expired");
         assert_eq!(sm.state().stamp_ms, 2500, "the older stamp did not move the clock back");
+        let ten_years = 10 * 365 * 24 * STAMP_STEP_MS_MAX;
+        apply(&mut sm, 4, command(ten_years, 0, 0, incr(1)));
+        assert_eq!(sm.state().stamp_ms, 2500 + STAMP_STEP_MS_MAX, "a clock far ahead moves the log's clock one step only");
     }
 
     /// Compaction expires records only up to the applied log's clock, never by the machine's: a

@@ -369,8 +369,7 @@ impl Replica {
                 // Hand leadership to a voter that stays, then let it finish the change.
                 if let Some((next, _)) = voters.iter().find(|(p, _)| *p != self.peer_id && cs.voters.contains(p)) {
                     let next = *next;
-                    self.revoke_lease();
-                    self.raw.transfer_leader(next);
+                    self.transfer_leadership(next);
                 }
                 return;
             }
@@ -408,12 +407,19 @@ impl Replica {
         let ready = cs.voters.contains(&preferred) && self.raw.raft.prs().get(preferred).is_some_and(|p| p.matched == last);
         if ready {
             self.last_transfer_tick = self.ticks;
-            self.revoke_lease();
-            if !self.cfg.planted.lease_through_transfer {
-                self.lease.forbidden_term = self.raw.raft.term;
-            }
-            self.raw.transfer_leader(preferred);
+            self.transfer_leadership(preferred);
         }
+    }
+
+    /// Starts a leadership transfer. The lease ends, and no new one is granted for the rest of the
+    /// term: raft-rs may abort the transfer, but a late MsgTimeoutNow can still elect the target,
+    /// which campaigns without waiting out followers' vote refusal.
+    fn transfer_leadership(&mut self, to: PeerId) {
+        self.revoke_lease();
+        if !self.cfg.planted.lease_through_transfer {
+            self.lease.forbidden_term = self.raw.raft.term;
+        }
+        self.raw.transfer_leader(to);
     }
 
     pub fn is_leader(&self) -> bool {
@@ -513,6 +519,9 @@ impl Replica {
     /// Queues a read. Stale reads are answered at once from local state; linearizable reads wait for
     /// a read index (one per batch of reads) and for apply to reach it.
     pub fn read(&mut self, request: ReadRequest, now_unix_ms: u64, now: Duration, callback: ReadCallback) {
+        // Never before the log's clock: what the state machine (and compaction) already treats as
+        // expired must read as expired, whatever this node's clock says.
+        let now_unix_ms = now_unix_ms.max(self.sm.state().stamp_ms);
         if self.failure.is_some() {
             return callback(ReadResponse { error: Some(self.unavailable().into()), ..Default::default() });
         }
@@ -586,7 +595,7 @@ impl Replica {
                     // Only a whole snapshot reaches raft: one cut short is dropped here (the leader
                     // sends it again), never installed.
                     if !self.cfg.planted.unverified_snapshot {
-                        if let Err(e) = crate::snapshot::verify(&dir) {
+                        if let Err(e) = crate::snapshot::verify(&dir, crate::snapshot::Check::Sizes) {
                             tracing::warn!(group = %self.group, "refused a received snapshot: {e}");
                             let _ = std::fs::remove_dir_all(dir);
                             return;
@@ -608,11 +617,17 @@ impl Replica {
     }
 
     pub fn report_snapshot(&mut self, to_peer: PeerId, ok: bool) {
+        if !self.active() {
+            return;
+        }
         let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
         self.raw.report_snapshot(to_peer, status);
     }
 
     pub fn report_unreachable(&mut self, to_peer: PeerId) {
+        if !self.active() {
+            return;
+        }
         self.raw.report_unreachable(to_peer);
     }
 
@@ -652,7 +667,9 @@ impl Replica {
         if self.ticks.is_multiple_of(self.cfg.log_gc_interval_ticks) {
             self.maybe_compact_log();
         }
-        if self.ticks.is_multiple_of(self.cfg.expiry_sync_interval_ticks) && self.sm.state().applied_index > self.synced_index {
+        // Staggered by group, so a node's replicas do not all sync in the same round.
+        let due = (self.ticks + self.group.0).is_multiple_of(self.cfg.expiry_sync_interval_ticks);
+        if due && self.sm.state().applied_index > self.synced_index {
             self.synced_index = self.sm.state().applied_index;
             if let Err(e) = self.sm.sync() {
                 self.fail(StorageFailure(e));
@@ -701,11 +718,6 @@ impl Replica {
         }
         if let Err(e) = self.sm.engine().checkpoint(&dir) {
             tracing::warn!(group = %self.group, "snapshot checkpoint failed: {e}");
-            return;
-        }
-        if let Err(e) = crate::snapshot::write_manifest(&dir) {
-            tracing::warn!(group = %self.group, "snapshot manifest failed: {e}");
-            let _ = std::fs::remove_dir_all(&dir);
             return;
         }
         let mut snap = Snapshot::default();
@@ -795,7 +807,9 @@ impl Replica {
         }
         self.route(light.take_messages(), outbox);
         self.apply_entries(light.take_committed_entries(), now_unix_ms);
-        self.raw.advance_apply();
+        if self.failure.is_none() {
+            self.raw.advance_apply();
+        }
     }
 
     fn on_role_change(&mut self, role: StateRole) {
@@ -848,8 +862,10 @@ impl Replica {
         }
         let engine_dir = format!("engine-{}-{}", meta.index, meta.term);
         let target = self.dir.join(&engine_dir);
-        if target.exists() {
-            let _ = std::fs::remove_dir_all(&target);
+        // Through the factory: it owns what an engine directory means (the memory engine keeps
+        // contents by path, and would otherwise hand back an earlier install's).
+        if let Err(e) = self.engines.destroy(&target) {
+            return self.fail(StorageFailure(crate::apply::engine_error(e)));
         }
         if let Err(e) = tern_core::files::rename_durably(&received, &target) {
             return self.fail(StorageFailure(TernError::Internal(format!("move received snapshot into place: {e}"))));
@@ -1001,6 +1017,7 @@ impl Replica {
 
     fn serve_reads(&mut self, now_unix_ms: u64) {
         let applied = self.sm.state().applied_index;
+        let now_unix_ms = now_unix_ms.max(self.sm.state().stamp_ms);
         while self.read_batches.front().is_some_and(|b| b.index.is_some_and(|i| i <= applied)) {
             let batch = self.read_batches.pop_front().expect("front exists");
             for (request, callback) in batch.reads {
@@ -1014,10 +1031,13 @@ impl Replica {
         ReplicaStatus {
             group_id: self.group.0,
             peer_id: self.peer_id,
-            is_leader: self.is_leader(),
+            // A stopped leader leads nothing (meta and clients must not count on it).
+            is_leader: self.is_leader() && self.active(),
             term: self.raw.raft.term,
             applied_index: self.sm.state().applied_index,
-            commit_index: self.raw.raft.raft_log.committed,
+            // A stopped replica's raft may know of commits past what it persisted (the Ready it
+            // stopped in was never written): it reports what its storage holds.
+            commit_index: if self.active() { self.raw.raft.raft_log.committed } else { self.raw.store().hard_state().commit },
             first_log_index: self.raw.store().first_log_index(),
             snapshots_applied: self.snapshots_applied,
             leader_peer,
@@ -1035,7 +1055,9 @@ impl Replica {
 
     /// (applied index, checksum, record count) of the replica's contents.
     pub fn checksum(&self, now_unix_ms: u64) -> Result<(u64, u64, u64), TernError> {
-        let (sum, count) = checksum(self.sm.engine(), now_unix_ms)?;
+        // At the log's clock at least, as reads: what it already expired may or may not have been
+        // compacted away yet, and must not count either way.
+        let (sum, count) = checksum(self.sm.engine(), now_unix_ms.max(self.sm.state().stamp_ms))?;
         Ok((self.sm.state().applied_index, sum, count))
     }
 

@@ -1,27 +1,37 @@
 //! Snapshot files: a checkpoint directory plus a manifest naming every file with its size and crc32.
-//! The manifest is written when a snapshot is generated; a received snapshot is verified against it
-//! before raft sees it (by the transport, which can then tell the sender to retry) and again before
-//! it is installed (by the replica, whichever runtime delivered it). A transfer cut short, a file
-//! removed during a slow transfer, or a stream that carried only its envelope is refused, never
-//! installed.
+//! The sender builds the manifest when it starts a transfer (off the store thread: it reads every
+//! byte) and sends it ahead of the files; the receiving transport writes it into the received
+//! directory and checks every file against it, sizes and checksums, before raft sees the snapshot;
+//! the replica checks presence and sizes again before stepping it, whichever runtime delivered it. A
+//! transfer cut short, a file removed during a slow transfer, or a stream that carried only its
+//! envelope is refused, never installed.
 
 use std::io::Read;
 use std::path::Path;
 use tern_core::TernError;
 
-/// The manifest's file name inside a snapshot directory.
+/// The manifest's file name inside a received snapshot directory.
 pub const MANIFEST_FILE: &str = "tern-snapshot.manifest";
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-struct FileEntry {
-    name: String,
-    size: u64,
-    crc32: u32,
+pub struct FileEntry {
+    pub name: String,
+    pub size: u64,
+    pub crc32: u32,
 }
 
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-struct Manifest {
-    files: Vec<FileEntry>,
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    pub files: Vec<FileEntry>,
+}
+
+/// How thoroughly `verify` looks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// Every listed file present with its size, nothing else (metadata only: cheap).
+    Sizes,
+    /// And every file's checksum (reads every byte).
+    Checksums,
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> TernError {
@@ -58,20 +68,26 @@ fn data_files(dir: &Path) -> Result<Vec<String>, TernError> {
     Ok(names)
 }
 
-/// Writes the manifest of a freshly made checkpoint directory (and syncs it).
-pub fn write_manifest(dir: &Path) -> Result<(), TernError> {
-    let mut files = Vec::new();
-    for name in data_files(dir)? {
-        let (size, crc32) = digest(&dir.join(&name))?;
-        files.push(FileEntry { name, size, crc32 });
+impl Manifest {
+    /// The manifest of a checkpoint directory as it is now (reads every byte).
+    pub fn of_dir(dir: &Path) -> Result<Manifest, TernError> {
+        let mut files = Vec::new();
+        for name in data_files(dir)? {
+            let (size, crc32) = digest(&dir.join(&name))?;
+            files.push(FileEntry { name, size, crc32 });
+        }
+        Ok(Manifest { files })
     }
-    let bytes = serde_json::to_vec(&Manifest { files }).expect("encode snapshot manifest");
-    tern_core::files::write_file_atomically(&dir.join(MANIFEST_FILE), &bytes).map_err(io(format!("write manifest in {}", dir.display())))
+
+    /// Writes the manifest into a (received) snapshot directory, durably.
+    pub fn write_into(&self, dir: &Path) -> Result<(), TernError> {
+        let bytes = serde_json::to_vec(self).expect("encode snapshot manifest");
+        tern_core::files::write_file_atomically(&dir.join(MANIFEST_FILE), &bytes).map_err(io(format!("write manifest in {}", dir.display())))
+    }
 }
 
-/// Checks a received snapshot directory against its manifest: every listed file present with its size
-/// and checksum, and nothing else. The error says what is wrong.
-pub fn verify(dir: &Path) -> Result<(), TernError> {
+/// Checks a received snapshot directory against its manifest. The error says what is wrong.
+pub fn verify(dir: &Path, check: Check) -> Result<(), TernError> {
     let path = dir.join(MANIFEST_FILE);
     let bytes = std::fs::read(&path).map_err(|e| TernError::Corruption(format!("snapshot {} has no readable manifest: {e}", dir.display())))?;
     let manifest: Manifest =
@@ -82,7 +98,11 @@ pub fn verify(dir: &Path) -> Result<(), TernError> {
         return Err(TernError::Corruption(format!("snapshot {} holds files {present:?}, its manifest lists {listed:?}", dir.display())));
     }
     for f in &manifest.files {
-        let (size, crc32) = digest(&dir.join(&f.name))?;
+        let path = dir.join(&f.name);
+        let (size, crc32) = match check {
+            Check::Sizes => (std::fs::metadata(&path).map_err(io(format!("stat {}", path.display())))?.len(), f.crc32),
+            Check::Checksums => digest(&path)?,
+        };
         if (size, crc32) != (f.size, f.crc32) {
             return Err(TernError::Corruption(format!(
                 "snapshot file {} is {size} bytes with crc32 {crc32:08x}; the manifest says {} bytes, {:08x}",
@@ -98,7 +118,8 @@ mod tests {
     use super::*;
 
     /// A whole snapshot verifies; one missing a file, with a file cut short or changed, with an extra
-    /// file, or without a manifest (a stream that carried only its envelope) does not.
+    /// file, or without a manifest (a stream that carried only its envelope) does not. The cheap
+    /// check sees everything but same-size changes, which the full one catches.
     #[test]
     fn verify_refuses_incomplete_snapshots() {
         let t = tempfile::tempdir().unwrap();
@@ -106,28 +127,29 @@ mod tests {
         std::fs::create_dir(&dir).unwrap();
         std::fs::write(dir.join("000001.sst"), vec![7u8; 5000]).unwrap();
         std::fs::write(dir.join("CURRENT"), b"MANIFEST-000002\n").unwrap();
-        write_manifest(&dir).unwrap();
-        verify(&dir).unwrap();
+        Manifest::of_dir(&dir).unwrap().write_into(&dir).unwrap();
+        verify(&dir, Check::Checksums).unwrap();
+        verify(&dir, Check::Sizes).unwrap();
 
         std::fs::write(dir.join("000001.sst"), vec![7u8; 4000]).unwrap();
-        assert!(verify(&dir).unwrap_err().to_string().contains("000001.sst"));
+        assert!(verify(&dir, Check::Sizes).unwrap_err().to_string().contains("000001.sst"));
         std::fs::write(dir.join("000001.sst"), vec![8u8; 5000]).unwrap();
-        assert!(verify(&dir).is_err(), "same size, other bytes");
+        assert!(verify(&dir, Check::Checksums).is_err(), "same size, other bytes");
         std::fs::write(dir.join("000001.sst"), vec![7u8; 5000]).unwrap();
-        verify(&dir).unwrap();
+        verify(&dir, Check::Checksums).unwrap();
 
         std::fs::remove_file(dir.join("CURRENT")).unwrap();
-        assert!(verify(&dir).is_err(), "a file missing");
+        assert!(verify(&dir, Check::Sizes).is_err(), "a file missing");
         std::fs::write(dir.join("CURRENT"), b"MANIFEST-000002\n").unwrap();
         std::fs::write(dir.join("extra"), b"x").unwrap();
-        assert!(verify(&dir).is_err(), "a file the manifest does not list");
+        assert!(verify(&dir, Check::Sizes).is_err(), "a file the manifest does not list");
         std::fs::remove_file(dir.join("extra")).unwrap();
-        verify(&dir).unwrap();
+        verify(&dir, Check::Checksums).unwrap();
 
         std::fs::remove_file(dir.join(MANIFEST_FILE)).unwrap();
-        assert!(verify(&dir).unwrap_err().to_string().contains("manifest"));
+        assert!(verify(&dir, Check::Sizes).unwrap_err().to_string().contains("manifest"));
         let empty = t.path().join("empty");
         std::fs::create_dir(&empty).unwrap();
-        assert!(verify(&empty).is_err(), "only the envelope arrived");
+        assert!(verify(&empty, Check::Sizes).is_err(), "only the envelope arrived");
     }
 }

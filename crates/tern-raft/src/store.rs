@@ -94,6 +94,9 @@ pub struct StoreConfig {
     pub mailbox_capacity: usize,
     /// Purge obsolete raft-log files every this many ticks.
     pub log_purge_interval_ticks: u64,
+    /// A replica stopped by a storage failure is closed and opened again from disk after this many
+    /// ticks (a transient error heals; a persistent one stops it again, and meta replaces it).
+    pub failed_replica_reopen_ticks: u64,
 }
 
 impl Default for StoreConfig {
@@ -104,6 +107,7 @@ impl Default for StoreConfig {
             round_messages_max: 4096,
             mailbox_capacity: 100_000,
             log_purge_interval_ticks: 100,
+            failed_replica_reopen_ticks: 300,
         }
     }
 }
@@ -120,6 +124,18 @@ pub struct Store {
     dirty: BTreeSet<GroupId>,
     transport: Box<dyn Transport>,
     ticks: u64,
+    /// Since when (store ticks) each stopped replica has been stopped.
+    failed_since: BTreeMap<GroupId, u64>,
+    /// Replicas whose directory is here but that could not be opened (a storage failure at open):
+    /// reported to meta as failed, and tried again every `failed_replica_reopen_ticks`.
+    unopened: BTreeMap<GroupId, Unopened>,
+}
+
+struct Unopened {
+    meta: ReplicaMeta,
+    dir: PathBuf,
+    failure: String,
+    since: u64,
 }
 
 fn not_hosted(group: GroupId) -> TernError {
@@ -169,6 +185,8 @@ impl Store {
             dirty: BTreeSet::new(),
             transport,
             ticks: 0,
+            failed_since: BTreeMap::new(),
+            unopened: BTreeMap::new(),
         };
         let entries: Vec<PathBuf> = std::fs::read_dir(data_dir.join("replicas")).map_err(io)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
         // Destroys a crash interrupted are finished first.
@@ -178,11 +196,53 @@ impl Store {
         dirs.sort();
         for dir in dirs {
             let meta = ReplicaMeta::load(&dir)?;
-            let replica = store.open_replica(meta, dir, None)?;
-            store.dirty.insert(replica.group);
-            store.replicas.insert(replica.group, replica);
+            // One replica that cannot open must not keep the node's others from serving.
+            store.open_or_report(meta, dir);
         }
         Ok(store)
+    }
+
+    /// Opens an existing replica; one that fails is kept as unopened (reported failed, retried).
+    fn open_or_report(&mut self, meta: ReplicaMeta, dir: PathBuf) {
+        let group = GroupId(meta.group);
+        match self.open_replica(meta.clone(), dir.clone(), None) {
+            Ok(replica) => {
+                self.unopened.remove(&group);
+                self.failed_since.remove(&group);
+                self.dirty.insert(group);
+                self.replicas.insert(group, replica);
+            }
+            Err(e) => {
+                tracing::error!(node = self.node_id, group = %group, "cannot open replica: {e}");
+                self.unopened.insert(group, Unopened { meta, dir, failure: format!("cannot open: {e}"), since: self.ticks });
+            }
+        }
+    }
+
+    /// Closes stopped replicas that have been stopped long enough and opens them again from disk,
+    /// and retries replicas that could not be opened.
+    fn reopen_failed_replicas(&mut self) {
+        let wait = self.cfg.failed_replica_reopen_ticks;
+        let now = self.ticks;
+        for (group, replica) in &self.replicas {
+            if replica.failure().is_some() {
+                self.failed_since.entry(*group).or_insert(now);
+            }
+        }
+        let due: Vec<GroupId> = self.failed_since.iter().filter(|(_, since)| now >= **since + wait).map(|(g, _)| *g).collect();
+        for group in due {
+            self.failed_since.remove(&group);
+            let Some(replica) = self.replicas.remove(&group) else { continue };
+            let (meta, dir) = (replica.meta().clone(), replica.dir().to_path_buf());
+            tracing::info!(node = self.node_id, group = %group, "reopening a replica stopped by a storage failure");
+            drop(replica); // closes its engine
+            self.open_or_report(meta, dir);
+        }
+        let retry: Vec<GroupId> = self.unopened.iter().filter(|(_, u)| now >= u.since + wait).map(|(g, _)| *g).collect();
+        for group in retry {
+            let u = self.unopened.remove(&group).expect("listed above");
+            self.open_or_report(u.meta, u.dir);
+        }
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -196,9 +256,10 @@ impl Store {
         Replica::open(meta, dir, snapshot_dir, bootstrap, self.log.clone(), self.engines.clone(), self.cfg.replica.clone(), election_tick)
     }
 
-    /// Replicas stopped after a storage failure, with the reason.
+    /// Replicas stopped after a storage failure, or that could not be opened, with the reason.
     pub fn failed_replicas(&self) -> Vec<(GroupId, String)> {
-        self.replicas.values().filter_map(|r| r.failure().map(|f| (r.group, f.to_string()))).collect()
+        let stopped = self.replicas.values().filter_map(|r| r.failure().map(|f| (r.group, f.to_string())));
+        stopped.chain(self.unopened.iter().map(|(g, u)| (*g, u.failure.clone()))).collect()
     }
 
     pub fn replica_count(&self) -> usize {
@@ -254,14 +315,23 @@ impl Store {
                 }
             }
             StoreMsg::DropTables(tables) => {
-                let doomed: Vec<GroupId> = self.replicas.keys().filter(|g| tables.contains(&g.table_id())).copied().collect();
+                let doomed: Vec<GroupId> = self.hosted().filter(|g| tables.contains(&g.table_id())).collect();
                 self.destroy_replicas(doomed, "its table was dropped");
             }
             StoreMsg::RetainReplicas { tables, keep } => {
-                let doomed: Vec<GroupId> = self.replicas.keys().filter(|g| tables.contains(&g.table_id()) && !keep.contains(g)).copied().collect();
+                let doomed: Vec<GroupId> = self.hosted().filter(|g| tables.contains(&g.table_id()) && !keep.contains(g)).collect();
                 self.destroy_replicas(doomed, "it was removed from its group");
             }
-            StoreMsg::Status(callback) => callback(self.replicas.values().map(|r| r.status()).collect()),
+            StoreMsg::Status(callback) => {
+                let mut statuses: Vec<ReplicaStatus> = self.replicas.values().map(|r| r.status()).collect();
+                statuses.extend(self.unopened.values().map(|u| ReplicaStatus {
+                    group_id: u.meta.group,
+                    peer_id: u.meta.peer_id,
+                    failure: u.failure.clone(),
+                    ..Default::default()
+                }));
+                callback(statuses)
+            }
             StoreMsg::Checksum { group, callback } => match self.replicas.get(&group) {
                 Some(r) => callback(r.checksum(now)),
                 None => callback(Err(not_hosted(group))),
@@ -271,7 +341,18 @@ impl Store {
         true
     }
 
+    /// Every group with a replica directory here, open or not.
+    fn hosted(&self) -> impl Iterator<Item = GroupId> + '_ {
+        self.replicas.keys().chain(self.unopened.keys()).copied()
+    }
+
     fn ensure_replica(&mut self, spec: ReplicaSpec) -> Result<(), TernError> {
+        if let Some(u) = self.unopened.get(&spec.group) {
+            if u.meta.peer_id == spec.peer_id {
+                return Ok(()); // retried on its own schedule; meta replaces it meanwhile
+            }
+            self.destroy_replicas(vec![spec.group], "a newer peer of its group replaces it on this node");
+        }
         if self.replicas.get(&spec.group).is_some_and(|r| r.peer_id != spec.peer_id) {
             // Meta removed this node's old peer of the group and now wants a new one here: the old
             // replica is stale. Found by the simulator (scheduler sweep): a replica moved back to a
@@ -323,11 +404,20 @@ impl Store {
         }
         let mut tombstones = Vec::new();
         for group in doomed {
-            let mut replica = self.replicas.remove(&group).expect("listed by the caller");
-            replica.fail_all(TernError::PartitionNotFound(format!("replica of {group} was destroyed: {why}")));
-            let dir = replica.dir().to_path_buf();
-            let name = format!("{}.{}{TOMBSTONE_SUFFIX}", group.0, replica.peer_id);
-            drop(replica); // closes its engine
+            self.failed_since.remove(&group);
+            let (dir, peer) = match self.replicas.remove(&group) {
+                Some(mut replica) => {
+                    replica.fail_all(TernError::PartitionNotFound(format!("replica of {group} was destroyed: {why}")));
+                    let found = (replica.dir().to_path_buf(), replica.peer_id);
+                    drop(replica); // closes its engine
+                    found
+                }
+                None => {
+                    let u = self.unopened.remove(&group).expect("listed by the caller");
+                    (u.dir, u.meta.peer_id)
+                }
+            };
+            let name = format!("{}.{}{TOMBSTONE_SUFFIX}", group.0, peer);
             let tombstone = self.data_dir.join("replicas").join(name);
             if let Err(e) = tern_core::files::rename_durably(&dir, &tombstone) {
                 panic!("cannot retire replica directory {}: {e}", dir.display());
@@ -367,8 +457,15 @@ impl Store {
             if !newer {
                 // Through the factory, under the path the engine lived at: it owns what an engine
                 // directory means (the memory engine keys its contents by it).
-                if let Ok(meta) = ReplicaMeta::load(&tombstone) {
-                    if let Err(e) = self.engines.destroy(&live.join(&meta.engine_dir)) {
+                // Every engine directory it held (its metadata may be gone if removal was cut short).
+                let mut engine_dirs: Vec<String> = ReplicaMeta::load(&tombstone).map(|m| vec![m.engine_dir]).unwrap_or_default();
+                if let Ok(entries) = std::fs::read_dir(&tombstone) {
+                    engine_dirs.extend(entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with("engine")));
+                }
+                engine_dirs.sort();
+                engine_dirs.dedup();
+                for name in engine_dirs {
+                    if let Err(e) = self.engines.destroy(&live.join(name)) {
                         tracing::warn!(group, "destroy engine: {e}");
                     }
                 }
@@ -388,6 +485,7 @@ impl Store {
             replica.tick(now);
             self.dirty.insert(*group);
         }
+        self.reopen_failed_replicas();
         if self.ticks.is_multiple_of(self.cfg.log_purge_interval_ticks) {
             if let Err(e) = self.log.purge() {
                 tracing::warn!("raft log purge: {e}");
@@ -469,6 +567,10 @@ impl StoreMsg {
             StoreMsg::Checksum { callback, .. } => callback(Err(e)),
             // Dropped unanswered: "no replicas" would be a lie a heartbeat could pass on to meta.
             StoreMsg::Status(_) => {}
+            // A received snapshot nobody will install.
+            StoreMsg::Raft { snapshot_dir: Some(dir), .. } => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
             _ => {}
         }
     }

@@ -109,7 +109,6 @@ async fn meta_client(addresses: &[String], start: usize) -> Result<MetaClient<to
         match tonic::transport::Endpoint::from_shared(format!("http://{a}"))
             .map_err(|e| TernError::invalid(format!("meta address {a:?}: {e}")))?
             .connect_timeout(Duration::from_secs(1))
-            .timeout(HEARTBEAT_CALL_TIMEOUT)
             .http2_keep_alive_interval(Duration::from_secs(2))
             .keep_alive_timeout(Duration::from_secs(3))
             .keep_alive_while_idle(true)

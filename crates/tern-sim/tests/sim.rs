@@ -28,9 +28,13 @@ fn one_seed() {
 /// - 1024, 1058, 1064 (first found as 1084, 1120, 1181 before pauses and disk faults were added): a
 ///   replica's initial conf state was written to its engine without a sync; after a power failure it
 ///   was gone, and the replica could neither vote nor campaign (no leader, for good).
+/// - 109712 (found by a 20,000-seed soak): compaction expires records by the log's clock, which a
+///   leader with a clock ahead had moved past the nodes' clocks; replicas that had compacted a record
+///   and replicas that had not yet compacted it counted it differently (checksums, and reads, must
+///   look at the log's clock at least).
 #[test]
 fn regression_seeds() {
-    for seed in [1024, 1058, 1064] {
+    for seed in [1024, 1058, 1064, 109712] {
         let report = run(SimConfig::new(seed));
         assert!(report.ok(), "{}", report.describe());
     }
@@ -107,19 +111,20 @@ fn assert_planted_bug_is_caught(planted: PlantedBugs, config: SimConfig) {
 
 /// The harness bites: a leader that answers reads without confirming leadership (ReadIndex) serves
 /// a stale read once a paused or cut-off leader has been replaced. Seeds found with
-/// `hunt_planted_bug` (1979, 2010, 2089 of 1200-3199: deposed leaders that still take client reads
-/// are rare, because check-quorum usually steps them down before another is elected).
+/// `hunt_planted_bug` (4 of 6000 seeds, 1000-6999: deposed leaders that still take client reads are
+/// rare, because check-quorum steps a cut-off leader down before another is elected; it takes a
+/// paused leader whose clients' reads reach it, on resume, before the new leader's messages do).
 #[test]
 fn planted_stale_read_bug_is_caught() {
-    assert_planted_bug_is_caught(PlantedBugs { read_without_read_index: true, ..Default::default() }, SimConfig::new(1979));
+    assert_planted_bug_is_caught(PlantedBugs { read_without_read_index: true, ..Default::default() }, SimConfig::new(3769));
 }
 
 /// Lease reads are only as safe as the lease is short: a lease 40 times too long lets a paused or
 /// cut-off leader answer reads after another leader took writes (seed found with
-/// `hunt_planted_bug`: 1 of 1500 seeds of 1500 operations, 5000-6499).
+/// `hunt_planted_bug`: 11 of 3000 seeds of 1500 operations, 5000-7999).
 #[test]
 fn planted_overlong_lease_is_caught() {
-    let mut cfg = SimConfig::new(6032);
+    let mut cfg = SimConfig::new(5110);
     cfg.operations = 1500;
     cfg.fault_phase_ms = cfg.fault_phase_ms.max(1500 * 20);
     assert_planted_bug_is_caught(PlantedBugs { lease_too_long: true, ..Default::default() }, cfg);
@@ -127,10 +132,10 @@ fn planted_overlong_lease_is_caught() {
 
 /// Compaction that expires records by the node's own clock instead of the applied log's: a replica
 /// replaying or catching up drops a record a later entry still finds alive elsewhere, and replicas
-/// diverge (caught by 39 of 1000 seeds, 1000-1999).
+/// diverge (caught by 11 of 300 seeds, 1000-1299).
 #[test]
 fn planted_expiry_by_local_clock_is_caught() {
-    assert_planted_bug_is_caught(PlantedBugs { expiry_by_local_clock: true, ..Default::default() }, SimConfig::new(1020));
+    assert_planted_bug_is_caught(PlantedBugs { expiry_by_local_clock: true, ..Default::default() }, SimConfig::new(1033));
 }
 
 /// A storage failure at apply answered as an error, the entry counted as applied: that replica
@@ -141,10 +146,10 @@ fn planted_storage_failure_as_answer_is_caught() {
 }
 
 /// A snapshot cut short in transfer handed to raft unchecked: the replica installs a partial state
-/// machine (caught by 9 of 1000 seeds, 1000-1999).
+/// machine (caught by 8 of 1000 seeds, 1000-1999).
 #[test]
 fn planted_unverified_snapshot_is_caught() {
-    assert_planted_bug_is_caught(PlantedBugs { unverified_snapshot: true, ..Default::default() }, SimConfig::new(1183));
+    assert_planted_bug_is_caught(PlantedBugs { unverified_snapshot: true, ..Default::default() }, SimConfig::new(1034));
 }
 
 /// Replays one seed with its full report: `TERN_SIM_SEED=N cargo nextest run -p tern-sim --run-ignored

@@ -92,9 +92,9 @@ impl RaftService {
         RaftService { node_id, cluster_id, store, receive_dir }
     }
 
-    fn deliver(&self, envelope: tern_proto::RaftEnvelope, snapshot_dir: Option<PathBuf>) -> Result<(), Status> {
-        // Every envelope names its cluster, and only this node's cluster is let in (a node that does
-        // not know its cluster yet takes no raft messages).
+    /// Whether an envelope may come in: every envelope names its cluster, and only this node's
+    /// cluster is let in (a node that does not know its cluster yet takes no raft messages).
+    fn admit(&self, envelope: &tern_proto::RaftEnvelope) -> Result<(), Status> {
         let mine = self.cluster_id.load(Ordering::Relaxed);
         if mine == 0 || envelope.cluster_id != mine {
             return Err(Status::failed_precondition(format!("this node belongs to cluster {mine:x}, not {:x}", envelope.cluster_id)));
@@ -102,6 +102,11 @@ impl RaftService {
         if envelope.to_node != self.node_id {
             return Err(Status::failed_precondition(format!("this is node {}, not {}", self.node_id, envelope.to_node)));
         }
+        Ok(())
+    }
+
+    fn deliver(&self, envelope: tern_proto::RaftEnvelope, snapshot_dir: Option<PathBuf>) -> Result<(), Status> {
+        self.admit(&envelope)?;
         let message = raft::eraftpb::Message::parse_from_bytes(&envelope.message)
             .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
         self.store.send(StoreMsg::Raft { group: GroupId(envelope.group_id), message, snapshot_dir });
@@ -135,6 +140,10 @@ impl Raft for RaftService {
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         let envelope = first.envelope.ok_or_else(|| Status::invalid_argument("snapshot stream must start with its raft message"))?;
+        self.admit(&envelope)?; // before a byte of it is written to disk
+        let manifest = tern_raft::snapshot::Manifest {
+            files: first.manifest.iter().map(|f| tern_raft::snapshot::FileEntry { name: f.name.clone(), size: f.size, crc32: f.crc32 }).collect(),
+        };
         let dir = self.receive_dir.join(format!("{}-{}-{}", envelope.group_id, envelope.from_node, rand::random::<u64>()));
         let io = |e: std::io::Error| Status::internal(format!("write received snapshot: {e}"));
         tokio::fs::create_dir_all(&dir).await.map_err(io)?;
@@ -165,7 +174,8 @@ impl Raft for RaftService {
             Ok(()) => {
                 let d = dir.clone();
                 tokio::task::spawn_blocking(move || {
-                    tern_raft::snapshot::verify(&d)?;
+                    manifest.write_into(&d)?;
+                    tern_raft::snapshot::verify(&d, tern_raft::snapshot::Check::Checksums)?;
                     tern_core::files::sync_directory(&d).map_err(|e| tern_core::TernError::Internal(format!("sync {}: {e}", d.display())))
                 })
                 .await
@@ -174,11 +184,10 @@ impl Raft for RaftService {
             }
             Err(e) => Err(e),
         };
-        if let Err(e) = checked {
+        if let Err(e) = checked.and_then(|()| self.deliver(envelope, Some(dir.clone()))) {
             let _ = tokio::fs::remove_dir_all(&dir).await;
             return Err(e);
         }
-        self.deliver(envelope, Some(dir))?;
         Ok(Response::new(Done {}))
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tern_core::limits::{GRPC_MESSAGE_BYTES_MAX, RAFT_BATCH_BYTES_MAX};
 use tern_core::{GroupId, NodeId};
 use tern_proto::raft_client::RaftClient;
-use tern_proto::{RaftBatch, RaftEnvelope, SnapshotChunk};
+use tern_proto::{RaftBatch, RaftEnvelope, SnapshotChunk, SnapshotFile};
 use tern_raft::replica::OutMessage;
 use tern_raft::store::{StoreHandle, StoreMsg, Transport};
 use tokio::sync::mpsc;
@@ -189,9 +189,15 @@ async fn send_snapshot(
 async fn feed_snapshot(dir: &Path, envelope: RaftEnvelope, tx: mpsc::Sender<SnapshotChunk>, bytes_per_second: u64) -> std::io::Result<()> {
     use tokio::io::AsyncReadExt;
     let closed = || std::io::Error::other("receiver closed the stream");
-    tx.send(SnapshotChunk { envelope: Some(envelope), ..Default::default() }).await.map_err(|_| closed())?;
-    let mut names: Vec<String> = std::fs::read_dir(dir)?.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).collect();
-    names.sort();
+    // The manifest goes first: the receiver installs nothing that does not match it.
+    let source = dir.to_path_buf();
+    let manifest = tokio::task::spawn_blocking(move || tern_raft::snapshot::Manifest::of_dir(&source))
+        .await
+        .map_err(std::io::Error::other)?
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let files: Vec<SnapshotFile> = manifest.files.iter().map(|f| SnapshotFile { name: f.name.clone(), size: f.size, crc32: f.crc32 }).collect();
+    let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+    tx.send(SnapshotChunk { envelope: Some(envelope), manifest: files, ..Default::default() }).await.map_err(|_| closed())?;
     let started = tokio::time::Instant::now();
     let mut sent: u64 = 0;
     for name in names {
@@ -206,7 +212,7 @@ async fn feed_snapshot(dir: &Path, envelope: RaftEnvelope, tx: mpsc::Sender<Snap
             if bytes_per_second > 0 {
                 tokio::time::sleep_until(started + Duration::from_secs_f64(sent as f64 / bytes_per_second as f64)).await;
             }
-            let chunk = SnapshotChunk { envelope: None, file_name: name.clone(), data: data.into(), file_done: remaining == 0 };
+            let chunk = SnapshotChunk { file_name: name.clone(), data: data.into(), file_done: remaining == 0, ..Default::default() };
             tx.send(chunk).await.map_err(|_| closed())?;
             if remaining == 0 {
                 break;
