@@ -11,3 +11,12 @@ pub mod checker;
 pub mod world;
 
 pub use world::{run, SimConfig, SimReport};
+
+/// A sweep fails if the checker could not decide (its search budget ran out) for more than this
+/// share of its histories: a checker that gives up often proves nothing.
+pub const UNDECIDED_SHARE_MAX: f64 = 0.01;
+
+/// Whether a sweep's undecided histories stay within `UNDECIDED_SHARE_MAX`.
+pub fn undecided_within_limit(undecided: usize, histories: usize) -> bool {
+    undecided as f64 <= UNDECIDED_SHARE_MAX * histories as f64
+}

@@ -499,7 +499,15 @@ fn sim_sweep(first: u64, count: u64, jobs: usize, config: impl Fn(u64) -> tern_s
                 if !report.ok() {
                     eprint!("{}", report.describe());
                 }
-                results.lock().expect("results lock").push((seed, report.ok(), report.operations, report.virtual_ms, report.unknown_outcomes));
+                let undecided = matches!(report.verdict, tern_sim::checker::Verdict::Unknown { .. });
+                results.lock().expect("results lock").push((
+                    seed,
+                    report.ok(),
+                    report.operations,
+                    report.virtual_ms,
+                    report.unknown_outcomes,
+                    undecided,
+                ));
             });
         }
     });
@@ -508,14 +516,17 @@ fn sim_sweep(first: u64, count: u64, jobs: usize, config: impl Fn(u64) -> tern_s
     let operations: usize = results.iter().map(|r| r.2).sum();
     let unknown: usize = results.iter().map(|r| r.4).sum();
     let simulated_hours = results.iter().map(|r| r.3).sum::<u64>() as f64 / 3_600_000.0;
+    let undecided = results.iter().filter(|r| r.5).count();
+    let decided_enough = tern_sim::undecided_within_limit(undecided, results.len());
     println!(
-        "seeds run: {}\nsimulated hours: {simulated_hours:.2}\noperations checked: {operations} ({unknown} with unknown outcome)\nfailures: {}{}\nwall time: {:.1} s",
+        "seeds run: {}\nsimulated hours: {simulated_hours:.2}\noperations checked: {operations} ({unknown} with unknown outcome)\nhistories the checker could not decide: {undecided}{}\nfailures: {}{}\nwall time: {:.1} s",
         results.len(),
+        if decided_enough { String::new() } else { format!(" (more than {:.0}%: the sweep fails)", tern_sim::UNDECIDED_SHARE_MAX * 100.0) },
         failed.len(),
         if failed.is_empty() { String::new() } else { format!(" (seeds {failed:?})") },
         started.elapsed().as_secs_f64()
     );
-    failed.is_empty()
+    failed.is_empty() && decided_enough
 }
 
 async fn interactive(mut sh: shell::Shell) -> anyhow::Result<()> {
