@@ -33,6 +33,8 @@ const TICK_MS: u64 = 100;
 const ATTEMPT_TIMEOUT_MS: u64 = 1_000;
 /// A client gives up on an operation after this long (outcome unknown for writes).
 const OPERATION_DEADLINE_MS: u64 = 5_000;
+/// (node, applied index, checksum) of one replica.
+type ReplicaSum = (NodeId, u64, u64);
 /// Settling rounds (5 s of virtual time each) replicas get to agree after the run.
 const SETTLE_ROUNDS_MAX: u32 = 4;
 
@@ -1463,8 +1465,8 @@ impl World {
 
     /// Groups whose replicas (the voters meta lists, or every node without meta) differ in applied
     /// index or contents, with (node, applied index, checksum) of each replica.
-    fn replica_differences(&mut self) -> Vec<(u64, Vec<(NodeId, u64, u64)>)> {
-        let mut by_group: BTreeMap<u64, Vec<(NodeId, u64, u64)>> = BTreeMap::new();
+    fn replica_differences(&mut self) -> Vec<(u64, Vec<ReplicaSum>)> {
+        let mut by_group: BTreeMap<u64, Vec<ReplicaSum>> = BTreeMap::new();
         for i in 0..self.nodes.len() {
             for p in 0..self.cfg.partitions {
                 let group = GroupId::new(TABLE_ID, p);
