@@ -162,8 +162,20 @@ impl MetaService {
         }
     }
 
-    /// Writes the catalog through raft; returns once a majority has it and it is applied.
+    /// Writes the catalog through raft; returns once a majority has it and it is applied. A write
+    /// whose outcome is unknown (it timed out, but may still commit) leaves the catalog in memory
+    /// untrustworthy: this node stops answering until it has read the catalog back through raft
+    /// (`follow_leadership` reloads it), so no later change is computed on a stale copy and then
+    /// written over the late one.
     async fn persist(&self, catalog: &Catalog) -> Result<(), TernError> {
+        let r = self.persist_once(catalog).await;
+        if r.is_err() {
+            self.leader.store(false, Ordering::SeqCst);
+        }
+        r
+    }
+
+    async fn persist_once(&self, catalog: &Catalog) -> Result<(), TernError> {
         let value = serde_json::to_vec(catalog).expect("serialize catalog");
         let request = WriteRequest {
             partition: catalog_ref(),
