@@ -3,7 +3,9 @@
 //! Owns: the raft-rs glue (`replica`: RawNode, Ready handling in raft-rs's documented order, proposals,
 //! ReadIndex reads, snapshots, log compaction), raft log storage (`log_store`: the `LogStore` trait,
 //! raft-engine and in-memory implementations, `PeerStorage`), the deterministic state machine
-//! (`apply`, `read`, `keys`), and the store (`store`: mailbox, rounds, group commit, `Transport` trait).
+//! (`apply`, `read`, `keys`), snapshot manifests and their checks (`snapshot`), and the store (`store`:
+//! mailbox, rounds, group commit, `Transport` trait, replica lifecycle: crash-safe destroy, reopening
+//! replicas stopped by storage failures).
 //!
 //! Must not depend on tonic, tokio or any network code: the world is reached through `Transport`,
 //! `LogStore`, `tern_engine::EngineFactory` and `tern_core::time::Clock`, so the simulator can drive
