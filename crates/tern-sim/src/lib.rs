@@ -4,8 +4,9 @@
 //! injection, clients driven by tern-client's routing and retry decisions) and the linearizability
 //! checker (`checker`). The production code under test is reached only through its seams:
 //! `tern_raft::store::{Store, Transport}`, `tern_raft::log_store::MemoryLogStore`,
-//! `tern_engine::MemoryEngineFactory`, `tern_core::time::Clock`. Must not be depended on by production
-//! crates.
+//! `tern_engine::MemoryEngineFactory`, `tern_core::time::Clock`. The `tern-sim` binary runs sweeps and
+//! replays seeds. Must not be depended on by production crates (the tern binary's fault tests use the
+//! checker as a dev-dependency).
 
 pub mod checker;
 pub mod world;

@@ -123,30 +123,6 @@ enum Command {
         #[arg(short = 'e', long = "execute")]
         execute: Option<String>,
     },
-    /// Deterministic simulation: a whole cluster in one thread under injected faults, checked for
-    /// linearizability and invariants. One seed replays bit for bit.
-    Sim {
-        /// Run only this seed and print its full report.
-        #[arg(long)]
-        seed: Option<u64>,
-        /// How many seeds to run (from --first-seed on).
-        #[arg(long, default_value_t = 200)]
-        seeds: u64,
-        #[arg(long, default_value_t = 1000)]
-        first_seed: u64,
-        /// Worker threads.
-        #[arg(long, default_value_t = 2)]
-        jobs: usize,
-        /// Client operations per seed.
-        #[arg(long, default_value_t = 500)]
-        operations: usize,
-        /// Run without injected faults.
-        #[arg(long)]
-        no_faults: bool,
-        /// Four nodes with meta's scheduler replacing lost replicas, balancing and moving leaders.
-        #[arg(long)]
-        scheduler: bool,
-    },
     /// YCSB-style load generator: load then run phases, HDR latency percentiles per operation.
     Bench {
         /// tern (native client), redis (RESP: redis-server or a tern proxy) or etcd (v3 gRPC).
@@ -353,34 +329,6 @@ async fn main() -> anyhow::Result<()> {
                 None => interactive(sh).await?,
             }
         }
-        Command::Sim { seed, seeds, first_seed, jobs, operations, no_faults, scheduler } => {
-            if jobs == 0 || jobs > 256 {
-                bail!("--jobs must be between 1 and 256");
-            }
-            if operations == 0 {
-                bail!("--operations must be positive");
-            }
-            let config = move |seed: u64| {
-                let mut cfg = if scheduler { tern_sim::SimConfig::with_scheduler(seed) } else { tern_sim::SimConfig::new(seed) };
-                cfg.operations = operations;
-                cfg.faults = !no_faults;
-                // Keep faults coming for as long as the workload runs.
-                cfg.fault_phase_ms = cfg.fault_phase_ms.max(operations as u64 * 20);
-                cfg
-            };
-            if let Some(seed) = seed {
-                let report = tern_sim::run(config(seed));
-                print!("{}", report.describe());
-                if !report.ok() {
-                    std::process::exit(1);
-                }
-                return Ok(());
-            }
-            let summary = sim_sweep(first_seed, seeds, jobs, config);
-            if !summary {
-                std::process::exit(1);
-            }
-        }
         Command::Bench {
             backend,
             target,
@@ -479,54 +427,6 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Runs seeds on worker threads and prints a summary; returns whether every seed passed.
-fn sim_sweep(first: u64, count: u64, jobs: usize, config: impl Fn(u64) -> tern_sim::SimConfig + Sync) -> bool {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Mutex;
-    let next = AtomicU64::new(first);
-    let results = Mutex::new(Vec::new());
-    let started = std::time::Instant::now();
-    std::thread::scope(|scope| {
-        for _ in 0..jobs {
-            scope.spawn(|| loop {
-                let seed = next.fetch_add(1, Ordering::SeqCst);
-                if seed >= first + count {
-                    return;
-                }
-                let report = tern_sim::run(config(seed));
-                if !report.ok() {
-                    eprint!("{}", report.describe());
-                }
-                let undecided = matches!(report.verdict, tern_sim::checker::Verdict::Unknown { .. });
-                results.lock().expect("results lock").push((
-                    seed,
-                    report.ok(),
-                    report.operations,
-                    report.virtual_ms,
-                    report.unknown_outcomes,
-                    undecided,
-                ));
-            });
-        }
-    });
-    let results = results.into_inner().expect("results lock");
-    let failed: Vec<u64> = results.iter().filter(|r| !r.1).map(|r| r.0).collect();
-    let operations: usize = results.iter().map(|r| r.2).sum();
-    let unknown: usize = results.iter().map(|r| r.4).sum();
-    let simulated_hours = results.iter().map(|r| r.3).sum::<u64>() as f64 / 3_600_000.0;
-    let undecided = results.iter().filter(|r| r.5).count();
-    let decided_enough = tern_sim::undecided_within_limit(undecided, results.len());
-    println!(
-        "seeds run: {}\nsimulated hours: {simulated_hours:.2}\noperations checked: {operations} ({unknown} with unknown outcome)\nhistories the checker could not decide: {undecided}{}\nfailures: {}{}\nwall time: {:.1} s",
-        results.len(),
-        if decided_enough { String::new() } else { format!(" (more than {:.0}%: the sweep fails)", tern_sim::UNDECIDED_SHARE_MAX * 100.0) },
-        failed.len(),
-        if failed.is_empty() { String::new() } else { format!(" (seeds {failed:?})") },
-        started.elapsed().as_secs_f64()
-    );
-    failed.is_empty() && decided_enough
 }
 
 async fn interactive(mut sh: shell::Shell) -> anyhow::Result<()> {

@@ -1,0 +1,120 @@
+//! `tern-sim`: runs simulation seeds from the command line (a sweep, a soak, or one seed replayed
+//! with its full report). A binary of its own, so the `tern` binary that runs servers does not link
+//! the simulator.
+
+use clap::Parser;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+#[derive(Parser)]
+#[command(name = "tern-sim", about = "Deterministic simulation of a Tern cluster under faults, checked for linearizability and invariants")]
+struct Cli {
+    /// Run only this seed and print its full report.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// How many seeds to run (from --first-seed on).
+    #[arg(long, default_value_t = 200)]
+    seeds: u64,
+    #[arg(long, default_value_t = 1000)]
+    first_seed: u64,
+    /// Worker threads.
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
+    /// Client operations per seed.
+    #[arg(long, default_value_t = 500)]
+    operations: usize,
+    /// Run without injected faults.
+    #[arg(long)]
+    no_faults: bool,
+    /// Four nodes with meta's scheduler replacing lost replicas, balancing and moving leaders.
+    #[arg(long)]
+    scheduler: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.jobs == 0 || cli.jobs > 256 {
+        eprintln!("--jobs must be between 1 and 256");
+        return ExitCode::from(2);
+    }
+    if cli.operations == 0 {
+        eprintln!("--operations must be positive");
+        return ExitCode::from(2);
+    }
+    let (scheduler, operations, faults) = (cli.scheduler, cli.operations, !cli.no_faults);
+    let config = move |seed: u64| {
+        let mut cfg = if scheduler { tern_sim::SimConfig::with_scheduler(seed) } else { tern_sim::SimConfig::new(seed) };
+        cfg.operations = operations;
+        cfg.faults = faults;
+        // Keep faults coming for as long as the workload runs.
+        cfg.fault_phase_ms = cfg.fault_phase_ms.max(operations as u64 * 20);
+        cfg
+    };
+    if let Some(seed) = cli.seed {
+        let report = tern_sim::run(config(seed));
+        print!("{}", report.describe());
+        return if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+    }
+    if sweep(cli.first_seed, cli.seeds, cli.jobs, config) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Runs seeds on worker threads and prints a summary; returns whether every seed passed and the
+/// checker decided enough histories.
+fn sweep(first: u64, count: u64, jobs: usize, config: impl Fn(u64) -> tern_sim::SimConfig + Sync) -> bool {
+    struct Outcome {
+        seed: u64,
+        ok: bool,
+        operations: usize,
+        virtual_ms: u64,
+        unknown: usize,
+        undecided: bool,
+    }
+    let next = AtomicU64::new(first);
+    let outcomes = Mutex::new(Vec::new());
+    let started = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            scope.spawn(|| loop {
+                let seed = next.fetch_add(1, Ordering::SeqCst);
+                if seed >= first + count {
+                    return;
+                }
+                let report = tern_sim::run(config(seed));
+                if !report.ok() {
+                    eprint!("{}", report.describe());
+                }
+                let undecided = matches!(report.verdict, tern_sim::checker::Verdict::Unknown { .. });
+                let outcome = Outcome {
+                    seed,
+                    ok: report.ok(),
+                    operations: report.operations,
+                    virtual_ms: report.virtual_ms,
+                    unknown: report.unknown_outcomes,
+                    undecided,
+                };
+                outcomes.lock().expect("outcomes lock").push(outcome);
+            });
+        }
+    });
+    let outcomes = outcomes.into_inner().expect("outcomes lock");
+    let failed: Vec<u64> = outcomes.iter().filter(|o| !o.ok).map(|o| o.seed).collect();
+    let operations: usize = outcomes.iter().map(|o| o.operations).sum();
+    let unknown: usize = outcomes.iter().map(|o| o.unknown).sum();
+    let simulated_hours = outcomes.iter().map(|o| o.virtual_ms).sum::<u64>() as f64 / 3_600_000.0;
+    let undecided = outcomes.iter().filter(|o| o.undecided).count();
+    let decided_enough = tern_sim::undecided_within_limit(undecided, outcomes.len());
+    println!(
+        "seeds run: {}\nsimulated hours: {simulated_hours:.2}\noperations checked: {operations} ({unknown} with unknown outcome)\nhistories the checker could not decide: {undecided}{}\nfailures: {}{}\nwall time: {:.1} s",
+        outcomes.len(),
+        if decided_enough { String::new() } else { format!(" (more than {:.0}%: the sweep fails)", tern_sim::UNDECIDED_SHARE_MAX * 100.0) },
+        failed.len(),
+        if failed.is_empty() { String::new() } else { format!(" (seeds {failed:?})") },
+        started.elapsed().as_secs_f64()
+    );
+    failed.is_empty() && decided_enough
+}
