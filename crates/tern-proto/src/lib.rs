@@ -1,11 +1,12 @@
-//! Generated protobuf and gRPC types for proto/tern.proto, plus conversions between wire errors and
-//! `tern_core::TernError`.
+//! Generated protobuf types for proto/tern.proto, and with the "grpc" feature its gRPC clients and
+//! servers, plus conversions between wire errors and `tern_core::TernError`.
 //!
-//! Owns: the wire format. Must not contain logic beyond conversions; depends only on tern-core.
+//! Owns: the wire format. Must not contain logic beyond conversions; depends only on tern-core (and,
+//! with "grpc", tonic).
 
 #[allow(clippy::all)]
 mod generated {
-    tonic::include_proto!("tern");
+    include!(concat!(env!("OUT_DIR"), "/tern.rs"));
 }
 pub use generated::*;
 
@@ -42,6 +43,7 @@ pub fn check(error: &Option<Error>) -> Result<(), TernError> {
 }
 
 /// A gRPC transport failure as a Tern error: the server may or may not have seen the request.
+#[cfg(feature = "grpc")]
 pub fn from_status(status: &tonic::Status) -> TernError {
     match status.code() {
         tonic::Code::InvalidArgument | tonic::Code::OutOfRange => TernError::invalid(status.message()),
