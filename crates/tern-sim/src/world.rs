@@ -33,6 +33,8 @@ const TICK_MS: u64 = 100;
 const ATTEMPT_TIMEOUT_MS: u64 = 1_000;
 /// A client gives up on an operation after this long (outcome unknown for writes).
 const OPERATION_DEADLINE_MS: u64 = 5_000;
+/// Sessions sharing one client identity (several writes of one client id in flight at once).
+const SESSIONS_PER_CLIENT: usize = 2;
 /// (node, applied index, checksum) of one replica.
 type ReplicaSum = (NodeId, u64, u64);
 /// Settling rounds (5 s of virtual time each) replicas get to agree after the run.
@@ -413,9 +415,20 @@ struct Pending {
     node: NodeId,
 }
 
-struct SimClient {
+/// A client identity (client id and sequence numbers) shared by several sessions, as one proxy's
+/// or one application's client is shared by its connections: several of its writes are in flight at
+/// once, and the floor each carries must never pass another's sequence number.
+struct ClientIdentity {
     client_id: u64,
     next_seq: u64,
+    /// Sequence numbers of this identity's writes still in flight.
+    inflight: BTreeSet<u64>,
+}
+
+/// One session of a client: one operation at a time.
+struct SimClient {
+    /// Index into the world's identities.
+    identity: usize,
     rng: SeededRandom,
     leaders: LeaderTable,
     pending: Option<Pending>,
@@ -426,6 +439,7 @@ struct SimClient {
 
 pub struct World {
     cfg: SimConfig,
+    identities: Vec<ClientIdentity>,
     shared: SharedRef,
     now: Arc<AtomicU64>,
     _root: tempfile::TempDir,
@@ -523,8 +537,7 @@ impl World {
         let replicas: Vec<NodeId> = (1..=cfg.nodes as u64).collect();
         let clients = (0..cfg.clients)
             .map(|i| SimClient {
-                client_id: 1000 + i as u64,
-                next_seq: 1,
+                identity: i / SESSIONS_PER_CLIENT,
                 rng: SeededRandom::new(cfg.seed ^ (0xC11E47 + i as u64)),
                 leaders: LeaderTable::new((0..cfg.partitions).map(|p| (replicas.clone(), 1 + (p as u64 % cfg.nodes as u64))).collect()),
                 pending: None,
@@ -532,7 +545,18 @@ impl World {
                 finished: false,
             })
             .collect();
+        // Sequence numbers start a little below a multiple of the exactly-once GC chunk, so every run
+        // moves client floors (and removes remembered results) while other writes are in flight.
+        let mut seq_rng = SeededRandom::new(cfg.seed ^ 0x5E0);
+        let identities = (0..cfg.clients.div_ceil(SESSIONS_PER_CLIENT))
+            .map(|i| ClientIdentity {
+                client_id: 1000 + i as u64,
+                next_seq: tern_raft::apply::DEDUP_GC_CHUNK * (1 + i as u64) - seq_rng.range(10, 200),
+                inflight: BTreeSet::new(),
+            })
+            .collect();
         let mut world = World {
+            identities,
             cfg,
             shared,
             now,
@@ -1273,8 +1297,10 @@ impl World {
         };
         let now = self.now.load(Ordering::SeqCst);
         let c = &mut self.clients[client];
-        let seq = c.next_seq;
-        c.next_seq += 1;
+        let identity = &mut self.identities[c.identity];
+        let seq = identity.next_seq;
+        identity.next_seq += 1;
+        identity.inflight.insert(seq);
         c.pending = Some(Pending { hashkey, input, started: now, attempts: 0, attempt: 0, seq, node: 0 });
         self.send_attempt(client);
     }
@@ -1284,7 +1310,10 @@ impl World {
         let attempt = self.next_attempt;
         let partitions = self.cfg.partitions;
         let c = &mut self.clients[client];
-        let client_id = c.client_id;
+        let identity = &self.identities[c.identity];
+        let client_id = identity.client_id;
+        // As the real client: the lowest sequence number still in flight for this identity.
+        let first_incomplete_seq = identity.inflight.first().copied().unwrap_or(0);
         let p = c.pending.as_mut().expect("pending operation");
         let partition = partition_of(&p.hashkey, partitions);
         let node = c.leaders.leader(partition);
@@ -1295,7 +1324,7 @@ impl World {
         let bytes = |b: &[u8]| bytes::Bytes::copy_from_slice(b);
         let hk = bytes(&p.hashkey);
         let ttl_seconds = if p.hashkey == TTL_HASHKEY { 1 + (p.seq % 3) as u32 } else { 0 };
-        let write = |op| Request::Write(group, WriteRequest { partition: pref, client_id, seq: p.seq, first_incomplete_seq: p.seq, op: Some(op) });
+        let write = |op| Request::Write(group, WriteRequest { partition: pref, client_id, seq: p.seq, first_incomplete_seq, op: Some(op) });
         let read = |op| Request::Read(group, ReadRequest { partition: pref, allow_stale: false, op: Some(op) });
         let request = match &p.input {
             Input::Get { sortkey } => {
@@ -1403,6 +1432,7 @@ impl World {
         let now = self.now.load(Ordering::SeqCst);
         let c = &mut self.clients[client];
         let p = c.pending.take().expect("pending operation");
+        self.identities[c.identity].inflight.remove(&p.seq);
         let is_read = matches!(p.input, Input::Get { .. } | Input::MultiGet { .. });
         if (output.is_some() || !is_read) && p.hashkey != TTL_HASHKEY {
             self.history.push(Operation { client: client as u64, hashkey: p.hashkey, input: p.input, output, call: p.started, ret: now });
