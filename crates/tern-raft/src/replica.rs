@@ -209,6 +209,15 @@ pub struct Replica {
     synced_index: u64,
 }
 
+/// Opens a replica's state machine, with the planted bug that concerns it when a test asks for it.
+fn open_state_machine(engine: Box<dyn tern_engine::KvEngine>, initial: ApplyState, planted: &PlantedBugs) -> Result<StateMachine, TernError> {
+    let mut sm = StateMachine::open(engine, initial)?;
+    if planted.expiry_by_local_clock {
+        sm.plant_expiry_by_local_clock();
+    }
+    Ok(sm)
+}
+
 fn fatal(group: GroupId, what: &str, e: impl std::fmt::Display) -> ! {
     // Storage failures leave raft state unknowable: stop rather than risk serving wrong data.
     panic!("replica {group}: {what}: {e}");
@@ -237,7 +246,7 @@ impl Replica {
             }
             None => ApplyState::default(),
         };
-        let sm = StateMachine::open(engine, initial_state)?;
+        let sm = open_state_machine(engine, initial_state, &cfg.planted)?;
         let applied = sm.state().clone();
         let initial_pos = (applied.applied_index, applied.applied_term);
         let mut storage = PeerStorage::open(group.0, log.clone(), applied.conf_state.clone(), initial_pos)?;
@@ -279,10 +288,6 @@ impl Replica {
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let raw = RawNode::new(&config, storage, &logger).map_err(|e| TernError::Internal(format!("raft: {e}")))?;
         std::fs::create_dir_all(&snapshot_dir).map_err(|e| TernError::Internal(e.to_string()))?;
-        let mut sm = sm;
-        if cfg.planted.expiry_by_local_clock {
-            sm.plant_expiry_by_local_clock();
-        }
         Ok(Replica {
             group,
             peer_id: meta.peer_id,
@@ -519,9 +524,7 @@ impl Replica {
     /// Queues a read. Stale reads are answered at once from local state; linearizable reads wait for
     /// a read index (one per batch of reads) and for apply to reach it.
     pub fn read(&mut self, request: ReadRequest, now_unix_ms: u64, now: Duration, callback: ReadCallback) {
-        // Never before the log's clock: what the state machine (and compaction) already treats as
-        // expired must read as expired, whatever this node's clock says.
-        let now_unix_ms = now_unix_ms.max(self.sm.state().stamp_ms);
+        let now_unix_ms = self.read_time(now_unix_ms);
         if self.failure.is_some() {
             return callback(ReadResponse { error: Some(self.unavailable().into()), ..Default::default() });
         }
@@ -670,9 +673,21 @@ impl Replica {
         // Staggered by group, so a node's replicas do not all sync in the same round.
         let due = (self.ticks + self.group.0).is_multiple_of(self.cfg.expiry_sync_interval_ticks);
         if due && self.sm.state().applied_index > self.synced_index {
-            self.synced_index = self.sm.state().applied_index;
-            if let Err(e) = self.sm.sync() {
+            self.sync_engine();
+        }
+    }
+
+    /// Syncs the engine (see `StateMachine::sync`); a failure stops the replica. Returns whether it
+    /// synced.
+    fn sync_engine(&mut self) -> bool {
+        match self.sm.sync() {
+            Ok(()) => {
+                self.synced_index = self.sm.state().applied_index;
+                true
+            }
+            Err(e) => {
                 self.fail(StorageFailure(e));
+                false
             }
         }
     }
@@ -694,8 +709,8 @@ impl Replica {
             return;
         }
         // The engine must hold everything below the new log start durably before the log goes.
-        if let Err(e) = self.sm.sync() {
-            return self.fail(StorageFailure(e));
+        if !self.sync_engine() {
+            return;
         }
         if let Err(e) = self.raw.mut_store().compact_to(target, &mut self.pending_log) {
             fatal(self.group, "compact log", e);
@@ -876,16 +891,13 @@ impl Replica {
             Ok(e) => e,
             Err(e) => return self.fail(StorageFailure(crate::apply::engine_error(e))),
         };
-        let mut sm = match StateMachine::open(engine, ApplyState::default()) {
+        let sm = match open_state_machine(engine, ApplyState::default(), &self.cfg.planted) {
             Ok(sm) => sm,
             Err(e) => return self.fail(StorageFailure(e)),
         };
         if sm.state().applied_index != meta.index {
             let found = sm.state().applied_index;
             return self.fail(StorageFailure(TernError::Corruption(format!("snapshot {key:?} holds a state machine at index {found}"))));
-        }
-        if self.cfg.planted.expiry_by_local_clock {
-            sm.plant_expiry_by_local_clock();
         }
         // Our proposals the snapshot covers may or may not be in it (committed by another leader,
         // or overwritten): their outcome is unknown, not "did not happen".
@@ -1017,7 +1029,7 @@ impl Replica {
 
     fn serve_reads(&mut self, now_unix_ms: u64) {
         let applied = self.sm.state().applied_index;
-        let now_unix_ms = now_unix_ms.max(self.sm.state().stamp_ms);
+        let now_unix_ms = self.read_time(now_unix_ms);
         while self.read_batches.front().is_some_and(|b| b.index.is_some_and(|i| i <= applied)) {
             let batch = self.read_batches.pop_front().expect("front exists");
             for (request, callback) in batch.reads {
@@ -1053,11 +1065,16 @@ impl Replica {
         }
     }
 
+    /// The time reads (and checksums) look at: never before the log's clock. What the state machine
+    /// already treats as expired may or may not have been compacted away yet; it must read as expired
+    /// either way, whatever this node's clock says.
+    fn read_time(&self, now_unix_ms: u64) -> u64 {
+        now_unix_ms.max(self.sm.state().stamp_ms)
+    }
+
     /// (applied index, checksum, record count) of the replica's contents.
     pub fn checksum(&self, now_unix_ms: u64) -> Result<(u64, u64, u64), TernError> {
-        // At the log's clock at least, as reads: what it already expired may or may not have been
-        // compacted away yet, and must not count either way.
-        let (sum, count) = checksum(self.sm.engine(), now_unix_ms.max(self.sm.state().stamp_ms))?;
+        let (sum, count) = checksum(self.sm.engine(), self.read_time(now_unix_ms))?;
         Ok((self.sm.state().applied_index, sum, count))
     }
 

@@ -138,24 +138,7 @@ impl ProcCluster {
     }
 
     pub async fn create_table(&self, name: &str, partitions: u32) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let n = name.to_string();
-            let r =
-                self.client
-                    .meta_call(|mut m| {
-                        let name = n.clone();
-                        async move {
-                            m.create_table(CreateTableRequest { name, partition_count: partitions, replica_count: 3 }).await.map(|r| r.into_inner())
-                        }
-                    })
-                    .await;
-            match r.map(|r| tern_proto::check(&r.error)) {
-                Ok(Ok(())) => break,
-                Ok(Err(TernError::NotEnoughNodes(_))) | Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
-                other => panic!("create table: {other:?}"),
-            }
-        }
+        create_table_once_servers_are_live(&self.client, name, partitions).await;
         // Wait until every partition accepts a write.
         let t = self.client.table(name);
         for p in 0..partitions {
@@ -197,6 +180,26 @@ impl ProcCluster {
             out.insert(p.index, sums);
         }
         Ok(out)
+    }
+}
+
+/// Creates a table with three replicas, retrying while meta is starting or not enough servers have
+/// heartbeated yet (up to a minute).
+pub async fn create_table_once_servers_are_live(client: &Client, name: &str, partitions: u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = name.to_string();
+        let r = client
+            .meta_call(|mut m| {
+                let name = n.clone();
+                async move { m.create_table(CreateTableRequest { name, partition_count: partitions, replica_count: 3 }).await.map(|r| r.into_inner()) }
+            })
+            .await;
+        match r.map(|r| tern_proto::check(&r.error)) {
+            Ok(Ok(())) => return,
+            Ok(Err(TernError::NotEnoughNodes(_))) | Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+            other => panic!("create table: {other:?}"),
+        }
     }
 }
 
