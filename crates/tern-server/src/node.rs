@@ -84,6 +84,12 @@ struct NodeIdentity {
     /// 0 in files written before clusters had ids: learned from meta's heartbeat answers.
     #[serde(default)]
     cluster_id: u64,
+    /// The cluster's raft timing, adopted from meta when the node joined (0: not known yet). Kept
+    /// here so that a restart never waits for meta: partitions fail over without it.
+    #[serde(default)]
+    raft_tick_ms: u64,
+    #[serde(default)]
+    election_ticks: u32,
 }
 
 pub struct ServerNode {
@@ -148,55 +154,74 @@ where
     }
 }
 
-/// The cluster's raft timing, which this server adopts; a server configured with other timing is
-/// refused (its read lease would not match its peers' vote refusal).
-async fn adopt_raft_timing(cfg: &mut ServerConfig) -> Result<(), TernError> {
+/// The cluster's raft timing as meta tells it.
+async fn cluster_raft_timing(cfg: &ServerConfig) -> Result<(u64, u32), TernError> {
     let settings = ask_meta(cfg, "tell the cluster's settings", |mut meta| async move {
         let r = meta.get_cluster_settings(ClusterSettingsRequest {}).await.map_err(|s| tern_proto::from_status(&s))?.into_inner();
         tern_proto::check(&r.error)?;
         Ok(r)
     })
     .await?;
-    let tick = Duration::from_millis(settings.raft_tick_ms);
+    if settings.raft_tick_ms == 0 || settings.election_ticks == 0 {
+        return Err(TernError::Internal(format!("meta sent unusable raft timing {settings:?}")));
+    }
+    Ok((settings.raft_tick_ms, settings.election_ticks))
+}
+
+/// Adopts the cluster's raft timing (from the node's identity); a server configured with other
+/// timing is refused (its read lease would not match its peers' vote refusal).
+fn adopt_raft_timing(cfg: &mut ServerConfig, identity: &NodeIdentity) -> Result<(), TernError> {
+    let tick = Duration::from_millis(identity.raft_tick_ms);
     if let Some(mine) = cfg.raft_tick {
         if mine != tick {
             return Err(TernError::invalid(format!(
                 "this server is configured with a raft tick of {} ms but its cluster runs {} ms: every server of a cluster shares the meta's --raft-tick-ms (leave --raft-tick-ms out to adopt it)",
                 mine.as_millis(),
-                settings.raft_tick_ms
+                identity.raft_tick_ms
             )));
         }
     }
-    if tick.is_zero() || settings.election_ticks == 0 {
-        return Err(TernError::Internal(format!("meta sent unusable raft timing {settings:?}")));
-    }
     cfg.store.tick_interval = tick;
-    cfg.store.replica.election_tick = settings.election_ticks as usize;
+    cfg.store.replica.election_tick = identity.election_ticks as usize;
     Ok(())
 }
 
-/// Loads this server's node id and cluster id, or registers with meta for new ones.
+/// Loads this server's identity (node id, cluster id, the cluster's raft timing), or registers with
+/// meta for a new one. Meta is asked only for what the file does not hold yet.
 async fn node_identity(cfg: &ServerConfig, address: &str) -> Result<NodeIdentity, TernError> {
     let path = cfg.data_dir.join("node.json");
-    if path.exists() {
+    // Durably (file and directory synced), at once after registering: a node that forgot its
+    // identity would register again as a new node while its replicas' peers still count on the old one.
+    let save = |identity: &NodeIdentity| {
+        tern_core::files::write_file_atomically(&path, &serde_json::to_vec(identity).expect("serialize")).map_err(internal("write node.json"))
+    };
+    let mut identity = if path.exists() {
         let bytes = std::fs::read(&path).map_err(internal("read node.json"))?;
-        let id: NodeIdentity = serde_json::from_slice(&bytes).map_err(|e| TernError::Corruption(format!("{}: {e}", path.display())))?;
-        return Ok(id);
+        serde_json::from_slice(&bytes).map_err(|e| TernError::Corruption(format!("{}: {e}", path.display())))?
+    } else {
+        let identity = register(cfg, address).await?;
+        save(&identity)?;
+        identity
+    };
+    if identity.raft_tick_ms == 0 || identity.election_ticks == 0 {
+        (identity.raft_tick_ms, identity.election_ticks) = cluster_raft_timing(cfg).await?;
+        save(&identity)?;
     }
+    Ok(identity)
+}
+
+/// Registers this server with meta for a new node id.
+async fn register(cfg: &ServerConfig, address: &str) -> Result<NodeIdentity, TernError> {
     let request = RegisterRequest { address: address.to_string(), zone: cfg.zone.clone(), leader_priority: cfg.leader_priority };
-    let node_id = ask_meta(cfg, "register this server", |mut meta| {
+    ask_meta(cfg, "register this server", |mut meta| {
         let request = request.clone();
         async move {
             let r = meta.register(request).await.map_err(|s| tern_proto::from_status(&s))?.into_inner();
             tern_proto::check(&r.error)?;
-            Ok(NodeIdentity { node_id: r.node_id, cluster_id: r.cluster_id })
+            Ok(NodeIdentity { node_id: r.node_id, cluster_id: r.cluster_id, raft_tick_ms: 0, election_ticks: 0 })
         }
     })
-    .await?;
-    // Durably (file and directory synced): a node that forgot its identity would register again as
-    // a new node while its replicas' peers still count on the old one.
-    tern_core::files::write_file_atomically(&path, &serde_json::to_vec(&node_id).expect("serialize")).map_err(internal("write node.json"))?;
-    Ok(node_id)
+    .await
 }
 
 impl ServerNode {
@@ -207,7 +232,7 @@ impl ServerNode {
         let bound = listener.local_addr().map_err(internal("server address"))?;
         let address = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
         let identity = node_identity(&cfg, &address).await?;
-        adopt_raft_timing(&mut cfg).await?;
+        adopt_raft_timing(&mut cfg, &identity)?;
         let node_id = identity.node_id;
         let cluster_id = Arc::new(std::sync::atomic::AtomicU64::new(identity.cluster_id));
 

@@ -235,3 +235,18 @@ fn hunt_planted_bug() {
     }
     eprintln!("{plant}: caught by seeds {caught:?}");
 }
+
+/// The tern-sim command line refuses settings that cannot work, saying which and why, with exit
+/// status 2; one seed replays with its report and exit status 0.
+#[test]
+fn command_line_checks_its_settings() {
+    let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_tern-sim")).args(args).output().expect("run tern-sim");
+    for (args, says) in [(&["--jobs", "0"][..], "--jobs"), (&["--jobs", "1000"][..], "--jobs"), (&["--operations", "0"][..], "--operations")] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(says), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(run(&["--seeds", "abc"]).status.code(), Some(2), "not a number");
+    let out = run(&["--seed", "1024"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("seed 1024"));
+}

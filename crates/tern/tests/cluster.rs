@@ -1,11 +1,13 @@
 //! Integration tests on a real cluster in this process: one meta server and three replica servers on
 //! loopback with random ports, RocksDB and raft-engine in temporary directories, gRPC between them.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 use tern_client::{Client, ClientConfig, FullScanCursor, ScanOptions, TernError};
 use tern_meta::{MetaConfig, MetaNode};
-use tern_proto::{CheckType, CreateTableRequest};
+use tern_proto::CheckType;
 use tern_server::{ServerConfig, ServerNode};
 
 struct Cluster {
@@ -41,25 +43,7 @@ impl Cluster {
     }
 
     async fn create_table(&self, name: &str, partitions: u32) {
-        for _ in 0..100 {
-            let name = name.to_string();
-            let r =
-                self.client
-                    .meta_call(|mut m| {
-                        let name = name.clone();
-                        async move {
-                            m.create_table(CreateTableRequest { name, partition_count: partitions, replica_count: 3 }).await.map(|r| r.into_inner())
-                        }
-                    })
-                    .await
-                    .unwrap();
-            match tern_proto::check(&r.error) {
-                Ok(()) => return,
-                Err(TernError::NotEnoughNodes(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
-                Err(e) => panic!("create table: {e}"),
-            }
-        }
-        panic!("servers never became live");
+        common::create_table_once_servers_are_live(&self.client, name, partitions).await;
     }
 
     async fn shutdown(self) {
@@ -478,5 +462,27 @@ async fn servers_share_the_cluster_raft_timing() {
     let mut bad = MetaConfig::new(dir.path().join("meta2"), any_port());
     bad.election_ticks = 2;
     assert!(MetaNode::start(bad).await.err().unwrap().to_string().contains("election ticks"));
+    for tick in [Duration::ZERO, Duration::from_secs(11), Duration::from_micros(1500)] {
+        let mut bad = MetaConfig::new(dir.path().join("meta3"), any_port());
+        bad.raft_tick = tick;
+        let e = MetaNode::start(bad).await.err().expect("refused");
+        assert!(matches!(e, TernError::InvalidArgument(_)) && e.to_string().contains("raft tick"), "{tick:?}: {e}");
+    }
     meta.shutdown().await;
+}
+
+/// A server restarting while meta is away starts at once, from the identity and raft timing it keeps
+/// in node.json (partitions fail over without meta, and a restart must not wait for it either).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_does_not_wait_for_meta() {
+    let Cluster { _dir: dir, meta, servers, client: _ } = Cluster::start_with("t", 2, 3, Duration::from_secs(10)).await;
+    let node = servers[0].node_id;
+    for s in servers {
+        s.shutdown().await;
+    }
+    meta.shutdown().await;
+    let cfg = ServerConfig::new(dir.path().join("s0"), any_port(), vec!["127.0.0.1:1".into()]);
+    let restarted = tokio::time::timeout(Duration::from_secs(10), ServerNode::start(cfg)).await.expect("started without meta").unwrap();
+    assert_eq!(restarted.node_id, node, "same identity");
+    restarted.shutdown().await;
 }
