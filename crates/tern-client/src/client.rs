@@ -496,6 +496,28 @@ impl Table {
         Ok(CasResult { set_done: r.set_done, check_value: r.check_value_exists.then(|| r.check_value.to_vec()) })
     }
 
+    /// If (hashkey, check_sortkey) passes the check, applies every mutation (sets and deletes of sortkeys
+    /// of the same hashkey) atomically and exactly once.
+    pub async fn check_and_mutate(
+        &self,
+        hashkey: &[u8],
+        check_sortkey: &[u8],
+        check: CheckType,
+        operand: &[u8],
+        mutations: Vec<Mutation>,
+    ) -> TernResult<CasResult> {
+        let op = write_request::Op::CheckAndMutate(CheckAndMutate {
+            hashkey: bytes(hashkey),
+            check_sortkey: bytes(check_sortkey),
+            check_type: check as i32,
+            check_operand: bytes(operand),
+            mutations,
+            return_check_value: true,
+        });
+        let r = self.client.write(&self.name, hashkey, op).await?;
+        Ok(CasResult { set_done: r.set_done, check_value: r.check_value_exists.then(|| r.check_value.to_vec()) })
+    }
+
     /// Sends any write operation on `hashkey` (built by the caller, e.g. a protocol proxy) with the same
     /// routing, retries and exactly-once guarantee as the typed methods above.
     pub async fn write_op(&self, hashkey: &[u8], op: write_request::Op) -> TernResult<WriteResponse> {

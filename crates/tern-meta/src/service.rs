@@ -5,6 +5,7 @@
 //! change through raft before acknowledging it, tracks heartbeats and runs the scheduler.
 
 use crate::catalog::{group_progress, Catalog, TableRecord};
+use crate::records::{self, Change, Loaded, CATALOG_HASHKEY, VERSION};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -99,6 +100,9 @@ struct NodeLiveness {
 
 struct State {
     catalog: Catalog,
+    /// The version of the catalog records `catalog` was read from or last written as; every write
+    /// is conditional on it.
+    version: u64,
     liveness: HashMap<NodeId, NodeLiveness>,
     /// When this node last became meta leader (liveness is judged only a grace period after it).
     leader_since: Instant,
@@ -106,9 +110,10 @@ struct State {
     leader_term: u64,
 }
 
-/// The raft group that holds the catalog, and where in it the catalog lives.
+/// The raft group that holds the catalog (its records are laid out by `records`).
 const CATALOG_GROUP: GroupId = GroupId(0);
-const CATALOG_KEY: &[u8] = b"catalog";
+/// Times a load starts over because the catalog changed while it was read page by page.
+const LOAD_ATTEMPTS_MAX: usize = 5;
 /// A record never written: reading it confirms leadership without moving the catalog.
 const LEADER_PROBE_KEY: &[u8] = b"leader-probe";
 /// How long a catalog write or read through raft may take.
@@ -143,6 +148,7 @@ impl MetaService {
             settings,
             state: Arc::new(Mutex::new(State {
                 catalog: Catalog::default(),
+                version: 0,
                 liveness: HashMap::new(),
                 leader_since: Instant::now(),
                 leader_term: 0,
@@ -162,36 +168,59 @@ impl MetaService {
         }
     }
 
-    /// Writes the catalog through raft; returns once a majority has it and it is applied. A write
-    /// whose outcome is unknown (it timed out, but may still commit) leaves the catalog in memory
-    /// untrustworthy: this node stops answering until it has read the catalog back through raft
-    /// (`follow_leadership` reloads it), so no later change is computed on a stale copy and then
-    /// written over the late one.
-    async fn persist(&self, catalog: &Catalog) -> Result<(), TernError> {
-        let r = self.persist_once(catalog).await;
-        if r.is_err() {
-            self.leader.store(false, Ordering::SeqCst);
+    /// Writes changes to the catalog through raft, as conditional writes starting at `version` (see
+    /// `records`); returns the version after them, once a majority has them and they are applied.
+    /// A failed write, or one whose outcome is unknown (it timed out, but may still commit), leaves
+    /// the catalog in memory untrustworthy: this node stops answering until it has read the catalog
+    /// back through raft (`follow_leadership` reloads it). Were a later change computed on the stale
+    /// copy anyway, its version check would refuse it.
+    async fn persist(&self, version: u64, changes: Vec<Change>) -> Result<u64, TernError> {
+        let mut at = version;
+        for write in records::writes(changes) {
+            if let Err(e) = self.write_records(at, write).await {
+                self.leader.store(false, Ordering::SeqCst);
+                return Err(e);
+            }
+            at += 1;
         }
-        r
+        Ok(at)
     }
 
-    async fn persist_once(&self, catalog: &Catalog) -> Result<(), TernError> {
-        let value = serde_json::to_vec(catalog).expect("serialize catalog");
+    /// One atomic write of catalog records, applied only if the catalog is still at `version`.
+    async fn write_records(&self, version: u64, changes: Vec<Change>) -> Result<(), TernError> {
+        let (check_type, check_operand) =
+            if version == 0 { (CheckType::ValueNotExist, Vec::new()) } else { (CheckType::ValueEqual, version.to_be_bytes().to_vec()) };
+        let bump = Mutation { sortkey: VERSION.to_vec().into(), value: (version + 1).to_be_bytes().to_vec().into(), ..Default::default() };
+        let mutations = std::iter::once(bump)
+            .chain(changes.into_iter().map(|c| match c {
+                Change::Set(k, v) => Mutation { sortkey: k.into(), value: v.into(), ..Default::default() },
+                Change::Delete(k) => Mutation { sortkey: k.into(), delete: true, ..Default::default() },
+            }))
+            .collect();
         let request = WriteRequest {
             partition: catalog_ref(),
-            op: Some(write_request::Op::Set(MultiSet {
-                hashkey: CATALOG_KEY.to_vec().into(),
-                values: vec![SortkeyValue { sortkey: Default::default(), value: value.into(), ttl_seconds: 0, expire_at_ms: 0 }],
+            op: Some(write_request::Op::CheckAndMutate(CheckAndMutate {
+                hashkey: CATALOG_HASHKEY.to_vec().into(),
+                check_sortkey: VERSION.to_vec().into(),
+                check_type: check_type as i32,
+                check_operand: check_operand.into(),
+                mutations,
+                return_check_value: false,
             })),
             ..Default::default()
         };
         let (tx, rx) = oneshot::channel();
         self.store.send(StoreMsg::Write { group: CATALOG_GROUP, request, callback: Box::new(move |r| drop(tx.send(r))) });
-        match tokio::time::timeout(CATALOG_IO_TIMEOUT, rx).await {
-            Ok(Ok(r)) => tern_proto::check(&r.error),
-            Ok(Err(_)) => Err(TernError::Unavailable("meta store stopped".into())),
-            Err(_) => Err(TernError::Timeout("catalog write did not commit in time".into())),
+        let r = match tokio::time::timeout(CATALOG_IO_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => return Err(TernError::Unavailable("meta store stopped".into())),
+            Err(_) => return Err(TernError::Timeout("catalog write did not commit in time".into())),
+        };
+        tern_proto::check(&r.error)?;
+        if !r.set_done {
+            return Err(TernError::Unavailable(format!("the catalog changed after version {version} was read; this meta node reloads it")));
         }
+        Ok(())
     }
 
     /// The term in which this node leads the catalog group, if it does.
@@ -207,7 +236,13 @@ impl MetaService {
     /// before it answers from memory: a deposed leader, or one that lost and regained leadership
     /// since, must not hand out assignments a newer leader has changed.
     async fn confirm_leader(&self) -> Result<(), TernError> {
-        self.read_catalog_group(LEADER_PROBE_KEY).await?;
+        let probe = read_request::Op::Get(MultiGet {
+            hashkey: LEADER_PROBE_KEY.to_vec().into(),
+            sortkeys: vec![Default::default()],
+            limit: 0,
+            no_value: false,
+        });
+        self.read_catalog_group(probe).await?;
         let loaded = self.state.lock().leader_term;
         match self.leading_term().await {
             Some(term) if term == loaded => Ok(()),
@@ -215,27 +250,48 @@ impl MetaService {
         }
     }
 
-    /// Reads the catalog through raft (linearizable: sees every change a previous leader committed).
-    async fn load(&self) -> Result<Catalog, TernError> {
-        let r = self.read_catalog_group(CATALOG_KEY).await?;
-        match r.records.first() {
-            None => Ok(Catalog::default()),
-            Some(record) => serde_json::from_slice(&record.value).map_err(|e| TernError::Corruption(format!("catalog: {e}"))),
-        }
-    }
-
-    /// A linearizable read of one record of the catalog group.
-    async fn read_catalog_group(&self, hashkey: &[u8]) -> Result<tern_proto::ReadResponse, TernError> {
-        let request = ReadRequest {
-            partition: catalog_ref(),
-            allow_stale: false,
-            op: Some(read_request::Op::Get(MultiGet {
-                hashkey: hashkey.to_vec().into(),
-                sortkeys: vec![Default::default()],
+    /// Reads the catalog through raft (linearizable: sees every change a previous leader committed),
+    /// page by page; starts over if its version moved meanwhile (a write of this node's whose
+    /// outcome was unknown may commit during the read).
+    async fn load(&self) -> Result<Loaded, TernError> {
+        for _ in 0..LOAD_ATTEMPTS_MAX {
+            let version_op = read_request::Op::Get(MultiGet {
+                hashkey: CATALOG_HASHKEY.to_vec().into(),
+                sortkeys: vec![VERSION.to_vec().into()],
                 limit: 0,
                 no_value: false,
-            })),
-        };
+            });
+            let before = match self.read_catalog_group(version_op).await?.records.first() {
+                Some(r) => u64::from_be_bytes(r.value[..].try_into().map_err(|_| TernError::Corruption("catalog version is not 8 bytes".into()))?),
+                None => 0,
+            };
+            let mut records = Vec::new();
+            let mut start = Vec::new();
+            loop {
+                let page = read_request::Op::Scan(Scan {
+                    hashkey: CATALOG_HASHKEY.to_vec().into(),
+                    start: start.into(),
+                    limit: tern_core::limits::READ_RECORDS_MAX,
+                    ..Default::default()
+                });
+                let r = self.read_catalog_group(page).await?;
+                records.extend(r.records.into_iter().map(|r| (r.sortkey.to_vec(), r.value.to_vec())));
+                if r.resume.is_empty() {
+                    break;
+                }
+                start = r.resume.to_vec();
+            }
+            let loaded = records::decode(records)?;
+            if loaded.version == before {
+                return Ok(loaded);
+            }
+        }
+        Err(TernError::Unavailable(format!("the catalog changed during each of {LOAD_ATTEMPTS_MAX} reads")))
+    }
+
+    /// A linearizable read in the catalog group.
+    async fn read_catalog_group(&self, op: read_request::Op) -> Result<tern_proto::ReadResponse, TernError> {
+        let request = ReadRequest { partition: catalog_ref(), allow_stale: false, op: Some(op) };
         let (tx, rx) = oneshot::channel();
         self.store.send(StoreMsg::Read { group: CATALOG_GROUP, request, callback: Box::new(move |r| drop(tx.send(r))) });
         let r = match tokio::time::timeout(CATALOG_IO_TIMEOUT, rx).await {
@@ -259,10 +315,11 @@ impl MetaService {
             let leads = term.is_some();
             if fresh {
                 self.leader.store(false, Ordering::SeqCst);
-                match self.load().await {
-                    Ok(catalog) => {
+                match self.load_and_clean_up().await {
+                    Ok((catalog, version)) => {
                         let mut state = self.state.lock();
                         state.catalog = catalog;
+                        state.version = version;
                         state.liveness.clear();
                         state.leader_since = Instant::now();
                         state.leader_term = term.expect("leads");
@@ -282,6 +339,23 @@ impl MetaService {
         }
     }
 
+    /// Loads the catalog and writes what its records still owe (see `Loaded::cleanup`).
+    async fn load_and_clean_up(&self) -> Result<(Catalog, u64), TernError> {
+        let loaded = self.load().await?;
+        let version = if loaded.cleanup.is_empty() { loaded.version } else { self.persist(loaded.version, loaded.cleanup).await? };
+        Ok((loaded.catalog, version))
+    }
+
+    /// Installs a catalog written as `version` over the one it was computed from (`base`), unless a
+    /// reload since then has already put a newer one in place.
+    fn install(&self, base: u64, catalog: Catalog, version: u64) {
+        let mut state = self.state.lock();
+        if state.version == base {
+            state.catalog = catalog;
+            state.version = version;
+        }
+    }
+
     /// Applies a change to a copy of the catalog, writes it through raft, then installs it.
     async fn change<T>(&self, f: impl FnOnce(&mut Catalog, &[NodeId]) -> Result<T, TernError>) -> Result<T, TernError> {
         let _serial = self.changes.lock().await;
@@ -289,15 +363,16 @@ impl MetaService {
             return Err(TernError::Unavailable("this meta node is not the leader".into()));
         }
         self.confirm_leader().await?;
-        let (next, out) = {
+        let (next, out, base, changes) = {
             let state = self.state.lock();
             let alive = alive_nodes(&state, self.grace);
             let mut next = state.catalog.clone();
             let out = f(&mut next, &alive)?;
-            (next, out)
+            let changes = records::diff(&state.catalog, &next);
+            (next, out, state.version, changes)
         };
-        self.persist(&next).await?;
-        self.state.lock().catalog = next;
+        let version = self.persist(base, changes).await?;
+        self.install(base, next, version);
         Ok(out)
     }
 
@@ -317,7 +392,7 @@ impl MetaService {
             }
         }
         let _serial = self.changes.lock().await;
-        let (next, changes) = {
+        let (next, changes, base, records) = {
             let state = self.state.lock();
             let alive = alive_nodes(&state, self.grace);
             let statuses = state.liveness.iter().filter(|(node, _)| alive.contains(node)).flat_map(|(_, l)| l.replicas.iter());
@@ -329,14 +404,15 @@ impl MetaService {
             }
             let changes = next.schedule(&alive, &progress, REPAIRS_PER_NODE_MAX);
             next.balancer_paused = paused;
-            (next, changes)
+            let records = records::diff(&state.catalog, &next);
+            (next, changes, state.version, records)
         };
         if changes.is_empty() {
             return;
         }
-        match self.persist(&next).await {
-            Ok(()) => {
-                self.state.lock().catalog = next;
+        match self.persist(base, records).await {
+            Ok(version) => {
+                self.install(base, next, version);
                 for c in changes {
                     tracing::info!("scheduler: {c}");
                 }
@@ -663,6 +739,8 @@ pub struct MetaNode {
     store: StoreHandle,
     store_thread: Option<std::thread::JoinHandle<()>>,
     failed: watch::Receiver<bool>,
+    #[cfg(test)]
+    service: MetaService,
 }
 
 fn internal(what: &'static str) -> impl Fn(std::io::Error) -> TernError {
@@ -725,6 +803,8 @@ impl MetaNode {
 
         let settings = ClusterSettingsResponse { error: None, raft_tick_ms: cfg.raft_tick.as_millis() as u64, election_ticks: cfg.election_ticks };
         let service = MetaService::new(handle.clone(), cfg.node_grace, settings);
+        #[cfg(test)]
+        let kept = service.clone();
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(service.clone().follow_leadership(stopped.clone())));
         let scheduler = service.clone();
@@ -760,7 +840,16 @@ impl MetaNode {
             }
         }));
         tracing::info!(%address, id = cfg.id, peers = peers.len(), "meta node started");
-        Ok(MetaNode { address, stop, tasks, store: handle, store_thread: Some(store_thread), failed })
+        Ok(MetaNode {
+            address,
+            stop,
+            tasks,
+            store: handle,
+            store_thread: Some(store_thread),
+            failed,
+            #[cfg(test)]
+            service: kept,
+        })
     }
 
     /// Resolves if the node failed on its own (its store thread died); the process should exit.
@@ -797,5 +886,79 @@ mod tests {
         let mut c = ok;
         c.node_grace = Duration::ZERO;
         assert!(c.validate().is_err());
+    }
+
+    async fn leading_meta(dir: &std::path::Path) -> MetaNode {
+        let node = MetaNode::start(MetaConfig::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap())).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !node.service.leader.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "meta never became leader");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        node
+    }
+
+    async fn wait_for_leadership(service: &MetaService) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !service.leader.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "meta never took leadership back");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A catalog change computed on a catalog that is no longer current (as after a write that
+    /// timed out and committed later) is refused, not written over the change it never saw; the
+    /// leader reloads and serves the catalog raft has.
+    #[tokio::test]
+    async fn a_change_on_a_stale_catalog_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = leading_meta(dir.path()).await;
+        let service = &node.service;
+        let (base, version) = {
+            let state = service.state.lock();
+            (state.catalog.clone(), state.version)
+        };
+        let mut first = base.clone();
+        first.register("first:1", "").unwrap();
+        let written = service.persist(version, records::diff(&base, &first)).await.unwrap();
+        assert_eq!(written, version + 1);
+        let mut second = base.clone();
+        second.register("second:1", "").unwrap();
+        let e = service.persist(version, records::diff(&base, &second)).await.unwrap_err();
+        assert!(matches!(e, TernError::Unavailable(_)), "{e}");
+        assert!(!service.leader.load(Ordering::SeqCst), "a refused write stops the leader answering until it reloads");
+        wait_for_leadership(service).await;
+        let (catalog, version) = {
+            let state = service.state.lock();
+            (state.catalog.clone(), state.version)
+        };
+        assert_eq!((catalog, version), (first, written));
+        node.shutdown().await;
+    }
+
+    /// A table of the most partitions allowed is written as bounded raft entries and reads back
+    /// whole after a restart.
+    #[tokio::test]
+    async fn the_largest_table_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = leading_meta(dir.path()).await;
+        let nodes: Vec<NodeId> = {
+            let (base, version) = {
+                let state = node.service.state.lock();
+                (state.catalog.clone(), state.version)
+            };
+            let mut next = base.clone();
+            let nodes: Vec<NodeId> = (0..3).map(|i| next.register(&format!("n{i}:1"), "").unwrap()).collect();
+            let version = node.service.persist(version, records::diff(&base, &next)).await.unwrap();
+            node.service.install(version - 1, next, version);
+            nodes
+        };
+        node.service.change(|c, _| c.create_table("huge", tern_core::limits::PARTITION_COUNT_MAX, 3, &nodes).map(|_| ())).await.unwrap();
+        let expected = node.service.state.lock().catalog.clone();
+        assert_eq!(expected.tables["huge"].partitions.len(), tern_core::limits::PARTITION_COUNT_MAX as usize);
+        node.shutdown().await;
+        let node = leading_meta(dir.path()).await;
+        assert_eq!(node.service.state.lock().catalog, expected);
+        node.shutdown().await;
     }
 }

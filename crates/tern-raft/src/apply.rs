@@ -273,6 +273,35 @@ impl ApplyBatch {
         Ok(response)
     }
 
+    /// The check of check_and_set and check_and_mutate on (hashkey, sortkey): whether it passes (None
+    /// for an unknown check type), filling in the checked value when asked to.
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        &self,
+        engine: &dyn KvEngine,
+        hashkey: &[u8],
+        sortkey: &[u8],
+        check_type: i32,
+        operand: &[u8],
+        return_value: bool,
+        now: u64,
+        response: &mut WriteResponse,
+    ) -> Result<Option<bool>, StorageFailure> {
+        let current = self.live_record(engine, &keys::data_key(hashkey, sortkey), now)?;
+        let passed = match CheckType::try_from(check_type) {
+            Ok(CheckType::NoCheck) => true,
+            Ok(CheckType::ValueNotExist) => current.is_none(),
+            Ok(CheckType::ValueExist) => current.is_some(),
+            Ok(CheckType::ValueEqual) => current.as_ref().is_some_and(|(_, v)| v[..] == operand[..]),
+            Err(_) => return Ok(None),
+        };
+        if return_value {
+            response.check_value_exists = current.is_some();
+            response.check_value = current.map(|(_, v)| v.into()).unwrap_or_default();
+        }
+        Ok(Some(passed))
+    }
+
     /// Executes a write: request errors come back as error responses, storage failures as `Err`.
     fn execute(&mut self, engine: &dyn KvEngine, write: &WriteRequest, now: u64) -> Result<WriteResponse, StorageFailure> {
         let mut response = WriteResponse::default();
@@ -310,19 +339,19 @@ impl ApplyBatch {
                 response.new_value = new;
             }
             Some(Op::CheckAndSet(cas)) => {
-                let check_key = keys::data_key(&cas.hashkey, &cas.check_sortkey);
-                let current = self.live_record(engine, &check_key, now)?;
-                let passed = match CheckType::try_from(cas.check_type) {
-                    Ok(CheckType::NoCheck) => true,
-                    Ok(CheckType::ValueNotExist) => current.is_none(),
-                    Ok(CheckType::ValueExist) => current.is_some(),
-                    Ok(CheckType::ValueEqual) => current.as_ref().is_some_and(|(_, v)| v[..] == cas.check_operand[..]),
-                    Err(_) => return Ok(error_response(TernError::invalid(format!("unknown check type {}", cas.check_type)))),
+                let Some(passed) = self.check(
+                    engine,
+                    &cas.hashkey,
+                    &cas.check_sortkey,
+                    cas.check_type,
+                    &cas.check_operand,
+                    cas.return_check_value,
+                    now,
+                    &mut response,
+                )?
+                else {
+                    return Ok(error_response(TernError::invalid(format!("unknown check type {}", cas.check_type))));
                 };
-                if cas.return_check_value {
-                    response.check_value_exists = current.is_some();
-                    response.check_value = current.map(|(_, v)| v.into()).unwrap_or_default();
-                }
                 if passed {
                     let key = keys::data_key(&cas.hashkey, &cas.set_sortkey);
                     if cas.set_delete {
@@ -330,6 +359,32 @@ impl ApplyBatch {
                     } else {
                         let expire = codec::expiry(now, cas.set_ttl_seconds, cas.set_expire_at_ms);
                         self.put(key, codec::encode_value(expire, &cas.set_value));
+                    }
+                }
+                response.set_done = passed;
+            }
+            Some(Op::CheckAndMutate(cam)) => {
+                let Some(passed) = self.check(
+                    engine,
+                    &cam.hashkey,
+                    &cam.check_sortkey,
+                    cam.check_type,
+                    &cam.check_operand,
+                    cam.return_check_value,
+                    now,
+                    &mut response,
+                )?
+                else {
+                    return Ok(error_response(TernError::invalid(format!("unknown check type {}", cam.check_type))));
+                };
+                if passed {
+                    for m in &cam.mutations {
+                        let key = keys::data_key(&cam.hashkey, &m.sortkey);
+                        if m.delete {
+                            self.delete(key);
+                        } else {
+                            self.put(key, codec::encode_value(codec::expiry(now, m.ttl_seconds, m.expire_at_ms), &m.value));
+                        }
                     }
                 }
                 response.set_done = passed;
@@ -402,6 +457,45 @@ mod tests {
         assert_eq!(apply(&mut sm, 3, command(1000, 7, 2, incr(5))).new_value, 10, "next seq applies");
         assert_eq!(apply(&mut sm, 4, command(1000, 0, 0, incr(1))).new_value, 11, "client 0 opts out");
         assert_eq!(apply(&mut sm, 5, command(1000, 0, 0, incr(1))).new_value, 12);
+    }
+
+    /// check_and_mutate applies all of its sets and deletes when the check passes, none when it
+    /// fails, and answers with the checked value either way.
+    #[test]
+    fn check_and_mutate_is_all_or_nothing() {
+        use tern_proto::{CheckAndMutate, Mutation};
+        let mut sm = open();
+        apply(&mut sm, 1, command(1000, 0, 0, set("h", "old", "x", 0)));
+        let cam = |operand: &str| {
+            Op::CheckAndMutate(CheckAndMutate {
+                hashkey: "h".into(),
+                check_sortkey: "v".into(),
+                check_type: CheckType::ValueEqual as i32,
+                check_operand: operand.as_bytes().to_vec().into(),
+                mutations: vec![
+                    Mutation { sortkey: "v".into(), value: "2".into(), ..Default::default() },
+                    Mutation { sortkey: "t".into(), value: "ttl".into(), ttl_seconds: 10, ..Default::default() },
+                    Mutation { sortkey: "old".into(), delete: true, ..Default::default() },
+                ],
+                return_check_value: true,
+            })
+        };
+        let r = apply(&mut sm, 2, command(1000, 0, 0, cam("1")));
+        assert!(!r.set_done && !r.check_value_exists);
+        assert_eq!((sm_get(&sm, "v"), sm_get(&sm, "old")), (None, Some(b"x".to_vec())), "a failed check changes nothing");
+        apply(&mut sm, 3, command(1000, 0, 0, set("h", "v", "1", 0)));
+        let r = apply(&mut sm, 4, command(1000, 0, 0, cam("1")));
+        assert!(r.set_done && r.check_value_exists);
+        assert_eq!(r.check_value, b"1".to_vec());
+        assert_eq!((sm_get(&sm, "v"), sm_get(&sm, "t"), sm_get(&sm, "old")), (Some(b"2".to_vec()), Some(b"ttl".to_vec()), None));
+        let (expire, _) = codec::decode_value(&sm.engine().get(&keys::data_key(b"h", b"t")).unwrap().unwrap()).unwrap();
+        assert_eq!(expire, 11_000, "a mutation's TTL counts from the entry's stamp");
+    }
+
+    /// The value stored at ("h", sortkey), expired or not.
+    fn sm_get(sm: &StateMachine, sortkey: &str) -> Option<Vec<u8>> {
+        let stored = sm.engine().get(&keys::data_key(b"h", sortkey.as_bytes())).unwrap()?;
+        Some(codec::decode_value(&stored).unwrap().1.to_vec())
     }
 
     /// Remembered results below the client's first incomplete seq are forgotten, and a late duplicate

@@ -80,6 +80,28 @@ pub fn write(request: &WriteRequest) -> Result<GroupId, TernError> {
             }
             bytes += cas.hashkey.len() * 2 + cas.check_sortkey.len() + cas.set_sortkey.len() + cas.check_operand.len() + cas.set_value.len();
         }
+        Some(write_request::Op::CheckAndMutate(cam)) => {
+            hashkey_in_partition(&cam.hashkey, p)?;
+            check_sortkey(&cam.check_sortkey)?;
+            check_value(&cam.check_operand)?;
+            if tern_proto::CheckType::try_from(cam.check_type).is_err() {
+                return Err(TernError::invalid(format!("unknown check type {}", cam.check_type)));
+            }
+            if cam.mutations.is_empty() {
+                return Err(TernError::invalid("check_and_mutate needs at least one mutation"));
+            }
+            check_record_count(cam.mutations.len())?;
+            bytes += cam.hashkey.len() + cam.check_sortkey.len() + cam.check_operand.len();
+            for m in &cam.mutations {
+                check_sortkey(&m.sortkey)?;
+                check_value(&m.value)?;
+                check_expiry(m.ttl_seconds, m.expire_at_ms)?;
+                if m.delete && (!m.value.is_empty() || m.ttl_seconds != 0 || m.expire_at_ms != 0) {
+                    return Err(TernError::invalid("a check_and_mutate delete must not carry a value or an expiry"));
+                }
+                bytes += cam.hashkey.len() + m.sortkey.len() + m.value.len();
+            }
+        }
     }
     check_write_size(bytes)?;
     Ok(GroupId::new(p.table_id, p.partition))
@@ -164,5 +186,33 @@ mod tests {
                 .collect();
         }
         assert!(write(&r).unwrap_err().to_string().contains("write request is"));
+    }
+
+    /// check_and_mutate needs mutations, a known check, deletes without values, and stays within the
+    /// record and size limits.
+    #[test]
+    fn rejects_bad_check_and_mutate() {
+        use tern_proto::{CheckAndMutate, Mutation};
+        let p = partition_of(b"hk", 8);
+        let request = |mutations: Vec<Mutation>, check_type: i32| WriteRequest {
+            partition: Some(PartitionRef { table_id: 1, partition: p, partition_count: 8 }),
+            op: Some(write_request::Op::CheckAndMutate(CheckAndMutate {
+                hashkey: "hk".into(),
+                check_sortkey: "c".into(),
+                check_type,
+                mutations,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let set = |v: usize| Mutation { sortkey: "s".into(), value: vec![0; v].into(), ..Default::default() };
+        assert!(write(&request(vec![set(1), Mutation { sortkey: "d".into(), delete: true, ..Default::default() }], 3)).is_ok());
+        assert!(write(&request(vec![], 3)).unwrap_err().to_string().contains("at least one mutation"));
+        assert!(write(&request(vec![set(1)], 9)).unwrap_err().to_string().contains("unknown check type"));
+        let bad_delete = Mutation { sortkey: "d".into(), delete: true, value: "x".into(), ..Default::default() };
+        assert!(write(&request(vec![bad_delete], 3)).unwrap_err().to_string().contains("must not carry"));
+        assert!(write(&request(vec![set(limits::VALUE_BYTES_MAX + 1)], 3)).unwrap_err().to_string().contains("limit"));
+        assert!(write(&request((0..5).map(|_| set(limits::VALUE_BYTES_MAX)).collect(), 3)).unwrap_err().to_string().contains("write request is"));
+        assert!(write(&request((0..limits::MULTI_RECORDS_MAX + 1).map(|_| set(0)).collect(), 3)).unwrap_err().to_string().contains("records"));
     }
 }

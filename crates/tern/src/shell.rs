@@ -22,6 +22,8 @@ commands (keys and values are words; quote them with \"...\" or '...', \\xHH esc
   count HK                               number of records under a hashkey
   incr HK SK [DELTA]                     add DELTA (default 1) to an integer record
   check_and_set HK CHECK_SK (always|not_exist|exist|equal OPERAND) SET_SK VALUE [TTL_SECONDS]
+  check_and_mutate HK CHECK_SK (always|not_exist|exist|equal OPERAND) (set SK VALUE | del SK)...
+                                         if the check passes, every set and del, atomically
   ttl HK SK                              remaining time to live
   exists HK SK                           whether a record exists
   full_scan [--limit N]                  records of the whole table (default limit 100)
@@ -53,6 +55,7 @@ pub enum Command {
     Count { hashkey: Vec<u8> },
     Incr { hashkey: Vec<u8>, sortkey: Vec<u8>, delta: i64 },
     CheckAndSet { hashkey: Vec<u8>, check_sortkey: Vec<u8>, check: CheckType, operand: Vec<u8>, set_sortkey: Vec<u8>, value: Vec<u8>, ttl: u32 },
+    CheckAndMutate { hashkey: Vec<u8>, check_sortkey: Vec<u8>, check: CheckType, operand: Vec<u8>, mutations: Vec<tern_proto::Mutation> },
     Ttl { hashkey: Vec<u8>, sortkey: Vec<u8> },
     Exists { hashkey: Vec<u8>, sortkey: Vec<u8> },
     FullScan { limit: u32 },
@@ -143,6 +146,20 @@ fn arity(name: &str, args: &[Vec<u8>], min: usize, max: usize, usage: &str) -> R
 }
 
 /// Parses one command line.
+/// A parsed check: its type, its operand and the arguments after it.
+type Check<'a> = (CheckType, Vec<u8>, &'a [Vec<u8>]);
+
+/// A check (always|not_exist|exist|equal OPERAND) at the start of `args`.
+fn parse_check<'a>(args: &'a [Vec<u8>], usage: &str) -> Result<Check<'a>, String> {
+    match (text(&args[0]).as_str(), args.get(1)) {
+        ("always", _) => Ok((CheckType::NoCheck, vec![], &args[1..])),
+        ("not_exist", _) => Ok((CheckType::ValueNotExist, vec![], &args[1..])),
+        ("exist", _) => Ok((CheckType::ValueExist, vec![], &args[1..])),
+        ("equal", Some(operand)) => Ok((CheckType::ValueEqual, operand.clone(), &args[2..])),
+        (other, _) => Err(format!("unknown check {other:?}; {usage}")),
+    }
+}
+
 pub fn parse(line: &str) -> Result<Option<Command>, String> {
     let words = tokenize(line)?;
     let Some((name, args)) = words.split_first() else { return Ok(None) };
@@ -245,13 +262,7 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
             if args.len() < 5 {
                 return Err(usage.into());
             }
-            let (check, operand, rest) = match text(&args[2]).as_str() {
-                "always" => (CheckType::NoCheck, vec![], &args[3..]),
-                "not_exist" => (CheckType::ValueNotExist, vec![], &args[3..]),
-                "exist" => (CheckType::ValueExist, vec![], &args[3..]),
-                "equal" => (CheckType::ValueEqual, args[3].clone(), &args[4..]),
-                other => return Err(format!("unknown check {other:?}; {usage}")),
-            };
+            let (check, operand, rest) = parse_check(&args[2..], usage)?;
             if rest.len() < 2 || rest.len() > 3 {
                 return Err(usage.into());
             }
@@ -265,6 +276,32 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
                 value: rest[1].clone(),
                 ttl,
             }
+        }
+        "check_and_mutate" => {
+            let usage = "usage: check_and_mutate HK CHECK_SK (always|not_exist|exist|equal OPERAND) (set SK VALUE | del SK)...";
+            if args.len() < 4 {
+                return Err(usage.into());
+            }
+            let (check, operand, mut rest) = parse_check(&args[2..], usage)?;
+            let mut mutations = Vec::new();
+            while let Some(kind) = rest.first() {
+                let m = match (text(kind).as_str(), rest.get(1), rest.get(2)) {
+                    ("set", Some(sortkey), Some(value)) => {
+                        rest = &rest[3..];
+                        tern_proto::Mutation { sortkey: sortkey.clone().into(), value: value.clone().into(), ..Default::default() }
+                    }
+                    ("del", Some(sortkey), _) => {
+                        rest = &rest[2..];
+                        tern_proto::Mutation { sortkey: sortkey.clone().into(), delete: true, ..Default::default() }
+                    }
+                    _ => return Err(usage.into()),
+                };
+                mutations.push(m);
+            }
+            if mutations.is_empty() {
+                return Err(usage.into());
+            }
+            Command::CheckAndMutate { hashkey: args[0].clone(), check_sortkey: args[1].clone(), check, operand, mutations }
         }
         "full_scan" => {
             let mut limit = 100;
@@ -461,6 +498,11 @@ impl Shell {
                 let r = table.check_and_set(&hashkey, &check_sortkey, check, &operand, &set_sortkey, &value, ttl).await.map_err(err)?;
                 let checked = r.check_value.as_deref().map(show).unwrap_or_else(|| "(not found)".into());
                 format!("{}; checked value was {checked}", if r.set_done { "set" } else { "not set (check failed)" })
+            }
+            Command::CheckAndMutate { hashkey, check_sortkey, check, operand, mutations } => {
+                let r = table.check_and_mutate(&hashkey, &check_sortkey, check, &operand, mutations).await.map_err(err)?;
+                let checked = r.check_value.as_deref().map(show).unwrap_or_else(|| "(not found)".into());
+                format!("{}; checked value was {checked}", if r.set_done { "mutated" } else { "not mutated (check failed)" })
             }
             Command::Ttl { hashkey, sortkey } => match table.ttl(&hashkey, &sortkey).await.map_err(err)? {
                 None => "(not found)".into(),
@@ -746,6 +788,17 @@ mod tests {
         assert!(matches!(parse("incr h s -3").unwrap(), Some(Command::Incr { delta: -3, .. })));
         assert!(matches!(parse("check_and_set h c equal old s new").unwrap(), Some(Command::CheckAndSet { check: CheckType::ValueEqual, .. })));
         assert!(parse("check_and_set h c maybe s v").is_err());
+        match parse("check_and_mutate h c equal old set a 1 del b").unwrap() {
+            Some(Command::CheckAndMutate { check: CheckType::ValueEqual, operand, mutations, .. }) => {
+                assert_eq!(operand, b"old");
+                assert_eq!(mutations.len(), 2);
+                assert!(!mutations[0].delete && mutations[1].delete);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse("check_and_mutate h c always").is_err());
+        assert!(parse("check_and_mutate h c always set a").is_err());
+        assert!(parse("check_and_mutate h c equal").is_err());
         assert_eq!(parse("   ").unwrap(), None);
         assert!(parse("frobnicate").unwrap_err().contains("unknown command"));
         assert_eq!(parse("PARTITIONS demo").unwrap(), Some(Command::Partitions { table: Some("demo".into()) }));

@@ -123,6 +123,20 @@ async fn crud_and_scan_semantics() {
     let r = t.check_and_set(b"c", b"lock", CheckType::ValueEqual, b"me", b"lock", b"you", 0).await.unwrap();
     assert!(r.set_done);
     assert_eq!(t.get(b"c", b"lock").await.unwrap(), Some(b"you".to_vec()));
+    // check_and_mutate: several sets and deletes of one hashkey, all or none.
+    let mutations = vec![
+        tern_proto::Mutation { sortkey: b"lock".to_vec().into(), value: b"them".to_vec().into(), ..Default::default() },
+        tern_proto::Mutation { sortkey: b"owner".to_vec().into(), value: b"them".to_vec().into(), ..Default::default() },
+        tern_proto::Mutation { sortkey: b"text".to_vec().into(), delete: true, ..Default::default() },
+    ];
+    let r = t.check_and_mutate(b"c", b"lock", CheckType::ValueEqual, b"me", mutations.clone()).await.unwrap();
+    assert!(!r.set_done);
+    assert_eq!(t.get(b"c", b"text").await.unwrap(), Some(b"abc".to_vec()), "a failed check mutates nothing");
+    let r = t.check_and_mutate(b"c", b"lock", CheckType::ValueEqual, b"you", mutations).await.unwrap();
+    assert!(r.set_done);
+    assert_eq!(t.get(b"c", b"owner").await.unwrap(), Some(b"them".to_vec()));
+    assert_eq!(t.get(b"c", b"text").await.unwrap(), None);
+    assert!(matches!(t.check_and_mutate(b"c", b"lock", CheckType::NoCheck, b"", vec![]).await, Err(TernError::InvalidArgument(_))));
 
     // Full-table scan across partitions, paged.
     for i in 0..50 {
