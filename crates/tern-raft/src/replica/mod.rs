@@ -2,6 +2,22 @@
 //! bookkeeping that ties client requests to log entries. It is changed only by its `Store`, one event
 //! at a time; it does no network I/O itself (messages go to the store's outbox) and writes the raft
 //! log only through the round's shared `LogWriteBatch`.
+//!
+//! Rooms: this file is the raft glue (opening, proposals, ticks, Ready handling in raft-rs's order,
+//! apply, status); `reads` holds linearizable reads and the leader lease; `membership` the replica
+//! set (conf changes, learners, leadership transfer to the preferred peer); `snapshots` snapshot
+//! files (generation, received checkpoints, installation) and the replica's metadata file;
+//! `config` its configuration and the bugs tests plant.
+
+mod config;
+mod membership;
+mod reads;
+mod snapshots;
+
+pub use config::{PlantedBugs, ReplicaConfig};
+use reads::{fail_reads, Lease, ReadBatch};
+pub use snapshots::ReplicaMeta;
+use snapshots::RECEIVED_SNAPSHOTS_MAX;
 
 use crate::apply::{error_response, ApplyState, StateMachine, StorageFailure};
 use crate::log_store::{LogStore, LogWriteBatch, PeerStorage};
@@ -25,82 +41,6 @@ pub type ReadCallback = Box<dyn FnOnce(ReadResponse) + Send>;
 /// initial members agree on the state below it without exchanging a snapshot.
 pub const INITIAL_INDEX: u64 = 5;
 pub const INITIAL_TERM: u64 = 5;
-/// Bugs planted on purpose by the tests that prove the simulator catches them. They travel in the
-/// configuration of the thing under test (never a process-wide switch that tests sharing a process
-/// could race on); production leaves every one off.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PlantedBugs {
-    /// A leader answers linearizable reads from local state without confirming leadership.
-    pub read_without_read_index: bool,
-    /// The read lease is 40 times longer than followers refuse votes for.
-    pub lease_too_long: bool,
-    /// A leader keeps using its lease after it started a leadership transfer.
-    pub lease_through_transfer: bool,
-    /// Compaction expires records by the node's wall clock instead of the applied log's clock.
-    pub expiry_by_local_clock: bool,
-    /// A storage failure at apply is answered as an error and the entry counts as applied.
-    pub storage_failure_as_answer: bool,
-    /// A received snapshot is handed to raft without checking it against its manifest.
-    pub unverified_snapshot: bool,
-    /// A restarted replica votes at once, forgetting it may have heard from a leader just before.
-    pub vote_right_after_restart: bool,
-}
-
-/// Ticks between two attempts to hand leadership to the preferred peer.
-const LEADER_TRANSFER_COOLDOWN_TICKS: u64 = 30;
-
-/// A learner is promoted once it is within this many entries of the leader's log.
-const LEARNER_CATCH_UP_ENTRIES: u64 = 100;
-
-/// Received snapshot directories kept while waiting for raft to install one.
-const RECEIVED_SNAPSHOTS_MAX: usize = 4;
-
-#[derive(Clone, Debug)]
-pub struct ReplicaConfig {
-    /// Ticks without a leader before an election; the real value is drawn per replica from
-    /// [election_tick, 2 * election_tick) by the store's seeded generator.
-    pub election_tick: usize,
-    pub heartbeat_tick: usize,
-    /// Compact the log once this many applied entries sit in it.
-    pub log_gc_count_threshold: u64,
-    /// A leader keeps entries a follower still needs unless the follower lags by more than this.
-    pub log_gc_lag_max: u64,
-    /// Check for log compaction every this many ticks.
-    pub log_gc_interval_ticks: u64,
-    /// Sync the engine every this many ticks (when it applied something meanwhile), so compaction
-    /// may expire records up to the durable applied clock (see `StateMachine::sync`).
-    pub expiry_sync_interval_ticks: u64,
-    /// Client writes proposed but not yet applied, per replica.
-    pub pending_proposals_max: usize,
-    /// Client reads waiting for a read index, per replica.
-    pub pending_reads_max: usize,
-    /// Give up on a read index after this many ticks (the client retries).
-    pub read_timeout_ticks: u64,
-    /// How long after a read-index round a leader may answer reads without another one (a lease).
-    /// The store sets it below the time followers refuse to vote after hearing from a leader
-    /// (election_tick ticks); zero turns lease reads off.
-    pub read_lease: std::time::Duration,
-    /// Bugs put back on purpose by simulator tests (all off in production).
-    pub planted: PlantedBugs,
-}
-
-impl Default for ReplicaConfig {
-    fn default() -> Self {
-        ReplicaConfig {
-            election_tick: 10,
-            heartbeat_tick: 2,
-            log_gc_count_threshold: 10_000,
-            log_gc_lag_max: 50_000,
-            log_gc_interval_ticks: 10,
-            expiry_sync_interval_ticks: 100,
-            pending_proposals_max: 20_000,
-            pending_reads_max: 20_000,
-            read_timeout_ticks: 50,
-            read_lease: std::time::Duration::ZERO,
-            planted: PlantedBugs::default(),
-        }
-    }
-}
 
 /// A raft message leaving this node; snapshots carry the directory of the checkpoint to stream.
 #[derive(Debug)]
@@ -115,63 +55,6 @@ struct Proposal {
     index: u64,
     term: u64,
     callback: WriteCallback,
-}
-
-struct ReadBatch {
-    id: u64,
-    issued_tick: u64,
-    first_tick: u64,
-    index: Option<u64>,
-    reads: Vec<(ReadRequest, ReadCallback)>,
-    /// Monotonic time of the first read-index request, its term and lease epoch: a quorum confirmed
-    /// this leader at or after that time, which starts a lease.
-    issued_at: Duration,
-    term: u64,
-    lease_epoch: u64,
-}
-
-/// A leader's read lease. Followers with check_quorum refuse votes for election_tick ticks after they
-/// last heard from the leader, so no other leader can exist until `until` (monotonic) when the lease
-/// was started by a confirmed read-index round. Leadership transfers and membership changes end it.
-#[derive(Default)]
-struct Lease {
-    until: Duration,
-    term: u64,
-    /// Bumped whenever the lease is revoked: rounds issued before cannot renew it.
-    epoch: u64,
-    /// When a read last used the lease (renewals are only worth it while reads come).
-    used_at: Duration,
-    /// A term in which a leadership transfer was started: no lease for the rest of it. raft-rs may
-    /// abort the transfer, but a late MsgTimeoutNow can still elect the transferee, which never waits
-    /// out followers' vote refusal.
-    forbidden_term: u64,
-}
-
-/// What a replica remembers about itself across restarts (besides the raft log and its engine).
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct ReplicaMeta {
-    pub group: u64,
-    pub peer_id: PeerId,
-    /// (peer id, node id) of every member.
-    pub peers: Vec<(PeerId, NodeId)>,
-    pub partition_count: u32,
-    /// The engine directory under the replica's directory (changes when a snapshot is installed).
-    pub engine_dir: String,
-}
-
-impl ReplicaMeta {
-    pub fn load(dir: &Path) -> Result<ReplicaMeta, TernError> {
-        let path = dir.join("replica.json");
-        let bytes = std::fs::read(&path).map_err(|e| TernError::Internal(format!("read {}: {e}", path.display())))?;
-        serde_json::from_slice(&bytes).map_err(|e| TernError::Corruption(format!("{}: {e}", path.display())))
-    }
-
-    /// Atomic, durable replace (temporary file synced, renamed, directory synced).
-    pub fn save(&self, dir: &Path) -> Result<(), TernError> {
-        let bytes = serde_json::to_vec_pretty(self).expect("serialize replica meta");
-        tern_core::files::write_file_atomically(&dir.join("replica.json"), &bytes)
-            .map_err(|e| TernError::Internal(format!("save replica meta in {}: {e}", dir.display())))
-    }
 }
 
 pub struct Replica {
@@ -320,132 +203,8 @@ impl Replica {
         &self.meta
     }
 
-    /// Sets where each peer lives (from meta). Peers raft still counts as members keep their
-    /// address even if meta has moved on, so a membership change in flight can finish.
-    pub fn set_peers(&mut self, mut peers: Vec<(PeerId, NodeId)>) -> Result<(), TernError> {
-        let cs = &self.sm.state().conf_state;
-        for (peer, node) in &self.meta.peers {
-            let member = cs.voters.contains(peer) || cs.learners.contains(peer) || cs.voters_outgoing.contains(peer);
-            if member && !peers.iter().any(|(p, _)| p == peer) {
-                peers.push((*peer, *node));
-            }
-        }
-        peers.sort();
-        if peers != self.meta.peers {
-            self.meta.peers = peers;
-            self.meta.save(&self.dir)?;
-        }
-        Ok(())
-    }
-
-    /// Moves the group one step toward the membership meta wants: add missing learners; when they
-    /// have caught up, promote them and remove voters meta dropped (one joint-consensus change);
-    /// never more than one change in flight. Only the leader acts; others just learn the addresses.
-    pub fn reconcile_membership(&mut self, voters: &[(PeerId, NodeId)], learners: &[(PeerId, NodeId)], preferred_leader: PeerId) {
-        if !self.active() || !self.is_leader() || self.raw.raft.has_pending_conf() {
-            return;
-        }
-        self.maybe_transfer_leadership(preferred_leader);
-        let cs = self.sm.state().conf_state.clone();
-        if !cs.voters_outgoing.is_empty() || voters.is_empty() {
-            return; // leaving a joint configuration is already under way
-        }
-        let present: Vec<PeerId> = cs.voters.iter().chain(cs.learners.iter()).copied().collect();
-        let all_targets: Vec<(PeerId, NodeId)> = voters.iter().chain(learners.iter()).copied().collect();
-        let mut changes = Vec::new();
-        for (peer, _) in &all_targets {
-            if !present.contains(peer) {
-                changes.push(raft_proto::new_conf_change_single(*peer, ConfChangeType::AddLearnerNode));
-            }
-        }
-        if changes.is_empty() {
-            let last = self.raw.raft.raft_log.last_index();
-            // matched stays 0 until the learner has the data (its snapshot): an empty learner of a
-            // short log must not count as caught up.
-            let caught_up =
-                |peer: PeerId| self.raw.raft.prs().get(peer).is_some_and(|p| p.matched > 0 && p.matched + LEARNER_CATCH_UP_ENTRIES >= last);
-            let promote: Vec<PeerId> = voters.iter().map(|(p, _)| *p).filter(|p| cs.learners.contains(p)).collect();
-            if !promote.iter().all(|p| caught_up(*p)) {
-                return;
-            }
-            let targets: Vec<PeerId> = all_targets.iter().map(|(p, _)| *p).collect();
-            let remove: Vec<PeerId> = present.iter().copied().filter(|p| !targets.contains(p)).collect();
-            if remove.contains(&self.peer_id) {
-                // Hand leadership to a voter that stays, then let it finish the change.
-                if let Some((next, _)) = voters.iter().find(|(p, _)| *p != self.peer_id && cs.voters.contains(p)) {
-                    let next = *next;
-                    self.transfer_leadership(next);
-                }
-                return;
-            }
-            for p in promote {
-                changes.push(raft_proto::new_conf_change_single(p, ConfChangeType::AddNode));
-            }
-            for p in remove {
-                changes.push(raft_proto::new_conf_change_single(p, ConfChangeType::RemoveNode));
-            }
-        }
-        if changes.is_empty() {
-            return;
-        }
-        let mut cc = ConfChangeV2::default();
-        cc.set_changes(changes.into());
-        // The context tells every replica which node each peer lives on.
-        let mut context = Vec::with_capacity(all_targets.len() * 16);
-        for (peer, node) in &all_targets {
-            context.extend_from_slice(&peer.to_be_bytes());
-            context.extend_from_slice(&node.to_be_bytes());
-        }
-        if let Err(e) = self.raw.propose_conf_change(context, cc) {
-            tracing::warn!(group = %self.group, "membership change refused: {e}");
-        }
-    }
-
-    /// Hands leadership to the preferred voter once it is fully caught up (leader priority: a
-    /// preferred node gets leadership back when it is healthy). At most one attempt per cooldown.
-    fn maybe_transfer_leadership(&mut self, preferred: PeerId) {
-        if preferred == 0 || preferred == self.peer_id || self.ticks < self.last_transfer_tick + LEADER_TRANSFER_COOLDOWN_TICKS {
-            return;
-        }
-        let cs = &self.sm.state().conf_state;
-        let last = self.raw.raft.raft_log.last_index();
-        let ready = cs.voters.contains(&preferred) && self.raw.raft.prs().get(preferred).is_some_and(|p| p.matched == last);
-        if ready {
-            self.last_transfer_tick = self.ticks;
-            self.transfer_leadership(preferred);
-        }
-    }
-
-    /// Starts a leadership transfer. The lease ends, and no new one is granted for the rest of the
-    /// term: raft-rs may abort the transfer, but a late MsgTimeoutNow can still elect the target,
-    /// which campaigns without waiting out followers' vote refusal.
-    fn transfer_leadership(&mut self, to: PeerId) {
-        self.revoke_lease();
-        if !self.cfg.planted.lease_through_transfer {
-            self.lease.forbidden_term = self.raw.raft.term;
-        }
-        self.raw.transfer_leader(to);
-    }
-
     pub fn is_leader(&self) -> bool {
         self.raw.raft.state == StateRole::Leader
-    }
-
-    /// Ends the read lease (a transfer lets the target campaign at once, ignoring follower leases).
-    fn revoke_lease(&mut self) {
-        self.lease.until = Duration::ZERO;
-        self.lease.epoch += 1;
-    }
-
-    /// Whether reads may skip the read-index round: leader with a live lease in this term and no
-    /// transfer under way. Its commit index then covers every acknowledged write.
-    fn lease_covers(&self, now: Duration) -> bool {
-        self.is_leader()
-            && self.active()
-            && now < self.lease.until
-            && self.lease.term == self.raw.raft.term
-            && self.lease.forbidden_term != self.raw.raft.term
-            && self.raw.raft.lead_transferee.is_none()
     }
 
     /// Neither removed from its group nor stopped by a storage failure.
@@ -519,64 +278,6 @@ impl Replica {
             }
             Err(e) => callback(error_response(TernError::ProposalDropped(format!("raft refused the proposal: {e}")))),
         }
-    }
-
-    /// Queues a read. Stale reads are answered at once from local state; linearizable reads wait for
-    /// a read index (one per batch of reads) and for apply to reach it.
-    pub fn read(&mut self, request: ReadRequest, now_unix_ms: u64, now: Duration, callback: ReadCallback) {
-        let now_unix_ms = self.read_time(now_unix_ms);
-        if self.failure.is_some() {
-            return callback(ReadResponse { error: Some(self.unavailable().into()), ..Default::default() });
-        }
-        if request.allow_stale {
-            return callback(execute_read(self.sm.engine(), &request, now_unix_ms));
-        }
-        if !self.is_leader() || self.removed {
-            return callback(ReadResponse { error: Some(self.not_leader().into()), ..Default::default() });
-        }
-        if self.cfg.planted.read_without_read_index {
-            return callback(execute_read(self.sm.engine(), &request, now_unix_ms));
-        }
-        if self.lease_covers(now) {
-            self.lease.used_at = now;
-            let committed = self.raw.raft.raft_log.committed;
-            if self.read_batches.is_empty() && self.sm.state().applied_index >= committed {
-                return callback(execute_read(self.sm.engine(), &request, now_unix_ms));
-            }
-            // Answered once apply reaches today's commit index, in order with earlier reads (id 0:
-            // no read-index request behind it).
-            let batch = self.new_read_batch(0, Some(committed), vec![(request, callback)], now);
-            self.read_batches.push_back(batch);
-            return;
-        }
-        let queued: usize = self.waiting_reads.len() + self.read_batches.iter().map(|b| b.reads.len()).sum::<usize>();
-        if queued >= self.cfg.pending_reads_max {
-            let e = TernError::Busy(format!("partition {} has {queued} reads queued (limit {})", self.group, self.cfg.pending_reads_max));
-            return callback(ReadResponse { error: Some(e.into()), ..Default::default() });
-        }
-        self.waiting_reads.push((request, callback));
-    }
-
-    /// Turns the reads that arrived since the last round into one read-index request.
-    pub fn flush_reads(&mut self, now: Duration) {
-        if self.waiting_reads.is_empty() {
-            return;
-        }
-        let reads = std::mem::take(&mut self.waiting_reads);
-        self.issue_read_index(reads, now);
-    }
-
-    fn issue_read_index(&mut self, reads: Vec<(ReadRequest, ReadCallback)>, now: Duration) {
-        let id = self.next_read_id;
-        self.next_read_id += 1;
-        self.raw.read_index(id.to_be_bytes().to_vec());
-        let batch = self.new_read_batch(id, None, reads, now);
-        self.read_batches.push_back(batch);
-    }
-
-    fn new_read_batch(&self, id: u64, index: Option<u64>, reads: Vec<(ReadRequest, ReadCallback)>, now: Duration) -> ReadBatch {
-        let (term, lease_epoch, ticks) = (self.raw.raft.term, self.lease.epoch, self.ticks);
-        ReadBatch { id, issued_tick: ticks, first_tick: ticks, index, reads, issued_at: now, term, lease_epoch }
     }
 
     /// Steps a raft message from a peer. A snapshot message comes with the directory it was received into.
@@ -717,50 +418,6 @@ impl Replica {
         }
     }
 
-    /// Generates a snapshot if raft asked for one (called after every event that may step raft).
-    pub fn maybe_generate_snapshot(&mut self) {
-        if !self.raw.store().take_snapshot_wanted() {
-            return;
-        }
-        let state = self.sm.state().clone();
-        if self.raw.store().generated_snapshot().is_some_and(|s| s.get_metadata().index == state.applied_index) {
-            return;
-        }
-        let name = format!("{}_{}", state.applied_index, state.applied_term);
-        let dir = self.snapshot_dir.join(&name);
-        if dir.exists() {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        if let Err(e) = self.sm.engine().checkpoint(&dir) {
-            tracing::warn!(group = %self.group, "snapshot checkpoint failed: {e}");
-            return;
-        }
-        let mut snap = Snapshot::default();
-        snap.set_data(name.clone().into_bytes().into());
-        let meta = snap.mut_metadata();
-        meta.index = state.applied_index;
-        meta.term = state.applied_term;
-        meta.set_conf_state(state.conf_state);
-        self.raw.mut_store().set_generated_snapshot(snap);
-        self.remove_old_snapshots(&name);
-    }
-
-    /// Keeps the newest generated checkpoint and one before it (a transfer may still be reading it).
-    fn remove_old_snapshots(&self, keep: &str) {
-        let Ok(dir) = std::fs::read_dir(&self.snapshot_dir) else { return };
-        let mut names: Vec<(u64, String)> = dir
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n != keep)
-            .filter_map(|n| n.split('_').next().and_then(|i| i.parse().ok()).map(|i| (i, n)))
-            .collect();
-        names.sort();
-        names.pop();
-        for (_, n) in names {
-            let _ = std::fs::remove_dir_all(self.snapshot_dir.join(n));
-        }
-    }
-
     pub fn has_ready(&self) -> bool {
         (self.failure.is_none() && self.raw.has_ready()) || !self.pending_log.is_empty()
     }
@@ -866,60 +523,6 @@ impl Replica {
         }
     }
 
-    fn install_snapshot(&mut self, snapshot: Snapshot, log_batch: &mut LogWriteBatch) {
-        let meta = snapshot.get_metadata();
-        let key = (meta.index, meta.term);
-        let Some(received) = self.received_snapshots.remove(&key) else {
-            return self.fail(StorageFailure(TernError::Internal(format!("no received data for snapshot {key:?}"))));
-        };
-        for (_, stale) in self.received_snapshots.drain() {
-            let _ = std::fs::remove_dir_all(stale);
-        }
-        let engine_dir = format!("engine-{}-{}", meta.index, meta.term);
-        let target = self.dir.join(&engine_dir);
-        // Through the factory: it owns what an engine directory means (the memory engine keeps
-        // contents by path, and would otherwise hand back an earlier install's).
-        if let Err(e) = self.engines.destroy(&target) {
-            return self.fail(StorageFailure(crate::apply::engine_error(e)));
-        }
-        if let Err(e) = tern_core::files::rename_durably(&received, &target) {
-            return self.fail(StorageFailure(TernError::Internal(format!("move received snapshot into place: {e}"))));
-        }
-        // A snapshot that passed its manifest yet does not open, or is not at the index raft says,
-        // stops this replica (meta replaces it); it never takes the node down.
-        let engine = match self.engines.open(&target) {
-            Ok(e) => e,
-            Err(e) => return self.fail(StorageFailure(crate::apply::engine_error(e))),
-        };
-        let sm = match open_state_machine(engine, ApplyState::default(), &self.cfg.planted) {
-            Ok(sm) => sm,
-            Err(e) => return self.fail(StorageFailure(e)),
-        };
-        if sm.state().applied_index != meta.index {
-            let found = sm.state().applied_index;
-            return self.fail(StorageFailure(TernError::Corruption(format!("snapshot {key:?} holds a state machine at index {found}"))));
-        }
-        // Our proposals the snapshot covers may or may not be in it (committed by another leader,
-        // or overwritten): their outcome is unknown, not "did not happen".
-        while self.proposals.front().is_some_and(|p| p.index <= meta.index) {
-            let p = self.proposals.pop_front().expect("front exists");
-            (p.callback)(error_response(TernError::Timeout(format!(
-                "entry {} was replaced by a snapshot at index {}; outcome unknown",
-                p.index, meta.index
-            ))));
-        }
-        let old_dir = self.dir.join(&self.meta.engine_dir);
-        self.sm = sm; // drops (closes) the old engine
-        self.meta.engine_dir = engine_dir;
-        if let Err(e) = self.meta.save(&self.dir) {
-            return self.fail(StorageFailure(e));
-        }
-        let _ = self.engines.destroy(&old_dir);
-        self.raw.mut_store().apply_snapshot(&snapshot, log_batch);
-        self.snapshots_applied += 1;
-        tracing::info!(group = %self.group, index = meta.index, "installed snapshot");
-    }
-
     fn apply_entries(&mut self, entries: Vec<raft::eraftpb::Entry>, now_unix_ms: u64) {
         if entries.is_empty() {
             self.serve_reads(now_unix_ms);
@@ -974,41 +577,6 @@ impl Replica {
         self.serve_reads(now_unix_ms);
     }
 
-    /// Records the peer -> node pairs a membership change carries, so messages to new peers route.
-    fn learn_peer_nodes(&mut self, context: &[u8]) {
-        let mut peers = self.meta.peers.clone();
-        for pair in context.chunks_exact(16) {
-            let peer = u64::from_be_bytes(pair[..8].try_into().expect("8 bytes"));
-            let node = u64::from_be_bytes(pair[8..].try_into().expect("8 bytes"));
-            if !peers.iter().any(|(p, _)| *p == peer) {
-                peers.push((peer, node));
-            }
-        }
-        if let Err(e) = self.set_peers(peers) {
-            self.fail(StorageFailure(e));
-        }
-    }
-
-    fn apply_conf_change(&mut self, cc: &impl raft_proto::ConfChangeI, batch: &mut crate::apply::ApplyBatch) {
-        // New voters may not have heard from this leader when its lease started.
-        self.revoke_lease();
-        match self.raw.apply_conf_change(cc) {
-            Ok(cs) => {
-                let member = [&cs.voters, &cs.learners, &cs.voters_outgoing, &cs.learners_next].iter().any(|set| set.contains(&self.peer_id));
-                if !member {
-                    // Removed from its group (perhaps proposed by an earlier leader while this one was
-                    // elected): it must take no further part, or raft-rs, leading a group it is not
-                    // in, panics. Found by the simulator (scheduler soak seed 21186). Meta destroys it.
-                    self.removed = true;
-                    tracing::info!(group = %self.group, peer = self.peer_id, "removed from the group; going quiet");
-                }
-                batch.set_conf_state(cs.clone());
-                self.raw.mut_store().set_conf_state(cs);
-            }
-            Err(e) => tracing::warn!(group = %self.group, "conf change rejected: {e}"),
-        }
-    }
-
     fn answer_proposal(&mut self, index: u64, term: u64, response: WriteResponse) {
         while let Some(p) = self.proposals.front() {
             if p.index > index {
@@ -1024,17 +592,6 @@ impl Replica {
                 "entry {} of term {} was overwritten; the write did not happen",
                 p.index, p.term
             ))));
-        }
-    }
-
-    fn serve_reads(&mut self, now_unix_ms: u64) {
-        let applied = self.sm.state().applied_index;
-        let now_unix_ms = self.read_time(now_unix_ms);
-        while self.read_batches.front().is_some_and(|b| b.index.is_some_and(|i| i <= applied)) {
-            let batch = self.read_batches.pop_front().expect("front exists");
-            for (request, callback) in batch.reads {
-                callback(execute_read(self.sm.engine(), &request, now_unix_ms));
-            }
         }
     }
 
@@ -1065,19 +622,6 @@ impl Replica {
         }
     }
 
-    /// The time reads (and checksums) look at: never before the log's clock. What the state machine
-    /// already treats as expired may or may not have been compacted away yet; it must read as expired
-    /// either way, whatever this node's clock says.
-    fn read_time(&self, now_unix_ms: u64) -> u64 {
-        now_unix_ms.max(self.sm.state().stamp_ms)
-    }
-
-    /// (applied index, checksum, record count) of the replica's contents.
-    pub fn checksum(&self, now_unix_ms: u64) -> Result<(u64, u64, u64), TernError> {
-        let (sum, count) = checksum(self.sm.engine(), self.read_time(now_unix_ms))?;
-        Ok((self.sm.state().applied_index, sum, count))
-    }
-
     /// Answers every waiting client (the replica is being destroyed or the node is stopping).
     pub fn fail_all(&mut self, e: TernError) {
         for p in self.proposals.drain(..) {
@@ -1096,11 +640,5 @@ impl Replica {
 
     pub fn snapshot_dir(&self) -> &Path {
         &self.snapshot_dir
-    }
-}
-
-fn fail_reads(reads: Vec<(ReadRequest, ReadCallback)>, e: TernError) {
-    for (_, callback) in reads {
-        callback(ReadResponse { error: Some(e.clone().into()), ..Default::default() });
     }
 }

@@ -1,0 +1,69 @@
+//! A replica's configuration, and the bugs simulator tests plant through it.
+
+/// Bugs planted on purpose by the tests that prove the simulator catches them. They travel in the
+/// configuration of the thing under test (never a process-wide switch that tests sharing a process
+/// could race on); production leaves every one off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlantedBugs {
+    /// A leader answers linearizable reads from local state without confirming leadership.
+    pub read_without_read_index: bool,
+    /// The read lease is 40 times longer than followers refuse votes for.
+    pub lease_too_long: bool,
+    /// A leader keeps using its lease after it started a leadership transfer.
+    pub lease_through_transfer: bool,
+    /// Compaction expires records by the node's wall clock instead of the applied log's clock.
+    pub expiry_by_local_clock: bool,
+    /// A storage failure at apply is answered as an error and the entry counts as applied.
+    pub storage_failure_as_answer: bool,
+    /// A received snapshot is handed to raft without checking it against its manifest.
+    pub unverified_snapshot: bool,
+    /// A restarted replica votes at once, forgetting it may have heard from a leader just before.
+    pub vote_right_after_restart: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    /// Ticks without a leader before an election; the real value is drawn per replica from
+    /// [election_tick, 2 * election_tick) by the store's seeded generator.
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    /// Compact the log once this many applied entries sit in it.
+    pub log_gc_count_threshold: u64,
+    /// A leader keeps entries a follower still needs unless the follower lags by more than this.
+    pub log_gc_lag_max: u64,
+    /// Check for log compaction every this many ticks.
+    pub log_gc_interval_ticks: u64,
+    /// Sync the engine every this many ticks (when it applied something meanwhile), so compaction
+    /// may expire records up to the durable applied clock (see `StateMachine::sync`).
+    pub expiry_sync_interval_ticks: u64,
+    /// Client writes proposed but not yet applied, per replica.
+    pub pending_proposals_max: usize,
+    /// Client reads waiting for a read index, per replica.
+    pub pending_reads_max: usize,
+    /// Give up on a read index after this many ticks (the client retries).
+    pub read_timeout_ticks: u64,
+    /// How long after a read-index round a leader may answer reads without another one (a lease).
+    /// The store sets it below the time followers refuse to vote after hearing from a leader
+    /// (election_tick ticks); zero turns lease reads off.
+    pub read_lease: std::time::Duration,
+    /// Bugs put back on purpose by simulator tests (all off in production).
+    pub planted: PlantedBugs,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig {
+            election_tick: 10,
+            heartbeat_tick: 2,
+            log_gc_count_threshold: 10_000,
+            log_gc_lag_max: 50_000,
+            log_gc_interval_ticks: 10,
+            expiry_sync_interval_ticks: 100,
+            pending_proposals_max: 20_000,
+            pending_reads_max: 20_000,
+            read_timeout_ticks: 50,
+            read_lease: std::time::Duration::ZERO,
+            planted: PlantedBugs::default(),
+        }
+    }
+}

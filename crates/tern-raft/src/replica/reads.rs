@@ -1,0 +1,141 @@
+//! Linearizable reads: read-index rounds batched per tick, and the leader lease that lets a leader
+//! answer without one (and every way the lease ends).
+
+use super::*;
+
+pub(super) struct ReadBatch {
+    pub(super) id: u64,
+    pub(super) issued_tick: u64,
+    pub(super) first_tick: u64,
+    pub(super) index: Option<u64>,
+    pub(super) reads: Vec<(ReadRequest, ReadCallback)>,
+    /// Monotonic time of the first read-index request, its term and lease epoch: a quorum confirmed
+    /// this leader at or after that time, which starts a lease.
+    pub(super) issued_at: Duration,
+    pub(super) term: u64,
+    pub(super) lease_epoch: u64,
+}
+
+/// A leader's read lease. Followers with check_quorum refuse votes for election_tick ticks after they
+/// last heard from the leader, so no other leader can exist until `until` (monotonic) when the lease
+/// was started by a confirmed read-index round. Leadership transfers and membership changes end it.
+#[derive(Default)]
+pub(super) struct Lease {
+    pub(super) until: Duration,
+    pub(super) term: u64,
+    /// Bumped whenever the lease is revoked: rounds issued before cannot renew it.
+    pub(super) epoch: u64,
+    /// When a read last used the lease (renewals are only worth it while reads come).
+    pub(super) used_at: Duration,
+    /// A term in which a leadership transfer was started: no lease for the rest of it. raft-rs may
+    /// abort the transfer, but a late MsgTimeoutNow can still elect the transferee, which never waits
+    /// out followers' vote refusal.
+    pub(super) forbidden_term: u64,
+}
+
+impl Replica {
+    /// Ends the read lease (a transfer lets the target campaign at once, ignoring follower leases).
+    pub(super) fn revoke_lease(&mut self) {
+        self.lease.until = Duration::ZERO;
+        self.lease.epoch += 1;
+    }
+
+    /// Whether reads may skip the read-index round: leader with a live lease in this term and no
+    /// transfer under way. Its commit index then covers every acknowledged write.
+    pub(super) fn lease_covers(&self, now: Duration) -> bool {
+        self.is_leader()
+            && self.active()
+            && now < self.lease.until
+            && self.lease.term == self.raw.raft.term
+            && self.lease.forbidden_term != self.raw.raft.term
+            && self.raw.raft.lead_transferee.is_none()
+    }
+
+    /// Queues a read. Stale reads are answered at once from local state; linearizable reads wait for
+    /// a read index (one per batch of reads) and for apply to reach it.
+    pub fn read(&mut self, request: ReadRequest, now_unix_ms: u64, now: Duration, callback: ReadCallback) {
+        let now_unix_ms = self.read_time(now_unix_ms);
+        if self.failure.is_some() {
+            return callback(ReadResponse { error: Some(self.unavailable().into()), ..Default::default() });
+        }
+        if request.allow_stale {
+            return callback(execute_read(self.sm.engine(), &request, now_unix_ms));
+        }
+        if !self.is_leader() || self.removed {
+            return callback(ReadResponse { error: Some(self.not_leader().into()), ..Default::default() });
+        }
+        if self.cfg.planted.read_without_read_index {
+            return callback(execute_read(self.sm.engine(), &request, now_unix_ms));
+        }
+        if self.lease_covers(now) {
+            self.lease.used_at = now;
+            let committed = self.raw.raft.raft_log.committed;
+            if self.read_batches.is_empty() && self.sm.state().applied_index >= committed {
+                return callback(execute_read(self.sm.engine(), &request, now_unix_ms));
+            }
+            // Answered once apply reaches today's commit index, in order with earlier reads (id 0:
+            // no read-index request behind it).
+            let batch = self.new_read_batch(0, Some(committed), vec![(request, callback)], now);
+            self.read_batches.push_back(batch);
+            return;
+        }
+        let queued: usize = self.waiting_reads.len() + self.read_batches.iter().map(|b| b.reads.len()).sum::<usize>();
+        if queued >= self.cfg.pending_reads_max {
+            let e = TernError::Busy(format!("partition {} has {queued} reads queued (limit {})", self.group, self.cfg.pending_reads_max));
+            return callback(ReadResponse { error: Some(e.into()), ..Default::default() });
+        }
+        self.waiting_reads.push((request, callback));
+    }
+
+    /// Turns the reads that arrived since the last round into one read-index request.
+    pub fn flush_reads(&mut self, now: Duration) {
+        if self.waiting_reads.is_empty() {
+            return;
+        }
+        let reads = std::mem::take(&mut self.waiting_reads);
+        self.issue_read_index(reads, now);
+    }
+
+    pub(super) fn issue_read_index(&mut self, reads: Vec<(ReadRequest, ReadCallback)>, now: Duration) {
+        let id = self.next_read_id;
+        self.next_read_id += 1;
+        self.raw.read_index(id.to_be_bytes().to_vec());
+        let batch = self.new_read_batch(id, None, reads, now);
+        self.read_batches.push_back(batch);
+    }
+
+    pub(super) fn new_read_batch(&self, id: u64, index: Option<u64>, reads: Vec<(ReadRequest, ReadCallback)>, now: Duration) -> ReadBatch {
+        let (term, lease_epoch, ticks) = (self.raw.raft.term, self.lease.epoch, self.ticks);
+        ReadBatch { id, issued_tick: ticks, first_tick: ticks, index, reads, issued_at: now, term, lease_epoch }
+    }
+
+    pub(super) fn serve_reads(&mut self, now_unix_ms: u64) {
+        let applied = self.sm.state().applied_index;
+        let now_unix_ms = self.read_time(now_unix_ms);
+        while self.read_batches.front().is_some_and(|b| b.index.is_some_and(|i| i <= applied)) {
+            let batch = self.read_batches.pop_front().expect("front exists");
+            for (request, callback) in batch.reads {
+                callback(execute_read(self.sm.engine(), &request, now_unix_ms));
+            }
+        }
+    }
+
+    /// The time reads (and checksums) look at: never before the log's clock. What the state machine
+    /// already treats as expired may or may not have been compacted away yet; it must read as expired
+    /// either way, whatever this node's clock says.
+    pub(super) fn read_time(&self, now_unix_ms: u64) -> u64 {
+        now_unix_ms.max(self.sm.state().stamp_ms)
+    }
+
+    /// (applied index, checksum, record count) of the replica's contents.
+    pub fn checksum(&self, now_unix_ms: u64) -> Result<(u64, u64, u64), TernError> {
+        let (sum, count) = checksum(self.sm.engine(), self.read_time(now_unix_ms))?;
+        Ok((self.sm.state().applied_index, sum, count))
+    }
+}
+
+pub(super) fn fail_reads(reads: Vec<(ReadRequest, ReadCallback)>, e: TernError) {
+    for (_, callback) in reads {
+        callback(ReadResponse { error: Some(e.clone().into()), ..Default::default() });
+    }
+}

@@ -1,0 +1,285 @@
+//! The workload and the clients: what each client does next, and its request loop (routing,
+//! retries, deadlines, exactly-once floors) driven by tern-client's decisions.
+
+use super::*;
+
+/// One operation a client is working on.
+pub(super) struct Pending {
+    pub(super) hashkey: Vec<u8>,
+    pub(super) input: Input,
+    pub(super) started: u64,
+    pub(super) attempts: u32,
+    pub(super) attempt: u64,
+    pub(super) seq: u64,
+    pub(super) node: NodeId,
+}
+
+/// A client identity (client id and sequence numbers) shared by several sessions, as one proxy's
+/// or one application's client is shared by its connections: several of its writes are in flight at
+/// once, and the floor each carries must never pass another's sequence number.
+pub(super) struct ClientIdentity {
+    pub(super) client_id: u64,
+    pub(super) next_seq: u64,
+    /// Sequence numbers of this identity's writes still in flight.
+    pub(super) inflight: BTreeSet<u64>,
+}
+
+/// One session of a client: one operation at a time.
+pub(super) struct SimClient {
+    /// Index into the world's identities.
+    pub(super) identity: usize,
+    pub(super) rng: SeededRandom,
+    pub(super) leaders: LeaderTable,
+    pub(super) pending: Option<Pending>,
+    /// Final verification reads still to issue (after all workload operations).
+    pub(super) verification: Vec<(Vec<u8>, Input)>,
+    pub(super) finished: bool,
+}
+
+pub(super) const HASHKEYS: [&[u8]; 3] = [b"h0", b"h1", b"h2"];
+pub(super) const SORTKEYS: [&[u8]; 2] = [b"a", b"b"];
+pub(super) const COUNTER: &[u8] = b"n";
+/// Records written with a TTL live under this hashkey. The checker has no model of time, so these
+/// operations stay out of the history: what checks them is that every replica ends identical (the
+/// state machine must expire records by the log's clock, never a node's).
+pub(super) const TTL_HASHKEY: &[u8] = b"ttl";
+
+impl World {
+    pub(super) fn serve(&mut self, node: NodeId, client: usize, attempt: u64, request: Request) {
+        let i = self.node_index(node);
+        let shared = self.shared.clone();
+        let reply = move |answer: Answer| {
+            let mut s = shared.lock();
+            let delay = s.latency();
+            s.schedule(delay, Event::Answer { client, attempt, answer });
+        };
+        self.with_store(i, move |s| {
+            match request {
+                Request::Write(group, request) => {
+                    s.handle(StoreMsg::Write { group, request, callback: Box::new(move |r| reply(Answer::Write(r))) });
+                }
+                Request::Read(group, request) => {
+                    s.handle(StoreMsg::Read { group, request, callback: Box::new(move |r| reply(Answer::Read(r))) });
+                }
+            }
+            s.process_ready();
+        });
+    }
+
+    pub(super) fn plan_operation(&mut self, client: usize) -> (Vec<u8>, Input) {
+        let c = &mut self.clients[client];
+        let rng = &mut c.rng;
+        let hashkey = HASHKEYS[rng.range(0, HASHKEYS.len() as u64) as usize].to_vec();
+        let sortkey = SORTKEYS[rng.range(0, SORTKEYS.len() as u64) as usize].to_vec();
+        let value = format!("c{client}-{}", self.issued).into_bytes();
+        if rng.range(0, 100) < 8 {
+            // Sets expire within seconds; incrs find the record alive or gone depending on the time
+            // the log says it is.
+            let input = if rng.range(0, 2) == 0 {
+                Input::Set { sortkey: COUNTER.to_vec(), value: b"100".to_vec() }
+            } else {
+                Input::Incr { sortkey: COUNTER.to_vec(), delta: 1 }
+            };
+            return (TTL_HASHKEY.to_vec(), input);
+        }
+        let input = match rng.range(0, 100) {
+            0..=29 => Input::Get { sortkey },
+            30..=49 => Input::Set { sortkey, value },
+            50..=54 => Input::Del { sortkey },
+            55..=69 => Input::Incr { sortkey: COUNTER.to_vec(), delta: rng.range(1, 10) as i64 },
+            70..=79 => {
+                let expected = if rng.range(0, 2) == 0 {
+                    None
+                } else {
+                    Some(format!("c{}-{}", rng.range(0, 4), rng.range(0, self.issued as u64 + 1)).into_bytes())
+                };
+                Input::CheckAndSet { check_sortkey: SORTKEYS[0].to_vec(), expected, set_sortkey: SORTKEYS[1].to_vec(), value }
+            }
+            80..=89 => Input::MultiSet { pairs: SORTKEYS.iter().map(|s| (s.to_vec(), value.clone())).collect() },
+            _ => Input::MultiGet { sortkeys: SORTKEYS.iter().map(|s| s.to_vec()).chain([COUNTER.to_vec()]).collect() },
+        };
+        (hashkey, input)
+    }
+
+    pub(super) fn next_operation(&mut self, client: usize) {
+        if self.clients[client].pending.is_some() || self.clients[client].finished {
+            return;
+        }
+        let planned = if self.issued < self.cfg.operations {
+            self.issued += 1;
+            Some(self.plan_operation(client))
+        } else if client == 0 && self.healed_at.is_some() {
+            // After the workload, one client reads everything back: no acknowledged write may be lost.
+            if self.clients[0].verification.is_empty() && !self.history.iter().any(|o| o.client == u64::MAX) {
+                let mut v = Vec::new();
+                for h in HASHKEYS {
+                    v.push((h.to_vec(), Input::MultiGet { sortkeys: SORTKEYS.iter().map(|s| s.to_vec()).chain([COUNTER.to_vec()]).collect() }));
+                }
+                self.clients[0].verification = v;
+                self.history.push(Operation {
+                    client: u64::MAX,
+                    hashkey: vec![],
+                    input: Input::Get { sortkey: vec![] },
+                    output: None,
+                    call: 0,
+                    ret: 0,
+                });
+            }
+            self.clients[0].verification.pop()
+        } else if client == 0 && self.issued >= self.cfg.operations {
+            // Wait for healing before verifying.
+            self.shared.lock().schedule(500, Event::ClientNext { client });
+            return;
+        } else {
+            None
+        };
+        let Some((hashkey, input)) = planned else {
+            self.clients[client].finished = true;
+            return;
+        };
+        let now = self.now.load(Ordering::SeqCst);
+        let c = &mut self.clients[client];
+        let identity = &mut self.identities[c.identity];
+        let seq = identity.next_seq;
+        identity.next_seq += 1;
+        identity.inflight.insert(seq);
+        c.pending = Some(Pending { hashkey, input, started: now, attempts: 0, attempt: 0, seq, node: 0 });
+        self.send_attempt(client);
+    }
+
+    pub(super) fn send_attempt(&mut self, client: usize) {
+        self.next_attempt += 1;
+        let attempt = self.next_attempt;
+        let partitions = self.cfg.partitions;
+        let c = &mut self.clients[client];
+        let identity = &self.identities[c.identity];
+        let client_id = identity.client_id;
+        // As the real client: the lowest sequence number still in flight for this identity.
+        let first_incomplete_seq = identity.inflight.first().copied().unwrap_or(0);
+        let p = c.pending.as_mut().expect("pending operation");
+        let partition = partition_of(&p.hashkey, partitions);
+        let node = c.leaders.leader(partition);
+        p.attempt = attempt;
+        p.node = node;
+        let group = GroupId::new(TABLE_ID, partition);
+        let pref = Some(tern_proto::PartitionRef { table_id: TABLE_ID, partition, partition_count: partitions });
+        let bytes = |b: &[u8]| bytes::Bytes::copy_from_slice(b);
+        let hk = bytes(&p.hashkey);
+        let ttl_seconds = if p.hashkey == TTL_HASHKEY { 1 + (p.seq % 3) as u32 } else { 0 };
+        let write = |op| Request::Write(group, WriteRequest { partition: pref, client_id, seq: p.seq, first_incomplete_seq, op: Some(op) });
+        let read = |op| Request::Read(group, ReadRequest { partition: pref, allow_stale: false, op: Some(op) });
+        let request = match &p.input {
+            Input::Get { sortkey } => {
+                read(read_request::Op::Get(tern_proto::MultiGet { hashkey: hk, sortkeys: vec![bytes(sortkey)], limit: 0, no_value: false }))
+            }
+            Input::MultiGet { sortkeys } => read(read_request::Op::Get(tern_proto::MultiGet {
+                hashkey: hk,
+                sortkeys: sortkeys.iter().map(|s| bytes(s)).collect(),
+                limit: 0,
+                no_value: false,
+            })),
+            Input::Set { sortkey, value } => write(write_request::Op::Set(tern_proto::MultiSet {
+                hashkey: hk,
+                values: vec![tern_proto::SortkeyValue { sortkey: bytes(sortkey), value: bytes(value), ttl_seconds, expire_at_ms: 0 }],
+            })),
+            Input::MultiSet { pairs } => write(write_request::Op::Set(tern_proto::MultiSet {
+                hashkey: hk,
+                values: pairs
+                    .iter()
+                    .map(|(s, v)| tern_proto::SortkeyValue { sortkey: bytes(s), value: bytes(v), ttl_seconds: 0, expire_at_ms: 0 })
+                    .collect(),
+            })),
+            Input::Del { sortkey } => write(write_request::Op::Del(tern_proto::MultiDel { hashkey: hk, sortkeys: vec![bytes(sortkey)] })),
+            Input::Incr { sortkey, delta } => {
+                write(write_request::Op::Incr(tern_proto::Incr { hashkey: hk, sortkey: bytes(sortkey), delta: *delta, ttl_seconds: 0 }))
+            }
+            Input::CheckAndSet { check_sortkey, expected, set_sortkey, value } => write(write_request::Op::CheckAndSet(tern_proto::CheckAndSet {
+                hashkey: hk,
+                check_sortkey: bytes(check_sortkey),
+                check_type: if expected.is_some() { tern_proto::CheckType::ValueEqual } else { tern_proto::CheckType::ValueNotExist } as i32,
+                check_operand: expected.as_deref().map(bytes).unwrap_or_default(),
+                set_sortkey: bytes(set_sortkey),
+                set_value: bytes(value),
+                ..Default::default()
+            })),
+        };
+        let mut s = self.shared.lock();
+        // The client-server link shares the nodes' fate: a crashed or unreachable node never answers.
+        let delay = s.latency();
+        s.schedule(delay, Event::Request { node, client, attempt, request });
+        s.schedule(ATTEMPT_TIMEOUT_MS, Event::AttemptTimeout { client, attempt });
+    }
+
+    pub(super) fn on_answer(&mut self, client: usize, attempt: u64, answer: Answer) {
+        let Some(p) = self.clients[client].pending.as_ref() else { return };
+        if p.attempt != attempt {
+            return; // an answer to an attempt the client already gave up on
+        }
+        let error = match &answer {
+            Answer::Write(w) => tern_proto::check(&w.error),
+            Answer::Read(r) => tern_proto::check(&r.error),
+        };
+        match error {
+            Err(e) => self.on_error(client, e),
+            Ok(()) => {
+                let output = match (&p.input, answer) {
+                    (Input::Get { .. }, Answer::Read(r)) => Output::Value(r.records.first().map(|r| r.value.to_vec())),
+                    (Input::MultiGet { sortkeys }, Answer::Read(r)) => {
+                        Output::Values(sortkeys.iter().map(|s| r.records.iter().find(|x| x.sortkey[..] == s[..]).map(|x| x.value.to_vec())).collect())
+                    }
+                    (Input::Set { .. } | Input::MultiSet { .. }, Answer::Write(_)) => Output::Done,
+                    (Input::Del { .. }, Answer::Write(w)) => Output::Existed(w.count > 0),
+                    (Input::Incr { .. }, Answer::Write(w)) => Output::Integer(w.new_value),
+                    (Input::CheckAndSet { .. }, Answer::Write(w)) => Output::Applied(w.set_done),
+                    _ => unreachable!("answer kind matches request kind"),
+                };
+                self.complete(client, Some(output));
+            }
+        }
+    }
+
+    pub(super) fn on_error(&mut self, client: usize, error: TernError) {
+        let now = self.now.load(Ordering::SeqCst);
+        let partitions = self.cfg.partitions;
+        let now_meta_up = now >= self.meta_down_until;
+        let fresh_route = self.catalog.as_ref().filter(|_| now_meta_up).map(|catalog| {
+            // What the real client gets when it refreshes its route from meta.
+            let t = &catalog.tables["t"];
+            LeaderTable::new(t.partitions.iter().map(|p| (p.peers.iter().map(|(_, n)| *n).collect(), p.preferred_leader)).collect())
+        });
+        let c = &mut self.clients[client];
+        let p = c.pending.as_mut().expect("pending operation");
+        let partition = partition_of(&p.hashkey, partitions);
+        let reaction = c.leaders.observe(partition, p.node, &error);
+        if reaction == tern_client::routing::Reaction::RefreshRoute {
+            if let Some(route) = fresh_route {
+                c.leaders = route;
+            }
+        }
+        let remaining = Duration::from_millis((p.started + OPERATION_DEADLINE_MS).saturating_sub(now));
+        let attempts = p.attempts;
+        p.attempts += 1;
+        let attempt = p.attempt;
+        match next_step(error, attempts, remaining, &self.policy, &mut c.rng) {
+            NextStep::Retry(pause) => {
+                let mut s = self.shared.lock();
+                s.schedule(pause.as_millis() as u64, Event::ClientRetry { client, attempt });
+            }
+            NextStep::GiveUp(_) => self.complete(client, None),
+        }
+    }
+
+    /// Records the operation (writes that failed have an unknown outcome; failed reads are dropped).
+    pub(super) fn complete(&mut self, client: usize, output: Option<Output>) {
+        let now = self.now.load(Ordering::SeqCst);
+        let c = &mut self.clients[client];
+        let p = c.pending.take().expect("pending operation");
+        self.identities[c.identity].inflight.remove(&p.seq);
+        let is_read = matches!(p.input, Input::Get { .. } | Input::MultiGet { .. });
+        if (output.is_some() || !is_read) && p.hashkey != TTL_HASHKEY {
+            self.history.push(Operation { client: client as u64, hashkey: p.hashkey, input: p.input, output, call: p.started, ret: now });
+        }
+        let think = c.rng.range(0, 80);
+        self.shared.lock().schedule(think, Event::ClientNext { client });
+    }
+}

@@ -1,0 +1,213 @@
+//! Faults: which ones a run gets and when (the planner), and how each is applied to the world.
+
+use super::*;
+
+#[derive(Clone, Copy, Debug)]
+pub(super) enum DiskFault {
+    LogWrite,
+    LogRead,
+    EngineWrite,
+    /// A point read of the engine fails (at apply: the replica stops).
+    EngineRead,
+    /// A point read of the engine returns a value with a flipped byte (its checksum must catch it).
+    EngineCorruptRead,
+}
+
+#[derive(Clone, Debug)]
+pub(super) enum Fault {
+    Crash(NodeId),
+    Restart(NodeId),
+    Isolate(NodeId),
+    /// Cut links one way only: `from` cannot reach `to`.
+    CutOneWay(NodeId, NodeId),
+    Heal,
+    ClockJump(NodeId, i64),
+    Noise(bool),
+    /// The node stops processing (as under SIGSTOP or a long pause) for this many milliseconds.
+    Pause(NodeId, u64),
+    /// The node's next raft-log write, raft-log read or engine write fails: the store treats it as
+    /// fatal and the node restarts.
+    DiskFailure(NodeId, DiskFault),
+    /// Meta is unreachable for this many milliseconds (no scheduling, no heartbeat answers).
+    MetaDown(u64),
+    /// The node's engines run a compaction now (RocksDB compacts in the background at any moment):
+    /// records the expiry filter allows to drop are dropped.
+    Compact(NodeId),
+    /// While on, snapshot transfers may arrive cut short (the sender died half way, its checkpoint
+    /// went away under it): the receiver must refuse them.
+    CutSnapshots(bool),
+    HealAll,
+}
+
+impl World {
+    /// The fault schedule is drawn up front from the seed, so it can be printed.
+    pub(super) fn plan_faults(&mut self) {
+        if !self.cfg.faults {
+            return;
+        }
+        let mut rng = SeededRandom::new(self.cfg.seed ^ 0xFA17);
+        let mut t = rng.range(500, 1500);
+        let n = self.cfg.nodes as u64;
+        let mut planned = Vec::new();
+        while t < self.cfg.fault_phase_ms {
+            let node = rng.range(1, n + 1);
+            let length = rng.range(300, 3000);
+            match rng.range(0, 8) {
+                0 => {
+                    planned.push((t, Fault::Crash(node)));
+                    planned.push((t + length, Fault::Restart(node)));
+                }
+                1 => {
+                    planned.push((t, Fault::Isolate(node)));
+                    planned.push((t + length, Fault::Heal));
+                }
+                2 => {
+                    let other = 1 + (node % n);
+                    planned.push((t, Fault::CutOneWay(node, other)));
+                    planned.push((t + length, Fault::Heal));
+                }
+                3 => planned.push((t, Fault::ClockJump(node, rng.range(0, 20_000) as i64 - 10_000))),
+                4 => planned.push((t, Fault::Pause(node, length))),
+                5 => {
+                    let kind = [DiskFault::LogWrite, DiskFault::LogRead, DiskFault::EngineWrite][rng.range(0, 3) as usize];
+                    planned.push((t, Fault::DiskFailure(node, kind)));
+                }
+                _ => {
+                    planned.push((t, Fault::Noise(true)));
+                    planned.push((t + length, Fault::Noise(false)));
+                }
+            }
+            t += rng.range(500, 2500);
+        }
+        if self.cfg.scheduler {
+            // Outages long enough for meta to replace replicas, and meta outages, from their own
+            // generator so the schedules above stay as they were.
+            let mut rng = SeededRandom::new(self.cfg.seed ^ 0x5C4ED);
+            let mut t = rng.range(1_000, 3_000);
+            while t < self.cfg.fault_phase_ms {
+                let node = rng.range(1, n + 1);
+                let length = rng.range(4_000, 8_000);
+                if rng.range(0, 3) == 0 {
+                    planned.push((t, Fault::MetaDown(length / 2)));
+                } else {
+                    planned.push((t, Fault::Crash(node)));
+                    planned.push((t + length, Fault::Restart(node)));
+                }
+                t += rng.range(3_000, 6_000);
+            }
+        }
+        // Faults added later come from their own generator, so the schedules above stay as they were.
+        let mut rng = SeededRandom::new(self.cfg.seed ^ 0xD15C);
+        let mut t = rng.range(500, 1500);
+        while t < self.cfg.fault_phase_ms {
+            let node = rng.range(1, n + 1);
+            match rng.range(0, 6) {
+                0 => planned.push((t, Fault::DiskFailure(node, DiskFault::EngineRead))),
+                1 => planned.push((t, Fault::DiskFailure(node, DiskFault::EngineCorruptRead))),
+                2 => {
+                    planned.push((t, Fault::CutSnapshots(true)));
+                    planned.push((t + rng.range(1_000, 4_000), Fault::CutSnapshots(false)));
+                }
+                _ => planned.push((t, Fault::Compact(node))),
+            }
+            t += rng.range(500, 2500);
+        }
+        // Compactions go on after healing too: what they drop must never matter.
+        let mut t = self.cfg.fault_phase_ms;
+        while t < self.cfg.fault_phase_ms + 20_000 {
+            t += rng.range(1_000, 4_000);
+            planned.push((t, Fault::Compact(rng.range(1, n + 1))));
+        }
+        planned.push((self.cfg.fault_phase_ms, Fault::HealAll));
+        let mut s = self.shared.lock();
+        for (at, f) in planned {
+            self.faults.push(format!("{:>6} ms  {f:?}", at));
+            s.schedule(at, Event::Fault(f));
+        }
+    }
+
+    pub(super) fn apply_fault(&mut self, fault: Fault) {
+        let shared = self.shared.clone();
+        let net = |f: &dyn Fn(&mut Network)| f(&mut shared.lock().network);
+        match fault {
+            Fault::Crash(node) => {
+                let i = self.node_index(node);
+                if self.nodes[i].store.is_some() {
+                    self.crash(i);
+                }
+            }
+            Fault::Restart(node) => {
+                let i = self.node_index(node);
+                if self.nodes[i].store.is_none() {
+                    self.start_node(i);
+                }
+            }
+            Fault::Isolate(node) => {
+                let n = self.cfg.nodes as u64;
+                net(&|w: &mut Network| {
+                    for other in 1..=n {
+                        if other != node {
+                            w.cut.insert((node, other));
+                            w.cut.insert((other, node));
+                        }
+                    }
+                });
+            }
+            Fault::CutOneWay(from, to) => net(&|w: &mut Network| {
+                w.cut.insert((from, to));
+            }),
+            Fault::Heal => net(&|w: &mut Network| w.cut.clear()),
+            Fault::Noise(on) => net(&|w: &mut Network| w.noisy = on),
+            Fault::ClockJump(node, delta) => {
+                self.nodes[self.node_index(node)].clock_offset.fetch_add(delta, Ordering::SeqCst);
+            }
+            Fault::MetaDown(length) => {
+                self.meta_down_until = self.now.load(Ordering::SeqCst) + length;
+            }
+            Fault::Compact(node) => {
+                self.nodes[self.node_index(node)].engines.compact_everything();
+            }
+            Fault::CutSnapshots(on) => net(&|w: &mut Network| w.cut_snapshots = on),
+            Fault::Pause(node, length) => {
+                let i = self.node_index(node);
+                self.nodes[i].paused_until = self.now.load(Ordering::SeqCst) + length;
+                self.nodes[i].pause_salt = self.shared.lock().rng.next_u64();
+            }
+            Fault::DiskFailure(node, kind) => {
+                let i = self.node_index(node);
+                if self.nodes[i].store.is_some() {
+                    self.nodes[i].disk_faults_armed += 1;
+                    match kind {
+                        DiskFault::LogWrite => self.nodes[i].log.fail_writes(1),
+                        DiskFault::LogRead => self.nodes[i].log.fail_reads(1),
+                        DiskFault::EngineWrite => self.nodes[i].engines.fail_writes(1),
+                        DiskFault::EngineRead => self.nodes[i].engines.fail_reads(1),
+                        DiskFault::EngineCorruptRead => self.nodes[i].engines.corrupt_reads(1),
+                    }
+                }
+            }
+            Fault::HealAll => {
+                net(&|w: &mut Network| {
+                    w.cut.clear();
+                    w.noisy = false;
+                    w.cut_snapshots = false;
+                });
+                self.meta_down_until = 0;
+                for i in 0..self.nodes.len() {
+                    self.nodes[i].log.fail_writes(0);
+                    self.nodes[i].log.fail_reads(0);
+                    self.nodes[i].engines.fail_writes(0);
+                    self.nodes[i].engines.fail_reads(0);
+                    self.nodes[i].engines.corrupt_reads(0);
+                    self.nodes[i].disk_faults_armed = 0;
+                    self.nodes[i].paused_until = 0;
+                    if self.nodes[i].store.is_none() {
+                        self.start_node(i);
+                    }
+                    self.nodes[i].clock_offset.store(0, Ordering::SeqCst);
+                }
+                self.healed_at = Some(self.now.load(Ordering::SeqCst));
+            }
+        }
+    }
+}

@@ -1,0 +1,593 @@
+//! The simulated world: virtual time, an event queue, nodes running the production `Store` over
+//! simulated disks (`MemoryLogStore`, `MemoryEngineFactory`: unsynced writes lost on crash), a
+//! simulated network (delay, reordering, drops, duplicates, partitions), crashes and restarts, clock
+//! jumps, and clients that use the real client's routing and retry decisions. Everything random comes
+//! from one seed, so a run replays bit for bit.
+//!
+//! Rooms: this file holds the world itself (configuration, events, nodes running the production
+//! store, the event loop); `network` the simulated network, clocks and snapshot transfer; `faults`
+//! the fault planner and how each fault is applied; `meta` meta's part (catalog, assignments,
+//! scheduler); `clients` the workload and the clients' request loop; `invariants` what is checked
+//! as the run goes and at its end; `report` the report, the trace and dumps.
+
+mod clients;
+mod faults;
+mod invariants;
+mod meta;
+mod network;
+mod report;
+
+use clients::*;
+use faults::*;
+use meta::META_TICK_MS;
+use network::*;
+pub use report::SimReport;
+
+use crate::checker::{self, Input, Operation, Output, Verdict};
+use parking_lot::Mutex;
+use raft::eraftpb::Message;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tern_client::retry::RetryPolicy;
+use tern_client::routing::{next_step, LeaderTable, NextStep};
+use tern_core::codec::partition_of;
+use tern_core::time::{Clock, RandomSource, SeededRandom};
+use tern_core::{GroupId, NodeId, TernError};
+use tern_engine::MemoryEngineFactory;
+use tern_proto::{read_request, write_request, ReadRequest, ReadResponse, WriteRequest, WriteResponse};
+use tern_raft::log_store::MemoryLogStore;
+use tern_raft::replica::OutMessage;
+use tern_raft::replica::PlantedBugs;
+use tern_raft::store::{ReplicaSpec, Store, StoreConfig, StoreMsg, Transport};
+
+/// Virtual unix time at the start of every run.
+const EPOCH_UNIX_MS: u64 = 1_700_000_000_000;
+const TABLE_ID: u32 = 1;
+const TICK_MS: u64 = 100;
+/// A client gives up on one attempt after this long and retries.
+const ATTEMPT_TIMEOUT_MS: u64 = 1_000;
+/// A client gives up on an operation after this long (outcome unknown for writes).
+const OPERATION_DEADLINE_MS: u64 = 5_000;
+/// Sessions sharing one client identity (several writes of one client id in flight at once).
+const SESSIONS_PER_CLIENT: usize = 2;
+/// (node, applied index, checksum) of one replica.
+type ReplicaSum = (NodeId, u64, u64);
+/// Settling rounds (5 s of virtual time each) replicas get to agree after the run.
+const SETTLE_ROUNDS_MAX: u32 = 4;
+
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub nodes: usize,
+    pub partitions: u32,
+    pub clients: usize,
+    /// Client operations to run (the final verification reads come on top).
+    pub operations: usize,
+    pub faults: bool,
+    /// Faults are injected during this much virtual time, then everything heals.
+    pub fault_phase_ms: u64,
+    /// After healing, every pending operation must finish within this much virtual time.
+    pub liveness_ms: u64,
+    /// Run meta's scheduler (tern_meta::catalog) on a fourth node: lost replicas are replaced,
+    /// replicas balanced, leaders preferred, all under the same faults (plus longer outages and
+    /// meta outages).
+    pub scheduler: bool,
+    /// Bugs put back on purpose, to prove the simulator catches them (none by default).
+    pub planted: PlantedBugs,
+}
+
+impl SimConfig {
+    pub fn new(seed: u64) -> SimConfig {
+        SimConfig {
+            seed,
+            nodes: 3,
+            partitions: 2,
+            clients: 4,
+            operations: 500,
+            faults: true,
+            fault_phase_ms: 10_000,
+            liveness_ms: 60_000,
+            scheduler: false,
+            planted: PlantedBugs::default(),
+        }
+    }
+
+    /// Four nodes with meta's scheduler moving replicas among them.
+    pub fn with_scheduler(seed: u64) -> SimConfig {
+        SimConfig { nodes: 4, scheduler: true, fault_phase_ms: 15_000, ..SimConfig::new(seed) }
+    }
+}
+
+enum Event {
+    Raft {
+        to: NodeId,
+        group: GroupId,
+        message: Message,
+        snapshot_dir: Option<PathBuf>,
+    },
+    SnapshotReport {
+        node: NodeId,
+        group: GroupId,
+        to_peer: u64,
+        ok: bool,
+    },
+    Tick {
+        node: NodeId,
+        epoch: u64,
+    },
+    Request {
+        node: NodeId,
+        client: usize,
+        attempt: u64,
+        request: Request,
+    },
+    Answer {
+        client: usize,
+        attempt: u64,
+        answer: Answer,
+    },
+    AttemptTimeout {
+        client: usize,
+        attempt: u64,
+    },
+    ClientNext {
+        client: usize,
+    },
+    ClientRetry {
+        client: usize,
+        attempt: u64,
+    },
+    Fault(Fault),
+    /// Meta's scheduling pass and heartbeat answers.
+    MetaTick,
+}
+
+impl Event {
+    fn describe(&self) -> String {
+        match self {
+            Event::Raft { to, group, message, .. } => format!("raft {:?} {}->{} group {group}", message.get_msg_type(), message.from, to),
+            Event::SnapshotReport { node, group, ok, .. } => format!("snapshot report node {node} group {group} ok={ok}"),
+            Event::Tick { node, .. } => format!("tick node {node}"),
+            Event::Request { node, client, attempt, .. } => format!("request client {client} attempt {attempt} -> node {node}"),
+            Event::Answer { client, attempt, .. } => format!("answer client {client} attempt {attempt}"),
+            Event::AttemptTimeout { client, attempt } => format!("attempt timeout client {client} attempt {attempt}"),
+            Event::ClientNext { client } => format!("client {client} next"),
+            Event::ClientRetry { client, attempt } => format!("client {client} retry after attempt {attempt}"),
+            Event::Fault(f) => format!("fault {f:?}"),
+            Event::MetaTick => "meta tick".to_string(),
+        }
+    }
+
+    fn trace_key(&self) -> u64 {
+        match self {
+            Event::Raft { to, group, message, .. } => {
+                1 + (*to << 8) + (group.0 << 16) + ((message.get_msg_type() as u64) << 40) + (message.index << 48)
+            }
+            Event::SnapshotReport { node, .. } => 2 + (*node << 8),
+            Event::Tick { node, .. } => 3 + (*node << 8),
+            Event::Request { node, client, attempt, .. } => 4 + (*node << 8) + ((*client as u64) << 16) + (attempt << 24),
+            Event::Answer { client, attempt, .. } => 5 + ((*client as u64) << 16) + (attempt << 24),
+            Event::AttemptTimeout { client, attempt } => 6 + ((*client as u64) << 16) + (attempt << 24),
+            Event::ClientNext { client } => 7 + ((*client as u64) << 16),
+            Event::ClientRetry { client, attempt } => 8 + ((*client as u64) << 16) + (attempt << 24),
+            Event::Fault(_) => 9,
+            Event::MetaTick => 10,
+        }
+    }
+}
+
+struct Node {
+    id: NodeId,
+    dir: PathBuf,
+    log: Arc<MemoryLogStore>,
+    engines: Arc<MemoryEngineFactory>,
+    clock_offset: Arc<AtomicI64>,
+    store: Option<Store>,
+    epoch: u64,
+    paused_until: u64,
+    /// Drawn per pause: how the connections' bursts interleave when it ends.
+    pause_salt: u64,
+    /// Disk faults injected and not yet seen to fire: the panics and stopped replicas they cause
+    /// are expected.
+    disk_faults_armed: u32,
+    /// Groups whose replica here is stopped by a storage failure (as last seen).
+    failed_groups: BTreeSet<GroupId>,
+}
+
+pub struct World {
+    cfg: SimConfig,
+    identities: Vec<ClientIdentity>,
+    shared: SharedRef,
+    now: Arc<AtomicU64>,
+    _root: tempfile::TempDir,
+    root: PathBuf,
+    nodes: Vec<Node>,
+    clients: Vec<SimClient>,
+    history: Vec<Operation>,
+    issued: usize,
+    next_attempt: u64,
+    policy: RetryPolicy,
+    failures: Vec<String>,
+    faults: Vec<String>,
+    trace_hash: u64,
+    events: u64,
+    trace_tail: std::collections::VecDeque<String>,
+    /// (group, term) -> leader peer seen, for the one-leader-per-term invariant.
+    leaders_seen: BTreeMap<(u64, u64), u64>,
+    /// (group, index) -> (term, data hash) of every committed entry seen: committed entries never change.
+    committed: BTreeMap<(u64, u64), (u64, u64)>,
+    /// (node, group) -> highest committed index already compared.
+    committed_checked: BTreeMap<(NodeId, u64), u64>,
+    healed_at: Option<u64>,
+    /// Meta's catalog, when the scheduler runs.
+    catalog: Option<tern_meta::catalog::Catalog>,
+    /// Since when meta has not heard from each node (None: it hears from it).
+    unheard_since: Vec<Option<u64>>,
+    meta_down_until: u64,
+}
+
+fn node_seed(seed: u64, node: NodeId, epoch: u64) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (node << 32) ^ epoch
+}
+
+thread_local! {
+    /// Set while production code runs under `with_store`, where injected faults may panic.
+    static IN_STORE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Panics caused by injected faults inside production code are expected; keep them out of the output.
+fn quiet_injected_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info.payload().downcast_ref::<String>().map(|s| s.as_str()).or_else(|| info.payload().downcast_ref::<&str>().copied());
+            if !(IN_STORE.with(|f| f.get()) && msg.is_some_and(|m| m.contains("injected"))) {
+                default(info);
+            }
+        }));
+    });
+}
+
+impl World {
+    pub fn new(cfg: SimConfig) -> World {
+        quiet_injected_panics();
+        let root_dir = tempfile::tempdir().expect("temporary directory");
+        let root = root_dir.path().to_path_buf();
+        let now = Arc::new(AtomicU64::new(0));
+        let shared = Arc::new(Mutex::new(Shared {
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            rng: SeededRandom::new(cfg.seed),
+            network: Network::default(),
+        }));
+        let nodes = (1..=cfg.nodes as u64)
+            .map(|id| Node {
+                id,
+                dir: root.join(format!("n{id}")),
+                log: Arc::new(MemoryLogStore::default()),
+                engines: Arc::new(MemoryEngineFactory::new(Some(tern_raft::keys::is_expired_record))),
+                clock_offset: Arc::new(AtomicI64::new(0)),
+                store: None,
+                epoch: 0,
+                paused_until: 0,
+                pause_salt: 0,
+                disk_faults_armed: 0,
+                failed_groups: BTreeSet::new(),
+            })
+            .collect();
+        // Clients know every node: a partition's replicas may move (the client follows hints).
+        let replicas: Vec<NodeId> = (1..=cfg.nodes as u64).collect();
+        let clients = (0..cfg.clients)
+            .map(|i| SimClient {
+                identity: i / SESSIONS_PER_CLIENT,
+                rng: SeededRandom::new(cfg.seed ^ (0xC11E47 + i as u64)),
+                leaders: LeaderTable::new((0..cfg.partitions).map(|p| (replicas.clone(), 1 + (p as u64 % cfg.nodes as u64))).collect()),
+                pending: None,
+                verification: Vec::new(),
+                finished: false,
+            })
+            .collect();
+        // Sequence numbers start a little below a multiple of the exactly-once GC chunk, so every run
+        // moves client floors (and removes remembered results) while other writes are in flight.
+        let mut seq_rng = SeededRandom::new(cfg.seed ^ 0x5E0);
+        let identities = (0..cfg.clients.div_ceil(SESSIONS_PER_CLIENT))
+            .map(|i| ClientIdentity {
+                client_id: 1000 + i as u64,
+                next_seq: tern_raft::apply::DEDUP_GC_CHUNK * (1 + i as u64) - seq_rng.range(10, 200),
+                inflight: BTreeSet::new(),
+            })
+            .collect();
+        let mut world = World {
+            identities,
+            cfg,
+            shared,
+            now,
+            _root: root_dir,
+            root,
+            nodes,
+            clients,
+            history: Vec::new(),
+            issued: 0,
+            next_attempt: 0,
+            policy: RetryPolicy { base: Duration::from_millis(20), max: Duration::from_millis(500) },
+            failures: Vec::new(),
+            faults: Vec::new(),
+            trace_hash: 0xcbf2_9ce4_8422_2325,
+            events: 0,
+            trace_tail: Default::default(),
+            leaders_seen: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            committed_checked: BTreeMap::new(),
+            healed_at: None,
+            catalog: None,
+            unheard_since: Vec::new(),
+            meta_down_until: 0,
+        };
+        if world.cfg.scheduler {
+            let mut catalog = tern_meta::catalog::Catalog::default();
+            for i in 1..=world.cfg.nodes {
+                catalog.register(&format!("n{i}"), "").expect("valid address");
+            }
+            let first_three: Vec<NodeId> = (1..=3).collect();
+            catalog.create_table("t", world.cfg.partitions, 3, &first_three).expect("valid table");
+            world.catalog = Some(catalog);
+            world.unheard_since = vec![None; world.cfg.nodes];
+            world.shared.lock().schedule(META_TICK_MS, Event::MetaTick);
+        }
+        for i in 0..world.nodes.len() {
+            world.start_node(i);
+        }
+        world.create_partitions();
+        world.plan_faults();
+        for c in 0..world.clients.len() {
+            world.shared.lock().schedule(200 + c as u64, Event::ClientNext { client: c });
+        }
+        world
+    }
+
+    fn store_config(planted: PlantedBugs) -> StoreConfig {
+        // Small log thresholds so that compaction and snapshot transfer happen in every run.
+        let mut cfg = StoreConfig { tick_interval: Duration::from_millis(TICK_MS), ..Default::default() };
+        cfg.replica.log_gc_count_threshold = 50;
+        cfg.replica.log_gc_lag_max = 100;
+        cfg.replica.log_gc_interval_ticks = 5;
+        cfg.replica.expiry_sync_interval_ticks = 20;
+        cfg.failed_replica_reopen_ticks = 30;
+        cfg.replica.planted = planted;
+        cfg
+    }
+
+    fn start_node(&mut self, index: usize) {
+        let node = &mut self.nodes[index];
+        node.epoch += 1;
+        let transport = SimTransport { node: node.id, shared: self.shared.clone(), root: self.root.clone() };
+        let clock = Arc::new(SimClock { now: self.now.clone(), offset_ms: node.clock_offset.clone() });
+        let seed = node_seed(self.cfg.seed, node.id, node.epoch);
+        let (log, engines) = (node.log.clone(), node.engines.clone());
+        let store = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Store::open(node.id, node.dir.clone(), log, engines, clock, seed, Self::store_config(self.cfg.planted), Box::new(transport))
+        }));
+        match store {
+            Ok(Ok(s)) => node.store = Some(s),
+            Ok(Err(e)) => self.failures.push(format!("node {} failed to open its store: {e}", node.id)),
+            Err(_) => self.failures.push(format!("node {} panicked while opening its store", node.id)),
+        }
+        let (id, epoch) = (node.id, node.epoch);
+        let offset = self.shared.lock().rng.range(1, TICK_MS);
+        self.shared.lock().schedule(offset, Event::Tick { node: id, epoch });
+    }
+
+    /// Runs a store operation; a panic inside production code is a failure of the run.
+    fn with_store(&mut self, index: usize, f: impl FnOnce(&mut Store)) {
+        let Some(store) = self.nodes[index].store.as_mut() else { return };
+        IN_STORE.with(|flag| flag.set(true));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(store)));
+        IN_STORE.with(|flag| flag.set(false));
+        if let Err(panic) = result {
+            let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            let node = self.nodes[index].id;
+            if self.nodes[index].disk_faults_armed > 0 && msg.contains("injected") {
+                // The injected disk failure did what it should: the node stops; it restarts later.
+                self.nodes[index].disk_faults_armed = 0;
+                let delay = self.shared.lock().rng.range(200, 2000);
+                self.shared.lock().schedule(delay, Event::Fault(Fault::Restart(node)));
+            } else {
+                self.failures.push(format!("node {node} panicked: {msg}"));
+            }
+            self.crash(index);
+            return;
+        }
+        // A replica stops after a storage failure at apply, and the store opens it again a while
+        // later. Only an injected fault may cause one.
+        let failed = self.nodes[index].store.as_ref().map(|s| s.failed_replicas()).unwrap_or_default();
+        let node = &mut self.nodes[index];
+        let fresh: Vec<(GroupId, String)> = failed.iter().filter(|(g, _)| !node.failed_groups.contains(g)).cloned().collect();
+        node.failed_groups = failed.iter().map(|(g, _)| *g).collect();
+        if !fresh.is_empty() {
+            let excused = fresh.len() as u32 <= node.disk_faults_armed;
+            if excused && fresh.iter().all(|(_, why)| why.contains("injected") || why.contains("checksum")) {
+                node.disk_faults_armed -= fresh.len() as u32;
+            } else {
+                let id = node.id;
+                self.failures.push(format!("node {id}: replicas stopped without an injected fault: {fresh:?}"));
+            }
+        }
+    }
+
+    fn crash(&mut self, index: usize) {
+        let node = &mut self.nodes[index];
+        node.store = None; // pending client callbacks are dropped unanswered
+        node.log.crash();
+        node.engines.crash();
+        node.epoch += 1;
+        // An injected disk fault is a one-off: it does not outlive the process it hit.
+        node.disk_faults_armed = 0;
+        node.log.fail_writes(0);
+        node.log.fail_reads(0);
+        node.engines.fail_writes(0);
+        node.engines.fail_reads(0);
+        node.engines.corrupt_reads(0);
+    }
+
+    /// Runs the simulation to the end and checks the history.
+    pub fn run(mut self) -> SimReport {
+        let hard_stop = self.cfg.fault_phase_ms + self.cfg.liveness_ms + 60_000;
+        loop {
+            let next = {
+                let mut s = self.shared.lock();
+                match s.queue.pop() {
+                    None => None,
+                    Some(Reverse((at, seq))) => {
+                        s.now = at;
+                        let e = s.events.remove(&seq).expect("scheduled event");
+                        Some((at, e))
+                    }
+                }
+            };
+            let Some((at, event)) = next else { break };
+            self.now.store(at, Ordering::SeqCst);
+            self.trace(at, &event);
+            self.handle(event);
+            if self.clients.iter().all(|c| c.finished) {
+                break;
+            }
+            if let Some(healed) = self.healed_at {
+                if at > healed + self.cfg.liveness_ms {
+                    let pending: Vec<String> = self
+                        .clients
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, c)| !c.finished)
+                        .map(|(i, c)| match &c.pending {
+                            Some(p) => format!(
+                                "client {i}: {:?} on {:?} since {} ms, {} attempts, last to node {}",
+                                p.input,
+                                String::from_utf8_lossy(&p.hashkey),
+                                p.started,
+                                p.attempts,
+                                p.node
+                            ),
+                            None => format!("client {i}: idle"),
+                        })
+                        .collect();
+                    self.failures.push(format!("liveness: operations still pending {} ms after healing: {pending:?}", self.cfg.liveness_ms));
+                    let replicas = self.replica_statuses();
+                    self.failures.push(format!("replica states: {replicas}"));
+                    break;
+                }
+            }
+            if at > hard_stop {
+                self.failures.push("simulation did not finish".into());
+                break;
+            }
+        }
+        let end = self.now.load(Ordering::SeqCst);
+        self.settle_and_compare_replicas();
+        let verdict = checker::check(&self.history, 2_000_000);
+        SimReport {
+            seed: self.cfg.seed,
+            trace_hash: self.trace_hash,
+            events: self.events,
+            virtual_ms: end,
+            operations: self.history.len(),
+            unknown_outcomes: self.history.iter().filter(|o| o.output.is_none()).count(),
+            verdict,
+            failures: self.failures,
+            faults: self.faults,
+            trace_tail: self.trace_tail.into_iter().collect(),
+        }
+    }
+
+    fn node_index(&self, id: NodeId) -> usize {
+        (id - 1) as usize
+    }
+
+    /// The node an event is delivered to, if any.
+    /// Which connection an event comes over (its order within one survives a pause).
+    fn connection(event: &Event) -> u64 {
+        match event {
+            Event::Raft { group, message, .. } => (group.0 << 20) ^ message.from,
+            Event::Request { client, .. } => 0xC11E_0000 + *client as u64,
+            _ => 0x7133,
+        }
+    }
+
+    fn target(event: &Event) -> Option<NodeId> {
+        match event {
+            Event::Raft { to, .. } => Some(*to),
+            Event::SnapshotReport { node, .. } | Event::Tick { node, .. } | Event::Request { node, .. } => Some(*node),
+            _ => None,
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        if let Some(node) = Self::target(&event) {
+            let until = self.nodes[self.node_index(node)].paused_until;
+            let now = self.now.load(Ordering::SeqCst);
+            if now < until {
+                // As under SIGSTOP: everything that arrived meanwhile is taken in a burst on resume,
+                // timers late. Each connection keeps its order (one raft stream per peer, one per
+                // client) while connections interleave in no particular order.
+                let salt = self.nodes[self.node_index(node)].pause_salt;
+                let jitter = SeededRandom::new(salt ^ Self::connection(&event)).range(0, 20);
+                self.shared.lock().schedule(until - now + jitter, event);
+                return;
+            }
+        }
+        match event {
+            Event::Raft { to, group, message, snapshot_dir } => {
+                let i = self.node_index(to);
+                self.with_store(i, |s| {
+                    s.handle(StoreMsg::Raft { group, message, snapshot_dir });
+                    s.process_ready();
+                });
+            }
+            Event::SnapshotReport { node, group, to_peer, ok } => {
+                let i = self.node_index(node);
+                self.with_store(i, |s| {
+                    s.handle(StoreMsg::SnapshotReport { group, to_peer, ok });
+                    s.process_ready();
+                });
+            }
+            Event::Tick { node, epoch } => {
+                let i = self.node_index(node);
+                if self.nodes[i].epoch != epoch || self.nodes[i].store.is_none() {
+                    return; // a tick of a crashed incarnation
+                }
+                self.with_store(i, |s| {
+                    s.tick();
+                    s.process_ready();
+                });
+                self.check_leaders(i);
+                self.shared.lock().schedule(TICK_MS, Event::Tick { node, epoch });
+            }
+            Event::Request { node, client, attempt, request } => self.serve(node, client, attempt, request),
+            Event::Answer { client, attempt, answer } => self.on_answer(client, attempt, answer),
+            Event::AttemptTimeout { client, attempt } => {
+                if self.clients[client].pending.as_ref().is_some_and(|p| p.attempt == attempt) {
+                    self.on_error(client, TernError::Timeout("attempt timed out".into()));
+                }
+            }
+            Event::ClientNext { client } => self.next_operation(client),
+            Event::ClientRetry { client, attempt } => {
+                if self.clients[client].pending.as_ref().is_some_and(|p| p.attempt == attempt) {
+                    self.send_attempt(client);
+                }
+            }
+            Event::Fault(f) => self.apply_fault(f),
+            Event::MetaTick => self.meta_tick(),
+        }
+    }
+}
+
+/// Runs one seed.
+pub fn run(cfg: SimConfig) -> SimReport {
+    World::new(cfg).run()
+}

@@ -1,0 +1,144 @@
+//! The simulated network and clocks: requests and answers in flight, latency, loss and partitions,
+//! per-node clocks, and the transport the production store sends through (snapshots copied, or
+//! cut short by a fault).
+
+use super::*;
+
+pub(super) enum Request {
+    Write(GroupId, WriteRequest),
+    Read(GroupId, ReadRequest),
+}
+
+pub(super) enum Answer {
+    Write(WriteResponse),
+    Read(ReadResponse),
+}
+
+/// Network conditions, changed by faults.
+#[derive(Default)]
+pub(super) struct Network {
+    /// (from, to) pairs whose messages are dropped.
+    pub(super) cut: BTreeSet<(NodeId, NodeId)>,
+    pub(super) noisy: bool,
+    /// Snapshot transfers may arrive cut short.
+    pub(super) cut_snapshots: bool,
+}
+
+/// State shared with the transports and callbacks that production code calls into.
+pub(super) struct Shared {
+    pub(super) now: u64,
+    pub(super) seq: u64,
+    pub(super) queue: BinaryHeap<Reverse<(u64, u64)>>,
+    pub(super) events: BTreeMap<u64, Event>,
+    pub(super) rng: SeededRandom,
+    pub(super) network: Network,
+}
+
+impl Shared {
+    pub(super) fn schedule(&mut self, delay_ms: u64, event: Event) {
+        self.seq += 1;
+        let at = self.now + delay_ms;
+        self.queue.push(Reverse((at, self.seq)));
+        self.events.insert(self.seq, event);
+    }
+
+    /// One-way network latency; with noise, longer and more varied (so messages reorder).
+    pub(super) fn latency(&mut self) -> u64 {
+        if self.network.noisy {
+            self.rng.range(1, 40)
+        } else {
+            self.rng.range(1, 4)
+        }
+    }
+
+    /// Whether a message from `from` to `to` is lost.
+    pub(super) fn lost(&mut self, from: NodeId, to: NodeId) -> bool {
+        self.network.cut.contains(&(from, to)) || (self.network.noisy && self.rng.range(0, 100) < 5)
+    }
+}
+
+pub(super) type SharedRef = Arc<Mutex<Shared>>;
+
+pub(super) struct SimClock {
+    pub(super) now: Arc<AtomicU64>,
+    pub(super) offset_ms: Arc<AtomicI64>,
+}
+
+impl Clock for SimClock {
+    fn now_unix_ms(&self) -> u64 {
+        (EPOCH_UNIX_MS as i64 + self.now.load(Ordering::SeqCst) as i64 + self.offset_ms.load(Ordering::SeqCst)) as u64
+    }
+    fn monotonic(&self) -> Duration {
+        Duration::from_millis(self.now.load(Ordering::SeqCst))
+    }
+}
+
+pub(super) struct SimTransport {
+    pub(super) node: NodeId,
+    pub(super) shared: SharedRef,
+    pub(super) root: PathBuf,
+}
+
+pub(super) fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    let mut entries: Vec<_> = std::fs::read_dir(from)?.filter_map(|e| e.ok()).collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        std::fs::copy(e.path(), to.join(e.file_name()))?;
+    }
+    Ok(())
+}
+
+/// Damages a received snapshot copy the way a transfer cut short would: a file truncated or missing.
+/// The sender believes it finished (as when the stream just ended early). Returns true.
+pub(super) fn cut_snapshot_short(dir: &Path, rng: &mut SeededRandom) -> bool {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
+    files.sort();
+    if files.is_empty() {
+        return true;
+    }
+    let victim = &files[rng.range(0, files.len() as u64) as usize];
+    if rng.range(0, 2) == 0 {
+        let _ = std::fs::remove_file(victim);
+    } else if let Ok(bytes) = std::fs::read(victim) {
+        let _ = std::fs::write(victim, &bytes[..bytes.len() / 2]);
+    }
+    true
+}
+
+impl Transport for SimTransport {
+    fn send(&mut self, messages: Vec<OutMessage>) {
+        let mut s = self.shared.lock();
+        for out in messages {
+            let to = out.to_node;
+            let lost = s.lost(self.node, to);
+            let delay = s.latency();
+            if let Some(dir) = out.snapshot_dir {
+                // The checkpoint is streamed: the receiver gets its own copy of the files.
+                let seq = s.seq;
+                let target = self.root.join(format!("n{to}")).join("snapshots-received").join(format!("sim-{seq}"));
+                let cut_short = s.network.cut_snapshots && s.rng.range(0, 2) == 0;
+                // As the real transport: the sender's manifest travels with the files.
+                let manifest = tern_raft::snapshot::Manifest::of_dir(&dir);
+                let ok = !lost
+                    && copy_dir(&dir, &target).is_ok()
+                    && manifest.and_then(|m| m.write_into(&target)).is_ok()
+                    && (!cut_short || cut_snapshot_short(&target, &mut s.rng));
+                if ok {
+                    s.schedule(delay, Event::Raft { to, group: out.group, message: out.message.clone(), snapshot_dir: Some(target) });
+                }
+                s.schedule(delay, Event::SnapshotReport { node: self.node, group: out.group, to_peer: out.message.to, ok });
+                continue;
+            }
+            if lost {
+                continue;
+            }
+            let duplicate = s.network.noisy && s.rng.range(0, 100) < 2;
+            if duplicate {
+                let d2 = s.latency();
+                s.schedule(d2, Event::Raft { to, group: out.group, message: out.message.clone(), snapshot_dir: None });
+            }
+            s.schedule(delay, Event::Raft { to, group: out.group, message: out.message, snapshot_dir: None });
+        }
+    }
+}
