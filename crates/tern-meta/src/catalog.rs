@@ -71,6 +71,16 @@ pub fn group_progress<'a>(statuses: impl IntoIterator<Item = &'a tern_proto::Rep
     progress
 }
 
+/// Meta's failure detector: the registered nodes heard from less than `grace` ago (`heard_ago` says
+/// how long ago each was last heard from, None if never since this meta leader started). Production
+/// and the simulator both decide liveness here.
+pub fn alive_nodes(catalog: &Catalog, heard_ago: impl Fn(NodeId) -> Option<std::time::Duration>, grace: std::time::Duration) -> Vec<NodeId> {
+    catalog.nodes.keys().filter(|id| heard_ago(**id).is_some_and(|ago| ago < grace)).copied().collect()
+}
+
+/// Replicas filled on one node at the same time by re-replication (each is a snapshot transfer).
+pub const REPAIRS_PER_NODE_MAX: usize = 2;
+
 /// A learner is promoted once it has applied to within this many entries of the leader's commit.
 pub const LEARNER_CATCH_UP_ENTRIES: u64 = 100;
 
@@ -265,7 +275,9 @@ impl Catalog {
 
     pub fn drop_table(&mut self, name: &str) -> Result<TableRecord, TernError> {
         let table = self.tables.remove(name).ok_or_else(|| TernError::TableNotFound(name.to_string()))?;
-        self.dropped_tables.push(table.id);
+        // Kept in id order, as the catalog's records list them.
+        let at = self.dropped_tables.partition_point(|id| *id < table.id);
+        self.dropped_tables.insert(at, table.id);
         Ok(table)
     }
 
@@ -504,6 +516,55 @@ impl Catalog {
         }
         self.next_peer_id = next_peer_id;
         changes
+    }
+
+    /// One pass of meta's scheduler over what the live nodes report (`statuses`: their replicas);
+    /// `operator_step` balances even while the balancer is paused (an operator's manual step).
+    /// Returns the changes made, described.
+    pub fn scheduling_pass<'a>(
+        &mut self,
+        alive: &[NodeId],
+        statuses: impl IntoIterator<Item = &'a tern_proto::ReplicaStatus>,
+        operator_step: bool,
+    ) -> Vec<String> {
+        let progress = group_progress(statuses);
+        let paused = self.balancer_paused;
+        if operator_step {
+            self.balancer_paused = false;
+        }
+        let changes = self.schedule(alive, &progress, REPAIRS_PER_NODE_MAX);
+        self.balancer_paused = paused;
+        changes
+    }
+
+    /// The catalog's part of meta's answer to a heartbeat from `node`: the replicas it should host,
+    /// the tables whose other replicas it must destroy, and the dropped tables. The service adds
+    /// what liveness knows (other servers' addresses); a server acts on it with
+    /// `tern_raft::store::reconcile_with_meta`.
+    pub fn heartbeat_answer(&self, node: NodeId) -> tern_proto::HeartbeatResponse {
+        let peers = |list: &[(PeerId, NodeId)]| list.iter().map(|(p, n)| tern_proto::PeerInfo { peer_id: *p, node_id: *n }).collect();
+        let assignments = self
+            .assignments(node)
+            .into_iter()
+            .map(|a| tern_proto::ReplicaAssignment {
+                group_id: a.group.0,
+                peer_id: a.peer_id,
+                peers: peers(&a.peers),
+                learners: peers(&a.learners),
+                initial: a.initial,
+                partition_count: a.partition_count,
+                preferred_leader: a.preferred_leader,
+                preferred_leader_peer: a.preferred_leader_peer,
+            })
+            .collect();
+        tern_proto::HeartbeatResponse {
+            error: None,
+            assignments,
+            nodes: vec![],
+            dropped_tables: self.dropped_tables.clone(),
+            live_tables: self.tables.values().map(|t| t.id).collect(),
+            cluster_id: self.cluster_id,
+        }
     }
 
     /// Every replica `node` should host.

@@ -103,9 +103,10 @@ fn table_header(t: &TableRecord) -> Vec<u8> {
 
 /// The records that turn `old` into `new`, in an order where every prefix leaves a loadable catalog
 /// (the writes may be cut short by a failure between them): the header first, so ids handed out are
-/// reserved before anything uses them; then nodes and dropped tables; then removed tables' headers;
-/// then partitions; then new or changed tables' headers, so a table appears only once all its
-/// partitions are there and disappears before they go.
+/// reserved before anything uses them; then nodes; then removed tables' headers, and only then their
+/// dropped-table markers (a live table is never listed as dropped); then partitions; then new or
+/// changed tables' headers, so a table appears only once all its partitions are there and
+/// disappears before they go; partitions a table no longer has go last.
 pub fn diff(old: &Catalog, new: &Catalog) -> Vec<Change> {
     let mut first = Vec::new();
     let (old_header, new_header) = (header(old), header(new));
@@ -118,10 +119,6 @@ pub fn diff(old: &Catalog, new: &Catalog) -> Vec<Change> {
         }
     }
     first.extend(old.nodes.keys().filter(|id| !new.nodes.contains_key(id)).map(|id| Change::Delete(node_key(*id))));
-    let old_dropped: BTreeSet<TableId> = old.dropped_tables.iter().copied().collect();
-    let new_dropped: BTreeSet<TableId> = new.dropped_tables.iter().copied().collect();
-    first.extend(new_dropped.difference(&old_dropped).map(|id| Change::Set(dropped_key(*id), Vec::new())));
-    first.extend(old_dropped.difference(&new_dropped).map(|id| Change::Delete(dropped_key(*id))));
 
     let same_table = |name: &str| match (old.tables.get(name), new.tables.get(name)) {
         (Some(o), Some(n)) if o.id == n.id => Some((o, n)),
@@ -130,6 +127,7 @@ pub fn diff(old: &Catalog, new: &Catalog) -> Vec<Change> {
     let mut removed_tables = Vec::new();
     let mut partitions = Vec::new();
     let mut tables = Vec::new();
+    let mut last = Vec::new();
     for (name, o) in &old.tables {
         if same_table(name).is_none() {
             removed_tables.push(Change::Delete(table_key(name)));
@@ -144,7 +142,7 @@ pub fn diff(old: &Catalog, new: &Catalog) -> Vec<Change> {
                         partitions.push(Change::Set(partition_key(n.id, i as u32), json(p)));
                     }
                 }
-                partitions.extend((n.partitions.len()..o.partitions.len()).map(|i| Change::Delete(partition_key(o.id, i as u32))));
+                last.extend((n.partitions.len()..o.partitions.len()).map(|i| Change::Delete(partition_key(o.id, i as u32))));
                 if table_header(o) != table_header(n) {
                     tables.push(Change::Set(table_key(name), table_header(n)));
                 }
@@ -155,7 +153,11 @@ pub fn diff(old: &Catalog, new: &Catalog) -> Vec<Change> {
             }
         }
     }
-    first.into_iter().chain(removed_tables).chain(partitions).chain(tables).collect()
+    let old_dropped: BTreeSet<TableId> = old.dropped_tables.iter().copied().collect();
+    let new_dropped: BTreeSet<TableId> = new.dropped_tables.iter().copied().collect();
+    removed_tables.extend(new_dropped.difference(&old_dropped).map(|id| Change::Set(dropped_key(*id), Vec::new())));
+    removed_tables.extend(old_dropped.difference(&new_dropped).map(|id| Change::Delete(dropped_key(*id))));
+    first.into_iter().chain(removed_tables).chain(partitions).chain(tables).chain(last).collect()
 }
 
 /// Splits changes, in order, into writes of at most `WRITE_BYTES_MAX` bytes and `WRITE_RECORDS_MAX`
@@ -198,6 +200,14 @@ fn be<const N: usize>(what: &str, bytes: &[u8]) -> Result<[u8; N], TernError> {
     bytes.try_into().map_err(|_| corrupt(format!("{what} key of {} bytes", bytes.len())))
 }
 
+/// The version among the catalog's records (sortkey, value); 0 if none was ever written.
+pub fn version_of(records: &[(Vec<u8>, Vec<u8>)]) -> Result<u64, TernError> {
+    match records.iter().find(|(k, _)| k == VERSION) {
+        Some((_, v)) => Ok(u64::from_be_bytes(be("version", v)?)),
+        None => Ok(0),
+    }
+}
+
 /// Rebuilds the catalog from every record under `CATALOG_HASHKEY` (sortkey, value), in any order.
 pub fn decode(records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<Loaded, TernError> {
     let mut loaded = Loaded::default();
@@ -205,8 +215,12 @@ pub fn decode(records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<L
     let mut header = None;
     let mut tables: BTreeMap<TableId, TableHeader> = BTreeMap::new();
     let mut partitions: BTreeMap<(TableId, u32), PartitionRecord> = BTreeMap::new();
+    let mut others = Vec::new();
     for (sortkey, value) in records {
         let c = &mut loaded.catalog;
+        if sortkey != LEGACY && sortkey != VERSION {
+            others.push(sortkey.clone());
+        }
         if sortkey == LEGACY {
             legacy = Some(parse::<Catalog>("catalog in one record", &value)?);
         } else if sortkey == VERSION {
@@ -230,10 +244,10 @@ pub fn decode(records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<L
         }
     }
     if let Some(catalog) = legacy {
-        if loaded.version != 0 {
-            return Err(corrupt("both a catalog in one record and catalog records"));
-        }
-        loaded.cleanup = diff(&Catalog::default(), &catalog);
+        // The catalog in one record stays authoritative until its migration deletes it, last: a
+        // migration cut short is started over (records it wrote are replaced).
+        loaded.cleanup = others.into_iter().map(Change::Delete).collect();
+        loaded.cleanup.extend(diff(&Catalog::default(), &catalog));
         loaded.cleanup.push(Change::Delete(LEGACY.to_vec()));
         loaded.catalog = catalog;
         return Ok(loaded);
@@ -246,6 +260,7 @@ pub fn decode(records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<L
         return Err(corrupt("records without a header"));
     }
     for (id, t) in tables {
+        tern_core::limits::check_partition_count(t.partition_count).map_err(|e| corrupt(format!("table {}: {e}", t.name)))?;
         let mut parts = Vec::with_capacity(t.partition_count as usize);
         for i in 0..t.partition_count {
             parts.push(partitions.remove(&(id, i)).ok_or_else(|| corrupt(format!("table {} has no record of partition {i}", t.name)))?);
@@ -378,6 +393,30 @@ mod tests {
         let again = load(&store);
         assert_eq!(again.catalog, c);
         assert!(again.cleanup.is_empty());
+    }
+
+    /// A migration cut short after any of its writes is started over on the next load and ends with
+    /// the same catalog.
+    #[test]
+    fn a_migration_cut_short_starts_over() {
+        let (mut c, nodes) = cluster();
+        c.create_table("t", 4096, 3, &nodes).unwrap();
+        let legacy = BTreeMap::from([(LEGACY.to_vec(), serde_json::to_vec(&c).unwrap())]);
+        let writes = writes(load(&legacy).cleanup);
+        assert!(writes.len() > 1);
+        for cut in 0..writes.len() {
+            let mut store = legacy.clone();
+            store.insert(VERSION.to_vec(), 1u64.to_be_bytes().to_vec());
+            for w in &writes[..cut] {
+                apply(&mut store, w);
+            }
+            let mut loaded = load(&store);
+            assert_eq!(loaded.catalog, c, "cut after {cut} writes");
+            apply(&mut store, &std::mem::take(&mut loaded.cleanup));
+            let done = load(&store);
+            assert_eq!(done.catalog, c);
+            assert!(done.cleanup.is_empty());
+        }
     }
 
     /// Records that do not fit the layout are corruption, named, never a panic.

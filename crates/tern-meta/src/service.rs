@@ -4,7 +4,7 @@
 //! answer UNAVAILABLE so callers try the next address); it keeps the catalog in memory, writes every
 //! change through raft before acknowledging it, tracks heartbeats and runs the scheduler.
 
-use crate::catalog::{group_progress, Catalog, TableRecord};
+use crate::catalog::{Catalog, TableRecord};
 use crate::records::{self, Change, Loaded, CATALOG_HASHKEY, VERSION};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -131,9 +131,6 @@ pub struct MetaService {
     grace: Duration,
 }
 
-/// Replicas filled on one node at the same time by re-replication (each is a snapshot transfer).
-const REPAIRS_PER_NODE_MAX: usize = 2;
-
 fn not_leader() -> Status {
     Status::unavailable("this meta node is not the leader; try another meta address")
 }
@@ -209,13 +206,8 @@ impl MetaService {
             })),
             ..Default::default()
         };
-        let (tx, rx) = oneshot::channel();
-        self.store.send(StoreMsg::Write { group: CATALOG_GROUP, request, callback: Box::new(move |r| drop(tx.send(r))) });
-        let r = match tokio::time::timeout(CATALOG_IO_TIMEOUT, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => return Err(TernError::Unavailable("meta store stopped".into())),
-            Err(_) => return Err(TernError::Timeout("catalog write did not commit in time".into())),
-        };
+        let r =
+            self.ask_store(|tx| StoreMsg::Write { group: CATALOG_GROUP, request, callback: Box::new(move |r| drop(tx.send(r))) }, "write").await?;
         tern_proto::check(&r.error)?;
         if !r.set_done {
             return Err(TernError::Unavailable(format!("the catalog changed after version {version} was read; this meta node reloads it")));
@@ -281,9 +273,9 @@ impl MetaService {
                 }
                 start = r.resume.to_vec();
             }
-            let loaded = records::decode(records)?;
-            if loaded.version == before {
-                return Ok(loaded);
+            // A write between two pages may tear the records: compare versions before decoding.
+            if records::version_of(&records)? == before {
+                return records::decode(records);
             }
         }
         Err(TernError::Unavailable(format!("the catalog changed during each of {LOAD_ATTEMPTS_MAX} reads")))
@@ -292,15 +284,21 @@ impl MetaService {
     /// A linearizable read in the catalog group.
     async fn read_catalog_group(&self, op: read_request::Op) -> Result<tern_proto::ReadResponse, TernError> {
         let request = ReadRequest { partition: catalog_ref(), allow_stale: false, op: Some(op) };
-        let (tx, rx) = oneshot::channel();
-        self.store.send(StoreMsg::Read { group: CATALOG_GROUP, request, callback: Box::new(move |r| drop(tx.send(r))) });
-        let r = match tokio::time::timeout(CATALOG_IO_TIMEOUT, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => return Err(TernError::Unavailable("meta store stopped".into())),
-            Err(_) => return Err(TernError::Timeout("catalog read did not finish in time".into())),
-        };
+        let r = self.ask_store(|tx| StoreMsg::Read { group: CATALOG_GROUP, request, callback: Box::new(move |r| drop(tx.send(r))) }, "read").await?;
         tern_proto::check(&r.error)?;
         Ok(r)
+    }
+
+    /// Sends the catalog group's store a request and waits for its answer, at most
+    /// `CATALOG_IO_TIMEOUT` (a write that times out may still commit later).
+    async fn ask_store<T>(&self, message: impl FnOnce(oneshot::Sender<T>) -> StoreMsg, what: &str) -> Result<T, TernError> {
+        let (tx, rx) = oneshot::channel();
+        self.store.send(message(tx));
+        match tokio::time::timeout(CATALOG_IO_TIMEOUT, rx).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Err(TernError::Unavailable("meta store stopped".into())),
+            Err(_) => Err(TernError::Timeout(format!("catalog {what} did not finish within {CATALOG_IO_TIMEOUT:?}"))),
+        }
     }
 
     /// Follows the catalog group's raft leadership: on becoming leader, reads the catalog and starts
@@ -315,6 +313,8 @@ impl MetaService {
             let leads = term.is_some();
             if fresh {
                 self.leader.store(false, Ordering::SeqCst);
+                // No change of this node's is in flight while the catalog is reloaded and installed.
+                let _serial = self.changes.lock().await;
                 match self.load_and_clean_up().await {
                     Ok((catalog, version)) => {
                         let mut state = self.state.lock();
@@ -339,21 +339,23 @@ impl MetaService {
         }
     }
 
-    /// Loads the catalog and writes what its records still owe (see `Loaded::cleanup`).
+    /// Loads the catalog, writes what its records still owe (see `Loaded::cleanup`), then writes a
+    /// barrier: a conditional write that only bumps the version. It commits after every entry
+    /// already in the log (a write of this node's that timed out but is still pending, or one left
+    /// by an earlier leader), so if it succeeds none of them changed the catalog after it was read;
+    /// if one did, the barrier is refused and the catalog is read again.
     async fn load_and_clean_up(&self) -> Result<(Catalog, u64), TernError> {
         let loaded = self.load().await?;
-        let version = if loaded.cleanup.is_empty() { loaded.version } else { self.persist(loaded.version, loaded.cleanup).await? };
-        Ok((loaded.catalog, version))
+        let version = self.persist(loaded.version, loaded.cleanup).await?;
+        self.write_records(version, Vec::new()).await?;
+        Ok((loaded.catalog, version + 1))
     }
 
-    /// Installs a catalog written as `version` over the one it was computed from (`base`), unless a
-    /// reload since then has already put a newer one in place.
-    fn install(&self, base: u64, catalog: Catalog, version: u64) {
+    /// Installs a catalog written as `version` (under the `changes` lock, so no reload is in between).
+    fn install(&self, catalog: Catalog, version: u64) {
         let mut state = self.state.lock();
-        if state.version == base {
-            state.catalog = catalog;
-            state.version = version;
-        }
+        state.catalog = catalog;
+        state.version = version;
     }
 
     /// Applies a change to a copy of the catalog, writes it through raft, then installs it.
@@ -372,7 +374,7 @@ impl MetaService {
             (next, out, state.version, changes)
         };
         let version = self.persist(base, changes).await?;
-        self.install(base, next, version);
+        self.install(next, version);
         Ok(out)
     }
 
@@ -385,25 +387,16 @@ impl MetaService {
     /// A scheduling pass; `step` runs balancing even while the balancer is paused (an operator's
     /// manual step).
     async fn schedule_pass(&self, step: bool) {
-        {
+        let _serial = self.changes.lock().await;
+        let (next, changes, base, records) = {
             let state = self.state.lock();
             if !self.leader.load(Ordering::SeqCst) || state.leader_since.elapsed() < self.grace {
                 return;
             }
-        }
-        let _serial = self.changes.lock().await;
-        let (next, changes, base, records) = {
-            let state = self.state.lock();
             let alive = alive_nodes(&state, self.grace);
             let statuses = state.liveness.iter().filter(|(node, _)| alive.contains(node)).flat_map(|(_, l)| l.replicas.iter());
-            let progress = group_progress(statuses);
             let mut next = state.catalog.clone();
-            let paused = next.balancer_paused;
-            if step {
-                next.balancer_paused = false;
-            }
-            let changes = next.schedule(&alive, &progress, REPAIRS_PER_NODE_MAX);
-            next.balancer_paused = paused;
+            let changes = next.scheduling_pass(&alive, statuses, step);
             let records = records::diff(&state.catalog, &next);
             (next, changes, state.version, records)
         };
@@ -412,7 +405,7 @@ impl MetaService {
         }
         match self.persist(base, records).await {
             Ok(version) => {
-                self.install(base, next, version);
+                self.install(next, version);
                 for c in changes {
                     tracing::info!("scheduler: {c}");
                 }
@@ -467,7 +460,7 @@ impl MetaService {
 }
 
 fn alive_nodes(state: &State, grace: Duration) -> Vec<NodeId> {
-    state.catalog.nodes.keys().filter(|id| state.liveness.get(id).is_some_and(|l| l.last_seen.elapsed() < grace)).copied().collect()
+    crate::catalog::alive_nodes(&state.catalog, |id| state.liveness.get(&id).map(|l| l.last_seen.elapsed()), grace)
 }
 
 /// group -> (term, node) of the replica that most recently reported leadership (highest term).
@@ -551,29 +544,9 @@ impl Meta for MetaService {
             hb.node_id,
             NodeLiveness { last_seen: Instant::now(), replicas: hb.replicas, disk_used_bytes: hb.disk_used_bytes, requests_per_second },
         );
-        let assignments = state
-            .catalog
-            .assignments(hb.node_id)
-            .into_iter()
-            .map(|a| ReplicaAssignment {
-                group_id: a.group.0,
-                peer_id: a.peer_id,
-                peers: a.peers.iter().map(|(p, n)| PeerInfo { peer_id: *p, node_id: *n }).collect(),
-                learners: a.learners.iter().map(|(p, n)| PeerInfo { peer_id: *p, node_id: *n }).collect(),
-                initial: a.initial,
-                partition_count: a.partition_count,
-                preferred_leader: a.preferred_leader,
-                preferred_leader_peer: a.preferred_leader_peer,
-            })
-            .collect();
-        Ok(Response::new(HeartbeatResponse {
-            error: None,
-            assignments,
-            nodes: Self::node_infos(&state, self.grace),
-            dropped_tables: state.catalog.dropped_tables.clone(),
-            live_tables: state.catalog.tables.values().map(|t| t.id).collect(),
-            cluster_id: state.catalog.cluster_id,
-        }))
+        let mut answer = state.catalog.heartbeat_answer(hb.node_id);
+        answer.nodes = Self::node_infos(&state, self.grace);
+        Ok(Response::new(answer))
     }
 
     async fn create_table(&self, request: Request<CreateTableRequest>) -> Result<Response<TableResponse>, Status> {
@@ -890,18 +863,14 @@ mod tests {
 
     async fn leading_meta(dir: &std::path::Path) -> MetaNode {
         let node = MetaNode::start(MetaConfig::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap())).await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !node.service.leader.load(Ordering::SeqCst) {
-            assert!(Instant::now() < deadline, "meta never became leader");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_leadership(&node.service).await;
         node
     }
 
     async fn wait_for_leadership(service: &MetaService) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !service.leader.load(Ordering::SeqCst) {
-            assert!(Instant::now() < deadline, "meta never took leadership back");
+            assert!(Instant::now() < deadline, "meta never became leader");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -932,7 +901,7 @@ mod tests {
             let state = service.state.lock();
             (state.catalog.clone(), state.version)
         };
-        assert_eq!((catalog, version), (first, written));
+        assert_eq!((catalog, version), (first, written + 1), "reloaded, then a barrier write");
         node.shutdown().await;
     }
 
@@ -950,7 +919,7 @@ mod tests {
             let mut next = base.clone();
             let nodes: Vec<NodeId> = (0..3).map(|i| next.register(&format!("n{i}:1"), "").unwrap()).collect();
             let version = node.service.persist(version, records::diff(&base, &next)).await.unwrap();
-            node.service.install(version - 1, next, version);
+            node.service.install(next, version);
             nodes
         };
         node.service.change(|c, _| c.create_table("huge", tern_core::limits::PARTITION_COUNT_MAX, 3, &nodes).map(|_| ())).await.unwrap();

@@ -42,6 +42,41 @@ pub struct ReplicaSpec {
     pub preferred_leader_peer: PeerId,
 }
 
+/// What a server does with meta's answer to its heartbeat: the store messages that bring its
+/// replicas in line with the catalog (host every assigned replica, destroy replicas of live tables
+/// that are no longer assigned here, destroy replicas of dropped tables). Pure: the server's
+/// heartbeat loop and the simulator both act through it. An answer carrying an error changes
+/// nothing but what it names explicitly (no replica is destroyed on an error).
+pub fn reconcile_with_meta(answer: &tern_proto::HeartbeatResponse) -> Vec<StoreMsg> {
+    let peers = |list: &[tern_proto::PeerInfo]| list.iter().map(|p| (p.peer_id, p.node_id)).collect();
+    let specs: Vec<ReplicaSpec> = answer
+        .assignments
+        .iter()
+        .map(|a| ReplicaSpec {
+            group: GroupId(a.group_id),
+            peer_id: a.peer_id,
+            peers: peers(&a.peers),
+            learners: peers(&a.learners),
+            initial: a.initial,
+            partition_count: a.partition_count,
+            preferred_leader: a.preferred_leader,
+            preferred_leader_peer: a.preferred_leader_peer,
+        })
+        .collect();
+    let keep: Vec<GroupId> = specs.iter().map(|s| s.group).collect();
+    let mut out = Vec::new();
+    if !specs.is_empty() {
+        out.push(StoreMsg::EnsureReplicas(specs));
+    }
+    if answer.error.is_none() && !answer.live_tables.is_empty() {
+        out.push(StoreMsg::RetainReplicas { tables: answer.live_tables.clone(), keep });
+    }
+    if !answer.dropped_tables.is_empty() {
+        out.push(StoreMsg::DropTables(answer.dropped_tables.clone()));
+    }
+    out
+}
+
 pub type ChecksumCallback = Box<dyn FnOnce(Result<(u64, u64, u64), TernError>) + Send>;
 
 pub enum StoreMsg {

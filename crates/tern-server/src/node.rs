@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 use tern_core::limits::GRPC_MESSAGE_BYTES_MAX;
 use tern_core::time::SystemClock;
-use tern_core::{GroupId, NodeId, TernError};
+use tern_core::{NodeId, TernError};
 use tern_engine::{RocksEngineFactory, RocksSharedResources};
 use tern_proto::kv_server::KvServer;
 use tern_proto::meta_client::MetaClient;
 use tern_proto::raft_server::RaftServer;
 use tern_proto::{ClusterSettingsRequest, HeartbeatRequest, RegisterRequest};
 use tern_raft::log_store::RaftEngineLogStore;
-use tern_raft::store::{self, ReplicaSpec, Store, StoreConfig, StoreHandle, StoreMsg};
+use tern_raft::store::{self, Store, StoreConfig, StoreHandle, StoreMsg};
 use tern_transport::{AddressBook, GrpcTransport, RaftService};
 use tokio::sync::{oneshot, watch};
 
@@ -420,29 +420,8 @@ async fn heartbeat_loop(
                             book.insert(n.node_id, n.address.clone());
                         }
                     }
-                    let specs: Vec<ReplicaSpec> = r
-                        .assignments
-                        .into_iter()
-                        .map(|a| ReplicaSpec {
-                            group: GroupId(a.group_id),
-                            peer_id: a.peer_id,
-                            peers: a.peers.iter().map(|p| (p.peer_id, p.node_id)).collect(),
-                            learners: a.learners.iter().map(|p| (p.peer_id, p.node_id)).collect(),
-                            initial: a.initial,
-                            partition_count: a.partition_count,
-                            preferred_leader: a.preferred_leader,
-                            preferred_leader_peer: a.preferred_leader_peer,
-                        })
-                        .collect();
-                    let keep: Vec<GroupId> = specs.iter().map(|s| s.group).collect();
-                    if !specs.is_empty() {
-                        store.send(StoreMsg::EnsureReplicas(specs));
-                    }
-                    if r.error.is_none() && !r.live_tables.is_empty() {
-                        store.send(StoreMsg::RetainReplicas { tables: r.live_tables, keep });
-                    }
-                    if !r.dropped_tables.is_empty() {
-                        store.send(StoreMsg::DropTables(r.dropped_tables));
+                    for msg in tern_raft::store::reconcile_with_meta(&r) {
+                        store.send(msg);
                     }
                 }
                 Err(status) => {

@@ -145,7 +145,6 @@ fn arity(name: &str, args: &[Vec<u8>], min: usize, max: usize, usage: &str) -> R
     Ok(())
 }
 
-/// Parses one command line.
 /// A parsed check: its type, its operand and the arguments after it.
 type Check<'a> = (CheckType, Vec<u8>, &'a [Vec<u8>]);
 
@@ -160,6 +159,7 @@ fn parse_check<'a>(args: &'a [Vec<u8>], usage: &str) -> Result<Check<'a>, String
     }
 }
 
+/// Parses one command line.
 pub fn parse(line: &str) -> Result<Option<Command>, String> {
     let words = tokenize(line)?;
     let Some((name, args)) = words.split_first() else { return Ok(None) };

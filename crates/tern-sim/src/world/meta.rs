@@ -36,32 +36,15 @@ impl World {
     /// changing membership, preferring leaders) and that others of the table are to be destroyed.
     pub(super) fn deliver_assignments(&mut self) {
         let Some(catalog) = self.catalog.as_ref() else { return };
-        let per_node: Vec<Vec<ReplicaSpec>> = (1..=self.cfg.nodes as u64)
-            .map(|node| {
-                catalog
-                    .assignments(node)
-                    .into_iter()
-                    .map(|a| ReplicaSpec {
-                        group: a.group,
-                        peer_id: a.peer_id,
-                        peers: a.peers,
-                        learners: a.learners,
-                        initial: a.initial,
-                        partition_count: a.partition_count,
-                        preferred_leader: a.preferred_leader,
-                        preferred_leader_peer: a.preferred_leader_peer,
-                    })
-                    .collect()
-            })
-            .collect();
-        for (index, specs) in per_node.into_iter().enumerate() {
+        let answers: Vec<tern_proto::HeartbeatResponse> = self.nodes.iter().map(|n| catalog.heartbeat_answer(n.id)).collect();
+        for (index, answer) in answers.into_iter().enumerate() {
             if !self.meta_hears(index) {
                 continue;
             }
-            let keep: Vec<GroupId> = specs.iter().map(|s| s.group).collect();
             self.with_store(index, |s| {
-                s.handle(StoreMsg::EnsureReplicas(specs));
-                s.handle(StoreMsg::RetainReplicas { tables: vec![TABLE_ID], keep });
+                for msg in tern_raft::store::reconcile_with_meta(&answer) {
+                    s.handle(msg);
+                }
                 s.process_ready();
             });
         }
@@ -84,25 +67,23 @@ impl World {
         if now < self.meta_down_until || self.catalog.is_none() {
             return;
         }
-        let mut alive = Vec::new();
         let mut statuses = Vec::new();
         for i in 0..self.nodes.len() {
             if self.meta_hears(i) {
-                self.unheard_since[i] = None;
+                self.last_heard[i] = Some(now);
                 let (tx, rx) = std::sync::mpsc::channel();
                 self.with_store(i, |s| {
                     s.handle(StoreMsg::Status(Box::new(move |st| drop(tx.send(st)))));
                 });
                 statuses.extend(rx.try_recv().unwrap_or_default());
-            } else {
-                self.unheard_since[i].get_or_insert(now);
-            }
-            if self.unheard_since[i].is_none_or(|since| now - since < SIM_NODE_GRACE_MS) {
-                alive.push(self.nodes[i].id);
             }
         }
-        let progress = tern_meta::catalog::group_progress(&statuses);
-        let changes = self.catalog.as_mut().expect("checked").schedule(&alive, &progress, 2);
+        let catalog = self.catalog.as_mut().expect("checked");
+        let index_of: BTreeMap<NodeId, usize> = self.nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
+        let heard_ago = |id: NodeId| self.last_heard[index_of[&id]].map(|t| Duration::from_millis(now - t));
+        let alive = tern_meta::catalog::alive_nodes(catalog, heard_ago, Duration::from_millis(SIM_NODE_GRACE_MS));
+        // Every status came from a node heard just now, so from a live one (as the service filters).
+        let changes = catalog.scheduling_pass(&alive, &statuses, false);
         for c in changes {
             self.faults.push(format!("{now:>6} ms  scheduler: {c}"));
         }

@@ -225,8 +225,8 @@ pub struct World {
     healed_at: Option<u64>,
     /// Meta's catalog, when the scheduler runs.
     catalog: Option<tern_meta::catalog::Catalog>,
-    /// Since when meta has not heard from each node (None: it hears from it).
-    unheard_since: Vec<Option<u64>>,
+    /// When meta last heard from each node (virtual ms; every node counts as heard at the start).
+    last_heard: Vec<Option<u64>>,
     meta_down_until: u64,
 }
 
@@ -327,7 +327,7 @@ impl World {
             committed_checked: BTreeMap::new(),
             healed_at: None,
             catalog: None,
-            unheard_since: Vec::new(),
+            last_heard: Vec::new(),
             meta_down_until: 0,
         };
         if world.cfg.scheduler {
@@ -338,7 +338,7 @@ impl World {
             let first_three: Vec<NodeId> = (1..=3).collect();
             catalog.create_table("t", world.cfg.partitions, 3, &first_three).expect("valid table");
             world.catalog = Some(catalog);
-            world.unheard_since = vec![None; world.cfg.nodes];
+            world.last_heard = vec![Some(0); world.cfg.nodes];
             world.shared.lock().schedule(META_TICK_MS, Event::MetaTick);
         }
         for i in 0..world.nodes.len() {
