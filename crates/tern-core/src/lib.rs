@@ -1,5 +1,6 @@
 //! Tern's shared vocabulary: identifiers, size limits, the on-disk key codec, the partition hash, the
-//! value header (TTL + checksum), the error type, and the clock and randomness interfaces.
+//! value header (TTL + checksum), the error type, the clock and randomness interfaces, and the file
+//! system interface (`files`: real, and in memory with crash semantics for the simulator).
 //!
 //! Owns: everything every other crate agrees on. Must not depend on any other Tern crate, on RocksDB,
 //! raft, tonic or tokio. Put new shared types here only when two or more crates need them.

@@ -1,5 +1,6 @@
 //! An in-memory engine with the same semantics as the RocksDB one, for unit tests and the simulator.
-//! Checkpoints are written as one file so snapshot transfer works unchanged.
+//! Checkpoints are written as one file, through the node's `FileSystem`, so snapshot transfer works
+//! unchanged (and, in the simulator, crashes treat them as they treat every other file).
 
 use crate::{EngineError, EngineFactory, EngineResult, ExpiryFilter, KvEngine, WriteBatch, WriteOp};
 use parking_lot::{Mutex, RwLock};
@@ -8,6 +9,7 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use tern_core::files::{RealFileSystem, SharedFileSystem};
 
 type Map = BTreeMap<Vec<u8>, Vec<u8>>;
 
@@ -29,6 +31,7 @@ pub struct MemoryEngineFactory {
     stores: Mutex<HashMap<PathBuf, Slot>>,
     expiry: Option<ExpiryFilter>,
     faults: Arc<Faults>,
+    files: Option<SharedFileSystem>,
 }
 
 /// Injected disk faults, shared by every engine of a factory: each counter says how many of the next
@@ -46,8 +49,18 @@ fn take(counter: &std::sync::atomic::AtomicU32) -> bool {
 }
 
 impl MemoryEngineFactory {
+    /// Engines whose checkpoints are files on the real file system.
     pub fn new(expiry: Option<ExpiryFilter>) -> MemoryEngineFactory {
-        MemoryEngineFactory { stores: Default::default(), expiry, faults: Default::default() }
+        MemoryEngineFactory { stores: Default::default(), expiry, faults: Default::default(), files: None }
+    }
+
+    /// Engines whose checkpoints are files on `files` (a simulated node's file system).
+    pub fn with_file_system(expiry: Option<ExpiryFilter>, files: SharedFileSystem) -> MemoryEngineFactory {
+        MemoryEngineFactory { files: Some(files), ..MemoryEngineFactory::new(expiry) }
+    }
+
+    fn files(&self) -> SharedFileSystem {
+        self.files.clone().unwrap_or_else(|| Arc::new(RealFileSystem))
     }
 
     /// The next `count` write batches (to any store of this factory) fail with an I/O error.
@@ -94,8 +107,9 @@ impl EngineFactory for MemoryEngineFactory {
         let slot = stores.entry(dir.to_path_buf()).or_default();
         // A checkpoint directory received from a peer is loaded on first open.
         let file = dir.join(CHECKPOINT_FILE);
-        if slot.current.read().is_empty() && file.exists() {
-            let bytes = std::fs::read(&file).map_err(|e| EngineError::Io(e.to_string()))?;
+        let files = self.files();
+        if slot.current.read().is_empty() && files.exists(&file) {
+            let bytes = files.read(&file).map_err(|e| EngineError::Io(e.to_string()))?;
             let map = decode(&bytes)?;
             *slot.durable.lock() = map.clone();
             *slot.current.write() = map;
@@ -106,13 +120,15 @@ impl EngineFactory for MemoryEngineFactory {
             horizon: slot.horizon.clone(),
             expiry: self.expiry,
             faults: self.faults.clone(),
+            files,
         }))
     }
 
     fn destroy(&self, dir: &Path) -> EngineResult<()> {
         self.stores.lock().remove(dir);
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| EngineError::Io(e.to_string()))?;
+        let files = self.files();
+        if files.exists(dir) {
+            files.remove_all(dir).map_err(|e| EngineError::Io(e.to_string()))?;
         }
         Ok(())
     }
@@ -124,11 +140,19 @@ pub struct MemoryEngine {
     horizon: Arc<AtomicU64>,
     expiry: Option<ExpiryFilter>,
     faults: Arc<Faults>,
+    files: SharedFileSystem,
 }
 
 impl MemoryEngine {
     pub fn new() -> MemoryEngine {
-        MemoryEngine { map: Default::default(), durable: Default::default(), horizon: Default::default(), expiry: None, faults: Default::default() }
+        MemoryEngine {
+            map: Default::default(),
+            durable: Default::default(),
+            horizon: Default::default(),
+            expiry: None,
+            faults: Default::default(),
+            files: Arc::new(RealFileSystem),
+        }
     }
 }
 
@@ -232,9 +256,14 @@ impl KvEngine for MemoryEngine {
         Ok(())
     }
 
+    /// A durable checkpoint, as RocksDB's: the file synced, and its directory.
     fn checkpoint(&self, dir: &Path) -> EngineResult<()> {
-        std::fs::create_dir_all(dir).map_err(|e| EngineError::Io(e.to_string()))?;
-        std::fs::write(dir.join(CHECKPOINT_FILE), encode(&self.map.read())).map_err(|e| EngineError::Io(e.to_string()))
+        let io = |e: std::io::Error| EngineError::Io(e.to_string());
+        let file = dir.join(CHECKPOINT_FILE);
+        self.files.create_dir_all(dir).map_err(io)?;
+        self.files.write(&file, &encode(&self.map.read())).map_err(io)?;
+        self.files.sync_file(&file).map_err(io)?;
+        self.files.sync_directory(dir).map_err(io)
     }
 
     fn compact_all(&self) -> EngineResult<()> {

@@ -754,7 +754,8 @@ impl MetaNode {
         let store_cfg = StoreConfig::default();
         let (tick, round_max) = (store_cfg.tick_interval, store_cfg.round_messages_max);
         let meta_store = tokio::task::spawn_blocking(move || {
-            Store::open(id, data_dir, log, engines, Arc::new(tern_core::time::SystemClock::default()), rand::random(), store_cfg, Box::new(transport))
+            let disks = store::NodeDisks { log, engines, files: Arc::new(tern_core::files::RealFileSystem) };
+            Store::open(id, data_dir, disks, Arc::new(tern_core::time::SystemClock::default()), rand::random(), store_cfg, Box::new(transport))
         })
         .await
         .map_err(|e| TernError::Internal(format!("open meta store: {e}")))??;

@@ -8,8 +8,9 @@
 //! replicas stopped by storage failures).
 //!
 //! Must not depend on tonic, tokio or any network code: the world is reached through `Transport`,
-//! `LogStore`, `tern_engine::EngineFactory` and `tern_core::time::Clock`, so the simulator can drive
-//! the same code. New request types go in `apply`/`read`; new replica events in `replica` + `store`.
+//! `LogStore`, `tern_engine::EngineFactory`, `tern_core::files::FileSystem` (every file: replica
+//! metadata, snapshots, tombstones; the store and replicas never use `std::fs`) and `tern_core::time::Clock`, so the simulator
+//! can drive the same code. New request types go in `apply`/`read`; new replica events in `replica` + `store`.
 
 // raft-rs's protobuf types are built field by field in the style of its own examples.
 #![allow(clippy::field_reassign_with_default)]

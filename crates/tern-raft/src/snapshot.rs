@@ -6,8 +6,8 @@
 //! transfer cut short, a file removed during a slow transfer, or a stream that carried only its
 //! envelope is refused, never installed.
 
-use std::io::Read;
 use std::path::Path;
+use tern_core::files::FileSystem;
 use tern_core::TernError;
 
 /// The manifest's file name inside a received snapshot directory.
@@ -39,27 +39,23 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> TernError {
 }
 
 /// Size and crc32 of a file, read in full.
-fn digest(path: &Path) -> Result<(u64, u32), TernError> {
-    let mut file = std::fs::File::open(path).map_err(io(format!("open {}", path.display())))?;
+fn digest(fs: &dyn FileSystem, path: &Path) -> Result<(u64, u32), TernError> {
     let mut hasher = crc32fast::Hasher::new();
-    let mut buffer = vec![0u8; 256 * 1024];
     let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buffer).map_err(io(format!("read {}", path.display())))?;
-        if n == 0 {
-            return Ok((size, hasher.finalize()));
-        }
-        hasher.update(&buffer[..n]);
-        size += n as u64;
-    }
+    fs.read_chunks(path, &mut |chunk| {
+        hasher.update(chunk);
+        size += chunk.len() as u64;
+    })
+    .map_err(io(format!("read {}", path.display())))?;
+    Ok((size, hasher.finalize()))
 }
 
 /// The regular files of a snapshot directory (the manifest excluded), sorted.
-fn data_files(dir: &Path) -> Result<Vec<String>, TernError> {
+fn data_files(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<String>, TernError> {
     let mut names = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io(format!("list {}", dir.display())))? {
-        let entry = entry.map_err(io(format!("list {}", dir.display())))?;
-        let name = entry.file_name().into_string().map_err(|n| TernError::Corruption(format!("snapshot file name {n:?} is not UTF-8")))?;
+    for path in fs.read_dir(dir).map_err(io(format!("list {}", dir.display())))? {
+        let name = path.file_name().unwrap_or_default().to_os_string();
+        let name = name.into_string().map_err(|n| TernError::Corruption(format!("snapshot file name {n:?} is not UTF-8")))?;
         if name != MANIFEST_FILE {
             names.push(name);
         }
@@ -70,29 +66,29 @@ fn data_files(dir: &Path) -> Result<Vec<String>, TernError> {
 
 impl Manifest {
     /// The manifest of a checkpoint directory as it is now (reads every byte).
-    pub fn of_dir(dir: &Path) -> Result<Manifest, TernError> {
+    pub fn of_dir(fs: &dyn FileSystem, dir: &Path) -> Result<Manifest, TernError> {
         let mut files = Vec::new();
-        for name in data_files(dir)? {
-            let (size, crc32) = digest(&dir.join(&name))?;
+        for name in data_files(fs, dir)? {
+            let (size, crc32) = digest(fs, &dir.join(&name))?;
             files.push(FileEntry { name, size, crc32 });
         }
         Ok(Manifest { files })
     }
 
     /// Writes the manifest into a (received) snapshot directory, durably.
-    pub fn write_into(&self, dir: &Path) -> Result<(), TernError> {
+    pub fn write_into(&self, fs: &dyn FileSystem, dir: &Path) -> Result<(), TernError> {
         let bytes = serde_json::to_vec(self).expect("encode snapshot manifest");
-        tern_core::files::write_file_atomically(&dir.join(MANIFEST_FILE), &bytes).map_err(io(format!("write manifest in {}", dir.display())))
+        fs.write_file_atomically(&dir.join(MANIFEST_FILE), &bytes).map_err(io(format!("write manifest in {}", dir.display())))
     }
 }
 
 /// Checks a received snapshot directory against its manifest. The error says what is wrong.
-pub fn verify(dir: &Path, check: Check) -> Result<(), TernError> {
+pub fn verify(fs: &dyn FileSystem, dir: &Path, check: Check) -> Result<(), TernError> {
     let path = dir.join(MANIFEST_FILE);
-    let bytes = std::fs::read(&path).map_err(|e| TernError::Corruption(format!("snapshot {} has no readable manifest: {e}", dir.display())))?;
+    let bytes = fs.read(&path).map_err(|e| TernError::Corruption(format!("snapshot {} has no readable manifest: {e}", dir.display())))?;
     let manifest: Manifest =
         serde_json::from_slice(&bytes).map_err(|e| TernError::Corruption(format!("snapshot manifest {}: {e}", path.display())))?;
-    let present = data_files(dir)?;
+    let present = data_files(fs, dir)?;
     let listed: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
     if present.iter().map(String::as_str).ne(listed.iter().copied()) {
         return Err(TernError::Corruption(format!("snapshot {} holds files {present:?}, its manifest lists {listed:?}", dir.display())));
@@ -100,8 +96,8 @@ pub fn verify(dir: &Path, check: Check) -> Result<(), TernError> {
     for f in &manifest.files {
         let path = dir.join(&f.name);
         let (size, crc32) = match check {
-            Check::Sizes => (std::fs::metadata(&path).map_err(io(format!("stat {}", path.display())))?.len(), f.crc32),
-            Check::Checksums => digest(&path)?,
+            Check::Sizes => (fs.file_len(&path).map_err(io(format!("stat {}", path.display())))?, f.crc32),
+            Check::Checksums => digest(fs, &path)?,
         };
         if (size, crc32) != (f.size, f.crc32) {
             return Err(TernError::Corruption(format!(
@@ -122,34 +118,35 @@ mod tests {
     /// check sees everything but same-size changes, which the full one catches.
     #[test]
     fn verify_refuses_incomplete_snapshots() {
+        let fs = tern_core::files::RealFileSystem;
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("snap");
         std::fs::create_dir(&dir).unwrap();
         std::fs::write(dir.join("000001.sst"), vec![7u8; 5000]).unwrap();
         std::fs::write(dir.join("CURRENT"), b"MANIFEST-000002\n").unwrap();
-        Manifest::of_dir(&dir).unwrap().write_into(&dir).unwrap();
-        verify(&dir, Check::Checksums).unwrap();
-        verify(&dir, Check::Sizes).unwrap();
+        Manifest::of_dir(&fs, &dir).unwrap().write_into(&fs, &dir).unwrap();
+        verify(&fs, &dir, Check::Checksums).unwrap();
+        verify(&fs, &dir, Check::Sizes).unwrap();
 
         std::fs::write(dir.join("000001.sst"), vec![7u8; 4000]).unwrap();
-        assert!(verify(&dir, Check::Sizes).unwrap_err().to_string().contains("000001.sst"));
+        assert!(verify(&fs, &dir, Check::Sizes).unwrap_err().to_string().contains("000001.sst"));
         std::fs::write(dir.join("000001.sst"), vec![8u8; 5000]).unwrap();
-        assert!(verify(&dir, Check::Checksums).is_err(), "same size, other bytes");
+        assert!(verify(&fs, &dir, Check::Checksums).is_err(), "same size, other bytes");
         std::fs::write(dir.join("000001.sst"), vec![7u8; 5000]).unwrap();
-        verify(&dir, Check::Checksums).unwrap();
+        verify(&fs, &dir, Check::Checksums).unwrap();
 
         std::fs::remove_file(dir.join("CURRENT")).unwrap();
-        assert!(verify(&dir, Check::Sizes).is_err(), "a file missing");
+        assert!(verify(&fs, &dir, Check::Sizes).is_err(), "a file missing");
         std::fs::write(dir.join("CURRENT"), b"MANIFEST-000002\n").unwrap();
         std::fs::write(dir.join("extra"), b"x").unwrap();
-        assert!(verify(&dir, Check::Sizes).is_err(), "a file the manifest does not list");
+        assert!(verify(&fs, &dir, Check::Sizes).is_err(), "a file the manifest does not list");
         std::fs::remove_file(dir.join("extra")).unwrap();
-        verify(&dir, Check::Checksums).unwrap();
+        verify(&fs, &dir, Check::Checksums).unwrap();
 
         std::fs::remove_file(dir.join(MANIFEST_FILE)).unwrap();
-        assert!(verify(&dir, Check::Sizes).unwrap_err().to_string().contains("manifest"));
+        assert!(verify(&fs, &dir, Check::Sizes).unwrap_err().to_string().contains("manifest"));
         let empty = t.path().join("empty");
         std::fs::create_dir(&empty).unwrap();
-        assert!(verify(&empty, Check::Sizes).is_err(), "only the envelope arrived");
+        assert!(verify(&fs, &empty, Check::Sizes).is_err(), "only the envelope arrived");
     }
 }

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tern_core::files::SharedFileSystem;
 use tern_core::time::{Clock, RandomSource, SeededRandom};
 use tern_core::{GroupId, NodeId, PeerId, TableId, TernError};
 use tern_engine::EngineFactory;
@@ -75,6 +76,16 @@ pub fn reconcile_with_meta(answer: &tern_proto::HeartbeatResponse) -> Vec<StoreM
         out.push(StoreMsg::DropTables(answer.dropped_tables.clone()));
     }
     out
+}
+
+/// A node's storage, as the store reaches it: the raft log (shared by all replicas), the engine
+/// factory, and the file system every other file goes through. Production passes raft-engine,
+/// RocksDB and the real file system; the simulator passes its own, with crash semantics.
+#[derive(Clone)]
+pub struct NodeDisks {
+    pub log: Arc<dyn LogStore>,
+    pub engines: Arc<dyn EngineFactory>,
+    pub files: SharedFileSystem,
 }
 
 pub type ChecksumCallback = Box<dyn FnOnce(Result<(u64, u64, u64), TernError>) + Send>;
@@ -152,6 +163,7 @@ pub struct Store {
     data_dir: PathBuf,
     log: Arc<dyn LogStore>,
     engines: Arc<dyn EngineFactory>,
+    files: SharedFileSystem,
     clock: Arc<dyn Clock>,
     rng: SeededRandom,
     cfg: StoreConfig,
@@ -192,8 +204,7 @@ impl Store {
     pub fn open(
         node_id: NodeId,
         data_dir: PathBuf,
-        log: Arc<dyn LogStore>,
-        engines: Arc<dyn EngineFactory>,
+        disks: NodeDisks,
         clock: Arc<dyn Clock>,
         seed: u64,
         cfg: StoreConfig,
@@ -207,12 +218,14 @@ impl Store {
         if cfg.replica.planted.lease_too_long {
             cfg.replica.read_lease *= 40;
         }
-        std::fs::create_dir_all(data_dir.join("replicas")).map_err(io)?;
+        let NodeDisks { log, engines, files } = disks;
+        files.create_dir_all_durably(&data_dir.join("replicas")).map_err(io)?;
         let mut store = Store {
             node_id,
             data_dir: data_dir.clone(),
             log,
             engines,
+            files: files.clone(),
             clock,
             rng: SeededRandom::new(seed),
             cfg,
@@ -223,14 +236,13 @@ impl Store {
             failed_since: BTreeMap::new(),
             unopened: BTreeMap::new(),
         };
-        let entries: Vec<PathBuf> = std::fs::read_dir(data_dir.join("replicas")).map_err(io)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        let entries: Vec<PathBuf> = files.read_dir(&data_dir.join("replicas")).map_err(io)?;
         // Destroys a crash interrupted are finished first.
         let tombstones: Vec<PathBuf> = entries.iter().filter(|p| is_tombstone(p)).cloned().collect();
         store.finish_destroying(tombstones)?;
-        let mut dirs: Vec<PathBuf> = entries.into_iter().filter(|p| !is_tombstone(p) && p.join("replica.json").exists()).collect();
-        dirs.sort();
+        let dirs: Vec<PathBuf> = entries.into_iter().filter(|p| !is_tombstone(p) && files.exists(&p.join("replica.json"))).collect();
         for dir in dirs {
-            let meta = ReplicaMeta::load(&dir)?;
+            let meta = ReplicaMeta::load(&*files, &dir)?;
             // One replica that cannot open must not keep the node's others from serving.
             store.open_or_report(meta, dir);
         }
@@ -288,7 +300,8 @@ impl Store {
         let election = self.cfg.replica.election_tick;
         let election_tick = self.rng.range(election as u64, 2 * election as u64) as usize;
         let snapshot_dir = self.data_dir.join("snapshots").join(meta.group.to_string());
-        Replica::open(meta, dir, snapshot_dir, bootstrap, self.log.clone(), self.engines.clone(), self.cfg.replica.clone(), election_tick)
+        let disks = NodeDisks { log: self.log.clone(), engines: self.engines.clone(), files: self.files.clone() };
+        Replica::open(meta, dir, snapshot_dir, bootstrap, &disks, self.cfg.replica.clone(), election_tick)
     }
 
     /// Replicas stopped after a storage failure, or that could not be opened, with the reason.
@@ -328,7 +341,7 @@ impl Store {
                     r.step(message, snapshot_dir);
                     self.dirty.insert(group);
                 } else if let Some(dir) = snapshot_dir {
-                    let _ = std::fs::remove_dir_all(dir);
+                    let _ = self.files.remove_all(&dir);
                 }
             }
             StoreMsg::SnapshotReport { group, to_peer, ok } => {
@@ -408,7 +421,11 @@ impl Store {
             self.log.write(clean, true)?;
         }
         let dir = self.data_dir.join("replicas").join(spec.group.0.to_string());
-        std::fs::create_dir_all(&dir).map_err(|e| TernError::Internal(format!("create {}: {e}", dir.display())))?;
+        // Durably: a replica whose directory a crash could lose would come back as a fresh one,
+        // having forgotten votes and entries its raft log still holds.
+        let created =
+            if self.cfg.replica.planted.replica_dir_not_durable { self.files.create_dir_all(&dir) } else { self.files.create_dir_all_durably(&dir) };
+        created.map_err(|e| TernError::Internal(format!("create {}: {e}", dir.display())))?;
         let meta = ReplicaMeta {
             group: spec.group.0,
             peer_id: spec.peer_id,
@@ -416,7 +433,7 @@ impl Store {
             partition_count: spec.partition_count,
             engine_dir: "engine".into(),
         };
-        meta.save(&dir)?;
+        meta.save(&*self.files, &dir)?;
         let voters = spec.initial.then(|| spec.peers.iter().map(|(p, _)| *p).collect());
         let mut replica = self.open_replica(meta, dir, voters)?;
         if spec.preferred_leader {
@@ -454,7 +471,7 @@ impl Store {
             };
             let name = format!("{}.{}{TOMBSTONE_SUFFIX}", group.0, peer);
             let tombstone = self.data_dir.join("replicas").join(name);
-            if let Err(e) = tern_core::files::rename_durably(&dir, &tombstone) {
+            if let Err(e) = self.files.rename_durably(&dir, &tombstone) {
                 panic!("cannot retire replica directory {}: {e}", dir.display());
             }
             self.dirty.remove(&group);
@@ -479,7 +496,7 @@ impl Store {
             // The group's log and engine path belong to no one once the directory is retired, unless
             // a newer replica of the group already lives here (it started from a clean log).
             let live = self.data_dir.join("replicas").join(group.to_string());
-            let newer = live.join("replica.json").exists();
+            let newer = self.files.exists(&live.join("replica.json"));
             if !newer {
                 clean.push(group, crate::log_store::LogOp::Clean);
             }
@@ -493,9 +510,10 @@ impl Store {
                 // Through the factory, under the path the engine lived at: it owns what an engine
                 // directory means (the memory engine keys its contents by it).
                 // Every engine directory it held (its metadata may be gone if removal was cut short).
-                let mut engine_dirs: Vec<String> = ReplicaMeta::load(&tombstone).map(|m| vec![m.engine_dir]).unwrap_or_default();
-                if let Ok(entries) = std::fs::read_dir(&tombstone) {
-                    engine_dirs.extend(entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with("engine")));
+                let mut engine_dirs: Vec<String> = ReplicaMeta::load(&*self.files, &tombstone).map(|m| vec![m.engine_dir]).unwrap_or_default();
+                if let Ok(entries) = self.files.read_dir(&tombstone) {
+                    engine_dirs
+                        .extend(entries.iter().filter_map(|p| p.file_name()?.to_str().map(str::to_string)).filter(|n| n.starts_with("engine")));
                 }
                 engine_dirs.sort();
                 engine_dirs.dedup();
@@ -504,11 +522,11 @@ impl Store {
                         tracing::warn!(group, "destroy engine: {e}");
                     }
                 }
-                let _ = std::fs::remove_dir_all(self.data_dir.join("snapshots").join(group.to_string()));
+                let _ = self.files.remove_all(&self.data_dir.join("snapshots").join(group.to_string()));
             }
             let io = |e: std::io::Error| TernError::Internal(format!("remove {}: {e}", tombstone.display()));
-            std::fs::remove_dir_all(&tombstone).map_err(io)?;
-            tern_core::files::sync_directory(&self.data_dir.join("replicas")).map_err(io)?;
+            self.files.remove_all(&tombstone).map_err(io)?;
+            self.files.sync_directory(&self.data_dir.join("replicas")).map_err(io)?;
         }
         Ok(())
     }
@@ -602,7 +620,8 @@ impl StoreMsg {
             StoreMsg::Checksum { callback, .. } => callback(Err(e)),
             // Dropped unanswered: "no replicas" would be a lie a heartbeat could pass on to meta.
             StoreMsg::Status(_) => {}
-            // A received snapshot nobody will install.
+            // A received snapshot nobody will install. (This runs on the production mailbox's
+            // sending side, where the transport wrote it to the real file system.)
             StoreMsg::Raft { snapshot_dir: Some(dir), .. } => {
                 let _ = std::fs::remove_dir_all(dir);
             }
@@ -678,6 +697,8 @@ pub fn run(mut store: Store, mailbox: Receiver<StoreMsg>, tick_interval: Duratio
 mod tests {
     use super::*;
     use crate::log_store::MemoryLogStore;
+    use std::path::Path;
+    use tern_core::files::{FileSystem, MemoryFileSystem};
     use tern_core::time::ManualClock;
     use tern_engine::MemoryEngineFactory;
 
@@ -686,9 +707,31 @@ mod tests {
         fn send(&mut self, _: Vec<OutMessage>) {}
     }
 
-    fn open(dir: &std::path::Path, log: &Arc<MemoryLogStore>, engines: &Arc<MemoryEngineFactory>) -> Store {
-        Store::open(1, dir.to_path_buf(), log.clone(), engines.clone(), ManualClock::new(1_000), 7, StoreConfig::default(), Box::new(NoNetwork))
-            .unwrap()
+    /// One simulated node's disks: everything in memory, with crash semantics.
+    struct Disks {
+        log: Arc<MemoryLogStore>,
+        engines: Arc<MemoryEngineFactory>,
+        files: Arc<MemoryFileSystem>,
+    }
+
+    impl Disks {
+        fn new() -> Disks {
+            let files = Arc::new(MemoryFileSystem::new());
+            let engines = Arc::new(MemoryEngineFactory::with_file_system(None, files.clone()));
+            Disks { log: Arc::new(MemoryLogStore::default()), engines, files }
+        }
+
+        fn open(&self) -> Store {
+            let disks = NodeDisks { log: self.log.clone(), engines: self.engines.clone(), files: self.files.clone() };
+            Store::open(1, "/node".into(), disks, ManualClock::new(1_000), 7, StoreConfig::default(), Box::new(NoNetwork)).unwrap()
+        }
+
+        /// A power failure: each disk keeps only what was made durable.
+        fn crash(&self) {
+            self.log.crash();
+            self.engines.crash();
+            self.files.crash();
+        }
     }
 
     fn single_voter(group: GroupId, peer: PeerId) -> ReplicaSpec {
@@ -704,40 +747,64 @@ mod tests {
         }
     }
 
-    /// Destroying a replica is crash-safe: its directory is first renamed to a tombstone, so a crash
-    /// right after that (simulated here by renaming and reopening) never brings the replica back
-    /// (with its vote erased or half its engine gone); the restart finishes the job (log cleaned,
-    /// files removed) and a new replica of the group starts clean.
-    #[test]
-    fn destroy_interrupted_by_a_crash_is_finished_on_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = Arc::new(MemoryLogStore::default());
-        let engines = Arc::new(MemoryEngineFactory::new(None));
-        let group = GroupId::new(1, 0);
-        let mut store = open(dir.path(), &log, &engines);
-        store.handle(StoreMsg::EnsureReplicas(vec![single_voter(group, 11)]));
+    fn run_a_while(store: &mut Store) {
         for _ in 0..30 {
             store.tick();
             store.process_ready();
         }
-        assert!(log.hard_state(group.0).unwrap().is_some(), "the replica wrote its raft log");
+    }
+
+    /// Destroying a replica is crash-safe: its directory is first renamed to a tombstone, so a crash
+    /// right after that never brings the replica back (with its vote erased or half its engine
+    /// gone); the restart finishes the job (log cleaned, files removed) and a new replica of the
+    /// group starts clean.
+    #[test]
+    fn destroy_interrupted_by_a_crash_is_finished_on_restart() {
+        let disks = Disks::new();
+        let group = GroupId::new(1, 0);
+        let mut store = disks.open();
+        store.handle(StoreMsg::EnsureReplicas(vec![single_voter(group, 11)]));
+        run_a_while(&mut store);
+        assert!(disks.log.hard_state(group.0).unwrap().is_some(), "the replica wrote its raft log");
         drop(store);
 
         // The first step of a destroy, then a crash.
-        let live = dir.path().join("replicas").join(group.0.to_string());
-        std::fs::rename(&live, dir.path().join("replicas").join(format!("{}.11{TOMBSTONE_SUFFIX}", group.0))).unwrap();
-        let mut store = open(dir.path(), &log, &engines);
+        let replicas = Path::new("/node/replicas");
+        disks.files.rename_durably(&replicas.join(group.0.to_string()), &replicas.join(format!("{}.11{TOMBSTONE_SUFFIX}", group.0))).unwrap();
+        disks.crash();
+        let mut store = disks.open();
         assert_eq!(store.replica_count(), 0, "a retired replica is never reopened");
-        assert!(log.hard_state(group.0).unwrap().is_none() && log.last_index(group.0).is_none(), "its raft log was cleaned");
-        let left: Vec<_> = std::fs::read_dir(dir.path().join("replicas")).unwrap().collect();
-        assert!(left.is_empty(), "the tombstone was removed: {left:?}");
+        assert!(disks.log.hard_state(group.0).unwrap().is_none() && disks.log.last_index(group.0).is_none(), "its raft log was cleaned");
+        assert!(disks.files.read_dir(replicas).unwrap().is_empty(), "the tombstone was removed");
+        disks.crash();
+        assert!(disks.files.read_dir(replicas).unwrap().is_empty(), "durably");
 
-        // A destroy that runs to the end leaves nothing behind either.
+        // A destroy that runs to the end leaves nothing behind either, across a crash too.
         store.handle(StoreMsg::EnsureReplicas(vec![single_voter(group, 12)]));
         store.process_ready();
         store.handle(StoreMsg::DropTables(vec![group.table_id()]));
         assert_eq!(store.replica_count(), 0);
-        assert!(std::fs::read_dir(dir.path().join("replicas")).unwrap().next().is_none());
-        assert!(log.hard_state(group.0).unwrap().is_none());
+        disks.crash();
+        assert!(disks.files.read_dir(replicas).unwrap().is_empty());
+        assert!(disks.log.hard_state(group.0).unwrap().is_none());
+        assert_eq!(disks.open().replica_count(), 0);
+    }
+
+    /// A replica that has voted and written its log survives a crash right after: its directory
+    /// and metadata were made durable when it was created, so it is not recreated from nothing
+    /// (which would forget its vote and the entries it acknowledged).
+    #[test]
+    fn a_new_replica_survives_a_crash() {
+        let disks = Disks::new();
+        let group = GroupId::new(1, 0);
+        let mut store = disks.open();
+        store.handle(StoreMsg::EnsureReplicas(vec![single_voter(group, 11)]));
+        run_a_while(&mut store);
+        let term = disks.log.hard_state(group.0).unwrap().expect("voted").term;
+        drop(store);
+        disks.crash();
+        let store = disks.open();
+        assert_eq!(store.replica_count(), 1, "the replica came back from its directory");
+        assert_eq!(disks.log.hard_state(group.0).unwrap().map(|h| h.term), Some(term));
     }
 }

@@ -258,7 +258,8 @@ impl ServerNode {
         let data_dir = cfg.data_dir.clone();
         let store_cfg = cfg.store.clone();
         let store = tokio::task::spawn_blocking(move || {
-            Store::open(node_id, data_dir, log, engines, Arc::new(SystemClock::default()), rand::random(), store_cfg, Box::new(transport))
+            let disks = store::NodeDisks { log, engines, files: Arc::new(tern_core::files::RealFileSystem) };
+            Store::open(node_id, data_dir, disks, Arc::new(SystemClock::default()), rand::random(), store_cfg, Box::new(transport))
         })
         .await
         .map_err(|e| TernError::Internal(format!("open store: {e}")))??;

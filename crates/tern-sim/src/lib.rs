@@ -3,8 +3,11 @@
 //! Owns: the simulated world (`world`: virtual time, simulated network, disks and clocks, fault
 //! injection, clients driven by tern-client's routing and retry decisions) and the linearizability
 //! checker (`checker`). The production code under test is reached only through its seams:
-//! `tern_raft::store::{Store, Transport}`, `tern_raft::log_store::MemoryLogStore`,
-//! `tern_engine::MemoryEngineFactory`, `tern_core::time::Clock`. The `tern-sim` binary runs sweeps and
+//! `tern_raft::store::{Store, Transport, NodeDisks}`, `tern_raft::log_store::MemoryLogStore`,
+//! `tern_engine::MemoryEngineFactory`, `tern_core::files::MemoryFileSystem`, `tern_core::time::Clock`;
+//! meta's decisions are its own pure functions (`tern_meta::catalog`: failure detector, scheduling
+//! pass, heartbeat answer) and a node acts on them through `tern_raft::store::reconcile_with_meta`,
+//! as servers do. The `tern-sim` binary runs sweeps and
 //! replays seeds. Must not be depended on by production crates (the tern binary's fault tests use the
 //! checker as a dev-dependency).
 

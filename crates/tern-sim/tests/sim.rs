@@ -159,6 +159,15 @@ fn planted_unverified_snapshot_is_caught() {
 
 /// Replays one seed with its full report: `TERN_SIM_SEED=N cargo nextest run -p tern-sim --run-ignored
 /// only replay_seed --no-capture` (set TERN_SIM_SCHEDULER=1 for the four-node scheduler scenario).
+/// Files go through the simulator's file system, which keeps only what was made durable when a node
+/// crashes: a replica directory created without syncing its parent is lost in a crash while its raft
+/// log survives, and the replica comes back from nothing (its vote and acknowledged entries
+/// forgotten). Most seeds catch it (266 of 400 in 1000-1399).
+#[test]
+fn planted_replica_dir_not_durable_is_caught() {
+    assert_planted_bug_is_caught(PlantedBugs { replica_dir_not_durable: true, ..Default::default() }, SimConfig::new(1000));
+}
+
 #[test]
 #[ignore]
 fn replay_seed() {
@@ -216,6 +225,7 @@ fn hunt_planted_bug() {
         "storage_failure_as_answer" => planted.storage_failure_as_answer = true,
         "unverified_snapshot" => planted.unverified_snapshot = true,
         "vote_right_after_restart" => planted.vote_right_after_restart = true,
+        "replica_dir_not_durable" => planted.replica_dir_not_durable = true,
         other => panic!("unknown planted bug {other}"),
     }
     let first: u64 = env("TERN_SIM_FIRST_SEED").and_then(|s| s.parse().ok()).unwrap_or(1_000);

@@ -174,8 +174,8 @@ impl Raft for RaftService {
             Ok(()) => {
                 let d = dir.clone();
                 tokio::task::spawn_blocking(move || {
-                    manifest.write_into(&d)?;
-                    tern_raft::snapshot::verify(&d, tern_raft::snapshot::Check::Checksums)?;
+                    manifest.write_into(&tern_core::files::RealFileSystem, &d)?;
+                    tern_raft::snapshot::verify(&tern_core::files::RealFileSystem, &d, tern_raft::snapshot::Check::Checksums)?;
                     tern_core::files::sync_directory(&d).map_err(|e| tern_core::TernError::Internal(format!("sync {}: {e}", d.display())))
                 })
                 .await

@@ -191,7 +191,7 @@ async fn feed_snapshot(dir: &Path, envelope: RaftEnvelope, tx: mpsc::Sender<Snap
     let closed = || std::io::Error::other("receiver closed the stream");
     // The manifest goes first: the receiver installs nothing that does not match it.
     let source = dir.to_path_buf();
-    let manifest = tokio::task::spawn_blocking(move || tern_raft::snapshot::Manifest::of_dir(&source))
+    let manifest = tokio::task::spawn_blocking(move || tern_raft::snapshot::Manifest::of_dir(&tern_core::files::RealFileSystem, &source))
         .await
         .map_err(std::io::Error::other)?
         .map_err(|e| std::io::Error::other(e.to_string()))?;

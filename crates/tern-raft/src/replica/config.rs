@@ -19,6 +19,9 @@ pub struct PlantedBugs {
     pub unverified_snapshot: bool,
     /// A restarted replica votes at once, forgetting it may have heard from a leader just before.
     pub vote_right_after_restart: bool,
+    /// A new replica's directory is created without syncing its parent: a crash can lose the
+    /// replica while its raft log (votes, acknowledged entries) survives.
+    pub replica_dir_not_durable: bool,
 }
 
 #[derive(Clone, Debug)]

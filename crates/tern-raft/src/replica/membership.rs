@@ -23,7 +23,7 @@ impl Replica {
         peers.sort();
         if peers != self.meta.peers {
             self.meta.peers = peers;
-            self.meta.save(&self.dir)?;
+            self.meta.save(&*self.files, &self.dir)?;
         }
         Ok(())
     }

@@ -20,7 +20,7 @@ pub use snapshots::ReplicaMeta;
 use snapshots::RECEIVED_SNAPSHOTS_MAX;
 
 use crate::apply::{error_response, ApplyState, StateMachine, StorageFailure};
-use crate::log_store::{LogStore, LogWriteBatch, PeerStorage};
+use crate::log_store::{LogWriteBatch, PeerStorage};
 use crate::read::{checksum, execute_read};
 use prost::Message as _;
 use protobuf::Message as _;
@@ -30,6 +30,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tern_core::files::{FileSystem, SharedFileSystem};
 use tern_core::{GroupId, NodeId, PeerId, TernError};
 use tern_engine::EngineFactory;
 use tern_proto::{RaftCommand, ReadRequest, ReadResponse, ReplicaStatus, WriteRequest, WriteResponse};
@@ -66,6 +67,8 @@ pub struct Replica {
     raw: RawNode<PeerStorage>,
     sm: StateMachine,
     engines: Arc<dyn EngineFactory>,
+    /// Every file the replica touches, through the node's file system (simulated in the simulator).
+    files: SharedFileSystem,
     cfg: ReplicaConfig,
     proposals: VecDeque<Proposal>,
     waiting_reads: Vec<(ReadRequest, ReadCallback)>,
@@ -114,11 +117,11 @@ impl Replica {
         dir: PathBuf,
         snapshot_dir: PathBuf,
         bootstrap_voters: Option<Vec<PeerId>>,
-        log: Arc<dyn LogStore>,
-        engines: Arc<dyn EngineFactory>,
+        disks: &crate::store::NodeDisks,
         cfg: ReplicaConfig,
         election_tick: usize,
     ) -> Result<Replica, TernError> {
+        let (log, engines, files) = (disks.log.clone(), disks.engines.clone(), disks.files.clone());
         let group = GroupId(meta.group);
         let engine = engines.open(&dir.join(&meta.engine_dir)).map_err(crate::apply::engine_error)?;
         let initial_state = match &bootstrap_voters {
@@ -170,7 +173,7 @@ impl Replica {
         let votes_refused_until_tick = if restarted && !cfg.planted.vote_right_after_restart { cfg.election_tick as u64 } else { 0 };
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let raw = RawNode::new(&config, storage, &logger).map_err(|e| TernError::Internal(format!("raft: {e}")))?;
-        std::fs::create_dir_all(&snapshot_dir).map_err(|e| TernError::Internal(e.to_string()))?;
+        files.create_dir_all(&snapshot_dir).map_err(|e| TernError::Internal(format!("create {}: {e}", snapshot_dir.display())))?;
         Ok(Replica {
             group,
             peer_id: meta.peer_id,
@@ -180,6 +183,7 @@ impl Replica {
             raw,
             sm,
             engines,
+            files,
             cfg,
             proposals: VecDeque::new(),
             waiting_reads: Vec::new(),
@@ -284,7 +288,7 @@ impl Replica {
     pub fn step(&mut self, message: Message, snapshot_dir: Option<PathBuf>) {
         if !self.active() {
             if let Some(dir) = snapshot_dir {
-                let _ = std::fs::remove_dir_all(dir);
+                let _ = self.files.remove_all(&dir);
             }
             return;
         }
@@ -299,9 +303,9 @@ impl Replica {
                     // Only a whole snapshot reaches raft: one cut short is dropped here (the leader
                     // sends it again), never installed.
                     if !self.cfg.planted.unverified_snapshot {
-                        if let Err(e) = crate::snapshot::verify(&dir, crate::snapshot::Check::Sizes) {
+                        if let Err(e) = crate::snapshot::verify(&*self.files, &dir, crate::snapshot::Check::Sizes) {
                             tracing::warn!(group = %self.group, "refused a received snapshot: {e}");
-                            let _ = std::fs::remove_dir_all(dir);
+                            let _ = self.files.remove_all(&dir);
                             return;
                         }
                     }
@@ -310,7 +314,7 @@ impl Replica {
                     while self.received_snapshots.len() > RECEIVED_SNAPSHOTS_MAX {
                         let oldest = *self.received_snapshots.keys().min().expect("not empty");
                         if let Some(stale) = self.received_snapshots.remove(&oldest) {
-                            let _ = std::fs::remove_dir_all(stale);
+                            let _ = self.files.remove_all(&stale);
                         }
                     }
                 }

@@ -19,16 +19,16 @@ pub struct ReplicaMeta {
 }
 
 impl ReplicaMeta {
-    pub fn load(dir: &Path) -> Result<ReplicaMeta, TernError> {
+    pub fn load(fs: &dyn FileSystem, dir: &Path) -> Result<ReplicaMeta, TernError> {
         let path = dir.join("replica.json");
-        let bytes = std::fs::read(&path).map_err(|e| TernError::Internal(format!("read {}: {e}", path.display())))?;
+        let bytes = fs.read(&path).map_err(|e| TernError::Internal(format!("read {}: {e}", path.display())))?;
         serde_json::from_slice(&bytes).map_err(|e| TernError::Corruption(format!("{}: {e}", path.display())))
     }
 
     /// Atomic, durable replace (temporary file synced, renamed, directory synced).
-    pub fn save(&self, dir: &Path) -> Result<(), TernError> {
+    pub fn save(&self, fs: &dyn FileSystem, dir: &Path) -> Result<(), TernError> {
         let bytes = serde_json::to_vec_pretty(self).expect("serialize replica meta");
-        tern_core::files::write_file_atomically(&dir.join("replica.json"), &bytes)
+        fs.write_file_atomically(&dir.join("replica.json"), &bytes)
             .map_err(|e| TernError::Internal(format!("save replica meta in {}: {e}", dir.display())))
     }
 }
@@ -45,8 +45,8 @@ impl Replica {
         }
         let name = format!("{}_{}", state.applied_index, state.applied_term);
         let dir = self.snapshot_dir.join(&name);
-        if dir.exists() {
-            let _ = std::fs::remove_dir_all(&dir);
+        if self.files.exists(&dir) {
+            let _ = self.files.remove_all(&dir);
         }
         if let Err(e) = self.sm.engine().checkpoint(&dir) {
             tracing::warn!(group = %self.group, "snapshot checkpoint failed: {e}");
@@ -64,17 +64,17 @@ impl Replica {
 
     /// Keeps the newest generated checkpoint and one before it (a transfer may still be reading it).
     pub(super) fn remove_old_snapshots(&self, keep: &str) {
-        let Ok(dir) = std::fs::read_dir(&self.snapshot_dir) else { return };
+        let Ok(dir) = self.files.read_dir(&self.snapshot_dir) else { return };
         let mut names: Vec<(u64, String)> = dir
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().into_string().ok())
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
             .filter(|n| n != keep)
             .filter_map(|n| n.split('_').next().and_then(|i| i.parse().ok()).map(|i| (i, n)))
             .collect();
         names.sort();
         names.pop();
         for (_, n) in names {
-            let _ = std::fs::remove_dir_all(self.snapshot_dir.join(n));
+            let _ = self.files.remove_all(&self.snapshot_dir.join(n));
         }
     }
 
@@ -85,7 +85,7 @@ impl Replica {
             return self.fail(StorageFailure(TernError::Internal(format!("no received data for snapshot {key:?}"))));
         };
         for (_, stale) in self.received_snapshots.drain() {
-            let _ = std::fs::remove_dir_all(stale);
+            let _ = self.files.remove_all(&stale);
         }
         let engine_dir = format!("engine-{}-{}", meta.index, meta.term);
         let target = self.dir.join(&engine_dir);
@@ -94,7 +94,7 @@ impl Replica {
         if let Err(e) = self.engines.destroy(&target) {
             return self.fail(StorageFailure(crate::apply::engine_error(e)));
         }
-        if let Err(e) = tern_core::files::rename_durably(&received, &target) {
+        if let Err(e) = self.files.rename_durably(&received, &target) {
             return self.fail(StorageFailure(TernError::Internal(format!("move received snapshot into place: {e}"))));
         }
         // A snapshot that passed its manifest yet does not open, or is not at the index raft says,
@@ -123,7 +123,7 @@ impl Replica {
         let old_dir = self.dir.join(&self.meta.engine_dir);
         self.sm = sm; // drops (closes) the old engine
         self.meta.engine_dir = engine_dir;
-        if let Err(e) = self.meta.save(&self.dir) {
+        if let Err(e) = self.meta.save(&*self.files, &self.dir) {
             return self.fail(StorageFailure(e));
         }
         let _ = self.engines.destroy(&old_dir);

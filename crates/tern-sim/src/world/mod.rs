@@ -35,6 +35,7 @@ use std::time::Duration;
 use tern_client::retry::RetryPolicy;
 use tern_client::routing::{next_step, LeaderTable, NextStep};
 use tern_core::codec::partition_of;
+use tern_core::files::{FileSystem, MemoryFileSystem};
 use tern_core::time::{Clock, RandomSource, SeededRandom};
 use tern_core::{GroupId, NodeId, TernError};
 use tern_engine::MemoryEngineFactory;
@@ -42,7 +43,7 @@ use tern_proto::{read_request, write_request, ReadRequest, ReadResponse, WriteRe
 use tern_raft::log_store::MemoryLogStore;
 use tern_raft::replica::OutMessage;
 use tern_raft::replica::PlantedBugs;
-use tern_raft::store::{ReplicaSpec, Store, StoreConfig, StoreMsg, Transport};
+use tern_raft::store::{NodeDisks, ReplicaSpec, Store, StoreConfig, StoreMsg, Transport};
 
 /// Virtual unix time at the start of every run.
 const EPOCH_UNIX_MS: u64 = 1_700_000_000_000;
@@ -185,6 +186,8 @@ struct Node {
     dir: PathBuf,
     log: Arc<MemoryLogStore>,
     engines: Arc<MemoryEngineFactory>,
+    /// The node's file system: what a crash keeps of it is what was made durable.
+    files: Arc<MemoryFileSystem>,
     clock_offset: Arc<AtomicI64>,
     store: Option<Store>,
     epoch: u64,
@@ -203,8 +206,6 @@ pub struct World {
     identities: Vec<ClientIdentity>,
     shared: SharedRef,
     now: Arc<AtomicU64>,
-    _root: tempfile::TempDir,
-    root: PathBuf,
     nodes: Vec<Node>,
     clients: Vec<SimClient>,
     history: Vec<Operation>,
@@ -228,6 +229,11 @@ pub struct World {
     /// When meta last heard from each node (virtual ms; every node counts as heard at the start).
     last_heard: Vec<Option<u64>>,
     meta_down_until: u64,
+}
+
+/// Where a node keeps its data, on its own (simulated) file system.
+fn node_dir(id: NodeId) -> PathBuf {
+    PathBuf::from(format!("/sim/n{id}"))
 }
 
 fn node_seed(seed: u64, node: NodeId, epoch: u64) -> u64 {
@@ -256,8 +262,6 @@ fn quiet_injected_panics() {
 impl World {
     pub fn new(cfg: SimConfig) -> World {
         quiet_injected_panics();
-        let root_dir = tempfile::tempdir().expect("temporary directory");
-        let root = root_dir.path().to_path_buf();
         let now = Arc::new(AtomicU64::new(0));
         let shared = Arc::new(Mutex::new(Shared {
             now: 0,
@@ -266,13 +270,20 @@ impl World {
             events: BTreeMap::new(),
             rng: SeededRandom::new(cfg.seed),
             network: Network::default(),
+            files: BTreeMap::new(),
         }));
-        let nodes = (1..=cfg.nodes as u64)
-            .map(|id| Node {
+        let nodes: Vec<Node> = (1..=cfg.nodes as u64)
+            .map(|id| {
+                let files = Arc::new(MemoryFileSystem::new());
+                let engines = Arc::new(MemoryEngineFactory::with_file_system(Some(tern_raft::keys::is_expired_record), files.clone()));
+                (id, files, engines)
+            })
+            .map(|(id, files, engines)| Node {
                 id,
-                dir: root.join(format!("n{id}")),
+                dir: node_dir(id),
                 log: Arc::new(MemoryLogStore::default()),
-                engines: Arc::new(MemoryEngineFactory::new(Some(tern_raft::keys::is_expired_record))),
+                engines,
+                files,
                 clock_offset: Arc::new(AtomicI64::new(0)),
                 store: None,
                 epoch: 0,
@@ -282,6 +293,7 @@ impl World {
                 failed_groups: BTreeSet::new(),
             })
             .collect();
+        shared.lock().files = nodes.iter().map(|n| (n.id, n.files.clone())).collect();
         // Clients know every node: a partition's replicas may move (the client follows hints).
         let replicas: Vec<NodeId> = (1..=cfg.nodes as u64).collect();
         let clients = (0..cfg.clients)
@@ -309,8 +321,6 @@ impl World {
             cfg,
             shared,
             now,
-            _root: root_dir,
-            root,
             nodes,
             clients,
             history: Vec::new(),
@@ -367,12 +377,12 @@ impl World {
     fn start_node(&mut self, index: usize) {
         let node = &mut self.nodes[index];
         node.epoch += 1;
-        let transport = SimTransport { node: node.id, shared: self.shared.clone(), root: self.root.clone() };
+        let transport = SimTransport { node: node.id, shared: self.shared.clone() };
         let clock = Arc::new(SimClock { now: self.now.clone(), offset_ms: node.clock_offset.clone() });
         let seed = node_seed(self.cfg.seed, node.id, node.epoch);
-        let (log, engines) = (node.log.clone(), node.engines.clone());
+        let disks = NodeDisks { log: node.log.clone(), engines: node.engines.clone(), files: node.files.clone() };
         let store = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Store::open(node.id, node.dir.clone(), log, engines, clock, seed, Self::store_config(self.cfg.planted), Box::new(transport))
+            Store::open(node.id, node.dir.clone(), disks, clock, seed, Self::store_config(self.cfg.planted), Box::new(transport))
         }));
         match store {
             Ok(Ok(s)) => node.store = Some(s),
@@ -426,6 +436,7 @@ impl World {
         node.store = None; // pending client callbacks are dropped unanswered
         node.log.crash();
         node.engines.crash();
+        node.files.crash();
         node.epoch += 1;
         // An injected disk fault is a one-off: it does not outlive the process it hit.
         node.disk_faults_armed = 0;

@@ -32,6 +32,8 @@ pub(super) struct Shared {
     pub(super) events: BTreeMap<u64, Event>,
     pub(super) rng: SeededRandom,
     pub(super) network: Network,
+    /// Every node's file system (snapshot transfers copy from one to another).
+    pub(super) files: BTreeMap<NodeId, Arc<MemoryFileSystem>>,
 }
 
 impl Shared {
@@ -76,32 +78,32 @@ impl Clock for SimClock {
 pub(super) struct SimTransport {
     pub(super) node: NodeId,
     pub(super) shared: SharedRef,
-    pub(super) root: PathBuf,
 }
 
-pub(super) fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    let mut entries: Vec<_> = std::fs::read_dir(from)?.filter_map(|e| e.ok()).collect();
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        std::fs::copy(e.path(), to.join(e.file_name()))?;
+/// Streams a checkpoint from one node's file system into another's, as the real transport's
+/// receiver writes it: every file synced, then the directory.
+pub(super) fn copy_dir(from_fs: &dyn FileSystem, from: &Path, to_fs: &dyn FileSystem, to: &Path) -> std::io::Result<()> {
+    to_fs.create_dir_all(to)?;
+    for path in from_fs.read_dir(from)? {
+        let target = to.join(path.file_name().expect("entries have names"));
+        to_fs.write(&target, &from_fs.read(&path)?)?;
+        to_fs.sync_file(&target)?;
     }
-    Ok(())
+    to_fs.sync_directory(to)
 }
 
 /// Damages a received snapshot copy the way a transfer cut short would: a file truncated or missing.
 /// The sender believes it finished (as when the stream just ended early). Returns true.
-pub(super) fn cut_snapshot_short(dir: &Path, rng: &mut SeededRandom) -> bool {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
-    files.sort();
+pub(super) fn cut_snapshot_short(fs: &dyn FileSystem, dir: &Path, rng: &mut SeededRandom) -> bool {
+    let files: Vec<PathBuf> = fs.read_dir(dir).unwrap_or_default();
     if files.is_empty() {
         return true;
     }
     let victim = &files[rng.range(0, files.len() as u64) as usize];
     if rng.range(0, 2) == 0 {
-        let _ = std::fs::remove_file(victim);
-    } else if let Ok(bytes) = std::fs::read(victim) {
-        let _ = std::fs::write(victim, &bytes[..bytes.len() / 2]);
+        let _ = fs.remove_all(victim);
+    } else if let Ok(bytes) = fs.read(victim) {
+        let _ = fs.write(victim, &bytes[..bytes.len() / 2]);
     }
     true
 }
@@ -116,14 +118,15 @@ impl Transport for SimTransport {
             if let Some(dir) = out.snapshot_dir {
                 // The checkpoint is streamed: the receiver gets its own copy of the files.
                 let seq = s.seq;
-                let target = self.root.join(format!("n{to}")).join("snapshots-received").join(format!("sim-{seq}"));
+                let target = node_dir(to).join("snapshots-received").join(format!("sim-{seq}"));
                 let cut_short = s.network.cut_snapshots && s.rng.range(0, 2) == 0;
+                let (from_fs, to_fs) = (s.files[&self.node].clone(), s.files[&to].clone());
                 // As the real transport: the sender's manifest travels with the files.
-                let manifest = tern_raft::snapshot::Manifest::of_dir(&dir);
+                let manifest = tern_raft::snapshot::Manifest::of_dir(&*from_fs, &dir);
                 let ok = !lost
-                    && copy_dir(&dir, &target).is_ok()
-                    && manifest.and_then(|m| m.write_into(&target)).is_ok()
-                    && (!cut_short || cut_snapshot_short(&target, &mut s.rng));
+                    && copy_dir(&*from_fs, &dir, &*to_fs, &target).is_ok()
+                    && manifest.and_then(|m| m.write_into(&*to_fs, &target)).is_ok()
+                    && (!cut_short || cut_snapshot_short(&*to_fs, &target, &mut s.rng));
                 if ok {
                     s.schedule(delay, Event::Raft { to, group: out.group, message: out.message.clone(), snapshot_dir: Some(target) });
                 }

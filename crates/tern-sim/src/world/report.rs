@@ -101,7 +101,7 @@ impl World {
         }
         for node in &self.nodes {
             let dir = node.dir.join("replicas").join(group.to_string());
-            let Ok(meta) = tern_raft::replica::ReplicaMeta::load(&dir) else { continue };
+            let Ok(meta) = tern_raft::replica::ReplicaMeta::load(&*node.files, &dir) else { continue };
             use tern_engine::EngineFactory as _;
             let Ok(engine) = node.engines.open(&dir.join(&meta.engine_dir)) else { continue };
             eprintln!("--- node {} engine {}", node.id, meta.engine_dir);
