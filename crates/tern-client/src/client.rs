@@ -2,10 +2,9 @@
 
 use crate::batch::BatchConn;
 use crate::retry::RetryPolicy;
-use crate::routing::{next_step, LeaderTable, NextStep, Reaction};
+use crate::routing::{next_step, LeaderTable, NextStep, Reaction, Sequencer};
 use parking_lot::{Mutex, RwLock};
-use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tern_core::codec::partition_of;
@@ -49,8 +48,7 @@ struct Inner {
     addresses: RwLock<HashMap<NodeId, String>>,
     routes: RwLock<HashMap<String, Arc<Route>>>,
     client_id: u64,
-    next_seq: AtomicU64,
-    inflight: Mutex<BTreeSet<u64>>,
+    sequencer: Mutex<Sequencer>,
     rng: Mutex<SeededRandom>,
     /// When node addresses were last re-read from meta after a connection failure.
     nodes_refreshed_at: Mutex<Option<Instant>>,
@@ -118,8 +116,7 @@ impl Client {
                 addresses: RwLock::new(HashMap::new()),
                 routes: RwLock::new(HashMap::new()),
                 client_id: rand::random::<u64>() | 1,
-                next_seq: AtomicU64::new(1),
-                inflight: Mutex::new(BTreeSet::new()),
+                sequencer: Mutex::new(Sequencer::new(1)),
                 rng: Mutex::new(SeededRandom::from_entropy()),
                 nodes_refreshed_at: Mutex::new(None),
             }),
@@ -345,7 +342,7 @@ impl Client {
                 table,
                 Routed::Hashkey(hashkey),
                 |partition| {
-                    let first_incomplete_seq = self.inner.inflight.lock().first().copied().unwrap_or(seq);
+                    let first_incomplete_seq = self.inner.sequencer.lock().floor(seq);
                     batch_item::Op::Write(WriteRequest { partition: Some(partition), client_id, seq, first_incomplete_seq, op: Some(op.clone()) })
                 },
                 |reply| match reply {
@@ -412,20 +409,15 @@ struct InFlight<'a> {
 }
 
 impl<'a> InFlight<'a> {
-    /// Takes the next sequence number and registers it in one step: a concurrent write reading the
-    /// lowest in-flight number in between would otherwise send a floor above this one, and this
-    /// write would be refused as a late duplicate.
     fn register(inner: &'a Inner) -> InFlight<'a> {
-        let mut inflight = inner.inflight.lock();
-        let seq = inner.next_seq.fetch_add(1, Ordering::Relaxed);
-        inflight.insert(seq);
+        let seq = inner.sequencer.lock().begin();
         InFlight { inner, seq }
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.inner.inflight.lock().remove(&self.seq);
+        self.inner.sequencer.lock().finish(self.seq);
     }
 }
 

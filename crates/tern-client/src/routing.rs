@@ -8,6 +8,43 @@ use std::time::Duration;
 use tern_core::time::RandomSource;
 use tern_core::{NodeId, TernError};
 
+/// One client identity's exactly-once bookkeeping: the sequence numbers it hands out and those of
+/// its writes still in flight. Every write carries (client id, sequence) and a floor below which
+/// every sequence has been answered (the server then forgets those results); the floor must never
+/// pass a write still in flight, or that write would be refused as a late duplicate.
+#[derive(Clone, Debug)]
+pub struct Sequencer {
+    next: u64,
+    in_flight: std::collections::BTreeSet<u64>,
+}
+
+impl Sequencer {
+    /// Starts handing out sequence numbers at `first`.
+    pub fn new(first: u64) -> Sequencer {
+        Sequencer { next: first, in_flight: Default::default() }
+    }
+
+    /// Takes the next sequence number and registers it as in flight, in one step (a floor read in
+    /// between would otherwise pass it).
+    pub fn begin(&mut self) -> u64 {
+        let seq = self.next;
+        self.next += 1;
+        self.in_flight.insert(seq);
+        seq
+    }
+
+    /// The floor a write of `seq` (in flight) sends: the lowest sequence number still in flight.
+    pub fn floor(&self, seq: u64) -> u64 {
+        self.in_flight.first().copied().unwrap_or(seq).min(seq)
+    }
+
+    /// The write of `seq` is answered (or abandoned: its outcome is unknown, but it will not be sent
+    /// again).
+    pub fn finish(&mut self, seq: u64) {
+        self.in_flight.remove(&seq);
+    }
+}
+
 /// The leader the client believes in for each partition of one table, and each partition's replicas.
 pub struct LeaderTable {
     replicas: Vec<Vec<NodeId>>,
@@ -103,6 +140,23 @@ pub fn next_step(error: TernError, attempt: u32, remaining: Duration, policy: &R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Floors never pass a write still in flight, whatever order writes finish in.
+    #[test]
+    fn sequencer_floors_stay_below_writes_in_flight() {
+        let mut s = Sequencer::new(10);
+        let (a, b, c) = (s.begin(), s.begin(), s.begin());
+        assert_eq!((a, b, c), (10, 11, 12));
+        assert_eq!(s.floor(c), 10);
+        s.finish(b);
+        assert_eq!(s.floor(c), 10, "a is still in flight");
+        s.finish(a);
+        assert_eq!(s.floor(c), 12);
+        let d = s.begin();
+        assert_eq!(s.floor(d), 12);
+        s.finish(c);
+        assert_eq!(s.floor(d), 13);
+    }
     use tern_core::time::SeededRandom;
 
     fn table() -> LeaderTable {

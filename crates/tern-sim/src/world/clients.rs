@@ -19,9 +19,8 @@ pub(super) struct Pending {
 /// once, and the floor each carries must never pass another's sequence number.
 pub(super) struct ClientIdentity {
     pub(super) client_id: u64,
-    pub(super) next_seq: u64,
-    /// Sequence numbers of this identity's writes still in flight.
-    pub(super) inflight: BTreeSet<u64>,
+    /// The real client's exactly-once bookkeeping.
+    pub(super) sequencer: tern_client::routing::Sequencer,
 }
 
 /// One session of a client: one operation at a time.
@@ -140,9 +139,7 @@ impl World {
         let now = self.now.load(Ordering::SeqCst);
         let c = &mut self.clients[client];
         let identity = &mut self.identities[c.identity];
-        let seq = identity.next_seq;
-        identity.next_seq += 1;
-        identity.inflight.insert(seq);
+        let seq = identity.sequencer.begin();
         c.pending = Some(Pending { hashkey, input, started: now, attempts: 0, attempt: 0, seq, node: 0 });
         self.send_attempt(client);
     }
@@ -154,9 +151,8 @@ impl World {
         let c = &mut self.clients[client];
         let identity = &self.identities[c.identity];
         let client_id = identity.client_id;
-        // As the real client: the lowest sequence number still in flight for this identity.
-        let first_incomplete_seq = identity.inflight.first().copied().unwrap_or(0);
         let p = c.pending.as_mut().expect("pending operation");
+        let first_incomplete_seq = identity.sequencer.floor(p.seq);
         let partition = partition_of(&p.hashkey, partitions);
         let node = c.leaders.leader(partition);
         p.attempt = attempt;
@@ -274,7 +270,7 @@ impl World {
         let now = self.now.load(Ordering::SeqCst);
         let c = &mut self.clients[client];
         let p = c.pending.take().expect("pending operation");
-        self.identities[c.identity].inflight.remove(&p.seq);
+        self.identities[c.identity].sequencer.finish(p.seq);
         let is_read = matches!(p.input, Input::Get { .. } | Input::MultiGet { .. });
         if (output.is_some() || !is_read) && p.hashkey != TTL_HASHKEY {
             self.history.push(Operation { client: client as u64, hashkey: p.hashkey, input: p.input, output, call: p.started, ret: now });

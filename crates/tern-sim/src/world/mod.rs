@@ -312,8 +312,7 @@ impl World {
         let identities = (0..cfg.clients.div_ceil(SESSIONS_PER_CLIENT))
             .map(|i| ClientIdentity {
                 client_id: 1000 + i as u64,
-                next_seq: tern_raft::apply::DEDUP_GC_CHUNK * (1 + i as u64) - seq_rng.range(10, 200),
-                inflight: BTreeSet::new(),
+                sequencer: tern_client::routing::Sequencer::new(tern_raft::apply::DEDUP_GC_CHUNK * (1 + i as u64) - seq_rng.range(10, 200)),
             })
             .collect();
         let mut world = World {
