@@ -371,7 +371,7 @@ impl Client {
     /// Checksum of one replica (by node), for consistency checks and tests.
     pub async fn replica_checksum(&self, node: NodeId, group_id: u64) -> TernResult<ChecksumResponse> {
         let mut kv = self.kv(node)?;
-        let r = kv.checksum(ChecksumRequest { group_id }).await.map_err(status_error)?.into_inner();
+        let r = kv.checksum(ChecksumRequest { group_id, at_unix_ms: 0 }).await.map_err(status_error)?.into_inner();
         tern_proto::check(&r.error)?;
         Ok(r)
     }

@@ -123,8 +123,10 @@ pub enum StoreMsg {
     },
     DropTables(Vec<TableId>),
     Status(Box<dyn FnOnce(Vec<ReplicaStatus>) + Send>),
+    /// (applied index, checksum, record count) of a replica's records live at `at_unix_ms` (0: now).
     Checksum {
         group: GroupId,
+        at_unix_ms: u64,
         callback: ChecksumCallback,
     },
     Shutdown,
@@ -380,8 +382,8 @@ impl Store {
                 }));
                 callback(statuses)
             }
-            StoreMsg::Checksum { group, callback } => match self.replicas.get(&group) {
-                Some(r) => callback(r.checksum(now)),
+            StoreMsg::Checksum { group, at_unix_ms, callback } => match self.replicas.get(&group) {
+                Some(r) => callback(r.checksum(if at_unix_ms == 0 { now } else { at_unix_ms })),
                 None => callback(Err(not_hosted(group))),
             },
             StoreMsg::Shutdown => return false,

@@ -39,6 +39,21 @@ pub enum Input {
         set_sortkey: Vec<u8>,
         value: Vec<u8>,
     },
+    /// If `check_sortkey` is absent (expected None) or equals the expected value, set every pair
+    /// and delete every listed sortkey, atomically.
+    CheckAndMutate {
+        check_sortkey: Vec<u8>,
+        expected: Option<Vec<u8>>,
+        sets: Vec<(Vec<u8>, Vec<u8>)>,
+        dels: Vec<Vec<u8>>,
+    },
+    /// The records with sortkeys in [start, stop) (an empty stop: to the end), in order.
+    Scan {
+        start: Vec<u8>,
+        stop: Vec<u8>,
+    },
+    /// How many records the hashkey has.
+    Count,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -49,6 +64,8 @@ pub enum Output {
     Existed(bool),
     Integer(i64),
     Applied(bool),
+    Records(Vec<(Vec<u8>, Vec<u8>)>),
+    Count(u64),
 }
 
 /// One completed or outcome-unknown operation on one hashkey.
@@ -115,6 +132,22 @@ pub fn step(model: &Model, input: &Input, output: Option<&Output>) -> Option<Mod
             }
             Output::Applied(pass)
         }
+        Input::CheckAndMutate { check_sortkey, expected, sets, dels } => {
+            let pass = model.get(check_sortkey) == expected.as_ref();
+            if pass {
+                for (s, v) in sets {
+                    next.insert(s.clone(), v.clone());
+                }
+                for s in dels {
+                    next.remove(s);
+                }
+            }
+            Output::Applied(pass)
+        }
+        Input::Scan { start, stop } => Output::Records(
+            model.iter().filter(|(k, _)| *k >= start && (stop.is_empty() || *k < stop)).map(|(k, v)| (k.clone(), v.clone())).collect(),
+        ),
+        Input::Count => Output::Count(model.len() as u64),
     };
     match output {
         Some(o) if *o != actual => None,

@@ -81,21 +81,30 @@ impl World {
             };
             return (TTL_HASHKEY.to_vec(), input);
         }
-        let input = match rng.range(0, 100) {
-            0..=29 => Input::Get { sortkey },
-            30..=49 => Input::Set { sortkey, value },
-            50..=54 => Input::Del { sortkey },
-            55..=69 => Input::Incr { sortkey: COUNTER.to_vec(), delta: rng.range(1, 10) as i64 },
-            70..=79 => {
-                let expected = if rng.range(0, 2) == 0 {
-                    None
-                } else {
-                    Some(format!("c{}-{}", rng.range(0, 4), rng.range(0, self.issued as u64 + 1)).into_bytes())
-                };
-                Input::CheckAndSet { check_sortkey: SORTKEYS[0].to_vec(), expected, set_sortkey: SORTKEYS[1].to_vec(), value }
+        let issued = self.issued as u64;
+        let expected = |rng: &mut SeededRandom| {
+            if rng.range(0, 2) == 0 {
+                None
+            } else {
+                Some(format!("c{}-{}", rng.range(0, 4), rng.range(0, issued + 1)).into_bytes())
             }
-            80..=89 => Input::MultiSet { pairs: SORTKEYS.iter().map(|s| (s.to_vec(), value.clone())).collect() },
-            _ => Input::MultiGet { sortkeys: SORTKEYS.iter().map(|s| s.to_vec()).chain([COUNTER.to_vec()]).collect() },
+        };
+        let input = match rng.range(0, 100) {
+            0..=24 => Input::Get { sortkey },
+            25..=44 => Input::Set { sortkey, value },
+            45..=49 => Input::Del { sortkey },
+            50..=64 => Input::Incr { sortkey: COUNTER.to_vec(), delta: rng.range(1, 10) as i64 },
+            65..=72 => Input::CheckAndSet { check_sortkey: SORTKEYS[0].to_vec(), expected: expected(rng), set_sortkey: SORTKEYS[1].to_vec(), value },
+            73..=77 => Input::CheckAndMutate {
+                check_sortkey: SORTKEYS[1].to_vec(),
+                expected: expected(rng),
+                sets: vec![(SORTKEYS[0].to_vec(), value.clone()), (SORTKEYS[1].to_vec(), value)],
+                dels: vec![COUNTER.to_vec()],
+            },
+            78..=85 => Input::MultiSet { pairs: SORTKEYS.iter().map(|s| (s.to_vec(), value.clone())).collect() },
+            86..=91 => Input::MultiGet { sortkeys: SORTKEYS.iter().map(|s| s.to_vec()).chain([COUNTER.to_vec()]).collect() },
+            92..=95 => Input::Scan { start: SORTKEYS[0].to_vec(), stop: if rng.range(0, 2) == 0 { vec![] } else { SORTKEYS[1].to_vec() } },
+            _ => Input::Count,
         };
         (hashkey, input)
     }
@@ -198,6 +207,26 @@ impl World {
                 set_value: bytes(value),
                 ..Default::default()
             })),
+            Input::CheckAndMutate { check_sortkey, expected, sets, dels } => write(write_request::Op::CheckAndMutate(tern_proto::CheckAndMutate {
+                hashkey: hk,
+                check_sortkey: bytes(check_sortkey),
+                check_type: if expected.is_some() { tern_proto::CheckType::ValueEqual } else { tern_proto::CheckType::ValueNotExist } as i32,
+                check_operand: expected.as_deref().map(bytes).unwrap_or_default(),
+                mutations: sets
+                    .iter()
+                    .map(|(s, v)| tern_proto::Mutation { sortkey: bytes(s), value: bytes(v), ..Default::default() })
+                    .chain(dels.iter().map(|s| tern_proto::Mutation { sortkey: bytes(s), delete: true, ..Default::default() }))
+                    .collect(),
+                return_check_value: false,
+            })),
+            Input::Scan { start, stop } => read(read_request::Op::Scan(tern_proto::Scan {
+                hashkey: hk,
+                start: bytes(start),
+                stop: bytes(stop),
+                limit: 100,
+                ..Default::default()
+            })),
+            Input::Count => read(read_request::Op::Count(tern_proto::Count { hashkey: hk })),
         };
         let mut s = self.shared.lock();
         // The client-server link shares the nodes' fate: a crashed or unreachable node never answers.
@@ -226,7 +255,11 @@ impl World {
                     (Input::Set { .. } | Input::MultiSet { .. }, Answer::Write(_)) => Output::Done,
                     (Input::Del { .. }, Answer::Write(w)) => Output::Existed(w.count > 0),
                     (Input::Incr { .. }, Answer::Write(w)) => Output::Integer(w.new_value),
-                    (Input::CheckAndSet { .. }, Answer::Write(w)) => Output::Applied(w.set_done),
+                    (Input::CheckAndSet { .. } | Input::CheckAndMutate { .. }, Answer::Write(w)) => Output::Applied(w.set_done),
+                    (Input::Scan { .. }, Answer::Read(r)) => {
+                        Output::Records(r.records.iter().map(|x| (x.sortkey.to_vec(), x.value.to_vec())).collect())
+                    }
+                    (Input::Count, Answer::Read(r)) => Output::Count(r.count),
                     _ => unreachable!("answer kind matches request kind"),
                 };
                 self.complete(client, Some(output));
@@ -271,7 +304,7 @@ impl World {
         let c = &mut self.clients[client];
         let p = c.pending.take().expect("pending operation");
         self.identities[c.identity].sequencer.finish(p.seq);
-        let is_read = matches!(p.input, Input::Get { .. } | Input::MultiGet { .. });
+        let is_read = matches!(p.input, Input::Get { .. } | Input::MultiGet { .. } | Input::Scan { .. } | Input::Count);
         if (output.is_some() || !is_read) && p.hashkey != TTL_HASHKEY {
             self.history.push(Operation { client: client as u64, hashkey: p.hashkey, input: p.input, output, call: p.started, ret: now });
         }

@@ -111,18 +111,30 @@ impl World {
     /// index or contents, with (node, applied index, checksum) of each replica.
     pub(super) fn replica_differences(&mut self) -> Vec<(u64, Vec<ReplicaSum>)> {
         let mut by_group: BTreeMap<u64, Vec<ReplicaSum>> = BTreeMap::new();
+        // One time for every replica (the latest any node's clock shows): nodes' clocks differ, and
+        // records expire by the time a reader looks at.
+        let at_unix_ms = self.nodes.iter().map(|n| n.clock(&self.now).now_unix_ms()).max().unwrap_or(0);
         for i in 0..self.nodes.len() {
             for p in 0..self.cfg.partitions {
                 let group = GroupId::new(TABLE_ID, p);
                 let (tx, rx) = std::sync::mpsc::channel();
                 self.with_store(i, |s| {
-                    s.handle(StoreMsg::Checksum { group, callback: Box::new(move |r| drop(tx.send(r))) });
+                    s.handle(StoreMsg::Checksum { group, at_unix_ms, callback: Box::new(move |r| drop(tx.send(r))) });
                 });
                 if let Ok(Ok((applied, sum, _))) = rx.try_recv() {
                     by_group.entry(group.0).or_default().push((self.nodes[i].id, applied, sum));
                 }
             }
         }
+        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        for (group, replicas) in &by_group {
+            for (node, applied, sum) in replicas {
+                for word in [*group, *node, *applied, *sum] {
+                    hash = (hash ^ word).wrapping_mul(0x0000_0100_0000_01b3);
+                }
+            }
+        }
+        self.state_hash = hash;
         let mut differences = Vec::new();
         for (group, mut replicas) in by_group {
             let expected = match &self.catalog {

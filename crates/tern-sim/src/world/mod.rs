@@ -59,6 +59,9 @@ const SESSIONS_PER_CLIENT: usize = 2;
 type ReplicaSum = (NodeId, u64, u64);
 /// Settling rounds (5 s of virtual time each) replicas get to agree after the run.
 const SETTLE_ROUNDS_MAX: u32 = 4;
+/// Every node's clocks and timers run up to this fast or slow (5%: far beyond real quartz, and
+/// within the margin the read lease keeps below followers' vote refusal).
+const CLOCK_DRIFT_PPM_MAX: u64 = 50_000;
 
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -189,6 +192,9 @@ struct Node {
     /// The node's file system: what a crash keeps of it is what was made durable.
     files: Arc<MemoryFileSystem>,
     clock_offset: Arc<AtomicI64>,
+    /// How fast this node's clocks (wall and monotonic) and timers run, in parts per million off
+    /// true time.
+    drift_ppm: i64,
     store: Option<Store>,
     epoch: u64,
     paused_until: u64,
@@ -215,6 +221,9 @@ pub struct World {
     failures: Vec<String>,
     faults: Vec<String>,
     trace_hash: u64,
+    /// A hash of every replica's state (node, group, applied index, checksum of its records) when
+    /// they were last compared.
+    state_hash: u64,
     events: u64,
     trace_tail: std::collections::VecDeque<String>,
     /// (group, term) -> leader peer seen, for the one-leader-per-term invariant.
@@ -229,6 +238,13 @@ pub struct World {
     /// When meta last heard from each node (virtual ms; every node counts as heard at the start).
     last_heard: Vec<Option<u64>>,
     meta_down_until: u64,
+}
+
+impl Node {
+    /// The node's clocks.
+    fn clock(&self, now: &Arc<AtomicU64>) -> SimClock {
+        SimClock { now: now.clone(), offset_ms: self.clock_offset.clone(), drift_ppm: self.drift_ppm }
+    }
 }
 
 /// Where a node keeps its data, on its own (simulated) file system.
@@ -272,6 +288,8 @@ impl World {
             network: Network::default(),
             files: BTreeMap::new(),
         }));
+        // Drawn from its own stream so that the rest of a run's randomness does not shift with it.
+        let mut drift_rng = SeededRandom::new(cfg.seed ^ 0xD21F7);
         let nodes: Vec<Node> = (1..=cfg.nodes as u64)
             .map(|id| {
                 let files = Arc::new(MemoryFileSystem::new());
@@ -285,6 +303,7 @@ impl World {
                 engines,
                 files,
                 clock_offset: Arc::new(AtomicI64::new(0)),
+                drift_ppm: drift_rng.range(0, 2 * CLOCK_DRIFT_PPM_MAX + 1) as i64 - CLOCK_DRIFT_PPM_MAX as i64,
                 store: None,
                 epoch: 0,
                 paused_until: 0,
@@ -329,6 +348,7 @@ impl World {
             failures: Vec::new(),
             faults: Vec::new(),
             trace_hash: 0xcbf2_9ce4_8422_2325,
+            state_hash: 0,
             events: 0,
             trace_tail: Default::default(),
             leaders_seen: BTreeMap::new(),
@@ -377,7 +397,7 @@ impl World {
         let node = &mut self.nodes[index];
         node.epoch += 1;
         let transport = SimTransport { node: node.id, shared: self.shared.clone() };
-        let clock = Arc::new(SimClock { now: self.now.clone(), offset_ms: node.clock_offset.clone() });
+        let clock = Arc::new(node.clock(&self.now));
         let seed = node_seed(self.cfg.seed, node.id, node.epoch);
         let disks = NodeDisks { log: node.log.clone(), engines: node.engines.clone(), files: node.files.clone() };
         let store = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -504,6 +524,7 @@ impl World {
         SimReport {
             seed: self.cfg.seed,
             trace_hash: self.trace_hash,
+            state_hash: self.state_hash,
             events: self.events,
             virtual_ms: end,
             operations: self.history.len(),
@@ -576,7 +597,9 @@ impl World {
                     s.process_ready();
                 });
                 self.check_leaders(i);
-                self.shared.lock().schedule(TICK_MS, Event::Tick { node, epoch });
+                // The node's tick timer runs on its own (drifting) clock.
+                let interval = (TICK_MS as i64 * 1_000_000 / (1_000_000 + self.nodes[i].drift_ppm)) as u64;
+                self.shared.lock().schedule(interval, Event::Tick { node, epoch });
             }
             Event::Request { node, client, attempt, request } => self.serve(node, client, attempt, request),
             Event::Answer { client, attempt, answer } => self.on_answer(client, attempt, answer),

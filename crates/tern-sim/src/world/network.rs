@@ -61,17 +61,27 @@ impl Shared {
 
 pub(super) type SharedRef = Arc<Mutex<Shared>>;
 
+/// One node's clocks: true virtual time run `drift_ppm` fast or slow, the wall clock also offset
+/// (and jumped) by `offset_ms`.
 pub(super) struct SimClock {
     pub(super) now: Arc<AtomicU64>,
     pub(super) offset_ms: Arc<AtomicI64>,
+    pub(super) drift_ppm: i64,
+}
+
+impl SimClock {
+    fn local_us(&self) -> i64 {
+        let now_us = self.now.load(Ordering::SeqCst) as i64 * 1000;
+        now_us + now_us / 1_000_000 * self.drift_ppm + (now_us % 1_000_000) * self.drift_ppm / 1_000_000
+    }
 }
 
 impl Clock for SimClock {
     fn now_unix_ms(&self) -> u64 {
-        (EPOCH_UNIX_MS as i64 + self.now.load(Ordering::SeqCst) as i64 + self.offset_ms.load(Ordering::SeqCst)) as u64
+        (EPOCH_UNIX_MS as i64 + self.local_us() / 1000 + self.offset_ms.load(Ordering::SeqCst)) as u64
     }
     fn monotonic(&self) -> Duration {
-        Duration::from_millis(self.now.load(Ordering::SeqCst))
+        Duration::from_micros(self.local_us() as u64)
     }
 }
 
@@ -128,7 +138,20 @@ impl Transport for SimTransport {
                     && manifest.and_then(|m| m.write_into(&*to_fs, &target)).is_ok()
                     && (!cut_short || cut_snapshot_short(&*to_fs, &target, &mut s.rng));
                 if ok {
-                    s.schedule(delay, Event::Raft { to, group: out.group, message: out.message.clone(), snapshot_dir: Some(target) });
+                    // On a noisy network a transfer may also be slow (it arrives, and is reported,
+                    // late) and be delivered twice (a retried stream): the receiver must install
+                    // one snapshot once and drop the copy.
+                    let slow = if s.network.noisy { s.rng.range(0, 3_000) } else { 0 };
+                    if s.network.noisy && s.rng.range(0, 10) == 0 {
+                        let copy = node_dir(to).join("snapshots-received").join(format!("sim-{seq}-copy"));
+                        if copy_dir(&*to_fs, &target, &*to_fs, &copy).is_ok() {
+                            let later = delay + slow + s.latency();
+                            s.schedule(later, Event::Raft { to, group: out.group, message: out.message.clone(), snapshot_dir: Some(copy) });
+                        }
+                    }
+                    s.schedule(delay + slow, Event::Raft { to, group: out.group, message: out.message.clone(), snapshot_dir: Some(target) });
+                    s.schedule(delay + slow, Event::SnapshotReport { node: self.node, group: out.group, to_peer: out.message.to, ok });
+                    continue;
                 }
                 s.schedule(delay, Event::SnapshotReport { node: self.node, group: out.group, to_peer: out.message.to, ok });
                 continue;

@@ -6,6 +6,8 @@ use super::*;
 pub struct SimReport {
     pub seed: u64,
     pub trace_hash: u64,
+    /// A hash of every replica's whole state at the end (0 if replicas were never compared).
+    pub state_hash: u64,
     pub events: u64,
     pub virtual_ms: u64,
     pub operations: usize,
