@@ -306,6 +306,20 @@ impl Store {
         Replica::open(meta, dir, snapshot_dir, bootstrap, &disks, self.cfg.replica.clone(), election_tick)
     }
 
+    /// (group, term, holds a read lease now) of every replica that believes it leads: what a checker
+    /// of lease safety looks at.
+    pub fn leaderships(&self) -> Vec<(GroupId, u64, bool)> {
+        let now = self.clock.monotonic();
+        self.replicas
+            .values()
+            .filter(|r| r.is_leader())
+            .map(|r| {
+                let lease = r.lease_term(now);
+                (r.group, lease.unwrap_or_else(|| r.status().term), lease.is_some())
+            })
+            .collect()
+    }
+
     /// Replicas stopped after a storage failure, or that could not be opened, with the reason.
     pub fn failed_replicas(&self) -> Vec<(GroupId, String)> {
         let stopped = self.replicas.values().filter_map(|r| r.failure().map(|f| (r.group, f.to_string())));

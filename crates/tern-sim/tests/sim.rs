@@ -121,31 +121,29 @@ fn assert_planted_bug_is_caught(planted: PlantedBugs, config: SimConfig) {
 
 /// The harness bites: a leader that answers reads without confirming leadership (ReadIndex) serves
 /// a stale read once a paused or cut-off leader has been replaced. Seeds found with
-/// `hunt_planted_bug` (6 of 6000 seeds, 1000-6999: deposed leaders that still take client reads are
+/// `hunt_planted_bug` (4 of 6000 seeds, 1000-6999: deposed leaders that still take client reads are
 /// rare, because check-quorum steps a cut-off leader down before another is elected; it takes a
 /// paused leader whose clients' reads reach it, on resume, before the new leader's messages do).
 #[test]
 fn planted_stale_read_bug_is_caught() {
-    assert_planted_bug_is_caught(PlantedBugs { read_without_read_index: true, ..Default::default() }, SimConfig::new(2560));
+    assert_planted_bug_is_caught(PlantedBugs { read_without_read_index: true, ..Default::default() }, SimConfig::new(1177));
 }
 
-/// Lease reads are only as safe as the lease is short: a lease 40 times too long lets a paused or
-/// cut-off leader answer reads after another leader took writes (seed found with
-/// `hunt_planted_bug`: 8 of 3000 seeds of 1500 operations, 5000-7999).
+/// Lease reads are only as safe as the lease is short: a lease 40 times too long outlives
+/// followers' vote refusal, so another leader is elected while the old one may still answer reads.
+/// The simulator checks lease safety directly (no replica leads a later term while one holds a
+/// lease), so it needs no unlucky read to see it: 251 of 1000 seeds, 1000-1999.
 #[test]
 fn planted_overlong_lease_is_caught() {
-    let mut cfg = SimConfig::new(5326);
-    cfg.operations = 1500;
-    cfg.fault_phase_ms = cfg.fault_phase_ms.max(1500 * 20);
-    assert_planted_bug_is_caught(PlantedBugs { lease_too_long: true, ..Default::default() }, cfg);
+    assert_planted_bug_is_caught(PlantedBugs { lease_too_long: true, ..Default::default() }, SimConfig::new(1001));
 }
 
 /// Compaction that expires records by the node's own clock instead of the applied log's: a replica
 /// replaying or catching up drops a record a later entry still finds alive elsewhere, and replicas
-/// diverge (caught by 33 of 1000 seeds, 1000-1999).
+/// diverge (caught by 35 of 1000 seeds, 1000-1999).
 #[test]
 fn planted_expiry_by_local_clock_is_caught() {
-    assert_planted_bug_is_caught(PlantedBugs { expiry_by_local_clock: true, ..Default::default() }, SimConfig::new(1013));
+    assert_planted_bug_is_caught(PlantedBugs { expiry_by_local_clock: true, ..Default::default() }, SimConfig::new(1029));
 }
 
 /// A storage failure at apply answered as an error, the entry counted as applied: that replica
@@ -156,16 +154,16 @@ fn planted_storage_failure_as_answer_is_caught() {
 }
 
 /// A snapshot cut short in transfer handed to raft unchecked: the replica installs a partial state
-/// machine (caught by 31 of 2000 seeds, 1000-2999).
+/// machine (caught by 26 of 2000 seeds, 1000-2999).
 #[test]
 fn planted_unverified_snapshot_is_caught() {
-    assert_planted_bug_is_caught(PlantedBugs { unverified_snapshot: true, ..Default::default() }, SimConfig::new(1036));
+    assert_planted_bug_is_caught(PlantedBugs { unverified_snapshot: true, ..Default::default() }, SimConfig::new(1057));
 }
 
 /// Files go through the simulator's file system, which keeps only what was made durable when a node
 /// crashes: a replica directory created without syncing its parent is lost in a crash while its raft
 /// log survives, and the replica comes back from nothing (its vote and acknowledged entries
-/// forgotten). Most seeds catch it (266 of 400 in 1000-1399).
+/// forgotten). Most seeds catch it (270 of 400 in 1000-1399).
 #[test]
 fn planted_replica_dir_not_durable_is_caught() {
     assert_planted_bug_is_caught(PlantedBugs { replica_dir_not_durable: true, ..Default::default() }, SimConfig::new(1000));

@@ -51,6 +51,12 @@ impl Replica {
             && self.raw.raft.lead_transferee.is_none()
     }
 
+    /// The term of the read lease this replica holds now, if it holds one (a leader answering reads
+    /// without a read-index round). No other replica may lead a later term while it does.
+    pub fn lease_term(&self, now: Duration) -> Option<u64> {
+        self.lease_covers(now).then_some(self.raw.raft.term)
+    }
+
     /// Queues a read. Stale reads are answered at once from local state; linearizable reads wait for
     /// a read index (one per batch of reads) and for apply to reach it.
     pub fn read(&mut self, request: ReadRequest, now_unix_ms: u64, now: Duration, callback: ReadCallback) {

@@ -54,8 +54,11 @@ impl World {
             let length = rng.range(300, 3000);
             match rng.range(0, 8) {
                 0 => {
+                    // One crash in three is a quick bounce (a supervisor restarting the process at
+                    // once): the node is back within a lease, having forgotten what it heard.
+                    let down = if rng.range(0, 3) == 0 { rng.range(30, 300) } else { length };
                     planned.push((t, Fault::Crash(node)));
-                    planned.push((t + length, Fault::Restart(node)));
+                    planned.push((t + down, Fault::Restart(node)));
                 }
                 1 => {
                     planned.push((t, Fault::Isolate(node)));

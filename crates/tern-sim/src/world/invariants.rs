@@ -25,6 +25,35 @@ impl World {
         }
     }
 
+    /// Lease safety: while a replica holds a read lease in term T (by its own clock, as it would
+    /// answer reads), no replica anywhere leads a later term. Checked directly, so a lease that
+    /// outlives followers' vote refusal is caught whether or not a client read happens to land in
+    /// the gap.
+    pub(super) fn check_leases(&mut self) {
+        let mut leaders: BTreeMap<GroupId, Vec<(NodeId, u64, bool)>> = BTreeMap::new();
+        for node in &self.nodes {
+            if let Some(store) = node.store.as_ref() {
+                for (group, term, lease) in store.leaderships() {
+                    leaders.entry(group).or_default().push((node.id, term, lease));
+                }
+            }
+        }
+        for (group, list) in leaders {
+            for &(holder, term, lease) in &list {
+                if !lease {
+                    continue;
+                }
+                let reported = self.failures.iter().any(|f| f.contains("holds a read lease"));
+                if let Some(&(other, later, _)) = list.iter().find(|(n, t, _)| *n != holder && *t > term).filter(|_| !reported) {
+                    let now = self.now.load(Ordering::SeqCst);
+                    self.failures.push(format!(
+                        "at {now} ms node {holder} holds a read lease of group {group} in term {term} while node {other} leads term {later}"
+                    ));
+                }
+            }
+        }
+    }
+
     /// Committed entries never change: every committed entry a replica holds must equal what any
     /// replica held at that index before.
     pub(super) fn check_committed_entries(&mut self, index: usize, statuses: &[tern_proto::ReplicaStatus]) {

@@ -597,6 +597,7 @@ impl World {
                     s.process_ready();
                 });
                 self.check_leaders(i);
+                self.check_leases();
                 // The node's tick timer runs on its own (drifting) clock.
                 let interval = (TICK_MS as i64 * 1_000_000 / (1_000_000 + self.nodes[i].drift_ppm)) as u64;
                 self.shared.lock().schedule(interval, Event::Tick { node, epoch });

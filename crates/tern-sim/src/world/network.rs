@@ -44,10 +44,16 @@ impl Shared {
         self.events.insert(self.seq, event);
     }
 
-    /// One-way network latency; with noise, longer and more varied (so messages reorder).
+    /// One-way network latency; with noise, longer and more varied (so messages reorder), and now
+    /// and then a message stuck for seconds (a retransmission after a lost path): it arrives after
+    /// whatever it was part of has timed out.
     pub(super) fn latency(&mut self) -> u64 {
         if self.network.noisy {
-            self.rng.range(1, 40)
+            if self.rng.range(0, 200) == 0 {
+                self.rng.range(1_000, 3_000)
+            } else {
+                self.rng.range(1, 40)
+            }
         } else {
             self.rng.range(1, 4)
         }
