@@ -107,7 +107,7 @@ impl FileSystem for RealFileSystem {
     }
 
     fn sync_file(&self, path: &Path) -> std::io::Result<()> {
-        std::fs::OpenOptions::new().write(true).open(path)?.sync_all()
+        std::fs::File::open(path)?.sync_all()
     }
 
     fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
@@ -162,11 +162,6 @@ pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     RealFileSystem.write_file_atomically(path, bytes)
 }
 
-/// `FileSystem::rename_durably` on the real file system.
-pub fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
-    RealFileSystem.rename_durably(from, to)
-}
-
 /// The file system as the core sees it, shared by everything on one node.
 pub type SharedFileSystem = Arc<dyn FileSystem>;
 
@@ -179,10 +174,12 @@ enum Node {
     File { current: Arc<Vec<u8>>, durable: Arc<Vec<u8>> },
 }
 
-/// A file system in memory with the crash semantics of a POSIX one without its lucky cases: `crash`
-/// keeps exactly what was made durable (file contents as of their last `sync_file`, directory
-/// entries as of their directory's last `sync_directory`). Directories and files are inodes, so a
-/// renamed directory keeps its contents. One per simulated node.
+/// A file system in memory with crash semantics: `crash` keeps exactly what was made durable (file
+/// contents as of their last `sync_file`, directory entries as of their directory's last
+/// `sync_directory`) and nothing else. Directories and files are inodes, so a renamed directory
+/// keeps its contents. One per simulated node. Kinder than a real disk in places: an unsynced
+/// overwrite comes back whole as the old contents (never torn), a removal undone by a crash comes
+/// back whole, and a crash never keeps part of what was not synced.
 pub struct MemoryFileSystem {
     inner: Mutex<MemoryInner>,
 }
@@ -318,10 +315,13 @@ impl FileSystem for MemoryFileSystem {
     fn sync_file(&self, path: &Path) -> std::io::Result<()> {
         let mut inner = self.inner.lock();
         let ino = inner.lookup(path).ok_or_else(|| not_found(path))?;
-        if let Some(Node::File { current, durable }) = inner.nodes.get_mut(&ino) {
-            *durable = current.clone();
+        match inner.nodes.get_mut(&ino) {
+            Some(Node::File { current, durable }) => {
+                *durable = current.clone();
+                Ok(())
+            }
+            _ => Err(std::io::Error::other(format!("{} is a directory", path.display()))),
         }
-        Ok(())
     }
 
     fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
@@ -352,11 +352,19 @@ impl FileSystem for MemoryFileSystem {
         let (from_dir, from_name) = inner.parent_of(from)?;
         let (to_dir, to_name) = inner.parent_of(to)?;
         let ino = *inner.entries(from_dir).get(&from_name).ok_or_else(|| not_found(from))?;
+        let is_dir = |inner: &MemoryInner, i: Ino| matches!(inner.nodes.get(&i), Some(Node::Dir { .. }));
+        if is_dir(&inner, ino) && to.starts_with(from) {
+            return Err(std::io::Error::other(format!("cannot move {} into itself", from.display())));
+        }
         if let Some(target) = inner.entries(to_dir).get(&to_name).copied() {
-            if let Some(Node::Dir { current, .. }) = inner.nodes.get(&target) {
-                if !current.is_empty() {
-                    return Err(std::io::Error::other(format!("{}: directory not empty", to.display())));
+            match inner.nodes.get(&target) {
+                Some(Node::Dir { current, .. }) if !current.is_empty() => {
+                    return Err(std::io::Error::other(format!("{}: directory not empty", to.display())))
                 }
+                _ if is_dir(&inner, target) != is_dir(&inner, ino) => {
+                    return Err(std::io::Error::other(format!("{}: cannot replace a file with a directory or the reverse", to.display())))
+                }
+                _ => {}
             }
         }
         inner.entries(from_dir).remove(&from_name);
@@ -419,7 +427,7 @@ mod tests {
         write_file_atomically(&path, b"two").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left behind");
-        rename_durably(&path, &dir.join("moved.json")).unwrap();
+        RealFileSystem.rename_durably(&path, &dir.join("moved.json")).unwrap();
         assert_eq!(std::fs::read(dir.join("moved.json")).unwrap(), b"two");
         std::fs::remove_dir_all(&dir).unwrap();
     }

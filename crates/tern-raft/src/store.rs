@@ -178,7 +178,15 @@ pub struct Store {
     /// Replicas whose directory is here but that could not be opened (a storage failure at open):
     /// reported to meta as failed, and tried again every `failed_replica_reopen_ticks`.
     unopened: BTreeMap<GroupId, Unopened>,
+    /// The highest peer id of each group ever destroyed on this node (kept in `RETIRED_FILE`). A
+    /// destroyed peer forgot its votes and log; created again it could vote twice in a term or
+    /// deny entries it acknowledged, so no peer id at or below it is ever created here again (meta
+    /// hands out ever larger ids, so a real new peer is always above it).
+    retired: BTreeMap<GroupId, PeerId>,
 }
+
+/// Where a store keeps its retired peer ids.
+const RETIRED_FILE: &str = "retired-peers.json";
 
 struct Unopened {
     meta: ReplicaMeta,
@@ -237,7 +245,15 @@ impl Store {
             ticks: 0,
             failed_since: BTreeMap::new(),
             unopened: BTreeMap::new(),
+            retired: BTreeMap::new(),
         };
+        let retired_file = data_dir.join(RETIRED_FILE);
+        if files.exists(&retired_file) {
+            let bytes = files.read(&retired_file).map_err(io)?;
+            let retired: Vec<(u64, PeerId)> =
+                serde_json::from_slice(&bytes).map_err(|e| TernError::Corruption(format!("{}: {e}", retired_file.display())))?;
+            store.retired = retired.into_iter().map(|(g, p)| (GroupId(g), p)).collect();
+        }
         let entries: Vec<PathBuf> = files.read_dir(&data_dir.join("replicas")).map_err(io)?;
         // Destroys a crash interrupted are finished first.
         let tombstones: Vec<PathBuf> = entries.iter().filter(|p| is_tombstone(p)).cloned().collect();
@@ -306,18 +322,10 @@ impl Store {
         Replica::open(meta, dir, snapshot_dir, bootstrap, &disks, self.cfg.replica.clone(), election_tick)
     }
 
-    /// (group, term, holds a read lease now) of every replica that believes it leads: what a checker
-    /// of lease safety looks at.
-    pub fn leaderships(&self) -> Vec<(GroupId, u64, bool)> {
+    /// (group, term) of every read lease held now: what a checker of lease safety looks at.
+    pub fn leases(&self) -> Vec<(GroupId, u64)> {
         let now = self.clock.monotonic();
-        self.replicas
-            .values()
-            .filter(|r| r.is_leader())
-            .map(|r| {
-                let lease = r.lease_term(now);
-                (r.group, lease.unwrap_or_else(|| r.status().term), lease.is_some())
-            })
-            .collect()
+        self.replicas.values().filter_map(|r| r.lease_term(now).map(|term| (r.group, term))).collect()
     }
 
     /// Replicas stopped after a storage failure, or that could not be opened, with the reason.
@@ -411,6 +419,12 @@ impl Store {
     }
 
     fn ensure_replica(&mut self, spec: ReplicaSpec) -> Result<(), TernError> {
+        if let Some(&retired) = self.retired.get(&spec.group).filter(|r| spec.peer_id <= **r) {
+            return Err(TernError::invalid(format!(
+                "peer {} of {} is not created again: peer {retired} of the group was destroyed on this node, and a destroyed peer has forgotten its votes",
+                spec.peer_id, spec.group
+            )));
+        }
         if let Some(u) = self.unopened.get(&spec.group) {
             if u.meta.peer_id == spec.peer_id {
                 return Ok(()); // retried on its own schedule; meta replaces it meanwhile
@@ -450,6 +464,9 @@ impl Store {
             engine_dir: "engine".into(),
         };
         meta.save(&*self.files, &dir)?;
+        // The engine creates its directory if it is missing; made here and durably, so a crash
+        // cannot leave replica.json naming an engine directory that is gone.
+        self.files.create_dir_all_durably(&dir.join(&meta.engine_dir)).map_err(|e| TernError::Internal(format!("create engine directory: {e}")))?;
         let voters = spec.initial.then(|| spec.peers.iter().map(|(p, _)| *p).collect());
         let mut replica = self.open_replica(meta, dir, voters)?;
         if spec.preferred_leader {
@@ -469,6 +486,19 @@ impl Store {
     fn destroy_replicas(&mut self, doomed: Vec<GroupId>, why: &str) {
         if doomed.is_empty() {
             return;
+        }
+        // Retire the peer ids first (durably), so none of them is ever created here again.
+        for group in &doomed {
+            let peer = self.replicas.get(group).map(|r| r.peer_id).or_else(|| self.unopened.get(group).map(|u| u.meta.peer_id));
+            if let Some(peer) = peer {
+                let entry = self.retired.entry(*group).or_default();
+                *entry = (*entry).max(peer);
+            }
+        }
+        let retired: Vec<(u64, PeerId)> = self.retired.iter().map(|(g, p)| (g.0, *p)).collect();
+        let bytes = serde_json::to_vec(&retired).expect("serialize retired peers");
+        if let Err(e) = self.files.write_file_atomically(&self.data_dir.join(RETIRED_FILE), &bytes) {
+            panic!("cannot record retired replicas: {e}");
         }
         let mut tombstones = Vec::new();
         for group in doomed {
@@ -804,6 +834,39 @@ mod tests {
         assert!(disks.files.read_dir(replicas).unwrap().is_empty());
         assert!(disks.log.hard_state(group.0).unwrap().is_none());
         assert_eq!(disks.open().replica_count(), 0);
+    }
+
+    /// A new replica that is not yet a voter (a learner waiting for its first snapshot) does not
+    /// campaign even when its node is the preferred leader: raft-rs would elect it by an empty
+    /// quorum and crash. Found by the simulator (three nodes, a replica replaced in place).
+    #[test]
+    fn a_new_learner_never_campaigns() {
+        let disks = Disks::new();
+        let group = GroupId::new(1, 0);
+        let mut store = disks.open();
+        let spec = ReplicaSpec { initial: false, peers: vec![(21, 2), (22, 3)], learners: vec![(23, 1)], ..single_voter(group, 23) };
+        store.handle(StoreMsg::EnsureReplicas(vec![spec]));
+        run_a_while(&mut store);
+        assert_eq!(store.replica_count(), 1);
+        assert!(store.leases().is_empty());
+    }
+
+    /// A destroyed peer is never created again on the node: it has forgotten its votes and log.
+    #[test]
+    fn a_destroyed_peer_is_never_created_again() {
+        let disks = Disks::new();
+        let group = GroupId::new(1, 0);
+        let mut store = disks.open();
+        store.handle(StoreMsg::EnsureReplicas(vec![single_voter(group, 11)]));
+        run_a_while(&mut store);
+        store.handle(StoreMsg::DropTables(vec![group.table_id()]));
+        drop(store);
+        disks.crash();
+        let mut store = disks.open();
+        store.handle(StoreMsg::EnsureReplicas(vec![single_voter(group, 11)]));
+        assert_eq!(store.replica_count(), 0, "peer 11 stays retired across a restart");
+        store.handle(StoreMsg::EnsureReplicas(vec![single_voter(group, 12)]));
+        assert_eq!(store.replica_count(), 1, "a newer peer is created");
     }
 
     /// A replica that has voted and written its log survives a crash right after: its directory

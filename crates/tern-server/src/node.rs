@@ -227,7 +227,8 @@ async fn register(cfg: &ServerConfig, address: &str) -> Result<NodeIdentity, Ter
 impl ServerNode {
     pub async fn start(mut cfg: ServerConfig) -> Result<ServerNode, TernError> {
         cfg.validate()?;
-        std::fs::create_dir_all(&cfg.data_dir).map_err(internal("create data directory"))?;
+        tern_core::files::FileSystem::create_dir_all_durably(&tern_core::files::RealFileSystem, &cfg.data_dir)
+            .map_err(internal("create data directory"))?;
         let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(internal("bind server address"))?;
         let bound = listener.local_addr().map_err(internal("server address"))?;
         let address = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());

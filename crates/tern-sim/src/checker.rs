@@ -56,6 +56,13 @@ pub enum Input {
     Count,
 }
 
+impl Input {
+    /// Whether the operation only reads (it changes nothing, and needs no exactly-once sequence).
+    pub fn is_read(&self) -> bool {
+        matches!(self, Input::Get { .. } | Input::MultiGet { .. } | Input::Scan { .. } | Input::Count)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Output {
     Done,

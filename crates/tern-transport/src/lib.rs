@@ -175,8 +175,8 @@ impl Raft for RaftService {
                 let d = dir.clone();
                 tokio::task::spawn_blocking(move || {
                     manifest.write_into(&tern_core::files::RealFileSystem, &d)?;
-                    tern_raft::snapshot::verify(&tern_core::files::RealFileSystem, &d, tern_raft::snapshot::Check::Checksums)?;
-                    tern_core::files::sync_directory(&d).map_err(|e| tern_core::TernError::Internal(format!("sync {}: {e}", d.display())))
+                    // (Writing the manifest synced the directory.)
+                    tern_raft::snapshot::verify(&tern_core::files::RealFileSystem, &d, tern_raft::snapshot::Check::Checksums)
                 })
                 .await
                 .map_err(|e| Status::internal(format!("verify received snapshot: {e}")))?

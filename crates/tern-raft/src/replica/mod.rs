@@ -246,8 +246,14 @@ impl Replica {
         TernError::NotLeader { leader: self.node_of(self.raw.raft.leader_id) }
     }
 
+    /// Starts an election, if this replica is a voter of its configuration. raft-rs campaigns on
+    /// request even when it is not, and a replica created empty (a learner waiting for its first
+    /// snapshot) would then win an election of nobody and crash raft. Found by the simulator with
+    /// three nodes: a stopped replica replaced on its own node, which was the preferred leader.
     pub fn campaign(&mut self) {
-        let _ = self.raw.campaign();
+        if self.raw.raft.promotable() {
+            let _ = self.raw.campaign();
+        }
     }
 
     pub fn partition_count(&self) -> u32 {
@@ -309,7 +315,10 @@ impl Replica {
                             return;
                         }
                     }
-                    self.received_snapshots.insert((meta.index, meta.term), dir);
+                    // A snapshot delivered twice (a retried stream) replaces the earlier copy.
+                    if let Some(earlier) = self.received_snapshots.insert((meta.index, meta.term), dir) {
+                        let _ = self.files.remove_all(&earlier);
+                    }
                     // Snapshots raft rejected (stale or duplicate) are never installed: keep a few.
                     while self.received_snapshots.len() > RECEIVED_SNAPSHOTS_MAX {
                         let oldest = *self.received_snapshots.keys().min().expect("not empty");

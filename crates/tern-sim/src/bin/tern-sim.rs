@@ -30,6 +30,9 @@ struct Cli {
     /// Four nodes with meta's scheduler replacing lost replicas, balancing and moving leaders.
     #[arg(long)]
     scheduler: bool,
+    /// Nodes in the cluster (3 to 7; default 3, or 4 with --scheduler).
+    #[arg(long)]
+    nodes: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -42,9 +45,14 @@ fn main() -> ExitCode {
         eprintln!("--operations must be positive");
         return ExitCode::from(2);
     }
-    let (scheduler, operations, faults) = (cli.scheduler, cli.operations, !cli.no_faults);
+    if cli.nodes.is_some_and(|n| !(3..=7).contains(&n)) {
+        eprintln!("--nodes must be between 3 and 7 (partitions have three replicas)");
+        return ExitCode::from(2);
+    }
+    let (scheduler, operations, faults, nodes) = (cli.scheduler, cli.operations, !cli.no_faults, cli.nodes);
     let config = move |seed: u64| {
         let mut cfg = if scheduler { tern_sim::SimConfig::with_scheduler(seed) } else { tern_sim::SimConfig::new(seed) };
+        cfg.nodes = nodes.unwrap_or(cfg.nodes);
         cfg.operations = operations;
         cfg.faults = faults;
         // Keep faults coming for as long as the workload runs.

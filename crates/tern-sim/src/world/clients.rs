@@ -148,7 +148,8 @@ impl World {
         let now = self.now.load(Ordering::SeqCst);
         let c = &mut self.clients[client];
         let identity = &mut self.identities[c.identity];
-        let seq = identity.sequencer.begin();
+        // As the real client: only writes take a sequence number.
+        let seq = if input.is_read() { 0 } else { identity.sequencer.begin() };
         c.pending = Some(Pending { hashkey, input, started: now, attempts: 0, attempt: 0, seq, node: 0 });
         self.send_attempt(client);
     }
@@ -303,8 +304,10 @@ impl World {
         let now = self.now.load(Ordering::SeqCst);
         let c = &mut self.clients[client];
         let p = c.pending.take().expect("pending operation");
-        self.identities[c.identity].sequencer.finish(p.seq);
-        let is_read = matches!(p.input, Input::Get { .. } | Input::MultiGet { .. } | Input::Scan { .. } | Input::Count);
+        let is_read = p.input.is_read();
+        if !is_read {
+            self.identities[c.identity].sequencer.finish(p.seq);
+        }
         if (output.is_some() || !is_read) && p.hashkey != TTL_HASHKEY {
             self.history.push(Operation { client: client as u64, hashkey: p.hashkey, input: p.input, output, call: p.started, ret: now });
         }

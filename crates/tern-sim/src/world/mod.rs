@@ -228,6 +228,8 @@ pub struct World {
     trace_tail: std::collections::VecDeque<String>,
     /// (group, term) -> leader peer seen, for the one-leader-per-term invariant.
     leaders_seen: BTreeMap<(u64, u64), u64>,
+    /// A lease violation was reported (once is enough).
+    lease_violation_reported: bool,
     /// (group, index) -> (term, data hash) of every committed entry seen: committed entries never change.
     committed: BTreeMap<(u64, u64), (u64, u64)>,
     /// (node, group) -> highest committed index already compared.
@@ -352,6 +354,7 @@ impl World {
             events: 0,
             trace_tail: Default::default(),
             leaders_seen: BTreeMap::new(),
+            lease_violation_reported: false,
             committed: BTreeMap::new(),
             committed_checked: BTreeMap::new(),
             healed_at: None,
@@ -599,7 +602,8 @@ impl World {
                 self.check_leaders(i);
                 self.check_leases();
                 // The node's tick timer runs on its own (drifting) clock.
-                let interval = (TICK_MS as i64 * 1_000_000 / (1_000_000 + self.nodes[i].drift_ppm)) as u64;
+                let denominator = 1_000_000 + self.nodes[i].drift_ppm;
+                let interval = ((TICK_MS as i64 * 2_000_000 + denominator) / (2 * denominator)) as u64; // rounded to the nearest ms
                 self.shared.lock().schedule(interval, Event::Tick { node, epoch });
             }
             Event::Request { node, client, attempt, request } => self.serve(node, client, attempt, request),
