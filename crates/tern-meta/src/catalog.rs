@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use tern_core::limits::{check_partition_count, check_replica_count, check_table_name};
 use tern_core::{GroupId, NodeId, PeerId, TableId, TernError};
+use tern_raft::store::ReplicaSpec;
 
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NodeRecord {
@@ -160,19 +161,6 @@ fn balance_preferred_leaders(t: &mut TableRecord, usable: &[NodeId], priority: &
         }
     }
     changes
-}
-
-/// A replica a node should host.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Assignment {
-    pub group: GroupId,
-    pub peer_id: PeerId,
-    pub preferred_leader_peer: PeerId,
-    pub peers: Vec<(PeerId, NodeId)>,
-    pub learners: Vec<(PeerId, NodeId)>,
-    pub initial: bool,
-    pub partition_count: u32,
-    pub preferred_leader: bool,
 }
 
 impl Catalog {
@@ -542,21 +530,7 @@ impl Catalog {
     /// what liveness knows (other servers' addresses); a server acts on it with
     /// `tern_raft::store::reconcile_with_meta`.
     pub fn heartbeat_answer(&self, node: NodeId) -> tern_proto::HeartbeatResponse {
-        let peers = |list: &[(PeerId, NodeId)]| list.iter().map(|(p, n)| tern_proto::PeerInfo { peer_id: *p, node_id: *n }).collect();
-        let assignments = self
-            .assignments(node)
-            .into_iter()
-            .map(|a| tern_proto::ReplicaAssignment {
-                group_id: a.group.0,
-                peer_id: a.peer_id,
-                peers: peers(&a.peers),
-                learners: peers(&a.learners),
-                initial: a.initial,
-                partition_count: a.partition_count,
-                preferred_leader: a.preferred_leader,
-                preferred_leader_peer: a.preferred_leader_peer,
-            })
-            .collect();
+        let assignments = self.assignments(node).iter().map(ReplicaSpec::to_proto).collect();
         tern_proto::HeartbeatResponse {
             error: None,
             assignments,
@@ -568,12 +542,12 @@ impl Catalog {
     }
 
     /// Every replica `node` should host.
-    pub fn assignments(&self, node: NodeId) -> Vec<Assignment> {
+    pub fn assignments(&self, node: NodeId) -> Vec<ReplicaSpec> {
         let mut out = Vec::new();
         for t in self.tables.values() {
             for (i, p) in t.partitions.iter().enumerate() {
                 if let Some((peer_id, _)) = p.peers.iter().chain(p.learners.iter()).chain(p.removing.iter()).find(|(_, n)| *n == node) {
-                    out.push(Assignment {
+                    out.push(ReplicaSpec {
                         group: GroupId::new(t.id, i as u32),
                         peer_id: *peer_id,
                         preferred_leader_peer: p.peers.iter().find(|(_, n)| *n == p.preferred_leader).map(|(x, _)| *x).unwrap_or(0),

@@ -49,21 +49,7 @@ pub struct ReplicaSpec {
 /// heartbeat loop and the simulator both act through it. An answer carrying an error changes
 /// nothing but what it names explicitly (no replica is destroyed on an error).
 pub fn reconcile_with_meta(answer: &tern_proto::HeartbeatResponse) -> Vec<StoreMsg> {
-    let peers = |list: &[tern_proto::PeerInfo]| list.iter().map(|p| (p.peer_id, p.node_id)).collect();
-    let specs: Vec<ReplicaSpec> = answer
-        .assignments
-        .iter()
-        .map(|a| ReplicaSpec {
-            group: GroupId(a.group_id),
-            peer_id: a.peer_id,
-            peers: peers(&a.peers),
-            learners: peers(&a.learners),
-            initial: a.initial,
-            partition_count: a.partition_count,
-            preferred_leader: a.preferred_leader,
-            preferred_leader_peer: a.preferred_leader_peer,
-        })
-        .collect();
+    let specs: Vec<ReplicaSpec> = answer.assignments.iter().map(ReplicaSpec::from_proto).collect();
     let keep: Vec<GroupId> = specs.iter().map(|s| s.group).collect();
     let mut out = Vec::new();
     if !specs.is_empty() {
@@ -86,6 +72,37 @@ pub struct NodeDisks {
     pub log: Arc<dyn LogStore>,
     pub engines: Arc<dyn EngineFactory>,
     pub files: SharedFileSystem,
+}
+
+impl ReplicaSpec {
+    /// As meta sends it in a heartbeat answer.
+    pub fn to_proto(&self) -> tern_proto::ReplicaAssignment {
+        let peers = |list: &[(PeerId, NodeId)]| list.iter().map(|(p, n)| tern_proto::PeerInfo { peer_id: *p, node_id: *n }).collect();
+        tern_proto::ReplicaAssignment {
+            group_id: self.group.0,
+            peer_id: self.peer_id,
+            peers: peers(&self.peers),
+            learners: peers(&self.learners),
+            initial: self.initial,
+            partition_count: self.partition_count,
+            preferred_leader: self.preferred_leader,
+            preferred_leader_peer: self.preferred_leader_peer,
+        }
+    }
+
+    pub fn from_proto(a: &tern_proto::ReplicaAssignment) -> ReplicaSpec {
+        let peers = |list: &[tern_proto::PeerInfo]| list.iter().map(|p| (p.peer_id, p.node_id)).collect();
+        ReplicaSpec {
+            group: GroupId(a.group_id),
+            peer_id: a.peer_id,
+            peers: peers(&a.peers),
+            learners: peers(&a.learners),
+            initial: a.initial,
+            partition_count: a.partition_count,
+            preferred_leader: a.preferred_leader,
+            preferred_leader_peer: a.preferred_leader_peer,
+        }
+    }
 }
 
 pub type ChecksumCallback = Box<dyn FnOnce(Result<(u64, u64, u64), TernError>) + Send>;
