@@ -94,7 +94,7 @@ impl World {
             }
             let differences = self.replica_differences();
             if differences.is_empty() {
-                return;
+                return self.check_dropped_tables_are_gone();
             }
             if round == SETTLE_ROUNDS_MAX {
                 let statuses = self.replica_statuses();
@@ -102,6 +102,22 @@ impl World {
                     self.failures.push(format!("replicas of group {} differ after settling: {replicas:?}{statuses}", GroupId(group)));
                     self.dump_replicas(group);
                 }
+            }
+        }
+    }
+
+    /// Once settled, no node keeps a replica of a dropped table.
+    fn check_dropped_tables_are_gone(&mut self) {
+        let Some(dropped) = self.catalog.as_ref().map(|c| c.dropped_tables.clone()) else { return };
+        for i in 0..self.nodes.len() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            self.with_store(i, |s| {
+                s.handle(StoreMsg::Status(Box::new(move |st| drop(tx.send(st)))));
+            });
+            let left: Vec<GroupId> =
+                rx.try_recv().unwrap_or_default().iter().map(|r| GroupId(r.group_id)).filter(|g| dropped.contains(&g.table_id())).collect();
+            if !left.is_empty() {
+                self.failures.push(format!("node {} still hosts replicas of dropped tables: {left:?}", self.nodes[i].id));
             }
         }
     }

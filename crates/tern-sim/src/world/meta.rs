@@ -5,6 +5,8 @@ use super::*;
 /// Meta declares a node dead after this long without hearing from it (scheduler runs only).
 pub(super) const SIM_NODE_GRACE_MS: u64 = 3_000;
 pub(super) const META_TICK_MS: u64 = 1_000;
+/// The table created and dropped over and over in scheduler runs.
+pub(super) const CHURN_TABLE: &str = "churn";
 
 impl World {
     pub(super) fn create_partitions(&mut self) {
@@ -83,7 +85,17 @@ impl World {
         let heard_ago = |id: NodeId| self.last_heard[index_of[&id]].map(|t| Duration::from_millis(now - t));
         let alive = tern_meta::catalog::alive_nodes(catalog, heard_ago, Duration::from_millis(SIM_NODE_GRACE_MS));
         // Every status came from a node heard just now, so from a live one (as the service filters).
-        let changes = catalog.scheduling_pass(&alive, &statuses, false);
+        let mut changes = catalog.scheduling_pass(&alive, &statuses, false);
+        // Table churn during the fault phase: a second table created and dropped again and again,
+        // so replicas are created and destroyed on every node under the same faults.
+        if now < self.cfg.fault_phase_ms && self.churn_rng.range(0, 3) == 0 {
+            if catalog.tables.contains_key(CHURN_TABLE) {
+                catalog.drop_table(CHURN_TABLE).expect("exists");
+                changes.push(format!("dropped table {CHURN_TABLE}"));
+            } else if let Ok(t) = catalog.create_table(CHURN_TABLE, 2, 3, &alive) {
+                changes.push(format!("created table {CHURN_TABLE} (id {})", t.id));
+            }
+        }
         for c in changes {
             self.faults.push(format!("{now:>6} ms  scheduler: {c}"));
         }

@@ -230,6 +230,8 @@ pub struct World {
     leaders_seen: BTreeMap<(u64, u64), u64>,
     /// A lease violation was reported (once is enough).
     lease_violation_reported: bool,
+    /// When meta creates and drops the churn table (scheduler runs).
+    churn_rng: SeededRandom,
     /// (group, index) -> (term, data hash) of every committed entry seen: committed entries never change.
     committed: BTreeMap<(u64, u64), (u64, u64)>,
     /// (node, group) -> highest committed index already compared.
@@ -329,6 +331,7 @@ impl World {
             .collect();
         // Sequence numbers start a little below a multiple of the exactly-once GC chunk, so every run
         // moves client floors (and removes remembered results) while other writes are in flight.
+        let churn_seed = cfg.seed ^ 0xC4124;
         let mut seq_rng = SeededRandom::new(cfg.seed ^ 0x5E0);
         let identities = (0..cfg.clients.div_ceil(SESSIONS_PER_CLIENT))
             .map(|i| ClientIdentity {
@@ -355,6 +358,7 @@ impl World {
             trace_tail: Default::default(),
             leaders_seen: BTreeMap::new(),
             lease_violation_reported: false,
+            churn_rng: SeededRandom::new(churn_seed),
             committed: BTreeMap::new(),
             committed_checked: BTreeMap::new(),
             healed_at: None,
