@@ -79,6 +79,13 @@ pub fn alive_nodes(catalog: &Catalog, heard_ago: impl Fn(NodeId) -> Option<std::
     catalog.nodes.keys().filter(|id| heard_ago(**id).is_some_and(|ago| ago < grace)).copied().collect()
 }
 
+/// Whether a meta leader may schedule yet: only once it has led (and so heard heartbeats) for a
+/// grace period; before that, servers that have not reached the new leader yet would look dead.
+/// Production and the simulator both ask here.
+pub fn may_schedule(leading_for: std::time::Duration, grace: std::time::Duration) -> bool {
+    leading_for >= grace
+}
+
 /// Replicas filled on one node at the same time by re-replication (each is a snapshot transfer).
 pub const REPAIRS_PER_NODE_MAX: usize = 2;
 

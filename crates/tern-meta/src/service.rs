@@ -390,7 +390,7 @@ impl MetaService {
         let _serial = self.changes.lock().await;
         let (next, changes, base, records) = {
             let state = self.state.lock();
-            if !self.leader.load(Ordering::SeqCst) || state.leader_since.elapsed() < self.grace {
+            if !self.leader.load(Ordering::SeqCst) || !crate::catalog::may_schedule(state.leader_since.elapsed(), self.grace) {
                 return;
             }
             let alive = alive_nodes(&state, self.grace);

@@ -166,6 +166,7 @@ impl World {
             }
             Fault::MetaDown(length) => {
                 self.meta_down_until = self.now.load(Ordering::SeqCst) + length;
+                self.meta_back_at = None;
             }
             Fault::Compact(node) => {
                 self.nodes[self.node_index(node)].engines.compact_everything();

@@ -69,6 +69,11 @@ impl World {
         if now < self.meta_down_until || self.catalog.is_none() {
             return;
         }
+        if self.meta_back_at.is_none() {
+            // Meta is back (as a new leader would be): it has heard from nobody yet.
+            self.meta_back_at = Some(now);
+            self.last_heard.iter_mut().for_each(|h| *h = None);
+        }
         let mut statuses = Vec::new();
         for i in 0..self.nodes.len() {
             if self.meta_hears(i) {
@@ -85,7 +90,12 @@ impl World {
         let heard_ago = |id: NodeId| self.last_heard[index_of[&id]].map(|t| Duration::from_millis(now - t));
         let alive = tern_meta::catalog::alive_nodes(catalog, heard_ago, Duration::from_millis(SIM_NODE_GRACE_MS));
         // Every status came from a node heard just now, so from a live one (as the service filters).
-        let mut changes = catalog.scheduling_pass(&alive, &statuses, false);
+        let leading_for = Duration::from_millis(now - self.meta_back_at.expect("set above"));
+        let mut changes = if tern_meta::catalog::may_schedule(leading_for, Duration::from_millis(SIM_NODE_GRACE_MS)) {
+            catalog.scheduling_pass(&alive, &statuses, false)
+        } else {
+            Vec::new()
+        };
         // Table churn during the fault phase: a second table created and dropped again and again,
         // so replicas are created and destroyed on every node under the same faults.
         if now < self.cfg.fault_phase_ms && self.churn_rng.range(0, 3) == 0 {

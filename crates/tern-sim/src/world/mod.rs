@@ -239,9 +239,12 @@ pub struct World {
     healed_at: Option<u64>,
     /// Meta's catalog, when the scheduler runs.
     catalog: Option<tern_meta::catalog::Catalog>,
-    /// When meta last heard from each node (virtual ms; every node counts as heard at the start).
+    /// When meta last heard from each node (virtual ms; None: not since meta came back).
     last_heard: Vec<Option<u64>>,
     meta_down_until: u64,
+    /// When meta last came back (from the start or an outage): it schedules only a grace period
+    /// later, as a new meta leader does.
+    meta_back_at: Option<u64>,
 }
 
 impl Node {
@@ -365,6 +368,7 @@ impl World {
             catalog: None,
             last_heard: Vec::new(),
             meta_down_until: 0,
+            meta_back_at: None,
         };
         if world.cfg.scheduler {
             let mut catalog = tern_meta::catalog::Catalog::default();
@@ -374,7 +378,7 @@ impl World {
             let first_three: Vec<NodeId> = (1..=3).collect();
             catalog.create_table("t", world.cfg.partitions, 3, &first_three).expect("valid table");
             world.catalog = Some(catalog);
-            world.last_heard = vec![Some(0); world.cfg.nodes];
+            world.last_heard = vec![None; world.cfg.nodes];
             world.shared.lock().schedule(META_TICK_MS, Event::MetaTick);
         }
         for i in 0..world.nodes.len() {
