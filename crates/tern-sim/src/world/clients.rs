@@ -66,6 +66,12 @@ impl World {
     }
 
     pub(super) fn plan_operation(&mut self, client: usize) -> (Vec<u8>, Input) {
+        let now = self.now.load(Ordering::SeqCst);
+        if self.cfg.reads_only.is_some_and(|(from, to)| (from..to).contains(&now)) {
+            let rng = &mut self.clients[client].rng;
+            let hashkey = HASHKEYS[rng.range(0, HASHKEYS.len() as u64) as usize].to_vec();
+            return (hashkey, Input::Get { sortkey: SORTKEYS[rng.range(0, SORTKEYS.len() as u64) as usize].to_vec() });
+        }
         let c = &mut self.clients[client];
         let rng = &mut c.rng;
         let hashkey = HASHKEYS[rng.range(0, HASHKEYS.len() as u64) as usize].to_vec();

@@ -3,7 +3,7 @@
 use super::*;
 
 #[derive(Clone, Copy, Debug)]
-pub(super) enum DiskFault {
+pub enum DiskFault {
     LogWrite,
     LogRead,
     EngineWrite,
@@ -14,7 +14,7 @@ pub(super) enum DiskFault {
 }
 
 #[derive(Clone, Debug)]
-pub(super) enum Fault {
+pub enum Fault {
     Crash(NodeId),
     Restart(NodeId),
     Isolate(NodeId),
@@ -43,6 +43,15 @@ impl World {
     /// The fault schedule is drawn up front from the seed, so it can be printed.
     pub(super) fn plan_faults(&mut self) {
         if !self.cfg.faults {
+            return;
+        }
+        if let Some(script) = self.cfg.script.clone() {
+            // A directed scenario: exactly these faults, then everything heals.
+            let mut s = self.shared.lock();
+            for (at, f) in script.into_iter().chain([(self.cfg.fault_phase_ms, Fault::HealAll)]) {
+                self.faults.push(format!("{:>6} ms  {f:?}", at));
+                s.schedule(at, Event::Fault(f));
+            }
             return;
         }
         let mut rng = SeededRandom::new(self.cfg.seed ^ 0xFA17);

@@ -18,7 +18,7 @@ mod network;
 mod report;
 
 use clients::*;
-use faults::*;
+pub use faults::{DiskFault, Fault};
 use meta::META_TICK_MS;
 use network::*;
 pub use report::SimReport;
@@ -82,6 +82,11 @@ pub struct SimConfig {
     pub scheduler: bool,
     /// Bugs put back on purpose, to prove the simulator catches them (none by default).
     pub planted: PlantedBugs,
+    /// A directed scenario: these faults at these times (virtual ms) instead of the seed's random
+    /// schedule (the seed still drives everything else).
+    pub script: Option<Vec<(u64, Fault)>>,
+    /// Clients only read during this window of virtual time (ms): some bugs need a quiet log.
+    pub reads_only: Option<(u64, u64)>,
 }
 
 impl SimConfig {
@@ -97,6 +102,8 @@ impl SimConfig {
             liveness_ms: 60_000,
             scheduler: false,
             planted: PlantedBugs::default(),
+            script: None,
+            reads_only: None,
         }
     }
 
@@ -590,6 +597,10 @@ impl World {
                     s.handle(StoreMsg::Raft { group, message, snapshot_dir });
                     s.process_ready();
                 });
+                // Elections finish on a message: record the new leader at once, so a lease still
+                // held elsewhere at this moment is seen.
+                self.check_leaders(i);
+                self.check_leases();
             }
             Event::SnapshotReport { node, group, to_peer, ok } => {
                 let i = self.node_index(node);
