@@ -85,6 +85,12 @@ pub struct CasResult {
     pub check_value: Option<Vec<u8>>,
 }
 
+impl CasResult {
+    fn of(r: WriteResponse) -> CasResult {
+        CasResult { set_done: r.set_done, check_value: r.check_value_exists.then(|| r.check_value.to_vec()) }
+    }
+}
+
 /// Where a full-table scan continues: a partition and a resume token inside it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FullScanCursor {
@@ -484,8 +490,7 @@ impl Table {
             return_check_value: true,
             ..Default::default()
         });
-        let r = self.client.write(&self.name, hashkey, op).await?;
-        Ok(CasResult { set_done: r.set_done, check_value: r.check_value_exists.then(|| r.check_value.to_vec()) })
+        Ok(CasResult::of(self.client.write(&self.name, hashkey, op).await?))
     }
 
     /// If (hashkey, check_sortkey) passes the check, applies every mutation (sets and deletes of sortkeys
@@ -506,8 +511,7 @@ impl Table {
             mutations,
             return_check_value: true,
         });
-        let r = self.client.write(&self.name, hashkey, op).await?;
-        Ok(CasResult { set_done: r.set_done, check_value: r.check_value_exists.then(|| r.check_value.to_vec()) })
+        Ok(CasResult::of(self.client.write(&self.name, hashkey, op).await?))
     }
 
     /// Sends any write operation on `hashkey` (built by the caller, e.g. a protocol proxy) with the same

@@ -257,6 +257,19 @@ impl MemoryFileSystem {
         MemoryFileSystem::default()
     }
 
+    /// What a sync does: the file's contents, or the directory's entries, as they are now become
+    /// what a crash keeps.
+    fn make_durable(&self, path: &Path, directory: bool) -> std::io::Result<()> {
+        let mut inner = self.inner.lock();
+        let ino = inner.lookup(path).ok_or_else(|| not_found(path))?;
+        match inner.nodes.get_mut(&ino) {
+            Some(Node::File { current, durable }) if !directory => *durable = current.clone(),
+            Some(Node::Dir { current, durable }) if directory => *durable = current.clone(),
+            _ => return Err(std::io::Error::other(format!("{}: a file and a directory were confused", path.display()))),
+        }
+        Ok(())
+    }
+
     /// A power failure: everything not made durable is lost.
     pub fn crash(&self) {
         let mut inner = self.inner.lock();
@@ -313,15 +326,7 @@ impl FileSystem for MemoryFileSystem {
     }
 
     fn sync_file(&self, path: &Path) -> std::io::Result<()> {
-        let mut inner = self.inner.lock();
-        let ino = inner.lookup(path).ok_or_else(|| not_found(path))?;
-        match inner.nodes.get_mut(&ino) {
-            Some(Node::File { current, durable }) => {
-                *durable = current.clone();
-                Ok(())
-            }
-            _ => Err(std::io::Error::other(format!("{} is a directory", path.display()))),
-        }
+        self.make_durable(path, false)
     }
 
     fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
@@ -373,15 +378,7 @@ impl FileSystem for MemoryFileSystem {
     }
 
     fn sync_directory(&self, dir: &Path) -> std::io::Result<()> {
-        let mut inner = self.inner.lock();
-        let ino = inner.lookup(dir).ok_or_else(|| not_found(dir))?;
-        match inner.nodes.get_mut(&ino) {
-            Some(Node::Dir { current, durable }) => {
-                *durable = current.clone();
-                Ok(())
-            }
-            _ => Err(std::io::Error::other(format!("{} is not a directory", dir.display()))),
-        }
+        self.make_durable(dir, true)
     }
 
     fn remove_all(&self, path: &Path) -> std::io::Result<()> {

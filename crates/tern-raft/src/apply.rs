@@ -9,7 +9,7 @@ use raft::eraftpb::ConfState;
 use std::collections::HashMap;
 use tern_core::{codec, TernError};
 use tern_engine::{KvEngine, WriteBatch};
-use tern_proto::{write_request::Op, CheckType, RaftCommand, WriteRequest, WriteResponse};
+use tern_proto::{write_request::Op, CheckAndMutate, CheckType, Mutation, RaftCommand, WriteRequest, WriteResponse};
 
 /// How long a deduplicated write's result is remembered (retries must finish well within it).
 pub const DEDUP_RESULT_TTL_MS: u64 = 10 * 60 * 1000;
@@ -273,33 +273,33 @@ impl ApplyBatch {
         Ok(response)
     }
 
-    /// The check of check_and_set and check_and_mutate on (hashkey, sortkey): whether it passes (None
-    /// for an unknown check type), filling in the checked value when asked to.
-    #[allow(clippy::too_many_arguments)]
-    fn check(
-        &self,
-        engine: &dyn KvEngine,
-        hashkey: &[u8],
-        sortkey: &[u8],
-        check_type: i32,
-        operand: &[u8],
-        return_value: bool,
-        now: u64,
-        response: &mut WriteResponse,
-    ) -> Result<Option<bool>, StorageFailure> {
-        let current = self.live_record(engine, &keys::data_key(hashkey, sortkey), now)?;
-        let passed = match CheckType::try_from(check_type) {
+    /// If (hashkey, check_sortkey) passes the check, applies every mutation; answers whether it
+    /// passed (and the checked value when asked). check_and_set is the one-mutation case.
+    fn check_and_mutate(&mut self, engine: &dyn KvEngine, cam: &CheckAndMutate, now: u64) -> Result<WriteResponse, StorageFailure> {
+        let current = self.live_record(engine, &keys::data_key(&cam.hashkey, &cam.check_sortkey), now)?;
+        let passed = match CheckType::try_from(cam.check_type) {
             Ok(CheckType::NoCheck) => true,
             Ok(CheckType::ValueNotExist) => current.is_none(),
             Ok(CheckType::ValueExist) => current.is_some(),
-            Ok(CheckType::ValueEqual) => current.as_ref().is_some_and(|(_, v)| v[..] == operand[..]),
-            Err(_) => return Ok(None),
+            Ok(CheckType::ValueEqual) => current.as_ref().is_some_and(|(_, v)| v[..] == cam.check_operand[..]),
+            Err(_) => return Ok(error_response(TernError::invalid(format!("unknown check type {}", cam.check_type)))),
         };
-        if return_value {
+        let mut response = WriteResponse { set_done: passed, ..Default::default() };
+        if cam.return_check_value {
             response.check_value_exists = current.is_some();
             response.check_value = current.map(|(_, v)| v.into()).unwrap_or_default();
         }
-        Ok(Some(passed))
+        if passed {
+            for m in &cam.mutations {
+                let key = keys::data_key(&cam.hashkey, &m.sortkey);
+                if m.delete {
+                    self.delete(key);
+                } else {
+                    self.put(key, codec::encode_value(codec::expiry(now, m.ttl_seconds, m.expire_at_ms), &m.value));
+                }
+            }
+        }
+        Ok(response)
     }
 
     /// Executes a write: request errors come back as error responses, storage failures as `Err`.
@@ -339,56 +339,23 @@ impl ApplyBatch {
                 response.new_value = new;
             }
             Some(Op::CheckAndSet(cas)) => {
-                let Some(passed) = self.check(
-                    engine,
-                    &cas.hashkey,
-                    &cas.check_sortkey,
-                    cas.check_type,
-                    &cas.check_operand,
-                    cas.return_check_value,
-                    now,
-                    &mut response,
-                )?
-                else {
-                    return Ok(error_response(TernError::invalid(format!("unknown check type {}", cas.check_type))));
+                let cam = CheckAndMutate {
+                    hashkey: cas.hashkey.clone(),
+                    check_sortkey: cas.check_sortkey.clone(),
+                    check_type: cas.check_type,
+                    check_operand: cas.check_operand.clone(),
+                    mutations: vec![Mutation {
+                        sortkey: cas.set_sortkey.clone(),
+                        delete: cas.set_delete,
+                        value: cas.set_value.clone(),
+                        ttl_seconds: cas.set_ttl_seconds,
+                        expire_at_ms: cas.set_expire_at_ms,
+                    }],
+                    return_check_value: cas.return_check_value,
                 };
-                if passed {
-                    let key = keys::data_key(&cas.hashkey, &cas.set_sortkey);
-                    if cas.set_delete {
-                        self.delete(key);
-                    } else {
-                        let expire = codec::expiry(now, cas.set_ttl_seconds, cas.set_expire_at_ms);
-                        self.put(key, codec::encode_value(expire, &cas.set_value));
-                    }
-                }
-                response.set_done = passed;
+                return self.check_and_mutate(engine, &cam, now);
             }
-            Some(Op::CheckAndMutate(cam)) => {
-                let Some(passed) = self.check(
-                    engine,
-                    &cam.hashkey,
-                    &cam.check_sortkey,
-                    cam.check_type,
-                    &cam.check_operand,
-                    cam.return_check_value,
-                    now,
-                    &mut response,
-                )?
-                else {
-                    return Ok(error_response(TernError::invalid(format!("unknown check type {}", cam.check_type))));
-                };
-                if passed {
-                    for m in &cam.mutations {
-                        let key = keys::data_key(&cam.hashkey, &m.sortkey);
-                        if m.delete {
-                            self.delete(key);
-                        } else {
-                            self.put(key, codec::encode_value(codec::expiry(now, m.ttl_seconds, m.expire_at_ms), &m.value));
-                        }
-                    }
-                }
-                response.set_done = passed;
-            }
+            Some(Op::CheckAndMutate(cam)) => return self.check_and_mutate(engine, cam, now),
         }
         Ok(response)
     }

@@ -110,12 +110,7 @@ impl World {
     fn check_dropped_tables_are_gone(&mut self) {
         let Some(dropped) = self.catalog.as_ref().map(|c| c.dropped_tables.clone()) else { return };
         for i in 0..self.nodes.len() {
-            let (tx, rx) = std::sync::mpsc::channel();
-            self.with_store(i, |s| {
-                s.handle(StoreMsg::Status(Box::new(move |st| drop(tx.send(st)))));
-            });
-            let left: Vec<GroupId> =
-                rx.try_recv().unwrap_or_default().iter().map(|r| GroupId(r.group_id)).filter(|g| dropped.contains(&g.table_id())).collect();
+            let left: Vec<GroupId> = self.statuses(i).iter().map(|r| GroupId(r.group_id)).filter(|g| dropped.contains(&g.table_id())).collect();
             if !left.is_empty() {
                 self.failures.push(format!("node {} still hosts replicas of dropped tables: {left:?}", self.nodes[i].id));
             }

@@ -78,11 +78,7 @@ impl World {
         for i in 0..self.nodes.len() {
             if self.meta_hears(i) {
                 self.last_heard[i] = Some(now);
-                let (tx, rx) = std::sync::mpsc::channel();
-                self.with_store(i, |s| {
-                    s.handle(StoreMsg::Status(Box::new(move |st| drop(tx.send(st)))));
-                });
-                statuses.extend(rx.try_recv().unwrap_or_default());
+                statuses.extend(self.statuses(i));
             }
         }
         let catalog = self.catalog.as_mut().expect("checked");

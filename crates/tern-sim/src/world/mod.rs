@@ -431,6 +431,15 @@ impl World {
         self.shared.lock().schedule(offset, Event::Tick { node: id, epoch });
     }
 
+    /// The statuses of a node's replicas (none if it is down).
+    fn statuses(&mut self, index: usize) -> Vec<tern_proto::ReplicaStatus> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.with_store(index, |s| {
+            s.handle(StoreMsg::Status(Box::new(move |st| drop(tx.send(st)))));
+        });
+        rx.try_recv().unwrap_or_default()
+    }
+
     /// Runs a store operation; a panic inside production code is a failure of the run.
     fn with_store(&mut self, index: usize, f: impl FnOnce(&mut Store)) {
         let Some(store) = self.nodes[index].store.as_mut() else { return };
