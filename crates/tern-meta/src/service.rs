@@ -1,19 +1,17 @@
 //! The meta gRPC service. The catalog is replicated: every meta node runs a one-group raft store
 //! (the same `tern_raft::store::Store` partitions use, over raft-engine and RocksDB) whose state
 //! machine holds the catalog; the raft leader is the meta leader. Only the leader answers (others
-//! answer UNAVAILABLE so callers try the next address); it keeps the catalog in memory, writes every
-//! change through raft before acknowledging it, tracks heartbeats and runs the scheduler.
+//! answer UNAVAILABLE so callers try the next address). What it decides is the `keeper`'s; this file
+//! is its runtime: the store thread, the gRPC handlers, and the loops that follow leadership and run
+//! the scheduler.
 
-use crate::catalog::{Catalog, TableRecord};
-use crate::records::{self, Change, Loaded, CATALOG_HASHKEY, VERSION};
-use parking_lot::Mutex;
-use std::collections::HashMap;
+use crate::keeper::{IoFuture, Keeper, KeeperIo, CATALOG_GROUP, CATALOG_IO_TIMEOUT};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tern_core::{GroupId, NodeId, TernError};
+use std::time::Duration;
+use tern_core::time::{Clock, SystemClock};
+use tern_core::TernError;
 use tern_proto::meta_server::{Meta, MetaServer};
 use tern_proto::*;
 use tern_raft::store::{self, ReplicaSpec, Store, StoreConfig, StoreHandle, StoreMsg};
@@ -91,390 +89,53 @@ impl MetaConfig {
     }
 }
 
-struct NodeLiveness {
-    last_seen: Instant,
-    replicas: Vec<ReplicaStatus>,
-    disk_used_bytes: u64,
-    requests_per_second: f64,
+/// The keeper's way to the catalog group's store on this meta node: messages to the store thread,
+/// each answer awaited at most `CATALOG_IO_TIMEOUT`.
+struct StoreIo {
+    store: StoreHandle,
+    clock: SystemClock,
 }
 
-struct State {
-    catalog: Catalog,
-    /// The version of the catalog records `catalog` was read from or last written as; every write
-    /// is conditional on it.
-    version: u64,
-    liveness: HashMap<NodeId, NodeLiveness>,
-    /// When this node last became meta leader (liveness is judged only a grace period after it).
-    leader_since: Instant,
-    /// The raft term in which the catalog in memory was loaded (the leader's term).
-    leader_term: u64,
+impl StoreIo {
+    fn ask<T: Send + 'static>(&self, message: impl FnOnce(oneshot::Sender<T>) -> StoreMsg, what: &'static str) -> IoFuture<T> {
+        let (tx, rx) = oneshot::channel();
+        self.store.send(message(tx));
+        Box::pin(async move {
+            match tokio::time::timeout(CATALOG_IO_TIMEOUT, rx).await {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(_)) => Err(TernError::Unavailable("meta store stopped".into())),
+                Err(_) => Err(TernError::Timeout(format!("catalog {what} did not finish within {CATALOG_IO_TIMEOUT:?}"))),
+            }
+        })
+    }
 }
 
-/// The raft group that holds the catalog (its records are laid out by `records`).
-const CATALOG_GROUP: GroupId = GroupId(0);
-/// Times a load starts over because the catalog changed while it was read page by page.
-const LOAD_ATTEMPTS_MAX: usize = 5;
-/// A record never written: reading it confirms leadership without moving the catalog.
-const LEADER_PROBE_KEY: &[u8] = b"leader-probe";
-/// How long a catalog write or read through raft may take.
-const CATALOG_IO_TIMEOUT: Duration = Duration::from_secs(5);
+impl KeeperIo for StoreIo {
+    fn read(&self, request: ReadRequest) -> IoFuture<ReadResponse> {
+        self.ask(|tx| StoreMsg::Read { group: CATALOG_GROUP, request, callback: Box::new(move |r| drop(tx.send(r))) }, "read")
+    }
+
+    fn write(&self, request: WriteRequest) -> IoFuture<WriteResponse> {
+        self.ask(|tx| StoreMsg::Write { group: CATALOG_GROUP, request, callback: Box::new(move |r| drop(tx.send(r))) }, "write")
+    }
+
+    fn statuses(&self) -> IoFuture<Vec<ReplicaStatus>> {
+        self.ask(|tx| StoreMsg::Status(Box::new(move |s| drop(tx.send(s)))), "status")
+    }
+
+    fn clock(&self) -> &dyn Clock {
+        &self.clock
+    }
+}
 
 #[derive(Clone)]
 pub struct MetaService {
     settings: ClusterSettingsResponse,
-    state: Arc<Mutex<State>>,
-    /// Serialises catalog changes: each is computed on the current catalog, written through raft,
-    /// then installed.
-    changes: Arc<tokio::sync::Mutex<()>>,
-    store: StoreHandle,
-    leader: Arc<AtomicBool>,
-    grace: Duration,
+    keeper: Keeper,
 }
 
-fn not_leader() -> Status {
-    Status::unavailable("this meta node is not the leader; try another meta address")
-}
-
-fn catalog_ref() -> Option<PartitionRef> {
-    Some(PartitionRef { table_id: 0, partition: 0, partition_count: 1 })
-}
-
-impl MetaService {
-    fn new(store: StoreHandle, grace: Duration, settings: ClusterSettingsResponse) -> MetaService {
-        MetaService {
-            settings,
-            state: Arc::new(Mutex::new(State {
-                catalog: Catalog::default(),
-                version: 0,
-                liveness: HashMap::new(),
-                leader_since: Instant::now(),
-                leader_term: 0,
-            })),
-            changes: Arc::new(tokio::sync::Mutex::new(())),
-            store,
-            leader: Arc::new(AtomicBool::new(false)),
-            grace,
-        }
-    }
-
-    fn check_leader(&self) -> Result<(), Status> {
-        if self.leader.load(Ordering::SeqCst) {
-            Ok(())
-        } else {
-            Err(not_leader())
-        }
-    }
-
-    /// Writes changes to the catalog through raft, as conditional writes starting at `version` (see
-    /// `records`); returns the version after them, once a majority has them and they are applied.
-    /// A failed write, or one whose outcome is unknown (it timed out, but may still commit), leaves
-    /// the catalog in memory untrustworthy: this node stops answering until it has read the catalog
-    /// back through raft (`follow_leadership` reloads it). Were a later change computed on the stale
-    /// copy anyway, its version check would refuse it.
-    async fn persist(&self, version: u64, changes: Vec<Change>) -> Result<u64, TernError> {
-        let mut at = version;
-        for write in records::writes(changes) {
-            if let Err(e) = self.write_records(at, write).await {
-                self.leader.store(false, Ordering::SeqCst);
-                return Err(e);
-            }
-            at += 1;
-        }
-        Ok(at)
-    }
-
-    /// One atomic write of catalog records, applied only if the catalog is still at `version`.
-    async fn write_records(&self, version: u64, changes: Vec<Change>) -> Result<(), TernError> {
-        let (check_type, check_operand) =
-            if version == 0 { (CheckType::ValueNotExist, Vec::new()) } else { (CheckType::ValueEqual, version.to_be_bytes().to_vec()) };
-        let bump = Mutation { sortkey: VERSION.to_vec().into(), value: (version + 1).to_be_bytes().to_vec().into(), ..Default::default() };
-        let mutations = std::iter::once(bump)
-            .chain(changes.into_iter().map(|c| match c {
-                Change::Set(k, v) => Mutation { sortkey: k.into(), value: v.into(), ..Default::default() },
-                Change::Delete(k) => Mutation { sortkey: k.into(), delete: true, ..Default::default() },
-            }))
-            .collect();
-        let request = WriteRequest {
-            partition: catalog_ref(),
-            op: Some(write_request::Op::CheckAndMutate(CheckAndMutate {
-                hashkey: CATALOG_HASHKEY.to_vec().into(),
-                check_sortkey: VERSION.to_vec().into(),
-                check_type: check_type as i32,
-                check_operand: check_operand.into(),
-                mutations,
-                return_check_value: false,
-            })),
-            ..Default::default()
-        };
-        let r =
-            self.ask_store(|tx| StoreMsg::Write { group: CATALOG_GROUP, request, callback: Box::new(move |r| drop(tx.send(r))) }, "write").await?;
-        tern_proto::check(&r.error)?;
-        if !r.set_done {
-            return Err(TernError::Unavailable(format!("the catalog changed after version {version} was read; this meta node reloads it")));
-        }
-        Ok(())
-    }
-
-    /// The term in which this node leads the catalog group, if it does.
-    async fn leading_term(&self) -> Option<u64> {
-        let (tx, rx) = oneshot::channel();
-        self.store.send(StoreMsg::Status(Box::new(move |s| drop(tx.send(s)))));
-        let statuses = tokio::time::timeout(CATALOG_IO_TIMEOUT, rx).await.ok()?.ok()?;
-        statuses.iter().find(|r| r.group_id == CATALOG_GROUP.0 && r.is_leader).map(|r| r.term)
-    }
-
-    /// Confirms this node still leads the catalog group, through raft's linearizable read path (a
-    /// lease while one is held, else a read-index round), in the same term it loaded its catalog in,
-    /// before it answers from memory: a deposed leader, or one that lost and regained leadership
-    /// since, must not hand out assignments a newer leader has changed.
-    async fn confirm_leader(&self) -> Result<(), TernError> {
-        let probe = read_request::Op::Get(MultiGet {
-            hashkey: LEADER_PROBE_KEY.to_vec().into(),
-            sortkeys: vec![Default::default()],
-            limit: 0,
-            no_value: false,
-        });
-        self.read_catalog_group(probe).await?;
-        let loaded = self.state.lock().leader_term;
-        match self.leading_term().await {
-            Some(term) if term == loaded => Ok(()),
-            _ => Err(TernError::Unavailable(format!("leadership changed since the catalog was loaded in term {loaded}"))),
-        }
-    }
-
-    /// Reads the catalog through raft (linearizable: sees every change a previous leader committed),
-    /// page by page; starts over if its version moved meanwhile (a write of this node's whose
-    /// outcome was unknown may commit during the read).
-    async fn load(&self) -> Result<Loaded, TernError> {
-        for _ in 0..LOAD_ATTEMPTS_MAX {
-            let version_op = read_request::Op::Get(MultiGet {
-                hashkey: CATALOG_HASHKEY.to_vec().into(),
-                sortkeys: vec![VERSION.to_vec().into()],
-                limit: 0,
-                no_value: false,
-            });
-            let before = match self.read_catalog_group(version_op).await?.records.first() {
-                Some(r) => u64::from_be_bytes(r.value[..].try_into().map_err(|_| TernError::Corruption("catalog version is not 8 bytes".into()))?),
-                None => 0,
-            };
-            let mut records = Vec::new();
-            let mut start = Vec::new();
-            loop {
-                let page = read_request::Op::Scan(Scan {
-                    hashkey: CATALOG_HASHKEY.to_vec().into(),
-                    start: start.into(),
-                    limit: tern_core::limits::READ_RECORDS_MAX,
-                    ..Default::default()
-                });
-                let r = self.read_catalog_group(page).await?;
-                records.extend(r.records.into_iter().map(|r| (r.sortkey.to_vec(), r.value.to_vec())));
-                if r.resume.is_empty() {
-                    break;
-                }
-                start = r.resume.to_vec();
-            }
-            // A write between two pages may tear the records: compare versions before decoding.
-            if records::version_of(&records)? == before {
-                return records::decode(records);
-            }
-        }
-        Err(TernError::Unavailable(format!("the catalog changed during each of {LOAD_ATTEMPTS_MAX} reads")))
-    }
-
-    /// A linearizable read in the catalog group.
-    async fn read_catalog_group(&self, op: read_request::Op) -> Result<tern_proto::ReadResponse, TernError> {
-        let request = ReadRequest { partition: catalog_ref(), allow_stale: false, op: Some(op) };
-        let r = self.ask_store(|tx| StoreMsg::Read { group: CATALOG_GROUP, request, callback: Box::new(move |r| drop(tx.send(r))) }, "read").await?;
-        tern_proto::check(&r.error)?;
-        Ok(r)
-    }
-
-    /// Sends the catalog group's store a request and waits for its answer, at most
-    /// `CATALOG_IO_TIMEOUT` (a write that times out may still commit later).
-    async fn ask_store<T>(&self, message: impl FnOnce(oneshot::Sender<T>) -> StoreMsg, what: &str) -> Result<T, TernError> {
-        let (tx, rx) = oneshot::channel();
-        self.store.send(message(tx));
-        match tokio::time::timeout(CATALOG_IO_TIMEOUT, rx).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(_)) => Err(TernError::Unavailable("meta store stopped".into())),
-            Err(_) => Err(TernError::Timeout(format!("catalog {what} did not finish within {CATALOG_IO_TIMEOUT:?}"))),
-        }
-    }
-
-    /// Follows the catalog group's raft leadership: on becoming leader, reads the catalog and starts
-    /// answering; on losing it, stops.
-    async fn follow_leadership(self, mut stopped: watch::Receiver<bool>) {
-        loop {
-            let term = self.leading_term().await;
-            let was = self.leader.load(Ordering::SeqCst);
-            // A new term of leadership (also one regained between two looks) starts from the
-            // catalog as raft has it: a leader in between may have changed it.
-            let fresh = term.is_some_and(|t| !was || t != self.state.lock().leader_term);
-            let leads = term.is_some();
-            if fresh {
-                self.leader.store(false, Ordering::SeqCst);
-                // No change of this node's is in flight while the catalog is reloaded and installed.
-                let _serial = self.changes.lock().await;
-                match self.load_and_clean_up().await {
-                    Ok((catalog, version)) => {
-                        let mut state = self.state.lock();
-                        state.catalog = catalog;
-                        state.version = version;
-                        state.liveness.clear();
-                        state.leader_since = Instant::now();
-                        state.leader_term = term.expect("leads");
-                        self.leader.store(true, Ordering::SeqCst);
-                        tracing::info!("this meta node is now the leader");
-                    }
-                    Err(e) => tracing::warn!("became meta leader but cannot read the catalog yet: {e}"),
-                }
-            } else if !leads && was {
-                self.leader.store(false, Ordering::SeqCst);
-                tracing::info!("this meta node is no longer the leader");
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                _ = stopped.wait_for(|s| *s) => return,
-            }
-        }
-    }
-
-    /// Loads the catalog, writes what its records still owe (see `Loaded::cleanup`), then writes a
-    /// barrier: a conditional write that only bumps the version. It commits after every entry
-    /// already in the log (a write of this node's that timed out but is still pending, or one left
-    /// by an earlier leader), so if it succeeds none of them changed the catalog after it was read;
-    /// if one did, the barrier is refused and the catalog is read again.
-    async fn load_and_clean_up(&self) -> Result<(Catalog, u64), TernError> {
-        let loaded = self.load().await?;
-        let version = self.persist(loaded.version, loaded.cleanup).await?;
-        self.write_records(version, Vec::new()).await?;
-        Ok((loaded.catalog, version + 1))
-    }
-
-    /// Installs a catalog written as `version` (under the `changes` lock, so no reload is in between).
-    fn install(&self, catalog: Catalog, version: u64) {
-        let mut state = self.state.lock();
-        state.catalog = catalog;
-        state.version = version;
-    }
-
-    /// Applies a change to a copy of the catalog, writes it through raft, then installs it.
-    async fn change<T>(&self, f: impl FnOnce(&mut Catalog, &[NodeId]) -> Result<T, TernError>) -> Result<T, TernError> {
-        let _serial = self.changes.lock().await;
-        if !self.leader.load(Ordering::SeqCst) {
-            return Err(TernError::Unavailable("this meta node is not the leader".into()));
-        }
-        self.confirm_leader().await?;
-        let (next, out, base, changes) = {
-            let state = self.state.lock();
-            let alive = alive_nodes(&state, self.grace);
-            let mut next = state.catalog.clone();
-            let out = f(&mut next, &alive)?;
-            let changes = records::diff(&state.catalog, &next);
-            (next, out, state.version, changes)
-        };
-        let version = self.persist(base, changes).await?;
-        self.install(next, version);
-        Ok(out)
-    }
-
-    /// One pass of the scheduler (leader only, and only a grace period after becoming leader, so
-    /// that servers are not mistaken for dead before their first heartbeat to this leader).
-    pub async fn schedule_once(&self) {
-        self.schedule_pass(false).await
-    }
-
-    /// A scheduling pass; `step` runs balancing even while the balancer is paused (an operator's
-    /// manual step).
-    async fn schedule_pass(&self, step: bool) {
-        let _serial = self.changes.lock().await;
-        let (next, changes, base, records) = {
-            let state = self.state.lock();
-            if !self.leader.load(Ordering::SeqCst) || !crate::catalog::may_schedule(state.leader_since.elapsed(), self.grace) {
-                return;
-            }
-            let alive = alive_nodes(&state, self.grace);
-            let statuses = state.liveness.iter().filter(|(node, _)| alive.contains(node)).flat_map(|(_, l)| l.replicas.iter());
-            let mut next = state.catalog.clone();
-            let changes = next.scheduling_pass(&alive, statuses, step);
-            let records = records::diff(&state.catalog, &next);
-            (next, changes, state.version, records)
-        };
-        if changes.is_empty() {
-            return;
-        }
-        match self.persist(base, records).await {
-            Ok(version) => {
-                self.install(next, version);
-                for c in changes {
-                    tracing::info!("scheduler: {c}");
-                }
-            }
-            Err(e) => tracing::warn!("cannot persist scheduling decisions: {e}"),
-        }
-    }
-
-    fn table_info(state: &State, t: &TableRecord) -> TableInfo {
-        let leaders = leader_nodes(state);
-        TableInfo {
-            table_id: t.id,
-            name: t.name.clone(),
-            partition_count: t.partition_count,
-            replica_count: t.replica_count,
-            partitions: t
-                .partitions
-                .iter()
-                .enumerate()
-                .map(|(i, p)| PartitionInfo {
-                    index: i as u32,
-                    peers: p.peers.iter().map(|(peer_id, node_id)| PeerInfo { peer_id: *peer_id, node_id: *node_id }).collect(),
-                    leader_node: leaders.get(&tern_core::GroupId::new(t.id, i as u32).0).map(|(_, n)| *n).unwrap_or(p.preferred_leader),
-                })
-                .collect(),
-        }
-    }
-
-    fn node_infos(state: &State, grace: Duration) -> Vec<NodeInfo> {
-        state
-            .catalog
-            .nodes
-            .iter()
-            .map(|(id, n)| {
-                let live = state.liveness.get(id);
-                let ago = live.map(|l| l.last_seen.elapsed()).unwrap_or(Duration::MAX);
-                NodeInfo {
-                    node_id: *id,
-                    address: n.address.clone(),
-                    alive: ago < grace,
-                    last_heartbeat_ms_ago: ago.as_millis().min(u64::MAX as u128) as u64,
-                    replica_count: live.map(|l| l.replicas.len() as u32).unwrap_or(0),
-                    leader_count: live.map(|l| l.replicas.iter().filter(|r| r.is_leader).count() as u32).unwrap_or(0),
-                    draining: state.catalog.draining.contains(id),
-                    zone: n.zone.clone(),
-                    disk_used_bytes: live.map(|l| l.disk_used_bytes).unwrap_or(0),
-                    requests_per_second: live.map(|l| l.requests_per_second).unwrap_or(0.0),
-                }
-            })
-            .collect()
-    }
-}
-
-fn alive_nodes(state: &State, grace: Duration) -> Vec<NodeId> {
-    crate::catalog::alive_nodes(&state.catalog, |id| state.liveness.get(&id).map(|l| l.last_seen.elapsed()), grace)
-}
-
-/// group -> (term, node) of the replica that most recently reported leadership (highest term).
-fn leader_nodes(state: &State) -> HashMap<u64, (u64, NodeId)> {
-    let mut out: HashMap<u64, (u64, NodeId)> = HashMap::new();
-    for (node, l) in &state.liveness {
-        for r in l.replicas.iter().filter(|r| r.is_leader) {
-            let e = out.entry(r.group_id).or_insert((r.term, *node));
-            if r.term > e.0 {
-                *e = (r.term, *node);
-            }
-        }
-    }
-    out
+fn unavailable(e: TernError) -> Status {
+    Status::unavailable(format!("{e}; try another meta address"))
 }
 
 fn err<T: Default>(e: TernError, set: impl FnOnce(&mut T, Option<Error>)) -> T {
@@ -486,23 +147,11 @@ fn err<T: Default>(e: TernError, set: impl FnOnce(&mut T, Option<Error>)) -> T {
 #[tonic::async_trait]
 impl Meta for MetaService {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
-        self.check_leader()?;
+        self.keeper.check_serving().map_err(unavailable)?;
         let RegisterRequest { address, zone, leader_priority } = request.into_inner();
-        let fresh_cluster_id = rand::random::<u64>() | 1;
-        let r = self
-            .change(|c, _| {
-                if c.cluster_id == 0 {
-                    c.cluster_id = fresh_cluster_id;
-                }
-                c.register_with_priority(&address, &zone, leader_priority).map(|id| (id, c.cluster_id))
-            })
-            .await;
+        let r = self.keeper.register(&address, &zone, leader_priority, rand::random::<u64>() | 1).await;
         Ok(Response::new(match r {
             Ok((node_id, cluster_id)) => {
-                self.state
-                    .lock()
-                    .liveness
-                    .insert(node_id, NodeLiveness { last_seen: Instant::now(), replicas: vec![], disk_used_bytes: 0, requests_per_second: 0.0 });
                 tracing::info!(node_id, %address, "registered server");
                 RegisterResponse { error: None, node_id, cluster_id }
             }
@@ -515,185 +164,108 @@ impl Meta for MetaService {
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
-        self.check_leader()?;
-        if let Err(e) = self.confirm_leader().await {
-            return Err(Status::unavailable(format!("this meta node cannot confirm it still leads ({e}); try another meta address")));
-        }
-        let hb = request.into_inner();
-        let known = self.state.lock().catalog.nodes.get(&hb.node_id).cloned();
-        let Some(record) = known else {
-            let e = TernError::invalid(format!("node {} is not registered with this meta server", hb.node_id));
-            return Ok(Response::new(err(e, |r: &mut HeartbeatResponse, e| r.error = e)));
-        };
-        if record.address != hb.address || record.zone != hb.zone || record.leader_priority != hb.leader_priority {
-            // A server restarted on a new address (or zone): remember it so peers and clients find it.
-            let (id, address, zone, leader_priority) = (hb.node_id, hb.address.clone(), hb.zone.clone(), hb.leader_priority);
-            if let Err(e) = self
-                .change(|c, _| {
-                    c.nodes.insert(id, crate::catalog::NodeRecord { address, zone, leader_priority });
-                    Ok(())
-                })
-                .await
-            {
-                return Ok(Response::new(err(e, |r: &mut HeartbeatResponse, e| r.error = e)));
-            }
-        }
-        let mut state = self.state.lock();
-        let requests_per_second = if hb.requests_interval_ms > 0 { hb.requests as f64 * 1000.0 / hb.requests_interval_ms as f64 } else { 0.0 };
-        state.liveness.insert(
-            hb.node_id,
-            NodeLiveness { last_seen: Instant::now(), replicas: hb.replicas, disk_used_bytes: hb.disk_used_bytes, requests_per_second },
-        );
-        let mut answer = state.catalog.heartbeat_answer(hb.node_id);
-        answer.nodes = Self::node_infos(&state, self.grace);
-        Ok(Response::new(answer))
+        self.keeper.heartbeat(request.into_inner()).await.map(Response::new).map_err(unavailable)
     }
 
     async fn create_table(&self, request: Request<CreateTableRequest>) -> Result<Response<TableResponse>, Status> {
-        self.check_leader()?;
+        self.keeper.check_serving().map_err(unavailable)?;
         let r = request.into_inner();
-        let created = self.change(|c, alive| c.create_table(&r.name, r.partition_count, r.replica_count, alive).cloned()).await;
-        Ok(Response::new(match created {
+        let created = self.keeper.change(|c, alive| c.create_table(&r.name, r.partition_count, r.replica_count, alive).map(|t| t.name.clone())).await;
+        Ok(Response::new(match created.and_then(|name| self.keeper.table(&name)) {
             Ok(t) => {
-                tracing::info!(table = %t.name, id = t.id, partitions = t.partition_count, "created table");
-                TableResponse { error: None, table: Some(Self::table_info(&self.state.lock(), &t)) }
+                tracing::info!(table = %t.name, id = t.table_id, partitions = t.partition_count, "created table");
+                TableResponse { error: None, table: Some(t) }
             }
             Err(e) => err(e, |r: &mut TableResponse, e| r.error = e),
         }))
     }
 
     async fn drop_table(&self, request: Request<DropTableRequest>) -> Result<Response<TableResponse>, Status> {
-        self.check_leader()?;
+        self.keeper.check_serving().map_err(unavailable)?;
         let name = request.into_inner().name;
-        Ok(Response::new(match self.change(|c, _| c.drop_table(&name)).await {
+        Ok(Response::new(match self.keeper.change(|c, _| c.drop_table(&name)).await {
             Ok(_) => TableResponse::default(),
             Err(e) => err(e, |r: &mut TableResponse, e| r.error = e),
         }))
     }
 
     async fn get_table(&self, request: Request<TableRequest>) -> Result<Response<TableResponse>, Status> {
-        self.check_leader()?;
-        let name = request.into_inner().name;
-        let state = self.state.lock();
-        Ok(Response::new(match state.catalog.table(&name) {
-            Ok(t) => TableResponse { error: None, table: Some(Self::table_info(&state, t)) },
+        self.keeper.check_serving().map_err(unavailable)?;
+        Ok(Response::new(match self.keeper.table(&request.into_inner().name) {
+            Ok(t) => TableResponse { error: None, table: Some(t) },
             Err(e) => err(e, |r: &mut TableResponse, e| r.error = e),
         }))
     }
 
     async fn list_tables(&self, _: Request<ListTablesRequest>) -> Result<Response<ListTablesResponse>, Status> {
-        self.check_leader()?;
-        let state = self.state.lock();
-        let tables = state.catalog.tables.values().map(|t| Self::table_info(&state, t)).collect();
-        Ok(Response::new(ListTablesResponse { error: None, tables }))
+        self.keeper.check_serving().map_err(unavailable)?;
+        Ok(Response::new(ListTablesResponse { error: None, tables: self.keeper.tables() }))
     }
 
     async fn list_nodes(&self, _: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
-        self.check_leader()?;
-        let state = self.state.lock();
-        Ok(Response::new(ListNodesResponse { error: None, nodes: Self::node_infos(&state, self.grace) }))
+        self.keeper.check_serving().map_err(unavailable)?;
+        Ok(Response::new(ListNodesResponse { error: None, nodes: self.keeper.nodes() }))
     }
 
     async fn get_partition_status(&self, request: Request<PartitionStatusRequest>) -> Result<Response<PartitionStatusResponse>, Status> {
-        self.check_leader()?;
-        let name = request.into_inner().table;
-        let state = self.state.lock();
-        let table = match state.catalog.table(&name) {
-            Ok(t) => Self::table_info(&state, t),
-            Err(e) => return Ok(Response::new(err(e, |r: &mut PartitionStatusResponse, e| r.error = e))),
-        };
-        let partitions = table
-            .partitions
-            .iter()
-            .map(|p| {
-                let group = tern_core::GroupId::new(table.table_id, p.index).0;
-                let replicas = p
-                    .peers
-                    .iter()
-                    .filter_map(|peer| {
-                        state
-                            .liveness
-                            .get(&peer.node_id)
-                            .filter(|l| l.last_seen.elapsed() < self.grace)
-                            .and_then(|l| l.replicas.iter().find(|r| r.group_id == group).cloned())
-                    })
-                    .collect();
-                PartitionStatus { index: p.index, leader_node: p.leader_node, peers: p.peers.clone(), replicas }
-            })
-            .collect();
-        Ok(Response::new(PartitionStatusResponse { error: None, partitions }))
+        self.keeper.check_serving().map_err(unavailable)?;
+        Ok(Response::new(match self.keeper.partition_status(&request.into_inner().table) {
+            Ok(partitions) => PartitionStatusResponse { error: None, partitions },
+            Err(e) => err(e, |r: &mut PartitionStatusResponse, e| r.error = e),
+        }))
     }
 
     async fn decommission(&self, request: Request<NodeRequest>) -> Result<Response<AdminResponse>, Status> {
-        self.check_leader()?;
+        self.keeper.check_serving().map_err(unavailable)?;
         let node = request.into_inner().node_id;
-        Ok(Response::new(admin(self.change(|c, alive| c.decommission(node, alive)).await)))
+        Ok(Response::new(admin(self.keeper.change(|c, alive| c.decommission(node, alive)).await)))
     }
 
     async fn recommission(&self, request: Request<NodeRequest>) -> Result<Response<AdminResponse>, Status> {
-        self.check_leader()?;
+        self.keeper.check_serving().map_err(unavailable)?;
         let node = request.into_inner().node_id;
-        Ok(Response::new(admin(self.change(|c, _| c.recommission(node)).await)))
+        Ok(Response::new(admin(self.keeper.change(|c, _| c.recommission(node)).await)))
     }
 
     async fn balance(&self, request: Request<BalanceRequest>) -> Result<Response<BalanceResponse>, Status> {
-        self.check_leader()?;
+        self.keeper.check_serving().map_err(unavailable)?;
         let action = BalanceAction::try_from(request.into_inner().action);
-        let pause = match action {
-            Ok(BalanceAction::BalanceStatus) => None,
-            Ok(BalanceAction::BalancePause) => Some(true),
-            Ok(BalanceAction::BalanceResume) => Some(false),
-            Ok(BalanceAction::BalanceStep) => {
-                self.schedule_pass(true).await;
-                None
+        let done = match action {
+            Ok(BalanceAction::BalanceStatus) => Ok(()),
+            Ok(BalanceAction::BalancePause) | Ok(BalanceAction::BalanceResume) => {
+                let paused = action == Ok(BalanceAction::BalancePause);
+                self.keeper
+                    .change(|c, _| {
+                        c.balancer_paused = paused;
+                        Ok(())
+                    })
+                    .await
             }
-            Err(_) => {
-                return Ok(Response::new(err(TernError::invalid("unknown balance action"), |r: &mut BalanceResponse, e| r.error = e)));
-            }
+            Ok(BalanceAction::BalanceStep) => self.keeper.schedule_pass(true).await.map(drop),
+            Err(_) => Err(TernError::invalid("unknown balance action")),
         };
-        if let Some(paused) = pause {
-            if let Err(e) = self
-                .change(|c, _| {
-                    c.balancer_paused = paused;
-                    Ok(())
-                })
-                .await
-            {
-                return Ok(Response::new(err(e, |r: &mut BalanceResponse, e| r.error = e)));
-            }
-        }
-        let state = self.state.lock();
-        let alive = alive_nodes(&state, self.grace);
-        let partitions = state.catalog.tables.values().flat_map(|t| t.partitions.iter());
-        let (mut moves, mut under) = (0, 0);
-        for p in partitions {
-            moves += p.learners.len() as u32;
-            under += p.peers.iter().any(|(_, n)| !alive.contains(n)) as u32;
-        }
-        Ok(Response::new(BalanceResponse { error: None, paused: state.catalog.balancer_paused, moves_in_flight: moves, under_replicated: under }))
+        Ok(Response::new(match done {
+            Ok(()) => self.keeper.balance_summary(),
+            Err(e) => err(e, |r: &mut BalanceResponse, e| r.error = e),
+        }))
     }
 
     async fn transfer_leader(&self, request: Request<TransferLeaderRequest>) -> Result<Response<AdminResponse>, Status> {
-        self.check_leader()?;
+        self.keeper.check_serving().map_err(unavailable)?;
         let r = request.into_inner();
-        Ok(Response::new(admin(self.change(|c, _| c.transfer_leader(&r.table, r.partition, r.node_id)).await)))
+        Ok(Response::new(admin(self.keeper.change(|c, _| c.transfer_leader(&r.table, r.partition, r.node_id)).await)))
     }
 
     async fn set_replica_count(&self, request: Request<SetReplicaCountRequest>) -> Result<Response<AdminResponse>, Status> {
-        self.check_leader()?;
-        Ok(Response::new(self.set_replica_count_impl(request.into_inner()).await))
+        self.keeper.check_serving().map_err(unavailable)?;
+        let r = request.into_inner();
+        Ok(Response::new(admin(self.keeper.change(|c, alive| c.set_replica_count(&r.table, r.replica_count, alive)).await)))
     }
 
     async fn move_replica(&self, request: Request<MoveReplicaRequest>) -> Result<Response<AdminResponse>, Status> {
-        self.check_leader()?;
+        self.keeper.check_serving().map_err(unavailable)?;
         let r = request.into_inner();
-        Ok(Response::new(admin(self.change(|c, alive| c.move_replica(&r.table, r.partition, r.from_node, r.to_node, alive)).await)))
-    }
-}
-
-impl MetaService {
-    async fn set_replica_count_impl(&self, r: SetReplicaCountRequest) -> AdminResponse {
-        admin(self.change(|c, alive| c.set_replica_count(&r.table, r.replica_count, alive)).await)
+        Ok(Response::new(admin(self.keeper.change(|c, alive| c.move_replica(&r.table, r.partition, r.from_node, r.to_node, alive)).await)))
     }
 }
 
@@ -701,6 +273,17 @@ fn admin(r: Result<String, TernError>) -> AdminResponse {
     match r {
         Ok(message) => AdminResponse { error: None, message },
         Err(e) => AdminResponse { error: Some(e.into()), message: String::new() },
+    }
+}
+
+/// Runs `f` every `period` until stopped.
+async fn every<F: std::future::Future<Output = ()>>(period: Duration, mut stopped: watch::Receiver<bool>, f: impl Fn() -> F) {
+    loop {
+        f().await;
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stopped.wait_for(|s| *s) => return,
+        }
     }
 }
 
@@ -713,7 +296,7 @@ pub struct MetaNode {
     store_thread: Option<std::thread::JoinHandle<()>>,
     failed: watch::Receiver<bool>,
     #[cfg(test)]
-    service: MetaService,
+    keeper: Keeper,
 }
 
 fn internal(what: &'static str) -> impl Fn(std::io::Error) -> TernError {
@@ -776,22 +359,25 @@ impl MetaNode {
         }]));
 
         let settings = ClusterSettingsResponse { error: None, raft_tick_ms: cfg.raft_tick.as_millis() as u64, election_ticks: cfg.election_ticks };
-        let service = MetaService::new(handle.clone(), cfg.node_grace, settings);
-        #[cfg(test)]
-        let kept = service.clone();
+        let keeper = Keeper::new(Arc::new(StoreIo { store: handle.clone(), clock: SystemClock::default() }), cfg.node_grace);
+        let service = MetaService { settings, keeper: keeper.clone() };
         let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(service.clone().follow_leadership(stopped.clone())));
-        let scheduler = service.clone();
-        let mut scheduler_stopped = stopped.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = scheduler_stopped.wait_for(|s| *s) => return,
+        // The keeper's loops: it looks at the catalog group's leadership every 100 ms and runs the
+        // scheduler every second.
+        let k = keeper.clone();
+        tasks.push(tokio::spawn(every(Duration::from_millis(100), stopped.clone(), move || {
+            let k = k.clone();
+            async move { k.follow_leadership().await }
+        })));
+        let k = keeper.clone();
+        tasks.push(tokio::spawn(every(Duration::from_secs(1), stopped.clone(), move || {
+            let k = k.clone();
+            async move {
+                if let Err(e) = k.schedule_pass(false).await {
+                    tracing::warn!("cannot persist scheduling decisions: {e}");
                 }
-                scheduler.schedule_once().await;
             }
-        }));
+        })));
         let raft = tern_proto::raft_server::RaftServer::new(tern_transport::RaftService::new(
             cfg.id,
             meta_group_id,
@@ -822,7 +408,7 @@ impl MetaNode {
             store_thread: Some(store_thread),
             failed,
             #[cfg(test)]
-            service: kept,
+            keeper,
         })
     }
 
@@ -864,14 +450,14 @@ mod tests {
 
     async fn leading_meta(dir: &std::path::Path) -> MetaNode {
         let node = MetaNode::start(MetaConfig::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap())).await.unwrap();
-        wait_for_leadership(&node.service).await;
+        wait_for_leadership(&node.keeper).await;
         node
     }
 
-    async fn wait_for_leadership(service: &MetaService) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !service.leader.load(Ordering::SeqCst) {
-            assert!(Instant::now() < deadline, "meta never became leader");
+    async fn wait_for_leadership(keeper: &Keeper) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !keeper.serving() {
+            assert!(std::time::Instant::now() < deadline, "meta never became leader");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -883,26 +469,19 @@ mod tests {
     async fn a_change_on_a_stale_catalog_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let node = leading_meta(dir.path()).await;
-        let service = &node.service;
-        let (base, version) = {
-            let state = service.state.lock();
-            (state.catalog.clone(), state.version)
-        };
+        let keeper = &node.keeper;
+        let (base, version) = keeper.snapshot_for_test();
         let mut first = base.clone();
         first.register("first:1", "").unwrap();
-        let written = service.persist(version, records::diff(&base, &first)).await.unwrap();
+        let written = keeper.persist_for_test(version, crate::records::diff(&base, &first)).await.unwrap();
         assert_eq!(written, version + 1);
         let mut second = base.clone();
         second.register("second:1", "").unwrap();
-        let e = service.persist(version, records::diff(&base, &second)).await.unwrap_err();
+        let e = keeper.persist_for_test(version, crate::records::diff(&base, &second)).await.unwrap_err();
         assert!(matches!(e, TernError::Unavailable(_)), "{e}");
-        assert!(!service.leader.load(Ordering::SeqCst), "a refused write stops the leader answering until it reloads");
-        wait_for_leadership(service).await;
-        let (catalog, version) = {
-            let state = service.state.lock();
-            (state.catalog.clone(), state.version)
-        };
-        assert_eq!((catalog, version), (first, written + 1), "reloaded, then a barrier write");
+        assert!(!keeper.serving(), "a refused write stops the leader answering until it reloads");
+        wait_for_leadership(keeper).await;
+        assert_eq!(keeper.snapshot_for_test(), (first, written + 1), "reloaded, then a barrier write");
         node.shutdown().await;
     }
 
@@ -912,23 +491,16 @@ mod tests {
     async fn the_largest_table_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let node = leading_meta(dir.path()).await;
-        let nodes: Vec<NodeId> = {
-            let (base, version) = {
-                let state = node.service.state.lock();
-                (state.catalog.clone(), state.version)
-            };
-            let mut next = base.clone();
-            let nodes: Vec<NodeId> = (0..3).map(|i| next.register(&format!("n{i}:1"), "").unwrap()).collect();
-            let version = node.service.persist(version, records::diff(&base, &next)).await.unwrap();
-            node.service.install(next, version);
-            nodes
-        };
-        node.service.change(|c, _| c.create_table("huge", tern_core::limits::PARTITION_COUNT_MAX, 3, &nodes).map(|_| ())).await.unwrap();
-        let expected = node.service.state.lock().catalog.clone();
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            nodes.push(node.keeper.register(&format!("n{i}:1"), "", 0, 7).await.unwrap().0);
+        }
+        node.keeper.change(|c, _| c.create_table("huge", tern_core::limits::PARTITION_COUNT_MAX, 3, &nodes).map(|_| ())).await.unwrap();
+        let expected = node.keeper.catalog();
         assert_eq!(expected.tables["huge"].partitions.len(), tern_core::limits::PARTITION_COUNT_MAX as usize);
         node.shutdown().await;
         let node = leading_meta(dir.path()).await;
-        assert_eq!(node.service.state.lock().catalog, expected);
+        assert_eq!(node.keeper.catalog(), expected);
         node.shutdown().await;
     }
 }

@@ -62,6 +62,13 @@ fn main() -> ExitCode {
     if let Some(seed) = cli.seed {
         let report = tern_sim::run(config(seed));
         print!("{}", report.describe());
+        if report.ok() {
+            // A passing seed's schedule too: what was injected and what meta did.
+            println!("  fault schedule:");
+            for f in &report.faults {
+                println!("    {f}");
+            }
+        }
         return if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
     }
     if sweep(cli.first_seed, cli.seeds, cli.jobs, config) {

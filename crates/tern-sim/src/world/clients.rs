@@ -277,12 +277,8 @@ impl World {
     pub(super) fn on_error(&mut self, client: usize, error: TernError) {
         let now = self.now.load(Ordering::SeqCst);
         let partitions = self.cfg.partitions;
-        let now_meta_up = now >= self.meta_down_until;
-        let fresh_route = self.catalog.as_ref().filter(|_| now_meta_up).map(|catalog| {
-            // What the real client gets when it refreshes its route from meta.
-            let t = &catalog.tables["t"];
-            LeaderTable::new(t.partitions.iter().map(|p| (p.peers.iter().map(|(_, n)| *n).collect(), p.preferred_leader)).collect())
-        });
+        // What the real client gets when it refreshes its route from meta.
+        let fresh_route = self.route_from_meta();
         let c = &mut self.clients[client];
         let p = c.pending.as_mut().expect("pending operation");
         let partition = partition_of(&p.hashkey, partitions);

@@ -28,8 +28,9 @@ pub enum Fault {
     /// The node's next raft-log write, raft-log read or engine write fails: the store treats it as
     /// fatal and the node restarts.
     DiskFailure(NodeId, DiskFault),
-    /// Meta is unreachable for this many milliseconds (no scheduling, no heartbeat answers).
-    MetaDown(u64),
+    /// Whichever meta node leads the catalog group now crashes, and restarts this many
+    /// milliseconds later.
+    CrashMetaLeader(u64),
     /// The node's engines run a compaction now (RocksDB compacts in the background at any moment):
     /// records the expiry filter allows to drop are dropped.
     Compact(NodeId),
@@ -100,12 +101,36 @@ impl World {
                 let node = rng.range(1, n + 1);
                 let length = rng.range(4_000, 8_000);
                 if rng.range(0, 3) == 0 {
-                    planned.push((t, Fault::MetaDown(length / 2)));
+                    planned.push((t, Fault::CrashMetaLeader(length / 2)));
                 } else {
                     planned.push((t, Fault::Crash(node)));
                     planned.push((t + length, Fault::Restart(node)));
                 }
                 t += rng.range(3_000, 6_000);
+            }
+        }
+        if let Some(meta) = self.meta.as_ref() {
+            // The meta nodes get the faults every process gets: pauses, isolation, clock jumps,
+            // crashes (quick bounces and longer ones).
+            let mut rng = SeededRandom::new(self.cfg.seed ^ 0x3E7A);
+            let first = meta.indices[0] as u64 + 1;
+            let mut t = rng.range(2_000, 4_000);
+            while t < self.cfg.fault_phase_ms {
+                let node = rng.range(first, first + meta.indices.len() as u64);
+                let length = rng.range(300, 3_000);
+                match rng.range(0, 4) {
+                    0 => planned.push((t, Fault::Pause(node, length))),
+                    1 => {
+                        planned.push((t, Fault::Isolate(node)));
+                        planned.push((t + length, Fault::Heal));
+                    }
+                    2 => planned.push((t, Fault::ClockJump(node, rng.range(0, 20_000) as i64 - 10_000))),
+                    _ => {
+                        planned.push((t, Fault::Crash(node)));
+                        planned.push((t + length / 10 + rng.range(0, length), Fault::Restart(node)));
+                    }
+                }
+                t += rng.range(1_500, 4_000);
             }
         }
         // Faults added later come from their own generator, so the schedules above stay as they were.
@@ -155,7 +180,7 @@ impl World {
                 }
             }
             Fault::Isolate(node) => {
-                let n = self.cfg.nodes as u64;
+                let n = self.nodes.len() as u64;
                 net(&|w: &mut Network| {
                     for other in 1..=n {
                         if other != node {
@@ -173,9 +198,13 @@ impl World {
             Fault::ClockJump(node, delta) => {
                 self.nodes[self.node_index(node)].clock_offset.fetch_add(delta, Ordering::SeqCst);
             }
-            Fault::MetaDown(length) => {
-                self.meta_down_until = self.now.load(Ordering::SeqCst) + length;
-                self.meta_back_at = None;
+            Fault::CrashMetaLeader(down) => {
+                if let Some(i) = self.meta_leader() {
+                    let id = self.nodes[i].id;
+                    self.faults.push(format!("{:>6} ms  the meta leader is node {id}", self.now.load(Ordering::SeqCst)));
+                    self.crash(i);
+                    self.shared.lock().schedule(down, Event::Fault(Fault::Restart(id)));
+                }
             }
             Fault::Compact(node) => {
                 self.nodes[self.node_index(node)].engines.compact_everything();
@@ -205,7 +234,6 @@ impl World {
                     w.noisy = false;
                     w.cut_snapshots = false;
                 });
-                self.meta_down_until = 0;
                 for i in 0..self.nodes.len() {
                     self.nodes[i].log.fail_writes(0);
                     self.nodes[i].log.fail_reads(0);

@@ -108,7 +108,7 @@ impl World {
 
     /// Once settled, no node keeps a replica of a dropped table.
     fn check_dropped_tables_are_gone(&mut self) {
-        let Some(dropped) = self.catalog.as_ref().map(|c| c.dropped_tables.clone()) else { return };
+        let Some(dropped) = self.meta_catalog().map(|c| c.dropped_tables) else { return };
         for i in 0..self.nodes.len() {
             let left: Vec<GroupId> = self.statuses(i).iter().map(|r| GroupId(r.group_id)).filter(|g| dropped.contains(&g.table_id())).collect();
             if !left.is_empty() {
@@ -152,9 +152,12 @@ impl World {
         // replica reads no earlier than it, and replicas at one applied index share it), which
         // hides the fewest records from the comparison.
         let at_unix_ms = 1;
+        let mut groups: Vec<GroupId> = (0..self.cfg.partitions).map(|p| GroupId::new(TABLE_ID, p)).collect();
+        if self.meta.is_some() {
+            groups.push(tern_meta::keeper::CATALOG_GROUP);
+        }
         for i in 0..self.nodes.len() {
-            for p in 0..self.cfg.partitions {
-                let group = GroupId::new(TABLE_ID, p);
+            for &group in &groups {
                 let (tx, rx) = std::sync::mpsc::channel();
                 self.with_store(i, |s| {
                     s.handle(StoreMsg::Checksum { group, at_unix_ms, callback: Box::new(move |r| drop(tx.send(r))) });
@@ -174,9 +177,16 @@ impl World {
         }
         self.state_hash = hash;
         let mut differences = Vec::new();
+        let catalog = self.meta_catalog();
+        if self.meta.is_some() && catalog.is_none() {
+            // Meta must be serving again once everything has healed.
+            differences.push((tern_meta::keeper::CATALOG_GROUP.0, Vec::new()));
+        }
         for (group, mut replicas) in by_group {
-            let expected = match &self.catalog {
-                None => self.nodes.len(),
+            let expected = match &catalog {
+                None if self.meta.is_none() => self.nodes.len(),
+                None => replicas.len(), // meta is not serving: reported above
+                Some(_) if group == tern_meta::keeper::CATALOG_GROUP.0 => META_NODES,
                 Some(c) => {
                     // Only the voters meta lists must agree; a replica being destroyed may lag.
                     let voters: Vec<NodeId> = c.tables["t"].partitions[GroupId(group).partition() as usize].peers.iter().map(|(_, n)| *n).collect();
@@ -184,7 +194,10 @@ impl World {
                     voters.len()
                 }
             };
-            let first = replicas[0];
+            let Some(&first) = replicas.first() else {
+                differences.push((group, replicas));
+                continue;
+            };
             if replicas.len() != expected || replicas.iter().any(|r| (r.1, r.2) != (first.1, first.2)) {
                 differences.push((group, replicas));
             }

@@ -19,7 +19,7 @@ mod report;
 
 use clients::*;
 pub use faults::{DiskFault, Fault};
-use meta::META_TICK_MS;
+use meta::{MetaWorld, SimKeeper, META_NODES, META_TICK_MS};
 use network::*;
 pub use report::SimReport;
 
@@ -76,9 +76,9 @@ pub struct SimConfig {
     pub fault_phase_ms: u64,
     /// After healing, every pending operation must finish within this much virtual time.
     pub liveness_ms: u64,
-    /// Run meta's scheduler (tern_meta::catalog) on a fourth node: lost replicas are replaced,
-    /// replicas balanced, leaders preferred, all under the same faults (plus longer outages and
-    /// meta outages).
+    /// Run meta (three meta nodes keeping the catalog in their raft group, the production keeper
+    /// and scheduler): lost replicas are replaced, replicas balanced, leaders preferred, all under
+    /// the same faults (plus longer outages and meta leader crashes).
     pub scheduler: bool,
     /// Bugs put back on purpose, to prove the simulator catches them (none by default).
     pub planted: PlantedBugs,
@@ -212,6 +212,8 @@ struct Node {
     disk_faults_armed: u32,
     /// Groups whose replica here is stopped by a storage failure (as last seen).
     failed_groups: BTreeSet<GroupId>,
+    /// On a meta node: its keeper (lost with the process).
+    keeper: Option<SimKeeper>,
 }
 
 pub struct World {
@@ -244,14 +246,8 @@ pub struct World {
     /// (node, group) -> highest committed index already compared.
     committed_checked: BTreeMap<(NodeId, u64), u64>,
     healed_at: Option<u64>,
-    /// Meta's catalog, when the scheduler runs.
-    catalog: Option<tern_meta::catalog::Catalog>,
-    /// When meta last heard from each node (virtual ms; None: not since meta came back).
-    last_heard: Vec<Option<u64>>,
-    meta_down_until: u64,
-    /// When meta last came back (from the start or an outage): it schedules only a grace period
-    /// later, as a new meta leader does.
-    meta_back_at: Option<u64>,
+    /// Meta's nodes, when the scheduler runs.
+    meta: Option<MetaWorld>,
 }
 
 impl Node {
@@ -304,7 +300,8 @@ impl World {
         }));
         // Drawn from its own stream so that the rest of a run's randomness does not shift with it.
         let mut drift_rng = SeededRandom::new(cfg.seed ^ 0xD21F7);
-        let nodes: Vec<Node> = (1..=cfg.nodes as u64)
+        let meta_nodes = if cfg.scheduler { META_NODES } else { 0 };
+        let nodes: Vec<Node> = (1..=(cfg.nodes + meta_nodes) as u64)
             .map(|id| {
                 let files = Arc::new(MemoryFileSystem::new());
                 let engines = Arc::new(MemoryEngineFactory::with_file_system(Some(tern_raft::keys::is_expired_record), files.clone()));
@@ -324,6 +321,7 @@ impl World {
                 pause_salt: 0,
                 disk_faults_armed: 0,
                 failed_groups: BTreeSet::new(),
+                keeper: None,
             })
             .collect();
         shared.lock().files = nodes.iter().map(|n| (n.id, n.files.clone())).collect();
@@ -372,30 +370,23 @@ impl World {
             committed: BTreeMap::new(),
             committed_checked: BTreeMap::new(),
             healed_at: None,
-            catalog: None,
-            last_heard: Vec::new(),
-            meta_down_until: 0,
-            meta_back_at: None,
+            meta: None,
         };
         if world.cfg.scheduler {
-            let mut catalog = tern_meta::catalog::Catalog::default();
-            for i in 1..=world.cfg.nodes {
-                catalog.register(&format!("n{i}"), "").expect("valid address");
-            }
-            let first_three: Vec<NodeId> = (1..=3).collect();
-            catalog.create_table("t", world.cfg.partitions, 3, &first_three).expect("valid table");
-            world.catalog = Some(catalog);
-            world.last_heard = vec![None; world.cfg.nodes];
+            // Meta creates the table; clients start once it has (see `meta`).
+            world.meta = Some(MetaWorld::new(world.cfg.nodes));
             world.shared.lock().schedule(META_TICK_MS, Event::MetaTick);
         }
         for i in 0..world.nodes.len() {
             world.start_node(i);
         }
-        world.create_partitions();
-        world.plan_faults();
-        for c in 0..world.clients.len() {
-            world.shared.lock().schedule(200 + c as u64, Event::ClientNext { client: c });
+        if !world.cfg.scheduler {
+            world.create_partitions();
+            for c in 0..world.clients.len() {
+                world.shared.lock().schedule(200 + c as u64, Event::ClientNext { client: c });
+            }
         }
+        world.plan_faults();
         world
     }
 
@@ -429,6 +420,9 @@ impl World {
         let (id, epoch) = (node.id, node.epoch);
         let offset = self.shared.lock().rng.range(1, TICK_MS);
         self.shared.lock().schedule(offset, Event::Tick { node: id, epoch });
+        if self.is_meta(index) {
+            self.start_keeper(index);
+        }
     }
 
     /// The statuses of a node's replicas (none if it is down).
@@ -480,6 +474,7 @@ impl World {
     fn crash(&mut self, index: usize) {
         let node = &mut self.nodes[index];
         node.store = None; // pending client callbacks are dropped unanswered
+        node.keeper = None;
         node.log.crash();
         node.engines.crash();
         node.files.crash();
@@ -650,6 +645,7 @@ impl World {
             Event::Fault(f) => self.apply_fault(f),
             Event::MetaTick => self.meta_tick(),
         }
+        self.drive_meta();
     }
 }
 

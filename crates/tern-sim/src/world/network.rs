@@ -69,6 +69,7 @@ pub(super) type SharedRef = Arc<Mutex<Shared>>;
 
 /// One node's clocks: true virtual time run `drift_ppm` fast or slow, the wall clock also offset
 /// (and jumped) by `offset_ms`.
+#[derive(Clone)]
 pub(super) struct SimClock {
     pub(super) now: Arc<AtomicU64>,
     pub(super) offset_ms: Arc<AtomicI64>,
