@@ -5,9 +5,9 @@
 //! checker (`checker`). The production code under test is reached only through its seams:
 //! `tern_raft::store::{Store, Transport, NodeDisks}`, `tern_raft::log_store::MemoryLogStore`,
 //! `tern_engine::MemoryEngineFactory`, `tern_core::files::MemoryFileSystem`, `tern_core::time::Clock`;
-//! meta's decisions are its own pure functions (`tern_meta::catalog`: failure detector, scheduling
-//! pass, heartbeat answer) and a node acts on them through `tern_raft::store::reconcile_with_meta`,
-//! as servers do. The `tern-sim` binary runs sweeps and
+//! meta runs as the production `tern_meta::keeper::Keeper` (through `KeeperIo`) on meta nodes whose
+//! stores host the catalog group, and a node acts on its answers through
+//! `tern_raft::store::reconcile_with_meta`, as servers do. The `tern-sim` binary runs sweeps and
 //! replays seeds. Must not be depended on by production crates (the tern binary's fault tests use the
 //! checker as a dev-dependency).
 

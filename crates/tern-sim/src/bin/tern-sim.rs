@@ -27,7 +27,8 @@ struct Cli {
     /// Run without injected faults.
     #[arg(long)]
     no_faults: bool,
-    /// Four nodes with meta's scheduler replacing lost replicas, balancing and moving leaders.
+    /// Four nodes and three meta nodes: meta's keeper and scheduler replacing lost replicas,
+    /// balancing and moving leaders, meta leaders crashing.
     #[arg(long)]
     scheduler: bool,
     /// Nodes in the cluster (3 to 7; default 3, or 4 with --scheduler).

@@ -37,6 +37,9 @@ pub enum Fault {
     /// While on, snapshot transfers may arrive cut short (the sender died half way, its checkpoint
     /// went away under it): the receiver must refuse them.
     CutSnapshots(bool),
+    /// While on, leadership transfers' MsgTimeoutNow messages arrive seconds late, and the node
+    /// that sent one is cut off (for 1.5 s) just before it arrives.
+    SlowTransfers(bool),
     HealAll,
 }
 
@@ -210,6 +213,7 @@ impl World {
                 self.nodes[self.node_index(node)].engines.compact_everything();
             }
             Fault::CutSnapshots(on) => net(&|w: &mut Network| w.cut_snapshots = on),
+            Fault::SlowTransfers(on) => net(&|w: &mut Network| w.slow_transfers = on),
             Fault::Pause(node, length) => {
                 let i = self.node_index(node);
                 self.nodes[i].paused_until = self.now.load(Ordering::SeqCst) + length;
@@ -233,6 +237,7 @@ impl World {
                     w.cut.clear();
                     w.noisy = false;
                     w.cut_snapshots = false;
+                    w.slow_transfers = false;
                 });
                 for i in 0..self.nodes.len() {
                     self.nodes[i].log.fail_writes(0);

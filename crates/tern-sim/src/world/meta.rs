@@ -263,9 +263,10 @@ impl World {
                                 Ok(())
                             })
                             .await;
-                        if created.is_ok() {
-                            out.lock().push(Outcome::Bootstrapped);
-                        }
+                        out.lock().push(match created {
+                            Ok(()) => Outcome::Bootstrapped,
+                            Err(e) => Outcome::Log(format!("meta: cannot create the cluster yet: {e}")),
+                        });
                     })
                 });
             } else if round {

@@ -6,8 +6,8 @@
 //!
 //! Rooms: this file holds the world itself (configuration, events, nodes running the production
 //! store, the event loop); `network` the simulated network, clocks and snapshot transfer; `faults`
-//! the fault planner and how each fault is applied; `meta` meta's part (catalog, assignments,
-//! scheduler); `clients` the workload and the clients' request loop; `invariants` what is checked
+//! the fault planner and how each fault is applied; `meta` meta's part (meta nodes running the production
+//! catalog keeper, heartbeats, the keeper's tasks polled after every event); `clients` the workload and the clients' request loop; `invariants` what is checked
 //! as the run goes and at its end; `report` the report, the trace and dumps.
 
 mod clients;

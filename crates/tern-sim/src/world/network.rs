@@ -22,6 +22,8 @@ pub(super) struct Network {
     pub(super) noisy: bool,
     /// Snapshot transfers may arrive cut short.
     pub(super) cut_snapshots: bool,
+    /// Leadership-transfer messages (MsgTimeoutNow) are held up for seconds.
+    pub(super) slow_transfers: bool,
 }
 
 /// State shared with the transports and callbacks that production code calls into.
@@ -166,6 +168,18 @@ impl Transport for SimTransport {
             if lost {
                 continue;
             }
+            // A transfer's MsgTimeoutNow held up past the transfer's own timeout (a retransmission
+            // after a lost path), and the old leader cut off just before it arrives: the target
+            // campaigns when the leader has given the transfer up, and the leader cannot hear the
+            // election that replaces it.
+            let delay = if s.network.slow_transfers && out.message.get_msg_type() == raft::eraftpb::MessageType::MsgTimeoutNow {
+                let late = delay + s.rng.range(1_000, 3_000);
+                s.schedule(late - 1, Event::Fault(Fault::Isolate(self.node)));
+                s.schedule(late + 1_500, Event::Fault(Fault::Heal));
+                late
+            } else {
+                delay
+            };
             let duplicate = s.network.noisy && s.rng.range(0, 100) < 2;
             if duplicate {
                 let d2 = s.latency();
