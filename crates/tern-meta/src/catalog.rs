@@ -404,7 +404,11 @@ impl Catalog {
                 if let Some(&(learner, node)) = p.learners.first() {
                     let replacing = p.replacing.filter(|r| p.peers.iter().any(|(x, _)| x == r));
                     let growing = replacing.is_none() && (p.peers.len() as u32) < t.replica_count;
-                    if !alive.contains(&node) || (replacing.is_none() && !growing) {
+                    // A replacement on the replaced peer's own node has destroyed that peer already:
+                    // cancelling it would leave the catalog counting on a peer that is gone, so it
+                    // waits for the node to come back.
+                    let in_place = replacing.is_some_and(|r| p.peers.iter().any(|(x, n)| *x == r && *n == node));
+                    if (!alive.contains(&node) && !in_place) || (replacing.is_none() && !growing) {
                         p.learners.clear();
                         p.replacing = None;
                         changes.push(format!("partition {group}: cancelled learner {learner} on node {node}"));
@@ -480,7 +484,20 @@ impl Catalog {
                 let drained = p.peers.iter().find(|(_, n)| self.draining.contains(n) && alive.contains(n)).copied();
                 let (victim, target, why) = if let Some(v) = lost.or(drained) {
                     let why = if lost.is_some() { "lost" } else { "draining" };
-                    (v, candidates(&load, &filling, v.1), why)
+                    // A peer lost on a live node (its storage failed, or the node can no longer host
+                    // it) is replaced on that same node when no other node can take it: a new peer
+                    // there, from a healthy peer's snapshot (three replicas on three nodes). Its old
+                    // replica is destroyed first, so only while every other voter is healthy: two
+                    // such replacements at once would leave the group without a quorum for good.
+                    // Healthy means seen running: reported by a live node, without a failure.
+                    let reported = progress.get(&group.0).map(|g| &g.applied);
+                    let others_healthy = p
+                        .peers
+                        .iter()
+                        .filter(|x| **x != v)
+                        .all(|(x, n)| alive.contains(n) && reported.is_some_and(|r| r.contains_key(x)) && !failed.contains(x));
+                    let in_place = (lost.is_some() && usable.contains(&v.1) && others_healthy).then_some(v.1);
+                    (v, candidates(&load, &filling, v.1).or(in_place), why)
                 } else if !paused && !balancing {
                     let heaviest = p.peers.iter().filter(|(_, n)| table_load.contains_key(n)).max_by_key(|(_, n)| (table_load[n], *n)).copied();
                     let lightest = heaviest.and_then(|h| candidates(&table_load, &filling, h.1));
@@ -553,7 +570,10 @@ impl Catalog {
         let mut out = Vec::new();
         for t in self.tables.values() {
             for (i, p) in t.partitions.iter().enumerate() {
-                if let Some((peer_id, _)) = p.peers.iter().chain(p.learners.iter()).chain(p.removing.iter()).find(|(_, n)| *n == node) {
+                // The newest peer of the group on this node (a replacement on the same node gets
+                // a new peer while the old one is still listed).
+                let mine = p.peers.iter().chain(p.learners.iter()).chain(p.removing.iter()).filter(|(_, n)| *n == node).max_by_key(|(x, _)| *x);
+                if let Some((peer_id, _)) = mine {
                     out.push(ReplicaSpec {
                         group: GroupId::new(t.id, i as u32),
                         peer_id: *peer_id,
@@ -667,6 +687,38 @@ mod tests {
         assert_eq!(p.replacing, Some(failed_peer.0));
         assert_eq!(p.learners.len(), 1);
         assert!(c.tables["t"].partitions[1].learners.is_empty(), "the healthy partition is left alone");
+    }
+
+    /// On three nodes a failed replica has nowhere else to go: it is replaced on its own node (a
+    /// new peer), but only while the other voters are seen healthy, and that replacement is not
+    /// cancelled when the node goes down (its old peer is gone already).
+    #[test]
+    fn replaces_a_failed_replica_on_its_own_node() {
+        let (mut c, nodes) = catalog_with_nodes(3);
+        c.create_table("t", 1, 3, &nodes).unwrap();
+        let p = c.tables["t"].partitions[0].clone();
+        let group = GroupId::new(c.tables["t"].id, 0).0;
+        let (victim, victim_node) = p.peers[0];
+        let status =
+            |peer: u64, failure: &str| tern_proto::ReplicaStatus { group_id: group, peer_id: peer, failure: failure.into(), ..Default::default() };
+        // Another voter not seen yet (its node just came back): nothing is destroyed.
+        let statuses = vec![status(victim, "checksum mismatch"), status(p.peers[1].0, "")];
+        assert!(c.clone().schedule(&nodes, &group_progress(&statuses), 8).is_empty());
+        // Both others seen running: a new peer on the same node.
+        let statuses = vec![status(victim, "checksum mismatch"), status(p.peers[1].0, ""), status(p.peers[2].0, "")];
+        let changes = c.schedule(&nodes, &group_progress(&statuses), 8);
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        let q = &c.tables["t"].partitions[0];
+        assert_eq!(q.replacing, Some(victim));
+        let (learner, learner_node) = q.learners[0];
+        assert_eq!(learner_node, victim_node);
+        // The node gets only the new peer, never both.
+        let mine: Vec<u64> = c.assignments(victim_node).iter().map(|a| a.peer_id).collect();
+        assert_eq!(mine, vec![learner]);
+        // The node goes down: the replacement waits for it instead of being cancelled.
+        let others: Vec<NodeId> = nodes.iter().copied().filter(|n| *n != victim_node).collect();
+        c.schedule(&others, &group_progress(&statuses[1..]), 8);
+        assert_eq!(c.tables["t"].partitions[0].learners, vec![(learner, learner_node)]);
     }
 
     /// A partition that lost a node gets a learner on a spare live node, which replaces the lost

@@ -523,10 +523,17 @@ impl raft::Storage for PeerStorage {
         Ok(self.last_index)
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    /// The generated snapshot, if it is recent enough and its configuration names `to`: raft-rs
+    /// refuses a snapshot whose configuration does not contain the receiver, so one generated
+    /// before a peer was added would be sent to it, refused, and sent again for as long as the log
+    /// is not compacted (found by the simulator: a replica replaced on its own node, the group
+    /// idle, never caught up). Otherwise the replica is asked to generate a new one.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         if let Some(s) = &self.generated_snapshot {
-            let index = s.get_metadata().index;
-            if index >= request_index && index >= self.truncated.0 {
+            let meta = s.get_metadata();
+            let cs = meta.get_conf_state();
+            let names_target = [&cs.voters, &cs.learners, &cs.voters_outgoing, &cs.learners_next].iter().any(|ids| ids.contains(&to));
+            if meta.index >= request_index && meta.index >= self.truncated.0 && names_target {
                 return Ok(s.clone());
             }
         }
@@ -637,6 +644,19 @@ mod tests {
 
         // A snapshot request without a generated snapshot asks the replica to make one.
         assert!(s.snapshot(10, 2).is_err());
+        assert!(s.take_snapshot_wanted());
+
+        // A generated snapshot is sent only to peers its configuration names; for a peer added
+        // since, a new one is asked for.
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 12;
+        snap.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
+        snap.mut_metadata().mut_conf_state().learners = vec![7];
+        s.set_generated_snapshot(snap);
+        assert!(s.snapshot(0, 7).is_ok());
+        assert!(s.snapshot(0, 2).is_ok());
+        assert!(!s.take_snapshot_wanted());
+        assert!(s.snapshot(0, 14).is_err(), "peer 14 was added after this snapshot");
         assert!(s.take_snapshot_wanted());
     }
 }

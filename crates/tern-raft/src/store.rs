@@ -195,6 +195,9 @@ pub struct Store {
     /// Replicas whose directory is here but that could not be opened (a storage failure at open):
     /// reported to meta as failed, and tried again every `failed_replica_reopen_ticks`.
     unopened: BTreeMap<GroupId, Unopened>,
+    /// Peers meta assigned here that cannot be created (a retired peer id, a failed disk), with why:
+    /// reported to meta as failed, so it replaces them instead of waiting for them forever.
+    refused: BTreeMap<GroupId, (PeerId, String)>,
     /// The highest peer id of each group ever destroyed on this node (kept in `RETIRED_FILE`). A
     /// destroyed peer forgot its votes and log; created again it could vote twice in a term or
     /// deny entries it acknowledged, so no peer id at or below it is ever created here again (meta
@@ -262,6 +265,7 @@ impl Store {
             ticks: 0,
             failed_since: BTreeMap::new(),
             unopened: BTreeMap::new(),
+            refused: BTreeMap::new(),
             retired: BTreeMap::new(),
         };
         let retired_file = data_dir.join(RETIRED_FILE);
@@ -398,18 +402,25 @@ impl Store {
             }
             StoreMsg::EnsureReplicas(specs) => {
                 for spec in specs {
-                    if let Err(e) = self.ensure_replica(spec) {
-                        tracing::error!("cannot create replica: {e}");
+                    let (group, peer) = (spec.group, spec.peer_id);
+                    match self.ensure_replica(spec) {
+                        Ok(()) => drop(self.refused.remove(&group)),
+                        Err(e) => {
+                            tracing::error!("cannot create replica: {e}");
+                            self.refused.insert(group, (peer, format!("cannot host peer {peer} of {group} here: {e}")));
+                        }
                     }
                 }
             }
             StoreMsg::DropTables(tables) => {
                 let doomed: Vec<GroupId> = self.hosted().filter(|g| tables.contains(&g.table_id())).collect();
                 self.destroy_replicas(doomed, "its table was dropped");
+                self.refused.retain(|g, _| !tables.contains(&g.table_id()));
             }
             StoreMsg::RetainReplicas { tables, keep } => {
                 let doomed: Vec<GroupId> = self.hosted().filter(|g| tables.contains(&g.table_id()) && !keep.contains(g)).collect();
                 self.destroy_replicas(doomed, "it was removed from its group");
+                self.refused.retain(|g, _| !tables.contains(&g.table_id()) || keep.contains(g));
             }
             StoreMsg::Status(callback) => {
                 let mut statuses: Vec<ReplicaStatus> = self.replicas.values().map(|r| r.status()).collect();
@@ -417,6 +428,14 @@ impl Store {
                     group_id: u.meta.group,
                     peer_id: u.meta.peer_id,
                     failure: u.failure.clone(),
+                    ..Default::default()
+                }));
+                // Also when a newer peer of the group is here (one meta cancelled and forgot): meta
+                // must see that the peer it counts on cannot come back.
+                statuses.extend(self.refused.iter().map(|(g, (peer, why))| ReplicaStatus {
+                    group_id: g.0,
+                    peer_id: *peer,
+                    failure: why.clone(),
                     ..Default::default()
                 }));
                 callback(statuses)
@@ -868,7 +887,8 @@ mod tests {
         assert!(store.leases().is_empty());
     }
 
-    /// A destroyed peer is never created again on the node: it has forgotten its votes and log.
+    /// A destroyed peer is never created again on the node: it has forgotten its votes and log. An
+    /// assignment of it is reported to meta as a failed peer.
     #[test]
     fn a_destroyed_peer_is_never_created_again() {
         let disks = Disks::new();
@@ -882,8 +902,16 @@ mod tests {
         let mut store = disks.open();
         store.handle(StoreMsg::EnsureReplicas(vec![single_voter(group, 11)]));
         assert_eq!(store.replica_count(), 0, "peer 11 stays retired across a restart");
+        // Meta hears that the peer it assigned cannot be hosted here, so it replaces it.
+        let failed = |store: &mut Store| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            store.handle(StoreMsg::Status(Box::new(move |s| drop(tx.send(s)))));
+            rx.recv().unwrap().into_iter().filter(|r| !r.failure.is_empty()).map(|r| r.peer_id).collect::<Vec<_>>()
+        };
+        assert_eq!(failed(&mut store), vec![11]);
         store.handle(StoreMsg::EnsureReplicas(vec![single_voter(group, 12)]));
         assert_eq!(store.replica_count(), 1, "a newer peer is created");
+        assert!(failed(&mut store).is_empty(), "and the refusal is forgotten");
     }
 
     /// A replica that has voted and written its log survives a crash right after: its directory

@@ -66,6 +66,20 @@ fn scheduler_regression_seeds() {
     }
 }
 
+/// Seeds of the three-node scheduler scenario (no spare node: a failed replica is replaced on its
+/// own node) that found real bugs:
+/// - 1355, 1369, 1626 (20 of seeds 1000-2999): a leader sent a new peer a snapshot generated before
+///   the peer was added; raft-rs refuses a snapshot whose configuration lacks the receiver, and the
+///   same one was sent again and again while the group stayed idle (the peer never caught up). A
+///   generated snapshot now goes only to peers its configuration names; others get a new one.
+#[test]
+fn three_node_scheduler_regression_seeds() {
+    for seed in [1355, 1369, 1626] {
+        let report = run(SimConfig { nodes: 3, ..SimConfig::with_scheduler(seed) });
+        assert!(report.ok(), "{}", report.describe());
+    }
+}
+
 /// A seed replays bit for bit: the same events in the same order, the same history, and every
 /// replica ends in the same state; in scheduler mode too (replicas moving between nodes).
 #[test]
