@@ -48,6 +48,8 @@ pub struct GroupProgress {
     /// Every member of the raft configuration the leader has applied (voters, outgoing voters and
     /// learners); None if no leader reported.
     pub leader_members: Option<Vec<PeerId>>,
+    /// The voters (incoming and outgoing) of the configuration the leader has applied.
+    pub leader_voters: Option<Vec<PeerId>>,
     /// Peers that stopped after a storage failure: replaced like peers on a down node.
     pub failed: Vec<PeerId>,
 }
@@ -67,6 +69,7 @@ pub fn group_progress<'a>(statuses: impl IntoIterator<Item = &'a tern_proto::Rep
             leader_terms.insert(r.group_id, r.term);
             g.leader_commit = r.commit_index;
             g.leader_members = Some(r.voters.iter().chain(r.learners.iter()).copied().collect());
+            g.leader_voters = Some(r.voters.clone());
         }
     }
     progress
@@ -405,10 +408,13 @@ impl Catalog {
                     let replacing = p.replacing.filter(|r| p.peers.iter().any(|(x, _)| x == r));
                     let growing = replacing.is_none() && (p.peers.len() as u32) < t.replica_count;
                     // A replacement on the replaced peer's own node has destroyed that peer already:
-                    // cancelling it would leave the catalog counting on a peer that is gone, so it
-                    // waits for the node to come back.
+                    // cancelling it would leave the catalog counting on a peer that is gone, so while
+                    // no other node could take the replica it waits for the node to come back.
+                    // (Cancelled, the old peer counts as lost on a down node and is replaced the
+                    // usual way; if the node comes back, it reports that peer as gone.)
                     let in_place = replacing.is_some_and(|r| p.peers.iter().any(|(x, n)| *x == r && *n == node));
-                    if (!alive.contains(&node) && !in_place) || (replacing.is_none() && !growing) {
+                    let spare = usable.iter().any(|n| !p.peers.iter().chain(p.removing.iter()).any(|(_, m)| m == n));
+                    if (!alive.contains(&node) && (!in_place || spare)) || (replacing.is_none() && !growing) {
                         p.learners.clear();
                         p.replacing = None;
                         changes.push(format!("partition {group}: cancelled learner {learner} on node {node}"));
@@ -485,19 +491,25 @@ impl Catalog {
                 let (victim, target, why) = if let Some(v) = lost.or(drained) {
                     let why = if lost.is_some() { "lost" } else { "draining" };
                     // A peer lost on a live node (its storage failed, or the node can no longer host
-                    // it) is replaced on that same node when no other node can take it: a new peer
-                    // there, from a healthy peer's snapshot (three replicas on three nodes). Its old
-                    // replica is destroyed first, so only while every other voter is healthy: two
-                    // such replacements at once would leave the group without a quorum for good.
-                    // Healthy means seen running: reported by a live node, without a failure.
-                    let reported = progress.get(&group.0).map(|g| &g.applied);
+                    // it) is replaced on that same node when no node outside the group exists: a new
+                    // peer there, from a healthy peer's snapshot (three replicas on three nodes). Its
+                    // old replica is destroyed first, so only while raft's voters are exactly the
+                    // catalog's (no change under way) and every other voter is seen running (reported
+                    // by a live node, without a failure): otherwise the group could be left without a
+                    // quorum for good.
+                    let spare = usable.iter().any(|n| !hosting.contains(n));
+                    let g = progress.get(&group.0);
+                    let settled = g
+                        .and_then(|g| g.leader_voters.as_ref())
+                        .is_some_and(|voters| voters.len() == p.peers.len() && p.peers.iter().all(|(x, _)| voters.contains(x)));
                     let others_healthy = p
                         .peers
                         .iter()
                         .filter(|x| **x != v)
-                        .all(|(x, n)| alive.contains(n) && reported.is_some_and(|r| r.contains_key(x)) && !failed.contains(x));
-                    let in_place = (lost.is_some() && usable.contains(&v.1) && others_healthy).then_some(v.1);
-                    (v, candidates(&load, &filling, v.1).or(in_place), why)
+                        .all(|(x, n)| alive.contains(n) && g.is_some_and(|g| g.applied.contains_key(x)) && !failed.contains(x));
+                    let in_place = lost.is_some() && !spare && usable.contains(&v.1) && settled && others_healthy;
+                    let target = if in_place { Some(v.1) } else { candidates(&load, &filling, v.1) };
+                    (v, target, why)
                 } else if !paused && !balancing {
                     let heaviest = p.peers.iter().filter(|(_, n)| table_load.contains_key(n)).max_by_key(|(_, n)| (table_load[n], *n)).copied();
                     let lightest = heaviest.and_then(|h| candidates(&table_load, &filling, h.1));
@@ -701,11 +713,16 @@ mod tests {
         let (victim, victim_node) = p.peers[0];
         let status =
             |peer: u64, failure: &str| tern_proto::ReplicaStatus { group_id: group, peer_id: peer, failure: failure.into(), ..Default::default() };
+        let leader = |voters: Vec<u64>| tern_proto::ReplicaStatus { is_leader: true, term: 2, voters, ..status(p.peers[1].0, "") };
+        let all: Vec<u64> = p.peers.iter().map(|(x, _)| *x).collect();
         // Another voter not seen yet (its node just came back): nothing is destroyed.
-        let statuses = vec![status(victim, "checksum mismatch"), status(p.peers[1].0, "")];
+        let statuses = vec![status(victim, "checksum mismatch"), leader(all.clone())];
         assert!(c.clone().schedule(&nodes, &group_progress(&statuses), 8).is_empty());
-        // Both others seen running: a new peer on the same node.
-        let statuses = vec![status(victim, "checksum mismatch"), status(p.peers[1].0, ""), status(p.peers[2].0, "")];
+        // Raft's voters are not (yet) the catalog's: nothing is destroyed either.
+        let statuses = vec![status(victim, "checksum mismatch"), leader(all[..2].to_vec()), status(p.peers[2].0, "")];
+        assert!(c.clone().schedule(&nodes, &group_progress(&statuses), 8).is_empty());
+        // Both others seen running, raft agreeing with the catalog: a new peer on the same node.
+        let statuses = vec![status(victim, "checksum mismatch"), leader(all.clone()), status(p.peers[2].0, "")];
         let changes = c.schedule(&nodes, &group_progress(&statuses), 8);
         assert_eq!(changes.len(), 1, "{changes:?}");
         let q = &c.tables["t"].partitions[0];

@@ -112,7 +112,7 @@ impl Keeper {
         if self.serving() {
             Ok(())
         } else {
-            Err(TernError::Unavailable("this meta node is not the leader; try another meta address".into()))
+            Err(TernError::Unavailable("this meta node is not the leader".into()))
         }
     }
 
@@ -379,6 +379,8 @@ impl Keeper {
         }
         let now = self.now();
         let mut state = self.state.lock();
+        // A failed write while this answer was prepared leaves the catalog in memory untrustworthy.
+        self.check_serving()?;
         let requests_per_second = if hb.requests_interval_ms > 0 { hb.requests as f64 * 1000.0 / hb.requests_interval_ms as f64 } else { 0.0 };
         state
             .liveness
@@ -396,6 +398,11 @@ impl Keeper {
     pub fn table(&self, name: &str) -> Result<TableInfo, TernError> {
         let state = self.state.lock();
         state.catalog.table(name).map(|t| table_info(&state, t))
+    }
+
+    /// A table as clients see it (with the leaders last reported).
+    pub fn describe(&self, t: &TableRecord) -> TableInfo {
+        table_info(&self.state.lock(), t)
     }
 
     pub fn tables(&self) -> Vec<TableInfo> {

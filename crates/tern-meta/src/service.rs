@@ -170,8 +170,8 @@ impl Meta for MetaService {
     async fn create_table(&self, request: Request<CreateTableRequest>) -> Result<Response<TableResponse>, Status> {
         self.keeper.check_serving().map_err(unavailable)?;
         let r = request.into_inner();
-        let created = self.keeper.change(|c, alive| c.create_table(&r.name, r.partition_count, r.replica_count, alive).map(|t| t.name.clone())).await;
-        Ok(Response::new(match created.and_then(|name| self.keeper.table(&name)) {
+        let created = self.keeper.change(|c, alive| c.create_table(&r.name, r.partition_count, r.replica_count, alive).cloned()).await;
+        Ok(Response::new(match created.map(|t| self.keeper.describe(&t)) {
             Ok(t) => {
                 tracing::info!(table = %t.name, id = t.table_id, partitions = t.partition_count, "created table");
                 TableResponse { error: None, table: Some(t) }

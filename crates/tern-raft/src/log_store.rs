@@ -531,15 +531,18 @@ impl raft::Storage for PeerStorage {
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         if let Some(s) = &self.generated_snapshot {
             let meta = s.get_metadata();
-            let cs = meta.get_conf_state();
-            let names_target = [&cs.voters, &cs.learners, &cs.voters_outgoing, &cs.learners_next].iter().any(|ids| ids.contains(&to));
-            if meta.index >= request_index && meta.index >= self.truncated.0 && names_target {
+            if meta.index >= request_index && meta.index >= self.truncated.0 && names(meta.get_conf_state(), to) {
                 return Ok(s.clone());
             }
         }
         self.snapshot_wanted.set(true);
         Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
     }
+}
+
+/// Whether a raft configuration names a peer (as a voter or learner, incoming or outgoing).
+pub fn names(cs: &ConfState, peer: u64) -> bool {
+    [&cs.voters, &cs.learners, &cs.voters_outgoing, &cs.learners_next].iter().any(|ids| ids.contains(&peer))
 }
 
 #[cfg(test)]

@@ -195,8 +195,8 @@ pub struct Store {
     /// Replicas whose directory is here but that could not be opened (a storage failure at open):
     /// reported to meta as failed, and tried again every `failed_replica_reopen_ticks`.
     unopened: BTreeMap<GroupId, Unopened>,
-    /// Peers meta assigned here that cannot be created (a retired peer id, a failed disk), with why:
-    /// reported to meta as failed, so it replaces them instead of waiting for them forever.
+    /// Peers meta assigned here that can never be created (retired peer ids), with why: reported to
+    /// meta as failed, so it replaces them instead of waiting for them forever.
     refused: BTreeMap<GroupId, (PeerId, String)>,
     /// The highest peer id of each group ever destroyed on this node (kept in `RETIRED_FILE`). A
     /// destroyed peer forgot its votes and log; created again it could vote twice in a term or
@@ -403,12 +403,14 @@ impl Store {
             StoreMsg::EnsureReplicas(specs) => {
                 for spec in specs {
                     let (group, peer) = (spec.group, spec.peer_id);
-                    match self.ensure_replica(spec) {
-                        Ok(()) => drop(self.refused.remove(&group)),
-                        Err(e) => {
-                            tracing::error!("cannot create replica: {e}");
-                            self.refused.insert(group, (peer, format!("cannot host peer {peer} of {group} here: {e}")));
-                        }
+                    if let Some(why) = self.retired_refusal(&spec) {
+                        tracing::error!("cannot create replica: {why}");
+                        self.refused.insert(group, (peer, why));
+                        continue;
+                    }
+                    self.refused.remove(&group);
+                    if let Err(e) = self.ensure_replica(spec) {
+                        tracing::error!("cannot create replica: {e}");
                     }
                 }
             }
@@ -454,12 +456,19 @@ impl Store {
         self.replicas.keys().chain(self.unopened.keys()).copied()
     }
 
+    /// Why a peer cannot be hosted here, if it was destroyed on this node (or an older peer than
+    /// one that was).
+    fn retired_refusal(&self, spec: &ReplicaSpec) -> Option<String> {
+        let retired = self.retired.get(&spec.group).filter(|r| spec.peer_id <= **r)?;
+        Some(format!(
+            "peer {} of {} is not created again: peer {retired} of the group was destroyed on this node, and a destroyed peer has forgotten its votes",
+            spec.peer_id, spec.group
+        ))
+    }
+
     fn ensure_replica(&mut self, spec: ReplicaSpec) -> Result<(), TernError> {
-        if let Some(&retired) = self.retired.get(&spec.group).filter(|r| spec.peer_id <= **r) {
-            return Err(TernError::invalid(format!(
-                "peer {} of {} is not created again: peer {retired} of the group was destroyed on this node, and a destroyed peer has forgotten its votes",
-                spec.peer_id, spec.group
-            )));
+        if let Some(why) = self.retired_refusal(&spec) {
+            return Err(TernError::invalid(why));
         }
         if let Some(u) = self.unopened.get(&spec.group) {
             if u.meta.peer_id == spec.peer_id {

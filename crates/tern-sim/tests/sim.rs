@@ -58,9 +58,12 @@ fn regression_seeds() {
 /// - 31382 (found by a 5,000-seed soak): the harness compared replicas while meta's balancer was
 ///   still moving one (the new leader's entry not yet on every voter); replicas now get a few
 ///   settling rounds to agree, and only a difference that outlasts them fails.
+/// - 1377, 1627, 1962, 2845 (with meta on three meta nodes): a leader that meta was moving off its
+///   node handed leadership to the first voter that stays, which was on a down node (or destroyed),
+///   and retried forever; it now picks the most caught-up voter it heard from lately.
 #[test]
 fn scheduler_regression_seeds() {
-    for seed in [5000, 5001, 5004, 5011, 5044, 5049, 5064, 21186, 20688, 21751, 21913, 31382] {
+    for seed in [5000, 5001, 5004, 5011, 5044, 5049, 5064, 21186, 20688, 21751, 21913, 31382, 1377, 1627, 1962, 2845] {
         let report = run(SimConfig::with_scheduler(seed));
         assert!(report.ok(), "{}", report.describe());
     }

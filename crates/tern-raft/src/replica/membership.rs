@@ -61,9 +61,17 @@ impl Replica {
             let targets: Vec<PeerId> = all_targets.iter().map(|(p, _)| *p).collect();
             let remove: Vec<PeerId> = present.iter().copied().filter(|p| !targets.contains(p)).collect();
             if remove.contains(&self.peer_id) {
-                // Hand leadership to a voter that stays, then let it finish the change.
-                if let Some((next, _)) = voters.iter().find(|(p, _)| *p != self.peer_id && cs.voters.contains(p)) {
-                    let next = *next;
+                // Hand leadership to a voter that stays (the most caught up of those heard from
+                // lately, never one that is gone: found by the simulator, a transfer to a destroyed
+                // peer retried forever), then let it finish the change.
+                let prs = self.raw.raft.prs();
+                let next = voters
+                    .iter()
+                    .map(|(p, _)| *p)
+                    .filter(|p| *p != self.peer_id && cs.voters.contains(p))
+                    .filter_map(|p| prs.get(p).filter(|pr| pr.recent_active).map(|pr| (pr.matched, p)))
+                    .max();
+                if let Some((_, next)) = next {
                     self.transfer_leadership(next);
                 }
                 return;
@@ -137,8 +145,7 @@ impl Replica {
         self.revoke_lease();
         match self.raw.apply_conf_change(cc) {
             Ok(cs) => {
-                let member = [&cs.voters, &cs.learners, &cs.voters_outgoing, &cs.learners_next].iter().any(|set| set.contains(&self.peer_id));
-                if !member {
+                if !crate::log_store::names(&cs, self.peer_id) {
                     // Removed from its group (perhaps proposed by an earlier leader while this one was
                     // elected): it must take no further part, or raft-rs, leading a group it is not
                     // in, panics. Found by the simulator (scheduler soak seed 21186). Meta destroys it.

@@ -40,6 +40,10 @@ pub enum Fault {
     /// While on, leadership transfers' MsgTimeoutNow messages arrive seconds late, and the node
     /// that sent one is cut off (for 1.5 s) just before it arrives.
     SlowTransfers(bool),
+    /// The sender of a late MsgTimeoutNow is cut off from every node (while slow transfers are on).
+    CutTransferSender(NodeId),
+    /// A node's links, cut by `CutTransferSender`, are restored (other cuts stay).
+    Rejoin(NodeId),
     HealAll,
 }
 
@@ -214,6 +218,18 @@ impl World {
             }
             Fault::CutSnapshots(on) => net(&|w: &mut Network| w.cut_snapshots = on),
             Fault::SlowTransfers(on) => net(&|w: &mut Network| w.slow_transfers = on),
+            Fault::CutTransferSender(node) => {
+                let n = self.nodes.len() as u64;
+                net(&|w: &mut Network| {
+                    if w.slow_transfers {
+                        for other in (1..=n).filter(|o| *o != node) {
+                            w.cut.insert((node, other));
+                            w.cut.insert((other, node));
+                        }
+                    }
+                })
+            }
+            Fault::Rejoin(node) => net(&|w: &mut Network| w.cut.retain(|(a, b)| *a != node && *b != node)),
             Fault::Pause(node, length) => {
                 let i = self.node_index(node);
                 self.nodes[i].paused_until = self.now.load(Ordering::SeqCst) + length;

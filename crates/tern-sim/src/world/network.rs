@@ -174,8 +174,8 @@ impl Transport for SimTransport {
             // election that replaces it.
             let delay = if s.network.slow_transfers && out.message.get_msg_type() == raft::eraftpb::MessageType::MsgTimeoutNow {
                 let late = delay + s.rng.range(1_000, 3_000);
-                s.schedule(late - 1, Event::Fault(Fault::Isolate(self.node)));
-                s.schedule(late + 1_500, Event::Fault(Fault::Heal));
+                s.schedule(late - 1, Event::Fault(Fault::CutTransferSender(self.node)));
+                s.schedule(late + 1_500, Event::Fault(Fault::Rejoin(self.node)));
                 late
             } else {
                 delay
