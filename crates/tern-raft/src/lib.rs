@@ -2,7 +2,8 @@
 //!
 //! Owns: the raft-rs glue (`replica`: RawNode, Ready handling in raft-rs's documented order, proposals,
 //! ReadIndex reads, snapshots, log compaction), raft log storage (`log_store`: the `LogStore` trait,
-//! raft-engine and in-memory implementations, `PeerStorage`), the deterministic state machine
+//! raft-engine and in-memory implementations, `PeerStorage`), who makes log writes durable and when
+//! (`log_writer`: at once, or on a thread of its own), the deterministic state machine
 //! (`apply`, `read`, `keys`), snapshot manifests and their checks (`snapshot`), and the store (`store`:
 //! mailbox, rounds, group commit, `Transport` trait, replica lifecycle: crash-safe destroy, reopening
 //! replicas stopped by storage failures).
@@ -18,6 +19,7 @@
 pub mod apply;
 pub mod keys;
 pub mod log_store;
+pub mod log_writer;
 pub mod read;
 pub mod replica;
 pub mod snapshot;

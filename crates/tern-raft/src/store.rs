@@ -5,10 +5,11 @@
 //! the replicas' single owner: the mailbox is the only way in.
 
 use crate::log_store::{LogStore, LogWriteBatch};
+use crate::log_writer::{LogWriter, SyncLogWriter};
 use crate::replica::{OutMessage, ReadCallback, Replica, ReplicaConfig, ReplicaMeta, WriteCallback};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use raft::eraftpb::Message;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -146,6 +147,8 @@ pub enum StoreMsg {
         at_unix_ms: u64,
         callback: ChecksumCallback,
     },
+    /// A log write became durable (the log writer's wake-up; the round finishes in `process_ready`).
+    LogWritten,
     Shutdown,
 }
 
@@ -162,6 +165,10 @@ pub struct StoreConfig {
     /// A replica stopped by a storage failure is closed and opened again from disk after this many
     /// ticks (a transient error heals; a persistent one stops it again, and meta replaces it).
     pub failed_replica_reopen_ticks: u64,
+    /// Sync the raft log on a thread of its own (`Store::write_log_on_thread`) instead of the
+    /// store's. Off by default: on a 2-core machine the hand-offs cost more than the overlap gains
+    /// (BENCHMARKS.md, history).
+    pub log_writer_thread: bool,
 }
 
 impl Default for StoreConfig {
@@ -173,6 +180,7 @@ impl Default for StoreConfig {
             mailbox_capacity: 100_000,
             log_purge_interval_ticks: 100,
             failed_replica_reopen_ticks: 300,
+            log_writer_thread: false,
         }
     }
 }
@@ -198,6 +206,16 @@ pub struct Store {
     /// Peers meta assigned here that can never be created (retired peer ids), with why: reported to
     /// meta as failed, so it replaces them instead of waiting for them forever.
     refused: BTreeMap<GroupId, (PeerId, String)>,
+    /// Makes the rounds' raft-log writes durable (at once, or on its own thread).
+    log_writer: Box<dyn LogWriter>,
+    /// Log writes started so far.
+    writes_started: u64,
+    /// Rounds whose log write is not known durable yet, oldest first: what to finish then.
+    unpersisted: VecDeque<UnpersistedRound>,
+    /// Each open replica's incarnation (a replica reopened or created again is a new one, whose
+    /// Ready numbers start over).
+    incarnations: BTreeMap<GroupId, u64>,
+    next_incarnation: u64,
     /// The highest peer id of each group ever destroyed on this node (kept in `RETIRED_FILE`). A
     /// destroyed peer forgot its votes and log; created again it could vote twice in a term or
     /// deny entries it acknowledged, so no peer id at or below it is ever created here again (meta
@@ -249,6 +267,7 @@ impl Store {
             cfg.replica.read_lease *= 40;
         }
         let NodeDisks { log, engines, files } = disks;
+        let log_writer = Box::new(SyncLogWriter::new(log.clone()));
         files.create_dir_all_durably(&data_dir.join("replicas")).map_err(io)?;
         let mut store = Store {
             node_id,
@@ -266,6 +285,11 @@ impl Store {
             failed_since: BTreeMap::new(),
             unopened: BTreeMap::new(),
             refused: BTreeMap::new(),
+            log_writer,
+            writes_started: 0,
+            unpersisted: VecDeque::new(),
+            incarnations: BTreeMap::new(),
+            next_incarnation: 0,
             retired: BTreeMap::new(),
         };
         let retired_file = data_dir.join(RETIRED_FILE);
@@ -288,6 +312,43 @@ impl Store {
         Ok(store)
     }
 
+    fn insert_replica(&mut self, group: GroupId, replica: Replica) {
+        self.next_incarnation += 1;
+        self.incarnations.insert(group, self.next_incarnation);
+        self.replicas.insert(group, replica);
+    }
+
+    /// Runs the rounds' raft-log writes with `writer` from now on (production: a thread of its
+    /// own; by default they are written at once, on the store's thread).
+    pub fn set_log_writer(&mut self, writer: Box<dyn LogWriter>) {
+        self.wait_for_log_writes();
+        self.log_writer = writer;
+        self.writes_started = 0;
+    }
+
+    /// Moves the rounds' raft-log writes to a thread of their own, which wakes the store through
+    /// `handle` after each durable write (production).
+    pub fn write_log_on_thread(&mut self, handle: StoreHandle) -> Result<(), TernError> {
+        let name = format!("tern-log-{}", self.node_id);
+        let writer = crate::log_writer::ThreadLogWriter::start(name, self.log.clone(), move || handle.send(StoreMsg::LogWritten))
+            .map_err(|e| TernError::Internal(format!("start the raft-log writer thread: {e}")))?;
+        self.set_log_writer(Box::new(writer));
+        Ok(())
+    }
+
+    /// Waits until every started log write is durable and finishes those rounds: a write made
+    /// directly (a replica's log cleaned) must come after them.
+    fn wait_for_log_writes(&mut self) {
+        if let Err(e) = self.log_writer.wait_all() {
+            panic!("raft log write failed: {e}");
+        }
+        let mut outbox = Vec::new();
+        self.finish_durable_rounds(&mut outbox);
+        if !outbox.is_empty() {
+            self.transport.send(outbox);
+        }
+    }
+
     /// Opens an existing replica; one that fails is kept as unopened (reported failed, retried).
     fn open_or_report(&mut self, meta: ReplicaMeta, dir: PathBuf) {
         let group = GroupId(meta.group);
@@ -296,7 +357,7 @@ impl Store {
                 self.unopened.remove(&group);
                 self.failed_since.remove(&group);
                 self.dirty.insert(group);
-                self.replicas.insert(group, replica);
+                self.insert_replica(group, replica);
             }
             Err(e) => {
                 tracing::error!(node = self.node_id, group = %group, "cannot open replica: {e}");
@@ -446,6 +507,7 @@ impl Store {
                 Some(r) => callback(r.checksum(if at_unix_ms == 0 { now } else { at_unix_ms })),
                 None => callback(Err(not_hosted(group))),
             },
+            StoreMsg::LogWritten => {}
             StoreMsg::Shutdown => return false,
         }
         true
@@ -493,6 +555,7 @@ impl Store {
         if self.log.hard_state(spec.group.0)?.is_some() || self.log.last_index(spec.group.0).is_some() {
             let mut clean = LogWriteBatch::default();
             clean.push(spec.group.0, crate::log_store::LogOp::Clean);
+            self.wait_for_log_writes();
             self.log.write(clean, true)?;
         }
         let dir = self.data_dir.join("replicas").join(spec.group.0.to_string());
@@ -519,7 +582,7 @@ impl Store {
         }
         tracing::info!(node = self.node_id, group = %spec.group, peer = spec.peer_id, "created replica");
         self.dirty.insert(spec.group);
-        self.replicas.insert(spec.group, replica);
+        self.insert_replica(spec.group, replica);
         Ok(())
     }
 
@@ -594,6 +657,7 @@ impl Store {
             retired.push((group, tombstone, live, newer));
         }
         if !clean.is_empty() {
+            self.wait_for_log_writes();
             self.log.write(clean, true)?;
         }
         for (group, tombstone, live, newer) in retired {
@@ -637,47 +701,74 @@ impl Store {
         }
     }
 
-    /// Runs Ready for every touched replica with one synced log write for all of them.
+    /// Runs Ready for every touched replica, with one synced log write for all of them, started
+    /// and not waited for: raft goes on (async ready), and each round is finished once its write is
+    /// durable (`finish_durable_rounds`). With a writer that writes at once, that is within this
+    /// call, as many rounds as persistence makes ready.
     pub fn process_ready(&mut self) {
+        for _ in 0..ROUNDS_PER_CALL_MAX {
+            if !self.round() {
+                return;
+            }
+        }
+    }
+
+    /// One round; true if finishing durable rounds left replicas with more to do.
+    fn round(&mut self) -> bool {
+        let mut outbox = Vec::new();
         let now = self.clock.now_unix_ms();
         let monotonic = self.clock.monotonic();
-        let mut outbox = Vec::new();
         let mut batch = LogWriteBatch::default();
         let mut readies = Vec::new();
         for group in std::mem::take(&mut self.dirty) {
             let Some(replica) = self.replicas.get_mut(&group) else { continue };
             replica.flush_reads(monotonic);
             replica.maybe_generate_snapshot();
-            if let Some(rd) = replica.ready_before_persist(&mut outbox, &mut batch, now) {
-                readies.push((group, rd));
+            if let Some((number, messages)) = replica.collect_ready(&mut outbox, &mut batch, now) {
+                readies.push((group, self.incarnations[&group], number, messages));
+            }
+            replica.maybe_generate_snapshot();
+            if replica.has_ready() {
+                self.dirty.insert(group);
             }
         }
         if !outbox.is_empty() {
             self.transport.send(std::mem::take(&mut outbox));
         }
         if !batch.is_empty() {
-            if let Err(e) = self.log.write(batch, true) {
-                panic!("raft log write failed: {e}");
-            }
+            self.log_writer.start(batch);
+            self.writes_started += 1;
         }
-        let mut commit_batch = LogWriteBatch::default();
-        for (group, rd) in readies {
-            let replica = self.replicas.get_mut(&group).expect("replica present during round");
-            replica.ready_after_persist(rd, &mut outbox, &mut commit_batch, now);
-            replica.maybe_generate_snapshot();
-            if replica.has_ready() {
-                self.dirty.insert(group);
-            }
+        if !readies.is_empty() {
+            // Finished when this round's write (or, with nothing to write, the last one) is durable.
+            self.unpersisted.push_back(UnpersistedRound { write: self.writes_started, readies });
         }
-        // Commit-index updates need no sync: a restart recovers them from the applied index.
-        if !commit_batch.is_empty() {
-            if let Err(e) = self.log.write(commit_batch, false) {
-                panic!("raft log write failed: {e}");
-            }
-        }
+        let finished = self.finish_durable_rounds(&mut outbox);
         if !outbox.is_empty() {
             self.transport.send(outbox);
         }
+        finished
+    }
+
+    /// Finishes every round whose log write is durable: raft counts its entries as persisted and the
+    /// messages that waited for them go out. True if any round was finished.
+    fn finish_durable_rounds(&mut self, outbox: &mut Vec<OutMessage>) -> bool {
+        let durable = match self.log_writer.durable() {
+            Ok(d) => d,
+            Err(e) => panic!("raft log write failed: {e}"),
+        };
+        let mut finished = false;
+        while self.unpersisted.front().is_some_and(|r| r.write <= durable) {
+            let round = self.unpersisted.pop_front().expect("checked");
+            for (group, incarnation, number, messages) in round.readies {
+                // A replica destroyed or reopened since is another raft node: not this Ready's.
+                let Some(replica) = self.replicas.get_mut(&group).filter(|_| self.incarnations.get(&group) == Some(&incarnation)) else { continue };
+                replica.on_persisted(number, messages, outbox);
+                self.dirty.insert(group);
+            }
+            finished = true;
+        }
+        finished
     }
 
     pub fn has_work(&self) -> bool {
@@ -691,6 +782,17 @@ impl Store {
         }
     }
 }
+
+/// A round whose log write is not known durable yet.
+struct UnpersistedRound {
+    /// The write that makes it durable (counted from 1).
+    write: u64,
+    /// (group, replica incarnation, Ready number, messages to send once durable)
+    readies: Vec<(GroupId, u64, u64, Vec<raft::eraftpb::Message>)>,
+}
+
+/// Rounds one `process_ready` call runs at most while persistence makes replicas ready again.
+const ROUNDS_PER_CALL_MAX: usize = 4;
 
 fn is_tombstone(path: &std::path::Path) -> bool {
     path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(TOMBSTONE_SUFFIX))

@@ -258,9 +258,14 @@ impl ServerNode {
         );
         let data_dir = cfg.data_dir.clone();
         let store_cfg = cfg.store.clone();
+        let (writer_wakes, log_writer_thread) = (handle.clone(), cfg.store.log_writer_thread);
         let store = tokio::task::spawn_blocking(move || {
             let disks = store::NodeDisks { log, engines, files: Arc::new(tern_core::files::RealFileSystem) };
-            Store::open(node_id, data_dir, disks, Arc::new(SystemClock::default()), rand::random(), store_cfg, Box::new(transport))
+            let mut store = Store::open(node_id, data_dir, disks, Arc::new(SystemClock::default()), rand::random(), store_cfg, Box::new(transport))?;
+            if log_writer_thread {
+                store.write_log_on_thread(writer_wakes)?;
+            }
+            Ok::<_, TernError>(store)
         })
         .await
         .map_err(|e| TernError::Internal(format!("open store: {e}")))??;

@@ -105,6 +105,10 @@ enum Command {
         snapshot_rate_mib: u64,
         #[arg(long, default_value_t = 128)]
         block_cache_mib: usize,
+        /// Sync the raft log on a thread of its own, overlapping with the next round (off by
+        /// default: slower on 2 cores, see BENCHMARKS.md).
+        #[arg(long)]
+        log_writer_thread: bool,
         /// Failure domain (rack, room, region): replicas of a partition go to distinct zones.
         #[arg(long, default_value = "")]
         zone: String,
@@ -272,6 +276,7 @@ async fn main() -> anyhow::Result<()> {
             log_gc_lag_max,
             snapshot_rate_mib,
             block_cache_mib,
+            log_writer_thread,
             zone,
             leader_priority,
         } => {
@@ -290,6 +295,7 @@ async fn main() -> anyhow::Result<()> {
             cfg.store.replica.log_gc_lag_max = log_gc_lag_max;
             cfg.snapshot_bytes_per_second = snapshot_rate_mib * 1024 * 1024;
             cfg.block_cache_bytes = block_cache_mib * 1024 * 1024;
+            cfg.store.log_writer_thread = log_writer_thread;
             if zone.len() > 128 {
                 bail!("--zone is at most 128 characters");
             }

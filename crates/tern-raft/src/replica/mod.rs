@@ -25,7 +25,7 @@ use crate::read::{checksum, execute_read};
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, ConfState, EntryType, Message, MessageType, Snapshot};
-use raft::{RawNode, Ready, SnapshotStatus, StateRole};
+use raft::{RawNode, SnapshotStatus, StateRole};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -435,10 +435,12 @@ impl Replica {
         (self.failure.is_none() && self.raw.has_ready()) || !self.pending_log.is_empty()
     }
 
-    /// First half of Ready handling (raft-rs's documented order): send leader messages, install a
-    /// snapshot, apply committed entries, queue new entries and hard state into the round's log batch.
-    /// Returns the Ready to finish once the batch is durable.
-    pub fn ready_before_persist(&mut self, outbox: &mut Vec<OutMessage>, log_batch: &mut LogWriteBatch, now_unix_ms: u64) -> Option<Ready> {
+    /// Handles a Ready in raft-rs's documented order: send leader messages, install a snapshot,
+    /// apply committed entries (raft-rs hands over only entries this replica has persisted), queue
+    /// new entries and hard state into the round's log batch. Raft goes on at once (async ready):
+    /// returns the Ready's number and the messages that must wait until the batch is durable, for
+    /// `on_persisted`.
+    pub fn collect_ready(&mut self, outbox: &mut Vec<OutMessage>, log_batch: &mut LogWriteBatch, now_unix_ms: u64) -> Option<(u64, Vec<Message>)> {
         log_batch.ops.append(&mut self.pending_log.ops);
         if self.failure.is_some() || !self.raw.has_ready() {
             return None;
@@ -478,22 +480,30 @@ impl Replica {
         if let Some(hs) = rd.hs() {
             self.raw.mut_store().set_hard_state(hs.clone(), log_batch);
         }
-        Some(rd)
+        let number = rd.number();
+        let persisted = rd.take_persisted_messages();
+        self.raw.advance_append_async(rd);
+        self.report_applied();
+        Some((number, persisted))
     }
 
-    /// Second half, after the round's log batch is durable: send messages that had to wait for
-    /// persistence, advance, and apply what the light ready committed.
-    pub fn ready_after_persist(&mut self, mut rd: Ready, outbox: &mut Vec<OutMessage>, log_batch: &mut LogWriteBatch, now_unix_ms: u64) {
-        debug_assert!(self.failure.is_none(), "a stopped replica's Ready is never finished");
-        self.route(rd.take_persisted_messages(), outbox);
-        let mut light = self.raw.advance(rd);
-        if let Some(commit) = light.commit_index() {
-            self.raw.mut_store().set_commit(commit, log_batch);
+    /// Tells raft how far the state machine has applied, once raft counts that far as persisted
+    /// here: an installed snapshot is applied before its Ready is durable.
+    fn report_applied(&mut self) {
+        let applied = self.sm.state().applied_index;
+        let log = &self.raw.raft.raft_log;
+        if applied > log.applied && applied <= log.persisted.min(log.committed) {
+            self.raw.advance_apply_to(applied);
         }
-        self.route(light.take_messages(), outbox);
-        self.apply_entries(light.take_committed_entries(), now_unix_ms);
+    }
+
+    /// The log write holding Ready `number` (and every earlier one) is durable: raft counts its
+    /// entries as persisted, and the messages that waited for it go out.
+    pub fn on_persisted(&mut self, number: u64, messages: Vec<Message>, outbox: &mut Vec<OutMessage>) {
+        self.raw.on_persist_ready(number);
         if self.failure.is_none() {
-            self.raw.advance_apply();
+            self.report_applied();
+            self.route(messages, outbox);
         }
     }
 
