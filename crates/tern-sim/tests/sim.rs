@@ -58,12 +58,13 @@ fn regression_seeds() {
 /// - 31382 (found by a 5,000-seed soak): the harness compared replicas while meta's balancer was
 ///   still moving one (the new leader's entry not yet on every voter); replicas now get a few
 ///   settling rounds to agree, and only a difference that outlasts them fails.
-/// - 1377, 1627, 1962, 2845 (with meta on three meta nodes): a leader that meta was moving off its
-///   node handed leadership to the first voter that stays, which was on a down node (or destroyed),
-///   and retried forever; it now picks the most caught-up voter it heard from lately.
+/// - 1627, 2696, 2845 (with meta on three meta nodes; 3 of seeds 1000-3999 with the bug put back):
+///   a leader that meta was moving off its node handed leadership to the first voter that stays,
+///   which was on a down node (or destroyed), and retried forever; it now picks the most caught-up
+///   voter it heard from lately.
 #[test]
 fn scheduler_regression_seeds() {
-    for seed in [5000, 5001, 5004, 5011, 5044, 5049, 5064, 21186, 20688, 21751, 21913, 31382, 1377, 1627, 1962, 2845] {
+    for seed in [5000, 5001, 5004, 5011, 5044, 5049, 5064, 21186, 20688, 21751, 21913, 31382, 1627, 2696, 2845] {
         let report = run(SimConfig::with_scheduler(seed));
         assert!(report.ok(), "{}", report.describe());
     }
@@ -71,13 +72,13 @@ fn scheduler_regression_seeds() {
 
 /// Seeds of the three-node scheduler scenario (no spare node: a failed replica is replaced on its
 /// own node) that found real bugs:
-/// - 1355, 1369, 1626 (20 of seeds 1000-2999): a leader sent a new peer a snapshot generated before
+/// - 1070, 1194, 1508 (13 of seeds 1000-2999): a leader sent a new peer a snapshot generated before
 ///   the peer was added; raft-rs refuses a snapshot whose configuration lacks the receiver, and the
 ///   same one was sent again and again while the group stayed idle (the peer never caught up). A
 ///   generated snapshot now goes only to peers its configuration names; others get a new one.
 #[test]
 fn three_node_scheduler_regression_seeds() {
-    for seed in [1355, 1369, 1626] {
+    for seed in [1070, 1194, 1508] {
         let report = run(SimConfig { nodes: 3, ..SimConfig::with_scheduler(seed) });
         assert!(report.ok(), "{}", report.describe());
     }
@@ -138,12 +139,12 @@ fn assert_planted_bug_is_caught(planted: PlantedBugs, config: SimConfig) {
 
 /// The harness bites: a leader that answers reads without confirming leadership (ReadIndex) serves
 /// a stale read once a paused or cut-off leader has been replaced. Seeds found with
-/// `hunt_planted_bug` (7 of 6000 seeds, 1000-6999: deposed leaders that still take client reads are
+/// `hunt_planted_bug` (4 of 6000 seeds, 1000-6999: deposed leaders that still take client reads are
 /// rare, because check-quorum steps a cut-off leader down before another is elected; it takes a
 /// paused leader whose clients' reads reach it, on resume, before the new leader's messages do).
 #[test]
 fn planted_stale_read_bug_is_caught() {
-    assert_planted_bug_is_caught(PlantedBugs { read_without_read_index: true, ..Default::default() }, SimConfig::new(1407));
+    assert_planted_bug_is_caught(PlantedBugs { read_without_read_index: true, ..Default::default() }, SimConfig::new(2008));
 }
 
 /// Lease reads are only as safe as the lease is short: a lease 40 times too long outlives
@@ -157,24 +158,25 @@ fn planted_overlong_lease_is_caught() {
 
 /// Compaction that expires records by the node's own clock instead of the applied log's: a replica
 /// replaying or catching up drops a record a later entry still finds alive elsewhere, and replicas
-/// diverge (caught by 58 of 1000 seeds, 1000-1999).
+/// diverge (caught by 52 of 1000 seeds, 1000-1999).
 #[test]
 fn planted_expiry_by_local_clock_is_caught() {
-    assert_planted_bug_is_caught(PlantedBugs { expiry_by_local_clock: true, ..Default::default() }, SimConfig::new(1013));
+    assert_planted_bug_is_caught(PlantedBugs { expiry_by_local_clock: true, ..Default::default() }, SimConfig::new(1020));
 }
 
 /// A storage failure at apply answered as an error, the entry counted as applied: that replica
-/// skips a write its peers applied (caught by nearly every seed with disk read faults).
+/// skips a write its peers applied (caught by 676 of 1000 seeds, 1000-1999: nearly every seed with
+/// a disk read fault).
 #[test]
 fn planted_storage_failure_as_answer_is_caught() {
-    assert_planted_bug_is_caught(PlantedBugs { storage_failure_as_answer: true, ..Default::default() }, SimConfig::new(1000));
+    assert_planted_bug_is_caught(PlantedBugs { storage_failure_as_answer: true, ..Default::default() }, SimConfig::new(1001));
 }
 
 /// A snapshot cut short in transfer handed to raft unchecked: the replica installs a partial state
-/// machine (caught by 23 of 2000 seeds, 1000-2999).
+/// machine (caught by 16 of 1000 seeds, 1000-1999).
 #[test]
 fn planted_unverified_snapshot_is_caught() {
-    assert_planted_bug_is_caught(PlantedBugs { unverified_snapshot: true, ..Default::default() }, SimConfig::new(1080));
+    assert_planted_bug_is_caught(PlantedBugs { unverified_snapshot: true, ..Default::default() }, SimConfig::new(1009));
 }
 
 /// Files go through the simulator's file system, which keeps only what was made durable when a node

@@ -52,13 +52,15 @@ impl World {
     }
 
     /// Committed entries never change: every committed entry a replica holds must equal what any
-    /// replica held at that index before.
+    /// replica held at that index before. Checked up to the applied index: raft may count entries
+    /// as committed before this replica's own write of them is durable (its log still holds what
+    /// they replace), but it applies only entries it has persisted.
     pub(super) fn check_committed_entries(&mut self, index: usize, statuses: &[tern_proto::ReplicaStatus]) {
         let node = self.nodes[index].id;
         for s in statuses {
             let checked = self.committed_checked.get(&(node, s.group_id)).copied().unwrap_or(0);
             let from = checked.max(s.first_log_index.saturating_sub(1)) + 1;
-            for i in from..=s.commit_index {
+            for i in from..=s.applied_index {
                 let Some(entry) = self.nodes[index].log.peek_entry(s.group_id, i) else { continue };
                 let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
                 for b in entry.data.iter() {
@@ -77,7 +79,7 @@ impl World {
                     }
                 }
             }
-            self.committed_checked.insert((node, s.group_id), s.commit_index.max(checked));
+            self.committed_checked.insert((node, s.group_id), s.applied_index.max(checked));
         }
     }
 

@@ -5,12 +5,14 @@
 //! from one seed, so a run replays bit for bit.
 //!
 //! Rooms: this file holds the world itself (configuration, events, nodes running the production
-//! store, the event loop); `network` the simulated network, clocks and snapshot transfer; `faults`
+//! store, the event loop); `network` the simulated network, clocks and snapshot transfer; `disk`
+//! when raft-log writes become durable; `faults`
 //! the fault planner and how each fault is applied; `meta` meta's part (meta nodes running the production
 //! catalog keeper, heartbeats, the keeper's tasks polled after every event); `clients` the workload and the clients' request loop; `invariants` what is checked
 //! as the run goes and at its end; `report` the report, the trace and dumps.
 
 mod clients;
+mod disk;
 mod faults;
 mod invariants;
 mod meta;
@@ -155,6 +157,11 @@ enum Event {
     Fault(Fault),
     /// Meta's scheduling pass and heartbeat answers.
     MetaTick,
+    /// The node's oldest raft-log write in progress becomes durable.
+    LogSynced {
+        node: NodeId,
+        epoch: u64,
+    },
 }
 
 impl Event {
@@ -170,6 +177,7 @@ impl Event {
             Event::ClientRetry { client, attempt } => format!("client {client} retry after attempt {attempt}"),
             Event::Fault(f) => format!("fault {f:?}"),
             Event::MetaTick => "meta tick".to_string(),
+            Event::LogSynced { node, .. } => format!("log synced node {node}"),
         }
     }
 
@@ -187,6 +195,7 @@ impl Event {
             Event::ClientRetry { client, attempt } => 8 + ((*client as u64) << 16) + (attempt << 24),
             Event::Fault(_) => 9,
             Event::MetaTick => 10,
+            Event::LogSynced { node, .. } => 11 + (*node << 8),
         }
     }
 }
@@ -214,6 +223,8 @@ struct Node {
     failed_groups: BTreeSet<GroupId>,
     /// On a meta node: its keeper (lost with the process).
     keeper: Option<SimKeeper>,
+    /// Raft-log writes started and not yet durable (lost with the process).
+    log_writes: disk::PendingLogWritesRef,
 }
 
 pub struct World {
@@ -322,6 +333,7 @@ impl World {
                 disk_faults_armed: 0,
                 failed_groups: BTreeSet::new(),
                 keeper: None,
+                log_writes: Default::default(),
             })
             .collect();
         shared.lock().files = nodes.iter().map(|n| (n.id, n.files.clone())).collect();
@@ -413,7 +425,17 @@ impl World {
             Store::open(node.id, node.dir.clone(), disks, clock, seed, Self::store_config(self.cfg.planted), Box::new(transport))
         }));
         match store {
-            Ok(Ok(s)) => node.store = Some(s),
+            Ok(Ok(mut s)) => {
+                node.log_writes = Default::default();
+                s.set_log_writer(Box::new(disk::SimLogWriter {
+                    node: node.id,
+                    epoch: node.epoch,
+                    log: node.log.clone(),
+                    pending: node.log_writes.clone(),
+                    shared: self.shared.clone(),
+                }));
+                node.store = Some(s);
+            }
             Ok(Err(e)) => self.failures.push(format!("node {} failed to open its store: {e}", node.id)),
             Err(_) => self.failures.push(format!("node {} panicked while opening its store", node.id)),
         }
@@ -475,6 +497,7 @@ impl World {
         let node = &mut self.nodes[index];
         node.store = None; // pending client callbacks are dropped unanswered
         node.keeper = None;
+        node.log_writes = Default::default(); // writes not yet durable are lost
         node.log.crash();
         node.engines.crash();
         node.files.crash();
@@ -575,7 +598,9 @@ impl World {
     fn target(event: &Event) -> Option<NodeId> {
         match event {
             Event::Raft { to, .. } => Some(*to),
-            Event::SnapshotReport { node, .. } | Event::Tick { node, .. } | Event::Request { node, .. } => Some(*node),
+            Event::SnapshotReport { node, .. } | Event::Tick { node, .. } | Event::Request { node, .. } | Event::LogSynced { node, .. } => {
+                Some(*node)
+            }
             _ => None,
         }
     }
@@ -644,6 +669,16 @@ impl World {
             }
             Event::Fault(f) => self.apply_fault(f),
             Event::MetaTick => self.meta_tick(),
+            Event::LogSynced { node, epoch } => {
+                let i = self.node_index(node);
+                if self.nodes[i].epoch != epoch || self.nodes[i].store.is_none() {
+                    return; // the write died with the process
+                }
+                disk::sync_one(&self.nodes[i].log, &self.nodes[i].log_writes);
+                self.with_store(i, |s| s.process_ready());
+                self.check_leaders(i);
+                self.check_leases();
+            }
         }
         self.drive_meta();
     }
