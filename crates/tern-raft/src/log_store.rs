@@ -280,6 +280,9 @@ impl LogStore for MemoryLogStore {
 struct EntryCache {
     entries: VecDeque<Entry>,
     bytes: usize,
+    /// Entries above this index may not be in the log store yet (their write is still in flight):
+    /// never evicted, or raft would ask the log store for entries it does not have.
+    durable: u64,
 }
 
 const ENTRY_CACHE_COUNT_MAX: usize = 4096;
@@ -300,10 +303,22 @@ impl EntryCache {
             self.bytes += e.data.len();
             self.entries.push_back(e.clone());
         }
-        while self.entries.len() > ENTRY_CACHE_COUNT_MAX || (self.bytes > ENTRY_CACHE_BYTES_MAX && self.entries.len() > 1) {
+        self.evict();
+    }
+
+    /// Drops the oldest durable entries while the cache is over its bounds.
+    fn evict(&mut self) {
+        while (self.entries.len() > ENTRY_CACHE_COUNT_MAX || (self.bytes > ENTRY_CACHE_BYTES_MAX && self.entries.len() > 1))
+            && self.entries.front().is_some_and(|e| e.index <= self.durable)
+        {
             let e = self.entries.pop_front().expect("front exists");
             self.bytes -= e.data.len();
         }
+    }
+
+    fn set_durable(&mut self, index: u64) {
+        self.durable = index;
+        self.evict();
     }
 
     fn compact_below(&mut self, index: u64) {
@@ -365,7 +380,7 @@ impl PeerStorage {
             conf_state,
             truncated,
             last_index,
-            cache: EntryCache::default(),
+            cache: EntryCache { durable: last_index, ..Default::default() },
             generated_snapshot: None,
             snapshot_wanted: Cell::new(false),
         })
@@ -395,6 +410,12 @@ impl PeerStorage {
 
     pub fn set_conf_state(&mut self, cs: ConfState) {
         self.conf_state = cs;
+    }
+
+    /// Entries up to `index` are in the log store (raft counts them persisted): the cache may let
+    /// them go.
+    pub fn set_durable(&mut self, index: u64) {
+        self.cache.set_durable(index);
     }
 
     /// Queues new entries (and a changed hard state) for the round's log write.
@@ -617,6 +638,20 @@ mod tests {
     }
 
     /// PeerStorage answers raft's queries from cache and log, and reports compaction correctly.
+    /// Entries whose write is still in flight stay in the cache whatever its bounds: raft reads
+    /// them from storage, and the log store does not have them yet.
+    #[test]
+    fn cache_keeps_entries_not_yet_durable() {
+        let mut cache = EntryCache::default();
+        let n = ENTRY_CACHE_COUNT_MAX as u64 + 1000;
+        cache.append(&(1..=n).map(|i| entry(i, 1)).collect::<Vec<_>>());
+        assert_eq!(cache.first_index(), Some(1), "nothing durable yet: nothing evicted");
+        cache.set_durable(500);
+        assert_eq!(cache.first_index(), Some(501), "only durable entries go");
+        cache.set_durable(n);
+        assert_eq!(cache.entries.len(), ENTRY_CACHE_COUNT_MAX);
+    }
+
     #[test]
     fn peer_storage_queries() {
         let log: Arc<dyn LogStore> = Arc::new(MemoryLogStore::default());

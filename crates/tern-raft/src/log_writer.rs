@@ -94,7 +94,12 @@ impl ThreadLogWriter {
                 for mut b in batches {
                     merged.ops.append(&mut b.ops);
                 }
-                let result = log.write(merged, true);
+                // raft-engine panics when a sync fails: that must stop the store like any other
+                // failed write, not leave it waiting for a thread that is gone.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| log.write(merged, true))).unwrap_or_else(|panic| {
+                    let why = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+                    Err(TernError::Internal(format!("raft log write panicked: {}", why.unwrap_or_default())))
+                });
                 {
                     let mut st = lock.lock();
                     match result {
@@ -195,6 +200,45 @@ mod tests {
         assert!(notified.load(std::sync::atomic::Ordering::SeqCst) >= 1);
         log.crash();
         assert_eq!(log.last_index(7), Some(100), "synced");
+    }
+
+    /// A log store that panics on a write (as raft-engine does when a sync fails).
+    struct PanickingLog;
+    impl LogStore for PanickingLog {
+        fn write(&self, _: LogWriteBatch, _: bool) -> Result<(), TernError> {
+            panic!("sync failed");
+        }
+        fn entries(&self, _: u64, _: u64, _: u64, _: Option<u64>) -> Result<Vec<Entry>, TernError> {
+            unreachable!()
+        }
+        fn entry(&self, _: u64, _: u64) -> Result<Option<Entry>, TernError> {
+            unreachable!()
+        }
+        fn last_index(&self, _: u64) -> Option<u64> {
+            unreachable!()
+        }
+        fn hard_state(&self, _: u64) -> Result<Option<raft::eraftpb::HardState>, TernError> {
+            unreachable!()
+        }
+        fn truncated(&self, _: u64) -> Result<Option<(u64, u64)>, TernError> {
+            unreachable!()
+        }
+        fn groups(&self) -> Vec<u64> {
+            unreachable!()
+        }
+        fn purge(&self) -> Result<(), TernError> {
+            unreachable!()
+        }
+    }
+
+    /// A write that panics on the writer thread is a failed write: the store hears of it (and
+    /// stops) instead of waiting forever for a thread that is gone.
+    #[test]
+    fn a_panicking_write_is_a_failed_write() {
+        let mut w = ThreadLogWriter::start("test-log-writer".into(), Arc::new(PanickingLog), || {}).unwrap();
+        w.start(append(7, 1));
+        let e = w.wait_all().unwrap_err();
+        assert!(e.to_string().contains("sync failed"), "{e}");
     }
 
     /// A failed write is reported, and the writer stops.

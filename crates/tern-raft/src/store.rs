@@ -377,6 +377,11 @@ impl Store {
             }
         }
         let due: Vec<GroupId> = self.failed_since.iter().filter(|(_, since)| now >= **since + wait).map(|(g, _)| *g).collect();
+        let retry: Vec<GroupId> = self.unopened.iter().filter(|(_, u)| now >= u.since + wait).map(|(g, _)| *g).collect();
+        if !due.is_empty() || !retry.is_empty() {
+            // A replica opens from what its log store holds: every write started for it goes first.
+            self.wait_for_log_writes();
+        }
         for group in due {
             self.failed_since.remove(&group);
             let Some(replica) = self.replicas.remove(&group) else { continue };
@@ -385,7 +390,6 @@ impl Store {
             drop(replica); // closes its engine
             self.open_or_report(meta, dir);
         }
-        let retry: Vec<GroupId> = self.unopened.iter().filter(|(_, u)| now >= u.since + wait).map(|(g, _)| *g).collect();
         for group in retry {
             let u = self.unopened.remove(&group).expect("listed above");
             self.open_or_report(u.meta, u.dir);

@@ -501,6 +501,8 @@ impl Replica {
     /// entries as persisted, and the messages that waited for it go out.
     pub fn on_persisted(&mut self, number: u64, messages: Vec<Message>, outbox: &mut Vec<OutMessage>) {
         self.raw.on_persist_ready(number);
+        let durable = self.raw.raft.raft_log.persisted;
+        self.raw.mut_store().set_durable(durable);
         if self.failure.is_none() {
             self.report_applied();
             self.route(messages, outbox);

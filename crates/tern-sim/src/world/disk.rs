@@ -1,6 +1,7 @@
 //! The disk's timing: a node's raft-log writes become durable some milliseconds after the store
 //! starts them (the store's async-ready path, as with `server --log-writer-thread`). A crash loses
-//! the writes not yet durable; a pause holds them back until the node runs again.
+//! the writes not yet durable, except a random number of the oldest, which reached the disk
+//! unobserved; a pause holds them back until the node runs again.
 
 use super::*;
 use std::collections::VecDeque;
@@ -59,6 +60,15 @@ pub(super) fn sync_one(log: &MemoryLogStore, pending: &PendingLogWritesRef) -> b
         Err(e) => p.failed = Some(e),
     }
     true
+}
+
+/// At a crash: a random number of the oldest pending writes made it to disk (durable, but the
+/// process never learned it).
+pub(super) fn sync_some(log: &MemoryLogStore, pending: &PendingLogWritesRef, rng: &mut SeededRandom) {
+    let queued = pending.lock().queue.len() as u64;
+    for _ in 0..rng.range(0, queued + 1) {
+        sync_one(log, pending);
+    }
 }
 
 /// A raft-log sync takes up to this long.

@@ -494,6 +494,9 @@ impl World {
     }
 
     fn crash(&mut self, index: usize) {
+        // Some writes in flight may have reached the disk before the process died, unobserved.
+        let seed = node_seed(self.cfg.seed, self.nodes[index].id, self.nodes[index].epoch) ^ 0xD15C_C4A5;
+        disk::sync_some(&self.nodes[index].log, &self.nodes[index].log_writes, &mut SeededRandom::new(seed));
         let node = &mut self.nodes[index];
         node.store = None; // pending client callbacks are dropped unanswered
         node.keeper = None;
