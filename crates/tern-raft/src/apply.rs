@@ -36,7 +36,7 @@ pub struct ApplyState {
 const APPLY_STATE_FIXED_BYTES: usize = 24;
 
 impl ApplyState {
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         use protobuf::Message as _;
         let mut out = Vec::with_capacity(64);
         out.extend_from_slice(&self.applied_index.to_be_bytes());

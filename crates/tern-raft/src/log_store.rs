@@ -482,7 +482,7 @@ impl PeerStorage {
         self.generated_snapshot.as_ref()
     }
 
-    fn term_of(&self, index: u64) -> Result<u64, TernError> {
+    pub(crate) fn term_of(&self, index: u64) -> Result<u64, TernError> {
         if index == self.truncated.0 {
             return Ok(self.truncated.1);
         }

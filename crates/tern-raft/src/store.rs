@@ -1046,4 +1046,33 @@ mod tests {
         assert_eq!(store.replica_count(), 1, "the replica came back from its directory");
         assert_eq!(disks.log.hard_state(group.0).unwrap().map(|h| h.term), Some(term));
     }
+
+    /// A crash after a snapshot's engine was installed, but before the log reset that goes with it
+    /// was durable, leaves an older log whose entry at the applied index is from another term. The
+    /// replica restarts its log from the engine instead of keeping the divergent entries.
+    #[test]
+    fn a_log_that_diverges_from_the_engine_is_reset() {
+        let disks = Disks::new();
+        let group = GroupId::new(1, 0);
+        let mut store = disks.open();
+        store.handle(StoreMsg::EnsureReplicas(vec![single_voter(group, 11)]));
+        run_a_while(&mut store);
+        let last = disks.log.last_index(group.0).expect("the replica wrote its log");
+        let term = disks.log.hard_state(group.0).unwrap().expect("voted").term;
+        drop(store);
+        // The engine as a snapshot from a later term at the same index left it.
+        let engine = disks.engines.open(Path::new("/node/replicas").join(group.0.to_string()).join("engine").as_path()).unwrap();
+        let mut state = crate::apply::StateMachine::open(engine, crate::apply::ApplyState::default()).unwrap().state().clone();
+        state.applied_index = last;
+        state.applied_term = term + 5;
+        let engine = disks.engines.open(Path::new("/node/replicas").join(group.0.to_string()).join("engine").as_path()).unwrap();
+        let mut wb = tern_engine::WriteBatch::default();
+        wb.put(crate::keys::APPLY_STATE_KEY.to_vec(), state.encode());
+        engine.write(wb).unwrap();
+        engine.sync().unwrap();
+        drop(engine);
+        let mut store = disks.open();
+        store.process_ready();
+        assert_eq!(disks.log.truncated(group.0).unwrap(), Some((last, term + 5)), "the log restarts at the engine's position");
+    }
 }

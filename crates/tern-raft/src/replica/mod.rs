@@ -138,9 +138,14 @@ impl Replica {
         let mut storage = PeerStorage::open(group.0, log.clone(), applied.conf_state.clone(), initial_pos)?;
         let mut pending_log = LogWriteBatch::default();
         let fresh_log = log.hard_state(group.0)?.is_none();
-        if storage.last_log_index() < applied.applied_index {
-            // The engine is ahead of the whole log: a snapshot was installed but the log reset was
-            // not written before a crash. The engine is the truth; restart the log from it.
+        // The log's entry at the applied index is from another term than the one the engine applied:
+        // the engine holds a snapshot whose log reset a crash lost, over an older, divergent log.
+        let diverged = storage.last_log_index() >= applied.applied_index
+            && storage.term_of(applied.applied_index).is_ok_and(|term| term != applied.applied_term);
+        if storage.last_log_index() < applied.applied_index || diverged {
+            // The engine is ahead of the log (or of its own history): a snapshot was installed but
+            // the log reset was not written before a crash. The engine is the truth; restart the
+            // log from it.
             let mut snap = Snapshot::default();
             snap.mut_metadata().index = applied.applied_index;
             snap.mut_metadata().term = applied.applied_term;
