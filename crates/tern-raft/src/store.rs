@@ -556,10 +556,12 @@ impl Store {
             return Ok(());
         }
         // A new replica starts from an empty log, whatever an earlier replica of the group left.
+        // (After every started write: one still in flight for an earlier replica of the group
+        // would otherwise land after the check.)
+        self.wait_for_log_writes();
         if self.log.hard_state(spec.group.0)?.is_some() || self.log.last_index(spec.group.0).is_some() {
             let mut clean = LogWriteBatch::default();
             clean.push(spec.group.0, crate::log_store::LogOp::Clean);
-            self.wait_for_log_writes();
             self.log.write(clean, true)?;
         }
         let dir = self.data_dir.join("replicas").join(spec.group.0.to_string());
