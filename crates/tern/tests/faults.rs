@@ -9,7 +9,8 @@
 //!
 //! `faults_short_window` runs in the test suite (about half a minute of faults);
 //! `faults_soak` is the long version: `TERN_FAULT_SECONDS=600 cargo nextest run -p tern --test faults
-//! --run-ignored only --no-capture`.
+//! --run-ignored only --no-capture` (`TERN_FAULT_SERVER_ARGS="--log-writer-thread"` adds server
+//! options).
 
 mod common;
 
@@ -216,7 +217,10 @@ async fn nemesis(cluster: &mut ProcCluster, duration: Duration, rng: &mut Seeded
 }
 
 async fn run_faults(duration: Duration, seed: u64) {
-    let mut cluster = ProcCluster::start_with(3, 4, &[]);
+    // TERN_FAULT_SERVER_ARGS adds server options (for example --log-writer-thread) to the soak.
+    let extra = std::env::var("TERN_FAULT_SERVER_ARGS").unwrap_or_default();
+    let extra: Vec<&str> = extra.split_whitespace().collect();
+    let mut cluster = ProcCluster::start_with(3, 4, &extra);
     cluster.create_table("f", 4).await;
     let (mut proxy, proxy_address) = cluster.start_proxy("f");
     let recorder = Arc::new(Recorder { started: Instant::now(), operations: Mutex::default(), unknown: AtomicU64::new(0) });
