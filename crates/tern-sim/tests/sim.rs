@@ -215,8 +215,22 @@ const SCENARIO_SEED_VOTE: u64 = 7;
 /// The real code passes the bouncing-voter scenario on every seed tried.
 #[test]
 fn bouncing_voter_scenario_passes() {
-    let failed: Vec<u64> = (0..seeds_from_env(30)).filter(|seed| !run(bouncing_voter(*seed)).ok()).collect();
+    let failed = failing_seeds(seeds_from_env(30), bouncing_voter, true);
     assert!(failed.is_empty(), "failing seeds: {failed:?}");
+}
+
+/// The seeds 0..count whose run of `config` fails, each report printed when `print` is set.
+fn failing_seeds(count: u64, config: impl Fn(u64) -> SimConfig, print: bool) -> Vec<u64> {
+    (0..count)
+        .map(|seed| run(config(seed)))
+        .filter(|r| !r.ok())
+        .map(|r| {
+            if print {
+                eprintln!("{}", r.describe());
+            }
+            r.seed
+        })
+        .collect()
 }
 
 /// A late leadership transfer: on three nodes with meta (which names preferred leaders and evens
@@ -255,14 +269,7 @@ const SCENARIO_SEED_TRANSFER: u64 = 0;
 /// The real code passes the late-transfer scenario on every seed tried.
 #[test]
 fn late_transfer_scenario_passes() {
-    let failed: Vec<u64> = (0..seeds_from_env(30))
-        .map(|seed| run(late_transfer(seed)))
-        .filter(|r| !r.ok())
-        .map(|r| {
-            eprintln!("{}", r.describe());
-            r.seed
-        })
-        .collect();
+    let failed = failing_seeds(seeds_from_env(30), late_transfer, true);
     assert!(failed.is_empty(), "failing seeds: {failed:?}");
 }
 
@@ -281,16 +288,8 @@ fn hunt_scenario() {
     if std::env::var("TERN_SIM_REAL").is_ok() {
         planted = PlantedBugs::default();
     }
-    let caught: Vec<u64> = (0..seeds_from_env(200))
-        .map(|seed| run(SimConfig { planted, ..scenario(seed) }))
-        .filter(|r| !r.ok())
-        .map(|r| {
-            if std::env::var("TERN_SIM_VERBOSE").is_ok() {
-                eprintln!("{}", r.describe());
-            }
-            r.seed
-        })
-        .collect();
+    let verbose = std::env::var("TERN_SIM_VERBOSE").is_ok();
+    let caught = failing_seeds(seeds_from_env(200), |seed| SimConfig { planted, ..scenario(seed) }, verbose);
     eprintln!("{planted:?}: failing seeds {caught:?}");
 }
 
