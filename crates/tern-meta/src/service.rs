@@ -387,7 +387,7 @@ impl MetaNode {
         .max_decoding_message_size(tern_core::limits::RAFT_BATCH_BYTES_MAX);
         let mut server_stopped = stopped.clone();
         tasks.push(tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let incoming = tern_transport::incoming(listener);
             let r = tonic::transport::Server::builder()
                 .add_service(MetaServer::new(service))
                 .add_service(raft)

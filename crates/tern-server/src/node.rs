@@ -285,9 +285,8 @@ impl ServerNode {
             .max_encoding_message_size(usize::MAX);
         let mut server_stop = stopped.clone();
         tasks.push(tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let incoming = tern_transport::incoming(listener);
             let r = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .add_service(kv)
                 .add_service(raft)
                 .serve_with_incoming_shutdown(incoming, async move {

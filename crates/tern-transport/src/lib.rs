@@ -20,6 +20,14 @@ use tern_raft::store::{StoreHandle, StoreMsg};
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
+/// The connections a node's gRPC server accepts, with TCP_NODELAY set on each. tonic's
+/// `Server::tcp_nodelay` only applies to listeners it binds itself, not to an incoming stream:
+/// without this, replies on long-lived streams (batched requests, raft) wait for Nagle's algorithm
+/// and the peer's delayed acknowledgement.
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// Stops a node (replica server or meta): signals its tasks and gives each a moment to close
 /// gracefully (peers' long-lived raft streams would otherwise hold them open), then stops its store
 /// thread, which answers waiting clients.
