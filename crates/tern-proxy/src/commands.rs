@@ -230,11 +230,53 @@ fn expiry_arg(option: &str, value: &[u8], command: &str) -> Result<u64, Reply> {
     at.filter(|&t| t < i64::MAX as u64).ok_or_else(invalid)
 }
 
+/// Whether a command only reads the table, leaves the connection's state alone, and answers with at
+/// most one value: a pipeline's consecutive small reads run concurrently (see `serve` in lib.rs).
+/// Everything else (writes, multi-value reads such as MGET or HGETALL, connection commands) runs
+/// alone, after every earlier command of its connection has answered.
+pub fn is_small_read(name: &[u8]) -> bool {
+    const READS: [&[u8]; 10] = [b"GET", b"STRLEN", b"TTL", b"PTTL", b"TYPE", b"EXISTS", b"HGET", b"HEXISTS", b"HLEN", b"PING"];
+    READS.iter().any(|r| r.eq_ignore_ascii_case(name))
+}
+
+/// Runs one read-only command (those of `is_small_read` and the multi-value reads); `name` is `args[0]` in upper case.
+pub async fn execute_read(shared: &Shared, name: &str, args: &[Bytes]) -> Reply {
+    let t = &shared.table;
+    let r = match name {
+        "GET" => cmd_get(shared, args).await,
+        "MGET" if args.len() >= 2 => cmd_mget(t, &args[1..]).await,
+        "EXISTS" if args.len() >= 2 => {
+            let types = join_all(args[1..].iter().map(|k| key_type(t, k))).await;
+            types.into_iter().try_fold(0, |n, r| r.map(|k| n + (k != KeyType::None) as i64)).map(Reply::Int)
+        }
+        "STRLEN" if args.len() == 2 => get_string(t, &args[1]).await.map(|r| Reply::Int(r.map_or(0, |r| r.value.len() as i64))),
+        "TTL" | "PTTL" if args.len() == 2 => cmd_ttl(t, &args[1], name == "PTTL").await,
+        "TYPE" if args.len() == 2 => key_type(t, &args[1]).await.map(|k| Reply::Simple(k.name().into())),
+        "HGET" if args.len() == 3 => hmget(t, &args[1], &args[2..3]).await.map(|mut v| v.pop().unwrap_or(Reply::Nil)),
+        "HMGET" if args.len() >= 3 => hmget(t, &args[1], &args[2..]).await.map(Reply::Array),
+        "HEXISTS" if args.len() == 3 => hmget(t, &args[1], &args[2..3]).await.map(|v| Reply::Int(v.first().is_some_and(|r| *r != Reply::Nil) as i64)),
+        "HLEN" if args.len() == 2 => cmd_hlen(t, &args[1]).await,
+        "HKEYS" | "HVALS" | "HGETALL" if args.len() == 2 => cmd_hgetall(t, name, &args[1]).await,
+        "PING" if args.len() <= 2 => Ok(args.get(1).map_or(Reply::Simple("PONG".into()), |m| Reply::Bulk(m.clone()))),
+        _ if crate::info::is_known(name) => Err(wrong_args(name)),
+        _ => Err(unknown_command(args)),
+    };
+    let reply = r.unwrap_or_else(|e| e);
+    if name == "GET" {
+        let hit = !matches!(reply, Reply::Nil | Reply::Error(_));
+        let counter = if hit { &shared.stats.keyspace_hits } else { &shared.stats.keyspace_misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    reply
+}
+
 /// Runs one command. `name` is `args[0]` in upper case (the connection has computed it already).
 pub async fn execute(shared: &Shared, session: &mut Session, name: String, args: &[Bytes]) -> Reply {
+    if is_small_read(name.as_bytes()) || matches!(name.as_str(), "MGET" | "HMGET" | "HKEYS" | "HVALS" | "HGETALL") {
+        return execute_read(shared, &name, args).await;
+    }
     let t = &shared.table;
     let r = match name.as_str() {
-        "GET" => cmd_get(shared, args).await,
         "SET" => cmd_set(t, args).await,
         "SETNX" if args.len() == 3 => set_if(t, &args[1], &args[2], CheckType::ValueNotExist).await.map(|done| Reply::Int(done as i64)),
         "SETEX" | "PSETEX" if args.len() == 4 => {
@@ -248,16 +290,11 @@ pub async fn execute(shared: &Shared, session: &mut Session, name: String, args:
         }
         "GETDEL" if args.len() == 2 => update(t, &args[1], STRING, |_| Ok(Change::Delete)).await.map(|r| Reply::opt(r.map(|r| r.value))),
         "GETEX" if args.len() >= 2 => cmd_getex(t, args).await,
-        "MGET" if args.len() >= 2 => cmd_mget(t, &args[1..]).await,
         "MSET" if args.len() >= 3 && args.len() % 2 == 1 => cmd_mset(t, &args[1..]).await,
         "MSETNX" if args.len() >= 3 && args.len() % 2 == 1 => cmd_msetnx(t, &args[1..]).await,
         "DEL" | "UNLINK" if args.len() >= 2 => {
             let done = join_all(args[1..].iter().map(|k| delete_key(t, k))).await;
             done.into_iter().try_fold(0, |n, r| r.map(|d| n + d as i64)).map(Reply::Int)
-        }
-        "EXISTS" if args.len() >= 2 => {
-            let types = join_all(args[1..].iter().map(|k| key_type(t, k))).await;
-            types.into_iter().try_fold(0, |n, r| r.map(|k| n + (k != KeyType::None) as i64)).map(Reply::Int)
         }
         "INCR" | "DECR" if args.len() == 2 => incr(t, &args[1], STRING, if name == "INCR" { 1 } else { -1 }).await,
         "INCRBY" | "DECRBY" if args.len() == 3 => match int_arg(&args[2]) {
@@ -270,19 +307,11 @@ pub async fn execute(shared: &Shared, session: &mut Session, name: String, args:
         },
         "INCRBYFLOAT" if args.len() == 3 => incr_float(t, &args[1], STRING, &args[2], NOT_FLOAT).await,
         "APPEND" if args.len() == 3 => cmd_append(t, &args[1], &args[2]).await,
-        "STRLEN" if args.len() == 2 => get_string(t, &args[1]).await.map(|r| Reply::Int(r.map_or(0, |r| r.value.len() as i64))),
         "EXPIRE" | "PEXPIRE" | "EXPIREAT" | "PEXPIREAT" if args.len() >= 3 => cmd_expire(t, &name, args).await,
         "PERSIST" if args.len() == 2 => set_expiry(t, &args[1], |current| (current != 0).then_some(0)).await.map(|d| Reply::Int(d as i64)),
-        "TTL" | "PTTL" if args.len() == 2 => cmd_ttl(t, &args[1], name == "PTTL").await,
-        "TYPE" if args.len() == 2 => key_type(t, &args[1]).await.map(|k| Reply::Simple(k.name().into())),
         "HSET" | "HMSET" if args.len() >= 4 && args.len().is_multiple_of(2) => cmd_hset(t, &args[1], &args[2..], name == "HMSET").await,
         "HSETNX" if args.len() == 4 => cmd_hsetnx(t, &args[1], &args[2], &args[3]).await,
-        "HGET" if args.len() == 3 => hmget(t, &args[1], &args[2..3]).await.map(|mut v| v.pop().unwrap_or(Reply::Nil)),
-        "HMGET" if args.len() >= 3 => hmget(t, &args[1], &args[2..]).await.map(Reply::Array),
         "HDEL" if args.len() >= 3 => cmd_hdel(t, &args[1], &args[2..]).await,
-        "HEXISTS" if args.len() == 3 => hmget(t, &args[1], &args[2..3]).await.map(|v| Reply::Int(v.first().is_some_and(|r| *r != Reply::Nil) as i64)),
-        "HLEN" if args.len() == 2 => cmd_hlen(t, &args[1]).await,
-        "HKEYS" | "HVALS" | "HGETALL" if args.len() == 2 => cmd_hgetall(t, &name, &args[1]).await,
         "HINCRBY" if args.len() == 4 => match (field(&args[2]), int_arg(&args[3])) {
             (Ok(f), Ok(d)) => match ensure_hash(t, &args[1]).await {
                 Ok(()) => incr(t, &args[1], &f, d).await,
@@ -301,7 +330,6 @@ pub async fn execute(shared: &Shared, session: &mut Session, name: String, args:
         "SCAN" if args.len() >= 2 => cmd_scan(shared, &args[1], &args[2..]).await,
         "DBSIZE" if args.len() == 1 => shared.key_count(true).await.map(|(keys, _)| Reply::Int(keys as i64)),
         "INFO" => crate::info::info(shared, &args[1..]).await,
-        "PING" if args.len() <= 2 => Ok(args.get(1).map_or(Reply::Simple("PONG".into()), |m| Reply::Bulk(m.clone()))),
         "ECHO" if args.len() == 2 => Ok(Reply::Bulk(args[1].clone())),
         "SELECT" if args.len() == 2 => match int_arg(&args[1]) {
             Ok(0) => Ok(Reply::Ok),
@@ -319,13 +347,7 @@ pub async fn execute(shared: &Shared, session: &mut Session, name: String, args:
         _ if crate::info::is_known(&name) => Err(wrong_args(&name)),
         _ => Err(unknown_command(args)),
     };
-    let reply = r.unwrap_or_else(|e| e);
-    if name == "GET" {
-        let hit = !matches!(reply, Reply::Nil | Reply::Error(_));
-        let counter = if hit { &shared.stats.keyspace_hits } else { &shared.stats.keyspace_misses };
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-    reply
+    r.unwrap_or_else(|e| e)
 }
 
 fn unreachable_session_command() -> R {

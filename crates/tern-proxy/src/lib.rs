@@ -239,11 +239,22 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stopped: wa
 
 /// Replies are flushed when the input has no further complete command or this much is pending.
 const FLUSH_BYTES: usize = 64 * 1024;
+/// Most reads of one pipeline that run at the same time on one connection (each answers with at
+/// most one value of at most 1 MiB, so this also bounds the replies held at once).
+const CONCURRENT_READS_MAX: usize = 64;
 
+/// Serves one connection. Commands answer in the order they came. A pipeline's consecutive
+/// small reads (GET, HGET, EXISTS, TTL, ...: `commands::is_small_read`) run concurrently, so they travel to the servers
+/// together; any other command (a write, AUTH, SELECT, ...) waits until everything before it has
+/// answered, and nothing after it starts until it has. Writes of one connection therefore apply
+/// in the order sent, and a read sees every write sent before it on its connection. Reads of one
+/// pipeline are each linearizable but not one snapshot (as with a Redis Cluster client's
+/// pipeline across nodes).
 async fn serve(mut stream: TcpStream, shared: &Shared, id: u64) -> std::io::Result<()> {
     let mut session = Session { id, resp3: false, authenticated: shared.config.password.is_none(), name: None, quit: false };
     let mut input = BytesMut::with_capacity(16 * 1024);
     let mut out = Vec::with_capacity(16 * 1024);
+    let mut reads: Vec<(String, Vec<Bytes>)> = Vec::new();
     loop {
         loop {
             let args = match parse_command(&mut input) {
@@ -251,16 +262,23 @@ async fn serve(mut stream: TcpStream, shared: &Shared, id: u64) -> std::io::Resu
                 Ok(Some(args)) => args,
                 Ok(None) => break,
                 Err(resp::ProtocolError(m)) => {
+                    run_reads(shared, &session, &mut reads, &mut out).await;
                     Reply::err(format!("ERR Protocol error: {m}")).encode(session.resp3, &mut out);
                     stream.write_all(&out).await?;
                     return Ok(());
                 }
             };
             shared.stats.commands.fetch_add(1, Ordering::Relaxed);
-            let reply = dispatch(shared, &mut session, &args).await;
-            if reply.is_error() {
-                shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+            if session.authenticated && commands::is_small_read(&args[0]) {
+                if reads.len() == CONCURRENT_READS_MAX {
+                    run_reads(shared, &session, &mut reads, &mut out).await;
+                }
+                reads.push((String::from_utf8_lossy(&args[0]).to_ascii_uppercase(), args));
+                continue;
             }
+            run_reads(shared, &session, &mut reads, &mut out).await;
+            let reply = dispatch(shared, &mut session, &args).await;
+            count_error(shared, &reply);
             reply.encode(session.resp3, &mut out);
             if session.quit {
                 stream.write_all(&out).await?;
@@ -271,6 +289,7 @@ async fn serve(mut stream: TcpStream, shared: &Shared, id: u64) -> std::io::Resu
                 out.clear();
             }
         }
+        run_reads(shared, &session, &mut reads, &mut out).await;
         if !out.is_empty() {
             stream.write_all(&out).await?;
             out.clear();
@@ -282,6 +301,26 @@ async fn serve(mut stream: TcpStream, shared: &Shared, id: u64) -> std::io::Resu
         if stream.read_buf(&mut input).await? == 0 {
             return Ok(());
         }
+    }
+}
+
+/// Runs the queued small reads concurrently and appends their replies in order.
+async fn run_reads(shared: &Shared, session: &Session, reads: &mut Vec<(String, Vec<Bytes>)>, out: &mut Vec<u8>) {
+    let replies = match reads.len() {
+        0 => return,
+        1 => vec![commands::execute_read(shared, &reads[0].0, &reads[0].1).await],
+        _ => futures::future::join_all(reads.iter().map(|(name, args)| commands::execute_read(shared, name, args))).await,
+    };
+    for reply in replies {
+        count_error(shared, &reply);
+        reply.encode(session.resp3, out);
+    }
+    reads.clear();
+}
+
+fn count_error(shared: &Shared, reply: &Reply) {
+    if reply.is_error() {
+        shared.stats.errors.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -209,6 +209,14 @@ async fn protocol_abuse_and_limits() {
         let mut s = connect(port);
         let pipelined = b"*3\r\n$3\r\nSET\r\n$1\r\np\r\n$2\r\nv1\r\nGET p\r\n*2\r\n$4\r\nECHO\r\n$4\r\na\r\nb\r\nPING\r\n";
         assert_eq!(exchange(&mut s, pipelined, 6), "+OK\r\n$2\r\nv1\r\n$4\r\na\r\nb\r\n+PONG\r\n");
+        // Reads of a pipeline run together, writes alone: every reply in order, and every read sees
+        // the writes sent before it on the connection.
+        let mixed = b"SET q 1\r\nGET q\r\nGET q\r\nSET q 2\r\nGET q\r\nGET nothing\r\nEXISTS q\r\nINCR q\r\nGET q\r\nSTRLEN q\r\n";
+        assert_eq!(exchange(&mut s, mixed, 12), "+OK\r\n$1\r\n1\r\n$1\r\n1\r\n+OK\r\n$1\r\n2\r\n$-1\r\n:1\r\n:3\r\n$1\r\n3\r\n:1\r\n");
+        let many: String = (0..200).map(|i| format!("SET m{i} {i}\r\nGET m{i}\r\n")).collect::<String>() + &"GET m7\r\n".repeat(150);
+        let expected: String =
+            (0..200).map(|i| format!("+OK\r\n${}\r\n{i}\r\n", i.to_string().len())).collect::<String>() + &"$1\r\n7\r\n".repeat(150);
+        assert_eq!(exchange(&mut s, many.as_bytes(), 200 * 3 + 300), expected);
 
         let big = vec![b'x'; tern_core::limits::VALUE_BYTES_MAX + 1];
         let mut frame = format!("*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n${}\r\n", big.len()).into_bytes();
@@ -224,6 +232,10 @@ async fn protocol_abuse_and_limits() {
             assert!(reply.starts_with("-ERR Protocol error"), "{:?} -> {reply}", String::from_utf8_lossy(bad));
             assert!(closed(&mut s), "connection closed after a protocol error");
         }
+        // Commands before a malformed frame are answered first.
+        let mut s = connect(port);
+        let reply = exchange(&mut s, b"GET q\r\nGET q\r\n*x\r\n", 5);
+        assert!(reply.starts_with("$1\r\n3\r\n$1\r\n3\r\n-ERR Protocol error"), "{reply}");
         // A frame that claims a huge bulk is refused before it is buffered.
         let mut s = connect(port);
         let reply = exchange(&mut s, format!("*2\r\n$3\r\nGET\r\n${}\r\n", 64 << 20).as_bytes(), 1);
@@ -246,7 +258,7 @@ async fn protocol_abuse_and_limits() {
         let mut a = connect(port);
         assert_eq!(exchange(&mut a, b"GET p\r\n", 1), "-NOAUTH Authentication required.\r\n");
         assert!(exchange(&mut a, b"AUTH wrong\r\n", 1).starts_with("-WRONGPASS"));
-        assert_eq!(exchange(&mut a, b"AUTH s3cret\r\nGET p\r\n", 3), "+OK\r\n$2\r\nv1\r\n");
+        assert_eq!(exchange(&mut a, b"GET p\r\nAUTH s3cret\r\nGET p\r\n", 4), "-NOAUTH Authentication required.\r\n+OK\r\n$2\r\nv1\r\n");
         let mut b = connect(port);
         let hello = exchange(&mut b, b"HELLO 3 AUTH default s3cret\r\n", 26);
         assert!(hello.starts_with("%7\r\n") && hello.contains("proto\r\n:3\r\n"), "{hello}");
