@@ -8,11 +8,15 @@ use tern_core::time::RandomSource;
 pub struct RetryPolicy {
     pub base: Duration,
     pub max: Duration,
+    /// The longest pause while a partition's leader is being replaced (NotLeader, a server that
+    /// cannot be reached): a new leader is elected within an election timeout, and a client
+    /// asleep in a long backoff would add up to `max` to every write stalled by a failover.
+    pub leader_wait_max: Duration,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { base: Duration::from_millis(20), max: Duration::from_secs(1) }
+        RetryPolicy { base: Duration::from_millis(20), max: Duration::from_secs(1), leader_wait_max: Duration::from_millis(100) }
     }
 }
 

@@ -134,7 +134,12 @@ pub fn next_step(error: TernError, attempt: u32, remaining: Duration, policy: &R
     if matches!(error, TernError::NotLeader { leader: Some(_) }) && attempt <= 3 {
         return NextStep::Retry(Duration::ZERO);
     }
-    NextStep::Retry(policy.delay(attempt, rng).min(remaining))
+    let pause = policy.delay(attempt, rng);
+    let pause = match error {
+        TernError::NotLeader { .. } | TernError::Unavailable(_) => pause.min(policy.leader_wait_max),
+        _ => pause,
+    };
+    NextStep::Retry(pause.min(remaining))
 }
 
 #[cfg(test)]
@@ -189,6 +194,13 @@ mod tests {
         assert!(matches!(next_step(TernError::Busy("x".into()), 2, left, &p, &mut rng), NextStep::Retry(d) if d > Duration::ZERO));
         assert!(matches!(next_step(TernError::Busy("x".into()), 2, Duration::ZERO, &p, &mut rng), NextStep::GiveUp(TernError::Timeout(_))));
         assert!(matches!(next_step(TernError::TableNotFound("t".into()), 0, left, &p, &mut rng), NextStep::Retry(_)));
+        // While a leader is being replaced, pauses stay short whatever the attempt number.
+        for attempt in 0..20 {
+            for e in [TernError::NotLeader { leader: None }, TernError::NotLeader { leader: Some(2) }, TernError::Unavailable("down".into())] {
+                assert!(matches!(next_step(e, attempt, left, &p, &mut rng), NextStep::Retry(d) if d <= p.leader_wait_max));
+            }
+        }
+        assert!(matches!(next_step(TernError::Busy("x".into()), 10, left, &p, &mut rng), NextStep::Retry(d) if d > p.leader_wait_max));
         assert!(matches!(next_step(TernError::TableNotFound("t".into()), 1, left, &p, &mut rng), NextStep::GiveUp(_)));
     }
 }

@@ -182,7 +182,7 @@ fn adopt_raft_timing(cfg: &mut ServerConfig, identity: &NodeIdentity) -> Result<
         }
     }
     cfg.store.tick_interval = tick;
-    cfg.store.replica.election_tick = identity.election_ticks as usize;
+    cfg.store.replica.set_election_tick(identity.election_ticks as usize);
     Ok(())
 }
 

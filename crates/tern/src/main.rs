@@ -74,7 +74,7 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         raft_tick_ms: u64,
         /// Ticks without a leader before a follower campaigns (5-100); the read lease stays inside it.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = tern_meta::service::ELECTION_TICKS_DEFAULT)]
         election_ticks: u32,
     },
     /// A replica server.
@@ -175,6 +175,11 @@ enum Command {
         /// Write a latency-percentile plot (PNG) of the run phase to this file.
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// Keep latency per second of the measured run and write it to this file: a PNG plot of
+        /// p50/p99/p99.9/max over time if the name ends in .png, CSV otherwise. The table then
+        /// names the worst second, and --json includes every second. May be given more than once.
+        #[arg(long)]
+        timeline: Vec<PathBuf>,
         /// Progress bar on stderr: auto (when stderr is a terminal), always or never.
         #[arg(long, default_value = "auto")]
         progress: String,
@@ -351,6 +356,7 @@ async fn main() -> anyhow::Result<()> {
             no_load,
             json,
             plot,
+            timeline,
             progress,
         } => {
             use bench::backend::BackendKind;
@@ -384,6 +390,7 @@ async fn main() -> anyhow::Result<()> {
                 duration: Duration::from_secs(duration),
                 load: !no_load,
                 progress,
+                timeline: !timeline.is_empty(),
             };
             cfg.validate()?;
             let to_stdout = json.as_deref() == Some(std::path::Path::new("-"));
@@ -424,6 +431,14 @@ async fn main() -> anyhow::Result<()> {
             if let Some(path) = &plot {
                 let run = reports.last().expect("a run phase");
                 bench::write_percentile_plot(path, &[(format!("{backend:?}"), run)])?;
+            }
+            for path in &timeline {
+                let run = reports.last().expect("a run phase");
+                if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+                    bench::write_timeline_plot(path, run)?;
+                } else {
+                    std::fs::write(path, run.timeline_csv()).with_context(|| format!("writing {}", path.display()))?;
+                }
             }
             let errors: u64 = reports.iter().flat_map(|r| r.ops.values()).map(|s| s.errors).sum();
             if errors > 0 {

@@ -53,6 +53,15 @@ pub struct ReplicaConfig {
     pub planted: PlantedBugs,
 }
 
+impl ReplicaConfig {
+    /// Sets the election timeout, with heartbeats five times per timeout (at least one per tick):
+    /// a follower campaigns only after missing several heartbeats in a row.
+    pub fn set_election_tick(&mut self, ticks: usize) {
+        self.election_tick = ticks;
+        self.heartbeat_tick = (ticks / 5).max(1);
+    }
+}
+
 impl Default for ReplicaConfig {
     fn default() -> Self {
         ReplicaConfig {

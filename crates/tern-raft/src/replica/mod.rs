@@ -505,6 +505,12 @@ impl Replica {
     /// The log write holding Ready `number` (and every earlier one) is durable: raft counts its
     /// entries as persisted, and the messages that waited for it go out.
     pub fn on_persisted(&mut self, number: u64, messages: Vec<Message>, outbox: &mut Vec<OutMessage>) {
+        if self.removed {
+            // Out of its group, it takes no further part (see `apply_conf_change`): raft-rs counts a
+            // leader's persisted entries in the leader's own progress, which a removed leader no
+            // longer has (it panicked: found by the simulator, scheduler seed 5217).
+            return;
+        }
         self.raw.on_persist_ready(number);
         let durable = self.raw.raft.raft_log.persisted;
         self.raw.mut_store().set_durable(durable);

@@ -369,7 +369,7 @@ impl World {
             history: Vec::new(),
             issued: 0,
             next_attempt: 0,
-            policy: RetryPolicy { base: Duration::from_millis(20), max: Duration::from_millis(500) },
+            policy: RetryPolicy { base: Duration::from_millis(20), max: Duration::from_millis(500), leader_wait_max: Duration::from_millis(100) },
             failures: Vec::new(),
             faults: Vec::new(),
             trace_hash: 0xcbf2_9ce4_8422_2325,

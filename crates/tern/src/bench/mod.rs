@@ -135,7 +135,12 @@ pub struct BenchConfig {
     /// Run the load phase (insert every record) before the run phase.
     pub load: bool,
     pub progress: bool,
+    /// Keep latency per second of the run phase (`PhaseReport::timeline`).
+    pub timeline: bool,
 }
+
+/// Longest run phase a timeline is kept for (a window costs ~20 KiB).
+pub const TIMELINE_SECONDS_MAX: u64 = 3600;
 
 impl BenchConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -161,6 +166,9 @@ impl BenchConfig {
         }
         if self.warmup > Duration::from_secs(3600) {
             bail!("--warmup is at most an hour");
+        }
+        if self.timeline && self.duration > Duration::from_secs(TIMELINE_SECONDS_MAX) {
+            bail!("--timeline keeps one window per second: --duration is at most {TIMELINE_SECONDS_MAX} s with it");
         }
         if self.workload == Workload::E && self.backend == BackendKind::Redis {
             bail!("workload E needs range scans, which redis strings do not have (run it on tern or etcd)");
@@ -211,6 +219,21 @@ pub struct PhaseReport {
     pub phase: &'static str,
     pub elapsed: Duration,
     pub ops: BTreeMap<Op, OpStats>,
+    /// Every operation of each measured second, by when it was due (empty unless asked for).
+    pub timeline: Vec<Window>,
+}
+
+/// One second of a run: its operations' latencies (all types together) and failures.
+pub struct Window {
+    pub histogram: Histogram<u64>,
+    pub errors: u64,
+}
+
+impl Window {
+    fn new() -> Window {
+        // Two significant digits: a tenth of the per-operation histograms' size.
+        Window { histogram: Histogram::new_with_bounds(1, 120_000_000, 2).expect("histogram bounds"), errors: 0 }
+    }
 }
 
 const QUANTILES: [(&str, f64); 4] = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)];
@@ -219,6 +242,30 @@ impl PhaseReport {
     pub fn throughput(&self) -> f64 {
         let n: u64 = self.ops.values().map(|s| s.histogram.len()).sum();
         n as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// The second with the highest p99 (index, window), if a timeline was kept.
+    pub fn worst_window(&self) -> Option<(usize, &Window)> {
+        self.timeline.iter().enumerate().filter(|(_, w)| !w.histogram.is_empty()).max_by_key(|(_, w)| w.histogram.value_at_quantile(0.99))
+    }
+
+    /// The timeline as CSV: one line per second.
+    pub fn timeline_csv(&self) -> String {
+        let mut out = String::from("second,ops,errors,p50_ms,p99_ms,p99.9_ms,max_ms\n");
+        let ms = |v: u64| v as f64 / 1000.0;
+        for (i, w) in self.timeline.iter().enumerate() {
+            let h = &w.histogram;
+            out.push_str(&format!(
+                "{i},{},{},{:.3},{:.3},{:.3},{:.3}\n",
+                h.len(),
+                w.errors,
+                ms(h.value_at_quantile(0.5)),
+                ms(h.value_at_quantile(0.99)),
+                ms(h.value_at_quantile(0.999)),
+                ms(h.max())
+            ));
+        }
+        out
     }
 
     pub fn render(&self) -> String {
@@ -256,6 +303,18 @@ impl PhaseReport {
                 out.push_str(&format!("  first {} error: {e}\n", op.name()));
             }
         }
+        if let Some((i, w)) = self.worst_window() {
+            let h = &w.histogram;
+            out.push_str(&format!(
+                "worst second: {i} (p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, {} ops, {} errors)\n",
+                h.value_at_quantile(0.5) as f64 / 1000.0,
+                h.value_at_quantile(0.99) as f64 / 1000.0,
+                h.value_at_quantile(0.999) as f64 / 1000.0,
+                h.max() as f64 / 1000.0,
+                h.len(),
+                w.errors
+            ));
+        }
         out
     }
 
@@ -278,7 +337,18 @@ impl PhaseReport {
                 (op.name().to_string(), v)
             })
             .collect();
-        serde_json::json!({ "phase": self.phase, "seconds": self.elapsed.as_secs_f64(), "ops_per_sec": self.throughput(), "ops": ops })
+        let mut doc = serde_json::json!({ "phase": self.phase, "seconds": self.elapsed.as_secs_f64(), "ops_per_sec": self.throughput(), "ops": ops });
+        if !self.timeline.is_empty() {
+            let window = |h: &Histogram<u64>, errors: u64| {
+                serde_json::json!({ "ops": h.len(), "errors": errors, "p50_us": h.value_at_quantile(0.5), "p99_us": h.value_at_quantile(0.99),
+                    "p99.9_us": h.value_at_quantile(0.999), "max_us": h.max() })
+            };
+            doc["timeline"] = self.timeline.iter().map(|w| window(&w.histogram, w.errors)).collect();
+            if let Some((i, w)) = self.worst_window() {
+                doc["worst_second"] = serde_json::json!({ "second": i, "window": window(&w.histogram, w.errors) });
+            }
+        }
+        doc
     }
 }
 
@@ -380,7 +450,7 @@ async fn load_phase(cfg: &BenchConfig, workers: Vec<Worker>) -> (Vec<Worker>, Ph
     if let Some(p) = progress {
         let _ = p.await;
     }
-    let report = PhaseReport { phase: "load", elapsed: started.elapsed(), ops: BTreeMap::from([(Op::Insert, stats)]) };
+    let report = PhaseReport { phase: "load", elapsed: started.elapsed(), ops: BTreeMap::from([(Op::Insert, stats)]), timeline: Vec::new() };
     (workers, report)
 }
 
@@ -394,9 +464,11 @@ async fn run_phase(cfg: &BenchConfig, workers: Vec<Worker>) -> PhaseReport {
     let stop = Arc::new(tokio::sync::Notify::new());
     let progress = cfg.progress.then(|| spawn_progress("run", done.clone(), cfg.warmup + cfg.duration, stop.clone()));
     let concurrency = cfg.concurrency as f64;
+    let seconds = if cfg.timeline { cfg.duration.as_secs_f64().ceil() as usize } else { 0 };
+    let timeline: Arc<parking_lot::Mutex<Vec<Window>>> = Arc::new(parking_lot::Mutex::new((0..seconds).map(|_| Window::new()).collect()));
     let mut tasks = Vec::new();
     for (index, mut w) in workers.into_iter().enumerate() {
-        let (cfg, chooser, inserted, done) = (cfg.clone(), chooser.clone(), inserted.clone(), done.clone());
+        let (cfg, chooser, inserted, done, timeline) = (cfg.clone(), chooser.clone(), inserted.clone(), done.clone(), timeline.clone());
         tasks.push(tokio::spawn(async move {
             let mut stats: BTreeMap<Op, OpStats> = BTreeMap::new();
             // Open loop: this worker's requests are due every `interval`, offset so workers interleave.
@@ -426,6 +498,12 @@ async fn run_phase(cfg: &BenchConfig, workers: Vec<Worker>) -> PhaseReport {
                 let micros = began.elapsed().as_micros() as u64;
                 done.fetch_add(1, Ordering::Relaxed);
                 if began >= measure_from {
+                    if let Some(w) = timeline.lock().get_mut((began - measure_from).as_secs() as usize) {
+                        match &result {
+                            Ok(()) => drop(w.histogram.record(micros.clamp(1, 120_000_000))),
+                            Err(_) => w.errors += 1,
+                        }
+                    }
                     stats.entry(op).or_insert_with(OpStats::new).record(micros, result);
                 }
             }
@@ -442,7 +520,8 @@ async fn run_phase(cfg: &BenchConfig, workers: Vec<Worker>) -> PhaseReport {
     if let Some(p) = progress {
         let _ = p.await;
     }
-    PhaseReport { phase: "run", elapsed: cfg.duration, ops }
+    let timeline = std::mem::take(&mut *timeline.lock());
+    PhaseReport { phase: "run", elapsed: cfg.duration, ops, timeline }
 }
 
 /// Connects, runs the load phase (if asked) and the run phase.
@@ -473,7 +552,7 @@ pub fn progress_default() -> bool {
     std::io::stderr().is_terminal()
 }
 
-pub use plot::write_percentile_plot;
+pub use plot::{write_percentile_plot, write_timeline_plot};
 
 #[cfg(test)]
 mod tests {
@@ -509,6 +588,7 @@ mod tests {
             duration: Duration::from_secs(1),
             load: true,
             progress: false,
+            timeline: false,
         };
         assert!(good.validate().is_ok());
         let bad = |f: &dyn Fn(&mut BenchConfig), what: &str| {
@@ -522,6 +602,7 @@ mod tests {
         bad(&|c| c.value_bytes = 2 << 20, "--value-size");
         bad(&|c| c.rate = Some(-1.0), "--rate");
         bad(&|c| c.duration = Duration::ZERO, "--duration");
+        bad(&|c| (c.timeline, c.duration) = (true, Duration::from_secs(TIMELINE_SECONDS_MAX + 1)), "--timeline");
         bad(&|c| c.targets.clear(), "target");
         bad(&|c| (c.backend, c.workload) = (BackendKind::Redis, Workload::E), "range scans");
         assert!("nope".parse::<Distribution>().is_err() && "nope".parse::<BackendKind>().is_err());

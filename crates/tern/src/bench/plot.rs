@@ -1,5 +1,5 @@
-//! A latency-percentile plot (HdrHistogram style: latency against percentile on a log "nines"
-//! axis) as a PNG, one line per operation type and run.
+//! PNG plots: latency against percentile (HdrHistogram style, on a log "nines" axis), one line per
+//! operation type and run; and latency over time (p50, p99, p99.9 and max of each second).
 
 use super::PhaseReport;
 use anyhow::{bail, Context};
@@ -75,6 +75,41 @@ pub fn write_percentile_plot(path: &Path, runs: &[(String, &PhaseReport)]) -> an
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     }
     chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).position(SeriesLabelPosition::UpperLeft).draw()?;
+    root.present().with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Draws the run's timeline: p50, p99, p99.9 and max latency of each second, on a log axis.
+pub fn write_timeline_plot(path: &Path, report: &PhaseReport) -> anyhow::Result<()> {
+    register_font()?;
+    if report.timeline.iter().all(|w| w.histogram.is_empty()) {
+        bail!("nothing to plot: no successful operations in the timeline");
+    }
+    let ms = |v: u64| (v as f64 / 1000.0).max(0.01);
+    // (label, quantile); None = the maximum.
+    let lines = [("p50", Some(0.5)), ("p99", Some(0.99)), ("p99.9", Some(0.999)), ("max", None)];
+    let seconds = report.timeline.len() as f64;
+    let top = report.timeline.iter().map(|w| ms(w.histogram.max())).fold(1.0, f64::max) * 1.5;
+    let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("latency over time (each second's operations, by when they were due)", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..seconds, (0.01f64..top).log_scale())?;
+    chart.configure_mesh().x_desc("second of the run").y_desc("latency (ms)").draw()?;
+    for (i, (name, quantile)) in lines.into_iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let value = |h: &hdrhistogram::Histogram<u64>| ms(quantile.map_or(h.max(), |q| h.value_at_quantile(q)));
+        let points: Vec<(f64, f64)> =
+            report.timeline.iter().enumerate().filter(|(_, w)| !w.histogram.is_empty()).map(|(s, w)| (s as f64 + 0.5, value(&w.histogram))).collect();
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).position(SeriesLabelPosition::UpperRight).draw()?;
     root.present().with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
