@@ -83,6 +83,30 @@ pub fn check_reopen(factory: &dyn EngineFactory, dir: &Path) {
     assert_eq!(engine.get(b"durable").unwrap(), Some(b"yes".to_vec()));
 }
 
+/// A background sync finishes by itself, covers what was written before it began, and the data
+/// survives reopening.
+pub fn check_background_sync(factory: &dyn EngineFactory, dir: &Path) {
+    {
+        let engine = factory.open(dir).expect("open");
+        assert!(engine.sync_finished().unwrap(), "nothing written: nothing to wait for");
+        let mut b = WriteBatch::default();
+        b.put(b"before".to_vec(), b"1".to_vec());
+        engine.write(b).unwrap();
+        engine.begin_sync().unwrap();
+        let mut b = WriteBatch::default();
+        b.put(b"after".to_vec(), b"2".to_vec());
+        engine.write(b).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !engine.sync_finished().unwrap() {
+            assert!(std::time::Instant::now() < deadline, "a background sync never finished");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(engine.get(b"after").unwrap(), Some(b"2".to_vec()), "writes go on during a sync");
+    }
+    let engine = factory.open(dir).expect("reopen");
+    assert_eq!(engine.get(b"before").unwrap(), Some(b"1".to_vec()));
+}
+
 /// Compaction drops what the expiry filter calls expired at the engine's horizon, never by the
 /// machine's clock: nothing before a horizon is set, then only what expired by the horizon (records
 /// here expire at the time in their key, long ago by any wall clock).
@@ -133,6 +157,7 @@ mod tests {
         check_checkpoint(&f, &t.path().join("b"), &t.path().join("b-cp"));
         check_reopen(&f, &t.path().join("c"));
         check_expiry_filter(&f, &t.path().join("d"));
+        check_background_sync(&f, &t.path().join("e"));
     }
 
     /// The memory engine models power loss: unsynced writes vanish on crash, synced ones stay.
@@ -152,6 +177,23 @@ mod tests {
         let e = f.open(t.path()).unwrap();
         assert_eq!(e.get(b"synced").unwrap(), Some(b"1".to_vec()));
         assert_eq!(e.get(b"unsynced").unwrap(), None);
+
+        // A background sync is durable only once it is seen finished.
+        let mut b = WriteBatch::default();
+        b.put(b"begun".to_vec(), b"3".to_vec());
+        e.write(b).unwrap();
+        e.begin_sync().unwrap();
+        f.crash();
+        let e = f.open(t.path()).unwrap();
+        assert_eq!(e.get(b"begun").unwrap(), None, "lost: the sync was never seen finished");
+        let mut b = WriteBatch::default();
+        b.put(b"begun".to_vec(), b"3".to_vec());
+        e.write(b).unwrap();
+        e.begin_sync().unwrap();
+        assert!(e.sync_finished().unwrap());
+        f.crash();
+        let e = f.open(t.path()).unwrap();
+        assert_eq!(e.get(b"begun").unwrap(), Some(b"3".to_vec()));
     }
 
     #[test]
@@ -162,5 +204,6 @@ mod tests {
         check_checkpoint(&f, &t.path().join("b"), &t.path().join("b-cp"));
         check_reopen(&f, &t.path().join("c"));
         check_expiry_filter(&f, &t.path().join("d"));
+        check_background_sync(&f, &t.path().join("e"));
     }
 }

@@ -78,6 +78,10 @@ pub trait KvEngine: Send + Sync {
     fn scan(&self, start: &[u8], end: Option<&[u8]>, visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> EngineResult<()>;
     /// Makes every write so far durable (before the raft log below it is discarded).
     fn sync(&self) -> EngineResult<()>;
+    /// Starts making every write so far durable, without waiting; `sync_finished` says when it is.
+    fn begin_sync(&self) -> EngineResult<()>;
+    /// Whether every write made before the last `begin_sync` is durable now.
+    fn sync_finished(&self) -> EngineResult<bool>;
     /// Writes a consistent copy of the whole store into `dir` (which must not exist).
     fn checkpoint(&self, dir: &Path) -> EngineResult<()>;
     /// Runs a full compaction (drops records expired by the horizon now); mainly for tests and operators.

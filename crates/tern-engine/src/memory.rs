@@ -117,6 +117,7 @@ impl EngineFactory for MemoryEngineFactory {
         Ok(Box::new(MemoryEngine {
             map: slot.current.clone(),
             durable: slot.durable.clone(),
+            syncing: Default::default(),
             horizon: slot.horizon.clone(),
             expiry: self.expiry,
             faults: self.faults.clone(),
@@ -137,6 +138,8 @@ impl EngineFactory for MemoryEngineFactory {
 pub struct MemoryEngine {
     map: Arc<RwLock<Map>>,
     durable: Arc<Mutex<Map>>,
+    /// What `begin_sync` captured: durable once `sync_finished` is asked (a crash before loses it).
+    syncing: Mutex<Option<Map>>,
     horizon: Arc<AtomicU64>,
     expiry: Option<ExpiryFilter>,
     faults: Arc<Faults>,
@@ -148,6 +151,7 @@ impl MemoryEngine {
         MemoryEngine {
             map: Default::default(),
             durable: Default::default(),
+            syncing: Default::default(),
             horizon: Default::default(),
             expiry: None,
             faults: Default::default(),
@@ -254,6 +258,18 @@ impl KvEngine for MemoryEngine {
     fn sync(&self) -> EngineResult<()> {
         *self.durable.lock() = self.map.read().clone();
         Ok(())
+    }
+
+    fn begin_sync(&self) -> EngineResult<()> {
+        *self.syncing.lock() = Some(self.map.read().clone());
+        Ok(())
+    }
+
+    fn sync_finished(&self) -> EngineResult<bool> {
+        if let Some(map) = self.syncing.lock().take() {
+            *self.durable.lock() = map;
+        }
+        Ok(true)
     }
 
     /// A durable checkpoint, as RocksDB's: the file synced, and its directory.

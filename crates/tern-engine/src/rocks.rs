@@ -127,6 +127,23 @@ impl KvEngine for RocksEngine {
         self.db.flush().map_err(io)
     }
 
+    fn begin_sync(&self) -> EngineResult<()> {
+        // Switches the memtable now (everything written so far goes into the flush) and leaves
+        // the flush to RocksDB's background threads.
+        let mut o = rocksdb::FlushOptions::default();
+        o.set_wait(false);
+        self.db.flush_opt(&o).map_err(io)
+    }
+
+    fn sync_finished(&self) -> EngineResult<bool> {
+        let property = |name: &str| self.db.property_int_value(name).map_err(io);
+        if property("rocksdb.background-errors")?.unwrap_or(0) > 0 {
+            return Err(EngineError::Io("a background flush or compaction failed".into()));
+        }
+        // Flushed when no immutable memtable waits (also those of flushes RocksDB started itself).
+        Ok(property("rocksdb.num-immutable-mem-table")? == Some(0))
+    }
+
     fn checkpoint(&self, dir: &Path) -> EngineResult<()> {
         let cp = rocksdb::checkpoint::Checkpoint::new(&self.db).map_err(io)?;
         cp.create_checkpoint(dir).map_err(io)

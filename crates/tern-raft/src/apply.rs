@@ -64,6 +64,13 @@ impl ApplyState {
     }
 }
 
+/// An engine sync under way: the applied index and log clock it makes durable.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PendingSync {
+    pub applied_index: u64,
+    pub stamp_ms: u64,
+}
+
 /// The state machine could not read or decode what it needs to apply an entry (an engine I/O error,
 /// a checksum mismatch, an undecodable command). Never an answer to a client: the replica stops,
 /// because answering and moving on would leave it with different contents than its peers.
@@ -125,6 +132,23 @@ impl StateMachine {
         self.engine.sync().map_err(engine_error)?;
         self.engine.set_expiry_horizon(stamp);
         Ok(())
+    }
+
+    /// Starts making everything applied so far durable without waiting (see `sync`); what it covers
+    /// is durable once `sync_finished` says so.
+    pub fn begin_sync(&self) -> Result<PendingSync, TernError> {
+        self.engine.begin_sync().map_err(engine_error)?;
+        Ok(PendingSync { applied_index: self.state.applied_index, stamp_ms: self.state.stamp_ms })
+    }
+
+    /// Whether the sync `pending` started is durable; once it is, compaction may expire records up
+    /// to the applied log's clock as of its start (see `sync`).
+    pub fn sync_finished(&self, pending: &PendingSync) -> Result<bool, TernError> {
+        if !self.engine.sync_finished().map_err(engine_error)? {
+            return Ok(false);
+        }
+        self.engine.set_expiry_horizon(pending.stamp_ms);
+        Ok(true)
     }
 
     /// The planted bug's horizon: the node's own clock, whatever is durable.

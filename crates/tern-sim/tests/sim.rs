@@ -148,7 +148,7 @@ fn assert_planted_bug_is_caught(planted: PlantedBugs, config: SimConfig) {
 /// paused leader whose clients' reads reach it, on resume, before the new leader's messages do).
 #[test]
 fn planted_stale_read_bug_is_caught() {
-    assert_planted_bug_is_caught(PlantedBugs { read_without_read_index: true, ..Default::default() }, SimConfig::new(6425));
+    assert_planted_bug_is_caught(PlantedBugs { read_without_read_index: true, ..Default::default() }, SimConfig::new(4521));
 }
 
 /// Lease reads are only as safe as the lease is short: a lease 40 times too long outlives
@@ -162,10 +162,10 @@ fn planted_overlong_lease_is_caught() {
 
 /// Compaction that expires records by the node's own clock instead of the applied log's: a replica
 /// replaying or catching up drops a record a later entry still finds alive elsewhere, and replicas
-/// diverge (caught by 52 of 1000 seeds, 1000-1999).
+/// diverge (caught by 15 of 300 seeds, 1000-1299).
 #[test]
 fn planted_expiry_by_local_clock_is_caught() {
-    assert_planted_bug_is_caught(PlantedBugs { expiry_by_local_clock: true, ..Default::default() }, SimConfig::new(1020));
+    assert_planted_bug_is_caught(PlantedBugs { expiry_by_local_clock: true, ..Default::default() }, SimConfig::new(1008));
 }
 
 /// A storage failure at apply answered as an error, the entry counted as applied: that replica

@@ -122,6 +122,7 @@ impl Replica {
         }
         let old_dir = self.dir.join(&self.meta.engine_dir);
         self.sm = sm; // drops (closes) the old engine
+        self.sync_in_flight = None; // a sync of the old engine says nothing about the new one
         self.meta.engine_dir = engine_dir;
         if let Err(e) = self.meta.save(&*self.files, &self.dir) {
             return self.fail(StorageFailure(e));
