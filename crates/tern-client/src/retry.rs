@@ -24,7 +24,13 @@ impl RetryPolicy {
     /// The pause before retry number `attempt` (0-based): base * 2^attempt capped at max, then a
     /// uniformly random value in [half, full] of that ("equal jitter").
     pub fn delay(&self, attempt: u32, rng: &mut dyn RandomSource) -> Duration {
-        let exp = self.base.saturating_mul(1u32 << attempt.min(16)).min(self.max);
+        self.delay_up_to(attempt, self.max, rng)
+    }
+
+    /// `delay` with a lower cap (still jittered within [half, full] of it, so retries that hit
+    /// the cap do not all come back at the same moment).
+    pub fn delay_up_to(&self, attempt: u32, cap: Duration, rng: &mut dyn RandomSource) -> Duration {
+        let exp = self.base.saturating_mul(1u32 << attempt.min(16)).min(self.max).min(cap);
         let ms = exp.as_millis().max(2) as u64;
         Duration::from_millis(rng.range(ms / 2, ms + 1))
     }

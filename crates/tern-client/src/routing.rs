@@ -134,10 +134,9 @@ pub fn next_step(error: TernError, attempt: u32, remaining: Duration, policy: &R
     if matches!(error, TernError::NotLeader { leader: Some(_) }) && attempt <= 3 {
         return NextStep::Retry(Duration::ZERO);
     }
-    let pause = policy.delay(attempt, rng);
     let pause = match error {
-        TernError::NotLeader { .. } | TernError::Unavailable(_) => pause.min(policy.leader_wait_max),
-        _ => pause,
+        TernError::NotLeader { .. } | TernError::Unavailable(_) => policy.delay_up_to(attempt, policy.leader_wait_max, rng),
+        _ => policy.delay(attempt, rng),
     };
     NextStep::Retry(pause.min(remaining))
 }
@@ -198,6 +197,10 @@ mod tests {
         for attempt in 0..20 {
             for e in [TernError::NotLeader { leader: None }, TernError::NotLeader { leader: Some(2) }, TernError::Unavailable("down".into())] {
                 assert!(matches!(next_step(e, attempt, left, &p, &mut rng), NextStep::Retry(d) if d <= p.leader_wait_max));
+                if attempt >= 4 {
+                    let d = p.delay_up_to(attempt, p.leader_wait_max, &mut rng);
+                    assert!(d >= p.leader_wait_max / 2 - Duration::from_millis(1), "still jittered: {d:?}");
+                }
             }
         }
         assert!(matches!(next_step(TernError::Busy("x".into()), 10, left, &p, &mut rng), NextStep::Retry(d) if d > p.leader_wait_max));

@@ -92,7 +92,7 @@ pub fn check_background_sync(factory: &dyn EngineFactory, dir: &Path) {
         let mut b = WriteBatch::default();
         b.put(b"before".to_vec(), b"1".to_vec());
         engine.write(b).unwrap();
-        engine.begin_sync().unwrap();
+        assert!(engine.begin_sync().unwrap(), "an idle engine starts a sync");
         let mut b = WriteBatch::default();
         b.put(b"after".to_vec(), b"2".to_vec());
         engine.write(b).unwrap();
@@ -190,6 +190,7 @@ mod tests {
         b.put(b"begun".to_vec(), b"3".to_vec());
         e.write(b).unwrap();
         e.begin_sync().unwrap();
+        assert!(!e.sync_finished().unwrap(), "a sync spans two polls");
         assert!(e.sync_finished().unwrap());
         f.crash();
         let e = f.open(t.path()).unwrap();

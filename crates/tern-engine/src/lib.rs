@@ -79,7 +79,8 @@ pub trait KvEngine: Send + Sync {
     /// Makes every write so far durable (before the raft log below it is discarded).
     fn sync(&self) -> EngineResult<()>;
     /// Starts making every write so far durable, without waiting; `sync_finished` says when it is.
-    fn begin_sync(&self) -> EngineResult<()>;
+    /// False: the engine cannot start one now (RocksDB while its writes are stopped); try later.
+    fn begin_sync(&self) -> EngineResult<bool>;
     /// Whether every write made before the last `begin_sync` is durable now.
     fn sync_finished(&self) -> EngineResult<bool>;
     /// Writes a consistent copy of the whole store into `dir` (which must not exist).

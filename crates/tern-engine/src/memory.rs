@@ -138,8 +138,9 @@ impl EngineFactory for MemoryEngineFactory {
 pub struct MemoryEngine {
     map: Arc<RwLock<Map>>,
     durable: Arc<Mutex<Map>>,
-    /// What `begin_sync` captured: durable once `sync_finished` is asked (a crash before loses it).
-    syncing: Mutex<Option<Map>>,
+    /// What `begin_sync` captured, and how many more times `sync_finished` says no: durable once
+    /// it says yes (a crash before loses it). Each sync takes two polls, as a flush spans ticks.
+    syncing: Mutex<Option<(Map, u32)>>,
     horizon: Arc<AtomicU64>,
     expiry: Option<ExpiryFilter>,
     faults: Arc<Faults>,
@@ -260,14 +261,20 @@ impl KvEngine for MemoryEngine {
         Ok(())
     }
 
-    fn begin_sync(&self) -> EngineResult<()> {
-        *self.syncing.lock() = Some(self.map.read().clone());
-        Ok(())
+    fn begin_sync(&self) -> EngineResult<bool> {
+        *self.syncing.lock() = Some((self.map.read().clone(), 1));
+        Ok(true)
     }
 
     fn sync_finished(&self) -> EngineResult<bool> {
-        if let Some(map) = self.syncing.lock().take() {
-            *self.durable.lock() = map;
+        let mut syncing = self.syncing.lock();
+        match syncing.take() {
+            Some((map, 0)) => *self.durable.lock() = map,
+            Some((map, polls)) => {
+                *syncing = Some((map, polls - 1));
+                return Ok(false);
+            }
+            None => {}
         }
         Ok(true)
     }

@@ -127,12 +127,17 @@ impl KvEngine for RocksEngine {
         self.db.flush().map_err(io)
     }
 
-    fn begin_sync(&self) -> EngineResult<()> {
+    fn begin_sync(&self) -> EngineResult<bool> {
         // Switches the memtable now (everything written so far goes into the flush) and leaves
-        // the flush to RocksDB's background threads.
+        // the flush to RocksDB's background threads. While writes are stopped (compaction behind),
+        // RocksDB refuses a flush it would have to wait for: not an error, just not now.
         let mut o = rocksdb::FlushOptions::default();
         o.set_wait(false);
-        self.db.flush_opt(&o).map_err(io)
+        match self.db.flush_opt(&o) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == rocksdb::ErrorKind::TryAgain => Ok(false),
+            Err(e) => Err(io(e)),
+        }
     }
 
     fn sync_finished(&self) -> EngineResult<bool> {

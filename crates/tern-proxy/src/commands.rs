@@ -234,9 +234,11 @@ fn expiry_arg(option: &str, value: &[u8], command: &str) -> Result<u64, Reply> {
 /// most one value: a pipeline's consecutive small reads run concurrently (see `serve` in lib.rs).
 /// Everything else (writes, multi-value reads such as MGET or HGETALL, connection commands) runs
 /// alone, after every earlier command of its connection has answered.
-pub fn is_small_read(name: &[u8]) -> bool {
+pub fn is_small_read(args: &[Bytes]) -> bool {
     const READS: [&[u8]; 10] = [b"GET", b"STRLEN", b"TTL", b"PTTL", b"TYPE", b"EXISTS", b"HGET", b"HEXISTS", b"HLEN", b"PING"];
-    READS.iter().any(|r| r.eq_ignore_ascii_case(name))
+    // EXISTS of several keys reads each: alone, like MGET.
+    let name = &args[0];
+    READS.iter().any(|r| r.eq_ignore_ascii_case(name)) && !(name.eq_ignore_ascii_case(b"EXISTS") && args.len() > 2)
 }
 
 /// Runs one read-only command (those of `is_small_read` and the multi-value reads); `name` is `args[0]` in upper case.
@@ -272,7 +274,7 @@ pub async fn execute_read(shared: &Shared, name: &str, args: &[Bytes]) -> Reply 
 
 /// Runs one command. `name` is `args[0]` in upper case (the connection has computed it already).
 pub async fn execute(shared: &Shared, session: &mut Session, name: String, args: &[Bytes]) -> Reply {
-    if is_small_read(name.as_bytes()) || matches!(name.as_str(), "MGET" | "HMGET" | "HKEYS" | "HVALS" | "HGETALL") {
+    if is_small_read(args) || matches!(name.as_str(), "EXISTS" | "MGET" | "HMGET" | "HKEYS" | "HVALS" | "HGETALL") {
         return execute_read(shared, &name, args).await;
     }
     let t = &shared.table;

@@ -239,8 +239,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stopped: wa
 
 /// Replies are flushed when the input has no further complete command or this much is pending.
 const FLUSH_BYTES: usize = 64 * 1024;
-/// Most reads of one pipeline that run at the same time on one connection (each answers with at
-/// most one value of at most 1 MiB, so this also bounds the replies held at once).
+/// Most reads of one pipeline that run at the same time on one connection. Each answers with at
+/// most one value of at most 1 MiB, and replies go out once FLUSH_BYTES are pending, so a
+/// connection holds at most this many values beyond FLUSH_BYTES.
 const CONCURRENT_READS_MAX: usize = 64;
 
 /// Serves one connection. Commands answer in the order they came. A pipeline's consecutive
@@ -269,9 +270,13 @@ async fn serve(mut stream: TcpStream, shared: &Shared, id: u64) -> std::io::Resu
                 }
             };
             shared.stats.commands.fetch_add(1, Ordering::Relaxed);
-            if session.authenticated && commands::is_small_read(&args[0]) {
+            if session.authenticated && commands::is_small_read(&args) {
                 if reads.len() == CONCURRENT_READS_MAX {
                     run_reads(shared, &session, &mut reads, &mut out).await;
+                    if out.len() >= FLUSH_BYTES {
+                        stream.write_all(&out).await?;
+                        out.clear();
+                    }
                 }
                 reads.push((String::from_utf8_lossy(&args[0]).to_ascii_uppercase(), args));
                 continue;

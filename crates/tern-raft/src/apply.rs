@@ -135,10 +135,10 @@ impl StateMachine {
     }
 
     /// Starts making everything applied so far durable without waiting (see `sync`); what it covers
-    /// is durable once `sync_finished` says so.
-    pub fn begin_sync(&self) -> Result<PendingSync, TernError> {
-        self.engine.begin_sync().map_err(engine_error)?;
-        Ok(PendingSync { applied_index: self.state.applied_index, stamp_ms: self.state.stamp_ms })
+    /// is durable once `sync_finished` says so. None: the engine cannot start one now.
+    pub fn begin_sync(&self) -> Result<Option<PendingSync>, TernError> {
+        let started = self.engine.begin_sync().map_err(engine_error)?;
+        Ok(started.then_some(PendingSync { applied_index: self.state.applied_index, stamp_ms: self.state.stamp_ms }))
     }
 
     /// Whether the sync `pending` started is durable; once it is, compaction may expire records up

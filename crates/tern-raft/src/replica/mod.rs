@@ -403,13 +403,14 @@ impl Replica {
     }
 
     /// Starts an engine sync (see `StateMachine::begin_sync`) unless one is under way or nothing
-    /// was applied since the last; a failure stops the replica.
+    /// was applied since the last; a failure stops the replica, an engine that cannot start one now
+    /// (RocksDB with writes stopped) is asked again later.
     fn start_engine_sync(&mut self) {
         if self.sync_in_flight.is_some() || self.failure.is_some() || self.sm.state().applied_index <= self.synced_index {
             return;
         }
         match self.sm.begin_sync() {
-            Ok(pending) => self.sync_in_flight = Some(pending),
+            Ok(pending) => self.sync_in_flight = pending,
             Err(e) => self.fail(StorageFailure(e)),
         }
     }
