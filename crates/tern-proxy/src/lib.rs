@@ -244,9 +244,9 @@ const FLUSH_BYTES: usize = 64 * 1024;
 /// connection holds at most this many values beyond FLUSH_BYTES.
 const CONCURRENT_READS_MAX: usize = 64;
 
-/// Serves one connection. Commands answer in the order they came. A pipeline's consecutive
-/// small reads (GET, HGET, EXISTS, TTL, ...: `commands::is_small_read`) run concurrently, so they travel to the servers
-/// together; any other command (a write, AUTH, SELECT, ...) waits until everything before it has
+/// Serves one connection. Commands answer in the order they came. A pipeline's consecutive small
+/// reads (GET, HGET, EXISTS, TTL, ...: `commands::is_small_read`) run concurrently, so they travel
+/// to the servers together; any other command (a write, AUTH, SELECT, ...) waits until everything before it has
 /// answered, and nothing after it starts until it has. Writes of one connection therefore apply
 /// in the order sent, and a read sees every write sent before it on its connection. Reads of one
 /// pipeline are each linearizable but not one snapshot (as with a Redis Cluster client's

@@ -93,9 +93,9 @@ pub struct Replica {
     votes_refused_until_tick: u64,
     /// Applied index the engine holds durably (as of the last finished engine sync).
     synced_index: u64,
-    /// An engine sync started and not yet finished. Syncs run in the engine's background (a
-    /// RocksDB flush takes tens of milliseconds, which the store thread must not wait for: found by
-    /// the 60-second latency timeline, p99 spikes whenever a partition collected its log).
+    /// An engine sync started and not yet finished. Syncs run in the engine's background: a
+    /// RocksDB flush of a memtable takes tens of milliseconds, which every replica of the node
+    /// would otherwise wait for on the store thread (at each log GC and periodic sync).
     sync_in_flight: Option<crate::apply::PendingSync>,
 }
 
