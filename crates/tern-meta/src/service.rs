@@ -38,10 +38,8 @@ pub struct MetaConfig {
 pub const RAFT_TICK_MS_MAX: u64 = 10_000;
 pub const ELECTION_TICKS_MIN: u32 = 5;
 pub const ELECTION_TICKS_MAX: u32 = 100;
-/// A new cluster's election timeout in ticks: with 100 ms ticks, a follower campaigns 0.5 to 1 s
-/// after its leader's last heartbeat (heartbeats every tick), so writes stall for about a second
-/// at most when a leader's server dies; read leases last 3/5 of that times 7/8 (see `Store::new`).
-pub const ELECTION_TICKS_DEFAULT: u32 = 5;
+/// A new cluster's election timeout in ticks (see `tern_raft::replica::ELECTION_TICK_DEFAULT`).
+pub const ELECTION_TICKS_DEFAULT: u32 = tern_raft::replica::ELECTION_TICK_DEFAULT as u32;
 
 impl MetaConfig {
     pub fn new(data_dir: PathBuf, listen: SocketAddr) -> MetaConfig {

@@ -143,12 +143,12 @@ fn assert_planted_bug_is_caught(planted: PlantedBugs, config: SimConfig) {
 
 /// The harness bites: a leader that answers reads without confirming leadership (ReadIndex) serves
 /// a stale read once a paused or cut-off leader has been replaced. Seeds found with
-/// `hunt_planted_bug` (5 of 6000 seeds, 1000-6999: deposed leaders that still take client reads are
+/// `hunt_planted_bug` (10 of 6000 seeds, 1000-6999: deposed leaders that still take client reads are
 /// rare, because check-quorum steps a cut-off leader down before another is elected; it takes a
 /// paused leader whose clients' reads reach it, on resume, before the new leader's messages do).
 #[test]
 fn planted_stale_read_bug_is_caught() {
-    assert_planted_bug_is_caught(PlantedBugs { read_without_read_index: true, ..Default::default() }, SimConfig::new(2587));
+    assert_planted_bug_is_caught(PlantedBugs { read_without_read_index: true, ..Default::default() }, SimConfig::new(1167));
 }
 
 /// Lease reads are only as safe as the lease is short: a lease 40 times too long outlives
@@ -162,10 +162,10 @@ fn planted_overlong_lease_is_caught() {
 
 /// Compaction that expires records by the node's own clock instead of the applied log's: a replica
 /// replaying or catching up drops a record a later entry still finds alive elsewhere, and replicas
-/// diverge (caught by 51 of 1000 seeds, 1000-1999).
+/// diverge (caught by 24 of 400 seeds, 1000-1399).
 #[test]
 fn planted_expiry_by_local_clock_is_caught() {
-    assert_planted_bug_is_caught(PlantedBugs { expiry_by_local_clock: true, ..Default::default() }, SimConfig::new(1025));
+    assert_planted_bug_is_caught(PlantedBugs { expiry_by_local_clock: true, ..Default::default() }, SimConfig::new(1002));
 }
 
 /// A storage failure at apply answered as an error, the entry counted as applied: that replica
@@ -177,10 +177,10 @@ fn planted_storage_failure_as_answer_is_caught() {
 }
 
 /// A snapshot cut short in transfer handed to raft unchecked: the replica installs a partial state
-/// machine (caught by 15 of 1000 seeds, 1000-1999).
+/// machine (caught by 15 of 400 seeds, 1000-1399).
 #[test]
 fn planted_unverified_snapshot_is_caught() {
-    assert_planted_bug_is_caught(PlantedBugs { unverified_snapshot: true, ..Default::default() }, SimConfig::new(1037));
+    assert_planted_bug_is_caught(PlantedBugs { unverified_snapshot: true, ..Default::default() }, SimConfig::new(1015));
 }
 
 /// Files go through the simulator's file system, which keeps only what was made durable when a node
@@ -208,13 +208,13 @@ fn bouncing_voter(seed: u64) -> SimConfig {
 }
 
 /// The restarted-voter plant is caught in the bouncing-voter scenario by the lease invariant (seed
-/// found with `hunt_scenario`: 64 of seeds 0-99 catch it, and the real code passes 200).
+/// found with `hunt_scenario`: 44 of seeds 0-99 catch it, and the real code passes 200).
 #[test]
 fn planted_vote_right_after_restart_is_caught() {
     assert_planted_bug_is_caught(PlantedBugs { vote_right_after_restart: true, ..Default::default() }, bouncing_voter(SCENARIO_SEED_VOTE));
 }
 
-const SCENARIO_SEED_VOTE: u64 = 7;
+const SCENARIO_SEED_VOTE: u64 = 0;
 
 /// The real code passes the bouncing-voter scenario on every seed tried.
 #[test]
@@ -261,7 +261,7 @@ fn late_transfer(seed: u64) -> SimConfig {
 }
 
 /// Planted 5a, a lease kept through a leadership transfer, is caught in the late-transfer scenario
-/// by the lease invariant (seed found with `hunt_scenario`: 67 of seeds 0-99 catch it, and the real
+/// by the lease invariant (seed found with `hunt_scenario`: 75 of seeds 0-99 catch it, and the real
 /// code passes 300).
 #[test]
 fn planted_lease_through_transfer_is_caught() {

@@ -53,6 +53,11 @@ pub struct ReplicaConfig {
     pub planted: PlantedBugs,
 }
 
+/// Ticks to an election by default (heartbeats every tick): with 100 ms ticks, a follower campaigns
+/// 0.5 to 1 s after its leader's last heartbeat, so writes stall for about a second at most when a
+/// leader's server dies; read leases last (5 - 2) ticks times 7/8 (see `Store::new`).
+pub const ELECTION_TICK_DEFAULT: usize = 5;
+
 impl ReplicaConfig {
     /// Sets the election timeout, with heartbeats five times per timeout (at least one per tick):
     /// a follower campaigns only after missing several heartbeats in a row.
@@ -65,8 +70,8 @@ impl ReplicaConfig {
 impl Default for ReplicaConfig {
     fn default() -> Self {
         ReplicaConfig {
-            election_tick: 10,
-            heartbeat_tick: 2,
+            election_tick: ELECTION_TICK_DEFAULT,
+            heartbeat_tick: (ELECTION_TICK_DEFAULT / 5).max(1),
             log_gc_count_threshold: 10_000,
             log_gc_lag_max: 50_000,
             log_gc_interval_ticks: 10,

@@ -14,7 +14,7 @@ mod membership;
 mod reads;
 mod snapshots;
 
-pub use config::{PlantedBugs, ReplicaConfig};
+pub use config::{PlantedBugs, ReplicaConfig, ELECTION_TICK_DEFAULT};
 use reads::{fail_reads, Lease, ReadBatch};
 pub use snapshots::ReplicaMeta;
 use snapshots::RECEIVED_SNAPSHOTS_MAX;
