@@ -32,6 +32,48 @@ pub struct MetaConfig {
     /// refused): one raft tick, and ticks without a leader before an election.
     pub raft_tick: Duration,
     pub election_ticks: u32,
+    /// Whether `raft_tick` and `election_ticks` were given by the operator. The timing a meta node
+    /// first ran with is kept in its data directory; later starts adopt it, and refuse timing given
+    /// explicitly that differs (servers that registered earlier hold the old timing, and a lease
+    /// on one of them is only safe against followers that refuse votes as long as it expects).
+    pub timing_given: bool,
+}
+
+/// Raft timing of meta data directories from before it was recorded (the defaults of the time).
+const LEGACY_TIMING: (u64, u32) = (100, 10);
+const TIMING_FILE: &str = "cluster-timing.json";
+
+/// The cluster's raft timing: recorded in the data directory at the first start, adopted after.
+fn settle_cluster_timing(cfg: &mut MetaConfig) -> Result<(), TernError> {
+    let path = cfg.data_dir.join(TIMING_FILE);
+    let wanted = (cfg.raft_tick.as_millis() as u64, cfg.election_ticks);
+    let stored: Option<(u64, u32)> = match std::fs::read(&path) {
+        Ok(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| TernError::Corruption(format!("{}: {e}", path.display())))?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(TernError::Internal(format!("read {}: {e}", path.display()))),
+    };
+    let timing = match stored {
+        Some(stored) if cfg.timing_given && stored != wanted => {
+            return Err(TernError::invalid(format!(
+                "this meta's cluster runs a raft tick of {} ms and {} election ticks (recorded in {}), not {} ms and {}: every server holds the cluster's timing, so it cannot change (leave --raft-tick-ms and --election-ticks out to adopt it)",
+                stored.0,
+                stored.1,
+                path.display(),
+                wanted.0,
+                wanted.1
+            )));
+        }
+        Some(stored) => stored,
+        // A data directory from before the timing was recorded ran the defaults of the time.
+        None if !cfg.timing_given && cfg.data_dir.join("raft-log").exists() => LEGACY_TIMING,
+        None => wanted,
+    };
+    if stored.is_none() {
+        tern_core::files::write_file_atomically(&path, &serde_json::to_vec(&timing).expect("serialize"))
+            .map_err(|e| TernError::Internal(format!("write {}: {e}", path.display())))?;
+    }
+    (cfg.raft_tick, cfg.election_ticks) = (Duration::from_millis(timing.0), timing.1);
+    Ok(())
 }
 
 /// Raft timing limits (a tick between 1 ms and 10 s; 5 to 100 ticks to an election).
@@ -51,6 +93,7 @@ impl MetaConfig {
             peers: vec![],
             raft_tick: StoreConfig::default().tick_interval,
             election_ticks: ELECTION_TICKS_DEFAULT,
+            timing_given: false,
         }
     }
 
@@ -316,9 +359,10 @@ fn meta_group_cluster_id(peers: &[(u64, String)]) -> u64 {
 }
 
 impl MetaNode {
-    pub async fn start(cfg: MetaConfig) -> Result<MetaNode, TernError> {
+    pub async fn start(mut cfg: MetaConfig) -> Result<MetaNode, TernError> {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.data_dir).map_err(internal("create meta data directory"))?;
+        settle_cluster_timing(&mut cfg)?;
         let listener =
             tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| TernError::Internal(format!("bind meta address {}: {e}", cfg.listen)))?;
         let address = listener.local_addr().map_err(internal("meta address"))?.to_string();
@@ -336,7 +380,10 @@ impl MetaNode {
         let transport =
             tern_transport::GrpcTransport::new(cfg.id, meta_group_id.clone(), tokio::runtime::Handle::current(), addresses, handle.clone(), 0);
         let (id, data_dir) = (cfg.id, cfg.data_dir.clone());
-        let store_cfg = StoreConfig::default();
+        let mut store_cfg = StoreConfig::default();
+        // The catalog group keeps the timing meta nodes always ran: a rolling upgrade mixes old and
+        // new members, and a lease is only safe against followers that refuse votes as long.
+        store_cfg.replica.set_election_tick(LEGACY_TIMING.1 as usize);
         let (tick, round_max) = (store_cfg.tick_interval, store_cfg.round_messages_max);
         let meta_store = tokio::task::spawn_blocking(move || {
             let disks = store::NodeDisks { log, engines, files: Arc::new(tern_core::files::RealFileSystem) };

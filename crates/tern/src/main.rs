@@ -70,12 +70,14 @@ enum Command {
         /// Seconds without a heartbeat before a server is reported down.
         #[arg(long, default_value_t = 10)]
         node_grace_seconds: u64,
-        /// The cluster's raft tick in milliseconds (1-10000); every server adopts it.
-        #[arg(long, default_value_t = 100)]
-        raft_tick_ms: u64,
-        /// Ticks without a leader before a follower campaigns (5-100); the read lease stays inside it.
-        #[arg(long, default_value_t = tern_meta::service::ELECTION_TICKS_DEFAULT)]
-        election_ticks: u32,
+        /// The cluster's raft tick in milliseconds (1-10000; default 100); every server adopts it.
+        /// Recorded at the first start: later starts adopt it and refuse another value.
+        #[arg(long)]
+        raft_tick_ms: Option<u64>,
+        /// Ticks without a leader before a follower campaigns (5-100; default 5); the read lease
+        /// stays inside it. Recorded at the first start like --raft-tick-ms.
+        #[arg(long)]
+        election_ticks: Option<u32>,
     },
     /// A replica server.
     Server {
@@ -253,8 +255,13 @@ async fn main() -> anyhow::Result<()> {
             }
             let mut cfg = tern_meta::MetaConfig::new(data_dir, listen);
             cfg.node_grace = Duration::from_secs(node_grace_seconds);
-            cfg.raft_tick = Duration::from_millis(raft_tick_ms);
-            cfg.election_ticks = election_ticks;
+            cfg.timing_given = raft_tick_ms.is_some() || election_ticks.is_some();
+            if let Some(ms) = raft_tick_ms {
+                cfg.raft_tick = Duration::from_millis(ms);
+            }
+            if let Some(ticks) = election_ticks {
+                cfg.election_ticks = ticks;
+            }
             cfg.id = id;
             for p in peers {
                 let Some((peer_id, address)) = p.split_once('=') else { bail!("--peers wants ID=ADDRESS, not {p:?}") };

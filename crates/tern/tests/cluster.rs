@@ -516,7 +516,7 @@ async fn servers_share_the_cluster_raft_timing() {
     let dir = tempfile::tempdir().unwrap();
     let mut meta_cfg = MetaConfig::new(dir.path().join("meta"), any_port());
     meta_cfg.raft_tick = Duration::from_millis(50);
-    let meta = MetaNode::start(meta_cfg).await.unwrap();
+    let meta = MetaNode::start(meta_cfg.clone()).await.unwrap();
     let mut cfg = ServerConfig::new(dir.path().join("s0"), any_port(), vec![meta.address.clone()]);
     cfg.raft_tick = Some(Duration::from_millis(100));
     let refused = ServerNode::start(cfg.clone()).await.err().expect("a server with other raft timing is refused");
@@ -524,6 +524,19 @@ async fn servers_share_the_cluster_raft_timing() {
     assert!(refused.to_string().contains("100 ms") && refused.to_string().contains("50 ms"), "{refused}");
     cfg.raft_tick = None;
     let server = ServerNode::start(cfg).await.unwrap();
+    server.shutdown().await;
+    meta.shutdown().await;
+
+    // Meta keeps the timing it first ran with: a restart with other explicit timing is refused, one
+    // without adopts it (servers that registered earlier hold it).
+    let mut other = MetaConfig { raft_tick: Duration::from_millis(100), timing_given: true, ..meta_cfg.clone() };
+    let e = MetaNode::start(other.clone()).await.err().expect("other timing is refused");
+    assert!(matches!(e, TernError::InvalidArgument(_)) && e.to_string().contains("50 ms"), "{e}");
+    other.timing_given = false;
+    let meta = MetaNode::start(other).await.unwrap();
+    let mut cfg = ServerConfig::new(dir.path().join("s1"), any_port(), vec![meta.address.clone()]);
+    cfg.raft_tick = Some(Duration::from_millis(50));
+    let server = ServerNode::start(cfg).await.expect("the recorded 50 ms tick is the cluster's");
     server.shutdown().await;
     let mut bad = MetaConfig::new(dir.path().join("meta2"), any_port());
     bad.election_ticks = 2;
