@@ -291,6 +291,9 @@ const ENTRY_CACHE_BYTES_MAX: usize = 16 * 1024 * 1024;
 impl EntryCache {
     fn append(&mut self, new: &[Entry]) {
         let Some(first) = new.first() else { return };
+        // Entries from `first` on replace what the log store holds at those indexes (a conflicting
+        // append): they are not durable until their own write lands, whatever was before.
+        self.durable = self.durable.min(first.index - 1);
         while self.entries.back().is_some_and(|e| e.index >= first.index) {
             let e = self.entries.pop_back().expect("back exists");
             self.bytes -= e.data.len();
@@ -648,6 +651,17 @@ mod tests {
         assert_eq!(cache.first_index(), Some(1), "nothing durable yet: nothing evicted");
         cache.set_durable(500);
         assert_eq!(cache.first_index(), Some(501), "only durable entries go");
+        cache.set_durable(n);
+        assert_eq!(cache.entries.len(), ENTRY_CACHE_COUNT_MAX);
+
+        // A new leader's entries replace durable ones: the replacements stay until their own write
+        // is durable (before, they could be evicted at once, and raft read the log store for entries
+        // still on their way to it: "Entry Not Found" with the log written on its own thread).
+        let mut cache = EntryCache::default();
+        cache.append(&(1..=10).map(|i| entry(i, 1)).collect::<Vec<_>>());
+        cache.set_durable(10);
+        cache.append(&(5..=n).map(|i| entry(i, 2)).collect::<Vec<_>>());
+        assert_eq!(cache.first_index(), Some(5), "only the durable entries the new ones did not replace go");
         cache.set_durable(n);
         assert_eq!(cache.entries.len(), ENTRY_CACHE_COUNT_MAX);
     }
