@@ -925,6 +925,14 @@ mod tests {
             Store::open(1, "/node".into(), disks, ManualClock::new(1_000), 7, StoreConfig::default(), Box::new(NoNetwork)).unwrap()
         }
 
+        /// A store with one single-voter replica of `group` (peer 11), after `run_a_while`.
+        fn open_with_voter(&self, group: GroupId) -> Store {
+            let mut store = self.open();
+            store.handle(StoreMsg::EnsureReplicas(vec![single_voter(group, 11)]));
+            run_a_while(&mut store);
+            store
+        }
+
         /// A power failure: each disk keeps only what was made durable.
         fn crash(&self) {
             self.log.crash();
@@ -961,9 +969,7 @@ mod tests {
     fn destroy_interrupted_by_a_crash_is_finished_on_restart() {
         let disks = Disks::new();
         let group = GroupId::new(1, 0);
-        let mut store = disks.open();
-        store.handle(StoreMsg::EnsureReplicas(vec![single_voter(group, 11)]));
-        run_a_while(&mut store);
+        let store = disks.open_with_voter(group);
         assert!(disks.log.hard_state(group.0).unwrap().is_some(), "the replica wrote its raft log");
         drop(store);
 
@@ -1010,9 +1016,7 @@ mod tests {
     fn a_destroyed_peer_is_never_created_again() {
         let disks = Disks::new();
         let group = GroupId::new(1, 0);
-        let mut store = disks.open();
-        store.handle(StoreMsg::EnsureReplicas(vec![single_voter(group, 11)]));
-        run_a_while(&mut store);
+        let mut store = disks.open_with_voter(group);
         store.handle(StoreMsg::DropTables(vec![group.table_id()]));
         drop(store);
         disks.crash();
@@ -1038,9 +1042,7 @@ mod tests {
     fn a_new_replica_survives_a_crash() {
         let disks = Disks::new();
         let group = GroupId::new(1, 0);
-        let mut store = disks.open();
-        store.handle(StoreMsg::EnsureReplicas(vec![single_voter(group, 11)]));
-        run_a_while(&mut store);
+        let store = disks.open_with_voter(group);
         let term = disks.log.hard_state(group.0).unwrap().expect("voted").term;
         drop(store);
         disks.crash();
@@ -1056,9 +1058,7 @@ mod tests {
     fn a_log_that_diverges_from_the_engine_is_reset() {
         let disks = Disks::new();
         let group = GroupId::new(1, 0);
-        let mut store = disks.open();
-        store.handle(StoreMsg::EnsureReplicas(vec![single_voter(group, 11)]));
-        run_a_while(&mut store);
+        let store = disks.open_with_voter(group);
         let last = disks.log.last_index(group.0).expect("the replica wrote its log");
         let term = disks.log.hard_state(group.0).unwrap().expect("voted").term;
         drop(store);
