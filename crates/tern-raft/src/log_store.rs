@@ -242,8 +242,16 @@ impl LogStore for MemoryLogStore {
 
     fn entries(&self, group: u64, low: u64, high: u64, max_bytes: Option<u64>) -> Result<Vec<Entry>, TernError> {
         self.injected_read_error()?;
+        if high <= low {
+            return Ok(Vec::new());
+        }
+        // As raft-engine: the whole range must be there (a missing entry is an error, not a short
+        // answer), then the answer is cut to the size limit.
         let groups = self.groups.lock();
         let mut out: Vec<Entry> = groups.get(&group).map(|g| g.entries.range(low..high).map(|(_, e)| e.clone()).collect()).unwrap_or_default();
+        if out.len() as u64 != high - low {
+            return Err(TernError::Internal(format!("raft log: Entry Not Found (group {group}, entries {low}..{high})")));
+        }
         raft::util::limit_size(&mut out, max_bytes);
         Ok(out)
     }
@@ -516,16 +524,27 @@ impl raft::Storage for PeerStorage {
         if high > self.last_index + 1 {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        if self.cache.first_index().is_some_and(|first| first <= low) {
-            let first = self.cache.first_index().expect("checked");
-            let mut out: Vec<Entry> = self.cache.entries.range((low - first) as usize..(high - first) as usize).cloned().collect();
-            raft::util::limit_size(&mut out, max_size);
-            return Ok(out);
+        // The cache holds the log's tail from its first index on, including entries whose write is
+        // still in flight; the log store holds everything below it. A range across both is read from
+        // both: asking the log store for the cached tail too failed ("Entry Not Found") whenever that
+        // tail was not written yet, as when a restarted leader catches up a lagging follower.
+        let cache_first = self.cache.first_index().unwrap_or(high).max(low);
+        let mut out = Vec::new();
+        if low < cache_first {
+            let stored_high = high.min(cache_first);
+            out = self.log.entries(self.group, low, stored_high, max_size).map_err(storage_error)?;
+            if out.is_empty() {
+                return Err(raft::Error::Store(StorageError::Unavailable));
+            }
+            if (out.len() as u64) < stored_high - low {
+                return Ok(out); // cut by the size limit
+            }
         }
-        let out = self.log.entries(self.group, low, high, max_size).map_err(storage_error)?;
-        if out.is_empty() && low < high {
-            return Err(raft::Error::Store(StorageError::Unavailable));
+        if cache_first < high {
+            let first = self.cache.first_index().expect("cache_first < high: the cache is not empty");
+            out.extend(self.cache.entries.range((cache_first - first) as usize..(high - first) as usize).cloned());
         }
+        raft::util::limit_size(&mut out, max_size);
         Ok(out)
     }
 
@@ -593,6 +612,7 @@ mod tests {
         assert_eq!(log.last_index(1), Some(10));
         assert_eq!(log.hard_state(1).unwrap(), Some(hs));
         assert_eq!(log.entries(1, 3, 6, None).unwrap().len(), 3);
+        assert!(log.entries(1, 8, 12, None).is_err(), "a range past the last entry is an error, not a short answer");
 
         // A conflicting append replaces the tail.
         let mut b = LogWriteBatch::default();
@@ -688,6 +708,19 @@ mod tests {
         assert_eq!(s.first_index().unwrap(), 11);
         assert_eq!(s.term(10).unwrap(), 6);
         assert!(s.entries(9, 12, None, GetEntriesContext::empty(false)).is_err());
+
+        // Reopened (a restart: the cache starts empty) and appended to, with the write still in
+        // flight: a lagging follower's range is read from the log store up to the cache and from the
+        // cache after (the log store alone has no entry 21 yet).
+        let mut reopened = PeerStorage::open(3, log.clone(), ConfState::default(), (5, 5)).unwrap();
+        let mut unwritten = LogWriteBatch::default();
+        reopened.append(&(21..=25).map(|i| entry(i, 7)).collect::<Vec<_>>(), &mut unwritten);
+        let got = reopened.entries(11, 26, None, GetEntriesContext::empty(false)).unwrap();
+        assert_eq!(got.iter().map(|e| e.index).collect::<Vec<_>>(), (11..=25).collect::<Vec<_>>());
+        assert_eq!((got[9].term, got[10].term), (6, 7));
+        let size_of_three = 3 * u64::from(protobuf::Message::compute_size(&entry(8, 6)));
+        assert_eq!(reopened.entries(11, 26, Some(size_of_three), GetEntriesContext::empty(false)).unwrap().len(), 3, "cut by size in the log store");
+        assert_eq!(reopened.entries(22, 24, None, GetEntriesContext::empty(false)).unwrap().len(), 2, "from the cache alone");
 
         // Cold read path (cache cleared) goes to the log store.
         s.cache.clear();

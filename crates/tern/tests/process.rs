@@ -209,7 +209,7 @@ async fn sigkill_under_load_heals_to_three_replicas() {
         if info.partitions.iter().all(|p| p.peers.len() == 3 && p.peers.iter().all(|x| x.node_id != dead_node)) {
             break;
         }
-        assert!(Instant::now() < deadline, "replicas of the killed server were not replaced: {info:?}");
+        assert!(Instant::now() < deadline, "replicas of the killed server were not replaced: {info:?}{}", c.log_summary());
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

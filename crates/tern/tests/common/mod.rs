@@ -137,6 +137,24 @@ impl ProcCluster {
         ProcCluster { dir, meta_address, meta, servers, client }
     }
 
+    /// For a failure message: each process's panics and the last lines of its log (the logs are in
+    /// the temporary directory, gone once the test ends).
+    pub fn log_summary(&self) -> String {
+        let mut out = String::new();
+        for p in std::iter::once(&self.meta).chain(&self.servers) {
+            let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let panics = lines.iter().filter(|l| l.contains("panicked")).take(5);
+            let tail = &lines[lines.len().saturating_sub(15)..];
+            out += &format!("\n--- {} ---\n", p.log.display());
+            for l in panics.chain(tail) {
+                out += l;
+                out.push('\n');
+            }
+        }
+        out
+    }
+
     pub async fn create_table(&self, name: &str, partitions: u32) {
         create_table_once_servers_are_live(&self.client, name, partitions).await;
         // Wait until every partition accepts a write.
@@ -159,7 +177,7 @@ impl ProcCluster {
                     return sums.into_iter().map(|(p, v)| (p, v[0])).collect();
                 }
                 other => {
-                    assert!(Instant::now() < deadline, "replicas did not converge: {other:?}\nlogs in {}", self.dir.path().display());
+                    assert!(Instant::now() < deadline, "replicas did not converge: {other:?}{}", self.log_summary());
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
             }
