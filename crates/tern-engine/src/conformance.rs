@@ -49,6 +49,26 @@ pub fn check_batches_and_scans(factory: &dyn EngineFactory, dir: &Path) {
         })
         .unwrap();
     assert_eq!(seen, 3, "scan stops when the visitor says so");
+
+    // Backwards: from the last key of the range down, bounds and early stop as forwards.
+    let mut reversed = Vec::new();
+    engine
+        .scan_reverse(&[b'k', 2], &[b'k', 9], &mut |k, _| {
+            reversed.push(k[1]);
+            true
+        })
+        .unwrap();
+    assert_eq!(reversed, vec![8, 4, 3, 2], "[k2, k9) backwards, deleted keys skipped");
+    let mut last = Vec::new();
+    engine
+        .scan_reverse(b"k", b"l", &mut |k, _| {
+            last.push(k[1]);
+            false
+        })
+        .unwrap();
+    assert_eq!(last, vec![9], "stops after the last key when told");
+    engine.scan_reverse(&[b'k', 5], &[b'k', 8], &mut |_, _| panic!("[k5, k8) holds nothing")).unwrap();
+    engine.scan_reverse(&[b'k', 8], &[b'k', 2], &mut |_, _| panic!("inverted range is empty")).unwrap();
 }
 
 /// A checkpoint is a consistent copy that opens as an engine with the same contents, unaffected by

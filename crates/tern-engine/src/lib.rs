@@ -76,6 +76,8 @@ pub trait KvEngine: Send + Sync {
     fn write(&self, batch: WriteBatch) -> EngineResult<()>;
     /// Visits keys in [start, end) in order (end None = unbounded) until `visit` returns false.
     fn scan(&self, start: &[u8], end: Option<&[u8]>, visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> EngineResult<()>;
+    /// Visits keys in [start, end) from the last down until `visit` returns false.
+    fn scan_reverse(&self, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> EngineResult<()>;
     /// Makes every write so far durable (before the raft log below it is discarded).
     fn sync(&self) -> EngineResult<()>;
     /// Starts making every write so far durable, without waiting; `sync_finished` says when it is.

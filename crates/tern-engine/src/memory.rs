@@ -256,6 +256,19 @@ impl KvEngine for MemoryEngine {
         Ok(())
     }
 
+    fn scan_reverse(&self, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> EngineResult<()> {
+        if end <= start {
+            return Ok(());
+        }
+        let map = self.map.read();
+        for (k, v) in map.range::<[u8], _>((Bound::Included(start), Bound::Excluded(end))).rev() {
+            if !visit(k, v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn sync(&self) -> EngineResult<()> {
         *self.durable.lock() = self.map.read().clone();
         Ok(())

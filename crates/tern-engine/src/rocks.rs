@@ -122,6 +122,25 @@ impl KvEngine for RocksEngine {
         it.status().map_err(io)
     }
 
+    fn scan_reverse(&self, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> EngineResult<()> {
+        if end <= start {
+            return Ok(());
+        }
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_lower_bound(start.to_vec());
+        ro.set_iterate_upper_bound(end.to_vec());
+        let mut it = self.db.raw_iterator_opt(ro);
+        it.seek_to_last();
+        while it.valid() {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else { break };
+            if !visit(k, v) {
+                return Ok(());
+            }
+            it.prev();
+        }
+        it.status().map_err(io)
+    }
+
     fn sync(&self) -> EngineResult<()> {
         // Without a WAL, durable means flushed into table files.
         self.db.flush().map_err(io)

@@ -85,9 +85,28 @@ pub fn engine_error(e: tern_engine::EngineError) -> TernError {
     }
 }
 
+/// What a replica knows about one client's exactly-once records without reading the engine.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct ClientSession {
+    /// No remembered result of this client has a higher sequence number (None: it has none). New
+    /// requests carry new, higher numbers: they learn they were never applied without an engine
+    /// read. Results only go (expiry, collection below the floor), which keeps this a bound.
+    max_seq: Option<u64>,
+    /// The client's floor record: (floor, expire_at_ms).
+    floor: Option<(u64, u64)>,
+}
+
+/// Clients a replica keeps sessions of; past it they are all forgotten (at the start of a batch) and
+/// read from the engine again as they come.
+const SESSIONS_MAX: usize = 4096;
+
 pub struct StateMachine {
     engine: Box<dyn KvEngine>,
     state: ApplyState,
+    /// Sessions of recent clients, exact for the engine's contents: `apply_command` writes every
+    /// exactly-once record and keeps its client's session up to date. A batch takes them and gives
+    /// them back when it is written; a batch that fails takes them with it (read again later).
+    sessions: HashMap<u64, ClientSession>,
     /// Test-only: let compaction expire records by the node's own clock (see `PlantedBugs`).
     expiry_by_local_clock: bool,
 }
@@ -112,7 +131,7 @@ impl StateMachine {
         // letting compaction expire by it.
         engine.sync().map_err(engine_error)?;
         engine.set_expiry_horizon(state.stamp_ms);
-        Ok(StateMachine { engine, state, expiry_by_local_clock: false })
+        Ok(StateMachine { engine, state, sessions: HashMap::new(), expiry_by_local_clock: false })
     }
 
     /// Plants the bug the simulator must catch: compaction drops records that expired by this node's
@@ -167,19 +186,25 @@ impl StateMachine {
     }
 
     /// Starts a batch of applies; nothing is visible until `finish`.
-    pub fn begin(&self) -> ApplyBatch {
-        ApplyBatch { wb: WriteBatch::default(), overlay: HashMap::new(), deleted_ranges: Vec::new(), state: self.state.clone() }
+    pub fn begin(&mut self) -> ApplyBatch {
+        let mut sessions = std::mem::take(&mut self.sessions);
+        if sessions.len() > SESSIONS_MAX {
+            sessions.clear();
+        }
+        ApplyBatch { wb: WriteBatch::default(), overlay: HashMap::new(), deleted_ranges: Vec::new(), state: self.state.clone(), sessions }
     }
 
     /// Writes the batch and the new apply state atomically.
     pub fn finish(&mut self, mut batch: ApplyBatch) -> Result<(), TernError> {
         if batch.state == self.state && batch.wb.is_empty() {
+            self.sessions = batch.sessions;
             return Ok(());
         }
         debug_assert!(batch.state.stamp_ms >= self.state.stamp_ms, "the log's clock never goes backwards");
         batch.wb.put(keys::APPLY_STATE_KEY.to_vec(), batch.state.encode());
         self.engine.write(batch.wb).map_err(engine_error)?;
         self.state = batch.state;
+        self.sessions = batch.sessions;
         Ok(())
     }
 }
@@ -193,6 +218,8 @@ pub struct ApplyBatch {
     /// entry sees must not depend on how entries were grouped into batches.
     deleted_ranges: Vec<(Vec<u8>, Vec<u8>)>,
     state: ApplyState,
+    /// The state machine's sessions, kept exact for the engine plus this batch (see `StateMachine`).
+    sessions: HashMap<u64, ClientSession>,
 }
 
 impl ApplyBatch {
@@ -254,47 +281,72 @@ impl ApplyBatch {
         let Some(write) = command.write else {
             return Ok(error_response(TernError::invalid("raft command without a write")));
         };
-        let dedup = (write.client_id != 0).then(|| keys::dedup_key(write.client_id, write.seq));
-        if let Some(key) = &dedup {
-            if let Some((_, remembered)) = self.live_record(engine, key, now)? {
+        if write.client_id == 0 {
+            return self.execute(engine, &write, now);
+        }
+        let mut session = self.session(engine, write.client_id)?;
+        let key = keys::dedup_key(write.client_id, write.seq);
+        if session.max_seq.is_some_and(|max| write.seq <= max) {
+            if let Some((_, remembered)) = self.live_record(engine, &key, now)? {
                 return WriteResponse::decode(&remembered[..]).map_err(|e| StorageFailure(TernError::Corruption(format!("remembered result: {e}"))));
             }
         }
         // Results below the client's floor were forgotten: a request that old is a late duplicate of
         // one the client has finished with, and must not apply again.
-        let floor_key = keys::dedup_floor_key(write.client_id);
-        let floor = match &dedup {
-            None => 0,
-            Some(_) => match self.live_record(engine, &floor_key, now)? {
-                Some((_, v)) => u64::from_be_bytes(
-                    v.as_slice().try_into().map_err(|_| StorageFailure(TernError::Corruption(format!("exactly-once floor of {} bytes", v.len()))))?,
-                ),
-                None => 0,
-            },
-        };
-        if dedup.is_some() && write.seq < floor {
+        let floor = session.floor.filter(|(_, expire)| !codec::is_expired(*expire, now)).map_or(0, |(floor, _)| floor);
+        if write.seq < floor {
             return Ok(error_response(TernError::ProposalDropped(format!(
                 "request {} of client {} is older than its acknowledged sequence {floor}; ignored",
                 write.seq, write.client_id
             ))));
         }
         let response = self.execute(engine, &write, now)?;
-        if let Some(key) = dedup {
-            let new_floor = write.first_incomplete_seq.min(write.seq).max(floor);
-            // The floor moves, and forgotten results are removed, in chunks: one range tombstone and
-            // one floor record per DEDUP_GC_CHUNK sequence numbers, not per write (thousands of
-            // memtable range tombstones made every engine read re-fragment them: most of a server's
-            // CPU under write load). Results at or above the stored floor are never removed, so a
-            // request above it either has its result here or never applied.
-            let (old_chunk, new_chunk) = (floor / DEDUP_GC_CHUNK, new_floor / DEDUP_GC_CHUNK);
-            if new_chunk > old_chunk {
-                let from = keys::dedup_key(write.client_id, old_chunk * DEDUP_GC_CHUNK);
-                self.delete_range(from, keys::dedup_key(write.client_id, new_chunk * DEDUP_GC_CHUNK));
-                self.put(floor_key, codec::encode_value(now + DEDUP_RESULT_TTL_MS, &new_floor.to_be_bytes()));
-            }
-            self.put(key, codec::encode_value(now + DEDUP_RESULT_TTL_MS, &response.encode_to_vec()));
+        let new_floor = write.first_incomplete_seq.min(write.seq).max(floor);
+        // The floor moves, and forgotten results are removed, in chunks: one range tombstone and
+        // one floor record per DEDUP_GC_CHUNK sequence numbers, not per write (thousands of
+        // memtable range tombstones made every engine read re-fragment them: most of a server's
+        // CPU under write load). Results at or above the stored floor are never removed, so a
+        // request above it either has its result here or never applied.
+        let (old_chunk, new_chunk) = (floor / DEDUP_GC_CHUNK, new_floor / DEDUP_GC_CHUNK);
+        if new_chunk > old_chunk {
+            let from = keys::dedup_key(write.client_id, old_chunk * DEDUP_GC_CHUNK);
+            self.delete_range(from, keys::dedup_key(write.client_id, new_chunk * DEDUP_GC_CHUNK));
+            let expire = now + DEDUP_RESULT_TTL_MS;
+            self.put(keys::dedup_floor_key(write.client_id), codec::encode_value(expire, &new_floor.to_be_bytes()));
+            session.floor = Some((new_floor, expire));
         }
+        self.put(key, codec::encode_value(now + DEDUP_RESULT_TTL_MS, &response.encode_to_vec()));
+        session.max_seq = session.max_seq.max(Some(write.seq));
+        self.sessions.insert(write.client_id, session);
         Ok(response)
+    }
+
+    /// The client's session, read from the engine the first time (and after the sessions were
+    /// forgotten). Nothing of this client is in the batch yet then: `apply_command` reads the session
+    /// before it writes any of the client's records, and keeps it up to date after.
+    fn session(&mut self, engine: &dyn KvEngine, client_id: u64) -> Result<ClientSession, StorageFailure> {
+        if let Some(session) = self.sessions.get(&client_id) {
+            return Ok(*session);
+        }
+        let (start, end) = keys::dedup_range(client_id);
+        let mut max_seq = None;
+        engine
+            .scan_reverse(&start, &end, &mut |k, _| {
+                max_seq = keys::dedup_seq(k);
+                false
+            })
+            .map_err(|e| StorageFailure(engine_error(e)))?;
+        let floor = match self.get(engine, &keys::dedup_floor_key(client_id))? {
+            None => None,
+            Some(stored) => {
+                let (expire, v) = codec::decode_value(&stored).map_err(StorageFailure)?;
+                let floor = v.try_into().map_err(|_| StorageFailure(TernError::Corruption(format!("exactly-once floor of {} bytes", v.len()))))?;
+                Some((u64::from_be_bytes(floor), expire))
+            }
+        };
+        let session = ClientSession { max_seq, floor };
+        self.sessions.insert(client_id, session);
+        Ok(session)
     }
 
     /// If (hashkey, check_sortkey) passes the check, applies every mutation; answers whether it
@@ -448,6 +500,37 @@ mod tests {
         assert_eq!(apply(&mut sm, 3, command(1000, 7, 2, incr(5))).new_value, 10, "next seq applies");
         assert_eq!(apply(&mut sm, 4, command(1000, 0, 0, incr(1))).new_value, 11, "client 0 opts out");
         assert_eq!(apply(&mut sm, 5, command(1000, 0, 0, incr(1))).new_value, 12);
+    }
+
+    /// Sessions are a cache of the engine: a retry is answered alike whether its client's session
+    /// is known or read again, a new request numbered below one applied still applies, a floor read
+    /// back refuses late duplicates, and clients past SESSIONS_MAX are forgotten, not lost.
+    #[test]
+    fn sessions_agree_with_the_engine() {
+        let mut sm = open();
+        assert_eq!(apply(&mut sm, 1, command(1000, 7, 10, incr(1))).new_value, 1);
+        assert_eq!(apply(&mut sm, 2, command(1000, 7, 7, incr(1))).new_value, 2, "a lower new seq applies");
+        sm.sessions.clear();
+        assert_eq!(apply(&mut sm, 3, command(1000, 7, 7, incr(1))).new_value, 2, "a retry, the session read from the engine");
+        assert_eq!(apply(&mut sm, 4, command(1000, 7, 10, incr(1))).new_value, 1);
+        assert_eq!(apply(&mut sm, 5, command(1000, 7, 11, incr(1))).new_value, 3);
+
+        apply(&mut sm, 6, command(1000, 9, DEDUP_GC_CHUNK + 1, incr(1)));
+        sm.sessions.clear();
+        let late = apply(&mut sm, 7, command(1000, 9, 1, incr(1)));
+        assert_eq!(late.error.unwrap().code, tern_proto::ErrorCode::ProposalDropped as i32, "the floor read back from the engine");
+
+        let clients = SESSIONS_MAX as u64 + 2;
+        let mut batch = sm.begin();
+        for c in 0..clients {
+            batch.apply_command(sm.engine(), &command(1000, 100 + c, 1, incr(1))).unwrap();
+        }
+        batch.set_applied(8, 1);
+        sm.finish(batch).unwrap();
+        assert_eq!(sm.sessions.len(), clients as usize + 1);
+        assert_eq!(apply(&mut sm, 9, command(1000, 100, 1, incr(1))).new_value, 5, "answered from the engine");
+        assert_eq!(sm.sessions.len(), 1, "the others were forgotten");
+        assert_eq!(apply(&mut sm, 10, command(1000, 0, 0, incr(0))).new_value, 4 + clients as i64);
     }
 
     /// check_and_mutate applies all of its sets and deletes when the check passes, none when it

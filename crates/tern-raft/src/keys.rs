@@ -45,6 +45,21 @@ pub fn dedup_key(client_id: u64, seq: u64) -> Vec<u8> {
     key
 }
 
+/// Every result key of one client: [start, end).
+pub fn dedup_range(client_id: u64) -> (Vec<u8>, Vec<u8>) {
+    let end = match client_id.checked_add(1) {
+        Some(next) => dedup_key(next, 0),
+        None => vec![DEDUP_PREFIX[0], DEDUP_PREFIX[1] + 1],
+    };
+    (dedup_key(client_id, 0), end)
+}
+
+/// The sequence number of a result key.
+pub fn dedup_seq(key: &[u8]) -> Option<u64> {
+    let seq = key.strip_prefix(DEDUP_PREFIX)?.get(8..)?;
+    Some(u64::from_be_bytes(seq.try_into().ok()?))
+}
+
 /// Records whose value header says they have expired: user records, remembered results and floors.
 /// The apply state and anything unrecognised are always kept.
 pub fn is_expired_record(key: &[u8], value: &[u8], now_unix_ms: u64) -> bool {
@@ -76,5 +91,16 @@ mod tests {
         assert!(dedup_key(1, u64::MAX) < dedup_key(2, 0));
         assert_ne!(dedup_key(1, u64::MAX), dedup_floor_key(1), "every sequence number has its own result key");
         assert!(data_key(b"", b"") < data_end());
+        for client in [0, 7, u64::MAX] {
+            let (start, end) = dedup_range(client);
+            for seq in [0, 1, u64::MAX] {
+                let key = dedup_key(client, seq);
+                assert!(start <= key && key < end);
+                assert_eq!(dedup_seq(&key), Some(seq));
+            }
+            assert!(dedup_floor_key(client) >= end || dedup_floor_key(client) < start);
+        }
+        assert!(dedup_key(8, 0) >= dedup_range(7).1);
+        assert_eq!(dedup_seq(&data_key(b"h", b"s")), None);
     }
 }
