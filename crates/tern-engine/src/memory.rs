@@ -260,6 +260,9 @@ impl KvEngine for MemoryEngine {
         if end <= start {
             return Ok(());
         }
+        if take(&self.faults.failing_reads) {
+            return Err(EngineError::Io("injected read error".into()));
+        }
         let map = self.map.read();
         for (k, v) in map.range::<[u8], _>((Bound::Included(start), Bound::Excluded(end))).rev() {
             if !visit(k, v) {

@@ -103,9 +103,10 @@ const SESSIONS_MAX: usize = 4096;
 pub struct StateMachine {
     engine: Box<dyn KvEngine>,
     state: ApplyState,
-    /// Sessions of recent clients, exact for the engine's contents: `apply_command` writes every
-    /// exactly-once record and keeps its client's session up to date. A batch takes them and gives
-    /// them back when it is written; a batch that fails takes them with it (read again later).
+    /// Sessions of recent clients, true to the engine's contents (floors exactly, the highest
+    /// result as a bound): `apply_command` writes every exactly-once record and keeps its client's
+    /// session up to date. A batch takes them and gives them back when it is written; a batch that
+    /// fails takes them with it (read again later). One batch at a time.
     sessions: HashMap<u64, ClientSession>,
     /// Test-only: let compaction expire records by the node's own clock (see `PlantedBugs`).
     expiry_by_local_clock: bool,
@@ -189,7 +190,7 @@ impl StateMachine {
     pub fn begin(&mut self) -> ApplyBatch {
         let mut sessions = std::mem::take(&mut self.sessions);
         if sessions.len() > SESSIONS_MAX {
-            sessions.clear();
+            sessions = HashMap::new(); // and its memory goes
         }
         ApplyBatch { wb: WriteBatch::default(), overlay: HashMap::new(), deleted_ranges: Vec::new(), state: self.state.clone(), sessions }
     }
