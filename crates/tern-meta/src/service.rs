@@ -384,7 +384,7 @@ impl MetaNode {
         // The catalog group keeps the timing meta nodes always ran: a rolling upgrade mixes old and
         // new members, and a lease is only safe against followers that refuse votes as long.
         store_cfg.replica.set_election_tick(LEGACY_TIMING.1 as usize);
-        let (tick, round_max) = (store_cfg.tick_interval, store_cfg.round_messages_max);
+        let limits = store_cfg.round_limits();
         let meta_store = tokio::task::spawn_blocking(move || {
             let disks = store::NodeDisks { log, engines, files: Arc::new(tern_core::files::RealFileSystem) };
             Store::open(id, data_dir, disks, Arc::new(tern_core::time::SystemClock::default()), rand::random(), store_cfg, Box::new(transport))
@@ -393,7 +393,7 @@ impl MetaNode {
         .map_err(|e| TernError::Internal(format!("open meta store: {e}")))??;
         let (stop, stopped) = watch::channel(false);
         let (store_thread, failed) =
-            tern_transport::spawn_store_thread(format!("tern-meta-store-{id}"), move || store::run(meta_store, mailbox, tick, round_max), &stop)
+            tern_transport::spawn_store_thread(format!("tern-meta-store-{id}"), move || store::run(meta_store, mailbox, limits), &stop)
                 .map_err(internal("start meta store thread"))?;
         let lowest = peers.iter().map(|(i, _)| *i).min().expect("at least one meta peer");
         handle.send(StoreMsg::EnsureReplicas(vec![ReplicaSpec {

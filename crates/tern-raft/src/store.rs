@@ -158,6 +158,10 @@ pub struct StoreConfig {
     pub replica: ReplicaConfig,
     /// Messages handled per round before Ready processing (bounds latency of a round).
     pub round_messages_max: usize,
+    /// Bytes of client writes taken into one round: a leader sends a round's new entries to each
+    /// follower as one message (raft-rs `batch_append`), which must stay well inside what a
+    /// receiver accepts (`RAFT_BATCH_BYTES_MAX`), with one largest write on top.
+    pub round_write_bytes_max: usize,
     /// Mailbox capacity; senders get Busy beyond it.
     pub mailbox_capacity: usize,
     /// Purge obsolete raft-log files every this many ticks.
@@ -177,6 +181,7 @@ impl Default for StoreConfig {
             tick_interval: Duration::from_millis(100),
             replica: ReplicaConfig::default(),
             round_messages_max: 4096,
+            round_write_bytes_max: 1024 * 1024,
             mailbox_capacity: 100_000,
             log_purge_interval_ticks: 100,
             failed_replica_reopen_ticks: 300,
@@ -855,19 +860,47 @@ pub fn mailbox(capacity: usize) -> (StoreHandle, Receiver<StoreMsg>) {
     (StoreHandle { sender }, receiver)
 }
 
+/// What one round of the production driver takes from the mailbox, and how often it ticks.
+#[derive(Clone, Copy, Debug)]
+pub struct RoundLimits {
+    pub tick_interval: Duration,
+    pub messages_max: usize,
+    pub write_bytes_max: usize,
+}
+
+impl StoreConfig {
+    pub fn round_limits(&self) -> RoundLimits {
+        RoundLimits { tick_interval: self.tick_interval, messages_max: self.round_messages_max, write_bytes_max: self.round_write_bytes_max }
+    }
+}
+
+/// Bytes a message adds to its round's client writes.
+fn write_bytes(msg: &StoreMsg) -> usize {
+    match msg {
+        StoreMsg::Write { request, .. } => prost::Message::encoded_len(request),
+        _ => 0,
+    }
+}
+
 /// The production driver: one thread runs rounds until shutdown or until every handle is dropped.
-pub fn run(mut store: Store, mailbox: Receiver<StoreMsg>, tick_interval: Duration, round_messages_max: usize) {
+pub fn run(mut store: Store, mailbox: Receiver<StoreMsg>, limits: RoundLimits) {
+    let tick_interval = limits.tick_interval;
     let mut next_tick = Instant::now() + tick_interval;
     'rounds: loop {
         let wait = if store.has_work() { Duration::ZERO } else { next_tick.saturating_duration_since(Instant::now()) };
         match mailbox.recv_timeout(wait) {
             Ok(msg) => {
+                let mut bytes = write_bytes(&msg);
                 if !store.handle(msg) {
                     break 'rounds;
                 }
-                for _ in 1..round_messages_max {
+                for _ in 1..limits.messages_max {
+                    if bytes >= limits.write_bytes_max {
+                        break;
+                    }
                     match mailbox.try_recv() {
                         Ok(msg) => {
+                            bytes += write_bytes(&msg);
                             if !store.handle(msg) {
                                 break 'rounds;
                             }

@@ -269,10 +269,10 @@ impl ServerNode {
         })
         .await
         .map_err(|e| TernError::Internal(format!("open store: {e}")))??;
-        let (tick, round_max) = (cfg.store.tick_interval, cfg.store.round_messages_max);
+        let limits = cfg.store.round_limits();
         let (stop, stopped) = watch::channel(false);
         let (store_thread, failed) =
-            tern_transport::spawn_store_thread(format!("tern-store-{node_id}"), move || store::run(store, mailbox, tick, round_max), &stop)
+            tern_transport::spawn_store_thread(format!("tern-store-{node_id}"), move || store::run(store, mailbox, limits), &stop)
                 .map_err(internal("start store thread"))?;
 
         let mut tasks = Vec::new();

