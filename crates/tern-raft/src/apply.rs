@@ -88,10 +88,14 @@ pub fn engine_error(e: tern_engine::EngineError) -> TernError {
 /// What a replica knows about one client's exactly-once records without reading the engine.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct ClientSession {
-    /// No remembered result of this client has a higher sequence number (None: it has none). New
-    /// requests carry new, higher numbers: they learn they were never applied without an engine
-    /// read. Results only go (expiry, collection below the floor), which keeps this a bound.
+    /// Once `bounded`: no remembered result of this client has a higher sequence number (None: it
+    /// has none). New requests carry new, higher numbers: they learn they were never applied
+    /// without an engine read. Results only go (expiry, collection below the floor), which keeps
+    /// this a bound. Before: the highest result written since the session began.
     max_seq: Option<u64>,
+    /// Whether `max_seq` bounds every result. A client is bounded (a reverse scan of its results)
+    /// when it comes back: one seen once (many short-lived clients) costs point reads, not a scan.
+    bounded: bool,
     /// The client's floor record: (floor, expire_at_ms).
     floor: Option<(u64, u64)>,
 }
@@ -287,7 +291,7 @@ impl ApplyBatch {
         }
         let mut session = self.session(engine, write.client_id)?;
         let key = keys::dedup_key(write.client_id, write.seq);
-        if session.max_seq.is_some_and(|max| write.seq <= max) {
+        if !session.bounded || session.max_seq.is_some_and(|max| write.seq <= max) {
             if let Some((_, remembered)) = self.live_record(engine, &key, now)? {
                 return WriteResponse::decode(&remembered[..]).map_err(|e| StorageFailure(TernError::Corruption(format!("remembered result: {e}"))));
             }
@@ -322,21 +326,27 @@ impl ApplyBatch {
         Ok(response)
     }
 
-    /// The client's session, read from the engine the first time (and after the sessions were
-    /// forgotten). Nothing of this client is in the batch yet then: `apply_command` reads the session
-    /// before it writes any of the client's records, and keeps it up to date after.
+    /// The client's session: begun with its floor read from the engine the first time (and after
+    /// the sessions were forgotten), bounded the next time. Nothing of this client is in the batch
+    /// when it begins (`apply_command` reads the session before it writes any of the client's
+    /// records, and keeps it up to date after); results written since are in `max_seq`, the others
+    /// in the engine when the bounding scan reads it.
     fn session(&mut self, engine: &dyn KvEngine, client_id: u64) -> Result<ClientSession, StorageFailure> {
-        if let Some(session) = self.sessions.get(&client_id) {
+        if let Some(session) = self.sessions.get_mut(&client_id) {
+            if !session.bounded {
+                let (start, end) = keys::dedup_range(client_id);
+                let mut stored = None;
+                engine
+                    .scan_reverse(&start, &end, &mut |k, _| {
+                        stored = keys::dedup_seq(k);
+                        false
+                    })
+                    .map_err(|e| StorageFailure(engine_error(e)))?;
+                session.max_seq = session.max_seq.max(stored);
+                session.bounded = true;
+            }
             return Ok(*session);
         }
-        let (start, end) = keys::dedup_range(client_id);
-        let mut max_seq = None;
-        engine
-            .scan_reverse(&start, &end, &mut |k, _| {
-                max_seq = keys::dedup_seq(k);
-                false
-            })
-            .map_err(|e| StorageFailure(engine_error(e)))?;
         let floor = match self.get(engine, &keys::dedup_floor_key(client_id))? {
             None => None,
             Some(stored) => {
@@ -345,7 +355,7 @@ impl ApplyBatch {
                 Some((u64::from_be_bytes(floor), expire))
             }
         };
-        let session = ClientSession { max_seq, floor };
+        let session = ClientSession { max_seq: None, bounded: false, floor };
         self.sessions.insert(client_id, session);
         Ok(session)
     }
@@ -521,17 +531,28 @@ mod tests {
         let late = apply(&mut sm, 7, command(1000, 9, 1, incr(1)));
         assert_eq!(late.error.unwrap().code, tern_proto::ErrorCode::ProposalDropped as i32, "the floor read back from the engine");
 
+        // Begun, written, bounded and retried within one batch: the bound counts the batch's write.
+        let mut batch = sm.begin();
+        let in_batch =
+            |batch: &mut ApplyBatch, sm: &StateMachine, seq| batch.apply_command(sm.engine(), &command(1000, 5, seq, incr(1))).unwrap().new_value;
+        let first = in_batch(&mut batch, &sm, 3);
+        assert_eq!(in_batch(&mut batch, &sm, 2), first + 1, "a lower new seq applies");
+        assert_eq!(in_batch(&mut batch, &sm, 3), first, "a retry of the batch's write is answered");
+        batch.set_applied(8, 1);
+        sm.finish(batch).unwrap();
+        assert_eq!(apply(&mut sm, 9, command(1000, 5, 3, incr(1))).new_value, first);
+
         let clients = SESSIONS_MAX as u64 + 2;
         let mut batch = sm.begin();
         for c in 0..clients {
             batch.apply_command(sm.engine(), &command(1000, 100 + c, 1, incr(1))).unwrap();
         }
-        batch.set_applied(8, 1);
+        batch.set_applied(10, 1);
         sm.finish(batch).unwrap();
-        assert_eq!(sm.sessions.len(), clients as usize + 1);
-        assert_eq!(apply(&mut sm, 9, command(1000, 100, 1, incr(1))).new_value, 5, "answered from the engine");
+        assert_eq!(sm.sessions.len(), clients as usize + 2);
+        assert_eq!(apply(&mut sm, 11, command(1000, 100, 1, incr(1))).new_value, 7, "answered from the engine");
         assert_eq!(sm.sessions.len(), 1, "the others were forgotten");
-        assert_eq!(apply(&mut sm, 10, command(1000, 0, 0, incr(0))).new_value, 4 + clients as i64);
+        assert_eq!(apply(&mut sm, 12, command(1000, 0, 0, incr(0))).new_value, 6 + clients as i64);
     }
 
     /// check_and_mutate applies all of its sets and deletes when the check passes, none when it
