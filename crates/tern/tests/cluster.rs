@@ -548,6 +548,11 @@ async fn servers_share_the_cluster_raft_timing() {
         assert!(matches!(e, TernError::InvalidArgument(_)) && e.to_string().contains("raft tick"), "{tick:?}: {e}");
     }
     meta.shutdown().await;
+
+    // A damaged record is a corruption, named by its path: never silently replaced by defaults.
+    std::fs::write(dir.path().join("meta").join("cluster-timing.json"), b"[50,").unwrap();
+    let e = MetaNode::start(meta_cfg).await.err().expect("a damaged timing record is refused");
+    assert!(matches!(e, TernError::Corruption(_)) && e.to_string().contains("cluster-timing.json"), "{e}");
 }
 
 /// A server restarting while meta is away starts at once, from the identity and raft timing it keeps

@@ -37,7 +37,7 @@ pub struct ReplicaConfig {
     /// Check for log compaction every this many ticks.
     pub log_gc_interval_ticks: u64,
     /// Sync the engine every this many ticks (when it applied something meanwhile), so compaction
-    /// may expire records up to the durable applied clock (see `StateMachine::sync`).
+    /// may expire records up to the durable applied clock (see `StateMachine::sync_finished`).
     pub expiry_sync_interval_ticks: u64,
     /// Client writes proposed but not yet applied, per replica.
     pub pending_proposals_max: usize,
