@@ -70,6 +70,8 @@ async fn run(channel: Channel, mut queue: mpsc::UnboundedReceiver<(batch_item::O
         tokio::select! {
             item = queue.recv() => {
                 let Some(first) = item else { break TernError::Unavailable("client closed".into()) };
+                // Callers woken by the same poll queue up behind this task: let them enqueue first.
+                tokio::task::yield_now().await;
                 let mut items = Vec::with_capacity(16);
                 let mut bytes = 0usize;
                 let mut next = Some(first);

@@ -133,6 +133,11 @@ impl Client {
         Table { client: self.clone(), name: name.to_string() }
     }
 
+    /// The configuration this client was made with (to make another client like it).
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.cfg
+    }
+
     fn channel(&self, address: &str) -> TernResult<Channel> {
         let mut channels = self.inner.channels.lock();
         if let Some(c) = channels.get(address) {

@@ -8,7 +8,7 @@
 
 use crate::glob::glob_match;
 use crate::resp::{format_double, Reply};
-use crate::{Session, Shared};
+use crate::{Session, Shard};
 use bytes::Bytes;
 use futures::future::join_all;
 use std::collections::HashSet;
@@ -242,7 +242,7 @@ pub fn is_small_read(args: &[Bytes]) -> bool {
 }
 
 /// Runs one read-only command (those of `is_small_read` and the multi-value reads); `name` is `args[0]` in upper case.
-pub async fn execute_read(shared: &Shared, name: &str, args: &[Bytes]) -> Reply {
+pub async fn execute_read(shared: &Shard, name: &str, args: &[Bytes]) -> Reply {
     let t = &shared.table;
     let r = match name {
         "GET" => cmd_get(shared, args).await,
@@ -273,7 +273,7 @@ pub async fn execute_read(shared: &Shared, name: &str, args: &[Bytes]) -> Reply 
 }
 
 /// Runs one command. `name` is `args[0]` in upper case (the connection has computed it already).
-pub async fn execute(shared: &Shared, session: &mut Session, name: String, args: &[Bytes]) -> Reply {
+pub async fn execute(shared: &Shard, session: &mut Session, name: String, args: &[Bytes]) -> Reply {
     if is_small_read(args) || matches!(name.as_str(), "EXISTS" | "MGET" | "HMGET" | "HKEYS" | "HVALS" | "HGETALL") {
         return execute_read(shared, &name, args).await;
     }
@@ -388,7 +388,7 @@ fn client_command(session: &mut Session, args: &[Bytes]) -> R {
     }
 }
 
-async fn cmd_get(shared: &Shared, args: &[Bytes]) -> R {
+async fn cmd_get(shared: &Shard, args: &[Bytes]) -> R {
     if args.len() != 2 {
         return Err(wrong_args("get"));
     }
@@ -773,7 +773,7 @@ fn matches(pattern: &Option<Bytes>, key: &[u8]) -> bool {
     pattern.as_ref().is_none_or(|p| glob_match(p, key))
 }
 
-async fn cmd_scan(shared: &Shared, cursor: &Bytes, options: &[Bytes]) -> R {
+async fn cmd_scan(shared: &Shard, cursor: &Bytes, options: &[Bytes]) -> R {
     let opts = scan_args(options, false)?;
     let position = match shared.cursors.take(cursor)? {
         None => FullScanCursor::default(),
@@ -807,7 +807,7 @@ async fn cmd_scan(shared: &Shared, cursor: &Bytes, options: &[Bytes]) -> R {
     Ok(Reply::Array(vec![Reply::Bulk(next_id), Reply::Array(keys)]))
 }
 
-async fn cmd_hscan(shared: &Shared, key: &Bytes, cursor: &Bytes, options: &[Bytes]) -> R {
+async fn cmd_hscan(shared: &Shard, key: &Bytes, cursor: &Bytes, options: &[Bytes]) -> R {
     let opts = scan_args(options, true)?;
     let t = &shared.table;
     let start = match shared.cursors.take(cursor)? {

@@ -1,7 +1,7 @@
 //! Introspection: INFO, COMMAND, CONFIG GET, and the command table behind them.
 
 use crate::resp::Reply;
-use crate::Shared;
+use crate::Shard;
 use bytes::Bytes;
 use std::sync::atomic::Ordering;
 
@@ -103,7 +103,7 @@ pub fn command(args: &[Bytes]) -> Result<Reply, Reply> {
 
 /// CONFIG GET answers the parameters tools ask for (redis-benchmark reads `save` and `appendonly`);
 /// the proxy has no settable configuration.
-pub fn config(shared: &Shared, args: &[Bytes]) -> Result<Reply, Reply> {
+pub fn config(shared: &Shard, args: &[Bytes]) -> Result<Reply, Reply> {
     let sub = args.first().map(|a| String::from_utf8_lossy(a).to_ascii_uppercase());
     match sub.as_deref() {
         Some("GET") if args.len() >= 2 => {
@@ -129,7 +129,7 @@ pub fn config(shared: &Shared, args: &[Bytes]) -> Result<Reply, Reply> {
     }
 }
 
-pub async fn info(shared: &Shared, args: &[Bytes]) -> Result<Reply, Reply> {
+pub async fn info(shared: &Shard, args: &[Bytes]) -> Result<Reply, Reply> {
     let wanted: Vec<String> = args.iter().map(|a| String::from_utf8_lossy(a).to_ascii_lowercase()).collect();
     let all = wanted.is_empty() || wanted.iter().any(|w| w == "all" || w == "everything" || w == "default");
     let want = |s: &str| all || wanted.iter().any(|w| w == s);

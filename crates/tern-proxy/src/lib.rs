@@ -1,7 +1,8 @@
 //! tern-proxy: a Redis endpoint (RESP2 and RESP3) over one Tern table.
 //!
 //! Owns: the RESP framing (`resp`), the Redis command semantics on Tern's data model (`commands`),
-//! INFO/COMMAND/CONFIG introspection (`info`), and connection handling with its limits (this file).
+//! INFO/COMMAND/CONFIG introspection (`info`), and connection handling with its limits and its
+//! threads (this file: an acceptor hands each connection to one thread, which serves it to the end).
 //! The proxy is stateless apart from SCAN cursors: start as many as you like in front of a cluster.
 //! It talks to the cluster only through `tern-client`; it must not depend on server-side crates
 //! (raft, engine, meta).
@@ -25,6 +26,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+/// Most threads one proxy runs.
+pub const THREADS_MAX: usize = 256;
+
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     pub listen: SocketAddr,
@@ -34,17 +38,24 @@ pub struct ProxyConfig {
     pub password: Option<String>,
     /// Connections beyond this are refused with an error.
     pub max_clients: usize,
+    /// Threads serving connections. Each runs its connections and its own connections to the
+    /// cluster on one thread (no hand-off between threads on a request's path); a connection
+    /// stays on the thread that got it.
+    pub threads: usize,
 }
 
 impl ProxyConfig {
     pub fn new(listen: SocketAddr, table: &str) -> ProxyConfig {
-        ProxyConfig { listen, table: table.to_string(), password: None, max_clients: 10_000 }
+        ProxyConfig { listen, table: table.to_string(), password: None, max_clients: 10_000, threads: 1 }
     }
 
     pub fn validate(&self) -> TernResult<()> {
         tern_core::limits::check_table_name(&self.table)?;
         if self.max_clients == 0 || self.max_clients > 100_000 {
             return Err(TernError::invalid(format!("max clients must be between 1 and 100000, not {}", self.max_clients)));
+        }
+        if self.threads == 0 || self.threads > THREADS_MAX {
+            return Err(TernError::invalid(format!("proxy threads must be between 1 and {THREADS_MAX}, not {}", self.threads)));
         }
         if self.password.as_ref().is_some_and(|p| p.is_empty() || p.len() > 512) {
             return Err(TernError::invalid("the password must be 1 to 512 bytes"));
@@ -114,9 +125,8 @@ fn rand_start() -> u64 {
     ((std::process::id() as u64 & 0x7fff_ffff) << 24) | (nanos as u64 & 0xff_ffff)
 }
 
-/// State shared by all connections of one proxy.
+/// State shared by all connections of one proxy, on every thread.
 pub struct Shared {
-    pub table: Table,
     pub config: ProxyConfig,
     pub stats: Stats,
     pub(crate) cursors: Cursors,
@@ -126,7 +136,22 @@ pub struct Shared {
     key_count_cache: Mutex<Option<(u64, u64, Instant)>>,
 }
 
-impl Shared {
+/// What the connections of one proxy thread share: the proxy's state and a client of their own.
+pub struct Shard {
+    pub table: Table,
+    shared: Arc<Shared>,
+    /// Connections this thread serves now.
+    connections: AtomicUsize,
+}
+
+impl std::ops::Deref for Shard {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+impl Shard {
     /// Keys in the table, counted by a full scan (exact at the time of each page, O(records)).
     /// INFO reuses a count up to 10 s old; DBSIZE always counts (`fresh`).
     pub(crate) async fn key_count(&self, fresh: bool) -> Result<(u64, u64), Reply> {
@@ -171,9 +196,13 @@ pub struct Proxy {
     pub shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Proxy {
+    /// Starts the proxy: `config.threads` threads serving connections, each with a client made
+    /// like `client` (its own connections to the cluster), and an acceptor on the caller's runtime
+    /// that hands each new connection to the thread serving the fewest.
     pub async fn start(client: Client, config: ProxyConfig) -> TernResult<Proxy> {
         config.validate()?;
         let listener = TcpListener::bind(config.listen)
@@ -181,7 +210,6 @@ impl Proxy {
             .map_err(|e| TernError::Unavailable(format!("redis endpoint cannot listen on {}: {e}", config.listen)))?;
         let address = listener.local_addr().map_err(|e| TernError::Internal(e.to_string()))?;
         let shared = Arc::new(Shared {
-            table: client.table(&config.table),
             config,
             stats: Stats::default(),
             cursors: Cursors::new(),
@@ -190,25 +218,49 @@ impl Proxy {
             key_count_cache: Mutex::new(None),
         });
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(listener, shared.clone(), stopped));
-        Ok(Proxy { address, shared, stop, task })
+        let mut shards = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..shared.config.threads {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| TernError::Internal(format!("cannot start a proxy thread: {e}")))?;
+            let shard = Arc::new(Shard {
+                table: Client::new(client.config().clone())?.table(&shared.config.table),
+                shared: shared.clone(),
+                connections: AtomicUsize::new(0),
+            });
+            // Unbounded, yet bounded by max_clients: the acceptor counts a connection before sending it.
+            let (handoff, arrivals) = tokio::sync::mpsc::unbounded_channel();
+            let (serving, stopped) = (shard.clone(), stopped.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("tern-proxy-{i}"))
+                .spawn(move || runtime.block_on(shard_loop(serving, arrivals, stopped)))
+                .map_err(|e| TernError::Internal(format!("cannot start a proxy thread: {e}")))?;
+            shards.push((shard, handoff));
+            threads.push(thread);
+        }
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), shards, stopped));
+        Ok(Proxy { address, shared, stop, task, threads })
     }
 
     /// Stops accepting and closes every connection.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
-    let next_id = AtomicU64::new(1);
-    let mut connections = tokio::task::JoinSet::new();
+type Handoff = tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, u64)>;
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shards: Vec<(Arc<Shard>, Handoff)>, mut stopped: watch::Receiver<bool>) {
+    let mut next_id = 1u64;
     loop {
         let accepted = tokio::select! {
             _ = stopped.changed() => break,
             a = listener.accept() => a,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let Ok((mut stream, _)) = accepted else { continue };
         shared.stats.connections_received.fetch_add(1, Ordering::Relaxed);
@@ -218,21 +270,54 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stopped: wa
             continue;
         }
         let _ = stream.set_nodelay(true);
+        let Ok(stream) = stream.into_std() else { continue };
+        let Some((shard, handoff)) = shards.iter().min_by_key(|(shard, _)| shard.connections.load(Ordering::Relaxed)) else { break };
         shared.stats.connected.fetch_add(1, Ordering::Relaxed);
-        let id = next_id.fetch_add(1, Ordering::Relaxed);
-        let shared = shared.clone();
-        let mut stop = stopped.clone();
+        shard.connections.fetch_add(1, Ordering::Relaxed);
+        if let Err(lost) = handoff.send((stream, next_id)) {
+            drop(lost);
+            shard.connections.fetch_sub(1, Ordering::Relaxed);
+            shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
+        }
+        next_id += 1;
+    }
+}
+
+/// One proxy thread: serves the connections the acceptor hands it until the proxy stops.
+async fn shard_loop(
+    shard: Arc<Shard>,
+    mut arrivals: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, u64)>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (stream, id) = tokio::select! {
+            _ = stopped.changed() => break,
+            arrival = arrivals.recv() => match arrival {
+                Some(a) => a,
+                None => break,
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let shard = shard.clone();
         connections.spawn(async move {
-            tokio::select! {
-                r = serve(stream, &shared, id) => {
-                    if let Err(e) = r {
+            match TcpStream::from_std(stream) {
+                Ok(stream) => {
+                    if let Err(e) = serve(stream, &shard, id).await {
                         tracing::debug!("redis connection {id}: {e}");
                     }
                 }
-                _ = stop.changed() => {}
+                Err(e) => tracing::debug!("redis connection {id}: {e}"),
             }
-            shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
+            shard.connections.fetch_sub(1, Ordering::Relaxed);
+            shard.stats.connected.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+    // Connections the acceptor handed over that this thread never started: closed, and uncounted.
+    arrivals.close();
+    while let Ok(_lost) = arrivals.try_recv() {
+        shard.connections.fetch_sub(1, Ordering::Relaxed);
+        shard.stats.connected.fetch_sub(1, Ordering::Relaxed);
     }
     connections.shutdown().await;
 }
@@ -251,7 +336,7 @@ const CONCURRENT_READS_MAX: usize = 64;
 /// in the order sent, and a read sees every write sent before it on its connection. Reads of one
 /// pipeline are each linearizable but not one snapshot (as with a Redis Cluster client's
 /// pipeline across nodes).
-async fn serve(mut stream: TcpStream, shared: &Shared, id: u64) -> std::io::Result<()> {
+async fn serve(mut stream: TcpStream, shared: &Shard, id: u64) -> std::io::Result<()> {
     let mut session = Session { id, resp3: false, authenticated: shared.config.password.is_none(), name: None, quit: false };
     let mut input = BytesMut::with_capacity(16 * 1024);
     let mut out = Vec::with_capacity(16 * 1024);
@@ -310,7 +395,7 @@ async fn serve(mut stream: TcpStream, shared: &Shared, id: u64) -> std::io::Resu
 }
 
 /// Runs the queued small reads concurrently and appends their replies in order.
-async fn run_reads(shared: &Shared, session: &Session, reads: &mut Vec<(String, Vec<Bytes>)>, out: &mut Vec<u8>) {
+async fn run_reads(shared: &Shard, session: &Session, reads: &mut Vec<(String, Vec<Bytes>)>, out: &mut Vec<u8>) {
     let replies = match reads.len() {
         0 => return,
         1 => vec![commands::execute_read(shared, &reads[0].0, &reads[0].1).await],
@@ -330,7 +415,7 @@ fn count_error(shared: &Shared, reply: &Reply) {
 }
 
 /// Connection-level commands (AUTH, HELLO) and the authentication gate, then the data commands.
-async fn dispatch(shared: &Shared, session: &mut Session, args: &[Bytes]) -> Reply {
+async fn dispatch(shared: &Shard, session: &mut Session, args: &[Bytes]) -> Reply {
     let name = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
     match name.as_str() {
         "AUTH" => auth(shared, session, &args[1..]),

@@ -54,6 +54,10 @@ enum Command {
         password: Option<String>,
         #[arg(long, default_value_t = 10_000)]
         max_clients: usize,
+        /// Threads serving connections (each serves its connections from start to end, with its
+        /// own connections to the servers).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
     },
     /// A meta node (one of 1, 3 or 5: they replicate the catalog with raft).
     Meta {
@@ -323,13 +327,14 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Proxy { listen, meta, table, password, max_clients } => {
+        Command::Proxy { listen, meta, table, password, max_clients, threads } => {
             init_logging();
             let signals = StopSignals::install()?;
             let client = Client::new(ClientConfig::new(meta))?;
             let mut cfg = tern_proxy::ProxyConfig::new(listen, &table);
             cfg.password = password;
             cfg.max_clients = max_clients;
+            cfg.threads = threads;
             let proxy = tern_proxy::Proxy::start(client, cfg).await?;
             println!("redis endpoint for table {table} listening on {}", proxy.address);
             signals.wait().await;

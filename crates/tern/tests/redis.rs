@@ -152,6 +152,23 @@ async fn redis_py_client() {
     pg.playground.shutdown().await;
 }
 
+/// A proxy serving connections on three threads: connections on different threads see each other's
+/// writes, a SCAN cursor from one continues on another, and INFO counts every thread's clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_threads_share_cursors_and_counters() {
+    let pg = playground().await;
+    let mut cfg = ProxyConfig::new("127.0.0.1:0".parse().unwrap(), "demo");
+    cfg.threads = 3;
+    let proxy = Proxy::start(pg.client(), cfg).await.unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/redis/threads_check.py");
+    let mut cmd = tool("python3");
+    cmd.args([script, &proxy.address.port().to_string()]);
+    let (ok, out, err) = run(cmd, None).await;
+    assert!(ok && out.contains("threads ok"), "threaded proxy check failed:\n{out}\n{err}");
+    proxy.shutdown().await;
+    pg.playground.shutdown().await;
+}
+
 /// redis-benchmark with pipelining across many connections: every command answers, and INCR is
 /// exactly once (the counter ends at precisely the number of INCRs sent).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,6 +269,7 @@ async fn protocol_abuse_and_limits() {
     let mut cfg = ProxyConfig::new("127.0.0.1:0".parse().unwrap(), "demo");
     cfg.password = Some("s3cret".into());
     cfg.max_clients = 2;
+    cfg.threads = 2;
     let guarded = Proxy::start(pg.client(), cfg).await.unwrap();
     let port = guarded.address.port();
     tokio::task::spawn_blocking(move || {
@@ -275,5 +293,9 @@ async fn protocol_abuse_and_limits() {
     guarded.shutdown().await;
     assert!(ProxyConfig { max_clients: 0, ..ProxyConfig::new("127.0.0.1:0".parse().unwrap(), "demo") }.validate().is_err());
     assert!(ProxyConfig::new("127.0.0.1:0".parse().unwrap(), "bad name").validate().is_err());
+    for threads in [0, tern_proxy::THREADS_MAX + 1] {
+        let e = ProxyConfig { threads, ..ProxyConfig::new("127.0.0.1:0".parse().unwrap(), "demo") }.validate().unwrap_err();
+        assert!(e.to_string().contains(&format!("between 1 and {}", tern_proxy::THREADS_MAX)), "{e}");
+    }
     pg.playground.shutdown().await;
 }
