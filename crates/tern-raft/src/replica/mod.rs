@@ -449,9 +449,14 @@ impl Replica {
             }
         }
         // The engine must hold everything below the new log start durably before the log goes:
-        // collect what the last finished sync covers, and start a sync for the rest.
+        // collect what the last finished sync covers. The periodic syncs (staggered by group) move
+        // that along; a sync of the log's own only once it holds twice the threshold, so replicas
+        // under the same load do not all flush their memtables in the same second (a burst of
+        // flushes delays every raft-log fsync on the disk).
         if target > self.synced_index {
-            self.start_engine_sync();
+            if applied >= first + 2 * self.cfg.log_gc_count_threshold {
+                self.start_engine_sync();
+            }
             target = self.synced_index;
         }
         if target < first {
