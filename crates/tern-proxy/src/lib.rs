@@ -221,10 +221,6 @@ impl Proxy {
         let mut shards = Vec::new();
         let mut threads = Vec::new();
         for i in 0..shared.config.threads {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| TernError::Internal(format!("cannot start a proxy thread: {e}")))?;
             let shard = Arc::new(Shard {
                 table: Client::new(client.config().clone())?.table(&shared.config.table),
                 shared: shared.clone(),
@@ -233,10 +229,23 @@ impl Proxy {
             // Unbounded, yet bounded by max_clients: the acceptor counts a connection before sending it.
             let (handoff, arrivals) = tokio::sync::mpsc::unbounded_channel();
             let (serving, stopped) = (shard.clone(), stopped.clone());
+            // The runtime is built and dropped on its own thread (never inside the caller's).
+            let (started, start) = tokio::sync::oneshot::channel();
             let thread = std::thread::Builder::new()
                 .name(format!("tern-proxy-{i}"))
-                .spawn(move || runtime.block_on(shard_loop(serving, arrivals, stopped)))
+                .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => {
+                        let _ = started.send(Ok(()));
+                        runtime.block_on(shard_loop(serving, arrivals, stopped));
+                    }
+                    Err(e) => drop(started.send(Err(e))),
+                })
                 .map_err(|e| TernError::Internal(format!("cannot start a proxy thread: {e}")))?;
+            match start.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(TernError::Internal(format!("cannot start a proxy thread's runtime: {e}"))),
+                Err(_) => return Err(TernError::Internal("a proxy thread stopped while starting".into())),
+            }
             shards.push((shard, handoff));
             threads.push(thread);
         }
@@ -255,7 +264,7 @@ impl Proxy {
 
 type Handoff = tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, u64)>;
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shards: Vec<(Arc<Shard>, Handoff)>, mut stopped: watch::Receiver<bool>) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shards: Vec<(Arc<Shard>, Handoff)>, mut stopped: watch::Receiver<bool>) {
     let mut next_id = 1u64;
     loop {
         let accepted = tokio::select! {
@@ -270,16 +279,38 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shards: Vec<(Ar
             continue;
         }
         let _ = stream.set_nodelay(true);
-        let Ok(stream) = stream.into_std() else { continue };
-        let Some((shard, handoff)) = shards.iter().min_by_key(|(shard, _)| shard.connections.load(Ordering::Relaxed)) else { break };
-        shared.stats.connected.fetch_add(1, Ordering::Relaxed);
-        shard.connections.fetch_add(1, Ordering::Relaxed);
-        if let Err(lost) = handoff.send((stream, next_id)) {
-            drop(lost);
-            shard.connections.fetch_sub(1, Ordering::Relaxed);
-            shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
+        let Ok(mut stream) = stream.into_std() else { continue };
+        // A thread that stopped (it cannot, short of a bug) leaves the rotation; none left: stop.
+        loop {
+            let Some(index) = (0..shards.len()).min_by_key(|&i| shards[i].0.connections.load(Ordering::Relaxed)) else {
+                tracing::error!("every proxy thread has stopped; the redis endpoint stops accepting");
+                return;
+            };
+            let (shard, handoff) = &shards[index];
+            shared.stats.connected.fetch_add(1, Ordering::Relaxed);
+            shard.connections.fetch_add(1, Ordering::Relaxed);
+            match handoff.send((stream, next_id)) {
+                Ok(()) => break,
+                Err(tokio::sync::mpsc::error::SendError((returned, _))) => {
+                    shard.connections.fetch_sub(1, Ordering::Relaxed);
+                    shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
+                    shards.swap_remove(index);
+                    stream = returned;
+                }
+            }
         }
         next_id += 1;
+    }
+}
+
+/// Counts a connection as served by a thread until dropped: when its task ends, panics or is
+/// cancelled at shutdown.
+struct Served(Arc<Shard>);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.stats.connected.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -299,25 +330,23 @@ async fn shard_loop(
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
-        let shard = shard.clone();
+        let served = Served(shard.clone());
         connections.spawn(async move {
             match TcpStream::from_std(stream) {
                 Ok(stream) => {
-                    if let Err(e) = serve(stream, &shard, id).await {
+                    if let Err(e) = serve(stream, &served.0, id).await {
                         tracing::debug!("redis connection {id}: {e}");
                     }
                 }
                 Err(e) => tracing::debug!("redis connection {id}: {e}"),
             }
-            shard.connections.fetch_sub(1, Ordering::Relaxed);
-            shard.stats.connected.fetch_sub(1, Ordering::Relaxed);
+            drop(served);
         });
     }
     // Connections the acceptor handed over that this thread never started: closed, and uncounted.
     arrivals.close();
     while let Ok(_lost) = arrivals.try_recv() {
-        shard.connections.fetch_sub(1, Ordering::Relaxed);
-        shard.stats.connected.fetch_sub(1, Ordering::Relaxed);
+        drop(Served(shard.clone()));
     }
     connections.shutdown().await;
 }
