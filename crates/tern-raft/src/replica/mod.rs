@@ -99,6 +99,14 @@ pub struct Replica {
     sync_in_flight: Option<crate::apply::PendingSync>,
 }
 
+/// Where in `[0, period)` this group's periodic work falls: Fibonacci hashing of the group id, so
+/// the partitions of a table (consecutive ids) spread evenly over the period, the same on every
+/// node and every run.
+fn group_phase(group: GroupId, period: u64) -> u64 {
+    let fraction = group.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    ((fraction as u128 * period as u128) >> 32) as u64
+}
+
 /// Opens a replica's state machine, with the planted bug that concerns it when a test asks for it.
 fn open_state_machine(engine: Box<dyn tern_engine::KvEngine>, initial: ApplyState, planted: &PlantedBugs) -> Result<StateMachine, TernError> {
     let mut sm = StateMachine::open(engine, initial)?;
@@ -399,8 +407,10 @@ impl Replica {
         if self.ticks.is_multiple_of(self.cfg.log_gc_interval_ticks) {
             self.maybe_compact_log();
         }
-        // Staggered by group, so a node's replicas do not all sync in the same round.
-        let due = (self.ticks + self.group.0).is_multiple_of(self.cfg.expiry_sync_interval_ticks);
+        // Staggered by group, so a node's replicas do not all sync (flush a memtable) in the same
+        // second: a burst of flushes delays every raft-log fsync on the disk.
+        let interval = self.cfg.expiry_sync_interval_ticks;
+        let due = (self.ticks + group_phase(self.group, interval)).is_multiple_of(interval);
         if due {
             self.start_engine_sync();
         }
@@ -450,11 +460,13 @@ impl Replica {
         }
         // The engine must hold everything below the new log start durably before the log goes:
         // collect what the last finished sync covers. The periodic syncs (staggered by group) move
-        // that along; a sync of the log's own only once it holds twice the threshold, so replicas
-        // under the same load do not all flush their memtables in the same second (a burst of
-        // flushes delays every raft-log fsync on the disk).
+        // that along; a sync of the log's own only once it holds two to three times the threshold
+        // (where in that range depends on the group), so replicas under the same load do not all
+        // flush their memtables in the same second (a burst of flushes delays every raft-log fsync
+        // on the disk).
         if target > self.synced_index {
-            if applied >= first + 2 * self.cfg.log_gc_count_threshold {
+            let threshold = self.cfg.log_gc_count_threshold;
+            if applied >= first + 2 * threshold + group_phase(self.group, threshold) {
                 self.start_engine_sync();
             }
             target = self.synced_index;
@@ -707,5 +719,25 @@ impl Replica {
 
     pub fn snapshot_dir(&self) -> &Path {
         &self.snapshot_dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::group_phase;
+    use tern_core::GroupId;
+
+    /// The partitions of a table get periodic-work phases spread over the whole period (no two of
+    /// eight within a twentieth of it), for any table, and every phase is inside the period.
+    #[test]
+    fn group_phases_spread_a_tables_partitions() {
+        for table in [1u32, 2, 7, 1000] {
+            let mut phases: Vec<u64> = (0..8).map(|p| group_phase(GroupId::new(table, p), 100)).collect();
+            phases.sort_unstable();
+            assert!(phases.windows(2).all(|w| w[1] - w[0] >= 5), "table {table}: {phases:?}");
+            assert!(phases.iter().all(|&p| p < 100), "{phases:?}");
+        }
+        assert_eq!(group_phase(GroupId::new(3, 3), 1), 0);
+        assert!(group_phase(GroupId(u64::MAX), u64::MAX) < u64::MAX);
     }
 }
