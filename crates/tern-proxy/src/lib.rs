@@ -262,7 +262,7 @@ impl Proxy {
     }
 }
 
-type Handoff = tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, u64)>;
+type Handoff = tokio::sync::mpsc::UnboundedSender<Arrival>;
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shards: Vec<(Arc<Shard>, Handoff)>, mut stopped: watch::Receiver<bool>) {
     let mut next_id = 1u64;
@@ -287,15 +287,11 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shards: Vec
                 return;
             };
             let (shard, handoff) = &shards[index];
-            shared.stats.connected.fetch_add(1, Ordering::Relaxed);
-            shard.connections.fetch_add(1, Ordering::Relaxed);
-            match handoff.send((stream, next_id)) {
+            match handoff.send(Arrival { stream, id: next_id, served: Served::new(shard) }) {
                 Ok(()) => break,
-                Err(tokio::sync::mpsc::error::SendError((returned, _))) => {
-                    shard.connections.fetch_sub(1, Ordering::Relaxed);
-                    shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
+                Err(tokio::sync::mpsc::error::SendError(returned)) => {
                     shards.swap_remove(index);
-                    stream = returned;
+                    stream = returned.stream;
                 }
             }
         }
@@ -303,9 +299,25 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shards: Vec
     }
 }
 
-/// Counts a connection as served by a thread until dropped: when its task ends, panics or is
-/// cancelled at shutdown.
+/// A connection on its way from the acceptor to a thread.
+struct Arrival {
+    stream: std::net::TcpStream,
+    id: u64,
+    served: Served,
+}
+
+/// Counts a connection (in the proxy's and its thread's counts) from when the acceptor hands it
+/// over until dropped: when its task ends, panics or is cancelled at shutdown, or when it never
+/// reached a thread.
 struct Served(Arc<Shard>);
+
+impl Served {
+    fn new(shard: &Arc<Shard>) -> Served {
+        shard.connections.fetch_add(1, Ordering::Relaxed);
+        shard.stats.connected.fetch_add(1, Ordering::Relaxed);
+        Served(shard.clone())
+    }
+}
 
 impl Drop for Served {
     fn drop(&mut self) {
@@ -315,14 +327,10 @@ impl Drop for Served {
 }
 
 /// One proxy thread: serves the connections the acceptor hands it until the proxy stops.
-async fn shard_loop(
-    shard: Arc<Shard>,
-    mut arrivals: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, u64)>,
-    mut stopped: watch::Receiver<bool>,
-) {
+async fn shard_loop(shard: Arc<Shard>, mut arrivals: tokio::sync::mpsc::UnboundedReceiver<Arrival>, mut stopped: watch::Receiver<bool>) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
-        let (stream, id) = tokio::select! {
+        let Arrival { stream, id, served } = tokio::select! {
             _ = stopped.changed() => break,
             arrival = arrivals.recv() => match arrival {
                 Some(a) => a,
@@ -330,24 +338,22 @@ async fn shard_loop(
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
-        let served = Served(shard.clone());
+        let shard = shard.clone();
         connections.spawn(async move {
+            let _served = served;
             match TcpStream::from_std(stream) {
                 Ok(stream) => {
-                    if let Err(e) = serve(stream, &served.0, id).await {
+                    if let Err(e) = serve(stream, &shard, id).await {
                         tracing::debug!("redis connection {id}: {e}");
                     }
                 }
                 Err(e) => tracing::debug!("redis connection {id}: {e}"),
             }
-            drop(served);
         });
     }
-    // Connections the acceptor handed over that this thread never started: closed, and uncounted.
+    // Connections handed over that this thread never started are closed (dropping them uncounts them).
     arrivals.close();
-    while let Ok(_lost) = arrivals.try_recv() {
-        drop(Served(shard.clone()));
-    }
+    while arrivals.try_recv().is_ok() {}
     connections.shutdown().await;
 }
 

@@ -153,7 +153,8 @@ async fn redis_py_client() {
 }
 
 /// A proxy serving connections on three threads: connections on different threads see each other's
-/// writes, a SCAN cursor from one continues on another, and INFO counts every thread's clients.
+/// writes, a SCAN cursor from one continues on another, INFO counts every thread's clients, and a
+/// connection open at shutdown is closed and uncounted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_threads_share_cursors_and_counters() {
     let pg = playground().await;
@@ -165,7 +166,28 @@ async fn proxy_threads_share_cursors_and_counters() {
     cmd.args([script, &proxy.address.port().to_string()]);
     let (ok, out, err) = run(cmd, None).await;
     assert!(ok && out.contains("threads ok"), "threaded proxy check failed:\n{out}\n{err}");
+    // Connections still open when the proxy stops are closed and uncounted.
+    let port = proxy.address.port();
+    let open = tokio::task::spawn_blocking(move || {
+        let mut s = connect(port);
+        assert_eq!(exchange(&mut s, b"PING\r\n", 1), "+PONG\r\n");
+        s
+    })
+    .await
+    .unwrap();
+    let shared = proxy.shared.clone();
+    let connected = || shared.stats.connected.load(std::sync::atomic::Ordering::Relaxed);
+    // The script's connections are closed; the proxy notices each at its next read.
+    for _ in 0..100 {
+        if connected() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(connected(), 1);
     proxy.shutdown().await;
+    assert_eq!(connected(), 0);
+    drop(open);
     pg.playground.shutdown().await;
 }
 
