@@ -30,7 +30,9 @@ pub struct ReplicaConfig {
     /// [election_tick, 2 * election_tick) by the store's seeded generator.
     pub election_tick: usize,
     pub heartbeat_tick: usize,
-    /// Compact the log once this many applied entries sit in it.
+    /// Compact the log once this many applied entries sit in it (up to what the engine holds
+    /// durably); at two to three times this many, sync the engine for it instead of waiting for the
+    /// periodic sync.
     pub log_gc_count_threshold: u64,
     /// A leader keeps entries a follower still needs unless the follower lags by more than this.
     pub log_gc_lag_max: u64,
