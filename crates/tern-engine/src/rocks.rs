@@ -12,6 +12,23 @@ fn io(e: rocksdb::Error) -> EngineError {
     EngineError::Io(e.into_string())
 }
 
+/// Hands `visit` each record from where `it` stands, moving it with `step`, until `visit` says stop,
+/// the range ends, or the iterator fails (that failure is the answer).
+fn visit_each<D: rocksdb::DBAccess>(
+    mut it: rocksdb::DBRawIteratorWithThreadMode<'_, D>,
+    step: impl Fn(&mut rocksdb::DBRawIteratorWithThreadMode<'_, D>),
+    visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+) -> EngineResult<()> {
+    while it.valid() {
+        let (Some(k), Some(v)) = (it.key(), it.value()) else { break };
+        if !visit(k, v) {
+            return Ok(());
+        }
+        step(&mut it);
+    }
+    it.status().map_err(io)
+}
+
 /// Resources shared by every replica on one server.
 pub struct RocksSharedResources {
     cache: Cache,
@@ -112,14 +129,7 @@ impl KvEngine for RocksEngine {
         }
         let mut it = self.db.raw_iterator_opt(ro);
         it.seek(start);
-        while it.valid() {
-            let (Some(k), Some(v)) = (it.key(), it.value()) else { break };
-            if !visit(k, v) {
-                return Ok(());
-            }
-            it.next();
-        }
-        it.status().map_err(io)
+        visit_each(it, |it| it.next(), visit)
     }
 
     fn scan_reverse(&self, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> EngineResult<()> {
@@ -131,14 +141,7 @@ impl KvEngine for RocksEngine {
         ro.set_iterate_upper_bound(end.to_vec());
         let mut it = self.db.raw_iterator_opt(ro);
         it.seek_to_last();
-        while it.valid() {
-            let (Some(k), Some(v)) = (it.key(), it.value()) else { break };
-            if !visit(k, v) {
-                return Ok(());
-            }
-            it.prev();
-        }
-        it.status().map_err(io)
+        visit_each(it, |it| it.prev(), visit)
     }
 
     fn sync(&self) -> EngineResult<()> {
