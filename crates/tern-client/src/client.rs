@@ -11,6 +11,7 @@ use tern_core::codec::partition_of;
 use tern_core::limits::GRPC_MESSAGE_BYTES_MAX;
 use tern_core::time::SeededRandom;
 use tern_core::{NodeId, TernError, TernResult};
+use tern_proto::backup_client::BackupClient;
 use tern_proto::kv_client::KvClient;
 use tern_proto::meta_client::MetaClient;
 use tern_proto::*;
@@ -280,6 +281,11 @@ impl Client {
         Ok(KvClient::new(self.channel(&address)?)
             .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX.max(64 << 20))
             .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX))
+    }
+
+    /// The backup service of a server (the backup coordinator's way to its servers).
+    pub(crate) fn backup_service(&self, node: NodeId) -> TernResult<BackupClient<Channel>> {
+        Ok(BackupClient::new(self.channel(&self.address(node)?)?))
     }
 
     /// Sends one request to the partition leader with the retry loop. `build` makes the request for

@@ -6,9 +6,11 @@
 //!
 //! Owns: `retry` (the pure backoff policy), `routing` (pure leader tracking and retry decisions,
 //! shared with the simulator), `client` (connections, routing, the request loop) and the
-//! typed operations on `Table`, `batch` (one multiplexed request stream per server). Must not depend on tern-raft, tern-server or tern-meta: it speaks only
+//! typed operations on `Table`, `batch` (one multiplexed request stream per server), `backup` (the
+//! coordinator of table backups and restores; the servers copy the data). Must not depend on tern-raft, tern-server or tern-meta: it speaks only
 //! the wire protocol in tern-proto.
 
+pub mod backup;
 mod batch;
 mod client;
 pub mod retry;

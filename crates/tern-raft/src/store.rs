@@ -108,6 +108,17 @@ impl ReplicaSpec {
 
 pub type ChecksumCallback = Box<dyn FnOnce(Result<(u64, u64, u64), TernError>) + Send>;
 
+/// A replica's engine checkpointed for a backup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checkpointed {
+    /// The raft index the checkpoint holds every entry up to.
+    pub applied_index: u64,
+    /// The time the replica's reads looked at when it was taken (never before its log's clock).
+    pub read_time_ms: u64,
+}
+
+pub type CheckpointCallback = Box<dyn FnOnce(Result<Checkpointed, TernError>) + Send>;
+
 pub enum StoreMsg {
     Write {
         group: GroupId,
@@ -146,6 +157,12 @@ pub enum StoreMsg {
         group: GroupId,
         at_unix_ms: u64,
         callback: ChecksumCallback,
+    },
+    /// Checkpoints a replica's engine into `dir` (which must not exist yet), for a backup.
+    Checkpoint {
+        group: GroupId,
+        dir: PathBuf,
+        callback: CheckpointCallback,
     },
     /// A log write became durable (the log writer's wake-up; the round finishes in `process_ready`).
     LogWritten,
@@ -516,6 +533,10 @@ impl Store {
                 Some(r) => callback(r.checksum(if at_unix_ms == 0 { now } else { at_unix_ms })),
                 None => callback(Err(not_hosted(group))),
             },
+            StoreMsg::Checkpoint { group, dir, callback } => match self.replicas.get(&group) {
+                Some(r) => callback(r.checkpoint_into(&dir, now)),
+                None => callback(Err(not_hosted(group))),
+            },
             StoreMsg::LogWritten => {}
             StoreMsg::Shutdown => return false,
         }
@@ -822,6 +843,7 @@ impl StoreMsg {
             StoreMsg::Write { callback, .. } => callback(crate::apply::error_response(e)),
             StoreMsg::Read { callback, .. } => callback(ReadResponse { error: Some(e.into()), ..Default::default() }),
             StoreMsg::Checksum { callback, .. } => callback(Err(e)),
+            StoreMsg::Checkpoint { callback, .. } => callback(Err(e)),
             // Dropped unanswered: "no replicas" would be a lie a heartbeat could pass on to meta.
             StoreMsg::Status(_) => {}
             // A received snapshot nobody will install. (This runs on the production mailbox's

@@ -2,10 +2,11 @@
 //! thread), serves the client KV API and the raft transport over gRPC, streams snapshots, and
 //! heartbeats to meta to learn which replicas it should host.
 //!
-//! Owns: request validation at the service edge (`validate`), the KV service (`service`) and process
-//! lifecycle (`node`); the raft transport comes from tern-transport. Must not contain consensus or apply logic:
+//! Owns: request validation at the service edge (`validate`), the KV service (`service`), the
+//! server's half of backup and restore (`backup`) and process lifecycle (`node`); the raft transport comes from tern-transport. Must not contain consensus or apply logic:
 //! that lives in tern-raft. Must not depend on tern-meta or tern-client.
 
+pub mod backup;
 pub mod node;
 pub mod service;
 pub mod validate;

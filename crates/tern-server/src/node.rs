@@ -1,6 +1,7 @@
 //! A replica server's lifecycle: open storage, register with meta, run the store thread, serve gRPC,
 //! heartbeat, and stop cleanly.
 
+use crate::backup::BackupService;
 use crate::service::KvService;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use tern_core::limits::GRPC_MESSAGE_BYTES_MAX;
 use tern_core::time::SystemClock;
 use tern_core::{NodeId, TernError};
 use tern_engine::{RocksEngineFactory, RocksSharedResources};
+use tern_proto::backup_server::BackupServer;
 use tern_proto::kv_server::KvServer;
 use tern_proto::meta_client::MetaClient;
 use tern_proto::raft_server::RaftServer;
@@ -32,6 +34,8 @@ pub struct ServerConfig {
     pub heartbeat_interval: Duration,
     /// Snapshot transfer rate limit per transfer, bytes per second (0 = unlimited).
     pub snapshot_bytes_per_second: u64,
+    /// Rate of a backup or restore of one partition when the request names none, bytes per second.
+    pub backup_bytes_per_second: u64,
     pub block_cache_bytes: usize,
     pub write_buffer_bytes: usize,
     /// Failure domain; replicas of a partition go to distinct zones when possible.
@@ -53,6 +57,7 @@ impl ServerConfig {
             store: StoreConfig::default(),
             heartbeat_interval: Duration::from_secs(1),
             snapshot_bytes_per_second: 100 * 1024 * 1024,
+            backup_bytes_per_second: 64 * 1024 * 1024,
             block_cache_bytes: 128 * 1024 * 1024,
             write_buffer_bytes: 64 * 1024 * 1024,
             zone: String::new(),
@@ -70,6 +75,9 @@ impl ServerConfig {
         }
         if self.store.tick_interval.is_zero() {
             return Err(TernError::invalid("raft tick interval must be positive"));
+        }
+        if self.backup_bytes_per_second == 0 {
+            return Err(TernError::invalid("the default backup rate must be positive (bytes per second)"));
         }
         if self.block_cache_bytes < 1024 * 1024 {
             return Err(TernError::invalid("block cache must be at least 1 MiB"));
@@ -238,7 +246,7 @@ impl ServerNode {
         let cluster_id = Arc::new(std::sync::atomic::AtomicU64::new(identity.cluster_id));
 
         let log = Arc::new(RaftEngineLogStore::open(&cfg.data_dir.join("raft-log"))?);
-        let engines = Arc::new(RocksEngineFactory::new(
+        let engines: Arc<RocksEngineFactory> = Arc::new(RocksEngineFactory::new(
             RocksSharedResources::new(cfg.block_cache_bytes, cfg.write_buffer_bytes),
             Some(tern_raft::keys::is_expired_record),
         ));
@@ -259,6 +267,8 @@ impl ServerNode {
         let data_dir = cfg.data_dir.clone();
         let store_cfg = cfg.store.clone();
         let (writer_wakes, log_writer_thread) = (handle.clone(), cfg.store.log_writer_thread);
+        let backup =
+            BackupServer::new(BackupService::new(handle.clone(), engines.clone(), cfg.data_dir.join("backup-work"), cfg.backup_bytes_per_second)?);
         let store = tokio::task::spawn_blocking(move || {
             let disks = store::NodeDisks { log, engines, files: Arc::new(tern_core::files::RealFileSystem) };
             let mut store = Store::open(node_id, data_dir, disks, Arc::new(SystemClock::default()), rand::random(), store_cfg, Box::new(transport))?;
@@ -289,6 +299,7 @@ impl ServerNode {
             let r = tonic::transport::Server::builder()
                 .add_service(kv)
                 .add_service(raft)
+                .add_service(backup)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = server_stop.wait_for(|s| *s).await;
                 })

@@ -15,6 +15,12 @@ fn partition(p: &Option<PartitionRef>) -> Result<&PartitionRef, TernError> {
     Ok(p)
 }
 
+/// Validates a partition reference alone and returns the group it addresses.
+pub fn partition_group(p: &Option<PartitionRef>) -> Result<GroupId, TernError> {
+    let p = partition(p)?;
+    Ok(GroupId::new(p.table_id, p.partition))
+}
+
 fn hashkey_in_partition(hashkey: &[u8], p: &PartitionRef) -> Result<(), TernError> {
     check_hashkey(hashkey)?;
     let expected = partition_of(hashkey, p.partition_count);

@@ -1,9 +1,10 @@
 //! `tern shell`: an interactive and one-shot command line over the client. Parsing is pure
 //! (`parse`), so every syntax error is a typed message and is unit-tested.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::Duration;
-use tern_client::{Client, FullScanCursor, ScanOptions};
+use tern_client::{backup, Client, FullScanCursor, ScanOptions};
 use tern_proto::{CheckType, CreateTableRequest, DropTableRequest, ListTablesRequest, PartitionStatusRequest};
 
 pub const HELP: &str = "\
@@ -36,6 +37,11 @@ commands (keys and values are words; quote them with \"...\" or '...', \\xHH esc
   set_replica_count TABLE N              add or remove replicas of every partition
   partitions [TABLE]                     replica set, leader and applied index of each partition
   cluster_info                           meta address, servers, tables
+  backup TABLE --to DIR [--rate MB_PER_S]   copy a consistent checkpoint of every partition into a
+                                         new directory under DIR (reachable by every server); Ctrl-C cancels
+  backups DIR                            the backups under DIR: table, time, partitions, size, records
+  restore BACKUP_DIR --table NEW [--rate MB_PER_S]   create table NEW from a backup (checked first;
+                                         a failed or cancelled restore drops NEW)
   help                                   this text
   quit                                   leave the shell";
 
@@ -68,6 +74,9 @@ pub enum Command {
     SetReplicaCount { table: String, count: u32 },
     Partitions { table: Option<String> },
     ClusterInfo,
+    Backup { table: String, to: String, rate_mb: u64 },
+    Backups { root: String },
+    Restore { backup: String, table: String, rate_mb: u64 },
     Help,
     Quit,
 }
@@ -160,6 +169,38 @@ fn parse_check<'a>(args: &'a [Vec<u8>], usage: &str) -> Result<Check<'a>, String
 }
 
 /// Parses one command line.
+/// Splits words into positional ones and `--flag value` pairs (only the flags named in `known`).
+fn options(args: &[Vec<u8>], known: &[&str], usage: &str) -> Result<(Vec<String>, HashMap<String, String>), String> {
+    let (mut positional, mut flags) = (Vec::new(), HashMap::new());
+    let mut rest = args.iter().map(|a| text(a));
+    while let Some(word) = rest.next() {
+        if word.starts_with("--") {
+            if !known.contains(&word.as_str()) {
+                return Err(format!("unknown option {word} ({usage})"));
+            }
+            let value = rest.next().ok_or_else(|| format!("{word} needs a value ({usage})"))?;
+            if flags.insert(word.clone(), value).is_some() {
+                return Err(format!("{word} given twice"));
+            }
+        } else {
+            positional.push(word);
+        }
+    }
+    Ok((positional, flags))
+}
+
+/// Most MB/s a backup or restore may be asked to run at.
+const BACKUP_RATE_MB_MAX: u64 = 100_000;
+
+/// `--rate MB_PER_S` (absent: 0, each server's default).
+fn rate(options: &HashMap<String, String>) -> Result<u64, String> {
+    let Some(r) = options.get("--rate") else { return Ok(0) };
+    match r.parse::<u64>() {
+        Ok(mb) if (1..=BACKUP_RATE_MB_MAX).contains(&mb) => Ok(mb),
+        _ => Err(format!("--rate is in MB per second, 1 to {BACKUP_RATE_MB_MAX}; got {r:?}")),
+    }
+}
+
 pub fn parse(line: &str) -> Result<Option<Command>, String> {
     let words = tokenize(line)?;
     let Some((name, args)) = words.split_first() else { return Ok(None) };
@@ -362,6 +403,24 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
             Command::Partitions { table: args.first().map(|t| text(t)) }
         }
         "cluster_info" => Command::ClusterInfo,
+        "backup" => {
+            let usage = "usage: backup TABLE --to DIR [--rate MB_PER_S]";
+            let (positional, options) = options(args, &["--to", "--rate"], usage)?;
+            let [table] = positional.as_slice() else { return Err(usage.into()) };
+            let to = options.get("--to").ok_or(usage)?.clone();
+            Command::Backup { table: table.clone(), to, rate_mb: rate(&options)? }
+        }
+        "backups" => {
+            arity(&name, args, 1, 1, "DIR")?;
+            Command::Backups { root: text(&args[0]) }
+        }
+        "restore" => {
+            let usage = "usage: restore BACKUP_DIR --table NEW [--rate MB_PER_S]";
+            let (positional, options) = options(args, &["--table", "--rate"], usage)?;
+            let [backup] = positional.as_slice() else { return Err(usage.into()) };
+            let table = options.get("--table").ok_or(usage)?.clone();
+            Command::Restore { backup: backup.clone(), table, rate_mb: rate(&options)? }
+        }
         "help" | "?" => Command::Help,
         "quit" | "exit" => Command::Quit,
         other => return Err(format!("unknown command {other:?}; type help")),
@@ -655,6 +714,65 @@ impl Shell {
                 }
                 out
             }
+            Command::Backup { table, to, rate_mb } => {
+                let mut shown = std::time::Instant::now();
+                let mut show = |p: &backup::Progress| {
+                    if shown.elapsed() >= Duration::from_secs(1) {
+                        shown = std::time::Instant::now();
+                        eprintln!("backup of {table}: {p}");
+                    }
+                };
+                let (dir, m) = backup::backup_table(&self.client, &table, &to, rate_mb << 20, &mut show, ctrl_c()).await.map_err(err)?;
+                format!(
+                    "backed up table {} to {}: {} partitions, {} records, {:.1} MiB in {:.1} s",
+                    m.table,
+                    dir.display(),
+                    m.partition_count,
+                    m.record_count(),
+                    m.bytes() as f64 / (1 << 20) as f64,
+                    (m.finished_unix_ms - m.started_unix_ms) as f64 / 1000.0
+                )
+            }
+            Command::Backups { root } => {
+                let mut out = format!("{:<40} {:<16} {:>10} {:>10} {:>12}  {}", "backup", "table", "partitions", "MiB", "records", "taken (unix ms)");
+                for (name, m) in backup::list_backups(&root).map_err(err)? {
+                    match m {
+                        Ok(m) => {
+                            let mib = m.bytes() as f64 / (1 << 20) as f64;
+                            let _ = write!(
+                                out,
+                                "\n{name:<40} {:<16} {:>10} {mib:>10.1} {:>12}  {}",
+                                m.table,
+                                m.partition_count,
+                                m.record_count(),
+                                m.started_unix_ms
+                            );
+                        }
+                        Err(e) => {
+                            let _ = write!(out, "\n{name:<40} not usable: {e}");
+                        }
+                    }
+                }
+                out
+            }
+            Command::Restore { backup: from, table, rate_mb } => {
+                let mut shown = std::time::Instant::now();
+                let mut show = |p: &backup::Progress| {
+                    if shown.elapsed() >= Duration::from_secs(1) {
+                        shown = std::time::Instant::now();
+                        eprintln!("restore into {table}: {p}");
+                    }
+                };
+                let r = backup::restore_table(&self.client, &from, &table, rate_mb << 20, &mut show, ctrl_c()).await.map_err(err)?;
+                format!(
+                    "restored table {} from {from}: {} partitions, {} records, {:.1} MiB in {:.1} s; every partition's checksum matches the backup",
+                    r.table,
+                    r.partitions,
+                    r.records,
+                    r.bytes as f64 / (1 << 20) as f64,
+                    r.elapsed.as_secs_f64()
+                )
+            }
             Command::ClusterInfo => {
                 let nodes = self.client.refresh_nodes().await.map_err(err)?;
                 let tables = self
@@ -676,6 +794,13 @@ impl Shell {
             }
         };
         Ok(out)
+    }
+}
+
+/// Resolves on Ctrl-C (never, if the signal cannot be watched).
+async fn ctrl_c() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -817,6 +942,26 @@ mod tests {
         assert!(parse("transfer_leader t x 1").unwrap_err().contains("number"));
         assert_eq!(parse("set_replica_count t 5").unwrap(), Some(Command::SetReplicaCount { table: "t".into(), count: 5 }));
         assert!(parse("set_replica_count t -1").is_err());
+    }
+
+    /// Backup commands: positional words and --flags in any order, each flag once, rates in range.
+    #[test]
+    fn backup_commands() {
+        assert_eq!(parse("backup t --to /b").unwrap(), Some(Command::Backup { table: "t".into(), to: "/b".into(), rate_mb: 0 }));
+        assert_eq!(parse("backup --rate 20 --to /b t").unwrap(), Some(Command::Backup { table: "t".into(), to: "/b".into(), rate_mb: 20 }));
+        assert!(parse("backup t").unwrap_err().contains("usage"));
+        assert!(parse("backup t u --to /b").unwrap_err().contains("usage"));
+        assert!(parse("backup t --to").unwrap_err().contains("needs a value"));
+        assert!(parse("backup t --to /a --to /b").unwrap_err().contains("twice"));
+        assert!(parse("backup t --to /b --speed 3").unwrap_err().contains("unknown option --speed"));
+        assert!(parse("backup t --to /b --rate 0").unwrap_err().contains("1 to"));
+        assert!(parse("backup t --to /b --rate fast").unwrap_err().contains("MB per second"));
+        assert_eq!(parse("backups /b").unwrap(), Some(Command::Backups { root: "/b".into() }));
+        assert_eq!(
+            parse("restore /b/t-1 --table t2 --rate 5").unwrap(),
+            Some(Command::Restore { backup: "/b/t-1".into(), table: "t2".into(), rate_mb: 5 })
+        );
+        assert!(parse("restore /b/t-1").unwrap_err().contains("usage"));
     }
 
     /// Scripts split on semicolons outside quotes.

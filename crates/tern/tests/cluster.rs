@@ -570,3 +570,144 @@ async fn a_restarted_server_does_not_wait_for_meta() {
     assert_eq!(restarted.node_id, node, "same identity");
     restarted.shutdown().await;
 }
+
+/// Every live record of a table: (hashkey, sortkey) -> value.
+async fn table_contents(t: &tern_client::Table) -> std::collections::BTreeMap<(Vec<u8>, Vec<u8>), Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut cursor = FullScanCursor::default();
+    while !cursor.done {
+        let (records, next) = t.full_scan(&cursor, 500, false).await.unwrap();
+        for r in records {
+            out.insert((r.hashkey.to_vec(), r.sortkey.to_vec()), r.value.to_vec());
+        }
+        cursor = next;
+    }
+    out
+}
+
+/// Cold backup under write load, and restore: the backup holds every write acknowledged before it
+/// started; the restored table holds exactly the backup's records (each written to the source,
+/// with its TTL), the servers' checksums of every restored partition match the backup's, and
+/// writes after the backup are not in it. Bad backups are refused before anything is created:
+/// a changed file (named in the error), a backup without its manifest; so are an existing table
+/// name, an unknown table and an unsupported location. A cancelled backup leaves nothing behind; a
+/// cancelled restore drops the table it created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backup_under_load_restores_whole_and_bad_backups_are_refused() {
+    use tern_client::backup::{backup_table, list_backups, restore_table};
+    let c = Cluster::start("src", 4).await;
+    let t = c.client.table("src");
+    for i in 0..300 {
+        let v = format!("value-{i}").into_bytes();
+        t.multi_set(format!("h{i}").as_bytes(), &[(b"a".to_vec(), v.clone()), (b"b".to_vec(), v)], 0).await.unwrap();
+    }
+    for i in 0..50 {
+        t.set(format!("ttl{i}").as_bytes(), b"", b"lives an hour", 3600).await.unwrap();
+        t.del(format!("h{i}").as_bytes(), b"b").await.unwrap();
+    }
+    let before = table_contents(&t).await;
+    assert_eq!(before.len(), 600);
+
+    // A writer keeps going through the backup; what it wrote is remembered.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (t, stop) = (c.client.table("src"), stop.clone());
+        tokio::spawn(async move {
+            let mut written = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (hk, v) = (format!("w{n}").into_bytes(), format!("during-{n}").into_bytes());
+                if t.set(&hk, b"", &v, 0).await.is_ok() {
+                    written.push((hk, v));
+                }
+                n += 1;
+            }
+            written
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let root = tempfile::tempdir().unwrap();
+    let root_s = root.path().to_string_lossy().into_owned();
+    let mut reports = 0;
+    let (dir, m) = backup_table(&c.client, "src", &root_s, 0, &mut |_| reports += 1, std::future::pending()).await.unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let during = writer.await.unwrap();
+    assert!(!during.is_empty() && reports >= 4, "{} writes during the backup, {reports} progress reports", during.len());
+    assert_eq!((m.table.as_str(), m.partition_count, m.partitions.len()), ("src", 4, 4));
+    assert!(m.record_count() >= 600, "{}", m.record_count());
+    t.set(b"after-the-backup", b"", b"x", 0).await.unwrap();
+
+    let dir_s = dir.to_string_lossy().into_owned();
+    let r = restore_table(&c.client, &dir_s, "copy", 0, &mut |_| {}, std::future::pending()).await.unwrap();
+    assert_eq!((r.partitions, r.records), (4, m.record_count()));
+    let copy = c.client.table("copy");
+    let restored = table_contents(&copy).await;
+    for (k, v) in &before {
+        assert_eq!(restored.get(k), Some(v), "record {k:?} acknowledged before the backup is missing or changed");
+    }
+    let during: std::collections::HashMap<Vec<u8>, Vec<u8>> = during.into_iter().collect();
+    for (k, v) in &restored {
+        if !before.contains_key(k) {
+            assert_eq!(during.get(&k.0), Some(v), "restored record {k:?} was never written");
+        }
+    }
+    assert_eq!(restored.len() as u64, m.record_count());
+    assert!(!restored.contains_key(&(b"after-the-backup".to_vec(), vec![])));
+    let ttl = copy.ttl(b"ttl7", b"").await.unwrap().expect("exists").expect("has a TTL");
+    assert!(ttl > Duration::from_secs(3000) && ttl <= Duration::from_secs(3600), "{ttl:?}");
+    let listed = list_backups(&root_s).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].1.as_ref().unwrap().table, "src");
+
+    // A changed byte in one file: refused before anything is created, naming the file.
+    let bad = root.path().join("bad");
+    copy_dir(&dir, &bad);
+    let p1 = tern_core::backup::partition_dir(&bad, 1);
+    let largest = std::fs::read_dir(&p1).unwrap().map(|e| e.unwrap().path()).max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap();
+    let mut bytes = std::fs::read(&largest).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&largest, bytes).unwrap();
+    let bad_s = bad.to_string_lossy().into_owned();
+    let e = restore_table(&c.client, &bad_s, "copy2", 0, &mut |_| {}, std::future::pending()).await.unwrap_err();
+    let name = largest.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(matches!(e, TernError::Corruption(_)) && e.to_string().contains(&name), "{e}");
+    assert!(matches!(c.client.table_info("copy2").await, Err(TernError::TableNotFound(_))));
+    // No manifest: an unfinished backup.
+    std::fs::remove_file(bad.join(tern_core::backup::BACKUP_MANIFEST)).unwrap();
+    let e = restore_table(&c.client, &bad_s, "copy2", 0, &mut |_| {}, std::future::pending()).await.unwrap_err();
+    assert!(e.to_string().contains("not a finished backup"), "{e}");
+    assert!(matches!(c.client.table_info("copy2").await, Err(TernError::TableNotFound(_))));
+    // An existing table is never restored into.
+    let e = restore_table(&c.client, &dir_s, "src", 0, &mut |_| {}, std::future::pending()).await.unwrap_err();
+    assert!(matches!(e, TernError::TableExists(_)), "{e}");
+    assert_eq!(t.get(b"after-the-backup", b"").await.unwrap(), Some(b"x".to_vec()));
+
+    // A restore cancelled half way drops the table it created.
+    let e = restore_table(&c.client, &dir_s, "copy3", 0, &mut |_| {}, tokio::time::sleep(Duration::from_millis(50))).await.unwrap_err();
+    assert!(e.to_string().contains("cancelled"), "{e}");
+    assert!(matches!(c.client.table_info("copy3").await, Err(TernError::TableNotFound(_))));
+
+    let e = backup_table(&c.client, "nope", &root_s, 0, &mut |_| {}, std::future::pending()).await.unwrap_err();
+    assert!(matches!(e, TernError::TableNotFound(_)), "{e}");
+    let e = backup_table(&c.client, "src", "s3://bucket/x", 0, &mut |_| {}, std::future::pending()).await.unwrap_err();
+    assert!(matches!(e, TernError::InvalidArgument(_)), "{e}");
+    // Cancelled at once: the partial backup is removed.
+    let e = backup_table(&c.client, "src", &root_s, 1 << 20, &mut |_| {}, async {}).await.unwrap_err();
+    assert!(e.to_string().contains("cancelled"), "{e}");
+    let names: Vec<String> = list_backups(&root_s).unwrap().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names.len(), 2, "the backup and the bad copy, nothing else: {names:?}");
+    c.shutdown().await;
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}

@@ -133,6 +133,12 @@ impl Replica {
         now_unix_ms.max(self.sm.state().stamp_ms)
     }
 
+    /// Checkpoints the engine into `dir` for a backup: the state at the applied index.
+    pub fn checkpoint_into(&self, dir: &Path, now_unix_ms: u64) -> Result<crate::store::Checkpointed, TernError> {
+        self.sm.engine().checkpoint(dir).map_err(crate::apply::engine_error)?;
+        Ok(crate::store::Checkpointed { applied_index: self.sm.state().applied_index, read_time_ms: self.read_time(now_unix_ms) })
+    }
+
     /// (applied index, checksum, record count) of the replica's contents.
     pub fn checksum(&self, now_unix_ms: u64) -> Result<(u64, u64, u64), TernError> {
         let (sum, count) = checksum(self.sm.engine(), self.read_time(now_unix_ms))?;

@@ -1,0 +1,378 @@
+//! Cold backup and restore of a whole table, coordinated from a client (`tern shell` runs it): the
+//! servers do the copying (`tern_server::backup`), this code says which partition goes where, follows
+//! leaders, retries, reports progress and writes or checks the backup's own manifest
+//! (`tern_core::backup` holds the layout).
+//!
+//! Consistency: each partition is backed up as a checkpoint at one applied index, taken after a
+//! linearizable read on it, so it holds every write acknowledged before the backup started and a
+//! prefix of the partition's log. Partitions are taken one after another, not at one instant: a
+//! write acknowledged during the backup may be in it or not, independently per partition.
+//!
+//! A backup is complete once `backup.json` exists; a failed or cancelled backup removes its
+//! directory. A restore checks every byte of the backup before it creates the table, and drops the
+//! table again if any partition then fails, so a table is restored whole or not at all.
+
+use crate::client::Client;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tern_core::backup::{self as layout, BackupManifest, PartitionEntry};
+use tern_core::{NodeId, TernError, TernResult};
+use tern_proto::{BackupPartitionRequest, CreateTableRequest, DropTableRequest, PartitionRef, RestorePartitionRequest, TableInfo};
+
+/// How long one partition may keep failing (no leader, a busy server) before the whole operation
+/// gives up.
+const PARTITION_RETRY_DEADLINE: Duration = Duration::from_secs(120);
+
+/// What a running backup or restore has done so far.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    pub partitions: u32,
+    pub partitions_done: u32,
+    /// Bytes copied, of the partitions done and the one under way.
+    pub bytes: u64,
+    /// Records written (restore only).
+    pub records: u64,
+    pub elapsed: Duration,
+}
+
+impl Progress {
+    pub fn bytes_per_second(&self) -> f64 {
+        self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-3)
+    }
+}
+
+impl std::fmt::Display for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{} partitions, {:.1} MiB at {:.1} MiB/s",
+            self.partitions_done,
+            self.partitions,
+            self.bytes as f64 / (1 << 20) as f64,
+            self.bytes_per_second() / (1 << 20) as f64
+        )?;
+        if self.records > 0 {
+            write!(f, ", {} records", self.records)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a finished restore did.
+#[derive(Clone, Debug)]
+pub struct Restored {
+    pub table: String,
+    pub partitions: u32,
+    pub records: u64,
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> TernError {
+    move |e| TernError::Internal(format!("{what}: {e}"))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> TernResult<T> + Send + 'static) -> TernResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| TernError::Internal(format!("backup task: {e}")))?
+}
+
+/// Runs `work` unless `cancel` resolves first.
+async fn cancellable<T>(work: impl Future<Output = TernResult<T>>, cancel: impl Future<Output = ()>) -> TernResult<T> {
+    tokio::select! {
+        r = work => r,
+        () = cancel => Err(TernError::Unavailable("cancelled".into())),
+    }
+}
+
+/// The node to try next for a partition: its leader as meta last saw it, else any replica.
+fn leader_of(info: &TableInfo, partition: u32) -> Option<NodeId> {
+    let p = info.partitions.get(partition as usize)?;
+    if p.leader_node != 0 {
+        return Some(p.leader_node);
+    }
+    p.peers.first().map(|p| p.node_id)
+}
+
+/// One attempt's outcome, as the retry loop sees it.
+enum Attempt<T> {
+    Done(T),
+    /// Try again at this node (a NotLeader hint) or at meta's leader.
+    Retry(Option<NodeId>, TernError),
+}
+
+fn classify<T>(e: TernError) -> TernResult<Attempt<T>> {
+    match e {
+        TernError::NotLeader { leader } => Ok(Attempt::Retry(leader, TernError::NotLeader { leader })),
+        e if e.is_retryable() || matches!(e, TernError::PartitionNotFound(_)) => Ok(Attempt::Retry(None, e)),
+        e => Err(e),
+    }
+}
+
+/// Runs `attempt` on the partition's leader until it succeeds, fails for good, or has kept failing
+/// for `PARTITION_RETRY_DEADLINE`.
+async fn on_leader<T, F, Fut>(client: &Client, table: &str, partition: u32, attempt: F) -> TernResult<T>
+where
+    F: Fn(NodeId) -> Fut,
+    Fut: Future<Output = TernResult<Attempt<T>>>,
+{
+    let deadline = Instant::now() + PARTITION_RETRY_DEADLINE;
+    let mut hint = None;
+    let mut tries = 0u32;
+    loop {
+        let node = match hint {
+            Some(n) => n,
+            None => {
+                let info = client.table_info(table).await?;
+                leader_of(&info, partition).ok_or_else(|| TernError::Unavailable(format!("partition {partition} has no replicas")))?
+            }
+        };
+        let last = match attempt(node).await? {
+            Attempt::Done(v) => return Ok(v),
+            Attempt::Retry(next, e) => {
+                hint = next;
+                e
+            }
+        };
+        if Instant::now() >= deadline {
+            return Err(TernError::Unavailable(format!("partition {partition} of {table}: gave up after {tries} attempts: {last}")));
+        }
+        tries += 1;
+        tokio::time::sleep(Duration::from_millis(100 * u64::from(tries.min(20)))).await;
+        if tries.is_multiple_of(3) {
+            let _ = client.refresh_nodes().await;
+        }
+    }
+}
+
+/// Backs up `table` into a new directory under `root` (a path or `file://` URI every server can
+/// reach), at most `rate_bytes_per_second` per partition (0: each server's default), calling
+/// `progress` as it goes. Returns the backup's directory and manifest. If `cancel` resolves first,
+/// or anything fails, the partial backup is removed.
+pub async fn backup_table(
+    client: &Client,
+    table: &str,
+    root: &str,
+    rate_bytes_per_second: u64,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+    cancel: impl Future<Output = ()>,
+) -> TernResult<(PathBuf, BackupManifest)> {
+    let root = layout::local_dir(root)?;
+    let info = client.table_info(table).await?;
+    let started = now_unix_ms();
+    let dir = root.join(format!("{table}-{started}"));
+    std::fs::create_dir_all(&root).map_err(io(format!("create {}", root.display())))?;
+    std::fs::create_dir(&dir).map_err(io(format!("create {}", dir.display())))?;
+    let r = cancellable(backup_into(client, &info, &dir, started, rate_bytes_per_second, progress), cancel).await;
+    match r {
+        Ok(m) => Ok((dir, m)),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e)
+        }
+    }
+}
+
+async fn backup_into(
+    client: &Client,
+    info: &TableInfo,
+    dir: &Path,
+    started: u64,
+    rate: u64,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> TernResult<BackupManifest> {
+    let clock = Instant::now();
+    let mut report = Progress { partitions: info.partition_count, ..Default::default() };
+    let mut entries = Vec::new();
+    for partition in 0..info.partition_count {
+        let target = layout::partition_dir(dir, partition);
+        let base = report.clone();
+        let reported = std::sync::Mutex::new(&mut *progress);
+        let entry = on_leader(client, &info.name, partition, |node| {
+            let target = target.clone();
+            let (base, reported) = (&base, &reported);
+            async move {
+                // A partial copy from an earlier attempt goes first (the server creates the directory).
+                let _ = std::fs::remove_dir_all(&target);
+                let request = BackupPartitionRequest {
+                    group_id: 0,
+                    partition: Some(PartitionRef { table_id: info.table_id, partition, partition_count: info.partition_count }),
+                    target_dir: target.to_string_lossy().into_owned(),
+                    rate_bytes_per_second: rate,
+                };
+                let mut stream = match client.backup_service(node)?.backup_partition(request).await {
+                    Ok(s) => s.into_inner(),
+                    Err(s) => return classify(tern_proto::from_status(&s)),
+                };
+                loop {
+                    let m = match stream.message().await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return classify(TernError::Unavailable("the server ended the backup stream early".into())),
+                        Err(s) => return classify(tern_proto::from_status(&s)),
+                    };
+                    if let Err(e) = tern_proto::check(&m.error) {
+                        return classify(e);
+                    }
+                    let mut now = base.clone();
+                    now.bytes += m.bytes_done;
+                    now.elapsed = clock.elapsed();
+                    (reported.lock().expect("progress"))(&now);
+                    if m.done {
+                        return Ok(Attempt::Done(PartitionEntry {
+                            partition,
+                            applied_index: m.applied_index,
+                            record_count: m.record_count,
+                            bytes: m.bytes_done,
+                            manifest_crc32: m.manifest_crc32,
+                        }));
+                    }
+                }
+            }
+        })
+        .await?;
+        report.partitions_done += 1;
+        report.bytes += entry.bytes;
+        report.elapsed = clock.elapsed();
+        progress(&report);
+        entries.push(entry);
+    }
+    let manifest = BackupManifest {
+        format: layout::FORMAT,
+        table: info.name.clone(),
+        table_id: info.table_id,
+        partition_count: info.partition_count,
+        replica_count: info.replica_count,
+        started_unix_ms: started,
+        finished_unix_ms: now_unix_ms(),
+        partitions: entries,
+    };
+    let (path, m) = (dir.join(layout::BACKUP_MANIFEST), manifest.clone());
+    blocking(move || layout::write_json(&path, &m)).await?;
+    Ok(manifest)
+}
+
+/// Restores the backup at `backup` (its directory, as `backup_table` returned it) into a new table
+/// `table` with the backup's partition and replica counts. Every byte of the backup is checked
+/// before the table is created; a backup that fails a check is refused with the name of the bad
+/// file, and nothing is created. If a partition then fails, or `cancel` resolves, the new table is
+/// dropped.
+pub async fn restore_table(
+    client: &Client,
+    backup: &str,
+    table: &str,
+    rate_bytes_per_second: u64,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+    cancel: impl Future<Output = ()>,
+) -> TernResult<Restored> {
+    let dir = layout::local_dir(backup)?;
+    tern_core::limits::check_table_name(table)?;
+    let checked = dir.clone();
+    let manifest = blocking(move || layout::verify_backup(&checked)).await?;
+    let name = table.to_string();
+    let created = client
+        .meta_call(|mut m| {
+            let name = name.clone();
+            let (partition_count, replica_count) = (manifest.partition_count, manifest.replica_count);
+            async move { m.create_table(CreateTableRequest { name, partition_count, replica_count }).await.map(|r| r.into_inner()) }
+        })
+        .await?;
+    tern_proto::check(&created.error)?;
+    let info = created.table.ok_or_else(|| TernError::Internal("meta returned no table".into()))?;
+    let r = cancellable(restore_into(client, &info, &dir, &manifest, rate_bytes_per_second, progress), cancel).await;
+    if r.is_err() {
+        let name = table.to_string();
+        let _ = client
+            .meta_call(|mut m| {
+                let name = name.clone();
+                async move { m.drop_table(DropTableRequest { name }).await.map(|r| r.into_inner()) }
+            })
+            .await;
+    }
+    r
+}
+
+async fn restore_into(
+    client: &Client,
+    info: &TableInfo,
+    dir: &Path,
+    manifest: &BackupManifest,
+    rate: u64,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> TernResult<Restored> {
+    let clock = Instant::now();
+    let mut report = Progress { partitions: info.partition_count, ..Default::default() };
+    for entry in &manifest.partitions {
+        let partition = entry.partition;
+        let base = report.clone();
+        let reported = std::sync::Mutex::new(&mut *progress);
+        let records = on_leader(client, &info.name, partition, |node| {
+            let (base, reported) = (&base, &reported);
+            async move {
+                let request = RestorePartitionRequest {
+                    partition: Some(PartitionRef { table_id: info.table_id, partition, partition_count: info.partition_count }),
+                    backup_dir: dir.to_string_lossy().into_owned(),
+                    rate_bytes_per_second: rate,
+                };
+                let mut stream = match client.backup_service(node)?.restore_partition(request).await {
+                    Ok(s) => s.into_inner(),
+                    Err(s) => return classify(tern_proto::from_status(&s)),
+                };
+                let mut now = base.clone();
+                loop {
+                    let m = match stream.message().await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return classify(TernError::Unavailable("the server ended the restore stream early".into())),
+                        Err(s) => return classify(tern_proto::from_status(&s)),
+                    };
+                    if let Err(e) = tern_proto::check(&m.error) {
+                        return classify(e);
+                    }
+                    if m.done {
+                        return Ok(Attempt::Done(m.record_count));
+                    }
+                    now.bytes = base.bytes + m.bytes_done.max(now.bytes - base.bytes);
+                    now.records = base.records + m.records_done.max(now.records - base.records);
+                    now.elapsed = clock.elapsed();
+                    (reported.lock().expect("progress"))(&now);
+                }
+            }
+        })
+        .await?;
+        if records != entry.record_count {
+            // The backup's count was taken at its own time; records expired since are not restored.
+            tracing::info!(partition, restored = records, in_backup = entry.record_count, "restored partition (expired records left out)");
+        }
+        report.partitions_done += 1;
+        report.bytes += entry.bytes;
+        report.records += records;
+        report.elapsed = clock.elapsed();
+        progress(&report);
+    }
+    Ok(Restored {
+        table: info.name.clone(),
+        partitions: info.partition_count,
+        records: report.records,
+        bytes: report.bytes,
+        elapsed: clock.elapsed(),
+    })
+}
+
+/// The backups under `root`, newest first: each directory's name with its manifest, or why it is
+/// not a usable backup (unfinished, or not a backup at all). Reads manifests only.
+pub fn list_backups(root: &str) -> TernResult<Vec<(String, TernResult<BackupManifest>)>> {
+    let root = layout::local_dir(root)?;
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&root).map_err(io(format!("list {}", root.display())))? {
+        let e = e.map_err(io(format!("list {}", root.display())))?;
+        if e.path().is_dir() {
+            out.push((e.file_name().to_string_lossy().into_owned(), layout::read_backup_manifest(&e.path())));
+        }
+    }
+    let started = |m: &TernResult<BackupManifest>| m.as_ref().map(|m| m.started_unix_ms).unwrap_or(0);
+    out.sort_by(|a, b| started(&b.1).cmp(&started(&a.1)).then_with(|| a.0.cmp(&b.0)));
+    Ok(out)
+}

@@ -1,0 +1,407 @@
+//! The server's half of cold backup and restore (the coordinator is `tern_client::backup`; the
+//! layout is `tern_core::backup`).
+//!
+//! Backup of a partition: a linearizable read on it (so the checkpoint holds every write
+//! acknowledged before the request), a RocksDB checkpoint of the replica taken on the store thread
+//! (hard links: cheap), then, off the store thread, a paced copy of its files to the backup
+//! directory with a crc32 of each, and `partition.json` written last.
+//!
+//! Restore of a partition into a new table: the files are copied into this server's data directory,
+//! each checked against the manifest as it is read; the copy is opened as an engine and every live
+//! user record is written through raft as ordinary sets (so every replica gets it, and a restore
+//! started again after a failure or a leader change simply writes the same records again); then
+//! the replica's checksum is compared with the backup's. Nothing here decides anything raft or
+//! apply would: writes go through the same mailbox and validation as a client's.
+//!
+//! Both answer with a stream of progress reports; dropping the stream cancels the work.
+
+use crate::validate;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tern_core::backup::{self as layout, BackupFile, PartitionManifest, RateLimiter};
+use tern_core::codec;
+use tern_core::{GroupId, TernError};
+use tern_engine::{EngineFactory, KvEngine};
+use tern_proto::backup_server::Backup;
+use tern_proto::*;
+use tern_raft::keys;
+use tern_raft::store::{Checkpointed, StoreHandle, StoreMsg};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+/// Backups and restores one server runs at once; more are answered Busy.
+pub const OPERATIONS_MAX: usize = 2;
+/// How often a running operation reports progress.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+/// Restore writes in flight at once on one partition.
+const RESTORE_WRITES_IN_FLIGHT_MAX: usize = 32;
+/// A restore write carries records of one hashkey up to this many bytes or records.
+const RESTORE_WRITE_BYTES_MAX: usize = 256 * 1024;
+const RESTORE_WRITE_RECORDS_MAX: usize = 1000;
+/// How long one restore write may take before the restore gives up (the coordinator retries).
+const RESTORE_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone)]
+pub struct BackupService {
+    store: StoreHandle,
+    engines: Arc<dyn EngineFactory>,
+    /// Checkpoints and restore copies live here while they are worked on (emptied at start).
+    work_dir: PathBuf,
+    permits: Arc<Semaphore>,
+    /// Bytes per second when a request names no rate.
+    default_rate: u64,
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> TernError {
+    move |e| TernError::Internal(format!("{what}: {e}"))
+}
+
+/// A work directory removed when the operation ends, however it ends.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl BackupService {
+    pub fn new(store: StoreHandle, engines: Arc<dyn EngineFactory>, work_dir: PathBuf, default_rate: u64) -> Result<BackupService, TernError> {
+        let _ = std::fs::remove_dir_all(&work_dir);
+        std::fs::create_dir_all(&work_dir).map_err(io(format!("create {}", work_dir.display())))?;
+        Ok(BackupService { store, engines, work_dir, permits: Arc::new(Semaphore::new(OPERATIONS_MAX)), default_rate })
+    }
+
+    fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, TernError> {
+        self.permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| TernError::Busy(format!("this server already runs {OPERATIONS_MAX} backups or restores, its limit")))
+    }
+
+    fn work_path(&self, what: &str, group: GroupId) -> PathBuf {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.work_dir.join(format!("{what}-{}-{n}", group.0))
+    }
+
+    fn rate(&self, requested: u64) -> u64 {
+        if requested == 0 {
+            self.default_rate
+        } else {
+            requested
+        }
+    }
+
+    async fn backup(&self, req: BackupPartitionRequest, tx: &mpsc::Sender<Result<BackupProgress, Status>>) -> Result<BackupProgress, TernError> {
+        let _permit = self.permit()?;
+        let target = layout::local_dir(&req.target_dir)?;
+        // A linearizable read first: whatever was acknowledged before it is applied here before the
+        // checkpoint below (the store applies in order; a deposed leader fails the read).
+        let barrier = ReadRequest {
+            partition: req.partition,
+            allow_stale: false,
+            op: Some(read_request::Op::Scan(Scan { full_table: true, limit: 1, no_value: true, ..Default::default() })),
+        };
+        let group = validate::read(&barrier)?;
+        let partition = barrier.partition.as_ref().map_or(0, |p| p.partition);
+        let (rtx, rrx) = oneshot::channel();
+        self.store.send(StoreMsg::Read { group, request: barrier, callback: Box::new(move |r| drop(rtx.send(r))) });
+        let read = rrx.await.map_err(|_| TernError::Unavailable("the store stopped".into()))?;
+        tern_proto::check(&read.error)?;
+
+        let work = WorkDir(self.work_path("backup", group));
+        let (ctx, crx) = oneshot::channel();
+        self.store.send(StoreMsg::Checkpoint { group, dir: work.0.clone(), callback: Box::new(move |r| drop(ctx.send(r))) });
+        let checkpoint = crx.await.map_err(|_| TernError::Unavailable("the store stopped".into()))??;
+
+        let (engines, rate, tx) = (self.engines.clone(), self.rate(req.rate_bytes_per_second), tx.clone());
+        tokio::task::spawn_blocking(move || {
+            let r = copy_out(&work.0, &target, partition, checkpoint, rate, engines.as_ref(), &tx);
+            if r.is_err() {
+                let _ = std::fs::remove_dir_all(&target);
+            }
+            r
+        })
+        .await
+        .map_err(|e| TernError::Internal(format!("backup task: {e}")))?
+    }
+
+    async fn restore(&self, req: RestorePartitionRequest, tx: &mpsc::Sender<Result<RestoreProgress, Status>>) -> Result<RestoreProgress, TernError> {
+        let _permit = self.permit()?;
+        let group = validate::partition_group(&req.partition)?;
+        let p = req.partition.expect("validated");
+        let backup = layout::local_dir(&req.backup_dir)?;
+        let manifest = layout::read_backup_manifest(&backup)?;
+        if manifest.partition_count != p.partition_count {
+            return Err(TernError::invalid(format!(
+                "the backup holds {} partitions; a table restored from it must have as many, not {}",
+                manifest.partition_count, p.partition_count
+            )));
+        }
+        let entry = manifest.partitions[p.partition as usize].clone();
+        let work = WorkDir(self.work_path("restore", group));
+        let (engines, store, rate, tx) = (self.engines.clone(), self.store.clone(), self.rate(req.rate_bytes_per_second), tx.clone());
+        tokio::task::spawn_blocking(move || {
+            let source = layout::partition_dir(&backup, entry.partition);
+            let files = layout::verify_partition(&source, &entry, false)?;
+            let mut limiter = RateLimiter::new(rate);
+            copy_in(&source, &work.0, &files, &mut limiter, &tx)?;
+            let engine = engines.open(&work.0).map_err(tern_raft::apply::engine_error)?;
+            let restored = ingest(engine.as_ref(), &store, group, &p, &mut limiter, &tx)?;
+            let done = verify_restored(engine.as_ref(), &store, group, p.partition)?;
+            drop(engine);
+            Ok(RestoreProgress { done: true, records_done: restored, record_count: done.1, checksum: done.0, ..Default::default() })
+        })
+        .await
+        .map_err(|e| TernError::Internal(format!("restore task: {e}")))?
+    }
+}
+
+/// Sends a progress report if the last one is old enough (never blocks: a slow reader misses some).
+struct Reporter<T> {
+    tx: mpsc::Sender<Result<T, Status>>,
+    last: Instant,
+}
+
+impl<T> Reporter<T> {
+    fn new(tx: &mpsc::Sender<Result<T, Status>>) -> Reporter<T> {
+        Reporter { tx: tx.clone(), last: Instant::now() }
+    }
+    fn report(&mut self, progress: impl FnOnce() -> T) {
+        if self.last.elapsed() >= PROGRESS_INTERVAL {
+            self.last = Instant::now();
+            let _ = self.tx.try_send(Ok(progress()));
+        }
+    }
+    /// The caller dropped the stream: stop.
+    fn cancelled(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+fn sorted_files(dir: &Path) -> Result<Vec<(String, u64)>, TernError> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io(format!("list {}", dir.display())))? {
+        let e = e.map_err(io(format!("list {}", dir.display())))?;
+        let len = e.metadata().map_err(io(format!("stat {}", e.path().display())))?.len();
+        files.push((e.file_name().to_string_lossy().into_owned(), len));
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn copy_out(
+    checkpoint_dir: &Path,
+    target: &Path,
+    partition: u32,
+    checkpoint: Checkpointed,
+    rate: u64,
+    engines: &dyn EngineFactory,
+    tx: &mpsc::Sender<Result<BackupProgress, Status>>,
+) -> Result<BackupProgress, TernError> {
+    let files = sorted_files(checkpoint_dir)?;
+    let total: u64 = files.iter().map(|f| f.1).sum();
+    std::fs::create_dir(target).map_err(io(format!("create backup directory {}", target.display())))?;
+    let mut reporter = Reporter::new(tx);
+    let mut limiter = RateLimiter::new(rate);
+    let mut done = 0u64;
+    let mut listed = Vec::new();
+    for (name, _) in files {
+        let cancelled = || reporter.cancelled();
+        let mut counted = 0;
+        let (size, crc32) = layout::copy_file(&checkpoint_dir.join(&name), &target.join(&name), &mut limiter, &cancelled, &mut |n| counted += n)?;
+        done += counted;
+        reporter.report(|| BackupProgress { bytes_done: done, bytes_total: total, ..Default::default() });
+        listed.push(BackupFile { name, size, crc32 });
+    }
+    // Counted on the checkpoint after the copy (opening it may add files of its own).
+    let engine = engines.open(checkpoint_dir).map_err(tern_raft::apply::engine_error)?;
+    let (_, record_count) = tern_raft::read::data_checksum(engine.as_ref(), checkpoint.read_time_ms)?;
+    drop(engine);
+    let manifest = PartitionManifest { partition, applied_index: checkpoint.applied_index, record_count, files: listed };
+    let manifest_crc32 = layout::write_json(&target.join(layout::PARTITION_MANIFEST), &manifest)?;
+    Ok(BackupProgress {
+        bytes_done: done,
+        bytes_total: total,
+        done: true,
+        applied_index: checkpoint.applied_index,
+        record_count,
+        manifest_crc32,
+        ..Default::default()
+    })
+}
+
+/// Copies a partition backup's files into `work`, checking each against its manifest entry.
+fn copy_in(
+    source: &Path,
+    work: &Path,
+    files: &PartitionManifest,
+    limiter: &mut RateLimiter,
+    tx: &mpsc::Sender<Result<RestoreProgress, Status>>,
+) -> Result<(), TernError> {
+    std::fs::create_dir(work).map_err(io(format!("create {}", work.display())))?;
+    let total: u64 = files.files.iter().map(|f| f.size).sum();
+    let mut reporter = Reporter::new(tx);
+    let mut done = 0u64;
+    for f in &files.files {
+        let cancelled = || reporter.cancelled();
+        let src = source.join(&f.name);
+        let got = layout::copy_file(&src, &work.join(&f.name), limiter, &cancelled, &mut |n| done += n)?;
+        if got != (f.size, f.crc32) {
+            return Err(TernError::Corruption(format!(
+                "backup file {} is {} bytes with crc32 {:08x}; its manifest says {} bytes, {:08x}",
+                src.display(),
+                got.0,
+                got.1,
+                f.size,
+                f.crc32
+            )));
+        }
+        reporter.report(|| RestoreProgress { bytes_done: done, bytes_total: total, ..Default::default() });
+    }
+    Ok(())
+}
+
+/// Writes every live user record of `engine` into the replica of `group` through raft, as sets of
+/// one hashkey each, a bounded number in flight. Returns the number of records written.
+fn ingest(
+    engine: &dyn KvEngine,
+    store: &StoreHandle,
+    group: GroupId,
+    partition: &PartitionRef,
+    limiter: &mut RateLimiter,
+    tx: &mpsc::Sender<Result<RestoreProgress, Status>>,
+) -> Result<u64, TernError> {
+    let now = now_unix_ms();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<WriteResponse>();
+    let mut in_flight = 0usize;
+    let mut written = 0u64;
+    let mut reporter = Reporter::new(tx);
+    let mut failure: Option<TernError> = None;
+    let mut batch: Option<MultiSet> = None;
+    let mut batch_bytes = 0usize;
+
+    // Waits for one write to finish; an error stops the restore.
+    let wait_one = |in_flight: &mut usize| -> Result<(), TernError> {
+        let r = done_rx.recv_timeout(RESTORE_WRITE_TIMEOUT).map_err(|_| TernError::Timeout("a restore write did not finish in time".into()))?;
+        *in_flight -= 1;
+        tern_proto::check(&r.error)
+    };
+    let send = |set: MultiSet, in_flight: &mut usize| -> Result<(), TernError> {
+        while *in_flight >= RESTORE_WRITES_IN_FLIGHT_MAX {
+            wait_one(in_flight)?;
+        }
+        let request = WriteRequest { partition: Some(*partition), op: Some(write_request::Op::Set(set)), ..Default::default() };
+        let group_checked = validate::write(&request)?;
+        debug_assert_eq!(group_checked, group);
+        let done = done_tx.clone();
+        store.send(StoreMsg::Write { group, request, callback: Box::new(move |r| drop(done.send(r))) });
+        *in_flight += 1;
+        Ok(())
+    };
+
+    let data_end = keys::data_end();
+    engine
+        .scan(&[keys::DATA_PREFIX], Some(&data_end), &mut |k, v| {
+            let step = (|| -> Result<(), TernError> {
+                let (hashkey, sortkey) = codec::decode_key(&k[1..])?;
+                let (expire_at_ms, value) = codec::decode_value(v)?;
+                if expire_at_ms != 0 && codec::is_expired(expire_at_ms, now) {
+                    return Ok(());
+                }
+                let record_bytes = hashkey.len() + sortkey.len() + value.len();
+                let full = batch.as_ref().is_some_and(|b| {
+                    b.hashkey.as_ref() != hashkey
+                        || b.values.len() >= RESTORE_WRITE_RECORDS_MAX
+                        || batch_bytes + record_bytes > RESTORE_WRITE_BYTES_MAX
+                });
+                if full {
+                    send(batch.take().expect("full batch"), &mut in_flight)?;
+                    batch_bytes = 0;
+                }
+                let b = batch.get_or_insert_with(|| MultiSet { hashkey: hashkey.to_vec().into(), values: Vec::new() });
+                b.values.push(SortkeyValue { sortkey: sortkey.to_vec().into(), value: value.to_vec().into(), ttl_seconds: 0, expire_at_ms });
+                batch_bytes += record_bytes;
+                written += 1;
+                limiter.pace(record_bytes as u64);
+                reporter.report(|| RestoreProgress { records_done: written, ..Default::default() });
+                if reporter.cancelled() {
+                    return Err(TernError::Unavailable("cancelled".into()));
+                }
+                Ok(())
+            })();
+            match step {
+                Ok(()) => true,
+                Err(e) => {
+                    failure = Some(e);
+                    false
+                }
+            }
+        })
+        .map_err(tern_raft::apply::engine_error)?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if let Some(b) = batch.take() {
+        send(b, &mut in_flight)?;
+    }
+    while in_flight > 0 {
+        wait_one(&mut in_flight)?;
+    }
+    Ok(written)
+}
+
+/// Compares the restored replica with the backup: (checksum, record count) of both at one time.
+/// The time is a minute ahead, past the log clock of a replica just written, so both sides leave
+/// out exactly the records expired by then.
+fn verify_restored(engine: &dyn KvEngine, store: &StoreHandle, group: GroupId, partition: u32) -> Result<(u64, u64), TernError> {
+    let at = now_unix_ms() + 60_000;
+    let (sum, count) = tern_raft::read::data_checksum(engine, at)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    store.send(StoreMsg::Checksum { group, at_unix_ms: at, callback: Box::new(move |r| drop(tx.send(r))) });
+    let (_, replica_sum, replica_count) = rx.recv().map_err(|_| TernError::Unavailable("the store stopped".into()))??;
+    if (replica_sum, replica_count) != (sum, count) {
+        return Err(TernError::Corruption(format!(
+            "restored partition {partition} holds {replica_count} records (checksum {replica_sum:016x}); the backup holds {count} ({sum:016x}): \
+             was the table written during the restore?"
+        )));
+    }
+    Ok((sum, count))
+}
+
+type ProgressStream<T> = ReceiverStream<Result<T, Status>>;
+
+#[tonic::async_trait]
+impl Backup for BackupService {
+    type BackupPartitionStream = ProgressStream<BackupProgress>;
+    type RestorePartitionStream = ProgressStream<RestoreProgress>;
+
+    async fn backup_partition(&self, request: Request<BackupPartitionRequest>) -> Result<Response<Self::BackupPartitionStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let last =
+                this.backup(request.into_inner(), &tx).await.unwrap_or_else(|e| BackupProgress { error: Some(e.into()), ..Default::default() });
+            let _ = tx.send(Ok(last)).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn restore_partition(&self, request: Request<RestorePartitionRequest>) -> Result<Response<Self::RestorePartitionStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let last =
+                this.restore(request.into_inner(), &tx).await.unwrap_or_else(|e| RestoreProgress { error: Some(e.into()), ..Default::default() });
+            let _ = tx.send(Ok(last)).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
