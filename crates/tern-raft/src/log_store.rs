@@ -82,14 +82,37 @@ pub struct RaftEngineLogStore {
 
 impl RaftEngineLogStore {
     pub fn open(dir: &std::path::Path) -> Result<RaftEngineLogStore, TernError> {
+        Self::open_sized(dir, 64 << 20, 256 << 20)
+    }
+
+    /// `open` with raft-engine's file size and purge threshold given (tests use tiny ones).
+    fn open_sized(dir: &std::path::Path, file_bytes: u64, purge_threshold_bytes: u64) -> Result<RaftEngineLogStore, TernError> {
         let cfg = RaftEngineConfig {
             dir: dir.to_string_lossy().into_owned(),
-            target_file_size: raft_engine::ReadableSize::mb(64),
-            purge_threshold: raft_engine::ReadableSize::mb(256),
+            target_file_size: raft_engine::ReadableSize(file_bytes),
+            purge_threshold: raft_engine::ReadableSize(purge_threshold_bytes),
             ..Default::default()
         };
         let engine = Engine::open(cfg).map_err(log_error)?;
-        Ok(RaftEngineLogStore { engine })
+        let store = RaftEngineLogStore { engine };
+        store.drop_resurrected_entries()?;
+        Ok(store)
+    }
+
+    /// raft-engine may bring back, at recovery, entries a group had compacted away: when a purge
+    /// rewrote them (still live then) and later removed the file holding the compaction, and the
+    /// group has no newer entries to replace them (an idle group whose log was compacted whole).
+    /// Raft never reads below the truncated index, but its next append would leave a hole after
+    /// them (raft-engine panics). They are compacted away again before anyone appends.
+    fn drop_resurrected_entries(&self) -> Result<(), TernError> {
+        for group in self.engine.raft_groups() {
+            let (Some(first), Some((truncated, _))) = (self.engine.first_index(group), self.truncated(group)?) else { continue };
+            if first <= truncated {
+                self.engine.compact_to(group, truncated + 1);
+                tracing::info!(group, first, truncated, "raft log: compacted entries raft-engine recovered from before the truncated index");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -743,5 +766,63 @@ mod tests {
         assert!(!s.take_snapshot_wanted());
         assert!(s.snapshot(0, 14).is_err(), "peer 14 was added after this snapshot");
         assert!(s.take_snapshot_wanted());
+    }
+
+    /// A group whose log was compacted whole while raft-engine's purges moved its old entries
+    /// around (here: a busy neighbour fills and purges many small files) opens with no entry at or
+    /// below its truncated index, so raft can append after it. raft-engine alone brings some of
+    /// them back at recovery.
+    #[test]
+    fn compacted_entries_stay_compacted_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = |i: u64| {
+            // Incompressible, so that files fill up.
+            let mut e = entry(i, 1);
+            let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            e.data = (0..4096)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect::<Vec<u8>>()
+                .into();
+            e
+        };
+        let (quiet, busy) = (1u64, 2u64);
+        let mut busy_next = 1u64;
+        let mut churn = |log: &RaftEngineLogStore, rounds: u64| {
+            for _ in 0..rounds {
+                let mut b = LogWriteBatch::default();
+                b.push(busy, LogOp::Append((busy_next..busy_next + 8).map(big).collect()));
+                busy_next += 8;
+                b.push(busy, LogOp::Truncated { index: busy_next - 2, term: 1 });
+                b.push(busy, LogOp::CompactBelow(busy_next - 1));
+                log.write(b, false).unwrap();
+                log.purge().unwrap();
+            }
+        };
+        {
+            let log = RaftEngineLogStore::open_sized(dir.path(), 16 << 10, 64 << 10).unwrap();
+            let mut b = LogWriteBatch::default();
+            b.push(quiet, LogOp::Append((1..=6).map(|i| entry(i, 1)).collect()));
+            log.write(b, true).unwrap();
+            churn(&log, 200);
+            let mut b = LogWriteBatch::default();
+            b.push(quiet, LogOp::Append((7..=20).map(|i| entry(i, 1)).collect()));
+            b.push(quiet, LogOp::Truncated { index: 20, term: 1 });
+            b.push(quiet, LogOp::CompactBelow(21));
+            log.write(b, true).unwrap();
+            churn(&log, 200);
+            log.write(LogWriteBatch::default(), true).unwrap();
+        }
+        let log = RaftEngineLogStore::open_sized(dir.path(), 16 << 10, 64 << 10).unwrap();
+        assert_eq!(log.truncated(quiet).unwrap(), Some((20, 1)));
+        assert_eq!(log.engine.first_index(quiet), None, "entries at or below the truncated index came back");
+        let mut b = LogWriteBatch::default();
+        b.push(quiet, LogOp::Append(vec![entry(21, 2)]));
+        log.write(b, true).unwrap();
+        assert_eq!(log.last_index(quiet), Some(21));
     }
 }
