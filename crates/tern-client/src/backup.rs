@@ -13,6 +13,7 @@
 //! table again if any partition then fails, so a table is restored whole or not at all.
 
 use crate::client::Client;
+use futures::{StreamExt, TryStreamExt};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -23,6 +24,8 @@ use tern_proto::{BackupPartitionRequest, CreateTableRequest, DropTableRequest, P
 /// How long one partition may keep failing (no leader, a busy server) before the whole operation
 /// gives up.
 const PARTITION_RETRY_DEADLINE: Duration = Duration::from_secs(120);
+/// Partitions copied at once (each server also runs at most `OPERATIONS_MAX` of them itself).
+const PARTITIONS_AT_ONCE: usize = 4;
 
 /// What a running backup or restore has done so far.
 #[derive(Clone, Debug, Default)]
@@ -185,61 +188,56 @@ async fn backup_into(
     rate: u64,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> TernResult<BackupManifest> {
-    let clock = Instant::now();
-    let mut report = Progress { partitions: info.partition_count, ..Default::default() };
-    let mut entries = Vec::new();
-    for partition in 0..info.partition_count {
-        let target = layout::partition_dir(dir, partition);
-        let base = report.clone();
-        let reported = std::sync::Mutex::new(&mut *progress);
-        let entry = on_leader(client, &info.name, partition, |node| {
-            let target = target.clone();
-            let (base, reported) = (&base, &reported);
-            async move {
-                // A partial copy from an earlier attempt goes first (the server creates the directory).
-                let _ = std::fs::remove_dir_all(&target);
-                let request = BackupPartitionRequest {
-                    group_id: 0,
-                    partition: Some(PartitionRef { table_id: info.table_id, partition, partition_count: info.partition_count }),
-                    target_dir: target.to_string_lossy().into_owned(),
-                    rate_bytes_per_second: rate,
-                };
-                let mut stream = match client.backup_service(node)?.backup_partition(request).await {
-                    Ok(s) => s.into_inner(),
-                    Err(s) => return classify(tern_proto::from_status(&s)),
-                };
-                loop {
-                    let m = match stream.message().await {
-                        Ok(Some(m)) => m,
-                        Ok(None) => return classify(TernError::Unavailable("the server ended the backup stream early".into())),
+    let tracker = Tracker::new(info.partition_count, progress);
+    let tracker = &tracker;
+    let mut entries: Vec<PartitionEntry> = futures::stream::iter(0..info.partition_count)
+        .map(|partition| async move {
+            let target = layout::partition_dir(dir, partition);
+            let entry = on_leader(client, &info.name, partition, |node| {
+                let target = target.clone();
+                async move {
+                    // A partial copy from an earlier attempt goes first (the server creates the directory).
+                    let _ = std::fs::remove_dir_all(&target);
+                    let request = BackupPartitionRequest {
+                        group_id: 0,
+                        partition: Some(PartitionRef { table_id: info.table_id, partition, partition_count: info.partition_count }),
+                        target_dir: target.to_string_lossy().into_owned(),
+                        rate_bytes_per_second: rate,
+                    };
+                    let mut stream = match client.backup_service(node)?.backup_partition(request).await {
+                        Ok(s) => s.into_inner(),
                         Err(s) => return classify(tern_proto::from_status(&s)),
                     };
-                    if let Err(e) = tern_proto::check(&m.error) {
-                        return classify(e);
-                    }
-                    let mut now = base.clone();
-                    now.bytes += m.bytes_done;
-                    now.elapsed = clock.elapsed();
-                    (reported.lock().expect("progress"))(&now);
-                    if m.done {
-                        return Ok(Attempt::Done(PartitionEntry {
-                            partition,
-                            applied_index: m.applied_index,
-                            record_count: m.record_count,
-                            bytes: m.bytes_done,
-                            manifest_crc32: m.manifest_crc32,
-                        }));
+                    loop {
+                        let m = match stream.message().await {
+                            Ok(Some(m)) => m,
+                            Ok(None) => return classify(TernError::Unavailable("the server ended the backup stream early".into())),
+                            Err(s) => return classify(tern_proto::from_status(&s)),
+                        };
+                        if let Err(e) = tern_proto::check(&m.error) {
+                            return classify(e);
+                        }
+                        tracker.update(partition, m.bytes_done, 0);
+                        if m.done {
+                            return Ok(Attempt::Done(PartitionEntry {
+                                partition,
+                                applied_index: m.applied_index,
+                                record_count: m.record_count,
+                                bytes: m.bytes_done,
+                                manifest_crc32: m.manifest_crc32,
+                            }));
+                        }
                     }
                 }
-            }
+            })
+            .await?;
+            tracker.finish(partition, entry.bytes, 0);
+            Ok::<_, TernError>(entry)
         })
+        .buffer_unordered(PARTITIONS_AT_ONCE)
+        .try_collect()
         .await?;
-        report.partitions_done += 1;
-        report.bytes += entry.bytes;
-        report.elapsed = clock.elapsed();
-        progress(&report);
-        entries.push(entry);
-    }
+    entries.sort_by_key(|e| e.partition);
     let manifest = BackupManifest {
         format: layout::FORMAT,
         table: info.name.clone(),
@@ -303,15 +301,12 @@ async fn restore_into(
     rate: u64,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> TernResult<Restored> {
-    let clock = Instant::now();
-    let mut report = Progress { partitions: info.partition_count, ..Default::default() };
-    for entry in &manifest.partitions {
-        let partition = entry.partition;
-        let base = report.clone();
-        let reported = std::sync::Mutex::new(&mut *progress);
-        let records = on_leader(client, &info.name, partition, |node| {
-            let (base, reported) = (&base, &reported);
-            async move {
+    let tracker = Tracker::new(info.partition_count, progress);
+    let tracker = &tracker;
+    futures::stream::iter(&manifest.partitions)
+        .map(|entry| async move {
+            let partition = entry.partition;
+            let records = on_leader(client, &info.name, partition, |node| async move {
                 let request = RestorePartitionRequest {
                     partition: Some(PartitionRef { table_id: info.table_id, partition, partition_count: info.partition_count }),
                     backup_dir: dir.to_string_lossy().into_owned(),
@@ -321,7 +316,7 @@ async fn restore_into(
                     Ok(s) => s.into_inner(),
                     Err(s) => return classify(tern_proto::from_status(&s)),
                 };
-                let mut now = base.clone();
+                let (mut bytes, mut records) = (0, 0);
                 loop {
                     let m = match stream.message().await {
                         Ok(Some(m)) => m,
@@ -334,31 +329,75 @@ async fn restore_into(
                     if m.done {
                         return Ok(Attempt::Done(m.record_count));
                     }
-                    now.bytes = base.bytes + m.bytes_done.max(now.bytes - base.bytes);
-                    now.records = base.records + m.records_done.max(now.records - base.records);
-                    now.elapsed = clock.elapsed();
-                    (reported.lock().expect("progress"))(&now);
+                    // Reports carry either bytes copied or records written.
+                    (bytes, records) = (bytes.max(m.bytes_done), records.max(m.records_done));
+                    tracker.update(partition, bytes, records);
                 }
+            })
+            .await?;
+            if records != entry.record_count {
+                // The backup's count was taken at its own time; records expired since are not restored.
+                tracing::info!(partition, restored = records, in_backup = entry.record_count, "restored partition (expired records left out)");
             }
+            tracker.finish(partition, entry.bytes, records);
+            Ok::<_, TernError>(())
         })
+        .buffer_unordered(PARTITIONS_AT_ONCE)
+        .try_collect::<Vec<()>>()
         .await?;
-        if records != entry.record_count {
-            // The backup's count was taken at its own time; records expired since are not restored.
-            tracing::info!(partition, restored = records, in_backup = entry.record_count, "restored partition (expired records left out)");
-        }
-        report.partitions_done += 1;
-        report.bytes += entry.bytes;
-        report.records += records;
-        report.elapsed = clock.elapsed();
-        progress(&report);
+    let done = tracker.done();
+    Ok(Restored { table: info.name.clone(), partitions: info.partition_count, records: done.records, bytes: done.bytes, elapsed: done.elapsed })
+}
+
+/// Adds up the progress of the partitions under way and done, and passes it on.
+struct Tracker<'a> {
+    clock: Instant,
+    state: std::sync::Mutex<TrackerState<'a>>,
+}
+
+struct TrackerState<'a> {
+    done: Progress,
+    /// (bytes, records) of each partition under way.
+    running: std::collections::HashMap<u32, (u64, u64)>,
+    callback: &'a mut (dyn FnMut(&Progress) + Send),
+}
+
+impl<'a> Tracker<'a> {
+    fn new(partitions: u32, callback: &'a mut (dyn FnMut(&Progress) + Send)) -> Tracker<'a> {
+        let done = Progress { partitions, ..Default::default() };
+        Tracker { clock: Instant::now(), state: std::sync::Mutex::new(TrackerState { done, running: Default::default(), callback }) }
     }
-    Ok(Restored {
-        table: info.name.clone(),
-        partitions: info.partition_count,
-        records: report.records,
-        bytes: report.bytes,
-        elapsed: clock.elapsed(),
-    })
+
+    fn report(&self, s: &mut TrackerState<'a>) {
+        let mut now = s.done.clone();
+        for (bytes, records) in s.running.values() {
+            now.bytes += bytes;
+            now.records += records;
+        }
+        now.elapsed = self.clock.elapsed();
+        (s.callback)(&now);
+    }
+
+    fn update(&self, partition: u32, bytes: u64, records: u64) {
+        let mut s = self.state.lock().expect("progress");
+        s.running.insert(partition, (bytes, records));
+        self.report(&mut s);
+    }
+
+    fn finish(&self, partition: u32, bytes: u64, records: u64) {
+        let mut s = self.state.lock().expect("progress");
+        s.running.remove(&partition);
+        s.done.partitions_done += 1;
+        s.done.bytes += bytes;
+        s.done.records += records;
+        self.report(&mut s);
+    }
+
+    fn done(&self) -> Progress {
+        let mut done = self.state.lock().expect("progress").done.clone();
+        done.elapsed = self.clock.elapsed();
+        done
+    }
 }
 
 /// The backups under `root`, newest first: each directory's name with its manifest, or why it is

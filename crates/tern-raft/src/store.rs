@@ -158,6 +158,14 @@ pub enum StoreMsg {
         at_unix_ms: u64,
         callback: ChecksumCallback,
     },
+    /// Starts flushing a replica's engine in the background (`begin`), or asks whether that flush
+    /// has finished. A checkpoint taken after it only flushes what came since: the store thread
+    /// does not wait for a whole memtable to be written.
+    Flush {
+        group: GroupId,
+        begin: bool,
+        callback: Box<dyn FnOnce(Result<bool, TernError>) + Send>,
+    },
     /// Checkpoints a replica's engine into `dir` (which must not exist yet), for a backup.
     Checkpoint {
         group: GroupId,
@@ -533,6 +541,10 @@ impl Store {
                 Some(r) => callback(r.checksum(if at_unix_ms == 0 { now } else { at_unix_ms })),
                 None => callback(Err(not_hosted(group))),
             },
+            StoreMsg::Flush { group, begin, callback } => match self.replicas.get(&group) {
+                Some(r) => callback(r.flush_engine(begin)),
+                None => callback(Err(not_hosted(group))),
+            },
             StoreMsg::Checkpoint { group, dir, callback } => match self.replicas.get(&group) {
                 Some(r) => callback(r.checkpoint_into(&dir, now)),
                 None => callback(Err(not_hosted(group))),
@@ -844,6 +856,7 @@ impl StoreMsg {
             StoreMsg::Read { callback, .. } => callback(ReadResponse { error: Some(e.into()), ..Default::default() }),
             StoreMsg::Checksum { callback, .. } => callback(Err(e)),
             StoreMsg::Checkpoint { callback, .. } => callback(Err(e)),
+            StoreMsg::Flush { callback, .. } => callback(Err(e)),
             // Dropped unanswered: "no replicas" would be a lie a heartbeat could pass on to meta.
             StoreMsg::Status(_) => {}
             // A received snapshot nobody will install. (This runs on the production mailbox's

@@ -133,6 +133,14 @@ impl Replica {
         now_unix_ms.max(self.sm.state().stamp_ms)
     }
 
+    /// Starts a background flush of the engine (`begin`: whether it could start), or says whether
+    /// it has finished. Only makes more durable what apply wrote: no state changes.
+    pub fn flush_engine(&self, begin: bool) -> Result<bool, TernError> {
+        let engine = self.sm.engine();
+        let r = if begin { engine.begin_sync() } else { engine.sync_finished() };
+        r.map_err(crate::apply::engine_error)
+    }
+
     /// Checkpoints the engine into `dir` for a backup: the state at the applied index.
     pub fn checkpoint_into(&self, dir: &Path, now_unix_ms: u64) -> Result<crate::store::Checkpointed, TernError> {
         self.sm.engine().checkpoint(dir).map_err(crate::apply::engine_error)?;
