@@ -222,7 +222,6 @@ async fn backup_into(
                             return Ok(Attempt::Done(PartitionEntry {
                                 partition,
                                 applied_index: m.applied_index,
-                                record_count: m.record_count,
                                 bytes: m.bytes_done,
                                 manifest_crc32: m.manifest_crc32,
                             }));
@@ -335,10 +334,6 @@ async fn restore_into(
                 }
             })
             .await?;
-            if records != entry.record_count {
-                // The backup's count was taken at its own time; records expired since are not restored.
-                tracing::info!(partition, restored = records, in_backup = entry.record_count, "restored partition (expired records left out)");
-            }
             tracker.finish(partition, entry.bytes, records);
             Ok::<_, TernError>(())
         })
@@ -414,4 +409,151 @@ pub fn list_backups(root: &str) -> TernResult<Vec<(String, TernResult<BackupMani
     let started = |m: &TernResult<BackupManifest>| m.as_ref().map(|m| m.started_unix_ms).unwrap_or(0);
     out.sort_by(|a, b| started(&b.1).cmp(&started(&a.1)).then_with(|| a.0.cmp(&b.0)));
     Ok(out)
+}
+
+/// How often a meta leader's process looks for tables whose periodic backup is due.
+pub const POLICY_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+/// An unfinished backup directory of a policy's table is removed once it is this old (a backup
+/// cut short by a crash leaves one; a running backup never lasts this long).
+const UNFINISHED_BACKUP_AGE_MAX_MS: u64 = 86_400_000;
+
+/// What a policy pass should do for one table.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PolicyPlan {
+    /// No complete backup newer than the interval: take one now.
+    pub due: bool,
+    /// Backup directories (names under the root) to remove: complete ones beyond the newest
+    /// `keep`, unfinished ones older than a day.
+    pub remove: Vec<String>,
+}
+
+/// The start time a backup directory's name carries, if it is one of `table`'s (`TABLE-UNIXMS`).
+fn started_from_name(table: &str, name: &str) -> Option<u64> {
+    let ms = name.strip_prefix(table)?.strip_prefix('-')?;
+    if ms.is_empty() || !ms.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    ms.parse().ok()
+}
+
+/// Decides a policy pass for `table` from the directories under its root: `found` holds each name
+/// with whether it is a complete backup of `table`. Pure, so that it is tested on its own.
+pub fn plan_policy(table: &str, interval_seconds: u64, keep: u32, now_unix_ms: u64, found: &[(String, bool)]) -> PolicyPlan {
+    let mut complete: Vec<(u64, &str)> = Vec::new();
+    let mut plan = PolicyPlan::default();
+    for (name, is_complete) in found {
+        let Some(started) = started_from_name(table, name) else { continue };
+        if *is_complete {
+            complete.push((started, name));
+        } else if now_unix_ms.saturating_sub(started) > UNFINISHED_BACKUP_AGE_MAX_MS {
+            plan.remove.push(name.clone());
+        }
+    }
+    complete.sort_unstable_by(|a, b| b.cmp(a));
+    plan.due = complete.first().is_none_or(|(newest, _)| now_unix_ms.saturating_sub(*newest) >= interval_seconds.saturating_mul(1000));
+    // A backup about to be taken counts against `keep` (removals happen only once it succeeded).
+    let kept = (keep as usize).saturating_sub(usize::from(plan.due));
+    plan.remove.extend(complete.iter().skip(kept).map(|(_, n)| n.to_string()));
+    plan
+}
+
+/// One pass over every table's backup policy at `now_unix_ms`: takes the backups that are due and
+/// removes what the policies no longer keep. `leading` is asked before each step and cancels a
+/// running backup when it turns false (another meta node leads and runs the policies now).
+pub async fn policy_pass(client: &Client, now_unix_ms: u64, leading: &(dyn Fn() -> bool + Send + Sync)) -> TernResult<()> {
+    let tables = client.meta_call(|mut m| async move { m.list_tables(tern_proto::ListTablesRequest {}).await.map(|r| r.into_inner()) }).await?;
+    tern_proto::check(&tables.error)?;
+    for t in tables.tables {
+        let Some(policy) = t.backup_policy else { continue };
+        if !leading() {
+            return Ok(());
+        }
+        let root = layout::local_dir(&policy.root)?;
+        let found = match std::fs::read_dir(&root) {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir())
+                .map(|e| {
+                    let complete = layout::read_backup_manifest(&e.path()).is_ok_and(|m| m.table == t.name);
+                    (e.file_name().to_string_lossy().into_owned(), complete)
+                })
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io(format!("list {}", root.display()))(e)),
+        };
+        let plan = plan_policy(&t.name, policy.interval_seconds, policy.keep, now_unix_ms, &found);
+        if plan.due {
+            let lost = async {
+                while leading() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            };
+            match backup_table(client, &t.name, &policy.root, u64::from(policy.rate_mb) << 20, &mut |_| {}, lost).await {
+                Ok((dir, m)) => tracing::info!(table = %t.name, bytes = m.bytes(), "periodic backup taken: {}", dir.display()),
+                Err(e) => {
+                    // Nothing is removed after a failed backup: the older ones are all there is.
+                    tracing::warn!(table = %t.name, "periodic backup failed: {e}");
+                    continue;
+                }
+            }
+        }
+        for name in plan.remove {
+            match std::fs::remove_dir_all(root.join(&name)) {
+                Ok(()) => tracing::info!(table = %t.name, "removed backup {name} (policy keeps {})", policy.keep),
+                Err(e) => tracing::warn!(table = %t.name, "remove backup {name}: {e}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs policy passes every `POLICY_CHECK_INTERVAL` for as long as it lives, while `leading` says
+/// this process's meta node leads. Every meta process runs one; only the leader's acts.
+pub async fn run_policies(client: Client, leading: std::sync::Arc<dyn Fn() -> bool + Send + Sync>) {
+    loop {
+        tokio::time::sleep(POLICY_CHECK_INTERVAL).await;
+        if leading() {
+            if let Err(e) = policy_pass(&client, now_unix_ms(), leading.as_ref()).await {
+                tracing::warn!("backup policy pass: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(names: &[(&str, bool)]) -> Vec<(String, bool)> {
+        names.iter().map(|(n, c)| (n.to_string(), *c)).collect()
+    }
+
+    /// Due when no complete backup is newer than the interval; keeps the newest `keep` complete
+    /// ones counting the one about to be taken; removes unfinished ones only once a day old; never
+    /// touches other tables' directories (a table whose name extends this one's included).
+    #[test]
+    fn policy_plans() {
+        let hour = 3_600_000;
+        let now = 100 * 86_400_000;
+        assert_eq!(plan_policy("t", 3600, 2, now, &[]), PolicyPlan { due: true, remove: vec![] });
+        let dirs = found(&[
+            (&format!("t-{}", now - hour / 2), true),
+            (&format!("t-{}", now - 2 * hour), true),
+            (&format!("t-{}", now - 3 * hour), true),
+            (&format!("t-{}", now - 10 * hour), false),
+            (&format!("t-{}", now - 30 * hour), false),
+            (&format!("t-x-{}", now - 50 * hour), true),
+            (&format!("tt-{}", now - 50 * hour), true),
+            ("notes", false),
+        ]);
+        let p = plan_policy("t", 3600, 2, now, &dirs);
+        assert!(!p.due);
+        assert_eq!(p.remove, vec![format!("t-{}", now - 30 * hour), format!("t-{}", now - 3 * hour)]);
+        let p = plan_policy("t", 1800, 2, now, &dirs);
+        assert!(p.due, "the newest is exactly one interval old");
+        assert_eq!(p.remove, vec![format!("t-{}", now - 30 * hour), format!("t-{}", now - 2 * hour), format!("t-{}", now - 3 * hour)]);
+        let p = plan_policy("t", 1800, 1, now, &dirs);
+        assert!(p.due);
+        assert_eq!(p.remove.len(), 4, "keep 1 with one due: the new one replaces every older one: {:?}", p.remove);
+    }
 }

@@ -21,6 +21,8 @@ pub const PARTITION_MANIFEST: &str = "partition.json";
 pub const FORMAT: u32 = 1;
 /// Bytes read or written at a time when copying.
 const CHUNK_BYTES: usize = 1 << 20;
+/// A copy syncs what it wrote every this many bytes.
+const SYNC_EVERY_BYTES: u64 = 4 << 20;
 /// A manifest larger than this is refused unread (a partition has a few hundred files at most).
 const MANIFEST_BYTES_MAX: u64 = 16 << 20;
 
@@ -36,8 +38,6 @@ pub struct PartitionManifest {
     pub partition: u32,
     /// The raft index the checkpoint was taken at: every entry up to it, none after.
     pub applied_index: u64,
-    /// Live user records in the checkpoint when it was taken.
-    pub record_count: u64,
     pub files: Vec<BackupFile>,
 }
 
@@ -45,7 +45,6 @@ pub struct PartitionManifest {
 pub struct PartitionEntry {
     pub partition: u32,
     pub applied_index: u64,
-    pub record_count: u64,
     pub bytes: u64,
     /// crc32 of the partition's `partition.json`.
     pub manifest_crc32: u32,
@@ -67,9 +66,6 @@ pub struct BackupManifest {
 impl BackupManifest {
     pub fn bytes(&self) -> u64 {
         self.partitions.iter().map(|p| p.bytes).sum()
-    }
-    pub fn record_count(&self) -> u64 {
-        self.partitions.iter().map(|p| p.record_count).sum()
     }
 }
 
@@ -150,6 +146,11 @@ pub fn copy_file(
         hasher.update(&buf[..n]);
         output.write_all(&buf[..n]).map_err(io_error(format!("write {}", dst.display())))?;
         size += n as u64;
+        if size % SYNC_EVERY_BYTES < n as u64 {
+            // Written back a little at a time: one large sync at the end would queue the raft
+            // log's syncs behind it.
+            output.sync_data().map_err(io_error(format!("sync {}", dst.display())))?;
+        }
         limiter.pace(n as u64);
         progress(n as u64);
     }
@@ -286,9 +287,9 @@ mod tests {
                 BackupFile { name: n.to_string(), size, crc32 }
             })
             .collect();
-        let pm = PartitionManifest { partition: 0, applied_index: 9, record_count: 3, files };
+        let pm = PartitionManifest { partition: 0, applied_index: 9, files };
         let manifest_crc32 = write_json(&p.join(PARTITION_MANIFEST), &pm).unwrap();
-        let entry = PartitionEntry { partition: 0, applied_index: 9, record_count: 3, bytes: 5016, manifest_crc32 };
+        let entry = PartitionEntry { partition: 0, applied_index: 9, bytes: 5016, manifest_crc32 };
         let m = BackupManifest {
             format: FORMAT,
             table: "t".into(),
@@ -310,7 +311,7 @@ mod tests {
     fn bad_backups_are_refused_naming_the_file() {
         let t = tempfile::tempdir().unwrap();
         let b = backup_with_one_partition(t.path());
-        assert_eq!(verify_backup(&b).unwrap().record_count(), 3);
+        assert_eq!(verify_backup(&b).unwrap().bytes(), 5016);
         let sst = partition_dir(&b, 0).join("000001.sst");
 
         std::fs::write(&sst, vec![8u8; 5000]).unwrap();
@@ -330,7 +331,7 @@ mod tests {
 
         let pm = partition_dir(&b, 0).join(PARTITION_MANIFEST);
         let original = std::fs::read(&pm).unwrap();
-        std::fs::write(&pm, String::from_utf8(original.clone()).unwrap().replace("\"record_count\": 3", "\"record_count\": 4")).unwrap();
+        std::fs::write(&pm, String::from_utf8(original.clone()).unwrap().replace("\"size\": 5000", "\"size\": 5001")).unwrap();
         assert!(verify_backup(&b).unwrap_err().to_string().contains(PARTITION_MANIFEST));
         std::fs::write(&pm, original).unwrap();
         verify_backup(&b).unwrap();

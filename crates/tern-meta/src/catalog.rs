@@ -102,6 +102,54 @@ pub struct TableRecord {
     pub partition_count: u32,
     pub replica_count: u32,
     pub partitions: Vec<PartitionRecord>,
+    /// Periodic cold backups (run by the meta leader's process: `tern_client::backup`).
+    #[serde(default)]
+    pub backup_policy: Option<BackupPolicy>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BackupPolicy {
+    pub root: String,
+    pub interval_seconds: u64,
+    pub keep: u32,
+    pub rate_mb: u32,
+}
+
+/// Shortest interval between periodic backups.
+pub const BACKUP_INTERVAL_MIN_SECONDS: u64 = 60;
+/// Longest interval between periodic backups (a year).
+pub const BACKUP_INTERVAL_MAX_SECONDS: u64 = 366 * 86_400;
+/// Most backups a policy keeps.
+pub const BACKUP_KEEP_MAX: u32 = 1000;
+/// Longest backup location.
+pub const BACKUP_ROOT_BYTES_MAX: usize = 4096;
+/// Fastest rate a policy may ask for, MB per second per partition.
+pub const BACKUP_RATE_MB_MAX: u32 = 100_000;
+
+impl BackupPolicy {
+    pub fn from_proto(p: &tern_proto::BackupPolicy) -> Result<BackupPolicy, TernError> {
+        tern_core::backup::local_dir(&p.root)?;
+        if p.root.len() > BACKUP_ROOT_BYTES_MAX {
+            return Err(TernError::invalid(format!("backup location is {} bytes; the limit is {BACKUP_ROOT_BYTES_MAX}", p.root.len())));
+        }
+        if !(BACKUP_INTERVAL_MIN_SECONDS..=BACKUP_INTERVAL_MAX_SECONDS).contains(&p.interval_seconds) {
+            return Err(TernError::invalid(format!(
+                "backup interval {} s is out of range: {BACKUP_INTERVAL_MIN_SECONDS} s to {BACKUP_INTERVAL_MAX_SECONDS} s",
+                p.interval_seconds
+            )));
+        }
+        if !(1..=BACKUP_KEEP_MAX).contains(&p.keep) {
+            return Err(TernError::invalid(format!("a policy keeps 1 to {BACKUP_KEEP_MAX} backups, not {}", p.keep)));
+        }
+        if p.rate_mb > BACKUP_RATE_MB_MAX {
+            return Err(TernError::invalid(format!("backup rate {} MB/s is over the limit of {BACKUP_RATE_MB_MAX}", p.rate_mb)));
+        }
+        Ok(BackupPolicy { root: p.root.clone(), interval_seconds: p.interval_seconds, keep: p.keep, rate_mb: p.rate_mb })
+    }
+
+    pub fn to_proto(&self) -> tern_proto::BackupPolicy {
+        tern_proto::BackupPolicy { root: self.root.clone(), interval_seconds: self.interval_seconds, keep: self.keep, rate_mb: self.rate_mb }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -202,6 +250,17 @@ impl Catalog {
         candidates.sort_by_key(|n| (used_zones.contains(&self.zone(*n)), load.get(n).copied().unwrap_or(0), *n));
     }
 
+    /// Sets (or with None removes) a table's periodic backup policy.
+    pub fn set_backup_policy(&mut self, table: &str, policy: Option<BackupPolicy>) -> Result<String, TernError> {
+        let t = self.tables.get_mut(table).ok_or_else(|| TernError::TableNotFound(table.to_string()))?;
+        let said = match &policy {
+            Some(p) => format!("table {table}: a backup every {} s into {}, keeping {}", p.interval_seconds, p.root, p.keep),
+            None => format!("table {table}: no periodic backups"),
+        };
+        t.backup_policy = policy;
+        Ok(said)
+    }
+
     /// Changes a table's replica count; the scheduler adds or removes replicas to match.
     pub fn set_replica_count(&mut self, table: &str, count: u32, alive: &[NodeId]) -> Result<String, TernError> {
         check_replica_count(count)?;
@@ -266,7 +325,7 @@ impl Catalog {
             partitions.push(PartitionRecord { peers, preferred_leader: leader, learners: vec![], initial_peers, replacing: None, removing: vec![] });
         }
         self.next_table_id += 1;
-        let table = TableRecord { id: self.next_table_id, name: name.to_string(), partition_count, replica_count, partitions };
+        let table = TableRecord { id: self.next_table_id, name: name.to_string(), partition_count, replica_count, partitions, backup_policy: None };
         self.tables.insert(name.to_string(), table);
         Ok(&self.tables[name])
     }

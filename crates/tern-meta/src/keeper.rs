@@ -502,6 +502,7 @@ fn table_info(state: &State, t: &TableRecord) -> TableInfo {
         name: t.name.clone(),
         partition_count: t.partition_count,
         replica_count: t.replica_count,
+        backup_policy: t.backup_policy.as_ref().map(|p| p.to_proto()),
         partitions: t
             .partitions
             .iter()

@@ -44,6 +44,8 @@ struct TableHeader {
     name: String,
     partition_count: u32,
     replica_count: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    backup_policy: Option<crate::catalog::BackupPolicy>,
 }
 
 /// One record written or removed.
@@ -98,7 +100,13 @@ fn header(c: &Catalog) -> Vec<u8> {
 }
 
 fn table_header(t: &TableRecord) -> Vec<u8> {
-    json(&TableHeader { id: t.id, name: t.name.clone(), partition_count: t.partition_count, replica_count: t.replica_count })
+    json(&TableHeader {
+        id: t.id,
+        name: t.name.clone(),
+        partition_count: t.partition_count,
+        replica_count: t.replica_count,
+        backup_policy: t.backup_policy.clone(),
+    })
 }
 
 /// The records that turn `old` into `new`, in an order where every prefix leaves a loadable catalog
@@ -265,7 +273,14 @@ pub fn decode(records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<L
         for i in 0..t.partition_count {
             parts.push(partitions.remove(&(id, i)).ok_or_else(|| corrupt(format!("table {} has no record of partition {i}", t.name)))?);
         }
-        let record = TableRecord { id, name: t.name.clone(), partition_count: t.partition_count, replica_count: t.replica_count, partitions: parts };
+        let record = TableRecord {
+            id,
+            name: t.name.clone(),
+            partition_count: t.partition_count,
+            replica_count: t.replica_count,
+            partitions: parts,
+            backup_policy: t.backup_policy.clone(),
+        };
         c.tables.insert(t.name, record);
     }
     // Partitions without a table: a creation cut short before its table record, or a drop cut short
@@ -317,6 +332,14 @@ mod tests {
         c.transfer_leader("a", 5, c.tables["a"].partitions[5].peers[1].1).unwrap();
         let changes = diff(&before, &c);
         assert_eq!(changes.len(), 1, "one partition record: {changes:?}");
+        apply(&mut store, &changes);
+        assert_eq!(load(&store).catalog, c);
+
+        let before = c.clone();
+        let policy = crate::catalog::BackupPolicy { root: "/backups".into(), interval_seconds: 3600, keep: 3, rate_mb: 0 };
+        c.set_backup_policy("a", Some(policy)).unwrap();
+        let changes = diff(&before, &c);
+        assert_eq!(changes.len(), 1, "one table header: {changes:?}");
         apply(&mut store, &changes);
         assert_eq!(load(&store).catalog, c);
 

@@ -307,6 +307,16 @@ impl Meta for MetaService {
         Ok(Response::new(admin(self.keeper.change(|c, alive| c.set_replica_count(&r.table, r.replica_count, alive)).await)))
     }
 
+    async fn set_backup_policy(&self, request: Request<SetBackupPolicyRequest>) -> Result<Response<AdminResponse>, Status> {
+        self.keeper.check_serving().map_err(unavailable)?;
+        let r = request.into_inner();
+        let policy = match r.policy.as_ref().map(crate::catalog::BackupPolicy::from_proto).transpose() {
+            Ok(p) => p,
+            Err(e) => return Ok(Response::new(admin(Err(e)))),
+        };
+        Ok(Response::new(admin(self.keeper.change(|c, _| c.set_backup_policy(&r.table, policy)).await)))
+    }
+
     async fn move_replica(&self, request: Request<MoveReplicaRequest>) -> Result<Response<AdminResponse>, Status> {
         self.keeper.check_serving().map_err(unavailable)?;
         let r = request.into_inner();
@@ -340,7 +350,6 @@ pub struct MetaNode {
     store: StoreHandle,
     store_thread: Option<std::thread::JoinHandle<()>>,
     failed: watch::Receiver<bool>,
-    #[cfg(test)]
     keeper: Keeper,
 }
 
@@ -449,16 +458,14 @@ impl MetaNode {
             }
         }));
         tracing::info!(%address, id = cfg.id, peers = peers.len(), "meta node started");
-        Ok(MetaNode {
-            address,
-            stop,
-            tasks,
-            store: handle,
-            store_thread: Some(store_thread),
-            failed,
-            #[cfg(test)]
-            keeper,
-        })
+        Ok(MetaNode { address, stop, tasks, store: handle, store_thread: Some(store_thread), failed, keeper })
+    }
+
+    /// Whether this node leads the meta group now (asked by work only the leader does, such as the
+    /// periodic backups its process runs).
+    pub fn leadership(&self) -> std::sync::Arc<dyn Fn() -> bool + Send + Sync> {
+        let keeper = self.keeper.clone();
+        std::sync::Arc::new(move || keeper.serving())
     }
 
     /// Resolves if the node failed on its own (its store thread died); the process should exit.

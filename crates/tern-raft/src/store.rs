@@ -113,8 +113,6 @@ pub type ChecksumCallback = Box<dyn FnOnce(Result<(u64, u64, u64), TernError>) +
 pub struct Checkpointed {
     /// The raft index the checkpoint holds every entry up to.
     pub applied_index: u64,
-    /// The time the replica's reads looked at when it was taken (never before its log's clock).
-    pub read_time_ms: u64,
 }
 
 pub type CheckpointCallback = Box<dyn FnOnce(Result<Checkpointed, TernError>) + Send>;
@@ -546,7 +544,7 @@ impl Store {
                 None => callback(Err(not_hosted(group))),
             },
             StoreMsg::Checkpoint { group, dir, callback } => match self.replicas.get(&group) {
-                Some(r) => callback(r.checkpoint_into(&dir, now)),
+                Some(r) => callback(r.checkpoint_into(&dir)),
                 None => callback(Err(not_hosted(group))),
             },
             StoreMsg::LogWritten => {}

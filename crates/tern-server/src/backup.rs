@@ -126,10 +126,10 @@ impl BackupService {
         let checkpoint = crx.await.map_err(|_| TernError::Unavailable("the store stopped".into()))??;
         let checkpoint_ms = asked.elapsed().as_millis() as u64;
 
-        let (engines, rate, tx) = (self.engines.clone(), self.rate(req.rate_bytes_per_second), tx.clone());
+        let (rate, tx) = (self.rate(req.rate_bytes_per_second), tx.clone());
         tokio::task::spawn_blocking(move || {
             let copying = Instant::now();
-            let r = copy_out(&work.0, &target, partition, checkpoint, rate, engines.as_ref(), &tx);
+            let r = copy_out(&work.0, &target, partition, checkpoint, rate, &tx);
             match &r {
                 Ok(done) => tracing::info!(
                     %group, applied_index = done.applied_index, checkpoint_ms, bytes = done.bytes_done, copy_ms = copying.elapsed().as_millis() as u64,
@@ -236,7 +236,6 @@ fn copy_out(
     partition: u32,
     checkpoint: Checkpointed,
     rate: u64,
-    engines: &dyn EngineFactory,
     tx: &mpsc::Sender<Result<BackupProgress, Status>>,
 ) -> Result<BackupProgress, TernError> {
     let files = sorted_files(checkpoint_dir)?;
@@ -254,18 +253,13 @@ fn copy_out(
         reporter.report(|| BackupProgress { bytes_done: done, bytes_total: total, ..Default::default() });
         listed.push(BackupFile { name, size, crc32 });
     }
-    // Counted on the checkpoint after the copy (opening it may add files of its own).
-    let engine = engines.open(checkpoint_dir).map_err(tern_raft::apply::engine_error)?;
-    let (_, record_count) = tern_raft::read::data_checksum(engine.as_ref(), checkpoint.read_time_ms)?;
-    drop(engine);
-    let manifest = PartitionManifest { partition, applied_index: checkpoint.applied_index, record_count, files: listed };
+    let manifest = PartitionManifest { partition, applied_index: checkpoint.applied_index, files: listed };
     let manifest_crc32 = layout::write_json(&target.join(layout::PARTITION_MANIFEST), &manifest)?;
     Ok(BackupProgress {
         bytes_done: done,
         bytes_total: total,
         done: true,
         applied_index: checkpoint.applied_index,
-        record_count,
         manifest_crc32,
         ..Default::default()
     })

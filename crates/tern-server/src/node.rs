@@ -57,7 +57,7 @@ impl ServerConfig {
             store: StoreConfig::default(),
             heartbeat_interval: Duration::from_secs(1),
             snapshot_bytes_per_second: 100 * 1024 * 1024,
-            backup_bytes_per_second: 64 * 1024 * 1024,
+            backup_bytes_per_second: 16 * 1024 * 1024,
             block_cache_bytes: 128 * 1024 * 1024,
             write_buffer_bytes: 64 * 1024 * 1024,
             zone: String::new(),

@@ -274,9 +274,19 @@ async fn main() -> anyhow::Result<()> {
             }
             let meta = tern_meta::MetaNode::start(cfg).await?;
             println!("meta listening on {}", meta.address);
+            // Periodic backups, run by whichever meta node leads (through its own address: the
+            // client follows the leader).
+            let policies = tokio::spawn(tern_client::backup::run_policies(
+                tern_client::Client::new(tern_client::ClientConfig::new(vec![meta.address.clone()]))?,
+                meta.leadership(),
+            ));
             tokio::select! {
-                _ = signals.wait() => meta.shutdown().await,
+                _ = signals.wait() => {
+                    policies.abort();
+                    meta.shutdown().await
+                }
                 _ = meta.failed() => {
+                    policies.abort();
                     meta.shutdown().await;
                     bail!("the meta node's store stopped (see the log above); exiting so it can be restarted");
                 }

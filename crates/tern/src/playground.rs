@@ -47,6 +47,8 @@ pub struct Playground {
     pub metas: Vec<MetaNode>,
     pub servers: Vec<ServerNode>,
     pub proxy: Option<Proxy>,
+    /// Each meta node's runner of periodic backups (only the leader's acts).
+    backup_policies: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Playground {
@@ -80,7 +82,11 @@ impl Playground {
             let sc = ServerConfig::new(cfg.data_dir.join(format!("server{}", i + 1)), localhost(port), meta_addresses.clone());
             servers.push(ServerNode::start(sc).await?);
         }
-        let mut playground = Playground { metas, servers, proxy: None };
+        let backup_policies = metas
+            .iter()
+            .map(|m| Ok(tokio::spawn(tern_client::backup::run_policies(Client::new(ClientConfig::new(meta_addresses.clone()))?, m.leadership()))))
+            .collect::<Result<_, TernError>>()?;
+        let mut playground = Playground { metas, servers, proxy: None, backup_policies };
         playground.ensure_table(&cfg).await?;
         if let Some(port) = cfg.redis_port {
             let client = Client::new(ClientConfig::new(meta_addresses))?;
@@ -128,6 +134,9 @@ impl Playground {
     }
 
     pub async fn shutdown(self) {
+        for r in &self.backup_policies {
+            r.abort();
+        }
         if let Some(p) = self.proxy {
             p.shutdown().await;
         }

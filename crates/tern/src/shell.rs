@@ -39,7 +39,11 @@ commands (keys and values are words; quote them with \"...\" or '...', \\xHH esc
   cluster_info                           meta address, servers, tables
   backup TABLE --to DIR [--rate MB_PER_S]   copy a consistent checkpoint of every partition into a
                                          new directory under DIR (reachable by every server); Ctrl-C cancels
-  backups DIR                            the backups under DIR: table, time, partitions, size, records
+  backups DIR                            the backups under DIR: table, partitions, size, age
+  backup_policy TABLE --to DIR --every INTERVAL --keep N [--rate MB_PER_S]
+                                         back TABLE up periodically (INTERVAL: 90s, 30m, 6h, 1d), keeping
+                                         the newest N; run by the meta leader's process
+  backup_policy TABLE off                stop periodic backups of TABLE (existing backups stay)
   restore BACKUP_DIR --table NEW [--rate MB_PER_S]   create table NEW from a backup (checked first;
                                          a failed or cancelled restore drops NEW)
   help                                   this text
@@ -76,6 +80,7 @@ pub enum Command {
     ClusterInfo,
     Backup { table: String, to: String, rate_mb: u64 },
     Backups { root: String },
+    BackupPolicy { table: String, policy: Option<tern_proto::BackupPolicy> },
     Restore { backup: String, table: String, rate_mb: u64 },
     Help,
     Quit,
@@ -187,6 +192,23 @@ fn options(args: &[Vec<u8>], known: &[&str], usage: &str) -> Result<(Vec<String>
         }
     }
     Ok((positional, flags))
+}
+
+/// An interval such as 90s, 30m, 6h or 1d (a bare number is seconds), in seconds.
+fn interval(word: &str) -> Result<u64, String> {
+    let (digits, unit) = word.split_at(word.find(|c: char| !c.is_ascii_digit()).unwrap_or(word.len()));
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("interval {word:?}: want a number with s, m, h or d (90s, 30m, 6h, 1d)")),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("interval {word:?}: want a number with s, m, h or d (90s, 30m, 6h, 1d)"))
 }
 
 /// Most MB/s a backup or restore may be asked to run at.
@@ -410,6 +432,21 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
             let to = options.get("--to").ok_or(usage)?.clone();
             Command::Backup { table: table.clone(), to, rate_mb: rate(&options)? }
         }
+        "backup_policy" => {
+            let usage = "usage: backup_policy TABLE --to DIR --every INTERVAL --keep N [--rate MB_PER_S] | backup_policy TABLE off";
+            let (positional, options) = options(args, &["--to", "--every", "--keep", "--rate"], usage)?;
+            match positional.as_slice() {
+                [table, off] if off == "off" && options.is_empty() => Command::BackupPolicy { table: table.clone(), policy: None },
+                [table] => {
+                    let root = options.get("--to").ok_or(usage)?.clone();
+                    let interval_seconds = interval(options.get("--every").ok_or(usage)?)?;
+                    let keep = options.get("--keep").ok_or(usage)?.parse().map_err(|_| format!("--keep wants a number of backups ({usage})"))?;
+                    let rate_mb = rate(&options)? as u32;
+                    Command::BackupPolicy { table: table.clone(), policy: Some(tern_proto::BackupPolicy { root, interval_seconds, keep, rate_mb }) }
+                }
+                _ => return Err(usage.into()),
+            }
+        }
         "backups" => {
             arity(&name, args, 1, 1, "DIR")?;
             Command::Backups { root: text(&args[0]) }
@@ -486,9 +523,13 @@ impl Shell {
                     .meta_call(|mut m| async move { m.list_tables(ListTablesRequest {}).await.map(|r| r.into_inner()) })
                     .await
                     .map_err(err)?;
-                let mut out = format!("{:<24} {:>6} {:>10} {:>8}", "table", "id", "partitions", "replicas");
+                let mut out = format!("{:<24} {:>6} {:>10} {:>8}  {}", "table", "id", "partitions", "replicas", "backups");
                 for t in r.tables {
-                    let _ = write!(out, "\n{:<24} {:>6} {:>10} {:>8}", t.name, t.table_id, t.partition_count, t.replica_count);
+                    let backups = match &t.backup_policy {
+                        Some(p) => format!("every {}, keep {}, into {}", duration_words(p.interval_seconds), p.keep, p.root),
+                        None => "-".into(),
+                    };
+                    let _ = write!(out, "\n{:<24} {:>6} {:>10} {:>8}  {backups}", t.name, t.table_id, t.partition_count, t.replica_count);
                 }
                 out
             }
@@ -724,29 +765,33 @@ impl Shell {
                 };
                 let (dir, m) = backup::backup_table(&self.client, &table, &to, rate_mb << 20, &mut show, ctrl_c()).await.map_err(err)?;
                 format!(
-                    "backed up table {} to {}: {} partitions, {} records, {:.1} MiB in {:.1} s",
+                    "backed up table {} to {}: {} partitions, {:.1} MiB in {:.1} s",
                     m.table,
                     dir.display(),
                     m.partition_count,
-                    m.record_count(),
                     m.bytes() as f64 / (1 << 20) as f64,
                     (m.finished_unix_ms - m.started_unix_ms) as f64 / 1000.0
                 )
             }
+            Command::BackupPolicy { table, policy } => {
+                let r = self
+                    .client
+                    .meta_call(|mut m| {
+                        let request = tern_proto::SetBackupPolicyRequest { table: table.clone(), policy: policy.clone() };
+                        async move { m.set_backup_policy(request).await.map(|r| r.into_inner()) }
+                    })
+                    .await
+                    .map_err(err)?;
+                tern_proto::check(&r.error).map_err(err)?;
+                r.message
+            }
             Command::Backups { root } => {
-                let mut out = format!("{:<40} {:<16} {:>10} {:>10} {:>12}  {}", "backup", "table", "partitions", "MiB", "records", "taken (unix ms)");
+                let mut out = format!("{:<40} {:<16} {:>10} {:>10}  {}", "backup", "table", "partitions", "MiB", "taken");
                 for (name, m) in backup::list_backups(&root).map_err(err)? {
                     match m {
                         Ok(m) => {
                             let mib = m.bytes() as f64 / (1 << 20) as f64;
-                            let _ = write!(
-                                out,
-                                "\n{name:<40} {:<16} {:>10} {mib:>10.1} {:>12}  {}",
-                                m.table,
-                                m.partition_count,
-                                m.record_count(),
-                                m.started_unix_ms
-                            );
+                            let _ = write!(out, "\n{name:<40} {:<16} {:>10} {mib:>10.1}  {} ago", m.table, m.partition_count, age(m.started_unix_ms));
                         }
                         Err(e) => {
                             let _ = write!(out, "\n{name:<40} not usable: {e}");
@@ -794,6 +839,28 @@ impl Shell {
             }
         };
         Ok(out)
+    }
+}
+
+/// Seconds in the largest unit that divides them: "90 s", "30 min", "6 h", "1 d".
+fn duration_words(seconds: u64) -> String {
+    match seconds {
+        s if s >= 86_400 && s % 86_400 == 0 => format!("{} d", s / 86_400),
+        s if s >= 3600 && s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
+/// How long ago a unix time (ms) was, roughly: "40 s", "12 min", "5 h", "3 d".
+fn age(unix_ms: u64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let s = now.saturating_sub(unix_ms) / 1000;
+    match s {
+        0..=119 => format!("{s} s"),
+        120..=7199 => format!("{} min", s / 60),
+        7200..=172_799 => format!("{} h", s / 3600),
+        _ => format!("{} d", s / 86_400),
     }
 }
 
@@ -962,6 +1029,22 @@ mod tests {
             Some(Command::Restore { backup: "/b/t-1".into(), table: "t2".into(), rate_mb: 5 })
         );
         assert!(parse("restore /b/t-1").unwrap_err().contains("usage"));
+        let policy = |interval_seconds, keep, rate_mb| Some(tern_proto::BackupPolicy { root: "/b".into(), interval_seconds, keep, rate_mb });
+        assert_eq!(
+            parse("backup_policy t --to /b --every 6h --keep 7").unwrap(),
+            Some(Command::BackupPolicy { table: "t".into(), policy: policy(6 * 3600, 7, 0) })
+        );
+        assert_eq!(
+            parse("backup_policy t --every 90 --keep 1 --to /b --rate 3").unwrap(),
+            Some(Command::BackupPolicy { table: "t".into(), policy: policy(90, 1, 3) })
+        );
+        assert_eq!(parse("backup_policy t off").unwrap(), Some(Command::BackupPolicy { table: "t".into(), policy: None }));
+        assert!(parse("backup_policy t --to /b --every 6x --keep 7").unwrap_err().contains("interval"));
+        assert!(parse("backup_policy t --to /b --every 6h").unwrap_err().contains("usage"));
+        assert!(parse("backup_policy t --to /b --every 6h --keep many").unwrap_err().contains("--keep"));
+        assert!(parse("backup_policy t off --keep 3").unwrap_err().contains("usage"));
+        assert_eq!(duration_words(6 * 3600), "6 h");
+        assert_eq!(duration_words(90), "90 s");
     }
 
     /// Scripts split on semicolons outside quotes.

@@ -142,9 +142,9 @@ impl Replica {
     }
 
     /// Checkpoints the engine into `dir` for a backup: the state at the applied index.
-    pub fn checkpoint_into(&self, dir: &Path, now_unix_ms: u64) -> Result<crate::store::Checkpointed, TernError> {
+    pub fn checkpoint_into(&self, dir: &Path) -> Result<crate::store::Checkpointed, TernError> {
         self.sm.engine().checkpoint(dir).map_err(crate::apply::engine_error)?;
-        Ok(crate::store::Checkpointed { applied_index: self.sm.state().applied_index, read_time_ms: self.read_time(now_unix_ms) })
+        Ok(crate::store::Checkpointed { applied_index: self.sm.state().applied_index })
     }
 
     /// (applied index, checksum, record count) of the replica's contents.
