@@ -109,6 +109,9 @@ enum Command {
         /// Snapshot transfer rate limit in MiB/s (0 = unlimited).
         #[arg(long, default_value_t = 100)]
         snapshot_rate_mib: u64,
+        /// Rate of one partition's backup or restore when the request names none, in MiB/s (1-100000).
+        #[arg(long, default_value_t = 16)]
+        backup_rate_mib: u64,
         #[arg(long, default_value_t = 128)]
         block_cache_mib: usize,
         /// Sync the raft log on a thread of its own, overlapping with the next round (off by
@@ -301,6 +304,7 @@ async fn main() -> anyhow::Result<()> {
             log_gc_threshold,
             log_gc_lag_max,
             snapshot_rate_mib,
+            backup_rate_mib,
             block_cache_mib,
             log_writer_thread,
             zone,
@@ -320,6 +324,10 @@ async fn main() -> anyhow::Result<()> {
             cfg.store.replica.log_gc_count_threshold = log_gc_threshold;
             cfg.store.replica.log_gc_lag_max = log_gc_lag_max;
             cfg.snapshot_bytes_per_second = snapshot_rate_mib * 1024 * 1024;
+            if !(1..=100_000).contains(&backup_rate_mib) {
+                bail!("--backup-rate-mib must be 1 to 100000 (MiB/s), not {backup_rate_mib}");
+            }
+            cfg.backup_bytes_per_second = backup_rate_mib * 1024 * 1024;
             cfg.block_cache_bytes = block_cache_mib * 1024 * 1024;
             cfg.store.log_writer_thread = log_writer_thread;
             if zone.len() > 128 {
