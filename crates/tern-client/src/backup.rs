@@ -104,26 +104,32 @@ fn leader_of(info: &TableInfo, partition: u32) -> Option<NodeId> {
 /// One attempt's outcome, as the retry loop sees it.
 enum Attempt<T> {
     Done(T),
-    /// Try again at this node (a NotLeader hint) or at meta's leader.
-    Retry(Option<NodeId>, TernError),
+    /// Try again at this node (a NotLeader hint) or at meta's leader. `progressed`: the attempt got
+    /// somewhere before it failed (the partition is not stuck).
+    Retry {
+        node: Option<NodeId>,
+        error: TernError,
+        progressed: bool,
+    },
 }
 
-fn classify<T>(e: TernError) -> TernResult<Attempt<T>> {
+fn classify<T>(e: TernError, progressed: bool) -> TernResult<Attempt<T>> {
     match e {
-        TernError::NotLeader { leader } => Ok(Attempt::Retry(leader, TernError::NotLeader { leader })),
-        e if e.is_retryable() || matches!(e, TernError::PartitionNotFound(_)) => Ok(Attempt::Retry(None, e)),
+        TernError::NotLeader { leader } => Ok(Attempt::Retry { node: leader, error: TernError::NotLeader { leader }, progressed }),
+        e if e.is_retryable() || matches!(e, TernError::PartitionNotFound(_)) => Ok(Attempt::Retry { node: None, error: e, progressed }),
         e => Err(e),
     }
 }
 
-/// Runs `attempt` on the partition's leader until it succeeds, fails for good, or has kept failing
-/// for `PARTITION_RETRY_DEADLINE`.
+/// Runs `attempt` on the partition's leader until it succeeds, fails for good, or has failed
+/// without getting anywhere for `PARTITION_RETRY_DEADLINE` (a Busy server, or an attempt that made
+/// progress before it failed, starts that time over).
 async fn on_leader<T, F, Fut>(client: &Client, table: &str, partition: u32, attempt: F) -> TernResult<T>
 where
     F: Fn(NodeId) -> Fut,
     Fut: Future<Output = TernResult<Attempt<T>>>,
 {
-    let deadline = Instant::now() + PARTITION_RETRY_DEADLINE;
+    let mut failing_since = Instant::now();
     let mut hint = None;
     let mut tries = 0u32;
     loop {
@@ -136,12 +142,16 @@ where
         };
         let last = match attempt(node).await? {
             Attempt::Done(v) => return Ok(v),
-            Attempt::Retry(next, e) => {
-                hint = next;
-                e
+            Attempt::Retry { node, error, progressed } => {
+                hint = node;
+                if progressed || matches!(error, TernError::Busy(_)) {
+                    failing_since = Instant::now();
+                    tries = 0;
+                }
+                error
             }
         };
-        if Instant::now() >= deadline {
+        if failing_since.elapsed() >= PARTITION_RETRY_DEADLINE {
             return Err(TernError::Unavailable(format!("partition {partition} of {table}: gave up after {tries} attempts: {last}")));
         }
         tries += 1;
@@ -196,27 +206,32 @@ async fn backup_into(
             let entry = on_leader(client, &info.name, partition, |node| {
                 let target = target.clone();
                 async move {
+                    let mut progressed = false;
                     // A partial copy from an earlier attempt goes first (the server creates the directory).
                     let _ = std::fs::remove_dir_all(&target);
                     let request = BackupPartitionRequest {
-                        group_id: 0,
                         partition: Some(PartitionRef { table_id: info.table_id, partition, partition_count: info.partition_count }),
                         target_dir: target.to_string_lossy().into_owned(),
                         rate_bytes_per_second: rate,
                     };
-                    let mut stream = match client.backup_service(node)?.backup_partition(request).await {
+                    let mut service = match client.backup_service(node) {
+                        Ok(service) => service,
+                        Err(e) => return classify(e, false),
+                    };
+                    let mut stream = match service.backup_partition(request).await {
                         Ok(s) => s.into_inner(),
-                        Err(s) => return classify(tern_proto::from_status(&s)),
+                        Err(s) => return classify(tern_proto::from_status(&s), progressed),
                     };
                     loop {
                         let m = match stream.message().await {
                             Ok(Some(m)) => m,
-                            Ok(None) => return classify(TernError::Unavailable("the server ended the backup stream early".into())),
-                            Err(s) => return classify(tern_proto::from_status(&s)),
+                            Ok(None) => return classify(TernError::Unavailable("the server ended the backup stream early".into()), progressed),
+                            Err(s) => return classify(tern_proto::from_status(&s), progressed),
                         };
                         if let Err(e) = tern_proto::check(&m.error) {
-                            return classify(e);
+                            return classify(e, progressed);
                         }
+                        progressed = true;
                         tracker.update(partition, m.bytes_done, 0);
                         if m.done {
                             return Ok(Attempt::Done(PartitionEntry {
@@ -237,6 +252,11 @@ async fn backup_into(
         .try_collect()
         .await?;
     entries.sort_by_key(|e| e.partition);
+    // Each partition directory is the one its entry describes (a late attempt of a partition that
+    // was retried elsewhere could have replaced it), before the backup is declared complete.
+    let (checked, listed) = (dir.to_path_buf(), entries.clone());
+    blocking(move || listed.iter().try_for_each(|e| layout::verify_partition(&layout::partition_dir(&checked, e.partition), e, false).map(drop)))
+        .await?;
     let manifest = BackupManifest {
         format: layout::FORMAT,
         table: info.name.clone(),
@@ -306,28 +326,34 @@ async fn restore_into(
         .map(|entry| async move {
             let partition = entry.partition;
             let records = on_leader(client, &info.name, partition, |node| async move {
+                let mut progressed = false;
                 let request = RestorePartitionRequest {
                     partition: Some(PartitionRef { table_id: info.table_id, partition, partition_count: info.partition_count }),
                     backup_dir: dir.to_string_lossy().into_owned(),
                     rate_bytes_per_second: rate,
                 };
-                let mut stream = match client.backup_service(node)?.restore_partition(request).await {
+                let mut service = match client.backup_service(node) {
+                    Ok(service) => service,
+                    Err(e) => return classify(e, false),
+                };
+                let mut stream = match service.restore_partition(request).await {
                     Ok(s) => s.into_inner(),
-                    Err(s) => return classify(tern_proto::from_status(&s)),
+                    Err(s) => return classify(tern_proto::from_status(&s), progressed),
                 };
                 let (mut bytes, mut records) = (0, 0);
                 loop {
                     let m = match stream.message().await {
                         Ok(Some(m)) => m,
-                        Ok(None) => return classify(TernError::Unavailable("the server ended the restore stream early".into())),
-                        Err(s) => return classify(tern_proto::from_status(&s)),
+                        Ok(None) => return classify(TernError::Unavailable("the server ended the restore stream early".into()), progressed),
+                        Err(s) => return classify(tern_proto::from_status(&s), progressed),
                     };
                     if let Err(e) = tern_proto::check(&m.error) {
-                        return classify(e);
+                        return classify(e, progressed);
                     }
                     if m.done {
                         return Ok(Attempt::Done(m.record_count));
                     }
+                    progressed = true;
                     // Reports carry either bytes copied or records written.
                     (bytes, records) = (bytes.max(m.bytes_done), records.max(m.records_done));
                     tracker.update(partition, bytes, records);
@@ -468,18 +494,14 @@ pub async fn policy_pass(client: &Client, now_unix_ms: u64, leading: &(dyn Fn() 
         if !leading() {
             return Ok(());
         }
-        let root = layout::local_dir(&policy.root)?;
+        let Ok(root) = layout::local_dir(&policy.root) else { continue };
         let found = match std::fs::read_dir(&root) {
-            Ok(entries) => entries
-                .filter_map(|e| e.ok())
-                .filter(|e| e.path().is_dir())
-                .map(|e| {
-                    let complete = layout::read_backup_manifest(&e.path()).is_ok_and(|m| m.table == t.name);
-                    (e.file_name().to_string_lossy().into_owned(), complete)
-                })
-                .collect(),
+            Ok(entries) => entries.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).filter_map(|e| classify_backup(&e.path(), &t.name)).collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(io(format!("list {}", root.display()))(e)),
+            Err(e) => {
+                tracing::warn!(table = %t.name, "periodic backup: list {}: {e}", root.display());
+                continue;
+            }
         };
         let plan = plan_policy(&t.name, policy.interval_seconds, policy.keep, now_unix_ms, &found);
         if plan.due {
@@ -498,6 +520,9 @@ pub async fn policy_pass(client: &Client, now_unix_ms: u64, leading: &(dyn Fn() 
             }
         }
         for name in plan.remove {
+            // The manifest goes first: a removal cut short leaves an unfinished backup, never one
+            // that looks complete.
+            let _ = std::fs::remove_file(root.join(&name).join(layout::BACKUP_MANIFEST));
             match std::fs::remove_dir_all(root.join(&name)) {
                 Ok(()) => tracing::info!(table = %t.name, "removed backup {name} (policy keeps {})", policy.keep),
                 Err(e) => tracing::warn!(table = %t.name, "remove backup {name}: {e}"),
@@ -505,6 +530,21 @@ pub async fn policy_pass(client: &Client, now_unix_ms: u64, leading: &(dyn Fn() 
         }
     }
     Ok(())
+}
+
+/// A directory under a policy's root as the pass sees it: (name, whether it is a complete backup of
+/// `table`). None for what is neither (another table's backup, a manifest that cannot be read now):
+/// never removed.
+fn classify_backup(path: &Path, table: &str) -> Option<(String, bool)> {
+    let name = path.file_name()?.to_string_lossy().into_owned();
+    match layout::read_backup_manifest(path) {
+        Ok(m) if m.table == table => Some((name, true)),
+        Ok(_) => None,
+        Err(_) if std::fs::symlink_metadata(path.join(layout::BACKUP_MANIFEST)).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) => {
+            Some((name, false))
+        }
+        Err(_) => None,
+    }
 }
 
 /// Runs policy passes every `POLICY_CHECK_INTERVAL` for as long as it lives, while `leading` says

@@ -74,8 +74,9 @@ pub fn partition_dir(backup: &Path, partition: u32) -> PathBuf {
     backup.join(format!("p{partition}"))
 }
 
-/// Where a backup goes: a local or mounted directory, given as a path or a `file://` URI. Other
-/// schemes are refused with the reason.
+/// Where a backup goes: a local or mounted directory, given as an absolute path or a `file://` URI
+/// (relative paths would mean another directory to each process that resolves them). Other schemes
+/// are refused with the reason.
 pub fn local_dir(uri: &str) -> Result<PathBuf, TernError> {
     let path = match uri.split_once("://") {
         None => uri,
@@ -89,7 +90,13 @@ pub fn local_dir(uri: &str) -> Result<PathBuf, TernError> {
     if path.is_empty() {
         return Err(TernError::invalid("backup location is empty"));
     }
-    Ok(PathBuf::from(path))
+    let path = PathBuf::from(path);
+    if !path.is_absolute() {
+        return Err(TernError::invalid(format!(
+            "backup location {uri:?} is relative; give an absolute path (every server and meta node resolves it)"
+        )));
+    }
+    Ok(path)
 }
 
 /// Paces a copy at `bytes_per_second` (0: unpaced) by sleeping the calling thread.
@@ -190,15 +197,23 @@ pub fn read_backup_manifest(backup: &Path) -> Result<BackupManifest, TernError> 
     if m.format != FORMAT {
         return Err(TernError::invalid(format!("backup {} has layout version {}; this build reads {FORMAT}", backup.display(), m.format)));
     }
-    let numbered = m.partitions.iter().enumerate().all(|(i, p)| p.partition == i as u32);
-    if m.partitions.len() != m.partition_count as usize || !numbered {
+    let path = backup.join(BACKUP_MANIFEST);
+    if m.partitions.len() != m.partition_count as usize {
         return Err(TernError::Corruption(format!(
             "{} lists {} partition entries for a table of {} partitions",
-            backup.join(BACKUP_MANIFEST).display(),
+            path.display(),
             m.partitions.len(),
             m.partition_count
         )));
     }
+    if let Some((i, p)) = m.partitions.iter().enumerate().find(|(i, p)| p.partition != *i as u32) {
+        return Err(TernError::Corruption(format!(
+            "{}: entry {i} is for partition {}; entries must be in partition order",
+            path.display(),
+            p.partition
+        )));
+    }
+    crate::limits::check_partition_count(m.partition_count).map_err(|e| TernError::Corruption(format!("{}: {e}", path.display())))?;
     Ok(m)
 }
 
@@ -224,11 +239,21 @@ fn digest(path: &Path) -> Result<(u64, u32), TernError> {
 pub fn verify_partition(dir: &Path, entry: &PartitionEntry, checksums: bool) -> Result<PartitionManifest, TernError> {
     let path = dir.join(PARTITION_MANIFEST);
     let (m, crc): (PartitionManifest, u32) = read_json(&path, &format!("partition {} of the backup is incomplete", entry.partition))?;
-    if crc != entry.manifest_crc32 || m.partition != entry.partition || m.applied_index != entry.applied_index {
+    if crc != entry.manifest_crc32 {
         return Err(TernError::Corruption(format!(
             "{} is not the manifest {BACKUP_MANIFEST} names (crc32 {crc:08x}, expected {:08x})",
             path.display(),
             entry.manifest_crc32
+        )));
+    }
+    if (m.partition, m.applied_index) != (entry.partition, entry.applied_index) {
+        return Err(TernError::Corruption(format!(
+            "{} describes partition {} at index {}; {BACKUP_MANIFEST} says partition {} at index {}",
+            path.display(),
+            m.partition,
+            m.applied_index,
+            entry.partition,
+            entry.applied_index
         )));
     }
     let mut present = Vec::new();
@@ -347,6 +372,8 @@ mod tests {
         assert_eq!(local_dir("file:///tmp/x").unwrap(), PathBuf::from("/tmp/x"));
         assert!(local_dir("s3://bucket/x").unwrap_err().to_string().contains("s3"));
         assert!(local_dir("").is_err());
+        assert!(local_dir("backups").unwrap_err().to_string().contains("absolute"));
+        assert!(local_dir("file://x/y").is_err());
     }
 
     /// A copy reports its bytes and checksum, is paced, and stops when cancelled.

@@ -123,7 +123,7 @@ pub const BACKUP_INTERVAL_MAX_SECONDS: u64 = 366 * 86_400;
 pub const BACKUP_KEEP_MAX: u32 = 1000;
 /// Longest backup location.
 pub const BACKUP_ROOT_BYTES_MAX: usize = 4096;
-/// Fastest rate a policy may ask for, MB per second per partition.
+/// Fastest rate a policy may ask for, MiB per second per partition.
 pub const BACKUP_RATE_MB_MAX: u32 = 100_000;
 
 impl BackupPolicy {
@@ -142,7 +142,7 @@ impl BackupPolicy {
             return Err(TernError::invalid(format!("a policy keeps 1 to {BACKUP_KEEP_MAX} backups, not {}", p.keep)));
         }
         if p.rate_mb > BACKUP_RATE_MB_MAX {
-            return Err(TernError::invalid(format!("backup rate {} MB/s is over the limit of {BACKUP_RATE_MB_MAX}", p.rate_mb)));
+            return Err(TernError::invalid(format!("backup rate {} MiB/s is over the limit of {BACKUP_RATE_MB_MAX}", p.rate_mb)));
         }
         Ok(BackupPolicy { root: p.root.clone(), interval_seconds: p.interval_seconds, keep: p.keep, rate_mb: p.rate_mb })
     }

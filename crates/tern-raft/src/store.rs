@@ -164,10 +164,12 @@ pub enum StoreMsg {
         begin: bool,
         callback: Box<dyn FnOnce(Result<bool, TernError>) + Send>,
     },
-    /// Checkpoints a replica's engine into `dir` (which must not exist yet), for a backup.
+    /// Checkpoints a replica's engine into `dir` (which must not exist yet), for a backup, if it
+    /// has applied at least `min_applied_index`.
     Checkpoint {
         group: GroupId,
         dir: PathBuf,
+        min_applied_index: u64,
         callback: CheckpointCallback,
     },
     /// A log write became durable (the log writer's wake-up; the round finishes in `process_ready`).
@@ -543,8 +545,8 @@ impl Store {
                 Some(r) => callback(r.flush_engine(begin)),
                 None => callback(Err(not_hosted(group))),
             },
-            StoreMsg::Checkpoint { group, dir, callback } => match self.replicas.get(&group) {
-                Some(r) => callback(r.checkpoint_into(&dir)),
+            StoreMsg::Checkpoint { group, dir, min_applied_index, callback } => match self.replicas.get(&group) {
+                Some(r) => callback(r.checkpoint_into(&dir, min_applied_index)),
                 None => callback(Err(not_hosted(group))),
             },
             StoreMsg::LogWritten => {}

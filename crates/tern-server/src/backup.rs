@@ -32,7 +32,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 /// Backups and restores one server runs at once; more are answered Busy.
-pub const OPERATIONS_MAX: usize = 2;
+pub const OPERATIONS_MAX: usize = 4;
 /// Longest wait for a background flush before a checkpoint.
 const FLUSH_WAIT_MAX: Duration = Duration::from_secs(10);
 /// How often a running operation reports progress.
@@ -118,10 +118,11 @@ impl BackupService {
         let read = rrx.await.map_err(|_| TernError::Unavailable("the store stopped".into()))?;
         tern_proto::check(&read.error)?;
 
-        self.flush(group).await?;
+        self.flush(group, tx).await?;
         let work = WorkDir(self.work_path("backup", group));
         let (ctx, crx) = oneshot::channel();
-        self.store.send(StoreMsg::Checkpoint { group, dir: work.0.clone(), callback: Box::new(move |r| drop(ctx.send(r))) });
+        let (dir, min_applied_index) = (work.0.clone(), read.applied_index);
+        self.store.send(StoreMsg::Checkpoint { group, dir, min_applied_index, callback: Box::new(move |r| drop(ctx.send(r))) });
         let asked = Instant::now();
         let checkpoint = crx.await.map_err(|_| TernError::Unavailable("the store stopped".into()))??;
         let checkpoint_ms = asked.elapsed().as_millis() as u64;
@@ -135,10 +136,7 @@ impl BackupService {
                     %group, applied_index = done.applied_index, checkpoint_ms, bytes = done.bytes_done, copy_ms = copying.elapsed().as_millis() as u64,
                     "partition backed up to {}", target.display()
                 ),
-                Err(e) => {
-                    tracing::warn!(%group, "partition backup failed: {e}");
-                    let _ = std::fs::remove_dir_all(&target);
-                }
+                Err(e) => tracing::warn!(%group, "partition backup failed: {e}"),
             }
             r
         })
@@ -148,10 +146,13 @@ impl BackupService {
 
     /// Flushes the replica's engine in the background and waits (a bounded time) for it, so that
     /// the checkpoint that follows has little left to flush on the store thread.
-    async fn flush(&self, group: GroupId) -> Result<(), TernError> {
+    async fn flush<T>(&self, group: GroupId, tx: &mpsc::Sender<Result<T, Status>>) -> Result<(), TernError> {
         let deadline = Instant::now() + FLUSH_WAIT_MAX;
         let mut begin = true;
         while Instant::now() < deadline {
+            if tx.is_closed() {
+                return Err(TernError::Unavailable("cancelled".into()));
+            }
             let (tx, rx) = oneshot::channel();
             self.store.send(StoreMsg::Flush { group, begin, callback: Box::new(move |r| drop(tx.send(r))) });
             let r = rx.await.map_err(|_| TernError::Unavailable("the store stopped".into()))??;
@@ -162,8 +163,9 @@ impl BackupService {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // Not flushed in time (writes stopped behind compaction): the checkpoint flushes itself.
-        Ok(())
+        // Not flushed in time (writes stopped behind compaction): a checkpoint now would flush on
+        // the store thread and stall every partition of this server. Later.
+        Err(TernError::Busy(format!("the engine of {group} did not flush within {FLUSH_WAIT_MAX:?}; try the backup later")))
     }
 
     async fn restore(&self, req: RestorePartitionRequest, tx: &mpsc::Sender<Result<RestoreProgress, Status>>) -> Result<RestoreProgress, TernError> {
@@ -240,21 +242,34 @@ fn copy_out(
 ) -> Result<BackupProgress, TernError> {
     let files = sorted_files(checkpoint_dir)?;
     let total: u64 = files.iter().map(|f| f.1).sum();
-    std::fs::create_dir(target).map_err(io(format!("create backup directory {}", target.display())))?;
     let mut reporter = Reporter::new(tx);
+    if reporter.cancelled() {
+        return Err(TernError::Unavailable("cancelled".into()));
+    }
+    // Copied under a name of this attempt's own and renamed into place once whole: an attempt
+    // never writes into, or removes, a directory it did not create (another attempt's, or one that
+    // was there before).
+    let name = target.file_name().ok_or_else(|| TernError::invalid(format!("backup directory {} has no name", target.display())))?;
+    let parent = target.parent().ok_or_else(|| TernError::invalid(format!("backup directory {} has no parent", target.display())))?;
+    let staging = WorkDir(parent.join(format!(".{}.{}", name.to_string_lossy(), checkpoint_dir.file_name().unwrap_or_default().to_string_lossy())));
+    std::fs::create_dir(&staging.0).map_err(io(format!("create backup directory {}", staging.0.display())))?;
+    let staged = &staging.0;
     let mut limiter = RateLimiter::new(rate);
     let mut done = 0u64;
     let mut listed = Vec::new();
     for (name, _) in files {
         let cancelled = || reporter.cancelled();
         let mut counted = 0;
-        let (size, crc32) = layout::copy_file(&checkpoint_dir.join(&name), &target.join(&name), &mut limiter, &cancelled, &mut |n| counted += n)?;
+        let (size, crc32) = layout::copy_file(&checkpoint_dir.join(&name), &staged.join(&name), &mut limiter, &cancelled, &mut |n| counted += n)?;
         done += counted;
         reporter.report(|| BackupProgress { bytes_done: done, bytes_total: total, ..Default::default() });
         listed.push(BackupFile { name, size, crc32 });
     }
     let manifest = PartitionManifest { partition, applied_index: checkpoint.applied_index, files: listed };
-    let manifest_crc32 = layout::write_json(&target.join(layout::PARTITION_MANIFEST), &manifest)?;
+    let manifest_crc32 = layout::write_json(&staged.join(layout::PARTITION_MANIFEST), &manifest)?;
+    tern_core::files::sync_directory(staged).map_err(io(format!("sync {}", staged.display())))?;
+    std::fs::rename(staged, target).map_err(io(format!("move the copy into place as {}", target.display())))?;
+    tern_core::files::sync_directory(parent).map_err(io(format!("sync {}", parent.display())))?;
     Ok(BackupProgress {
         bytes_done: done,
         bytes_total: total,

@@ -37,14 +37,14 @@ commands (keys and values are words; quote them with \"...\" or '...', \\xHH esc
   set_replica_count TABLE N              add or remove replicas of every partition
   partitions [TABLE]                     replica set, leader and applied index of each partition
   cluster_info                           meta address, servers, tables
-  backup TABLE --to DIR [--rate MB_PER_S]   copy a consistent checkpoint of every partition into a
+  backup TABLE --to DIR [--rate MIB_PER_S]   copy a consistent checkpoint of every partition into a
                                          new directory under DIR (reachable by every server); Ctrl-C cancels
   backups DIR                            the backups under DIR: table, partitions, size, age
-  backup_policy TABLE --to DIR --every INTERVAL --keep N [--rate MB_PER_S]
+  backup_policy TABLE --to DIR --every INTERVAL --keep N [--rate MIB_PER_S]
                                          back TABLE up periodically (INTERVAL: 90s, 30m, 6h, 1d), keeping
                                          the newest N; run by the meta leader's process
   backup_policy TABLE off                stop periodic backups of TABLE (existing backups stay)
-  restore BACKUP_DIR --table NEW [--rate MB_PER_S]   create table NEW from a backup (checked first;
+  restore BACKUP_DIR --table NEW [--rate MIB_PER_S]   create table NEW from a backup (checked first;
                                          a failed or cancelled restore drops NEW)
   help                                   this text
   quit                                   leave the shell";
@@ -173,7 +173,6 @@ fn parse_check<'a>(args: &'a [Vec<u8>], usage: &str) -> Result<Check<'a>, String
     }
 }
 
-/// Parses one command line.
 /// Splits words into positional ones and `--flag value` pairs (only the flags named in `known`).
 fn options(args: &[Vec<u8>], known: &[&str], usage: &str) -> Result<(Vec<String>, HashMap<String, String>), String> {
     let (mut positional, mut flags) = (Vec::new(), HashMap::new());
@@ -211,18 +210,19 @@ fn interval(word: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("interval {word:?}: want a number with s, m, h or d (90s, 30m, 6h, 1d)"))
 }
 
-/// Most MB/s a backup or restore may be asked to run at.
+/// Most MiB/s a backup or restore may be asked to run at.
 const BACKUP_RATE_MB_MAX: u64 = 100_000;
 
-/// `--rate MB_PER_S` (absent: 0, each server's default).
+/// `--rate MIB_PER_S` (absent: 0, each server's default).
 fn rate(options: &HashMap<String, String>) -> Result<u64, String> {
     let Some(r) = options.get("--rate") else { return Ok(0) };
     match r.parse::<u64>() {
         Ok(mb) if (1..=BACKUP_RATE_MB_MAX).contains(&mb) => Ok(mb),
-        _ => Err(format!("--rate is in MB per second, 1 to {BACKUP_RATE_MB_MAX}; got {r:?}")),
+        _ => Err(format!("--rate is in MiB per second, 1 to {BACKUP_RATE_MB_MAX}; got {r:?}")),
     }
 }
 
+/// Parses one command line.
 pub fn parse(line: &str) -> Result<Option<Command>, String> {
     let words = tokenize(line)?;
     let Some((name, args)) = words.split_first() else { return Ok(None) };
@@ -426,14 +426,14 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
         }
         "cluster_info" => Command::ClusterInfo,
         "backup" => {
-            let usage = "usage: backup TABLE --to DIR [--rate MB_PER_S]";
+            let usage = "usage: backup TABLE --to DIR [--rate MIB_PER_S]";
             let (positional, options) = options(args, &["--to", "--rate"], usage)?;
             let [table] = positional.as_slice() else { return Err(usage.into()) };
             let to = options.get("--to").ok_or(usage)?.clone();
             Command::Backup { table: table.clone(), to, rate_mb: rate(&options)? }
         }
         "backup_policy" => {
-            let usage = "usage: backup_policy TABLE --to DIR --every INTERVAL --keep N [--rate MB_PER_S] | backup_policy TABLE off";
+            let usage = "usage: backup_policy TABLE --to DIR --every INTERVAL --keep N [--rate MIB_PER_S] | backup_policy TABLE off";
             let (positional, options) = options(args, &["--to", "--every", "--keep", "--rate"], usage)?;
             match positional.as_slice() {
                 [table, off] if off == "off" && options.is_empty() => Command::BackupPolicy { table: table.clone(), policy: None },
@@ -452,7 +452,7 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
             Command::Backups { root: text(&args[0]) }
         }
         "restore" => {
-            let usage = "usage: restore BACKUP_DIR --table NEW [--rate MB_PER_S]";
+            let usage = "usage: restore BACKUP_DIR --table NEW [--rate MIB_PER_S]";
             let (positional, options) = options(args, &["--table", "--rate"], usage)?;
             let [backup] = positional.as_slice() else { return Err(usage.into()) };
             let table = options.get("--table").ok_or(usage)?.clone();
@@ -1022,7 +1022,7 @@ mod tests {
         assert!(parse("backup t --to /a --to /b").unwrap_err().contains("twice"));
         assert!(parse("backup t --to /b --speed 3").unwrap_err().contains("unknown option --speed"));
         assert!(parse("backup t --to /b --rate 0").unwrap_err().contains("1 to"));
-        assert!(parse("backup t --to /b --rate fast").unwrap_err().contains("MB per second"));
+        assert!(parse("backup t --to /b --rate fast").unwrap_err().contains("MiB per second"));
         assert_eq!(parse("backups /b").unwrap(), Some(Command::Backups { root: "/b".into() }));
         assert_eq!(
             parse("restore /b/t-1 --table t2 --rate 5").unwrap(),

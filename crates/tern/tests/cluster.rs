@@ -691,6 +691,31 @@ async fn backup_under_load_restores_whole_and_bad_backups_are_refused() {
     assert!(matches!(e, TernError::TableNotFound(_)), "{e}");
     let e = backup_table(&c.client, "src", "s3://bucket/x", 0, &mut |_| {}, std::future::pending()).await.unwrap_err();
     assert!(matches!(e, TernError::InvalidArgument(_)), "{e}");
+    let e = backup_table(&c.client, "src", "relative/dir", 0, &mut |_| {}, std::future::pending()).await.unwrap_err();
+    assert!(e.to_string().contains("absolute"), "{e}");
+    // A partition backup into a directory that exists fails on every server, and the directory
+    // and what it holds are left alone.
+    let precious = root.path().join("precious");
+    std::fs::create_dir(&precious).unwrap();
+    std::fs::write(precious.join("keep.txt"), b"mine").unwrap();
+    let info = c.client.table_info("src").await.unwrap();
+    for s in &c.servers {
+        let mut b = tern_proto::backup_client::BackupClient::connect(format!("http://{}", s.address)).await.unwrap();
+        let request = tern_proto::BackupPartitionRequest {
+            partition: Some(tern_proto::PartitionRef { table_id: info.table_id, partition: 0, partition_count: 4 }),
+            target_dir: precious.to_string_lossy().into_owned(),
+            rate_bytes_per_second: 0,
+        };
+        let mut stream = b.backup_partition(request).await.unwrap().into_inner();
+        let mut last = None;
+        while let Some(m) = stream.message().await.unwrap() {
+            last = Some(m);
+        }
+        let last = last.unwrap();
+        assert!(last.error.is_some() && !last.done, "{last:?}");
+    }
+    assert_eq!(std::fs::read(precious.join("keep.txt")).unwrap(), b"mine");
+    std::fs::remove_dir_all(&precious).unwrap();
     // Cancelled at once: the partial backup is removed.
     let e = backup_table(&c.client, "src", &root_s, 1 << 20, &mut |_| {}, async {}).await.unwrap_err();
     assert!(e.to_string().contains("cancelled"), "{e}");

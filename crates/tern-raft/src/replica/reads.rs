@@ -57,6 +57,13 @@ impl Replica {
         self.lease_covers(now).then_some(self.raw.raft.term)
     }
 
+    /// Executes a read on the state machine as it is now.
+    fn execute(&self, request: &ReadRequest, now_unix_ms: u64) -> ReadResponse {
+        let mut r = execute_read(self.sm.engine(), request, now_unix_ms);
+        r.applied_index = self.sm.state().applied_index;
+        r
+    }
+
     /// Queues a read. Stale reads are answered at once from local state; linearizable reads wait for
     /// a read index (one per batch of reads) and for apply to reach it.
     pub fn read(&mut self, request: ReadRequest, now_unix_ms: u64, now: Duration, callback: ReadCallback) {
@@ -65,19 +72,19 @@ impl Replica {
             return callback(ReadResponse { error: Some(self.unavailable().into()), ..Default::default() });
         }
         if request.allow_stale {
-            return callback(execute_read(self.sm.engine(), &request, now_unix_ms));
+            return callback(self.execute(&request, now_unix_ms));
         }
         if !self.is_leader() || self.removed {
             return callback(ReadResponse { error: Some(self.not_leader().into()), ..Default::default() });
         }
         if self.cfg.planted.read_without_read_index {
-            return callback(execute_read(self.sm.engine(), &request, now_unix_ms));
+            return callback(self.execute(&request, now_unix_ms));
         }
         if self.lease_covers(now) {
             self.lease.used_at = now;
             let committed = self.raw.raft.raft_log.committed;
             if self.read_batches.is_empty() && self.sm.state().applied_index >= committed {
-                return callback(execute_read(self.sm.engine(), &request, now_unix_ms));
+                return callback(self.execute(&request, now_unix_ms));
             }
             // Answered once apply reaches today's commit index, in order with earlier reads (id 0:
             // no read-index request behind it).
@@ -121,7 +128,7 @@ impl Replica {
         while self.read_batches.front().is_some_and(|b| b.index.is_some_and(|i| i <= applied)) {
             let batch = self.read_batches.pop_front().expect("front exists");
             for (request, callback) in batch.reads {
-                callback(execute_read(self.sm.engine(), &request, now_unix_ms));
+                callback(self.execute(&request, now_unix_ms));
             }
         }
     }
@@ -141,8 +148,20 @@ impl Replica {
         r.map_err(crate::apply::engine_error)
     }
 
-    /// Checkpoints the engine into `dir` for a backup: the state at the applied index.
-    pub fn checkpoint_into(&self, dir: &Path) -> Result<crate::store::Checkpointed, TernError> {
+    /// Checkpoints the engine into `dir` for a backup: the state at the applied index, which must
+    /// be at least `min_applied_index` (what a linearizable read just saw here: a replica that
+    /// replaced it since, and is behind, is refused).
+    pub fn checkpoint_into(&self, dir: &Path, min_applied_index: u64) -> Result<crate::store::Checkpointed, TernError> {
+        if self.failure.is_some() {
+            return Err(self.unavailable());
+        }
+        let applied = self.sm.state().applied_index;
+        if applied < min_applied_index {
+            return Err(TernError::Unavailable(format!(
+                "replica of {} has applied {applied}, behind the read at {min_applied_index}: it was replaced",
+                self.group
+            )));
+        }
         self.sm.engine().checkpoint(dir).map_err(crate::apply::engine_error)?;
         Ok(crate::store::Checkpointed { applied_index: self.sm.state().applied_index })
     }
