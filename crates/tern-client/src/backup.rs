@@ -15,8 +15,8 @@
 use crate::client::Client;
 use futures::{StreamExt, TryStreamExt};
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tern_backup::Target;
 use tern_core::backup::{self as layout, BackupManifest, PartitionEntry};
 use tern_core::{NodeId, TernError, TernResult};
 use tern_proto::{BackupPartitionRequest, CreateTableRequest, DropTableRequest, PartitionRef, RestorePartitionRequest, TableInfo};
@@ -74,14 +74,6 @@ pub struct Restored {
 
 fn now_unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> TernError {
-    move |e| TernError::Internal(format!("{what}: {e}"))
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> TernResult<T> + Send + 'static) -> TernResult<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| TernError::Internal(format!("backup task: {e}")))?
 }
 
 /// Runs `work` unless `cancel` resolves first.
@@ -173,18 +165,16 @@ pub async fn backup_table(
     rate_bytes_per_second: u64,
     progress: &mut (dyn FnMut(&Progress) + Send),
     cancel: impl Future<Output = ()>,
-) -> TernResult<(PathBuf, BackupManifest)> {
-    let root = layout::local_dir(root)?;
+) -> TernResult<(String, BackupManifest)> {
+    let root = Target::open(root)?;
     let info = client.table_info(table).await?;
     let started = now_unix_ms();
-    let dir = root.join(format!("{table}-{started}"));
-    std::fs::create_dir_all(&root).map_err(io(format!("create {}", root.display())))?;
-    std::fs::create_dir(&dir).map_err(io(format!("create {}", dir.display())))?;
-    let r = cancellable(backup_into(client, &info, &dir, started, rate_bytes_per_second, progress), cancel).await;
+    let backup = root.child(&format!("{table}-{started}"));
+    let r = cancellable(backup_into(client, &info, &backup, started, rate_bytes_per_second, progress), cancel).await;
     match r {
-        Ok(m) => Ok((dir, m)),
+        Ok(m) => Ok((backup.to_string(), m)),
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = backup.remove_all().await;
             Err(e)
         }
     }
@@ -193,7 +183,7 @@ pub async fn backup_table(
 async fn backup_into(
     client: &Client,
     info: &TableInfo,
-    dir: &Path,
+    backup: &Target,
     started: u64,
     rate: u64,
     progress: &mut (dyn FnMut(&Progress) + Send),
@@ -202,45 +192,40 @@ async fn backup_into(
     let tracker = &tracker;
     let mut entries: Vec<PartitionEntry> = futures::stream::iter(0..info.partition_count)
         .map(|partition| async move {
-            let target = layout::partition_dir(dir, partition);
-            let entry = on_leader(client, &info.name, partition, |node| {
-                let target = target.clone();
-                async move {
-                    let mut progressed = false;
-                    // A partial copy from an earlier attempt goes first (the server creates the directory).
-                    let _ = std::fs::remove_dir_all(&target);
-                    let request = BackupPartitionRequest {
-                        partition: Some(PartitionRef { table_id: info.table_id, partition, partition_count: info.partition_count }),
-                        target_dir: target.to_string_lossy().into_owned(),
-                        rate_bytes_per_second: rate,
-                    };
-                    let mut service = match client.backup_service(node) {
-                        Ok(service) => service,
-                        Err(e) => return classify(e, false),
-                    };
-                    let mut stream = match service.backup_partition(request).await {
-                        Ok(s) => s.into_inner(),
+            let entry = on_leader(client, &info.name, partition, |node| async move {
+                let mut progressed = false;
+                let request = BackupPartitionRequest {
+                    partition: Some(PartitionRef { table_id: info.table_id, partition, partition_count: info.partition_count }),
+                    backup: backup.to_string(),
+                    rate_bytes_per_second: rate,
+                };
+                let mut service = match client.backup_service(node) {
+                    Ok(service) => service,
+                    Err(e) => return classify(e, false),
+                };
+                let mut stream = match service.backup_partition(request).await {
+                    Ok(s) => s.into_inner(),
+                    Err(s) => return classify(tern_proto::from_status(&s), progressed),
+                };
+                loop {
+                    let m = match stream.message().await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return classify(TernError::Unavailable("the server ended the backup stream early".into()), progressed),
                         Err(s) => return classify(tern_proto::from_status(&s), progressed),
                     };
-                    loop {
-                        let m = match stream.message().await {
-                            Ok(Some(m)) => m,
-                            Ok(None) => return classify(TernError::Unavailable("the server ended the backup stream early".into()), progressed),
-                            Err(s) => return classify(tern_proto::from_status(&s), progressed),
-                        };
-                        if let Err(e) = tern_proto::check(&m.error) {
-                            return classify(e, progressed);
-                        }
-                        progressed = true;
-                        tracker.update(partition, m.bytes_done, 0);
-                        if m.done {
-                            return Ok(Attempt::Done(PartitionEntry {
-                                partition,
-                                applied_index: m.applied_index,
-                                bytes: m.bytes_done,
-                                manifest_crc32: m.manifest_crc32,
-                            }));
-                        }
+                    if let Err(e) = tern_proto::check(&m.error) {
+                        return classify(e, progressed);
+                    }
+                    progressed = true;
+                    tracker.update(partition, m.bytes_done, 0);
+                    if m.done {
+                        return Ok(Attempt::Done(PartitionEntry {
+                            partition,
+                            dir: m.dir,
+                            applied_index: m.applied_index,
+                            bytes: m.bytes_done,
+                            manifest_crc32: m.manifest_crc32,
+                        }));
                     }
                 }
             })
@@ -252,11 +237,10 @@ async fn backup_into(
         .try_collect()
         .await?;
     entries.sort_by_key(|e| e.partition);
-    // Each partition directory is the one its entry describes (a late attempt of a partition that
-    // was retried elsewhere could have replaced it), before the backup is declared complete.
-    let (checked, listed) = (dir.to_path_buf(), entries.clone());
-    blocking(move || listed.iter().try_for_each(|e| layout::verify_partition(&layout::partition_dir(&checked, e.partition), e, false).map(drop)))
-        .await?;
+    // Every partition is there as its entry describes, before the backup is declared complete.
+    for e in &entries {
+        tern_backup::verify_partition(backup, e).await?;
+    }
     let manifest = BackupManifest {
         format: layout::FORMAT,
         table: info.name.clone(),
@@ -267,8 +251,7 @@ async fn backup_into(
         finished_unix_ms: now_unix_ms(),
         partitions: entries,
     };
-    let (path, m) = (dir.join(layout::BACKUP_MANIFEST), manifest.clone());
-    blocking(move || layout::write_json(&path, &m)).await?;
+    backup.put_json(layout::BACKUP_MANIFEST, &manifest).await?;
     Ok(manifest)
 }
 
@@ -285,10 +268,9 @@ pub async fn restore_table(
     progress: &mut (dyn FnMut(&Progress) + Send),
     cancel: impl Future<Output = ()>,
 ) -> TernResult<Restored> {
-    let dir = layout::local_dir(backup)?;
     tern_core::limits::check_table_name(table)?;
-    let checked = dir.clone();
-    let manifest = blocking(move || layout::verify_backup(&checked)).await?;
+    let backup = Target::open(backup)?;
+    let manifest = tern_backup::verify_backup(&backup).await?;
     let name = table.to_string();
     let created = client
         .meta_call(|mut m| {
@@ -299,7 +281,7 @@ pub async fn restore_table(
         .await?;
     tern_proto::check(&created.error)?;
     let info = created.table.ok_or_else(|| TernError::Internal("meta returned no table".into()))?;
-    let r = cancellable(restore_into(client, &info, &dir, &manifest, rate_bytes_per_second, progress), cancel).await;
+    let r = cancellable(restore_into(client, &info, &backup, &manifest, rate_bytes_per_second, progress), cancel).await;
     if r.is_err() {
         let name = table.to_string();
         let _ = client
@@ -315,7 +297,7 @@ pub async fn restore_table(
 async fn restore_into(
     client: &Client,
     info: &TableInfo,
-    dir: &Path,
+    backup: &Target,
     manifest: &BackupManifest,
     rate: u64,
     progress: &mut (dyn FnMut(&Progress) + Send),
@@ -329,7 +311,7 @@ async fn restore_into(
                 let mut progressed = false;
                 let request = RestorePartitionRequest {
                     partition: Some(PartitionRef { table_id: info.table_id, partition, partition_count: info.partition_count }),
-                    backup_dir: dir.to_string_lossy().into_owned(),
+                    backup: backup.to_string(),
                     rate_bytes_per_second: rate,
                 };
                 let mut service = match client.backup_service(node) {
@@ -421,16 +403,14 @@ impl<'a> Tracker<'a> {
     }
 }
 
-/// The backups under `root`, newest first: each directory's name with its manifest, or why it is
-/// not a usable backup (unfinished, or not a backup at all). Reads manifests only.
-pub fn list_backups(root: &str) -> TernResult<Vec<(String, TernResult<BackupManifest>)>> {
-    let root = layout::local_dir(root)?;
+/// The backups under `root`, newest first: each one's name with its manifest, or why it is not a
+/// usable backup (unfinished, or not a backup at all). Reads manifests only.
+pub async fn list_backups(root: &str) -> TernResult<Vec<(String, TernResult<BackupManifest>)>> {
+    let root = Target::open(root)?;
     let mut out = Vec::new();
-    for e in std::fs::read_dir(&root).map_err(io(format!("list {}", root.display())))? {
-        let e = e.map_err(io(format!("list {}", root.display())))?;
-        if e.path().is_dir() {
-            out.push((e.file_name().to_string_lossy().into_owned(), layout::read_backup_manifest(&e.path())));
-        }
+    for name in root.children().await? {
+        let m = tern_backup::read_backup_manifest(&root.child(&name)).await;
+        out.push((name, m));
     }
     let started = |m: &TernResult<BackupManifest>| m.as_ref().map(|m| m.started_unix_ms).unwrap_or(0);
     out.sort_by(|a, b| started(&b.1).cmp(&started(&a.1)).then_with(|| a.0.cmp(&b.0)));
@@ -494,15 +474,27 @@ pub async fn policy_pass(client: &Client, now_unix_ms: u64, leading: &(dyn Fn() 
         if !leading() {
             return Ok(());
         }
-        let Ok(root) = layout::local_dir(&policy.root) else { continue };
-        let found = match std::fs::read_dir(&root) {
-            Ok(entries) => entries.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).filter_map(|e| classify_backup(&e.path(), &t.name)).collect(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        let root = match Target::open(&policy.root) {
+            Ok(root) => root,
             Err(e) => {
-                tracing::warn!(table = %t.name, "periodic backup: list {}: {e}", root.display());
+                tracing::warn!(table = %t.name, "periodic backup: {e}");
                 continue;
             }
         };
+        let mut found = Vec::new();
+        match root.children().await {
+            Ok(names) => {
+                for name in names {
+                    if let Some(state) = classify_backup(&root.child(&name), &t.name).await {
+                        found.push((name, state));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(table = %t.name, "periodic backup: list {root}: {e}");
+                continue;
+            }
+        }
         let plan = plan_policy(&t.name, policy.interval_seconds, policy.keep, now_unix_ms, &found);
         if plan.due {
             let lost = async {
@@ -511,7 +503,7 @@ pub async fn policy_pass(client: &Client, now_unix_ms: u64, leading: &(dyn Fn() 
                 }
             };
             match backup_table(client, &t.name, &policy.root, u64::from(policy.rate_mb) << 20, &mut |_| {}, lost).await {
-                Ok((dir, m)) => tracing::info!(table = %t.name, bytes = m.bytes(), "periodic backup taken: {}", dir.display()),
+                Ok((dir, m)) => tracing::info!(table = %t.name, bytes = m.bytes(), "periodic backup taken: {dir}"),
                 Err(e) => {
                     // Nothing is removed after a failed backup: the older ones are all there is.
                     tracing::warn!(table = %t.name, "periodic backup failed: {e}");
@@ -522,8 +514,12 @@ pub async fn policy_pass(client: &Client, now_unix_ms: u64, leading: &(dyn Fn() 
         for name in plan.remove {
             // The manifest goes first: a removal cut short leaves an unfinished backup, never one
             // that looks complete.
-            let _ = std::fs::remove_file(root.join(&name).join(layout::BACKUP_MANIFEST));
-            match std::fs::remove_dir_all(root.join(&name)) {
+            let old = root.child(&name);
+            let removed = match old.remove(layout::BACKUP_MANIFEST).await {
+                Ok(()) => old.remove_all().await,
+                Err(e) => Err(e),
+            };
+            match removed {
                 Ok(()) => tracing::info!(table = %t.name, "removed backup {name} (policy keeps {})", policy.keep),
                 Err(e) => tracing::warn!(table = %t.name, "remove backup {name}: {e}"),
             }
@@ -532,17 +528,13 @@ pub async fn policy_pass(client: &Client, now_unix_ms: u64, leading: &(dyn Fn() 
     Ok(())
 }
 
-/// A directory under a policy's root as the pass sees it: (name, whether it is a complete backup of
-/// `table`). None for what is neither (another table's backup, a manifest that cannot be read now):
-/// never removed.
-fn classify_backup(path: &Path, table: &str) -> Option<(String, bool)> {
-    let name = path.file_name()?.to_string_lossy().into_owned();
-    match layout::read_backup_manifest(path) {
-        Ok(m) if m.table == table => Some((name, true)),
-        Ok(_) => None,
-        Err(_) if std::fs::symlink_metadata(path.join(layout::BACKUP_MANIFEST)).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) => {
-            Some((name, false))
-        }
+/// A place under a policy's root as the pass sees it: whether it is a complete backup of `table`
+/// (Some(true)) or unfinished (Some(false): no `backup.json`). None for what is neither (another
+/// table's backup, a manifest that cannot be read now): never removed.
+async fn classify_backup(place: &Target, table: &str) -> Option<bool> {
+    match place.get_json::<BackupManifest>(layout::BACKUP_MANIFEST).await {
+        Ok(Some((m, _))) => (m.table == table).then_some(true),
+        Ok(None) => Some(false),
         Err(_) => None,
     }
 }

@@ -121,17 +121,12 @@ pub const BACKUP_INTERVAL_MIN_SECONDS: u64 = 60;
 pub const BACKUP_INTERVAL_MAX_SECONDS: u64 = 366 * 86_400;
 /// Most backups a policy keeps.
 pub const BACKUP_KEEP_MAX: u32 = 1000;
-/// Longest backup location.
-pub const BACKUP_ROOT_BYTES_MAX: usize = 4096;
 /// Fastest rate a policy may ask for, MiB per second per partition.
 pub const BACKUP_RATE_MB_MAX: u32 = 100_000;
 
 impl BackupPolicy {
     pub fn from_proto(p: &tern_proto::BackupPolicy) -> Result<BackupPolicy, TernError> {
-        tern_core::backup::local_dir(&p.root)?;
-        if p.root.len() > BACKUP_ROOT_BYTES_MAX {
-            return Err(TernError::invalid(format!("backup location is {} bytes; the limit is {BACKUP_ROOT_BYTES_MAX}", p.root.len())));
-        }
+        tern_core::backup::parse_location(&p.root)?;
         if !(BACKUP_INTERVAL_MIN_SECONDS..=BACKUP_INTERVAL_MAX_SECONDS).contains(&p.interval_seconds) {
             return Err(TernError::invalid(format!(
                 "backup interval {} s is out of range: {BACKUP_INTERVAL_MIN_SECONDS} s to {BACKUP_INTERVAL_MAX_SECONDS} s",

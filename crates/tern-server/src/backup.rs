@@ -19,7 +19,8 @@ use crate::validate;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tern_core::backup::{self as layout, BackupFile, PartitionManifest, RateLimiter};
+use tern_backup::{Pacer, Target};
+use tern_core::backup::{self as layout, BackupFile, PartitionManifest};
 use tern_core::codec;
 use tern_core::{GroupId, TernError};
 use tern_engine::{EngineFactory, KvEngine};
@@ -103,7 +104,7 @@ impl BackupService {
 
     async fn backup(&self, req: BackupPartitionRequest, tx: &mpsc::Sender<Result<BackupProgress, Status>>) -> Result<BackupProgress, TernError> {
         let _permit = self.permit()?;
-        let target = layout::local_dir(&req.target_dir)?;
+        let backup = Target::open(&req.backup)?;
         // A linearizable read first: whatever was acknowledged before it is applied here before the
         // checkpoint below (the store applies in order; a deposed leader fails the read).
         let barrier = ReadRequest {
@@ -127,21 +128,22 @@ impl BackupService {
         let checkpoint = crx.await.map_err(|_| TernError::Unavailable("the store stopped".into()))??;
         let checkpoint_ms = asked.elapsed().as_millis() as u64;
 
-        let (rate, tx) = (self.rate(req.rate_bytes_per_second), tx.clone());
-        tokio::task::spawn_blocking(move || {
-            let copying = Instant::now();
-            let r = copy_out(&work.0, &target, partition, checkpoint, rate, &tx);
-            match &r {
-                Ok(done) => tracing::info!(
-                    %group, applied_index = done.applied_index, checkpoint_ms, bytes = done.bytes_done, copy_ms = copying.elapsed().as_millis() as u64,
-                    "partition backed up to {}", target.display()
-                ),
-                Err(e) => tracing::warn!(%group, "partition backup failed: {e}"),
+        // A place of this attempt's own: a late attempt never writes into another one's.
+        let place = layout::partition_dir(partition, &format!("{:016x}", rand::random::<u64>()));
+        let target = backup.child(&place);
+        let copying = Instant::now();
+        let r = copy_out(&work.0, &target, partition, checkpoint, self.rate(req.rate_bytes_per_second), tx).await;
+        match &r {
+            Ok(done) => tracing::info!(
+                %group, applied_index = done.applied_index, checkpoint_ms, bytes = done.bytes_done, copy_ms = copying.elapsed().as_millis() as u64,
+                "partition backed up to {target}"
+            ),
+            Err(e) => {
+                tracing::warn!(%group, "partition backup failed: {e}");
+                let _ = target.remove_all().await;
             }
-            r
-        })
-        .await
-        .map_err(|e| TernError::Internal(format!("backup task: {e}")))?
+        }
+        r.map(|done| BackupProgress { dir: place, ..done })
     }
 
     /// Flushes the replica's engine in the background and waits (a bounded time) for it, so that
@@ -172,8 +174,8 @@ impl BackupService {
         let _permit = self.permit()?;
         let group = validate::partition_group(&req.partition)?;
         let p = req.partition.expect("validated");
-        let backup = layout::local_dir(&req.backup_dir)?;
-        let manifest = layout::read_backup_manifest(&backup)?;
+        let backup = Target::open(&req.backup)?;
+        let manifest = tern_backup::read_backup_manifest(&backup).await?;
         if manifest.partition_count != p.partition_count {
             return Err(TernError::invalid(format!(
                 "the backup holds {} partitions; a table restored from it must have as many, not {}",
@@ -181,15 +183,22 @@ impl BackupService {
             )));
         }
         let entry = manifest.partitions[p.partition as usize].clone();
+        let files = tern_backup::verify_partition(&backup, &entry).await?;
         let work = WorkDir(self.work_path("restore", group));
-        let (engines, store, rate, tx) = (self.engines.clone(), self.store.clone(), self.rate(req.rate_bytes_per_second), tx.clone());
+        let mut pacer = Pacer::new(self.rate(req.rate_bytes_per_second));
+        let total: u64 = files.files.iter().map(|f| f.size).sum();
+        let mut reporter = Reporter::new(tx);
+        let mut done = 0u64;
+        let cancelled = || tx.is_closed();
+        let mut progress = |n: u64| {
+            done += n;
+            reporter.report(|| RestoreProgress { bytes_done: done, bytes_total: total, ..Default::default() });
+        };
+        tern_backup::download_partition(&backup, &entry, &files, &work.0, &mut pacer, &cancelled, &mut progress).await?;
+        let (engines, store, tx) = (self.engines.clone(), self.store.clone(), tx.clone());
         tokio::task::spawn_blocking(move || {
-            let source = layout::partition_dir(&backup, entry.partition);
-            let files = layout::verify_partition(&source, &entry, false)?;
-            let mut limiter = RateLimiter::new(rate);
-            copy_in(&source, &work.0, &files, &mut limiter, &tx)?;
             let engine = engines.open(&work.0).map_err(tern_raft::apply::engine_error)?;
-            let restored = ingest(engine.as_ref(), &store, group, &p, &mut limiter, &tx)?;
+            let restored = ingest(engine.as_ref(), &store, group, &p, &mut pacer, &tx)?;
             let done = verify_restored(engine.as_ref(), &store, group, p.partition)?;
             drop(engine);
             Ok(RestoreProgress { done: true, records_done: restored, record_count: done.1, checksum: done.0, ..Default::default() })
@@ -232,9 +241,9 @@ fn sorted_files(dir: &Path) -> Result<Vec<(String, u64)>, TernError> {
     Ok(files)
 }
 
-fn copy_out(
+async fn copy_out(
     checkpoint_dir: &Path,
-    target: &Path,
+    target: &Target,
     partition: u32,
     checkpoint: Checkpointed,
     rate: u64,
@@ -243,33 +252,20 @@ fn copy_out(
     let files = sorted_files(checkpoint_dir)?;
     let total: u64 = files.iter().map(|f| f.1).sum();
     let mut reporter = Reporter::new(tx);
-    if reporter.cancelled() {
-        return Err(TernError::Unavailable("cancelled".into()));
-    }
-    // Copied under a name of this attempt's own and renamed into place once whole: an attempt
-    // never writes into, or removes, a directory it did not create (another attempt's, or one that
-    // was there before).
-    let name = target.file_name().ok_or_else(|| TernError::invalid(format!("backup directory {} has no name", target.display())))?;
-    let parent = target.parent().ok_or_else(|| TernError::invalid(format!("backup directory {} has no parent", target.display())))?;
-    let staging = WorkDir(parent.join(format!(".{}.{}", name.to_string_lossy(), checkpoint_dir.file_name().unwrap_or_default().to_string_lossy())));
-    std::fs::create_dir(&staging.0).map_err(io(format!("create backup directory {}", staging.0.display())))?;
-    let staged = &staging.0;
-    let mut limiter = RateLimiter::new(rate);
+    let mut pacer = Pacer::new(rate);
     let mut done = 0u64;
     let mut listed = Vec::new();
+    let cancelled = || tx.is_closed();
     for (name, _) in files {
-        let cancelled = || reporter.cancelled();
-        let mut counted = 0;
-        let (size, crc32) = layout::copy_file(&checkpoint_dir.join(&name), &staged.join(&name), &mut limiter, &cancelled, &mut |n| counted += n)?;
-        done += counted;
-        reporter.report(|| BackupProgress { bytes_done: done, bytes_total: total, ..Default::default() });
+        let mut progress = |n: u64| {
+            done += n;
+            reporter.report(|| BackupProgress { bytes_done: done, bytes_total: total, ..Default::default() });
+        };
+        let (size, crc32) = target.upload(&name, &checkpoint_dir.join(&name), &mut pacer, &cancelled, &mut progress).await?;
         listed.push(BackupFile { name, size, crc32 });
     }
     let manifest = PartitionManifest { partition, applied_index: checkpoint.applied_index, files: listed };
-    let manifest_crc32 = layout::write_json(&staged.join(layout::PARTITION_MANIFEST), &manifest)?;
-    tern_core::files::sync_directory(staged).map_err(io(format!("sync {}", staged.display())))?;
-    std::fs::rename(staged, target).map_err(io(format!("move the copy into place as {}", target.display())))?;
-    tern_core::files::sync_directory(parent).map_err(io(format!("sync {}", parent.display())))?;
+    let manifest_crc32 = target.put_json(layout::PARTITION_MANIFEST, &manifest).await?;
     Ok(BackupProgress {
         bytes_done: done,
         bytes_total: total,
@@ -280,37 +276,6 @@ fn copy_out(
     })
 }
 
-/// Copies a partition backup's files into `work`, checking each against its manifest entry.
-fn copy_in(
-    source: &Path,
-    work: &Path,
-    files: &PartitionManifest,
-    limiter: &mut RateLimiter,
-    tx: &mpsc::Sender<Result<RestoreProgress, Status>>,
-) -> Result<(), TernError> {
-    std::fs::create_dir(work).map_err(io(format!("create {}", work.display())))?;
-    let total: u64 = files.files.iter().map(|f| f.size).sum();
-    let mut reporter = Reporter::new(tx);
-    let mut done = 0u64;
-    for f in &files.files {
-        let cancelled = || reporter.cancelled();
-        let src = source.join(&f.name);
-        let got = layout::copy_file(&src, &work.join(&f.name), limiter, &cancelled, &mut |n| done += n)?;
-        if got != (f.size, f.crc32) {
-            return Err(TernError::Corruption(format!(
-                "backup file {} is {} bytes with crc32 {:08x}; its manifest says {} bytes, {:08x}",
-                src.display(),
-                got.0,
-                got.1,
-                f.size,
-                f.crc32
-            )));
-        }
-        reporter.report(|| RestoreProgress { bytes_done: done, bytes_total: total, ..Default::default() });
-    }
-    Ok(())
-}
-
 /// Writes every live user record of `engine` into the replica of `group` through raft, as sets of
 /// one hashkey each, a bounded number in flight. Returns the number of records written.
 fn ingest(
@@ -318,7 +283,7 @@ fn ingest(
     store: &StoreHandle,
     group: GroupId,
     partition: &PartitionRef,
-    limiter: &mut RateLimiter,
+    pacer: &mut Pacer,
     tx: &mpsc::Sender<Result<RestoreProgress, Status>>,
 ) -> Result<u64, TernError> {
     let now = now_unix_ms();
@@ -372,7 +337,7 @@ fn ingest(
                 b.values.push(SortkeyValue { sortkey: sortkey.to_vec().into(), value: value.to_vec().into(), ttl_seconds: 0, expire_at_ms });
                 batch_bytes += record_bytes;
                 written += 1;
-                limiter.pace(record_bytes as u64);
+                pacer.pace_blocking(record_bytes as u64);
                 reporter.report(|| RestoreProgress { records_done: written, ..Default::default() });
                 if reporter.cancelled() {
                     return Err(TernError::Unavailable("cancelled".into()));

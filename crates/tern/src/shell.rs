@@ -767,7 +767,7 @@ impl Shell {
                 format!(
                     "backed up table {} to {}: {} partitions, {:.1} MiB in {:.1} s",
                     m.table,
-                    dir.display(),
+                    dir,
                     m.partition_count,
                     m.bytes() as f64 / (1 << 20) as f64,
                     (m.finished_unix_ms - m.started_unix_ms) as f64 / 1000.0
@@ -787,7 +787,7 @@ impl Shell {
             }
             Command::Backups { root } => {
                 let mut out = format!("{:<40} {:<16} {:>10} {:>10}  {}", "backup", "table", "partitions", "MiB", "taken");
-                for (name, m) in backup::list_backups(&root).map_err(err)? {
+                for (name, m) in backup::list_backups(&root).await.map_err(err)? {
                     match m {
                         Ok(m) => {
                             let mib = m.bytes() as f64 / (1 << 20) as f64;

@@ -636,7 +636,7 @@ async fn backup_under_load_restores_whole_and_bad_backups_are_refused() {
     assert_eq!((m.table.as_str(), m.partition_count, m.partitions.len()), ("src", 4, 4));
     t.set(b"after-the-backup", b"", b"x", 0).await.unwrap();
 
-    let dir_s = dir.to_string_lossy().into_owned();
+    let dir_s = dir.clone();
     let r = restore_table(&c.client, &dir_s, "copy", 0, &mut |_| {}, std::future::pending()).await.unwrap();
     assert_eq!(r.partitions, 4);
     let copy = c.client.table("copy");
@@ -654,14 +654,14 @@ async fn backup_under_load_restores_whole_and_bad_backups_are_refused() {
     assert!(!restored.contains_key(&(b"after-the-backup".to_vec(), vec![])));
     let ttl = copy.ttl(b"ttl7", b"").await.unwrap().expect("exists").expect("has a TTL");
     assert!(ttl > Duration::from_secs(3000) && ttl <= Duration::from_secs(3600), "{ttl:?}");
-    let listed = list_backups(&root_s).unwrap();
+    let listed = list_backups(&root_s).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].1.as_ref().unwrap().table, "src");
 
-    // A changed byte in one file: refused before anything is created, naming the file.
+    // A changed byte in one file: refused, naming the file, and the table created for it dropped.
     let bad = root.path().join("bad");
-    copy_dir(&dir, &bad);
-    let p1 = tern_core::backup::partition_dir(&bad, 1);
+    copy_dir(std::path::Path::new(&dir), &bad);
+    let p1 = bad.join(&m.partitions[1].dir);
     let largest = std::fs::read_dir(&p1).unwrap().map(|e| e.unwrap().path()).max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap();
     let mut bytes = std::fs::read(&largest).unwrap();
     let mid = bytes.len() / 2;
@@ -689,21 +689,22 @@ async fn backup_under_load_restores_whole_and_bad_backups_are_refused() {
 
     let e = backup_table(&c.client, "nope", &root_s, 0, &mut |_| {}, std::future::pending()).await.unwrap_err();
     assert!(matches!(e, TernError::TableNotFound(_)), "{e}");
-    let e = backup_table(&c.client, "src", "s3://bucket/x", 0, &mut |_| {}, std::future::pending()).await.unwrap_err();
+    let e = backup_table(&c.client, "src", "gs://bucket/x", 0, &mut |_| {}, std::future::pending()).await.unwrap_err();
     assert!(matches!(e, TernError::InvalidArgument(_)), "{e}");
     let e = backup_table(&c.client, "src", "relative/dir", 0, &mut |_| {}, std::future::pending()).await.unwrap_err();
     assert!(e.to_string().contains("absolute"), "{e}");
-    // A partition backup into a directory that exists fails on every server, and the directory
-    // and what it holds are left alone.
+    // A partition backup into a directory that holds other files adds a place of its own there and
+    // leaves the rest alone.
     let precious = root.path().join("precious");
     std::fs::create_dir(&precious).unwrap();
     std::fs::write(precious.join("keep.txt"), b"mine").unwrap();
+    let mut done = 0;
     let info = c.client.table_info("src").await.unwrap();
     for s in &c.servers {
         let mut b = tern_proto::backup_client::BackupClient::connect(format!("http://{}", s.address)).await.unwrap();
         let request = tern_proto::BackupPartitionRequest {
             partition: Some(tern_proto::PartitionRef { table_id: info.table_id, partition: 0, partition_count: 4 }),
-            target_dir: precious.to_string_lossy().into_owned(),
+            backup: precious.to_string_lossy().into_owned(),
             rate_bytes_per_second: 0,
         };
         let mut stream = b.backup_partition(request).await.unwrap().into_inner();
@@ -712,14 +713,20 @@ async fn backup_under_load_restores_whole_and_bad_backups_are_refused() {
             last = Some(m);
         }
         let last = last.unwrap();
-        assert!(last.error.is_some() && !last.done, "{last:?}");
+        if last.done {
+            done += 1;
+            assert!(precious.join(&last.dir).join("partition.json").exists(), "{last:?}");
+        } else {
+            assert!(matches!(tern_proto::check(&last.error), Err(TernError::NotLeader { .. })), "{last:?}");
+        }
     }
+    assert_eq!(done, 1, "the leader backs the partition up, in a place of its own");
     assert_eq!(std::fs::read(precious.join("keep.txt")).unwrap(), b"mine");
     std::fs::remove_dir_all(&precious).unwrap();
     // Cancelled at once: the partial backup is removed.
     let e = backup_table(&c.client, "src", &root_s, 1 << 20, &mut |_| {}, async {}).await.unwrap_err();
     assert!(e.to_string().contains("cancelled"), "{e}");
-    let names: Vec<String> = list_backups(&root_s).unwrap().into_iter().map(|(n, _)| n).collect();
+    let names: Vec<String> = list_backups(&root_s).await.unwrap().into_iter().map(|(n, _)| n).collect();
     assert_eq!(names.len(), 2, "the backup and the bad copy, nothing else: {names:?}");
     c.shutdown().await;
 }
@@ -761,27 +768,135 @@ async fn backup_policies_take_and_prune_backups() {
     let policy = |interval_seconds, keep| Some(tern_proto::BackupPolicy { root: root_s.clone(), interval_seconds, keep, rate_mb: 0 });
     assert!(matches!(set(policy(10, 1)).await, Err(TernError::InvalidArgument(_))), "an interval under a minute");
     assert!(matches!(set(policy(60, 0)).await, Err(TernError::InvalidArgument(_))), "keeping none");
-    let s3 = Some(tern_proto::BackupPolicy { root: "s3://b/x".into(), interval_seconds: 60, keep: 1, rate_mb: 0 });
-    assert!(matches!(set(s3).await, Err(TernError::InvalidArgument(_))));
+    let gs = Some(tern_proto::BackupPolicy { root: "gs://b/x".into(), interval_seconds: 60, keep: 1, rate_mb: 0 });
+    assert!(matches!(set(gs).await, Err(TernError::InvalidArgument(_))));
+    let relative = Some(tern_proto::BackupPolicy { root: "backups".into(), interval_seconds: 60, keep: 1, rate_mb: 0 });
+    assert!(matches!(set(relative).await, Err(TernError::InvalidArgument(_))));
     set(policy(60, 1)).await.unwrap();
     assert_eq!(c.client.table_info("t").await.unwrap().backup_policy.unwrap().keep, 1);
 
     let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-    let complete = || list_backups(&root_s).unwrap().into_iter().filter(|(_, m)| m.is_ok()).map(|(n, _)| n).collect::<Vec<_>>();
+    let complete = || async { list_backups(&root_s).await.unwrap().into_iter().filter(|(_, m)| m.is_ok()).map(|(n, _)| n).collect::<Vec<_>>() };
     policy_pass(&c.client, now(), &|| true).await.unwrap();
-    let first = complete();
+    let first = complete().await;
     assert_eq!(first.len(), 1);
     policy_pass(&c.client, now(), &|| true).await.unwrap();
-    assert_eq!(complete(), first, "not due again within the interval");
+    assert_eq!(complete().await, first, "not due again within the interval");
     policy_pass(&c.client, now() + 61_000, &|| false).await.unwrap();
-    assert_eq!(complete(), first, "a meta node that does not lead does nothing");
+    assert_eq!(complete().await, first, "a meta node that does not lead does nothing");
     policy_pass(&c.client, now() + 61_000, &|| true).await.unwrap();
-    let second = complete();
+    let second = complete().await;
     assert_eq!(second.len(), 1, "keep 1: {second:?}");
     assert_ne!(second, first);
     set(None).await.unwrap();
     assert!(c.client.table_info("t").await.unwrap().backup_policy.is_none());
     policy_pass(&c.client, now() + 200_000, &|| true).await.unwrap();
-    assert_eq!(complete(), second, "no policy, no backups");
+    assert_eq!(complete().await, second, "no policy, no backups");
+    c.shutdown().await;
+}
+
+/// An S3-compatible object store on 127.0.0.1 (moto's server, installed by scripts/install-deps),
+/// stopped when dropped.
+struct S3Server {
+    child: std::process::Child,
+}
+
+impl S3Server {
+    fn start(bucket: &str) -> S3Server {
+        let port = common::free_port();
+        let child = std::process::Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start python3 -m moto.server (scripts/install-deps --with-test-tools installs moto)");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        // Creates the bucket (moto takes unsigned requests) once the server answers.
+        loop {
+            use std::io::{Read, Write};
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                let request = format!("PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                s.write_all(request.as_bytes()).unwrap();
+                let mut answer = String::new();
+                let _ = s.read_to_string(&mut answer);
+                assert!(answer.starts_with("HTTP/1.1 200"), "create bucket: {answer}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "moto's server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // The servers and the coordinator all run in this process and read these.
+        std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
+        std::env::set_var("AWS_REGION", "us-east-1");
+        std::env::set_var("AWS_ENDPOINT", &endpoint);
+        std::env::set_var("AWS_ALLOW_HTTP", "true");
+        S3Server { child }
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Backups to an S3-compatible object store: a backup, its listing, a restore equal to the source,
+/// a corrupted object refused by its checksum with its name (and the new table dropped), and a
+/// policy pass that prunes on S3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backup_and_restore_through_s3() {
+    use tern_client::backup::{backup_table, list_backups, policy_pass, restore_table};
+    let s3 = S3Server::start("tern-backups");
+    let c = Cluster::start("src", 4).await;
+    let t = c.client.table("src");
+    for i in 0..200 {
+        t.set(format!("k{i}").as_bytes(), b"s", format!("v{i}").as_bytes(), if i % 10 == 0 { 3600 } else { 0 }).await.unwrap();
+    }
+    let before = table_contents(&t).await;
+    let root = "s3://tern-backups/cluster-a";
+    let (uri, m) = backup_table(&c.client, "src", root, 0, &mut |_| {}, std::future::pending()).await.unwrap();
+    assert!(uri.starts_with("s3://tern-backups/cluster-a/src-"), "{uri}");
+    assert_eq!(m.partitions.len(), 4);
+    let listed = list_backups(root).await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let r = restore_table(&c.client, &uri, "copy", 0, &mut |_| {}, std::future::pending()).await.unwrap();
+    assert_eq!(r.records, 200);
+    assert_eq!(table_contents(&c.client.table("copy")).await, before);
+
+    // One object changed in place (same size): the restore fails on its checksum, naming it.
+    let entry = &m.partitions[2];
+    let target = tern_backup::Target::open(&uri).unwrap().child(&entry.dir);
+    let (name, size) = target.files().await.unwrap().into_iter().find(|(n, _)| n.ends_with(".sst")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let local = tmp.path().join("x");
+    target.download(&name, &local, &mut tern_backup::Pacer::new(0), &|| false, &mut |_| {}).await.unwrap();
+    let mut bytes = std::fs::read(&local).unwrap();
+    bytes[size as usize / 2] ^= 1;
+    std::fs::write(&local, bytes).unwrap();
+    target.upload(&name, &local, &mut tern_backup::Pacer::new(0), &|| false, &mut |_| {}).await.unwrap();
+    let e = restore_table(&c.client, &uri, "copy2", 0, &mut |_| {}, std::future::pending()).await.unwrap_err();
+    assert!(matches!(e, TernError::Corruption(_)) && e.to_string().contains(&name), "{e}");
+    assert!(matches!(c.client.table_info("copy2").await, Err(TernError::TableNotFound(_))));
+
+    // A policy on S3 keeps the newest backup only.
+    let policy = tern_proto::BackupPolicy { root: root.into(), interval_seconds: 60, keep: 1, rate_mb: 0 };
+    let r = c
+        .client
+        .meta_call(|mut meta| {
+            let request = tern_proto::SetBackupPolicyRequest { table: "src".into(), policy: Some(policy.clone()) };
+            async move { meta.set_backup_policy(request).await.map(|r| r.into_inner()) }
+        })
+        .await
+        .unwrap();
+    tern_proto::check(&r.error).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    policy_pass(&c.client, now + 61_000, &|| true).await.unwrap();
+    let listed: Vec<String> = list_backups(root).await.unwrap().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(!uri.ends_with(&listed[0]), "the older backup was removed: {listed:?}");
+    drop(s3);
     c.shutdown().await;
 }
