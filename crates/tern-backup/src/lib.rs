@@ -84,6 +84,8 @@ impl Pacer {
 pub struct Target {
     store: Arc<dyn ObjectStore>,
     prefix: ObjectPath,
+    /// For a local directory: where this place is on disk (object_store does not sync files).
+    local: Option<std::path::PathBuf>,
     /// How to show it: the location as given, with the child names appended.
     shown: String,
 }
@@ -104,28 +106,41 @@ impl Target {
     /// Opens a location (`/abs/path`, `file:///abs/path` or `s3://bucket/prefix`). A local
     /// directory is created if missing.
     pub fn open(uri: &str) -> Result<Target, TernError> {
-        let (store, prefix): (Arc<dyn ObjectStore>, ObjectPath) = match tern_core::backup::parse_location(uri)? {
+        let (store, prefix, local): (Arc<dyn ObjectStore>, ObjectPath, _) = match tern_core::backup::parse_location(uri)? {
             Location::Local(dir) => {
                 std::fs::create_dir_all(&dir).map_err(io_error(format!("create {}", dir.display())))?;
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
                     .map_err(|e| TernError::invalid(format!("backup location {uri:?}: {e}")))?
                     .with_automatic_cleanup(true);
-                (Arc::new(fs), ObjectPath::default())
+                (Arc::new(fs), ObjectPath::default(), Some(dir))
             }
             Location::S3 { bucket, prefix } => {
                 let s3 = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
                     .build()
                     .map_err(|e| TernError::invalid(format!("backup location {uri:?}: {e}")))?;
-                (Arc::new(s3), ObjectPath::from(prefix.as_str()))
+                (Arc::new(s3), ObjectPath::from(prefix.as_str()), None)
             }
         };
-        Ok(Target { store, prefix, shown: uri.trim_end_matches('/').to_string() })
+        Ok(Target { store, prefix, local, shown: uri.trim_end_matches('/').to_string() })
     }
 
     /// The place `name` under this one.
     pub fn child(&self, name: &str) -> Target {
-        Target { store: self.store.clone(), prefix: self.path(name), shown: format!("{}/{name}", self.shown) }
+        Target {
+            store: self.store.clone(),
+            prefix: self.path(name),
+            local: self.local.as_ref().map(|d| d.join(name)),
+            shown: format!("{}/{name}", self.shown),
+        }
+    }
+
+    /// Makes what was written here durable: for a local directory, syncs every file under it, the
+    /// directories, and its parent (an object store's writes are durable when acknowledged).
+    pub async fn sync(&self) -> Result<(), TernError> {
+        let Some(dir) = self.local.clone() else { return Ok(()) };
+        tokio::task::spawn_blocking(move || sync_tree(&dir)).await.map_err(|e| TernError::Internal(format!("sync task: {e}")))??;
+        Ok(())
     }
 
     fn path(&self, name: &str) -> ObjectPath {
@@ -278,6 +293,22 @@ impl Target {
         }
         Ok(())
     }
+}
+
+fn sync_tree(dir: &Path) -> Result<(), TernError> {
+    for e in std::fs::read_dir(dir).map_err(io_error(format!("list {}", dir.display())))? {
+        let path = e.map_err(io_error(format!("list {}", dir.display())))?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io_error(format!("sync {}", path.display())))?;
+        }
+    }
+    tern_core::files::sync_directory(dir).map_err(io_error(format!("sync {}", dir.display())))?;
+    if let Some(parent) = dir.parent() {
+        tern_core::files::sync_directory(parent).map_err(io_error(format!("sync {}", parent.display())))?;
+    }
+    Ok(())
 }
 
 /// Reads a backup's `backup.json` and checks it is whole. Err if it is missing (an unfinished

@@ -252,6 +252,7 @@ async fn backup_into(
         partitions: entries,
     };
     backup.put_json(layout::BACKUP_MANIFEST, &manifest).await?;
+    backup.sync().await?;
     Ok(manifest)
 }
 

@@ -264,8 +264,10 @@ async fn copy_out(
         let (size, crc32) = target.upload(&name, &checkpoint_dir.join(&name), &mut pacer, &cancelled, &mut progress).await?;
         listed.push(BackupFile { name, size, crc32 });
     }
+    target.sync().await?;
     let manifest = PartitionManifest { partition, applied_index: checkpoint.applied_index, files: listed };
     let manifest_crc32 = target.put_json(layout::PARTITION_MANIFEST, &manifest).await?;
+    target.sync().await?;
     Ok(BackupProgress {
         bytes_done: done,
         bytes_total: total,
