@@ -16,6 +16,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use serde::Deserialize as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -103,15 +104,31 @@ impl std::fmt::Display for Target {
 }
 
 impl Target {
-    /// Opens a location (`/abs/path`, `file:///abs/path` or `s3://bucket/prefix`). A local
-    /// directory is created if missing.
+    /// Opens a location to read (`/abs/path`, `file:///abs/path` or `s3://bucket/prefix`); a local
+    /// directory must exist.
     pub fn open(uri: &str) -> Result<Target, TernError> {
+        Self::open_with(uri, false)
+    }
+
+    /// Opens a location to write into, creating a local directory if it is missing.
+    pub fn create(uri: &str) -> Result<Target, TernError> {
+        Self::open_with(uri, true)
+    }
+
+    fn open_with(uri: &str, create: bool) -> Result<Target, TernError> {
         let (store, prefix, local): (Arc<dyn ObjectStore>, ObjectPath, _) = match tern_core::backup::parse_location(uri)? {
             Location::Local(dir) => {
-                std::fs::create_dir_all(&dir).map_err(io_error(format!("create {}", dir.display())))?;
+                if create {
+                    std::fs::create_dir_all(&dir).map_err(io_error(format!("create {}", dir.display())))?;
+                } else if !dir.is_dir() {
+                    return Err(TernError::invalid(format!("backup location {}: no such directory", dir.display())));
+                }
+                // Synced like a remote store's acknowledged writes: files before their rename into
+                // place, and the directories naming them.
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
                     .map_err(|e| TernError::invalid(format!("backup location {uri:?}: {e}")))?
-                    .with_automatic_cleanup(true);
+                    .with_automatic_cleanup(true)
+                    .with_fsync(true);
                 (Arc::new(fs), ObjectPath::default(), Some(dir))
             }
             Location::S3 { bucket, prefix } => {
@@ -133,14 +150,6 @@ impl Target {
             local: self.local.as_ref().map(|d| d.join(name)),
             shown: format!("{}/{name}", self.shown),
         }
-    }
-
-    /// Makes what was written here durable: for a local directory, syncs every file under it, the
-    /// directories, and its parent (an object store's writes are durable when acknowledged).
-    pub async fn sync(&self) -> Result<(), TernError> {
-        let Some(dir) = self.local.clone() else { return Ok(()) };
-        tokio::task::spawn_blocking(move || sync_tree(&dir)).await.map_err(|e| TernError::Internal(format!("sync task: {e}")))??;
-        Ok(())
     }
 
     fn path(&self, name: &str) -> ObjectPath {
@@ -219,16 +228,23 @@ impl Target {
             pacer.pace(chunk.len() as u64).await;
             progress(chunk.len() as u64);
         }
+        // flush first: tokio's write_all may return before the write happened, and sync_all would
+        // not report its error.
+        output.flush().await.map_err(io_error(format!("write {}", local.display())))?;
         output.sync_all().await.map_err(io_error(format!("sync {}", local.display())))?;
         Ok((size, hasher.finalize()))
     }
 
-    /// Writes `value` as JSON to `name` (atomically: whole or not at all) and returns the crc32
-    /// of the bytes written.
+    /// Writes `value` as JSON to `name` (atomically: whole or not at all; refused if `name` exists
+    /// already) and returns the crc32 of the bytes written.
     pub async fn put_json(&self, name: &str, value: &impl serde::Serialize) -> Result<u32, TernError> {
         let bytes = serde_json::to_vec_pretty(value).map_err(|e| TernError::Internal(format!("encode {self}/{name}: {e}")))?;
         let crc = crc32fast::hash(&bytes);
-        self.store.put(&self.path(name), PutPayload::from(Bytes::from(bytes))).await.map_err(store_error(format!("write {self}/{name}")))?;
+        let options = object_store::PutOptions { mode: object_store::PutMode::Create, ..Default::default() };
+        self.store
+            .put_opts(&self.path(name), PutPayload::from(Bytes::from(bytes)), options)
+            .await
+            .map_err(store_error(format!("write {self}/{name}")))?;
         Ok(crc)
     }
 
@@ -252,8 +268,14 @@ impl Target {
     /// The objects directly under this place: (name, size), sorted.
     pub async fn files(&self) -> Result<Vec<(String, u64)>, TernError> {
         let listed = self.store.list_with_delimiter(Some(&self.prefix)).await.map_err(store_error(format!("list {self}")))?;
-        let mut files: Vec<(String, u64)> =
-            listed.objects.into_iter().filter_map(|o| o.location.filename().map(|n| (n.to_string(), o.size))).collect();
+        // A "folder marker" (an empty object named like this place, made by some S3 tools) is not
+        // a file here.
+        let mut files: Vec<(String, u64)> = listed
+            .objects
+            .into_iter()
+            .filter(|o| o.location != self.prefix)
+            .filter_map(|o| o.location.filename().map(|n| (n.to_string(), o.size)))
+            .collect();
         files.sort();
         Ok(files)
     }
@@ -291,36 +313,40 @@ impl Target {
                 Err(e) => return Err(store_error(format!("remove {p}"))(e)),
             }
         }
+        // On a disk, also what object_store does not list: empty directories, and the staging
+        // files of uploads a crash cut short.
+        if let Some(dir) = self.local.clone() {
+            tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(io_error(format!("remove {}", dir.display()))(e)),
+            })
+            .await
+            .map_err(|e| TernError::Internal(format!("remove task: {e}")))??;
+        }
         Ok(())
     }
-}
-
-fn sync_tree(dir: &Path) -> Result<(), TernError> {
-    for e in std::fs::read_dir(dir).map_err(io_error(format!("list {}", dir.display())))? {
-        let path = e.map_err(io_error(format!("list {}", dir.display())))?.path();
-        if path.is_dir() {
-            sync_tree(&path)?;
-        } else {
-            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io_error(format!("sync {}", path.display())))?;
-        }
-    }
-    tern_core::files::sync_directory(dir).map_err(io_error(format!("sync {}", dir.display())))?;
-    if let Some(parent) = dir.parent() {
-        tern_core::files::sync_directory(parent).map_err(io_error(format!("sync {}", parent.display())))?;
-    }
-    Ok(())
 }
 
 /// Reads a backup's `backup.json` and checks it is whole. Err if it is missing (an unfinished
 /// backup) or damaged; the message says which.
 pub async fn read_backup_manifest(backup: &Target) -> Result<BackupManifest, TernError> {
-    let Some((m, _)) = backup.get_json::<BackupManifest>(BACKUP_MANIFEST).await? else {
+    #[derive(serde::Deserialize)]
+    struct Format {
+        format: u32,
+    }
+    let Some((value, _)) = backup.get_json::<serde_json::Value>(BACKUP_MANIFEST).await? else {
         return Err(TernError::invalid(format!("{backup} is not a finished backup: {BACKUP_MANIFEST} is missing")));
     };
-    tern_core::backup::check_backup_manifest(&m, &format!("{backup}/{BACKUP_MANIFEST}"))?;
-    if m.format != FORMAT {
-        return Err(TernError::invalid(format!("backup {backup} has layout version {}; this build reads {FORMAT}", m.format)));
+    // The layout version first, so that another version's backup is named as such.
+    match Format::deserialize(&value) {
+        Ok(f) if f.format == FORMAT => {}
+        Ok(f) => return Err(TernError::invalid(format!("backup {backup} has layout version {}; this build reads {FORMAT}", f.format))),
+        Err(e) => return Err(TernError::Corruption(format!("{backup}/{BACKUP_MANIFEST} is not a valid manifest: {e}"))),
     }
+    let m: BackupManifest =
+        serde_json::from_value(value).map_err(|e| TernError::Corruption(format!("{backup}/{BACKUP_MANIFEST} is not a valid manifest: {e}")))?;
+    tern_core::backup::check_backup_manifest(&m, &format!("{backup}/{BACKUP_MANIFEST}"))?;
     Ok(m)
 }
 
@@ -424,7 +450,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let local = t.path().join("local");
         std::fs::create_dir(&local).unwrap();
-        let root = Target::open(&t.path().join("root").to_string_lossy()).unwrap();
+        let root = Target::create(&t.path().join("root").to_string_lossy()).unwrap();
         let b = backup_with_one_partition(&root, &local).await;
         let m = verify_backup(&b).await.unwrap();
         assert_eq!(m.bytes(), 5016);
@@ -470,7 +496,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let src = t.path().join("src");
         std::fs::write(&src, vec![3u8; 300_000]).unwrap();
-        let root = Target::open(&t.path().join("root").to_string_lossy()).unwrap();
+        let root = Target::create(&t.path().join("root").to_string_lossy()).unwrap();
         let mut seen = 0;
         let start = Instant::now();
         let (size, crc) = root.upload("f", &src, &mut Pacer::new(1_000_000), &|| false, &mut |n| seen += n).await.unwrap();

@@ -166,10 +166,11 @@ pub async fn backup_table(
     progress: &mut (dyn FnMut(&Progress) + Send),
     cancel: impl Future<Output = ()>,
 ) -> TernResult<(String, BackupManifest)> {
-    let root = Target::open(root)?;
+    let root = Target::create(root)?;
     let info = client.table_info(table).await?;
     let started = now_unix_ms();
-    let backup = root.child(&format!("{table}-{started}"));
+    // The suffix keeps two backups started in one millisecond (a shell and a policy) apart.
+    let backup = root.child(&format!("{table}-{started}-{:04x}", rand::random::<u16>()));
     let r = cancellable(backup_into(client, &info, &backup, started, rate_bytes_per_second, progress), cancel).await;
     match r {
         Ok(m) => Ok((backup.to_string(), m)),
@@ -252,7 +253,6 @@ async fn backup_into(
         partitions: entries,
     };
     backup.put_json(layout::BACKUP_MANIFEST, &manifest).await?;
-    backup.sync().await?;
     Ok(manifest)
 }
 
@@ -375,7 +375,7 @@ impl<'a> Tracker<'a> {
     fn report(&self, s: &mut TrackerState<'a>) {
         let mut now = s.done.clone();
         for (bytes, records) in s.running.values() {
-            now.bytes += bytes;
+            now.bytes = now.bytes.saturating_add(*bytes);
             now.records += records;
         }
         now.elapsed = self.clock.elapsed();
@@ -392,7 +392,7 @@ impl<'a> Tracker<'a> {
         let mut s = self.state.lock().expect("progress");
         s.running.remove(&partition);
         s.done.partitions_done += 1;
-        s.done.bytes += bytes;
+        s.done.bytes = s.done.bytes.saturating_add(bytes);
         s.done.records += records;
         self.report(&mut s);
     }
@@ -434,10 +434,12 @@ pub struct PolicyPlan {
     pub remove: Vec<String>,
 }
 
-/// The start time a backup directory's name carries, if it is one of `table`'s (`TABLE-UNIXMS`).
+/// The start time a backup's name carries, if it is one of `table`'s (`TABLE-UNIXMS-XXXX`).
 fn started_from_name(table: &str, name: &str) -> Option<u64> {
-    let ms = name.strip_prefix(table)?.strip_prefix('-')?;
-    if ms.is_empty() || !ms.bytes().all(|b| b.is_ascii_digit()) {
+    let rest = name.strip_prefix(table)?.strip_prefix('-')?;
+    let (ms, suffix) = rest.split_once('-')?;
+    let digits = |s: &str, hex: bool| !s.is_empty() && s.bytes().all(|b| if hex { b.is_ascii_hexdigit() } else { b.is_ascii_digit() });
+    if !digits(ms, false) || suffix.len() != 4 || !digits(suffix, true) {
         return None;
     }
     ms.parse().ok()
@@ -475,7 +477,7 @@ pub async fn policy_pass(client: &Client, now_unix_ms: u64, leading: &(dyn Fn() 
         if !leading() {
             return Ok(());
         }
-        let root = match Target::open(&policy.root) {
+        let root = match Target::create(&policy.root) {
             Ok(root) => root,
             Err(e) => {
                 tracing::warn!(table = %t.name, "periodic backup: {e}");
@@ -485,8 +487,9 @@ pub async fn policy_pass(client: &Client, now_unix_ms: u64, leading: &(dyn Fn() 
         let mut found = Vec::new();
         match root.children().await {
             Ok(names) => {
-                for name in names {
-                    if let Some(state) = classify_backup(&root.child(&name), &t.name).await {
+                // Only this table's names are read (a root may hold many tables' backups).
+                for name in names.into_iter().filter(|n| started_from_name(&t.name, n).is_some()) {
+                    if let Some(state) = classify_backup(&root.child(&name), &t.name, t.table_id).await {
                         found.push((name, state));
                     }
                 }
@@ -532,9 +535,10 @@ pub async fn policy_pass(client: &Client, now_unix_ms: u64, leading: &(dyn Fn() 
 /// A place under a policy's root as the pass sees it: whether it is a complete backup of `table`
 /// (Some(true)) or unfinished (Some(false): no `backup.json`). None for what is neither (another
 /// table's backup, a manifest that cannot be read now): never removed.
-async fn classify_backup(place: &Target, table: &str) -> Option<bool> {
+async fn classify_backup(place: &Target, table: &str, table_id: u32) -> Option<bool> {
     match place.get_json::<BackupManifest>(layout::BACKUP_MANIFEST).await {
-        Ok(Some((m, _))) => (m.table == table).then_some(true),
+        // The id too: a table dropped and created again under its name is another table.
+        Ok(Some((m, _))) => (m.table == table && m.table_id == table_id).then_some(true),
         Ok(None) => Some(false),
         Err(_) => None,
     }
@@ -570,21 +574,23 @@ mod tests {
         let now = 100 * 86_400_000;
         assert_eq!(plan_policy("t", 3600, 2, now, &[]), PolicyPlan { due: true, remove: vec![] });
         let dirs = found(&[
-            (&format!("t-{}", now - hour / 2), true),
-            (&format!("t-{}", now - 2 * hour), true),
-            (&format!("t-{}", now - 3 * hour), true),
-            (&format!("t-{}", now - 10 * hour), false),
-            (&format!("t-{}", now - 30 * hour), false),
-            (&format!("t-x-{}", now - 50 * hour), true),
-            (&format!("tt-{}", now - 50 * hour), true),
+            (&format!("t-{}-00ab", now - hour / 2), true),
+            (&format!("t-{}-00ab", now - 2 * hour), true),
+            (&format!("t-{}-00ab", now - 3 * hour), true),
+            (&format!("t-{}-00ab", now - 10 * hour), false),
+            (&format!("t-{}-00ab", now - 30 * hour), false),
+            (&format!("t-x-{}-00ab", now - 50 * hour), true),
+            (&format!("tt-{}-00ab", now - 50 * hour), true),
             ("notes", false),
+            (&format!("t-{}", now - 50 * hour), false),
+            (&format!("t-{}-zzzz", now - 50 * hour), false),
         ]);
         let p = plan_policy("t", 3600, 2, now, &dirs);
         assert!(!p.due);
-        assert_eq!(p.remove, vec![format!("t-{}", now - 30 * hour), format!("t-{}", now - 3 * hour)]);
+        assert_eq!(p.remove, vec![format!("t-{}-00ab", now - 30 * hour), format!("t-{}-00ab", now - 3 * hour)]);
         let p = plan_policy("t", 1800, 2, now, &dirs);
         assert!(p.due, "the newest is exactly one interval old");
-        assert_eq!(p.remove, vec![format!("t-{}", now - 30 * hour), format!("t-{}", now - 2 * hour), format!("t-{}", now - 3 * hour)]);
+        assert_eq!(p.remove, vec![format!("t-{}-00ab", now - 30 * hour), format!("t-{}-00ab", now - 2 * hour), format!("t-{}-00ab", now - 3 * hour)]);
         let p = plan_policy("t", 1800, 1, now, &dirs);
         assert!(p.due);
         assert_eq!(p.remove.len(), 4, "keep 1 with one due: the new one replaces every older one: {:?}", p.remove);

@@ -62,7 +62,7 @@ pub struct BackupManifest {
 
 impl BackupManifest {
     pub fn bytes(&self) -> u64 {
-        self.partitions.iter().map(|p| p.bytes).sum()
+        self.partitions.iter().fold(0u64, |sum, p| sum.saturating_add(p.bytes))
     }
 }
 
@@ -145,7 +145,7 @@ pub fn check_partition_manifest(m: &PartitionManifest, crc: u32, entry: &Partiti
             m.partition, m.applied_index, entry.partition, entry.applied_index
         )));
     }
-    if let Some(f) = m.files.iter().find(|f| f.name.is_empty() || f.name.contains('/') || f.name == PARTITION_MANIFEST) {
+    if let Some(f) = m.files.iter().find(|f| matches!(f.name.as_str(), "" | "." | ".." | PARTITION_MANIFEST) || f.name.contains('/')) {
         return Err(TernError::Corruption(format!("{shown} lists a file named {:?}", f.name)));
     }
     Ok(())

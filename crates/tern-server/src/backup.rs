@@ -34,6 +34,9 @@ use tonic::{Request, Response, Status};
 
 /// Backups and restores one server runs at once; more are answered Busy.
 pub const OPERATIONS_MAX: usize = 4;
+/// Slowest rate a backup or restore may ask for (bytes per second): a copy checks for cancellation
+/// between chunks, so a slower one could hold a slot for hours after its caller left.
+const RATE_MIN: u64 = 1 << 20;
 /// Longest wait for a background flush before a checkpoint.
 const FLUSH_WAIT_MAX: Duration = Duration::from_secs(10);
 /// How often a running operation reports progress.
@@ -94,17 +97,18 @@ impl BackupService {
         self.work_dir.join(format!("{what}-{}-{n}", group.0))
     }
 
-    fn rate(&self, requested: u64) -> u64 {
-        if requested == 0 {
-            self.default_rate
-        } else {
-            requested
+    fn rate(&self, requested: u64) -> Result<u64, TernError> {
+        match requested {
+            0 => Ok(self.default_rate),
+            r if r < RATE_MIN => Err(TernError::invalid(format!("a backup or restore rate of {r} bytes/s is under the minimum of {RATE_MIN}"))),
+            r => Ok(r),
         }
     }
 
     async fn backup(&self, req: BackupPartitionRequest, tx: &mpsc::Sender<Result<BackupProgress, Status>>) -> Result<BackupProgress, TernError> {
         let _permit = self.permit()?;
-        let backup = Target::open(&req.backup)?;
+        let rate = self.rate(req.rate_bytes_per_second)?;
+        let backup = Target::create(&req.backup)?;
         // A linearizable read first: whatever was acknowledged before it is applied here before the
         // checkpoint below (the store applies in order; a deposed leader fails the read).
         let barrier = ReadRequest {
@@ -132,7 +136,7 @@ impl BackupService {
         let place = layout::partition_dir(partition, &format!("{:016x}", rand::random::<u64>()));
         let target = backup.child(&place);
         let copying = Instant::now();
-        let r = copy_out(&work.0, &target, partition, checkpoint, self.rate(req.rate_bytes_per_second), tx).await;
+        let r = copy_out(&work.0, &target, partition, checkpoint, rate, tx).await;
         match &r {
             Ok(done) => tracing::info!(
                 %group, applied_index = done.applied_index, checkpoint_ms, bytes = done.bytes_done, copy_ms = copying.elapsed().as_millis() as u64,
@@ -185,7 +189,7 @@ impl BackupService {
         let entry = manifest.partitions[p.partition as usize].clone();
         let files = tern_backup::verify_partition(&backup, &entry).await?;
         let work = WorkDir(self.work_path("restore", group));
-        let mut pacer = Pacer::new(self.rate(req.rate_bytes_per_second));
+        let mut pacer = Pacer::new(self.rate(req.rate_bytes_per_second)?);
         let total: u64 = files.files.iter().map(|f| f.size).sum();
         let mut reporter = Reporter::new(tx);
         let mut done = 0u64;
@@ -264,10 +268,8 @@ async fn copy_out(
         let (size, crc32) = target.upload(&name, &checkpoint_dir.join(&name), &mut pacer, &cancelled, &mut progress).await?;
         listed.push(BackupFile { name, size, crc32 });
     }
-    target.sync().await?;
     let manifest = PartitionManifest { partition, applied_index: checkpoint.applied_index, files: listed };
     let manifest_crc32 = target.put_json(layout::PARTITION_MANIFEST, &manifest).await?;
-    target.sync().await?;
     Ok(BackupProgress {
         bytes_done: done,
         bytes_total: total,

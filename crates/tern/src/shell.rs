@@ -770,7 +770,7 @@ impl Shell {
                     dir,
                     m.partition_count,
                     m.bytes() as f64 / (1 << 20) as f64,
-                    (m.finished_unix_ms - m.started_unix_ms) as f64 / 1000.0
+                    m.finished_unix_ms.saturating_sub(m.started_unix_ms) as f64 / 1000.0
                 )
             }
             Command::BackupPolicy { table, policy } => {
