@@ -277,12 +277,27 @@ pub async fn restore_table(
         .meta_call(|mut m| {
             let name = name.clone();
             let (partition_count, replica_count) = (manifest.partition_count, manifest.replica_count);
-            async move { m.create_table(CreateTableRequest { name, partition_count, replica_count }).await.map(|r| r.into_inner()) }
+            async move { m.create_table(CreateTableRequest { name, partition_count, replica_count, restoring: true }).await.map(|r| r.into_inner()) }
         })
         .await?;
     tern_proto::check(&created.error)?;
     let info = created.table.ok_or_else(|| TernError::Internal("meta returned no table".into()))?;
-    let r = cancellable(restore_into(client, &info, &backup, &manifest, rate_bytes_per_second, progress), cancel).await;
+    let r = cancellable(
+        async {
+            let restored = restore_into(client, &info, &backup, &manifest, rate_bytes_per_second, progress).await?;
+            let name = table.to_string();
+            let r = client
+                .meta_call(|mut m| {
+                    let name = name.clone();
+                    async move { m.finish_restore(tern_proto::TableRequest { name }).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            tern_proto::check(&r.error)?;
+            Ok(restored)
+        },
+        cancel,
+    )
+    .await;
     if r.is_err() {
         let name = table.to_string();
         let _ = client

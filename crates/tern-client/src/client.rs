@@ -245,10 +245,18 @@ impl Client {
     }
 
     async fn route(&self, table: &str) -> TernResult<Arc<Route>> {
-        if let Some(r) = self.inner.routes.read().get(table) {
-            return Ok(r.clone());
+        let cached = self.inner.routes.read().get(table).cloned();
+        let route = match cached {
+            Some(r) if !r.table.restoring => return Ok(r),
+            // Asked again: the restore may have finished since.
+            _ => self.refresh_route(table).await?,
+        };
+        if route.table.restoring {
+            return Err(TernError::Unavailable(format!(
+                "table {table:?} is being restored from a backup; it takes requests once the restore is done"
+            )));
         }
-        self.refresh_route(table).await
+        Ok(route)
     }
 
     fn forget_route(&self, table: &str) {

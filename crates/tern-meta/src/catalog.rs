@@ -105,6 +105,9 @@ pub struct TableRecord {
     /// Periodic cold backups (run by the meta leader's process: `tern_client::backup`).
     #[serde(default)]
     pub backup_policy: Option<BackupPolicy>,
+    /// Created for a restore that has not finished: clients refuse it.
+    #[serde(default)]
+    pub restoring: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -245,6 +248,13 @@ impl Catalog {
         candidates.sort_by_key(|n| (used_zones.contains(&self.zone(*n)), load.get(n).copied().unwrap_or(0), *n));
     }
 
+    /// A table created for a restore takes requests from now on.
+    pub fn finish_restore(&mut self, table: &str) -> Result<String, TernError> {
+        let t = self.tables.get_mut(table).ok_or_else(|| TernError::TableNotFound(table.to_string()))?;
+        t.restoring = false;
+        Ok(format!("table {table} is restored and takes requests"))
+    }
+
     /// Sets (or with None removes) a table's periodic backup policy.
     pub fn set_backup_policy(&mut self, table: &str, policy: Option<BackupPolicy>) -> Result<String, TernError> {
         let t = self.tables.get_mut(table).ok_or_else(|| TernError::TableNotFound(table.to_string()))?;
@@ -320,7 +330,15 @@ impl Catalog {
             partitions.push(PartitionRecord { peers, preferred_leader: leader, learners: vec![], initial_peers, replacing: None, removing: vec![] });
         }
         self.next_table_id += 1;
-        let table = TableRecord { id: self.next_table_id, name: name.to_string(), partition_count, replica_count, partitions, backup_policy: None };
+        let table = TableRecord {
+            id: self.next_table_id,
+            name: name.to_string(),
+            partition_count,
+            replica_count,
+            partitions,
+            backup_policy: None,
+            restoring: false,
+        };
         self.tables.insert(name.to_string(), table);
         Ok(&self.tables[name])
     }

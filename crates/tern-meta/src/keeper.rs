@@ -503,6 +503,7 @@ fn table_info(state: &State, t: &TableRecord) -> TableInfo {
         partition_count: t.partition_count,
         replica_count: t.replica_count,
         backup_policy: t.backup_policy.as_ref().map(|p| p.to_proto()),
+        restoring: t.restoring,
         partitions: t
             .partitions
             .iter()

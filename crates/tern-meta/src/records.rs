@@ -46,6 +46,8 @@ struct TableHeader {
     replica_count: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     backup_policy: Option<crate::catalog::BackupPolicy>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    restoring: bool,
 }
 
 /// One record written or removed.
@@ -106,6 +108,7 @@ fn table_header(t: &TableRecord) -> Vec<u8> {
         partition_count: t.partition_count,
         replica_count: t.replica_count,
         backup_policy: t.backup_policy.clone(),
+        restoring: t.restoring,
     })
 }
 
@@ -280,6 +283,7 @@ pub fn decode(records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<L
             replica_count: t.replica_count,
             partitions: parts,
             backup_policy: t.backup_policy.clone(),
+            restoring: t.restoring,
         };
         c.tables.insert(t.name, record);
     }
@@ -338,6 +342,7 @@ mod tests {
         let before = c.clone();
         let policy = crate::catalog::BackupPolicy { root: "/backups".into(), interval_seconds: 3600, keep: 3, rate_mb: 0 };
         c.set_backup_policy("a", Some(policy)).unwrap();
+        c.tables.get_mut("a").unwrap().restoring = true;
         let changes = diff(&before, &c);
         assert_eq!(changes.len(), 1, "one table header: {changes:?}");
         apply(&mut store, &changes);

@@ -215,7 +215,15 @@ impl Meta for MetaService {
     async fn create_table(&self, request: Request<CreateTableRequest>) -> Result<Response<TableResponse>, Status> {
         self.keeper.check_serving().map_err(unavailable)?;
         let r = request.into_inner();
-        let created = self.keeper.change(|c, alive| c.create_table(&r.name, r.partition_count, r.replica_count, alive).cloned()).await;
+        let created = self
+            .keeper
+            .change(|c, alive| {
+                c.create_table(&r.name, r.partition_count, r.replica_count, alive)?;
+                let t = c.tables.get_mut(&r.name).expect("just created");
+                t.restoring = r.restoring;
+                Ok(t.clone())
+            })
+            .await;
         Ok(Response::new(match created.map(|t| self.keeper.describe(&t)) {
             Ok(t) => {
                 tracing::info!(table = %t.name, id = t.table_id, partitions = t.partition_count, "created table");
@@ -305,6 +313,12 @@ impl Meta for MetaService {
         self.keeper.check_serving().map_err(unavailable)?;
         let r = request.into_inner();
         Ok(Response::new(admin(self.keeper.change(|c, alive| c.set_replica_count(&r.table, r.replica_count, alive)).await)))
+    }
+
+    async fn finish_restore(&self, request: Request<TableRequest>) -> Result<Response<AdminResponse>, Status> {
+        self.keeper.check_serving().map_err(unavailable)?;
+        let r = request.into_inner();
+        Ok(Response::new(admin(self.keeper.change(|c, _| c.finish_restore(&r.name)).await)))
     }
 
     async fn set_backup_policy(&self, request: Request<SetBackupPolicyRequest>) -> Result<Response<AdminResponse>, Status> {

@@ -105,7 +105,9 @@ impl Playground {
             let r = client
                 .meta_call(|mut m| {
                     let name = name.clone();
-                    async move { m.create_table(CreateTableRequest { name, partition_count, replica_count }).await.map(|r| r.into_inner()) }
+                    async move {
+                        m.create_table(CreateTableRequest { name, partition_count, replica_count, restoring: false }).await.map(|r| r.into_inner())
+                    }
                 })
                 .await?;
             match tern_proto::check(&r.error) {

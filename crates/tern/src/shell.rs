@@ -525,10 +525,13 @@ impl Shell {
                     .map_err(err)?;
                 let mut out = format!("{:<24} {:>6} {:>10} {:>8}  {}", "table", "id", "partitions", "replicas", "backups");
                 for t in r.tables {
-                    let backups = match &t.backup_policy {
+                    let mut backups = match &t.backup_policy {
                         Some(p) => format!("every {}, keep {}, into {}", duration_words(p.interval_seconds), p.keep, p.root),
                         None => "-".into(),
                     };
+                    if t.restoring {
+                        backups = format!("being restored; {backups}");
+                    }
                     let _ = write!(out, "\n{:<24} {:>6} {:>10} {:>8}  {backups}", t.name, t.table_id, t.partition_count, t.replica_count);
                 }
                 out
@@ -540,7 +543,7 @@ impl Shell {
                     .meta_call(|mut m| {
                         let name = name.clone();
                         async move {
-                            m.create_table(CreateTableRequest { name, partition_count: partitions, replica_count: replicas })
+                            m.create_table(CreateTableRequest { name, partition_count: partitions, replica_count: replicas, restoring: false })
                                 .await
                                 .map(|r| r.into_inner())
                         }

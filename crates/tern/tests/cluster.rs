@@ -900,3 +900,44 @@ async fn backup_and_restore_through_s3() {
     drop(s3);
     c.shutdown().await;
 }
+
+/// A table created for a restore is refused to clients, with the reason, until the restore says it
+/// is done; a client that cached its route before sees the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_being_restored_takes_no_requests() {
+    let c = Cluster::start("t", 2).await;
+    let r = c
+        .client
+        .meta_call(|mut m| async move {
+            let request = tern_proto::CreateTableRequest { name: "r".into(), partition_count: 2, replica_count: 3, restoring: true };
+            m.create_table(request).await.map(|r| r.into_inner())
+        })
+        .await
+        .unwrap();
+    tern_proto::check(&r.error).unwrap();
+    assert!(c.client.table_info("r").await.unwrap().restoring);
+    let mut client = ClientConfig::new(vec![c.meta.address.clone()]);
+    client.timeout = Duration::from_millis(500);
+    let client = Client::new(client).unwrap();
+    let e = client.table("r").get(b"k", b"").await.unwrap_err();
+    assert!(e.to_string().contains("being restored"), "{e}");
+    let e = client.table("r").set(b"k", b"", b"v", 0).await.unwrap_err();
+    assert!(e.to_string().contains("being restored"), "{e}");
+    let r = c
+        .client
+        .meta_call(|mut m| async move { m.finish_restore(tern_proto::TableRequest { name: "r".into() }).await.map(|r| r.into_inner()) })
+        .await
+        .unwrap();
+    tern_proto::check(&r.error).unwrap();
+    let mut done = false;
+    for _ in 0..100 {
+        if client.table("r").set(b"k", b"", b"v", 0).await.is_ok() {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(done, "the restored table never took a write");
+    assert_eq!(client.table("r").get(b"k", b"").await.unwrap(), Some(b"v".to_vec()));
+    c.shutdown().await;
+}

@@ -210,7 +210,11 @@ pub async fn create_table_once_servers_are_live(client: &Client, name: &str, par
         let r = client
             .meta_call(|mut m| {
                 let name = n.clone();
-                async move { m.create_table(CreateTableRequest { name, partition_count: partitions, replica_count: 3 }).await.map(|r| r.into_inner()) }
+                async move {
+                    m.create_table(CreateTableRequest { name, partition_count: partitions, replica_count: 3, restoring: false })
+                        .await
+                        .map(|r| r.into_inner())
+                }
             })
             .await;
         match r.map(|r| tern_proto::check(&r.error)) {
