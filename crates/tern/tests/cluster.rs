@@ -941,3 +941,53 @@ async fn a_table_being_restored_takes_no_requests() {
     assert_eq!(client.table("r").get(b"k", b"").await.unwrap(), Some(b"v".to_vec()));
     c.shutdown().await;
 }
+
+/// A backup survives the death of a server leading some of its partitions: the attempts there fail,
+/// the coordinator takes those partitions again at their new leaders, and the backup completes and
+/// restores to every record written before it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_survives_a_leader_dying() {
+    use tern_client::backup::{backup_table, restore_table};
+    let mut c = Cluster::start_with("src", 4, 4, Duration::from_secs(10)).await;
+    let t = c.client.table("src");
+    // Incompressible values, so that the checkpoint's files are as large as the data.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..1000 {
+        let value: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        t.set(format!("k{i}").as_bytes(), b"", &value, 0).await.unwrap();
+    }
+    let before = table_contents(&t).await;
+    // The server leading the most partitions dies shortly after the backup starts; at 1 MiB/s per
+    // partition each partition's copy takes about a second, so some are under way.
+    let info = c.client.table_info("src").await.unwrap();
+    let mut led = std::collections::HashMap::new();
+    for p in &info.partitions {
+        *led.entry(p.leader_node).or_insert(0) += 1;
+    }
+    let (victim_node, _) = led.into_iter().max_by_key(|(_, n)| *n).unwrap();
+    let victim = c.servers.iter().position(|s| s.node_id == victim_node).unwrap();
+    let victim = c.servers.remove(victim);
+    let root = tempfile::tempdir().unwrap();
+    let root_s = root.path().to_string_lossy().into_owned();
+    let mut quiet = |_: &tern_client::backup::Progress| {};
+    let backup = backup_table(&c.client, "src", &root_s, 1 << 20, &mut quiet, std::future::pending());
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        victim.shutdown().await;
+    };
+    let started = std::time::Instant::now();
+    let ((uri, m), ()) = tokio::join!(async { backup.await.unwrap() }, kill);
+    assert!(started.elapsed() > Duration::from_millis(800), "the server died while the backup ran: {:?}", started.elapsed());
+    assert_eq!(m.partitions.len(), 4);
+    let r = restore_table(&c.client, &uri, "copy", 0, &mut |_| {}, std::future::pending()).await.unwrap();
+    assert_eq!(r.records as usize, before.len());
+    assert_eq!(table_contents(&c.client.table("copy")).await, before);
+    c.shutdown().await;
+}
