@@ -113,6 +113,34 @@ fn classify<T>(e: TernError, progressed: bool) -> TernResult<Attempt<T>> {
     }
 }
 
+/// Follows one attempt's stream of progress reports until `step` says a report is the last (its
+/// answer is the attempt's result) or something fails (classified for the retry loop).
+async fn follow<M, T>(
+    call: Result<tonic::Response<tonic::Streaming<M>>, tonic::Status>,
+    error: impl Fn(&M) -> &Option<tern_proto::Error>,
+    mut step: impl FnMut(M) -> Option<T>,
+) -> TernResult<Attempt<T>> {
+    let mut stream = match call {
+        Ok(s) => s.into_inner(),
+        Err(s) => return classify(tern_proto::from_status(&s), false),
+    };
+    let mut progressed = false;
+    loop {
+        let m = match stream.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return classify(TernError::Unavailable("the server ended its progress stream early".into()), progressed),
+            Err(s) => return classify(tern_proto::from_status(&s), progressed),
+        };
+        if let Err(e) = tern_proto::check(error(&m)) {
+            return classify(e, progressed);
+        }
+        progressed = true;
+        if let Some(done) = step(m) {
+            return Ok(Attempt::Done(done));
+        }
+    }
+}
+
 /// Runs `attempt` on the partition's leader until it succeeds, fails for good, or has failed
 /// without getting anywhere for `PARTITION_RETRY_DEADLINE` (a Busy server, or an attempt that made
 /// progress before it failed, starts that time over).
@@ -194,7 +222,6 @@ async fn backup_into(
     let mut entries: Vec<PartitionEntry> = futures::stream::iter(0..info.partition_count)
         .map(|partition| async move {
             let entry = on_leader(client, &info.name, partition, |node| async move {
-                let mut progressed = false;
                 let request = BackupPartitionRequest {
                     partition: Some(PartitionRef { table_id: info.table_id, partition, partition_count: info.partition_count }),
                     backup: backup.to_string(),
@@ -204,31 +231,22 @@ async fn backup_into(
                     Ok(service) => service,
                     Err(e) => return classify(e, false),
                 };
-                let mut stream = match service.backup_partition(request).await {
-                    Ok(s) => s.into_inner(),
-                    Err(s) => return classify(tern_proto::from_status(&s), progressed),
-                };
-                loop {
-                    let m = match stream.message().await {
-                        Ok(Some(m)) => m,
-                        Ok(None) => return classify(TernError::Unavailable("the server ended the backup stream early".into()), progressed),
-                        Err(s) => return classify(tern_proto::from_status(&s), progressed),
-                    };
-                    if let Err(e) = tern_proto::check(&m.error) {
-                        return classify(e, progressed);
-                    }
-                    progressed = true;
-                    tracker.update(partition, m.bytes_done, 0);
-                    if m.done {
-                        return Ok(Attempt::Done(PartitionEntry {
+                follow(
+                    service.backup_partition(request).await,
+                    |m| &m.error,
+                    |m| {
+                        tracker.update(partition, m.bytes_done, 0);
+                        let entry = PartitionEntry {
                             partition,
                             dir: m.dir,
                             applied_index: m.applied_index,
                             bytes: m.bytes_done,
                             manifest_crc32: m.manifest_crc32,
-                        }));
-                    }
-                }
+                        };
+                        m.done.then_some(entry)
+                    },
+                )
+                .await
             })
             .await?;
             tracker.finish(partition, entry.bytes, 0);
@@ -324,7 +342,6 @@ async fn restore_into(
         .map(|entry| async move {
             let partition = entry.partition;
             let records = on_leader(client, &info.name, partition, |node| async move {
-                let mut progressed = false;
                 let request = RestorePartitionRequest {
                     partition: Some(PartitionRef { table_id: info.table_id, partition, partition_count: info.partition_count }),
                     backup: backup.to_string(),
@@ -334,28 +351,21 @@ async fn restore_into(
                     Ok(service) => service,
                     Err(e) => return classify(e, false),
                 };
-                let mut stream = match service.restore_partition(request).await {
-                    Ok(s) => s.into_inner(),
-                    Err(s) => return classify(tern_proto::from_status(&s), progressed),
-                };
+                // Reports carry either bytes copied or records written.
                 let (mut bytes, mut records) = (0, 0);
-                loop {
-                    let m = match stream.message().await {
-                        Ok(Some(m)) => m,
-                        Ok(None) => return classify(TernError::Unavailable("the server ended the restore stream early".into()), progressed),
-                        Err(s) => return classify(tern_proto::from_status(&s), progressed),
-                    };
-                    if let Err(e) = tern_proto::check(&m.error) {
-                        return classify(e, progressed);
-                    }
-                    if m.done {
-                        return Ok(Attempt::Done(m.record_count));
-                    }
-                    progressed = true;
-                    // Reports carry either bytes copied or records written.
-                    (bytes, records) = (bytes.max(m.bytes_done), records.max(m.records_done));
-                    tracker.update(partition, bytes, records);
-                }
+                follow(
+                    service.restore_partition(request).await,
+                    |m| &m.error,
+                    |m| {
+                        if m.done {
+                            return Some(m.record_count);
+                        }
+                        (bytes, records) = (bytes.max(m.bytes_done), records.max(m.records_done));
+                        tracker.update(partition, bytes, records);
+                        None
+                    },
+                )
+                .await
             })
             .await?;
             tracker.finish(partition, entry.bytes, records);
