@@ -51,6 +51,8 @@ pub trait LogStore: Send + Sync {
     fn entries(&self, group: u64, low: u64, high: u64, max_bytes: Option<u64>) -> Result<Vec<Entry>, TernError>;
     fn entry(&self, group: u64, index: u64) -> Result<Option<Entry>, TernError>;
     fn last_index(&self, group: u64) -> Option<u64>;
+    /// The group's first entry, if it has any.
+    fn first_index(&self, group: u64) -> Option<u64>;
     fn hard_state(&self, group: u64) -> Result<Option<HardState>, TernError>;
     fn truncated(&self, group: u64) -> Result<Option<(u64, u64)>, TernError>;
     /// Groups that have any state in the log.
@@ -94,25 +96,7 @@ impl RaftEngineLogStore {
             ..Default::default()
         };
         let engine = Engine::open(cfg).map_err(log_error)?;
-        let store = RaftEngineLogStore { engine };
-        store.drop_resurrected_entries()?;
-        Ok(store)
-    }
-
-    /// raft-engine may bring back, at recovery, entries a group had compacted away: when a purge
-    /// rewrote them (still live then) and later removed the file holding the compaction, and the
-    /// group has no newer entries to replace them (an idle group whose log was compacted whole).
-    /// Raft never reads below the truncated index, but its next append would leave a hole after
-    /// them (raft-engine panics). They are compacted away again before anyone appends.
-    fn drop_resurrected_entries(&self) -> Result<(), TernError> {
-        for group in self.engine.raft_groups() {
-            let (Some(first), Some((truncated, _))) = (self.engine.first_index(group), self.truncated(group)?) else { continue };
-            if first <= truncated {
-                self.engine.compact_to(group, truncated + 1);
-                tracing::info!(group, first, truncated, "raft log: compacted entries raft-engine recovered from before the truncated index");
-            }
-        }
-        Ok(())
+        Ok(RaftEngineLogStore { engine })
     }
 }
 
@@ -153,6 +137,10 @@ impl LogStore for RaftEngineLogStore {
         self.engine.last_index(group)
     }
 
+    fn first_index(&self, group: u64) -> Option<u64> {
+        self.engine.first_index(group)
+    }
+
     fn hard_state(&self, group: u64) -> Result<Option<HardState>, TernError> {
         self.engine.get_message::<HardState>(group, HARD_STATE_KEY).map_err(log_error)
     }
@@ -173,6 +161,27 @@ impl LogStore for RaftEngineLogStore {
     }
 }
 
+/// Removes, before anyone appends, entries a log store brought back at recovery from at or below a
+/// group's truncated index. raft-engine does this: a purge rewrites a group's entries that are still
+/// live, a later compaction removes them, and once the file holding that compaction is purged too,
+/// recovery finds the rewritten copies again (when the group had no newer entries, as an idle group
+/// whose log was compacted whole). Raft never reads there, but its next append would leave a hole
+/// after them, which raft-engine refuses (it panics). Called by `Store::open` on every log store.
+pub fn drop_entries_below_truncated(log: &dyn LogStore) -> Result<(), TernError> {
+    let mut batch = LogWriteBatch::default();
+    for group in log.groups() {
+        let (Some(first), Some((truncated, _))) = (log.first_index(group), log.truncated(group)?) else { continue };
+        if first <= truncated {
+            tracing::info!(group, first, truncated, "raft log: compacting entries recovered from at or below the truncated index");
+            batch.push(group, LogOp::CompactBelow(truncated + 1));
+        }
+    }
+    if batch.is_empty() {
+        return Ok(());
+    }
+    log.write(batch, true)
+}
+
 #[derive(Default, Clone)]
 struct MemGroup {
     entries: BTreeMap<u64, Entry>,
@@ -182,11 +191,16 @@ struct MemGroup {
 
 /// An in-memory log store for tests and the simulator. It models a disk: writes without `sync` are
 /// visible but lost by `crash()` until a later synced write makes them durable, and writes can be
-/// made to fail.
+/// made to fail. It also models two things raft-engine does: an append that would leave a hole
+/// after a group's last entry is refused, and recovery may bring back the entries a group compacted
+/// away last when it has none left (see `drop_entries_below_truncated`).
 #[derive(Default)]
 pub struct MemoryLogStore {
     groups: Mutex<HashMap<u64, MemGroup>>,
     durable: Mutex<HashMap<u64, MemGroup>>,
+    /// Per group, the entries its first durable compaction (since it was last cleaned) removed: what
+    /// a crash may bring back, as raft-engine brings back entries a purge rewrote long before.
+    compacted: Mutex<HashMap<u64, BTreeMap<u64, Entry>>>,
     unsynced: Mutex<Vec<LogWriteBatch>>,
     failing_writes: std::sync::atomic::AtomicU32,
     failing_reads: std::sync::atomic::AtomicU32,
@@ -216,7 +230,15 @@ impl MemoryLogStore {
     /// Loses every write not yet covered by a synced write, as a power failure would.
     pub fn crash(&self) {
         self.unsynced.lock().clear();
-        *self.groups.lock() = self.durable.lock().clone();
+        let mut durable = self.durable.lock();
+        for (group, entries) in self.compacted.lock().drain() {
+            if let Some(g) = durable.get_mut(&group) {
+                if g.entries.is_empty() {
+                    g.entries = entries;
+                }
+            }
+        }
+        *self.groups.lock() = durable.clone();
     }
 
     /// The next `count` writes fail with an I/O error.
@@ -251,12 +273,47 @@ impl LogStore for MemoryLogStore {
             self.failing_writes.fetch_sub(1, Ordering::SeqCst);
             return Err(TernError::Internal("raft log: injected write error".into()));
         }
+        {
+            // Each group's last entry as the batch's operations go, in order.
+            let groups = self.groups.lock();
+            let mut last: HashMap<u64, Option<u64>> = HashMap::new();
+            for (group, op) in &batch.ops {
+                let l = last.entry(*group).or_insert_with(|| groups.get(group).and_then(|g| g.entries.keys().next_back().copied()));
+                match op {
+                    LogOp::Append(entries) => {
+                        if let (Some(first), Some(prev)) = (entries.first(), *l) {
+                            if first.index > prev + 1 {
+                                return Err(TernError::Internal(format!("raft log: group {group} would have a hole after entry {prev}")));
+                            }
+                        }
+                        if let Some(e) = entries.last() {
+                            *l = Some(e.index);
+                        }
+                    }
+                    LogOp::CompactBelow(below) if l.is_some_and(|prev| prev < *below) => *l = None,
+                    LogOp::Clean => *l = None,
+                    _ => {}
+                }
+            }
+        }
         apply_log_batch(&mut self.groups.lock(), batch.clone());
         let mut unsynced = self.unsynced.lock();
         unsynced.push(batch);
         if sync {
             let mut durable = self.durable.lock();
+            let mut compacted = self.compacted.lock();
             for b in unsynced.drain(..) {
+                for (group, op) in &b.ops {
+                    if let (LogOp::CompactBelow(below), Some(g)) = (op, durable.get(group)) {
+                        let removed: BTreeMap<u64, Entry> = g.entries.range(..*below).map(|(i, e)| (*i, e.clone())).collect();
+                        if !removed.is_empty() {
+                            compacted.entry(*group).or_insert(removed);
+                        }
+                    }
+                    if matches!(op, LogOp::Clean) {
+                        compacted.remove(group);
+                    }
+                }
                 apply_log_batch(&mut durable, b);
             }
         }
@@ -286,6 +343,10 @@ impl LogStore for MemoryLogStore {
 
     fn last_index(&self, group: u64) -> Option<u64> {
         self.groups.lock().get(&group).and_then(|g| g.entries.keys().next_back().copied())
+    }
+
+    fn first_index(&self, group: u64) -> Option<u64> {
+        self.groups.lock().get(&group).and_then(|g| g.entries.keys().next().copied())
     }
 
     fn hard_state(&self, group: u64) -> Result<Option<HardState>, TernError> {
@@ -818,11 +879,42 @@ mod tests {
             log.write(LogWriteBatch::default(), true).unwrap();
         }
         let log = RaftEngineLogStore::open_sized(dir.path(), 16 << 10, 64 << 10).unwrap();
+        assert!(log.first_index(quiet).is_some_and(|f| f <= 20), "raft-engine brings compacted entries back (else this test tests nothing)");
+        drop_entries_below_truncated(&log).unwrap();
         assert_eq!(log.truncated(quiet).unwrap(), Some((20, 1)));
         assert_eq!(log.engine.first_index(quiet), None, "entries at or below the truncated index came back");
         let mut b = LogWriteBatch::default();
         b.push(quiet, LogOp::Append(vec![entry(21, 2)]));
         log.write(b, true).unwrap();
         assert_eq!(log.last_index(quiet), Some(21));
+    }
+
+    /// The memory store brings back, at a crash, entries a group compacted away long ago when it has
+    /// none left (as raft-engine can), and refuses an append that would leave a hole after them;
+    /// `drop_entries_below_truncated` (run by every store at open) removes them first.
+    #[test]
+    fn memory_store_models_resurrected_entries() {
+        let log = MemoryLogStore::default();
+        let write = |ops: Vec<LogOp>| {
+            let mut b = LogWriteBatch::default();
+            for op in ops {
+                b.push(1, op);
+            }
+            log.write(b, true)
+        };
+        write(vec![LogOp::Append((1..=5).map(|i| entry(i, 1)).collect())]).unwrap();
+        write(vec![LogOp::Truncated { index: 5, term: 1 }, LogOp::CompactBelow(6)]).unwrap();
+        write(vec![LogOp::Append((6..=20).map(|i| entry(i, 1)).collect())]).unwrap();
+        write(vec![LogOp::Truncated { index: 20, term: 1 }, LogOp::CompactBelow(21)]).unwrap();
+        assert_eq!(log.first_index(1), None);
+        log.crash();
+        assert_eq!((log.first_index(1), log.last_index(1)), (Some(1), Some(5)), "the first compaction's entries came back");
+        assert!(write(vec![LogOp::Append(vec![entry(21, 2)])]).unwrap_err().to_string().contains("hole"));
+        drop_entries_below_truncated(&log).unwrap();
+        assert_eq!(log.first_index(1), None);
+        write(vec![LogOp::Append(vec![entry(21, 2)])]).unwrap();
+        assert_eq!(log.last_index(1), Some(21));
+        // A snapshot's Clean followed by an append far ahead in one batch is no hole.
+        write(vec![LogOp::Clean, LogOp::Truncated { index: 100, term: 3 }, LogOp::Append(vec![entry(101, 3)])]).unwrap();
     }
 }

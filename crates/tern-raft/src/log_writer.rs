@@ -217,6 +217,9 @@ mod tests {
         fn last_index(&self, _: u64) -> Option<u64> {
             unreachable!()
         }
+        fn first_index(&self, _: u64) -> Option<u64> {
+            unreachable!()
+        }
         fn hard_state(&self, _: u64) -> Result<Option<raft::eraftpb::HardState>, TernError> {
             unreachable!()
         }

@@ -297,6 +297,9 @@ impl Store {
             cfg.replica.read_lease *= 40;
         }
         let NodeDisks { log, engines, files } = disks;
+        if !cfg.replica.planted.keep_resurrected_log_entries {
+            crate::log_store::drop_entries_below_truncated(log.as_ref())?;
+        }
         let log_writer = Box::new(SyncLogWriter::new(log.clone()));
         files.create_dir_all_durably(&data_dir.join("replicas")).map_err(io)?;
         let mut store = Store {

@@ -22,6 +22,9 @@ pub struct PlantedBugs {
     /// A new replica's directory is created without syncing its parent: a crash can lose the
     /// replica while its raft log (votes, acknowledged entries) survives.
     pub replica_dir_not_durable: bool,
+    /// A store opens its raft log without removing entries the log store brought back from at or
+    /// below a group's truncated index (raft-engine can, after purges): the next append leaves a hole.
+    pub keep_resurrected_log_entries: bool,
 }
 
 #[derive(Clone, Debug)]
