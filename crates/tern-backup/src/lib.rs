@@ -132,8 +132,11 @@ impl Target {
                 (Arc::new(fs), ObjectPath::default(), Some(dir))
             }
             Location::S3 { bucket, prefix } => {
+                // Every upload carries its SHA-256, which the store checks (on plain HTTP nothing
+                // else would catch bytes changed on the way).
                 let s3 = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
+                    .with_checksum_algorithm(object_store::aws::Checksum::SHA256)
                     .build()
                     .map_err(|e| TernError::invalid(format!("backup location {uri:?}: {e}")))?;
                 (Arc::new(s3), ObjectPath::from(prefix.as_str()), None)
