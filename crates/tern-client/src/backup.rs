@@ -8,9 +8,10 @@
 //! prefix of the partition's log. Partitions are taken one after another, not at one instant: a
 //! write acknowledged during the backup may be in it or not, independently per partition.
 //!
-//! A backup is complete once `backup.json` exists; a failed or cancelled backup removes its
-//! directory. A restore checks every byte of the backup before it creates the table, and drops the
-//! table again if any partition then fails, so a table is restored whole or not at all.
+//! A backup is complete once `backup.json` exists; a failed or cancelled backup removes what it
+//! wrote. A restore checks the manifests and every file's presence and size before it creates the
+//! table (created "restoring": clients refuse it), the servers check every checksum as they read,
+//! and the table is dropped again if any partition fails, so it is seen whole or not at all.
 
 use crate::client::Client;
 use futures::{StreamExt, TryStreamExt};

@@ -1,13 +1,14 @@
 //! The server's half of cold backup and restore (the coordinator is `tern_client::backup`; the
-//! layout is `tern_core::backup`).
+//! layout is `tern_core::backup`; locations, local or S3, are `tern_backup`).
 //!
 //! Backup of a partition: a linearizable read on it (so the checkpoint holds every write
-//! acknowledged before the request), a RocksDB checkpoint of the replica taken on the store thread
-//! (hard links: cheap), then, off the store thread, a paced copy of its files to the backup
-//! directory with a crc32 of each, and `partition.json` written last.
+//! acknowledged before the request), a background flush, a RocksDB checkpoint of the replica taken
+//! on the store thread (hard links: cheap) at or past the read's index, then a paced upload of its
+//! files into a place of this attempt's own under the backup, with a crc32 of each, and
+//! `partition.json` written last.
 //!
-//! Restore of a partition into a new table: the files are copied into this server's data directory,
-//! each checked against the manifest as it is read; the copy is opened as an engine and every live
+//! Restore of a partition into a new table: the files are downloaded into this server's data
+//! directory, each checked against the manifest (size and crc32) as it is read; the copy is opened as an engine and every live
 //! user record is written through raft as ordinary sets (so every replica gets it, and a restore
 //! started again after a failure or a leader change simply writes the same records again); then
 //! the replica's checksum is compared with the backup's. Nothing here decides anything raft or
