@@ -318,11 +318,12 @@ pub async fn restore_table(
     )
     .await;
     if r.is_err() {
-        let name = table.to_string();
+        // By id too: never another table created under this name since.
+        let (name, table_id) = (table.to_string(), info.table_id);
         let _ = client
             .meta_call(|mut m| {
                 let name = name.clone();
-                async move { m.drop_table(DropTableRequest { name }).await.map(|r| r.into_inner()) }
+                async move { m.drop_table(DropTableRequest { name, table_id }).await.map(|r| r.into_inner()) }
             })
             .await;
     }

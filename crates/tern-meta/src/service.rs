@@ -235,8 +235,23 @@ impl Meta for MetaService {
 
     async fn drop_table(&self, request: Request<DropTableRequest>) -> Result<Response<TableResponse>, Status> {
         self.keeper.check_serving().map_err(unavailable)?;
-        let name = request.into_inner().name;
-        Ok(Response::new(match self.keeper.change(|c, _| c.drop_table(&name)).await {
+        let r = request.into_inner();
+        let dropped = self
+            .keeper
+            .change(|c, _| {
+                let id = c.tables.get(&r.name).map(|t| t.id);
+                if r.table_id != 0 && id.is_some_and(|id| id != r.table_id) {
+                    return Err(TernError::TableNotFound(format!(
+                        "{} with id {} (the table of that name now has id {})",
+                        r.name,
+                        r.table_id,
+                        id.unwrap_or(0)
+                    )));
+                }
+                c.drop_table(&r.name)
+            })
+            .await;
+        Ok(Response::new(match dropped {
             Ok(_) => TableResponse::default(),
             Err(e) => err(e, |r: &mut TableResponse, e| r.error = e),
         }))

@@ -559,7 +559,7 @@ impl Shell {
                     .client
                     .meta_call(|mut m| {
                         let name = name.clone();
-                        async move { m.drop_table(DropTableRequest { name }).await.map(|r| r.into_inner()) }
+                        async move { m.drop_table(DropTableRequest { name, table_id: 0 }).await.map(|r| r.into_inner()) }
                     })
                     .await
                     .map_err(err)?;

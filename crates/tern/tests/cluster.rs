@@ -300,7 +300,7 @@ async fn drop_and_recreate_table() {
     t.set(b"k", b"", b"old", 0).await.unwrap();
     let r = c
         .client
-        .meta_call(|mut m| async move { m.drop_table(tern_proto::DropTableRequest { name: "t".into() }).await.map(|r| r.into_inner()) })
+        .meta_call(|mut m| async move { m.drop_table(tern_proto::DropTableRequest { name: "t".into(), table_id: 0 }).await.map(|r| r.into_inner()) })
         .await
         .unwrap();
     tern_proto::check(&r.error).unwrap();
@@ -317,6 +317,17 @@ async fn drop_and_recreate_table() {
     assert!(gone, "dropped table still readable");
     c.create_table("t", 2).await;
     assert_eq!(t.get(b"k", b"").await.unwrap(), None);
+    // A drop naming the old table's id leaves the new table of that name alone.
+    let old_id = 1;
+    let r = c
+        .client
+        .meta_call(
+            |mut m| async move { m.drop_table(tern_proto::DropTableRequest { name: "t".into(), table_id: old_id }).await.map(|r| r.into_inner()) },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(tern_proto::check(&r.error), Err(TernError::TableNotFound(_))), "{r:?}");
+    assert!(c.client.table_info("t").await.unwrap().table_id != old_id);
     c.shutdown().await;
 }
 
