@@ -44,7 +44,7 @@ impl Proc {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_tern"))
             .args(&self.args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,tern_meta=info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
