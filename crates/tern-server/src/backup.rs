@@ -69,12 +69,17 @@ fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> TernError 
     move |e| TernError::Internal(format!("{what}: {e}"))
 }
 
-/// A work directory removed when the operation ends, however it ends.
+/// A work directory removed when the operation ends, however it ends (on a blocking thread when
+/// dropped inside the runtime: a checkpoint holds many files).
 struct WorkDir(PathBuf);
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let dir = std::mem::take(&mut self.0);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || std::fs::remove_dir_all(dir))),
+            Err(_) => drop(std::fs::remove_dir_all(dir)),
+        }
     }
 }
 
@@ -254,7 +259,9 @@ async fn copy_out(
     rate: u64,
     tx: &mpsc::Sender<Result<BackupProgress, Status>>,
 ) -> Result<BackupProgress, TernError> {
-    let files = sorted_files(checkpoint_dir)?;
+    let listed_dir = checkpoint_dir.to_path_buf();
+    let files =
+        tokio::task::spawn_blocking(move || sorted_files(&listed_dir)).await.map_err(|e| TernError::Internal(format!("list checkpoint: {e}")))??;
     let total: u64 = files.iter().map(|f| f.1).sum();
     let mut reporter = Reporter::new(tx);
     let mut pacer = Pacer::new(rate);
