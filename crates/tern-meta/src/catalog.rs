@@ -52,6 +52,9 @@ pub struct GroupProgress {
     pub leader_voters: Option<Vec<PeerId>>,
     /// Peers that stopped after a storage failure: replaced like peers on a down node.
     pub failed: Vec<PeerId>,
+    /// The leader's view of each other member's log (raft's matched index), taken at the same
+    /// instant as `leader_commit`; empty if no leader reported.
+    pub leader_matched: HashMap<PeerId, u64>,
 }
 
 /// Summarises replica statuses (from heartbeats of live nodes) per group: each peer's applied index,
@@ -70,6 +73,7 @@ pub fn group_progress<'a>(statuses: impl IntoIterator<Item = &'a tern_proto::Rep
             g.leader_commit = r.commit_index;
             g.leader_members = Some(r.voters.iter().chain(r.learners.iter()).copied().collect());
             g.leader_voters = Some(r.voters.clone());
+            g.leader_matched = r.matched.iter().map(|(p, m)| (*p, *m)).collect();
         }
     }
     progress
@@ -496,8 +500,16 @@ impl Catalog {
                     // A learner starts empty at index 0: it counts as caught up only once it holds
                     // data (a snapshot) and is close to the leader. Found by the simulator (seed 5000
                     // of the scheduler sweep): an empty learner of a short log was promoted.
+                    // Near the leader's commit as the leader sees it (one instant: the learner's own
+                    // report comes from another heartbeat, and under steady writes the two can stay
+                    // apart by more than the margin for good; a flaky process test found it).
                     let caught_up = g.is_some_and(|g| {
-                        g.leader_commit > 0 && g.applied.get(&learner).is_some_and(|a| *a > 0 && a + LEARNER_CATCH_UP_ENTRIES >= g.leader_commit)
+                        let has_data = g.applied.get(&learner).is_some_and(|a| *a > 0);
+                        let close = match g.leader_matched.get(&learner) {
+                            Some(m) => m + LEARNER_CATCH_UP_ENTRIES >= g.leader_commit,
+                            None => g.applied.get(&learner).is_some_and(|a| a + LEARNER_CATCH_UP_ENTRIES >= g.leader_commit),
+                        };
+                        g.leader_commit > 0 && has_data && close
                     });
                     if caught_up && growing {
                         p.peers.push((learner, node));

@@ -698,6 +698,11 @@ impl Replica {
                 v
             },
             learners: self.sm.state().conf_state.learners.clone(),
+            matched: if self.is_leader() && self.active() {
+                self.raw.raft.prs().iter().filter(|(id, _)| **id != self.peer_id).map(|(id, pr)| (*id, pr.matched)).collect()
+            } else {
+                Default::default()
+            },
         }
     }
 
