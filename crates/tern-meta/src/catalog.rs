@@ -838,13 +838,22 @@ mod tests {
         // Not caught up yet: nothing changes.
         assert!(c.schedule(&alive, &HashMap::new(), 8).is_empty());
 
-        let mut progress = HashMap::new();
-        for (i, p) in c.tables["t"].partitions.iter().enumerate() {
-            let group = GroupId::new(c.tables["t"].id, i as u32).0;
-            let mut g = GroupProgress { leader_commit: 500, ..Default::default() };
-            g.applied.insert(p.learners[0].0, 450);
-            progress.insert(group, g);
-        }
+        // The learner's own report (another heartbeat, another instant) says 200 of 500; the
+        // leader's view at the instant of its commit decides.
+        let progress_with = |c: &Catalog, leader_matched: u64| {
+            let mut progress = HashMap::new();
+            for (i, p) in c.tables["t"].partitions.iter().enumerate() {
+                let group = GroupId::new(c.tables["t"].id, i as u32).0;
+                let mut g = GroupProgress { leader_commit: 500, ..Default::default() };
+                g.applied.insert(p.learners[0].0, 200);
+                g.leader_matched.insert(p.learners[0].0, leader_matched);
+                progress.insert(group, g);
+            }
+            progress
+        };
+        let progress = progress_with(&c, 300);
+        assert!(c.schedule(&alive, &progress, 8).iter().all(|c| !c.contains("replaced")), "300 of 500 is not caught up");
+        let progress = progress_with(&c, 450);
         assert_eq!(c.schedule(&alive, &progress, 8).iter().filter(|c| c.contains("replaced")).count(), 4);
         for p in &c.tables["t"].partitions {
             assert!(p.learners.is_empty());
