@@ -37,7 +37,9 @@ use tonic::{Request, Response, Status};
 pub const OPERATIONS_MAX: usize = 4;
 /// Slowest rate a backup or restore may ask for (bytes per second): a copy checks for cancellation
 /// between chunks, so a slower one could hold a slot for hours after its caller left.
-const RATE_MIN: u64 = 1 << 20;
+pub const RATE_MIN: u64 = 1 << 20;
+/// Fastest default rate a server may be configured with (bytes per second).
+pub const RATE_MAX: u64 = 100_000 << 20;
 /// Longest wait for a background flush before a checkpoint.
 const FLUSH_WAIT_MAX: Duration = Duration::from_secs(10);
 /// How often a running operation reports progress.

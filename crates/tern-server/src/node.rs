@@ -76,8 +76,12 @@ impl ServerConfig {
         if self.store.tick_interval.is_zero() {
             return Err(TernError::invalid("raft tick interval must be positive"));
         }
-        if self.backup_bytes_per_second == 0 {
-            return Err(TernError::invalid("the default backup rate must be positive (bytes per second)"));
+        let (min, max) = (crate::backup::RATE_MIN, crate::backup::RATE_MAX);
+        if !(min..=max).contains(&self.backup_bytes_per_second) {
+            return Err(TernError::invalid(format!(
+                "the default backup rate is {} bytes/s; it must be {min} (1 MiB/s) to {max} (100000 MiB/s)",
+                self.backup_bytes_per_second
+            )));
         }
         if self.block_cache_bytes < 1024 * 1024 {
             return Err(TernError::invalid("block cache must be at least 1 MiB"));

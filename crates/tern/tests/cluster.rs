@@ -732,6 +732,26 @@ async fn backup_under_load_restores_whole_and_bad_backups_are_refused() {
         }
     }
     assert_eq!(done, 1, "the leader backs the partition up, in a place of its own");
+    // A rate too slow to notice a cancellation for hours is refused, naming the minimum.
+    for s in &c.servers {
+        let mut b = tern_proto::backup_client::BackupClient::connect(format!("http://{}", s.address)).await.unwrap();
+        let request = tern_proto::BackupPartitionRequest {
+            partition: Some(tern_proto::PartitionRef { table_id: info.table_id, partition: 0, partition_count: 4 }),
+            backup: precious.to_string_lossy().into_owned(),
+            rate_bytes_per_second: 1,
+        };
+        let mut stream = b.backup_partition(request).await.unwrap().into_inner();
+        let last = stream.message().await.unwrap().unwrap();
+        let e = tern_proto::check(&last.error).unwrap_err();
+        assert!(matches!(e, TernError::InvalidArgument(_)) && e.to_string().contains("minimum"), "{e}");
+    }
+    // So is a server configured with a default rate out of range.
+    for rate in [0, 1000, u64::MAX] {
+        let mut cfg = ServerConfig::new(root.path().join("bad-server"), any_port(), vec![c.meta.address.clone()]);
+        cfg.backup_bytes_per_second = rate;
+        let e = ServerNode::start(cfg).await.err().expect("refused");
+        assert!(e.to_string().contains("backup rate"), "{e}");
+    }
     assert_eq!(std::fs::read(precious.join("keep.txt")).unwrap(), b"mine");
     std::fs::remove_dir_all(&precious).unwrap();
     // Cancelled at once: the partial backup is removed.
