@@ -263,6 +263,41 @@ impl Client {
         self.inner.routes.write().remove(table);
     }
 
+    /// The cluster's settings: raft timing, id and the tag its record versions carry.
+    pub async fn cluster_settings(&self) -> TernResult<ClusterSettingsResponse> {
+        let r = self.meta_call(|mut m| async move { m.get_cluster_settings(ClusterSettingsRequest {}).await.map(|r| r.into_inner()) }).await?;
+        tern_proto::check(&r.error)?;
+        Ok(r)
+    }
+
+    /// Applies records another cluster's duplication ships to one partition of `table`, where
+    /// each applies only if its version is newer. `partition_count` is the sender's: partition i
+    /// ships to partition i, so a table with another count is refused.
+    pub async fn apply_duplicated(&self, table: &str, partition: u32, partition_count: u32, apply: DupApply) -> TernResult<WriteResponse> {
+        let count = self.partition_count(table).await?;
+        if count != partition_count {
+            return Err(TernError::invalid(format!(
+                "table {table} has {count} partitions; duplication needs as many as its source, {partition_count}"
+            )));
+        }
+        self.execute(
+            table,
+            Routed::Partition(partition),
+            |pref| {
+                batch_item::Op::Write(WriteRequest {
+                    partition: Some(pref),
+                    op: Some(write_request::Op::DupApply(apply.clone())),
+                    ..Default::default()
+                })
+            },
+            |reply| match reply {
+                batch_reply::Result::Write(r) => Some((r.error.clone(), r)),
+                _ => None,
+            },
+        )
+        .await
+    }
+
     /// The partition count of a table (fetching its route if needed).
     pub async fn partition_count(&self, table: &str) -> TernResult<u32> {
         Ok(self.route(table).await?.table.partition_count)
@@ -395,8 +430,13 @@ impl Client {
 
     /// Checksum of one replica (by node), for consistency checks and tests.
     pub async fn replica_checksum(&self, node: NodeId, group_id: u64) -> TernResult<ChecksumResponse> {
+        self.checksum_of(node, ChecksumRequest { group_id, at_unix_ms: 0, data_only: false }).await
+    }
+
+    /// A checksum of one replica (by node) as the request asks for it.
+    pub async fn checksum_of(&self, node: NodeId, request: ChecksumRequest) -> TernResult<ChecksumResponse> {
         let mut kv = self.kv(node)?;
-        let r = kv.checksum(ChecksumRequest { group_id, at_unix_ms: 0 }).await.map_err(status_error)?.into_inner();
+        let r = kv.checksum(request).await.map_err(status_error)?.into_inner();
         tern_proto::check(&r.error)?;
         Ok(r)
     }

@@ -7,12 +7,14 @@
 //! Owns: `retry` (the pure backoff policy), `routing` (pure leader tracking and retry decisions,
 //! shared with the simulator), `client` (connections, routing, the request loop) and the
 //! typed operations on `Table`, `batch` (one multiplexed request stream per server), `backup` (the
-//! coordinator of table backups and restores; the servers copy the data). Must not depend on tern-raft, tern-server or tern-meta: it speaks only
+//! coordinator of table backups and restores; the servers copy the data), `dup` (administering
+//! cross-cluster duplication; the servers ship). Must not depend on tern-raft, tern-server or tern-meta: it speaks only
 //! the wire protocol in tern-proto.
 
 pub mod backup;
 mod batch;
 mod client;
+pub mod dup;
 pub mod retry;
 pub mod routing;
 

@@ -2,8 +2,12 @@
 //! - the partition hash of a hashkey;
 //! - the storage key of a record: `[hashkey length: u16 BE][hashkey][sortkey]`, so the records of one
 //!   hashkey are contiguous and ordered by sortkey;
-//! - the stored value: a 13-byte header `[version: u8][expire_at_ms: u64 BE][crc32 of the rest]`
-//!   followed by the user value. The checksum covers the expiry and the value.
+//! - the stored value: a header followed by the user value. Format 1 (13 bytes):
+//!   `[1][expire_at_ms: u64 BE][crc32]`; format 2 (21 bytes), what user records are written with:
+//!   `[2][expire_at_ms: u64 BE][version: u64 BE][crc32]`. The checksum covers everything after the
+//!   format byte but itself, and the value. Format 1 reads as version 0;
+//! - a record's version (format 2): `hybrid-logical-clock ms (44 bits) | logical (8) | cluster tag
+//!   (12)`, compared as an integer: the later write wins, ties go to the higher cluster tag.
 
 use crate::error::TernError;
 use crate::limits::HASHKEY_BYTES_MAX;
@@ -69,12 +73,40 @@ pub fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
 }
 
 pub const VALUE_HEADER_BYTES: usize = 13;
-const VALUE_FORMAT_VERSION: u8 = 1;
+pub const VERSIONED_HEADER_BYTES: usize = 21;
+const FORMAT_PLAIN: u8 = 1;
+const FORMAT_VERSIONED: u8 = 2;
 
-/// Encodes a stored value with its expiry (0 = never) and checksum.
+/// Bits of a version that name the cluster that wrote it.
+pub const VERSION_TAG_BITS: u32 = 12;
+/// Bits of a version below its milliseconds (logical counter and cluster tag).
+pub const VERSION_MS_SHIFT: u32 = 20;
+pub const CLUSTER_TAG_MAX: u32 = (1 << VERSION_TAG_BITS) - 1;
+
+/// A cluster's tag (1-4095), derived from its id: what versions carry to break ties.
+pub fn cluster_tag(cluster_id: u64) -> u32 {
+    if cluster_id == 0 {
+        0
+    } else {
+        (cluster_id % CLUSTER_TAG_MAX as u64) as u32 + 1
+    }
+}
+
+/// The cluster tag of a version.
+pub fn version_tag(version: u64) -> u32 {
+    (version & CLUSTER_TAG_MAX as u64) as u32
+}
+
+/// The milliseconds of a version.
+pub fn version_ms(version: u64) -> u64 {
+    version >> VERSION_MS_SHIFT
+}
+
+/// Encodes a stored value with its expiry (0 = never) and checksum, without a version (records
+/// that never travel between clusters: remembered results, floors).
 pub fn encode_value(expire_at_ms: u64, value: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(VALUE_HEADER_BYTES + value.len());
-    out.push(VALUE_FORMAT_VERSION);
+    out.push(FORMAT_PLAIN);
     out.extend_from_slice(&expire_at_ms.to_be_bytes());
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&expire_at_ms.to_be_bytes());
@@ -84,32 +116,65 @@ pub fn encode_value(expire_at_ms: u64, value: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Encodes a user record's stored value: expiry (0 = never), version, checksum, value.
+pub fn encode_versioned(expire_at_ms: u64, version: u64, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(VERSIONED_HEADER_BYTES + value.len());
+    out.push(FORMAT_VERSIONED);
+    out.extend_from_slice(&expire_at_ms.to_be_bytes());
+    out.extend_from_slice(&version.to_be_bytes());
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&out[1..17]);
+    hasher.update(value);
+    out.extend_from_slice(&hasher.finalize().to_be_bytes());
+    out.extend_from_slice(value);
+    out
+}
+
 /// Reads only the expiry of a stored value, without verifying the checksum (compaction filter path).
 pub fn peek_expire_at_ms(stored: &[u8]) -> Option<u64> {
-    if stored.len() < VALUE_HEADER_BYTES || stored[0] != VALUE_FORMAT_VERSION {
-        return None;
+    match stored.first() {
+        Some(&FORMAT_PLAIN) if stored.len() >= VALUE_HEADER_BYTES => {}
+        Some(&FORMAT_VERSIONED) if stored.len() >= VERSIONED_HEADER_BYTES => {}
+        _ => return None,
     }
     Some(u64::from_be_bytes(stored[1..9].try_into().expect("8 bytes")))
 }
 
-/// Decodes and verifies a stored value: (expire_at_ms, user value).
-pub fn decode_value(stored: &[u8]) -> Result<(u64, &[u8]), TernError> {
-    if stored.len() < VALUE_HEADER_BYTES {
+/// A decoded, verified stored value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredValue<'a> {
+    pub expire_at_ms: u64,
+    /// 0 for format 1.
+    pub version: u64,
+    pub value: &'a [u8],
+}
+
+/// Decodes and verifies a stored value of either format.
+pub fn decode_stored(stored: &[u8]) -> Result<StoredValue<'_>, TernError> {
+    let (header, version) = match stored.first() {
+        Some(&FORMAT_PLAIN) => (VALUE_HEADER_BYTES, None),
+        Some(&FORMAT_VERSIONED) => (VERSIONED_HEADER_BYTES, Some(())),
+        Some(other) => return Err(TernError::Corruption(format!("unknown value format version {other}"))),
+        None => return Err(TernError::Corruption("stored value is empty".into())),
+    };
+    if stored.len() < header {
         return Err(TernError::Corruption(format!("stored value of {} bytes has no header", stored.len())));
     }
-    if stored[0] != VALUE_FORMAT_VERSION {
-        return Err(TernError::Corruption(format!("unknown value format version {}", stored[0])));
-    }
-    let expire = u64::from_be_bytes(stored[1..9].try_into().expect("8 bytes"));
-    let crc = u32::from_be_bytes(stored[9..13].try_into().expect("4 bytes"));
-    let value = &stored[VALUE_HEADER_BYTES..];
+    let crc = u32::from_be_bytes(stored[header - 4..header].try_into().expect("4 bytes"));
+    let value = &stored[header..];
     let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&stored[1..9]);
+    hasher.update(&stored[1..header - 4]);
     hasher.update(value);
     if hasher.finalize() != crc {
         return Err(TernError::Corruption("stored value failed its checksum".into()));
     }
-    Ok((expire, value))
+    let word = |i: usize| u64::from_be_bytes(stored[i..i + 8].try_into().expect("8 bytes"));
+    Ok(StoredValue { expire_at_ms: word(1), version: version.map_or(0, |_| word(9)), value })
+}
+
+/// Decodes and verifies a stored value: (expire_at_ms, user value).
+pub fn decode_value(stored: &[u8]) -> Result<(u64, &[u8]), TernError> {
+    decode_stored(stored).map(|s| (s.expire_at_ms, s.value))
 }
 
 /// Whether a record with this expiry is expired at `now_ms`.
@@ -193,11 +258,35 @@ mod tests {
         *bad.last_mut().unwrap() ^= 1;
         assert!(matches!(decode_value(&bad), Err(TernError::Corruption(_))));
         assert!(decode_value(&v[..5]).is_err());
+        assert_eq!(decode_stored(&v).unwrap().version, 0, "format 1 reads as version 0");
+        let versioned = encode_versioned(1234, 0xabc_def0_1234, b"hello");
+        assert_eq!(versioned.len(), VERSIONED_HEADER_BYTES + 5);
+        assert_eq!(decode_stored(&versioned).unwrap(), StoredValue { expire_at_ms: 1234, version: 0xabc_def0_1234, value: b"hello" });
+        assert_eq!(peek_expire_at_ms(&versioned), Some(1234));
+        for i in 1..versioned.len() {
+            let mut bad = versioned.clone();
+            bad[i] ^= 1;
+            assert!(matches!(decode_stored(&bad), Err(TernError::Corruption(_))), "byte {i} is covered by the checksum");
+        }
+        assert!(decode_stored(&versioned[..20]).is_err());
+        assert!(decode_stored(&[9, 0, 0]).is_err());
         assert!(is_expired(1000, 1000));
         assert!(!is_expired(0, u64::MAX));
         assert_eq!(expiry_from_ttl(5000, 2), 7000);
         assert_eq!(expiry_from_ttl(5000, 0), 0);
         assert_eq!(expiry(5000, 0, 9000), 9000);
         assert_eq!(expiry(5000, 2, 0), 7000);
+    }
+
+    /// Cluster tags fit the version's low bits and are never 0 for a known cluster.
+    #[test]
+    fn cluster_tags() {
+        assert_eq!(cluster_tag(0), 0);
+        for id in [1, 4095, 4096, u64::MAX, 0x1234_5678_9abc_def0] {
+            let tag = cluster_tag(id);
+            assert!((1..=CLUSTER_TAG_MAX).contains(&tag), "{id}: {tag}");
+        }
+        let v = (77u64 << VERSION_MS_SHIFT) | (3 << VERSION_TAG_BITS) | 9;
+        assert_eq!((version_ms(v), version_tag(v)), (77, 9));
     }
 }

@@ -112,6 +112,47 @@ pub struct TableRecord {
     /// Created for a restore that has not finished: clients refuse it.
     #[serde(default)]
     pub restoring: bool,
+    /// Cross-cluster duplications of the table (its partitions' leaders ship to each).
+    #[serde(default)]
+    pub duplications: Vec<Duplication>,
+}
+
+/// A table's writes shipped to a table of another cluster (see docs/design/duplication.md).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Duplication {
+    /// Random, never reused: a removed duplication's progress in the replicas is never mistaken
+    /// for a new one's.
+    pub id: u64,
+    pub remote_meta: Vec<String>,
+    pub remote_table: String,
+    pub remote_tag: u32,
+    pub paused: bool,
+    pub log_entries_max: u64,
+}
+
+/// Most duplications one table may have.
+pub const DUPLICATIONS_PER_TABLE_MAX: usize = 8;
+/// Change-log entries a partition keeps for a duplication by default before it falls back to a
+/// full copy.
+pub const DUP_LOG_ENTRIES_DEFAULT: u64 = 1_000_000;
+/// Bounds of the change-log entries an operator may set.
+pub const DUP_LOG_ENTRIES_MIN: u64 = 1_000;
+pub const DUP_LOG_ENTRIES_MAX: u64 = 100_000_000;
+
+impl Duplication {
+    pub fn to_proto(&self, table: &TableRecord) -> tern_proto::Duplication {
+        tern_proto::Duplication {
+            id: self.id,
+            table: table.name.clone(),
+            table_id: table.id,
+            remote_meta: self.remote_meta.clone(),
+            remote_table: self.remote_table.clone(),
+            remote_tag: self.remote_tag,
+            paused: self.paused,
+            log_entries_max: self.log_entries_max,
+            partitions: Vec::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -259,6 +300,75 @@ impl Catalog {
         Ok(format!("table {table} is restored and takes requests"))
     }
 
+    /// Adds a duplication of `table` (its id drawn by the caller). The remote side was checked by
+    /// the caller (its tag differs from this cluster's, its table has as many partitions).
+    pub fn add_duplication(&mut self, table: &str, dup: Duplication) -> Result<String, TernError> {
+        let cluster_tag = tern_core::codec::cluster_tag(self.cluster_id);
+        let t = self.tables.get_mut(table).ok_or_else(|| TernError::TableNotFound(table.to_string()))?;
+        if dup.remote_meta.is_empty() || dup.remote_meta.iter().any(|a| a.trim().is_empty()) {
+            return Err(TernError::invalid("a duplication needs the remote cluster's meta addresses"));
+        }
+        if dup.remote_meta.len() > 16 || dup.remote_meta.iter().any(|a| a.len() > 256) {
+            return Err(TernError::invalid("at most 16 remote meta addresses of at most 256 bytes each"));
+        }
+        check_table_name(&dup.remote_table)?;
+        if dup.remote_tag == 0 || dup.remote_tag > tern_core::codec::CLUSTER_TAG_MAX {
+            return Err(TernError::invalid(format!(
+                "remote cluster tag {} is out of range (1 to {})",
+                dup.remote_tag,
+                tern_core::codec::CLUSTER_TAG_MAX
+            )));
+        }
+        if dup.remote_tag == cluster_tag {
+            return Err(TernError::invalid(format!(
+                "the remote cluster has this cluster's tag {cluster_tag}: versions could not tell their writes apart (is it this cluster?)"
+            )));
+        }
+        if !(DUP_LOG_ENTRIES_MIN..=DUP_LOG_ENTRIES_MAX).contains(&dup.log_entries_max) {
+            return Err(TernError::invalid(format!(
+                "a duplication's change log holds {DUP_LOG_ENTRIES_MIN} to {DUP_LOG_ENTRIES_MAX} entries, not {}",
+                dup.log_entries_max
+            )));
+        }
+        if t.restoring {
+            return Err(TernError::invalid(format!("table {table} is being restored")));
+        }
+        if t.duplications.len() >= DUPLICATIONS_PER_TABLE_MAX {
+            return Err(TernError::invalid(format!("table {table} already has {DUPLICATIONS_PER_TABLE_MAX} duplications, the limit")));
+        }
+        if t.duplications.iter().any(|d| d.remote_table == dup.remote_table && d.remote_tag == dup.remote_tag) {
+            return Err(TernError::invalid(format!("table {table} is already duplicated to {} of that cluster", dup.remote_table)));
+        }
+        let said = format!("duplication {} of table {table} to {} at {}", dup.id, dup.remote_table, dup.remote_meta.join(","));
+        t.duplications.push(dup);
+        Ok(said)
+    }
+
+    /// Pauses, resumes or removes a duplication.
+    pub fn change_duplication(&mut self, id: u64, action: tern_proto::DuplicationAction) -> Result<String, TernError> {
+        use tern_proto::DuplicationAction as A;
+        let t = self
+            .tables
+            .values_mut()
+            .find(|t| t.duplications.iter().any(|d| d.id == id))
+            .ok_or_else(|| TernError::invalid(format!("no duplication {id}")))?;
+        let i = t.duplications.iter().position(|d| d.id == id).expect("found");
+        Ok(match action {
+            A::DupPause => {
+                t.duplications[i].paused = true;
+                format!("duplication {id} of table {} paused", t.name)
+            }
+            A::DupResume => {
+                t.duplications[i].paused = false;
+                format!("duplication {id} of table {} resumed", t.name)
+            }
+            A::DupRemove => {
+                t.duplications.remove(i);
+                format!("duplication {id} of table {} removed", t.name)
+            }
+        })
+    }
+
     /// Sets (or with None removes) a table's periodic backup policy.
     pub fn set_backup_policy(&mut self, table: &str, policy: Option<BackupPolicy>) -> Result<String, TernError> {
         let t = self.tables.get_mut(table).ok_or_else(|| TernError::TableNotFound(table.to_string()))?;
@@ -342,6 +452,7 @@ impl Catalog {
             partitions,
             backup_policy: None,
             restoring: false,
+            duplications: Vec::new(),
         };
         self.tables.insert(name.to_string(), table);
         Ok(&self.tables[name])
@@ -658,6 +769,7 @@ impl Catalog {
             dropped_tables: self.dropped_tables.clone(),
             live_tables: self.tables.values().map(|t| t.id).collect(),
             cluster_id: self.cluster_id,
+            duplications: self.tables.values().flat_map(|t| t.duplications.iter().map(|d| d.to_proto(t))).collect(),
         }
     }
 

@@ -53,6 +53,8 @@ struct NodeLiveness {
     replicas: Vec<ReplicaStatus>,
     disk_used_bytes: u64,
     requests_per_second: f64,
+    /// Duplication progress of the partitions the node leads.
+    duplication_status: Vec<tern_proto::DupPartitionStatus>,
 }
 
 struct State {
@@ -349,7 +351,10 @@ impl Keeper {
             })
             .await?;
         let now = self.now();
-        self.state.lock().liveness.insert(node_id, NodeLiveness { last_seen: now, replicas: vec![], disk_used_bytes: 0, requests_per_second: 0.0 });
+        self.state.lock().liveness.insert(
+            node_id,
+            NodeLiveness { last_seen: now, replicas: vec![], disk_used_bytes: 0, requests_per_second: 0.0, duplication_status: vec![] },
+        );
         Ok((node_id, cluster_id))
     }
 
@@ -382,12 +387,24 @@ impl Keeper {
         // A failed write while this answer was prepared leaves the catalog in memory untrustworthy.
         self.check_serving()?;
         let requests_per_second = if hb.requests_interval_ms > 0 { hb.requests as f64 * 1000.0 / hb.requests_interval_ms as f64 } else { 0.0 };
-        state
-            .liveness
-            .insert(hb.node_id, NodeLiveness { last_seen: now, replicas: hb.replicas, disk_used_bytes: hb.disk_used_bytes, requests_per_second });
+        state.liveness.insert(
+            hb.node_id,
+            NodeLiveness {
+                last_seen: now,
+                replicas: hb.replicas,
+                disk_used_bytes: hb.disk_used_bytes,
+                requests_per_second,
+                duplication_status: hb.duplication_status,
+            },
+        );
         let mut answer = state.catalog.heartbeat_answer(hb.node_id);
         answer.nodes = self.node_infos(&state);
         Ok(answer)
+    }
+
+    /// The cluster's id (0 until the first server registers).
+    pub fn cluster_id(&self) -> u64 {
+        self.state.lock().catalog.cluster_id
     }
 
     /// A copy of the catalog in memory (what this node answers from).
@@ -412,6 +429,45 @@ impl Keeper {
 
     pub fn nodes(&self) -> Vec<NodeInfo> {
         self.node_infos(&self.state.lock())
+    }
+
+    /// Duplications (of one table, or all), each with every partition's progress as its leader
+    /// last reported it (the freshest report wins when leadership moved).
+    pub fn duplications(&self, table: &str) -> Result<Vec<tern_proto::Duplication>, TernError> {
+        let state = self.state.lock();
+        let now = self.now();
+        let tables: Vec<&TableRecord> = if table.is_empty() { state.catalog.tables.values().collect() } else { vec![state.catalog.table(table)?] };
+        let mut out = Vec::new();
+        for t in tables {
+            for d in &t.duplications {
+                let mut info = d.to_proto(t);
+                for p in 0..t.partition_count {
+                    let freshest = state
+                        .liveness
+                        .iter()
+                        .flat_map(|(node, l)| {
+                            l.duplication_status.iter().filter(|s| s.dup_id == d.id && s.partition == p).map(move |s| (l.last_seen, *node, s))
+                        })
+                        .max_by_key(|(seen, _, _)| *seen);
+                    info.partitions.push(match freshest {
+                        Some((seen, node, s)) => tern_proto::DupPartitionStatus {
+                            leader_node: node,
+                            reported_ms_ago: now.saturating_sub(seen).as_millis() as u64,
+                            ..s.clone()
+                        },
+                        None => tern_proto::DupPartitionStatus {
+                            dup_id: d.id,
+                            table_id: t.id,
+                            partition: p,
+                            error: "no report from a leader yet".into(),
+                            ..Default::default()
+                        },
+                    });
+                }
+                out.push(info);
+            }
+        }
+        Ok(out)
     }
 
     /// Every partition of a table with the statuses its live replicas last reported.

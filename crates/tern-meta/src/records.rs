@@ -48,6 +48,8 @@ struct TableHeader {
     backup_policy: Option<crate::catalog::BackupPolicy>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     restoring: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    duplications: Vec<crate::catalog::Duplication>,
 }
 
 /// One record written or removed.
@@ -109,6 +111,7 @@ fn table_header(t: &TableRecord) -> Vec<u8> {
         replica_count: t.replica_count,
         backup_policy: t.backup_policy.clone(),
         restoring: t.restoring,
+        duplications: t.duplications.clone(),
     })
 }
 
@@ -284,6 +287,7 @@ pub fn decode(records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<L
             partitions: parts,
             backup_policy: t.backup_policy.clone(),
             restoring: t.restoring,
+            duplications: t.duplications,
         };
         c.tables.insert(t.name, record);
     }
@@ -343,6 +347,15 @@ mod tests {
         let policy = crate::catalog::BackupPolicy { root: "/backups".into(), interval_seconds: 3600, keep: 3, rate_mb: 0 };
         c.set_backup_policy("a", Some(policy)).unwrap();
         c.tables.get_mut("a").unwrap().restoring = true;
+        let dup = crate::catalog::Duplication {
+            id: 99,
+            remote_meta: vec!["10.0.0.1:7000".into()],
+            remote_table: "a2".into(),
+            remote_tag: 5,
+            paused: false,
+            log_entries_max: crate::catalog::DUP_LOG_ENTRIES_DEFAULT,
+        };
+        c.tables.get_mut("a").unwrap().duplications.push(dup);
         let changes = diff(&before, &c);
         assert_eq!(changes.len(), 1, "one table header: {changes:?}");
         apply(&mut store, &changes);

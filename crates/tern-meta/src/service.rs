@@ -205,7 +205,8 @@ impl Meta for MetaService {
     }
 
     async fn get_cluster_settings(&self, _: Request<ClusterSettingsRequest>) -> Result<Response<ClusterSettingsResponse>, Status> {
-        Ok(Response::new(self.settings.clone()))
+        let cluster_id = self.keeper.cluster_id();
+        Ok(Response::new(ClusterSettingsResponse { cluster_id, cluster_tag: tern_core::codec::cluster_tag(cluster_id), ..self.settings.clone() }))
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
@@ -346,6 +347,45 @@ impl Meta for MetaService {
         Ok(Response::new(admin(self.keeper.change(|c, _| c.set_backup_policy(&r.table, policy)).await)))
     }
 
+    async fn add_duplication(&self, request: Request<AddDuplicationRequest>) -> Result<Response<AddDuplicationResponse>, Status> {
+        self.keeper.check_serving().map_err(unavailable)?;
+        let r = request.into_inner();
+        let dup = crate::catalog::Duplication {
+            id: rand::random::<u64>() >> 1 | 1,
+            remote_meta: r.remote_meta,
+            remote_table: r.remote_table,
+            remote_tag: r.remote_tag,
+            paused: false,
+            log_entries_max: if r.log_entries_max == 0 { crate::catalog::DUP_LOG_ENTRIES_DEFAULT } else { r.log_entries_max },
+        };
+        let id = dup.id;
+        let added = self.keeper.change(|c, _| c.add_duplication(&r.table, dup)).await;
+        Ok(Response::new(match added {
+            Ok(said) => {
+                tracing::info!("added {said}");
+                AddDuplicationResponse { error: None, id }
+            }
+            Err(e) => AddDuplicationResponse { error: Some(e.into()), id: 0 },
+        }))
+    }
+
+    async fn change_duplication(&self, request: Request<ChangeDuplicationRequest>) -> Result<Response<AdminResponse>, Status> {
+        self.keeper.check_serving().map_err(unavailable)?;
+        let r = request.into_inner();
+        let Ok(action) = DuplicationAction::try_from(r.action) else {
+            return Ok(Response::new(admin(Err(TernError::invalid(format!("unknown duplication action {}", r.action))))));
+        };
+        Ok(Response::new(admin(self.keeper.change(|c, _| c.change_duplication(r.id, action)).await)))
+    }
+
+    async fn list_duplications(&self, request: Request<ListDuplicationsRequest>) -> Result<Response<ListDuplicationsResponse>, Status> {
+        self.keeper.check_serving().map_err(unavailable)?;
+        Ok(Response::new(match self.keeper.duplications(&request.into_inner().table) {
+            Ok(duplications) => ListDuplicationsResponse { error: None, duplications },
+            Err(e) => ListDuplicationsResponse { error: Some(e.into()), duplications: vec![] },
+        }))
+    }
+
     async fn move_replica(&self, request: Request<MoveReplicaRequest>) -> Result<Response<AdminResponse>, Status> {
         self.keeper.check_serving().map_err(unavailable)?;
         let r = request.into_inner();
@@ -445,7 +485,8 @@ impl MetaNode {
             preferred_leader_peer: 0,
         }]));
 
-        let settings = ClusterSettingsResponse { error: None, raft_tick_ms: cfg.raft_tick.as_millis() as u64, election_ticks: cfg.election_ticks };
+        let settings =
+            ClusterSettingsResponse { raft_tick_ms: cfg.raft_tick.as_millis() as u64, election_ticks: cfg.election_ticks, ..Default::default() };
         let keeper = Keeper::new(Arc::new(StoreIo { store: handle.clone(), clock: SystemClock::default() }), cfg.node_grace);
         let service = MetaService { settings, keeper: keeper.clone() };
         let mut tasks = Vec::new();

@@ -9,7 +9,10 @@ use raft::eraftpb::ConfState;
 use std::collections::HashMap;
 use tern_core::{codec, TernError};
 use tern_engine::{KvEngine, WriteBatch};
-use tern_proto::{write_request::Op, CheckAndMutate, CheckType, Mutation, RaftCommand, WriteRequest, WriteResponse};
+use tern_proto::{
+    write_request::Op, CheckAndMutate, CheckType, DupApply, DupConfirm, DupLogEntry, DupProgress, DupRecord, DupSync, Mutation, OriginProgress,
+    PartitionDupState, RaftCommand, WriteRequest, WriteResponse,
+};
 
 /// How long a deduplicated write's result is remembered (retries must finish well within it).
 pub const DEDUP_RESULT_TTL_MS: u64 = 10 * 60 * 1000;
@@ -18,6 +21,11 @@ pub const DEDUP_RESULT_TTL_MS: u64 = 10 * 60 * 1000;
 pub const STAMP_STEP_MS_MAX: u64 = 60 * 60 * 1000;
 /// Results below a client's floor are deleted once the floor crosses a multiple of this.
 pub const DEDUP_GC_CHUNK: u64 = 1024;
+/// Tombstones are kept at least this long (by the partition's clock) after the delete, whatever
+/// duplication has confirmed: a batch delayed in flight still meets the delete it lost to.
+pub const TOMBSTONE_RETAIN_MS: u64 = 10 * 60 * 1000;
+/// Tombstones collected by one entry at most (the rest go with later ones).
+const TOMBSTONES_COLLECTED_PER_ENTRY: usize = 1024;
 
 /// What the engine records about how far the state machine has got.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -29,19 +37,28 @@ pub struct ApplyState {
     /// applied at max(its stamp, this), so time as the log sees it never goes backwards, whatever
     /// the clocks of successive leaders say, and every replica computes it identically.
     pub stamp_ms: u64,
+    /// The hybrid logical clock records are versioned by (the newest version issued or received,
+    /// without its cluster tag): at least the log's clock, and past every version seen.
+    pub hlc: u64,
 }
 
-/// Bytes of the fixed part of an encoded apply state (index, term, stamp) before the conf state; a
-/// crc32 of everything before it ends the encoding.
-const APPLY_STATE_FIXED_BYTES: usize = 24;
+/// Bytes of the fixed part of an encoded apply state (format byte, index, term, stamp, hlc) before
+/// the conf state; a crc32 of everything before it ends the encoding.
+const APPLY_STATE_FIXED_BYTES: usize = 33;
+/// The first byte of the apply state's encoding with a clock. The first encoding (no format byte,
+/// no clock) starts with the applied index's high byte, which is zero.
+const APPLY_STATE_FORMAT: u8 = 0xa2;
+const APPLY_STATE_V1_FIXED_BYTES: usize = 24;
 
 impl ApplyState {
     pub(crate) fn encode(&self) -> Vec<u8> {
         use protobuf::Message as _;
-        let mut out = Vec::with_capacity(64);
+        let mut out = Vec::with_capacity(80);
+        out.push(APPLY_STATE_FORMAT);
         out.extend_from_slice(&self.applied_index.to_be_bytes());
         out.extend_from_slice(&self.applied_term.to_be_bytes());
         out.extend_from_slice(&self.stamp_ms.to_be_bytes());
+        out.extend_from_slice(&self.hlc.to_be_bytes());
         out.extend_from_slice(&self.conf_state.write_to_bytes().expect("encode conf state"));
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_be_bytes());
@@ -50,17 +67,18 @@ impl ApplyState {
 
     fn decode(bytes: &[u8]) -> Result<ApplyState, TernError> {
         use protobuf::Message as _;
-        if bytes.len() < APPLY_STATE_FIXED_BYTES + 4 {
+        let (fixed, start) = if bytes.first() == Some(&APPLY_STATE_FORMAT) { (APPLY_STATE_FIXED_BYTES, 1) } else { (APPLY_STATE_V1_FIXED_BYTES, 0) };
+        if bytes.len() < fixed + 4 {
             return Err(TernError::Corruption(format!("apply state of {} bytes", bytes.len())));
         }
         let (bytes, crc) = bytes.split_at(bytes.len() - 4);
         if crc32fast::hash(bytes).to_be_bytes() != crc {
             return Err(TernError::Corruption("apply state failed its checksum".into()));
         }
-        let conf_state = ConfState::parse_from_bytes(&bytes[APPLY_STATE_FIXED_BYTES..])
-            .map_err(|e| TernError::Corruption(format!("apply state conf state: {e}")))?;
-        let word = |i: usize| u64::from_be_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-        Ok(ApplyState { applied_index: word(0), applied_term: word(1), stamp_ms: word(2), conf_state })
+        let conf_state = ConfState::parse_from_bytes(&bytes[fixed..]).map_err(|e| TernError::Corruption(format!("apply state conf state: {e}")))?;
+        let word = |i: usize| u64::from_be_bytes(bytes[start + i * 8..start + i * 8 + 8].try_into().expect("8 bytes"));
+        let hlc = if start == 1 { word(3) } else { 0 };
+        Ok(ApplyState { applied_index: word(0), applied_term: word(1), stamp_ms: word(2), hlc, conf_state })
     }
 }
 
@@ -112,6 +130,8 @@ pub struct StateMachine {
     /// session up to date. A batch takes them and gives them back when it is written; a batch that
     /// fails takes them with it (read again later). One batch at a time.
     sessions: HashMap<u64, ClientSession>,
+    /// The partition's duplication state, as the engine holds it.
+    dup: PartitionDupState,
     /// Test-only: let compaction expire records by the node's own clock (see `PlantedBugs`).
     expiry_by_local_clock: bool,
 }
@@ -136,7 +156,11 @@ impl StateMachine {
         // letting compaction expire by it.
         engine.sync().map_err(engine_error)?;
         engine.set_expiry_horizon(state.stamp_ms);
-        Ok(StateMachine { engine, state, sessions: HashMap::new(), expiry_by_local_clock: false })
+        let dup = match engine.get(keys::DUP_STATE_KEY).map_err(engine_error)? {
+            Some(bytes) => PartitionDupState::decode(&bytes[..]).map_err(|e| TernError::Corruption(format!("duplication state: {e}")))?,
+            None => PartitionDupState::default(),
+        };
+        Ok(StateMachine { engine, state, sessions: HashMap::new(), dup, expiry_by_local_clock: false })
     }
 
     /// Plants the bug the simulator must catch: compaction drops records that expired by this node's
@@ -182,13 +206,69 @@ impl StateMachine {
         self.engine.as_ref()
     }
 
+    /// The partition's duplication state (empty when the table has no duplication).
+    pub fn dup_state(&self) -> &PartitionDupState {
+        &self.dup
+    }
+
+    /// Change-log entries after `after`, at most `max_entries` and about `max_bytes` (one entry at
+    /// least), without the records a newer write of the same key has superseded here (that write
+    /// ships too, or came from the cluster the batch goes to).
+    pub fn read_change_log(&self, after: u64, max_entries: usize, max_bytes: usize) -> Result<Vec<(u64, DupLogEntry)>, TernError> {
+        let mut entries = Vec::new();
+        let mut bytes = 0;
+        let mut failure = None;
+        let start = keys::change_log_key(after.saturating_add(1).max(self.dup.log_start));
+        self.engine
+            .scan(&start, Some(&keys::change_log_end()), &mut |k, v| {
+                if entries.len() >= max_entries || (bytes >= max_bytes && !entries.is_empty()) {
+                    return false;
+                }
+                match (keys::change_log_index(k), DupLogEntry::decode(v)) {
+                    (Some(index), Ok(entry)) => {
+                        bytes += v.len();
+                        entries.push((index, entry));
+                        true
+                    }
+                    _ => {
+                        failure = Some(TernError::Corruption(format!("undecodable change-log entry under {k:?}")));
+                        false
+                    }
+                }
+            })
+            .map_err(engine_error)?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        for (_, entry) in &mut entries {
+            let mut kept = Vec::with_capacity(entry.records.len());
+            for r in entry.records.drain(..) {
+                let key = keys::data_key(&r.hashkey, &r.sortkey);
+                if stored_version(|k| self.engine.get(k).map_err(engine_error), &key)? <= r.version {
+                    kept.push(r);
+                }
+            }
+            entry.records = kept;
+        }
+        Ok(entries)
+    }
+
     /// Starts a batch of applies; nothing is visible until `finish`.
     pub fn begin(&mut self) -> ApplyBatch {
         let mut sessions = std::mem::take(&mut self.sessions);
         if sessions.len() > SESSIONS_MAX {
             sessions = HashMap::new(); // and its memory goes
         }
-        ApplyBatch { wb: WriteBatch::default(), overlay: HashMap::new(), deleted_ranges: Vec::new(), state: self.state.clone(), sessions }
+        ApplyBatch {
+            wb: WriteBatch::default(),
+            overlay: HashMap::new(),
+            deleted_ranges: Vec::new(),
+            state: self.state.clone(),
+            sessions,
+            dup: self.dup.clone(),
+            dup_changed: false,
+            entry: EntryContext::default(),
+        }
     }
 
     /// Writes the batch and the new apply state atomically.
@@ -198,10 +278,16 @@ impl StateMachine {
             return Ok(());
         }
         debug_assert!(batch.state.stamp_ms >= self.state.stamp_ms, "the log's clock never goes backwards");
+        if batch.dup_changed {
+            batch.wb.put(keys::DUP_STATE_KEY.to_vec(), batch.dup.encode_to_vec());
+        }
         batch.wb.put(keys::APPLY_STATE_KEY.to_vec(), batch.state.encode());
         self.engine.write(batch.wb).map_err(engine_error)?;
         self.state = batch.state;
         self.sessions = batch.sessions;
+        if batch.dup_changed {
+            self.dup = batch.dup;
+        }
         Ok(())
     }
 }
@@ -217,6 +303,21 @@ pub struct ApplyBatch {
     state: ApplyState,
     /// The state machine's sessions, kept exact for the engine plus this batch (see `StateMachine`).
     sessions: HashMap<u64, ClientSession>,
+    dup: PartitionDupState,
+    dup_changed: bool,
+    /// The entry being applied.
+    entry: EntryContext,
+}
+
+/// What one entry's writes share: its index, time and cluster tag, its version (drawn from the
+/// clock at its first write), and its effects when the change log records them.
+#[derive(Default)]
+struct EntryContext {
+    index: u64,
+    now: u64,
+    tag: u32,
+    version: Option<u64>,
+    effects: Vec<DupRecord>,
 }
 
 impl ApplyBatch {
@@ -254,6 +355,281 @@ impl ApplyBatch {
         self.wb.delete_range(start, end);
     }
 
+    /// The first `limit` keys in [start, end) as the engine plus this batch hold them.
+    fn scan_keys(&self, engine: &dyn KvEngine, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Vec<u8>>, StorageFailure> {
+        let mut found = Vec::new();
+        engine
+            .scan(start, Some(end), &mut |k, _| {
+                let shadowed = self.overlay.contains_key(k) || self.deleted_ranges.iter().any(|(s, e)| s.as_slice() <= k && k < e.as_slice());
+                if !shadowed {
+                    found.push(k.to_vec());
+                }
+                found.len() < limit
+            })
+            .map_err(|e| StorageFailure(engine_error(e)))?;
+        found.extend(self.overlay.iter().filter(|(k, v)| v.is_some() && start <= k.as_slice() && k.as_slice() < end).map(|(k, _)| k.clone()));
+        found.sort();
+        found.truncate(limit);
+        Ok(found)
+    }
+
+    /// Whether the change log records this partition's writes (the table has duplications).
+    fn recording(&self) -> bool {
+        !self.dup.dups.is_empty()
+    }
+
+    /// The version of the entry's writes: drawn once per entry from the clock, which moves to the
+    /// entry's time, or one logical step past its last version when that is not behind it.
+    fn entry_version(&mut self) -> u64 {
+        if let Some(v) = self.entry.version {
+            return v;
+        }
+        let at_now = self.entry.now << codec::VERSION_MS_SHIFT;
+        // Saturating: versions are checked where they enter (no more than a day ahead of the
+        // receiving server's clock), so the clock is nowhere near its end.
+        self.state.hlc = if at_now > self.state.hlc { at_now } else { self.state.hlc.saturating_add(1 << codec::VERSION_TAG_BITS) };
+        let version = self.state.hlc | self.entry.tag as u64;
+        self.entry.version = Some(version);
+        version
+    }
+
+    /// Writes a user record of this entry (versioned, and into the change log when recording).
+    fn put_record(&mut self, hashkey: &[u8], sortkey: &[u8], expire_at_ms: u64, value: &[u8]) {
+        let version = self.entry_version();
+        self.put(keys::data_key(hashkey, sortkey), codec::encode_versioned(expire_at_ms, version, value));
+        if self.recording() {
+            self.entry.effects.push(DupRecord {
+                hashkey: hashkey.to_vec().into(),
+                sortkey: sortkey.to_vec().into(),
+                value: value.to_vec().into(),
+                expire_at_ms,
+                version,
+                delete: false,
+            });
+        }
+    }
+
+    /// Deletes a user record in this entry; while recording, it leaves a tombstone and goes into
+    /// the change log.
+    fn delete_record(&mut self, engine: &dyn KvEngine, hashkey: &[u8], sortkey: &[u8]) -> Result<(), StorageFailure> {
+        let key = keys::data_key(hashkey, sortkey);
+        self.delete(key.clone());
+        if self.recording() {
+            let version = self.entry_version();
+            self.put_tombstone(engine, &key, version)?;
+            self.entry.effects.push(DupRecord {
+                hashkey: hashkey.to_vec().into(),
+                sortkey: sortkey.to_vec().into(),
+                version,
+                delete: true,
+                ..Default::default()
+            });
+        }
+        Ok(())
+    }
+
+    /// The version of the tombstone at a data key, if any.
+    fn tombstone_version(&self, engine: &dyn KvEngine, data_key: &[u8]) -> Result<Option<u64>, StorageFailure> {
+        match self.get(engine, &keys::tombstone_key(data_key))? {
+            None => Ok(None),
+            Some(v) => {
+                let bytes: [u8; 8] =
+                    v.try_into().map_err(|v: Vec<u8>| StorageFailure(TernError::Corruption(format!("tombstone of {} bytes", v.len()))))?;
+                Ok(Some(u64::from_be_bytes(bytes)))
+            }
+        }
+    }
+
+    fn put_tombstone(&mut self, engine: &dyn KvEngine, data_key: &[u8], version: u64) -> Result<(), StorageFailure> {
+        if let Some(old) = self.tombstone_version(engine, data_key)? {
+            self.delete(keys::tombstone_by_version_key(old, data_key));
+        }
+        self.put(keys::tombstone_key(data_key), version.to_be_bytes().to_vec());
+        self.put(keys::tombstone_by_version_key(version, data_key), Vec::new());
+        Ok(())
+    }
+
+    /// The version a record at `data_key` must beat: its live value's or its tombstone's.
+    fn current_version(&self, engine: &dyn KvEngine, data_key: &[u8], now: u64) -> Result<u64, StorageFailure> {
+        let live = match self.get(engine, data_key)? {
+            None => 0,
+            Some(stored) => {
+                let s = codec::decode_stored(&stored).map_err(StorageFailure)?;
+                if codec::is_expired(s.expire_at_ms, now) {
+                    0
+                } else {
+                    s.version
+                }
+            }
+        };
+        Ok(live.max(self.tombstone_version(engine, data_key)?.unwrap_or(0)))
+    }
+
+    fn set_dup(&mut self, dup: PartitionDupState) {
+        self.dup = dup;
+        self.dup_changed = true;
+    }
+
+    /// Another cluster's records (or a restore's): each applies only if its version is newer than
+    /// what the partition holds, and none goes into the change log (duplication does not echo).
+    fn dup_apply(&mut self, engine: &dyn KvEngine, apply: &DupApply, now: u64) -> Result<WriteResponse, StorageFailure> {
+        let mut dup = self.dup.clone();
+        if apply.origin_tag != 0 {
+            let origin = match dup.origins.iter().position(|o| o.tag == apply.origin_tag) {
+                Some(i) => &mut dup.origins[i],
+                None => {
+                    dup.origins.push(OriginProgress { tag: apply.origin_tag, ..Default::default() });
+                    dup.origins.last_mut().expect("pushed")
+                }
+            };
+            if apply.origin_index != 0 {
+                if apply.origin_index <= origin.applied_index {
+                    return Ok(WriteResponse::default()); // delivered again after a lost answer
+                }
+                origin.applied_index = apply.origin_index;
+            }
+            origin.watermark = origin.watermark.max(apply.watermark);
+            self.set_dup(dup);
+        }
+        let mut applied = 0;
+        for r in &apply.records {
+            let clock = r.version & !(codec::CLUSTER_TAG_MAX as u64);
+            self.state.hlc = self.state.hlc.max(clock);
+            let key = keys::data_key(&r.hashkey, &r.sortkey);
+            if r.version <= self.current_version(engine, &key, now)? {
+                continue;
+            }
+            if r.delete {
+                self.delete(key.clone());
+                self.put_tombstone(engine, &key, r.version)?;
+            } else {
+                self.put(key, codec::encode_versioned(r.expire_at_ms, r.version, &r.value));
+            }
+            applied += 1;
+        }
+        self.collect_tombstones(engine)?;
+        Ok(WriteResponse { count: applied, ..Default::default() })
+    }
+
+    /// The table's duplications as meta has them: new ones start with a full copy (the change log
+    /// holds nothing from before them), removed ones are forgotten.
+    fn dup_sync(&mut self, engine: &dyn KvEngine, sync: &DupSync) -> Result<WriteResponse, StorageFailure> {
+        let index = self.entry.index;
+        let mut dup = self.dup.clone();
+        if dup.dups.is_empty() {
+            dup.log_start = index + 1; // recording starts after this entry
+        }
+        dup.dups.retain(|d| sync.dup_ids.contains(&d.dup_id));
+        for &id in &sync.dup_ids {
+            if !dup.dups.iter().any(|d| d.dup_id == id) {
+                dup.dups.push(DupProgress { dup_id: id, confirmed_index: index, confirmed_version: 0, full_copy: true, full_copy_since: index });
+            }
+        }
+        dup.dups.sort_by_key(|d| d.dup_id);
+        dup.log_entries_max = sync.log_entries_max;
+        self.set_dup(dup);
+        self.collect_change_log();
+        self.collect_tombstones(engine)?;
+        Ok(WriteResponse::default())
+    }
+
+    /// A duplication delivered the change log up to an index (or a full copy as of it). Stale
+    /// confirmations (a full copy that began before the duplication last fell behind) change nothing.
+    fn dup_confirm(&mut self, engine: &dyn KvEngine, confirm: &DupConfirm) -> Result<WriteResponse, StorageFailure> {
+        let mut dup = self.dup.clone();
+        let Some(d) = dup.dups.iter_mut().find(|d| d.dup_id == confirm.dup_id) else {
+            return Ok(WriteResponse::default());
+        };
+        if confirm.index >= self.entry.index {
+            return Ok(error_response(TernError::invalid(format!("confirmation of entry {} from entry {}", confirm.index, self.entry.index))));
+        }
+        if confirm.full_copy_done {
+            if !d.full_copy || confirm.index < d.full_copy_since {
+                return Ok(WriteResponse::default());
+            }
+            d.full_copy = false;
+        } else if d.full_copy {
+            return Ok(WriteResponse::default());
+        }
+        d.confirmed_index = d.confirmed_index.max(confirm.index);
+        d.confirmed_version = d.confirmed_version.max(confirm.version);
+        self.set_dup(dup);
+        self.collect_change_log();
+        self.collect_tombstones(engine)?;
+        Ok(WriteResponse { set_done: true, ..Default::default() })
+    }
+
+    /// Records this entry's effects in the change log; a duplication left further behind than the
+    /// log may hold switches to a full copy, and the log lets go of what it no longer needs.
+    fn record_effects(&mut self) {
+        let effects = std::mem::take(&mut self.entry.effects);
+        if effects.is_empty() || !self.recording() {
+            return;
+        }
+        let index = self.entry.index;
+        self.put(keys::change_log_key(index), DupLogEntry { records: effects, hlc: self.state.hlc }.encode_to_vec());
+        // Behind by more than the log may hold: from a delivered position, or from where a full
+        // copy it still waits for begins (one that never finishes, a remote down for days, must
+        // not hold the log either; a copy under way from before `full_copy_since` no longer counts).
+        let max = self.dup.log_entries_max;
+        let behind = |d: &DupProgress| index - if d.full_copy { d.full_copy_since } else { d.confirmed_index } > max;
+        if max > 0 && self.dup.dups.iter().any(behind) {
+            let mut dup = self.dup.clone();
+            for d in dup.dups.iter_mut().filter(|d| behind(d)) {
+                d.full_copy = true;
+                d.full_copy_since = index;
+            }
+            self.set_dup(dup);
+            self.collect_change_log();
+        }
+    }
+
+    /// Removes change-log entries every duplication is past (delivered, or covered by the full copy
+    /// it waits for).
+    fn collect_change_log(&mut self) {
+        let keep_from = self.dup.dups.iter().map(|d| if d.full_copy { d.full_copy_since } else { d.confirmed_index } + 1).min();
+        let start = self.dup.log_start;
+        let end = keep_from.unwrap_or(u64::MAX); // no duplication: nothing is kept
+        if end > start {
+            let to = if end == u64::MAX { keys::change_log_end() } else { keys::change_log_key(end) };
+            self.delete_range(keys::change_log_key(start), to);
+            let mut dup = self.dup.clone();
+            dup.log_start = end;
+            self.set_dup(dup);
+        }
+    }
+
+    /// Removes tombstones no duplication needs: delivered by every duplication of this partition,
+    /// older than what every cluster that duplicates into it has delivered, and older than
+    /// TOMBSTONE_RETAIN_MS by the partition's clock. At most TOMBSTONES_COLLECTED_PER_ENTRY.
+    fn collect_tombstones(&mut self, engine: &dyn KvEngine) -> Result<(), StorageFailure> {
+        let clock_ms = codec::version_ms(self.state.hlc).max(self.state.stamp_ms);
+        let retained = clock_ms.saturating_sub(TOMBSTONE_RETAIN_MS) << codec::VERSION_MS_SHIFT;
+        let horizon = self
+            .dup
+            .dups
+            .iter()
+            .map(|d| d.confirmed_version)
+            .chain(self.dup.origins.iter().map(|o| o.watermark))
+            .chain([retained])
+            .min()
+            .expect("one at least");
+        if horizon == 0 {
+            return Ok(());
+        }
+        let (start, end) = keys::tombstones_below(horizon);
+        for k in self.scan_keys(engine, &start, &end, TOMBSTONES_COLLECTED_PER_ENTRY)? {
+            let Some((version, data_key)) = keys::parse_tombstone_by_version(&k) else {
+                return Err(StorageFailure(TernError::Corruption("malformed tombstone index key".into())));
+            };
+            self.delete(k);
+            if self.tombstone_version(engine, &data_key)? == Some(version) {
+                self.delete(keys::tombstone_key(&data_key));
+            }
+        }
+        Ok(())
+    }
+
     /// The live (unexpired, checksum-verified) record at `key`: (expire_at_ms, value).
     fn live_record(&self, engine: &dyn KvEngine, key: &[u8], now_ms: u64) -> Result<Option<(u64, Vec<u8>)>, StorageFailure> {
         let Some(stored) = self.get(engine, key)? else { return Ok(None) };
@@ -267,14 +643,21 @@ impl ApplyBatch {
     /// Applies one committed command and returns the client's answer. Errors that come from the
     /// request (wrong type, overflow) are answers: deterministic, no state change. A storage failure
     /// is not: the caller must stop the replica.
-    pub fn apply_command(&mut self, engine: &dyn KvEngine, data: &[u8]) -> Result<WriteResponse, StorageFailure> {
+    pub fn apply_command(&mut self, engine: &dyn KvEngine, index: u64, data: &[u8]) -> Result<WriteResponse, StorageFailure> {
         let command = RaftCommand::decode(data).map_err(|e| StorageFailure(TernError::Corruption(format!("undecodable raft command: {e}"))))?;
+        let response = self.apply_decoded(engine, index, command)?;
+        self.record_effects();
+        Ok(response)
+    }
+
+    fn apply_decoded(&mut self, engine: &dyn KvEngine, index: u64, command: RaftCommand) -> Result<WriteResponse, StorageFailure> {
         // The log's clock: never behind an entry applied before (a new leader's clock may be), and
         // never more than STAMP_STEP_MS_MAX ahead of it in one entry (a leader whose clock runs far
         // ahead would otherwise expire every TTL'd record and remembered result at once, for good).
         let previous = self.state.stamp_ms;
         let now = if previous == 0 { command.now_unix_ms } else { command.now_unix_ms.clamp(previous, previous + STAMP_STEP_MS_MAX) };
         self.state.stamp_ms = now;
+        self.entry = EntryContext { index, now, tag: command.cluster_tag & codec::CLUSTER_TAG_MAX, ..Default::default() };
         let Some(write) = command.write else {
             return Ok(error_response(TernError::invalid("raft command without a write")));
         };
@@ -370,11 +753,10 @@ impl ApplyBatch {
         }
         if passed {
             for m in &cam.mutations {
-                let key = keys::data_key(&cam.hashkey, &m.sortkey);
                 if m.delete {
-                    self.delete(key);
+                    self.delete_record(engine, &cam.hashkey, &m.sortkey)?;
                 } else {
-                    self.put(key, codec::encode_value(codec::expiry(now, m.ttl_seconds, m.expire_at_ms), &m.value));
+                    self.put_record(&cam.hashkey, &m.sortkey, codec::expiry(now, m.ttl_seconds, m.expire_at_ms), &m.value);
                 }
             }
         }
@@ -388,8 +770,7 @@ impl ApplyBatch {
             None => return Ok(error_response(TernError::invalid("write request without an operation"))),
             Some(Op::Set(set)) => {
                 for v in &set.values {
-                    let expire = codec::expiry(now, v.ttl_seconds, v.expire_at_ms);
-                    self.put(keys::data_key(&set.hashkey, &v.sortkey), codec::encode_value(expire, &v.value));
+                    self.put_record(&set.hashkey, &v.sortkey, codec::expiry(now, v.ttl_seconds, v.expire_at_ms), &v.value);
                 }
             }
             Some(Op::Del(del)) => {
@@ -398,7 +779,7 @@ impl ApplyBatch {
                     if self.live_record(engine, &key, now)?.is_some() {
                         response.count += 1;
                     }
-                    self.delete(key);
+                    self.delete_record(engine, &del.hashkey, sortkey)?;
                 }
             }
             Some(Op::Incr(incr)) => {
@@ -414,7 +795,7 @@ impl ApplyBatch {
                     return Ok(error_response(TernError::invalid(format!("incr of {old} by {} overflows a signed 64-bit integer", incr.delta))));
                 };
                 let expire = if incr.ttl_seconds > 0 { codec::expiry_from_ttl(now, incr.ttl_seconds) } else { old_expire };
-                self.put(key, codec::encode_value(expire, new.to_string().as_bytes()));
+                self.put_record(&incr.hashkey, &incr.sortkey, expire, new.to_string().as_bytes());
                 response.new_value = new;
             }
             Some(Op::CheckAndSet(cas)) => {
@@ -435,9 +816,25 @@ impl ApplyBatch {
                 return self.check_and_mutate(engine, &cam, now);
             }
             Some(Op::CheckAndMutate(cam)) => return self.check_and_mutate(engine, cam, now),
+            Some(Op::DupApply(apply)) => return self.dup_apply(engine, apply, now),
+            Some(Op::DupSync(sync)) => return self.dup_sync(engine, sync),
+            Some(Op::DupConfirm(confirm)) => return self.dup_confirm(engine, confirm),
         }
         Ok(response)
     }
+}
+
+/// The highest version stored for a data key, expired or not: its value's or its tombstone's.
+fn stored_version(get: impl Fn(&[u8]) -> Result<Option<Vec<u8>>, TernError>, data_key: &[u8]) -> Result<u64, TernError> {
+    let value = match get(data_key)? {
+        Some(stored) => codec::decode_stored(&stored)?.version,
+        None => 0,
+    };
+    let tombstone = match get(&keys::tombstone_key(data_key))? {
+        Some(v) => u64::from_be_bytes(v.try_into().map_err(|v: Vec<u8>| TernError::Corruption(format!("tombstone of {} bytes", v.len())))?),
+        None => 0,
+    };
+    Ok(value.max(tombstone))
 }
 
 /// Integers are stored as decimal text (like Redis and Pegasus), so `get` shows them readably.
@@ -462,8 +859,12 @@ mod tests {
     use tern_proto::{Incr, MultiDel, MultiSet, SortkeyValue};
 
     fn command(now: u64, client_id: u64, seq: u64, op: Op) -> Vec<u8> {
-        RaftCommand { now_unix_ms: now, write: Some(WriteRequest { client_id, seq, first_incomplete_seq: seq, op: Some(op), ..Default::default() }) }
-            .encode_to_vec()
+        RaftCommand {
+            now_unix_ms: now,
+            write: Some(WriteRequest { client_id, seq, first_incomplete_seq: seq, op: Some(op), ..Default::default() }),
+            cluster_tag: 1,
+        }
+        .encode_to_vec()
     }
 
     fn set(hk: &str, sk: &str, v: &str, ttl: u32) -> Op {
@@ -484,7 +885,7 @@ mod tests {
 
     fn apply(sm: &mut StateMachine, index: u64, data: Vec<u8>) -> WriteResponse {
         let mut batch = sm.begin();
-        let r = batch.apply_command(sm.engine(), &data).unwrap();
+        let r = batch.apply_command(sm.engine(), index, &data).unwrap();
         batch.set_applied(index, 1);
         sm.finish(batch).unwrap();
         r
@@ -532,7 +933,7 @@ mod tests {
         // Begun, written, bounded and retried within one batch: the bound counts the batch's write.
         let mut batch = sm.begin();
         let in_batch =
-            |batch: &mut ApplyBatch, sm: &StateMachine, seq| batch.apply_command(sm.engine(), &command(1000, 5, seq, incr(1))).unwrap().new_value;
+            |batch: &mut ApplyBatch, sm: &StateMachine, seq| batch.apply_command(sm.engine(), 0, &command(1000, 5, seq, incr(1))).unwrap().new_value;
         let first = in_batch(&mut batch, &sm, 3);
         assert_eq!(in_batch(&mut batch, &sm, 2), first + 1, "a lower new seq applies");
         assert_eq!(in_batch(&mut batch, &sm, 3), first, "a retry of the batch's write is answered");
@@ -543,7 +944,7 @@ mod tests {
         let clients = SESSIONS_MAX as u64 + 2;
         let mut batch = sm.begin();
         for c in 0..clients {
-            batch.apply_command(sm.engine(), &command(1000, 100 + c, 1, incr(1))).unwrap();
+            batch.apply_command(sm.engine(), 0, &command(1000, 100 + c, 1, incr(1))).unwrap();
         }
         batch.set_applied(10, 1);
         sm.finish(batch).unwrap();
@@ -647,8 +1048,8 @@ mod tests {
     fn batch_reads_its_own_writes() {
         let mut sm = open();
         let mut batch = sm.begin();
-        batch.apply_command(sm.engine(), &command(1000, 0, 0, incr(2))).unwrap();
-        let r = batch.apply_command(sm.engine(), &command(1000, 0, 0, incr(3))).unwrap();
+        batch.apply_command(sm.engine(), 0, &command(1000, 0, 0, incr(2))).unwrap();
+        let r = batch.apply_command(sm.engine(), 0, &command(1000, 0, 0, incr(3))).unwrap();
         assert_eq!(r.new_value, 5);
         batch.set_applied(1, 1);
         sm.finish(batch).unwrap();
@@ -707,9 +1108,9 @@ mod tests {
         wb.put(keys::data_key(b"h", b"n"), stored);
         sm.engine().write(wb).unwrap();
         let mut batch = sm.begin();
-        let r = batch.apply_command(sm.engine(), &command(1000, 0, 0, incr(1)));
+        let r = batch.apply_command(sm.engine(), 0, &command(1000, 0, 0, incr(1)));
         assert!(matches!(r, Err(StorageFailure(TernError::Corruption(_)))), "{r:?}");
-        let r = batch.apply_command(sm.engine(), &[0x12, 0x05, 0x01]); // a field cut short
+        let r = batch.apply_command(sm.engine(), 0, &[0x12, 0x05, 0x01]); // a field cut short
         assert!(matches!(r, Err(StorageFailure(TernError::Corruption(_)))), "{r:?}");
     }
 
@@ -737,8 +1138,8 @@ mod tests {
             let late = command(1000, 7, 1, incr(1));
             if one_batch {
                 let mut batch = sm.begin();
-                batch.apply_command(sm.engine(), &moves_floor).unwrap();
-                let r = batch.apply_command(sm.engine(), &late).unwrap();
+                batch.apply_command(sm.engine(), 0, &moves_floor).unwrap();
+                let r = batch.apply_command(sm.engine(), 0, &late).unwrap();
                 batch.set_applied(2, 1);
                 sm.finish(batch).unwrap();
                 r
@@ -756,11 +1157,172 @@ mod tests {
     fn apply_state_round_trip() {
         let mut cs = ConfState::default();
         cs.voters = vec![1, 2, 3];
-        let s = ApplyState { applied_index: 9, applied_term: 4, conf_state: cs, stamp_ms: 77 };
+        let s = ApplyState { applied_index: 9, applied_term: 4, conf_state: cs, stamp_ms: 77, hlc: 88 << 20 };
         assert_eq!(ApplyState::decode(&s.encode()).unwrap(), s);
         assert!(ApplyState::decode(&[1, 2]).is_err());
         let mut damaged = s.encode();
         damaged[20] ^= 1;
         assert!(ApplyState::decode(&damaged).is_err(), "a flipped bit is caught by the checksum");
+        // The first encoding (no format byte, no clock) still reads, with the clock at zero.
+        let mut v1 = Vec::new();
+        for w in [s.applied_index, s.applied_term, s.stamp_ms] {
+            v1.extend_from_slice(&w.to_be_bytes());
+        }
+        v1.extend_from_slice(&protobuf::Message::write_to_bytes(&s.conf_state).unwrap());
+        v1.extend_from_slice(&crc32fast::hash(&v1).to_be_bytes());
+        assert_eq!(ApplyState::decode(&v1).unwrap(), ApplyState { hlc: 0, ..s });
+    }
+
+    fn stored(sm: &StateMachine, hk: &str, sk: &str) -> Option<(u64, Vec<u8>)> {
+        let v = sm.engine().get(&keys::data_key(hk.as_bytes(), sk.as_bytes())).unwrap()?;
+        let s = codec::decode_stored(&v).unwrap();
+        Some((s.version, s.value.to_vec()))
+    }
+
+    fn dup_record(hk: &str, sk: &str, value: Option<&str>, version: u64) -> DupRecord {
+        DupRecord {
+            hashkey: hk.as_bytes().to_vec().into(),
+            sortkey: sk.as_bytes().to_vec().into(),
+            value: value.unwrap_or_default().as_bytes().to_vec().into(),
+            expire_at_ms: 0,
+            version,
+            delete: value.is_none(),
+        }
+    }
+
+    fn dup_apply(origin_index: u64, records: Vec<DupRecord>, watermark: u64) -> Op {
+        Op::DupApply(DupApply { origin_tag: 2, origin_index, records, watermark })
+    }
+
+    fn version(ms: u64, logical: u64, tag: u64) -> u64 {
+        (ms << codec::VERSION_MS_SHIFT) | (logical << codec::VERSION_TAG_BITS) | tag
+    }
+
+    fn change_log(sm: &StateMachine) -> Vec<(u64, DupLogEntry)> {
+        let mut out = Vec::new();
+        sm.engine()
+            .scan(&keys::change_log_key(0), Some(&keys::change_log_end()), &mut |k, v| {
+                out.push((keys::change_log_index(k).unwrap(), DupLogEntry::decode(v).unwrap()));
+                true
+            })
+            .unwrap();
+        out
+    }
+
+    /// Every write carries a version from the partition's hybrid logical clock: the entry's time,
+    /// one logical step per entry within a millisecond, the leader's cluster tag, and past every
+    /// version received from another cluster.
+    #[test]
+    fn versions_follow_the_hybrid_logical_clock() {
+        let mut sm = open();
+        apply(&mut sm, 1, command(1000, 0, 0, set("h", "a", "1", 0)));
+        apply(&mut sm, 2, command(1000, 0, 0, set("h", "b", "1", 0)));
+        apply(&mut sm, 3, command(900, 0, 0, incr(1)));
+        assert_eq!(stored(&sm, "h", "a").unwrap().0, version(1000, 0, 1));
+        assert_eq!(stored(&sm, "h", "b").unwrap().0, version(1000, 1, 1), "a logical step within one millisecond");
+        assert_eq!(stored(&sm, "h", "n").unwrap().0, version(1000, 2, 1), "a stamp behind the clock still moves it forward");
+        apply(&mut sm, 4, command(1001, 0, 0, dup_apply(0, vec![dup_record("h", "r", Some("x"), version(5000, 7, 2))], 0)));
+        apply(&mut sm, 5, command(1002, 0, 0, set("h", "c", "1", 0)));
+        assert_eq!(stored(&sm, "h", "c").unwrap().0, version(5000, 8, 1), "past the version received");
+    }
+
+    /// Duplicated records apply only if newer than what is stored (a live value or a tombstone),
+    /// ties going to the higher cluster tag, and a redelivered batch changes nothing.
+    #[test]
+    fn duplicated_records_last_writer_wins() {
+        let mut sm = open();
+        apply(&mut sm, 1, command(2000, 0, 0, set("h", "a", "local", 0)));
+        let local = stored(&sm, "h", "a").unwrap().0;
+        let r = apply(&mut sm, 2, command(2001, 0, 0, dup_apply(1, vec![dup_record("h", "a", Some("older"), version(1999, 0, 2))], 0)));
+        assert_eq!((r.count, stored(&sm, "h", "a").unwrap().1), (0, b"local".to_vec()), "older loses");
+        let tie = local - 1 + 2; // same time, higher tag
+        apply(&mut sm, 3, command(2001, 0, 0, dup_apply(2, vec![dup_record("h", "a", Some("tie"), tie)], 0)));
+        assert_eq!(stored(&sm, "h", "a").unwrap(), (tie, b"tie".to_vec()), "a tie goes to the higher tag");
+        apply(&mut sm, 4, command(2001, 0, 0, dup_apply(3, vec![dup_record("h", "a", None, version(3000, 0, 2))], 0)));
+        assert_eq!(stored(&sm, "h", "a"), None, "a newer delete removes it");
+        let r = apply(&mut sm, 5, command(2001, 0, 0, dup_apply(4, vec![dup_record("h", "a", Some("between"), version(2500, 0, 2))], 0)));
+        assert_eq!((r.count, stored(&sm, "h", "a")), (0, None), "its tombstone beats an older write");
+        let r = apply(&mut sm, 6, command(2001, 0, 0, dup_apply(4, vec![dup_record("h", "z", Some("again"), version(9000, 0, 2))], 0)));
+        assert_eq!((r.count, stored(&sm, "h", "z")), (0, None), "a batch at or below the last applied from its origin is skipped");
+        assert_eq!(sm.dup_state().origins, vec![OriginProgress { tag: 2, applied_index: 4, watermark: 0 }]);
+        assert!(change_log(&sm).is_empty(), "nothing is recorded without duplications");
+    }
+
+    /// With duplications, every write's effects (incr as its result, deletes as tombstones) go into
+    /// the change log and duplicated records do not; confirmations collect the log, and a
+    /// duplication further behind than the log holds switches to a full copy.
+    #[test]
+    fn change_log_records_effects_until_confirmed() {
+        let mut sm = open();
+        apply(&mut sm, 1, command(1000, 0, 0, set("h", "before", "x", 0)));
+        let sync = |ids: Vec<u64>| Op::DupSync(DupSync { dup_ids: ids, log_entries_max: 5 });
+        apply(&mut sm, 2, command(1000, 0, 0, sync(vec![7])));
+        let d = &sm.dup_state().dups[0];
+        assert!(d.full_copy && d.full_copy_since == 2 && d.confirmed_index == 2, "a new duplication starts with a full copy: {d:?}");
+        apply(&mut sm, 3, command(1000, 0, 0, incr(5)));
+        apply(&mut sm, 4, command(1000, 0, 0, Op::Del(MultiDel { hashkey: "h".into(), sortkeys: vec!["before".into()] })));
+        apply(&mut sm, 5, command(1000, 0, 0, dup_apply(1, vec![dup_record("h", "remote", Some("r"), version(900, 0, 2))], 0)));
+        let log = change_log(&sm);
+        assert_eq!(log.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![3, 4], "duplicated records are not recorded");
+        assert_eq!(log[0].1.records[0].value, b"5".to_vec(), "incr travels as its result");
+        assert!(log[1].1.records[0].delete);
+        let tombstone = log[1].1.records[0].version;
+        assert!(sm.engine().get(&keys::tombstone_key(&keys::data_key(b"h", b"before"))).unwrap().is_some());
+
+        let confirm = |index, full_copy_done| Op::DupConfirm(DupConfirm { dup_id: 7, index, version: 0, full_copy_done });
+        apply(&mut sm, 6, command(1000, 0, 0, confirm(4, false)));
+        assert!(sm.dup_state().dups[0].full_copy, "a change-log confirmation does not end a full copy");
+        apply(&mut sm, 7, command(1000, 0, 0, confirm(1, true)));
+        assert!(sm.dup_state().dups[0].full_copy, "a full copy from before the duplication began does not count");
+        apply(&mut sm, 8, command(1000, 0, 0, confirm(3, true)));
+        assert_eq!(sm.dup_state().dups[0].confirmed_index, 3);
+        assert_eq!(change_log(&sm).iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![4], "entries up to the copy are collected");
+        let r = apply(&mut sm, 9, command(1000, 0, 0, Op::DupConfirm(DupConfirm { dup_id: 7, index: 4, version: tombstone, full_copy_done: false })));
+        assert!(r.set_done);
+        assert!(change_log(&sm).is_empty());
+
+        for i in 10..20 {
+            apply(&mut sm, i, command(1000, 0, 0, incr(1)));
+        }
+        let d = &sm.dup_state().dups[0];
+        // More than 5 entries past its confirmed 4 at entry 10: a full copy from 10 on; more than 5
+        // past that at 16, with no copy delivered: from 16 on (a copy never delivered does not hold
+        // the log either).
+        assert!(d.full_copy && d.full_copy_since == 16, "{d:?}");
+        assert_eq!(change_log(&sm).first().map(|(i, _)| *i), Some(17), "the log no longer holds what the copy covers");
+        apply(&mut sm, 20, command(1000, 0, 0, sync(vec![])));
+        assert!(change_log(&sm).is_empty() && sm.dup_state().dups.is_empty(), "no duplication: no change log");
+        apply(&mut sm, 21, command(1000, 0, 0, incr(1)));
+        assert!(change_log(&sm).is_empty());
+    }
+
+    /// Tombstones go once every duplication has delivered them, every origin has delivered its
+    /// writes up to them, and TOMBSTONE_RETAIN_MS has passed, never earlier; replicas agree on it.
+    #[test]
+    fn tombstones_are_collected_by_the_log() {
+        let mut sm = open();
+        apply(&mut sm, 1, command(1000, 0, 0, Op::DupSync(DupSync { dup_ids: vec![7], log_entries_max: 0 })));
+        apply(&mut sm, 2, command(1000, 0, 0, set("h", "a", "x", 0)));
+        apply(&mut sm, 3, command(1000, 0, 0, Op::Del(MultiDel { hashkey: "h".into(), sortkeys: vec!["a".into()] })));
+        let tombstone_key = keys::tombstone_key(&keys::data_key(b"h", b"a"));
+        let tombstone = u64::from_be_bytes(sm.engine().get(&tombstone_key).unwrap().unwrap().try_into().unwrap());
+        apply(&mut sm, 4, command(1000, 0, 0, Op::DupConfirm(DupConfirm { dup_id: 7, index: 3, version: tombstone, full_copy_done: true })));
+        apply(&mut sm, 5, command(1000, 0, 0, dup_apply(1, vec![], tombstone)));
+        let later = 1000 + TOMBSTONE_RETAIN_MS;
+        apply(&mut sm, 6, command(later, 0, 0, dup_apply(2, vec![], tombstone + 1)));
+        assert!(sm.engine().get(&tombstone_key).unwrap().is_some(), "its version must be below the horizon, which it equals");
+        apply(&mut sm, 7, command(later, 0, 0, Op::DupConfirm(DupConfirm { dup_id: 7, index: 6, version: tombstone + 1, full_copy_done: false })));
+        assert!(sm.engine().get(&tombstone_key).unwrap().is_some(), "kept for TOMBSTONE_RETAIN_MS");
+        apply(&mut sm, 8, command(later + 1, 0, 0, dup_apply(3, vec![], tombstone + 1)));
+        assert!(sm.engine().get(&tombstone_key).unwrap().is_none(), "delivered both ways and old enough: collected");
+        let (start, end) = keys::tombstones_below(u64::MAX);
+        let mut left = 0;
+        sm.engine()
+            .scan(&start, Some(&end), &mut |_, _| {
+                left += 1;
+                true
+            })
+            .unwrap();
+        assert_eq!(left, 0, "and its entry in version order");
     }
 }

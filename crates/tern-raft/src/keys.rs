@@ -5,7 +5,15 @@
 //! - `0x00 'd' ++ client_id (u64 BE) ++ seq (u64 BE)`: remembered results of deduplicated writes
 //!   (value: codec value header with an expiry + encoded WriteResponse);
 //! - `0x00 'f' ++ client_id (u64 BE)`: the client's floor (see `dedup_floor_key`), apart from the
-//!   results so that every sequence number, u64::MAX included, has a result key of its own.
+//!   results so that every sequence number, u64::MAX included, has a result key of its own;
+//! - `0x00 'c' ++ index (u64 BE)`: the change log, a write's effects kept for duplication
+//!   (value: `DupLogEntry`);
+//! - `0x00 't' ++ codec::encode_key(hashkey, sortkey)`: a tombstone, the version of a delete kept
+//!   for duplication (value: u64 BE), and `0x00 'v' ++ version (u64 BE) ++ the same storage key`:
+//!   the tombstones in version order, for their collection;
+//! - `0x00 'u'`: the partition's duplication state (value: `PartitionDupState`).
+//!
+//! Everything from `0x00 'b'` on is replicated state, identical on every replica (the checksum).
 
 use tern_core::codec;
 
@@ -13,6 +21,72 @@ pub const DATA_PREFIX: u8 = 0x01;
 pub const APPLY_STATE_KEY: &[u8] = &[0x00, b'a'];
 const DEDUP_PREFIX: &[u8] = &[0x00, b'd'];
 const DEDUP_FLOOR_PREFIX: &[u8] = &[0x00, b'f'];
+const CHANGE_LOG_PREFIX: &[u8] = &[0x00, b'c'];
+const TOMBSTONE_PREFIX: &[u8] = &[0x00, b't'];
+const TOMBSTONE_BY_VERSION_PREFIX: &[u8] = &[0x00, b'v'];
+pub const DUP_STATE_KEY: &[u8] = &[0x00, b'u'];
+
+pub fn change_log_key(index: u64) -> Vec<u8> {
+    let mut key = CHANGE_LOG_PREFIX.to_vec();
+    key.extend_from_slice(&index.to_be_bytes());
+    key
+}
+
+/// The index of a change-log key.
+pub fn change_log_index(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.strip_prefix(CHANGE_LOG_PREFIX)?.try_into().ok()?))
+}
+
+/// The end of the change log's key range.
+pub fn change_log_end() -> Vec<u8> {
+    vec![CHANGE_LOG_PREFIX[0], CHANGE_LOG_PREFIX[1] + 1]
+}
+
+/// A data key's tombstone key.
+pub fn tombstone_key(data_key: &[u8]) -> Vec<u8> {
+    debug_assert_eq!(data_key.first(), Some(&DATA_PREFIX));
+    let mut key = TOMBSTONE_PREFIX.to_vec();
+    key.extend_from_slice(&data_key[1..]);
+    key
+}
+
+/// The data key a tombstone key stands for.
+pub fn data_key_of_tombstone(key: &[u8]) -> Option<Vec<u8>> {
+    let rest = key.strip_prefix(TOMBSTONE_PREFIX)?;
+    let mut data = Vec::with_capacity(rest.len() + 1);
+    data.push(DATA_PREFIX);
+    data.extend_from_slice(rest);
+    Some(data)
+}
+
+/// Every tombstone key: [start, end).
+pub fn tombstone_range() -> (Vec<u8>, Vec<u8>) {
+    (TOMBSTONE_PREFIX.to_vec(), vec![TOMBSTONE_PREFIX[0], TOMBSTONE_PREFIX[1] + 1])
+}
+
+/// A tombstone's entry in version order.
+pub fn tombstone_by_version_key(version: u64, data_key: &[u8]) -> Vec<u8> {
+    let mut key = TOMBSTONE_BY_VERSION_PREFIX.to_vec();
+    key.extend_from_slice(&version.to_be_bytes());
+    key.extend_from_slice(&data_key[1..]);
+    key
+}
+
+/// (version, data key) of a tombstone's version-order entry.
+pub fn parse_tombstone_by_version(key: &[u8]) -> Option<(u64, Vec<u8>)> {
+    let rest = key.strip_prefix(TOMBSTONE_BY_VERSION_PREFIX)?;
+    let version = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    let mut data = vec![DATA_PREFIX];
+    data.extend_from_slice(&rest[8..]);
+    Some((version, data))
+}
+
+/// Version-order tombstone entries below `version`: [start, end).
+pub fn tombstones_below(version: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut end = TOMBSTONE_BY_VERSION_PREFIX.to_vec();
+    end.extend_from_slice(&version.to_be_bytes());
+    (TOMBSTONE_BY_VERSION_PREFIX.to_vec(), end)
+}
 
 pub fn data_key(hashkey: &[u8], sortkey: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(3 + hashkey.len() + sortkey.len());
@@ -101,6 +175,17 @@ mod tests {
             assert!(dedup_floor_key(client) >= end || dedup_floor_key(client) < start);
         }
         assert!(dedup_key(8, 0) >= dedup_range(7).1);
+        let data = data_key(b"h", b"s");
+        assert_eq!(data_key_of_tombstone(&tombstone_key(&data)), Some(data.clone()));
+        assert_eq!(parse_tombstone_by_version(&tombstone_by_version_key(7, &data)), Some((7, data.clone())));
+        let (start, end) = tombstones_below(8);
+        assert!(start <= tombstone_by_version_key(7, &data) && tombstone_by_version_key(7, &data) < end);
+        assert!(tombstone_by_version_key(8, &data) >= end);
+        assert_eq!(change_log_index(&change_log_key(42)), Some(42));
+        assert!(change_log_key(u64::MAX) < change_log_end());
+        for key in [change_log_key(1), tombstone_key(&data), tombstone_by_version_key(1, &data), DUP_STATE_KEY.to_vec()] {
+            assert!(key.as_slice() > [0x00, b'b'].as_slice() && key < data, "replicated state, inside the checksum");
+        }
         assert_eq!(dedup_seq(&data_key(b"h", b"s")), None);
     }
 }

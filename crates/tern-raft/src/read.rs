@@ -150,36 +150,61 @@ fn try_scan(
 /// A checksum of the replicated contents (records and remembered results, not the apply state), with
 /// records expired at `now_ms` left out so that compaction timing does not matter.
 pub fn checksum(engine: &dyn KvEngine, now_ms: u64) -> Result<(u64, u64), TernError> {
-    checksum_from(engine, &[0x00, b'b'], now_ms)
-}
-
-/// The same checksum over user records only (what a backup restores: a replica restored from it,
-/// written by nobody else, has exactly these records and no remembered results).
-pub fn data_checksum(engine: &dyn KvEngine, now_ms: u64) -> Result<(u64, u64), TernError> {
-    checksum_from(engine, &[keys::DATA_PREFIX], now_ms)
-}
-
-fn checksum_from(engine: &dyn KvEngine, start: &[u8], now_ms: u64) -> Result<(u64, u64), TernError> {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut count = 0;
-    let mut mix = |bytes: &[u8]| {
-        for &b in bytes {
-            hash ^= b as u64;
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
+    let mut mixer = Mixer::default();
     engine
-        .scan(start, None, &mut |k, v| {
-            if keys::is_expired_record(k, v, now_ms) {
-                return true;
+        .scan(&[0x00, b'b'], None, &mut |k, v| {
+            if !keys::is_expired_record(k, v, now_ms) {
+                mixer.record(&[k, v]);
             }
-            mix(&(k.len() as u32).to_be_bytes());
-            mix(k);
-            mix(&(v.len() as u32).to_be_bytes());
-            mix(v);
-            count += 1;
             true
         })
         .map_err(engine_error)?;
-    Ok((hash, count))
+    Ok((mixer.hash, mixer.count))
+}
+
+/// A checksum over user records only, of what a reader sees: key, expiry and value, not how they
+/// are stored (a replica restored from a backup, or a table duplicated to another cluster, has
+/// exactly these records; a record of format 1 equals the same record of format 2).
+pub fn data_checksum(engine: &dyn KvEngine, now_ms: u64) -> Result<(u64, u64), TernError> {
+    let mut failure = None;
+    let mut mixer = Mixer::default();
+    engine
+        .scan(&[keys::DATA_PREFIX], Some(&keys::data_end()), &mut |k, v| match codec::decode_stored(v) {
+            Ok(s) if codec::is_expired(s.expire_at_ms, now_ms) => true,
+            Ok(s) => {
+                mixer.record(&[k, &s.expire_at_ms.to_be_bytes(), s.value]);
+                true
+            }
+            Err(e) => {
+                failure = Some(e);
+                false
+            }
+        })
+        .map_err(engine_error)?;
+    failure.map_or(Ok((mixer.hash, mixer.count)), Err)
+}
+
+/// FNV-1a over length-prefixed fields, counting records.
+struct Mixer {
+    hash: u64,
+    count: u64,
+}
+
+impl Default for Mixer {
+    fn default() -> Self {
+        Mixer { hash: 0xcbf2_9ce4_8422_2325, count: 0 }
+    }
+}
+
+impl Mixer {
+    /// Adds one record's fields.
+    fn record(&mut self, fields: &[&[u8]]) {
+        for field in fields {
+            for &b in (field.len() as u32).to_be_bytes().iter().chain(field.iter()) {
+                self.hash ^= b as u64;
+                self.hash = self.hash.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        self.count += 1;
+    }
 }

@@ -117,6 +117,21 @@ pub struct Checkpointed {
 
 pub type CheckpointCallback = Box<dyn FnOnce(Result<Checkpointed, TernError>) + Send>;
 
+/// What a partition leader's duplication shipper reads: the replicated duplication state, and the
+/// change log after the position it asked for.
+#[derive(Clone, Debug, Default)]
+pub struct DupLogRead {
+    pub applied_index: u64,
+    /// The state machine's clock and the log's (for lag in milliseconds).
+    pub hlc: u64,
+    pub stamp_ms: u64,
+    pub partition_count: u32,
+    pub state: tern_proto::PartitionDupState,
+    pub entries: Vec<(u64, tern_proto::DupLogEntry)>,
+}
+
+pub type DupLogCallback = Box<dyn FnOnce(Result<DupLogRead, TernError>) + Send>;
+
 pub enum StoreMsg {
     Write {
         group: GroupId,
@@ -154,6 +169,8 @@ pub enum StoreMsg {
     Checksum {
         group: GroupId,
         at_unix_ms: u64,
+        /// User records only (`read::data_checksum`).
+        data_only: bool,
         callback: ChecksumCallback,
     },
     /// Starts flushing a replica's engine in the background (`begin`), or asks whether that flush
@@ -171,6 +188,14 @@ pub enum StoreMsg {
         dir: PathBuf,
         min_applied_index: u64,
         callback: CheckpointCallback,
+    },
+    /// Reads a leader's duplication state and change log after `after` (bounded).
+    DupLog {
+        group: GroupId,
+        after: u64,
+        max_entries: usize,
+        max_bytes: usize,
+        callback: DupLogCallback,
     },
     /// A log write became durable (the log writer's wake-up; the round finishes in `process_ready`).
     LogWritten,
@@ -540,8 +565,8 @@ impl Store {
                 }));
                 callback(statuses)
             }
-            StoreMsg::Checksum { group, at_unix_ms, callback } => match self.replicas.get(&group) {
-                Some(r) => callback(r.checksum(if at_unix_ms == 0 { now } else { at_unix_ms })),
+            StoreMsg::Checksum { group, at_unix_ms, data_only, callback } => match self.replicas.get(&group) {
+                Some(r) => callback(r.checksum(if at_unix_ms == 0 { now } else { at_unix_ms }, data_only)),
                 None => callback(Err(not_hosted(group))),
             },
             StoreMsg::Flush { group, begin, callback } => match self.replicas.get(&group) {
@@ -550,6 +575,10 @@ impl Store {
             },
             StoreMsg::Checkpoint { group, dir, min_applied_index, callback } => match self.replicas.get(&group) {
                 Some(r) => callback(r.checkpoint_into(&dir, min_applied_index)),
+                None => callback(Err(not_hosted(group))),
+            },
+            StoreMsg::DupLog { group, after, max_entries, max_bytes, callback } => match self.replicas.get(&group) {
+                Some(r) => callback(r.dup_log(after, max_entries, max_bytes)),
                 None => callback(Err(not_hosted(group))),
             },
             StoreMsg::LogWritten => {}
@@ -859,6 +888,7 @@ impl StoreMsg {
             StoreMsg::Read { callback, .. } => callback(ReadResponse { error: Some(e.into()), ..Default::default() }),
             StoreMsg::Checksum { callback, .. } => callback(Err(e)),
             StoreMsg::Checkpoint { callback, .. } => callback(Err(e)),
+            StoreMsg::DupLog { callback, .. } => callback(Err(e)),
             StoreMsg::Flush { callback, .. } => callback(Err(e)),
             // Dropped unanswered: "no replicas" would be a lie a heartbeat could pass on to meta.
             StoreMsg::Status(_) => {}

@@ -8,14 +8,16 @@
 //! `partition.json` written last.
 //!
 //! Restore of a partition into a new table: the files are downloaded into this server's data
-//! directory, each checked against the manifest (size and crc32) as it is read; the copy is opened as an engine and every live
-//! user record is written through raft as ordinary sets (so every replica gets it, and a restore
-//! started again after a failure or a leader change simply writes the same records again); then
+//! directory, each checked against the manifest (size and crc32) as it is read; the copy is opened
+//! as an engine and every live user record is written through raft with its version, in batches
+//! of many records as duplication delivers them (so every replica gets it, and a restore started
+//! again after a failure or a leader change simply writes the same records again); then
 //! the replica's checksum is compared with the backup's. Nothing here decides anything raft or
 //! apply would: writes go through the same mailbox and validation as a client's.
 //!
 //! Both answer with a stream of progress reports; dropping the stream cancels the work.
 
+use crate::dup::engine_records;
 use crate::validate;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,7 +29,6 @@ use tern_core::{GroupId, TernError};
 use tern_engine::{EngineFactory, KvEngine};
 use tern_proto::backup_server::Backup;
 use tern_proto::*;
-use tern_raft::keys;
 use tern_raft::store::{Checkpointed, StoreHandle, StoreMsg};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
@@ -44,11 +45,8 @@ pub const RATE_MAX: u64 = 100_000 << 20;
 const FLUSH_WAIT_MAX: Duration = Duration::from_secs(10);
 /// How often a running operation reports progress.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
-/// Restore writes in flight at once on one partition.
-const RESTORE_WRITES_IN_FLIGHT_MAX: usize = 32;
-/// A restore write carries records of one hashkey up to this many bytes or records.
-const RESTORE_WRITE_BYTES_MAX: usize = 256 * 1024;
-const RESTORE_WRITE_RECORDS_MAX: usize = 1000;
+/// Restore writes (batches of records, bounded as duplication's) in flight at once on one partition.
+const RESTORE_WRITES_IN_FLIGHT_MAX: usize = 8;
 /// How long one restore write may take before the restore gives up (the coordinator retries).
 const RESTORE_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -73,7 +71,7 @@ fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> TernError 
 
 /// A work directory removed when the operation ends, however it ends (on a blocking thread when
 /// dropped inside the runtime: a checkpoint holds many files).
-struct WorkDir(PathBuf);
+pub(crate) struct WorkDir(pub(crate) PathBuf);
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
@@ -131,7 +129,7 @@ impl BackupService {
         let read = rrx.await.map_err(|_| TernError::Unavailable("the store stopped".into()))?;
         tern_proto::check(&read.error)?;
 
-        self.flush(group, tx).await?;
+        flush(&self.store, group, &|| tx.is_closed()).await?;
         let work = WorkDir(self.work_path("backup", group));
         let (ctx, crx) = oneshot::channel();
         let (dir, min_applied_index) = (work.0.clone(), read.applied_index);
@@ -156,30 +154,6 @@ impl BackupService {
             }
         }
         r.map(|done| BackupProgress { dir: place, ..done })
-    }
-
-    /// Flushes the replica's engine in the background and waits (a bounded time) for it, so that
-    /// the checkpoint that follows has little left to flush on the store thread.
-    async fn flush<T>(&self, group: GroupId, tx: &mpsc::Sender<Result<T, Status>>) -> Result<(), TernError> {
-        let deadline = Instant::now() + FLUSH_WAIT_MAX;
-        let mut begin = true;
-        while Instant::now() < deadline {
-            if tx.is_closed() {
-                return Err(TernError::Unavailable("cancelled".into()));
-            }
-            let (tx, rx) = oneshot::channel();
-            self.store.send(StoreMsg::Flush { group, begin, callback: Box::new(move |r| drop(tx.send(r))) });
-            let r = rx.await.map_err(|_| TernError::Unavailable("the store stopped".into()))??;
-            match (begin, r) {
-                (true, true) => begin = false,
-                (false, true) => return Ok(()),
-                _ => {}
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        // Not flushed in time (writes stopped behind compaction): a checkpoint now would flush on
-        // the store thread and stall every partition of this server. Later.
-        Err(TernError::Busy(format!("the engine of {group} did not flush within {FLUSH_WAIT_MAX:?}; try the backup later")))
     }
 
     async fn restore(&self, req: RestorePartitionRequest, tx: &mpsc::Sender<Result<RestoreProgress, Status>>) -> Result<RestoreProgress, TernError> {
@@ -218,6 +192,30 @@ impl BackupService {
         .await
         .map_err(|e| TernError::Internal(format!("restore task: {e}")))?
     }
+}
+
+/// Flushes a replica's engine in the background and waits (a bounded time) for it, so that a
+/// checkpoint that follows has little left to flush on the store thread.
+pub(crate) async fn flush(store: &StoreHandle, group: GroupId, cancelled: &(dyn Fn() -> bool + Sync)) -> Result<(), TernError> {
+    let deadline = Instant::now() + FLUSH_WAIT_MAX;
+    let mut begin = true;
+    while Instant::now() < deadline {
+        if cancelled() {
+            return Err(TernError::Unavailable("cancelled".into()));
+        }
+        let (tx, rx) = oneshot::channel();
+        store.send(StoreMsg::Flush { group, begin, callback: Box::new(move |r| drop(tx.send(r))) });
+        let r = rx.await.map_err(|_| TernError::Unavailable("the store stopped".into()))??;
+        match (begin, r) {
+            (true, true) => begin = false,
+            (false, true) => return Ok(()),
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Not flushed in time (writes stopped behind compaction): a checkpoint now would flush on
+    // the store thread and stall every partition of this server. Later.
+    Err(TernError::Busy(format!("the engine of {group} did not flush within {FLUSH_WAIT_MAX:?}; try again later")))
 }
 
 /// Sends a progress report if the last one is old enough (never blocks: a slow reader misses some).
@@ -290,8 +288,10 @@ async fn copy_out(
     })
 }
 
-/// Writes every live user record of `engine` into the replica of `group` through raft, as sets of
-/// one hashkey each, a bounded number in flight. Returns the number of records written.
+/// Writes every live user record of `engine` into the replica of `group` through raft, with the
+/// versions they were written with (as duplication delivers them: a restore started again writes
+/// the same records again, and changes nothing), a bounded number of batches in flight. Returns
+/// the number of records written.
 fn ingest(
     engine: &dyn KvEngine,
     store: &StoreHandle,
@@ -303,11 +303,7 @@ fn ingest(
     let now = now_unix_ms();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<WriteResponse>();
     let mut in_flight = 0usize;
-    let mut written = 0u64;
     let mut reporter = Reporter::new(tx);
-    let mut failure: Option<TernError> = None;
-    let mut batch: Option<MultiSet> = None;
-    let mut batch_bytes = 0usize;
 
     // Waits for one write to finish; an error stops the restore.
     let wait_one = |in_flight: &mut usize| -> Result<(), TernError> {
@@ -315,64 +311,28 @@ fn ingest(
         *in_flight -= 1;
         tern_proto::check(&r.error)
     };
-    let send = |set: MultiSet, in_flight: &mut usize| -> Result<(), TernError> {
-        while *in_flight >= RESTORE_WRITES_IN_FLIGHT_MAX {
-            wait_one(in_flight)?;
+    let mut written = 0u64;
+    let live = |r: &DupRecord| !codec::is_expired(r.expire_at_ms, now);
+    engine_records(engine, &live, false, &mut |records| {
+        while in_flight >= RESTORE_WRITES_IN_FLIGHT_MAX {
+            wait_one(&mut in_flight)?;
         }
-        let request = WriteRequest { partition: Some(*partition), op: Some(write_request::Op::Set(set)), ..Default::default() };
+        let bytes: usize = records.iter().map(|r| r.hashkey.len() + r.sortkey.len() + r.value.len()).sum();
+        written += records.len() as u64;
+        let apply = DupApply { origin_tag: 0, origin_index: 0, records, watermark: 0 };
+        let request = WriteRequest { partition: Some(*partition), op: Some(write_request::Op::DupApply(apply)), ..Default::default() };
         let group_checked = validate::write(&request)?;
         debug_assert_eq!(group_checked, group);
         let done = done_tx.clone();
         store.send(StoreMsg::Write { group, request, callback: Box::new(move |r| drop(done.send(r))) });
-        *in_flight += 1;
+        in_flight += 1;
+        pacer.pace_blocking(bytes as u64);
+        reporter.report(|| RestoreProgress { records_done: written, ..Default::default() });
+        if reporter.cancelled() {
+            return Err(TernError::Unavailable("cancelled".into()));
+        }
         Ok(())
-    };
-
-    let data_end = keys::data_end();
-    engine
-        .scan(&[keys::DATA_PREFIX], Some(&data_end), &mut |k, v| {
-            let step = (|| -> Result<(), TernError> {
-                let (hashkey, sortkey) = codec::decode_key(&k[1..])?;
-                let (expire_at_ms, value) = codec::decode_value(v)?;
-                if expire_at_ms != 0 && codec::is_expired(expire_at_ms, now) {
-                    return Ok(());
-                }
-                let record_bytes = hashkey.len() + sortkey.len() + value.len();
-                let full = batch.as_ref().is_some_and(|b| {
-                    b.hashkey.as_ref() != hashkey
-                        || b.values.len() >= RESTORE_WRITE_RECORDS_MAX
-                        || batch_bytes + record_bytes > RESTORE_WRITE_BYTES_MAX
-                });
-                if full {
-                    send(batch.take().expect("full batch"), &mut in_flight)?;
-                    batch_bytes = 0;
-                }
-                let b = batch.get_or_insert_with(|| MultiSet { hashkey: hashkey.to_vec().into(), values: Vec::new() });
-                b.values.push(SortkeyValue { sortkey: sortkey.to_vec().into(), value: value.to_vec().into(), ttl_seconds: 0, expire_at_ms });
-                batch_bytes += record_bytes;
-                written += 1;
-                pacer.pace_blocking(record_bytes as u64);
-                reporter.report(|| RestoreProgress { records_done: written, ..Default::default() });
-                if reporter.cancelled() {
-                    return Err(TernError::Unavailable("cancelled".into()));
-                }
-                Ok(())
-            })();
-            match step {
-                Ok(()) => true,
-                Err(e) => {
-                    failure = Some(e);
-                    false
-                }
-            }
-        })
-        .map_err(tern_raft::apply::engine_error)?;
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    if let Some(b) = batch.take() {
-        send(b, &mut in_flight)?;
-    }
+    })?;
     while in_flight > 0 {
         wait_one(&mut in_flight)?;
     }
@@ -386,7 +346,7 @@ fn verify_restored(engine: &dyn KvEngine, store: &StoreHandle, group: GroupId, p
     let at = now_unix_ms() + 60_000;
     let (sum, count) = tern_raft::read::data_checksum(engine, at)?;
     let (tx, rx) = std::sync::mpsc::channel();
-    store.send(StoreMsg::Checksum { group, at_unix_ms: at, callback: Box::new(move |r| drop(tx.send(r))) });
+    store.send(StoreMsg::Checksum { group, at_unix_ms: at, data_only: true, callback: Box::new(move |r| drop(tx.send(r))) });
     let (_, replica_sum, replica_count) = rx.recv().map_err(|_| TernError::Unavailable("the store stopped".into()))??;
     if (replica_sum, replica_count) != (sum, count) {
         return Err(TernError::Corruption(format!(

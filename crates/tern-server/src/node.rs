@@ -2,6 +2,7 @@
 //! heartbeat, and stop cleanly.
 
 use crate::backup::BackupService;
+use crate::dup::DupShipper;
 use crate::service::KvService;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -112,6 +113,7 @@ pub struct ServerNode {
     store_thread: Option<std::thread::JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     failed: watch::Receiver<bool>,
+    shipper: DupShipper,
 }
 
 fn internal(what: &str) -> impl Fn(std::io::Error) -> TernError + '_ {
@@ -269,10 +271,12 @@ impl ServerNode {
             cfg.snapshot_bytes_per_second,
         );
         let data_dir = cfg.data_dir.clone();
-        let store_cfg = cfg.store.clone();
+        let mut store_cfg = cfg.store.clone();
+        store_cfg.replica.cluster_id = cluster_id.clone();
         let (writer_wakes, log_writer_thread) = (handle.clone(), cfg.store.log_writer_thread);
         let backup =
             BackupServer::new(BackupService::new(handle.clone(), engines.clone(), cfg.data_dir.join("backup-work"), cfg.backup_bytes_per_second)?);
+        let shipper = DupShipper::new(handle.clone(), engines.clone(), cfg.data_dir.join("dup-work"), cluster_id.clone())?;
         let store = tokio::task::spawn_blocking(move || {
             let disks = store::NodeDisks { log, engines, files: Arc::new(tern_core::files::RealFileSystem) };
             let mut store = Store::open(node_id, data_dir, disks, Arc::new(SystemClock::default()), rand::random(), store_cfg, Box::new(transport))?;
@@ -317,12 +321,12 @@ impl ServerNode {
             (cfg.data_dir.clone(), requests, cluster_id),
             cfg.meta.clone(),
             cfg.heartbeat_interval,
-            handle.clone(),
+            (handle.clone(), shipper.clone()),
             addresses,
             stopped,
         )));
         tracing::info!(node_id, %address, "replica server started");
-        Ok(ServerNode { node_id, address, store: handle, stop, store_thread: Some(store_thread), tasks, failed })
+        Ok(ServerNode { node_id, address, store: handle, stop, store_thread: Some(store_thread), tasks, failed, shipper })
     }
 
     /// Resolves if the node failed on its own (its store thread died): it has stopped serving and
@@ -334,6 +338,7 @@ impl ServerNode {
 
     /// Stops serving, answers waiting clients, and waits for the store thread to finish.
     pub async fn shutdown(mut self) {
+        self.shipper.stop();
         tern_transport::stop_node(&self.stop, std::mem::take(&mut self.tasks), &self.store, self.store_thread.take()).await;
     }
 
@@ -381,7 +386,7 @@ async fn heartbeat_loop(
     (data_dir, requests, cluster_id): (PathBuf, Arc<std::sync::atomic::AtomicU64>, Arc<std::sync::atomic::AtomicU64>),
     meta: Vec<String>,
     interval: Duration,
-    store: StoreHandle,
+    (store, shipper): (StoreHandle, DupShipper),
     addresses: AddressBook,
     mut stopped: watch::Receiver<bool>,
 ) {
@@ -415,12 +420,13 @@ async fn heartbeat_loop(
             let beat = HeartbeatRequest {
                 node_id,
                 address: address.clone(),
-                replicas,
+                replicas: replicas.clone(),
                 zone: zone.clone(),
                 disk_used_bytes,
                 requests: served,
                 requests_interval_ms,
                 leader_priority,
+                duplication_status: shipper.statuses(),
             };
             let answer = match tokio::time::timeout(HEARTBEAT_CALL_TIMEOUT, c.heartbeat(beat)).await {
                 Ok(r) => r,
@@ -443,6 +449,9 @@ async fn heartbeat_loop(
                     }
                     for msg in tern_raft::store::reconcile_with_meta(&r) {
                         store.send(msg);
+                    }
+                    if r.error.is_none() {
+                        shipper.on_heartbeat(&r.duplications, &replicas);
                     }
                 }
                 Err(status) => {

@@ -137,9 +137,9 @@ impl Kv for KvService {
 
     async fn checksum(&self, request: Request<ChecksumRequest>) -> Result<Response<ChecksumResponse>, Status> {
         let request = request.into_inner();
-        let (group, at_unix_ms) = (GroupId(request.group_id), request.at_unix_ms);
+        let (group, at_unix_ms, data_only) = (GroupId(request.group_id), request.at_unix_ms, request.data_only);
         let (tx, rx) = oneshot::channel();
-        self.store.send(StoreMsg::Checksum { group, at_unix_ms, callback: Box::new(move |r| drop(tx.send(r))) });
+        self.store.send(StoreMsg::Checksum { group, at_unix_ms, data_only, callback: Box::new(move |r| drop(tx.send(r))) });
         let r = wait(rx, Err).await;
         Ok(Response::new(match r {
             Ok((applied_index, checksum, record_count)) => ChecksumResponse { error: None, applied_index, checksum, record_count },

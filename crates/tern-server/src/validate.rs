@@ -37,6 +37,14 @@ fn check_expiry(ttl_seconds: u32, expire_at_ms: u64) -> Result<(), TernError> {
     Ok(())
 }
 
+/// How far ahead of this server's clock a duplicated record's version may be: a cluster whose clock
+/// runs ahead pulls the receiving partitions' clocks with it, never past this.
+pub const DUP_VERSION_AHEAD_MAX_MS: u64 = 24 * 3600 * 1000;
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 /// Validates a write and returns the group it addresses.
 pub fn write(request: &WriteRequest) -> Result<GroupId, TernError> {
     let p = partition(&request.partition)?;
@@ -107,6 +115,37 @@ pub fn write(request: &WriteRequest) -> Result<GroupId, TernError> {
                 }
                 bytes += cam.hashkey.len() + m.sortkey.len() + m.value.len();
             }
+        }
+        Some(write_request::Op::DupApply(apply)) => {
+            if apply.origin_tag > tern_core::codec::CLUSTER_TAG_MAX {
+                return Err(TernError::invalid(format!(
+                    "cluster tag {} is out of range (1 to {})",
+                    apply.origin_tag,
+                    tern_core::codec::CLUSTER_TAG_MAX
+                )));
+            }
+            check_record_count(apply.records.len())?;
+            for r in &apply.records {
+                hashkey_in_partition(&r.hashkey, p)?;
+                check_sortkey(&r.sortkey)?;
+                check_value(&r.value)?;
+                if r.delete && (!r.value.is_empty() || r.expire_at_ms != 0) {
+                    return Err(TernError::invalid("a duplicated delete must not carry a value or an expiry"));
+                }
+                if r.version == 0 {
+                    return Err(TernError::invalid("a duplicated record needs a version"));
+                }
+                let ahead = tern_core::codec::version_ms(r.version).saturating_sub(now_unix_ms());
+                if ahead > DUP_VERSION_AHEAD_MAX_MS {
+                    return Err(TernError::invalid(format!(
+                        "a duplicated record's version is {ahead} ms ahead of this server's clock; the limit is {DUP_VERSION_AHEAD_MAX_MS} ms (is the sending cluster's clock wrong?)"
+                    )));
+                }
+                bytes += r.hashkey.len() + r.sortkey.len() + r.value.len();
+            }
+        }
+        Some(write_request::Op::DupSync(_) | write_request::Op::DupConfirm(_)) => {
+            return Err(TernError::invalid("duplication bookkeeping is proposed by servers, not clients"));
         }
     }
     check_write_size(bytes)?;
@@ -220,5 +259,39 @@ mod tests {
         assert!(write(&request(vec![set(limits::VALUE_BYTES_MAX + 1)], 3)).unwrap_err().to_string().contains("limit"));
         assert!(write(&request((0..5).map(|_| set(limits::VALUE_BYTES_MAX)).collect(), 3)).unwrap_err().to_string().contains("write request is"));
         assert!(write(&request((0..limits::MULTI_RECORDS_MAX + 1).map(|_| set(0)).collect(), 3)).unwrap_err().to_string().contains("records"));
+    }
+
+    /// Duplicated records are checked like writes (partition, sizes) plus their own rules; the
+    /// bookkeeping servers propose for duplication is refused from clients.
+    #[test]
+    fn rejects_bad_duplicated_records() {
+        use tern_proto::{DupApply, DupConfirm, DupRecord, DupSync};
+        let p = partition_of(b"hk", 8);
+        let now_version = now_unix_ms() << tern_core::codec::VERSION_MS_SHIFT;
+        let request = |origin_tag: u32, records: Vec<DupRecord>| WriteRequest {
+            partition: Some(PartitionRef { table_id: 1, partition: p, partition_count: 8 }),
+            op: Some(write_request::Op::DupApply(DupApply { origin_tag, origin_index: 1, records, watermark: 0 })),
+            ..Default::default()
+        };
+        let record = |hashkey: &str, version: u64| DupRecord { hashkey: hashkey.as_bytes().to_vec().into(), version, ..Default::default() };
+        assert!(write(&request(5, vec![record("hk", now_version)])).is_ok());
+        assert!(write(&request(5, vec![])).is_ok(), "a watermark alone");
+        let e = |r: WriteRequest| write(&r).unwrap_err().to_string();
+        assert!(e(request(5, vec![record("hk", 0)])).contains("needs a version"));
+        let day_ahead = now_version + ((DUP_VERSION_AHEAD_MAX_MS + 60_000) << tern_core::codec::VERSION_MS_SHIFT);
+        assert!(e(request(5, vec![record("hk", day_ahead)])).contains("ahead of this server's clock"));
+        assert!(e(request(5, vec![record("hk", u64::MAX)])).contains("ahead"));
+        assert!(e(request(4096, vec![])).contains("cluster tag"));
+        let other = (0..).map(|i| format!("k{i}")).find(|k| partition_of(k.as_bytes(), 8) != p).unwrap();
+        assert!(e(request(5, vec![record(&other, now_version)])).contains("belongs to partition"));
+        let mut delete_with_value = record("hk", now_version);
+        delete_with_value.delete = true;
+        delete_with_value.value = "v".into();
+        assert!(e(request(5, vec![delete_with_value])).contains("delete"));
+        for op in [write_request::Op::DupSync(DupSync::default()), write_request::Op::DupConfirm(DupConfirm::default())] {
+            let r =
+                WriteRequest { partition: Some(PartitionRef { table_id: 1, partition: p, partition_count: 8 }), op: Some(op), ..Default::default() };
+            assert!(e(r).contains("proposed by servers"));
+        }
     }
 }

@@ -46,6 +46,11 @@ commands (keys and values are words; quote them with \"...\" or '...', \\xHH esc
   backup_policy TABLE off                stop periodic backups of TABLE (existing backups stay)
   restore BACKUP_DIR --table NEW [--rate MIB_PER_S]   create table NEW from a backup (checked first;
                                          a failed or cancelled restore drops NEW)
+  dup add TABLE --to META_ADDRS [--remote-table T] [--log-entries N]
+                                         duplicate TABLE's writes to table T (default: same name,
+                                         same partition count) of another cluster; both may take writes
+  dup list [TABLE]                       duplications with each partition's lag
+  dup pause|resume|remove ID             stop shipping for a while, ship again, or end a duplication
   help                                   this text
   quit                                   leave the shell";
 
@@ -82,6 +87,9 @@ pub enum Command {
     Backups { root: String },
     BackupPolicy { table: String, policy: Option<tern_proto::BackupPolicy> },
     Restore { backup: String, table: String, rate_mb: u64 },
+    DupAdd(tern_client::dup::AddDuplication),
+    DupList { table: String },
+    DupChange { id: u64, action: tern_proto::DuplicationAction },
     Help,
     Quit,
 }
@@ -458,6 +466,42 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
             let table = options.get("--table").ok_or(usage)?.clone();
             Command::Restore { backup: backup.clone(), table, rate_mb: rate(&options)? }
         }
+        "dup" => {
+            let usage = "usage: dup add TABLE --to META_ADDRS [--remote-table T] [--log-entries N] | dup list [TABLE] | dup pause|resume|remove ID";
+            let Some(verb) = args.first().map(|a| text(a)) else { return Err(usage.into()) };
+            let rest = &args[1..];
+            match verb.as_str() {
+                "add" => {
+                    let (positional, options) = options(rest, &["--to", "--remote-table", "--log-entries"], usage)?;
+                    let [table] = positional.as_slice() else { return Err(usage.into()) };
+                    let remote_meta: Vec<String> =
+                        options.get("--to").ok_or(usage)?.split(',').map(|a| a.trim().to_string()).filter(|a| !a.is_empty()).collect();
+                    if remote_meta.is_empty() {
+                        return Err(format!("--to wants the remote cluster's meta addresses, comma-separated ({usage})"));
+                    }
+                    let log_entries_max = match options.get("--log-entries") {
+                        Some(n) => n.parse().map_err(|_| format!("--log-entries wants a number of entries ({usage})"))?,
+                        None => 0,
+                    };
+                    Command::DupAdd(tern_client::dup::AddDuplication {
+                        table: table.clone(),
+                        remote_meta,
+                        remote_table: options.get("--remote-table").cloned().unwrap_or_default(),
+                        log_entries_max,
+                    })
+                }
+                "list" if rest.len() <= 1 => Command::DupList { table: rest.first().map(|t| text(t)).unwrap_or_default() },
+                "pause" | "resume" | "remove" if rest.len() == 1 => {
+                    let action = match verb.as_str() {
+                        "pause" => tern_proto::DuplicationAction::DupPause,
+                        "resume" => tern_proto::DuplicationAction::DupResume,
+                        _ => tern_proto::DuplicationAction::DupRemove,
+                    };
+                    Command::DupChange { id: number(&rest[0], "duplication id")?, action }
+                }
+                _ => return Err(usage.into()),
+            }
+        }
         "help" | "?" => Command::Help,
         "quit" | "exit" => Command::Quit,
         other => return Err(format!("unknown command {other:?}; type help")),
@@ -821,6 +865,16 @@ impl Shell {
                     r.elapsed.as_secs_f64()
                 )
             }
+            Command::DupAdd(request) => {
+                let id = tern_client::dup::add(&self.client, &request).await.map_err(err)?;
+                format!(
+                    "added duplication {id} of table {} to {}; it starts with a full copy of every partition (watch it with `dup list`)",
+                    request.table,
+                    request.remote_meta.join(",")
+                )
+            }
+            Command::DupList { table } => render_duplications(&tern_client::dup::list(&self.client, &table).await.map_err(err)?),
+            Command::DupChange { id, action } => tern_client::dup::change(&self.client, id, action).await.map_err(err)?,
             Command::ClusterInfo => {
                 let nodes = self.client.refresh_nodes().await.map_err(err)?;
                 let tables = self
@@ -830,9 +884,12 @@ impl Shell {
                     .map_err(err)?;
                 let alive = nodes.iter().filter(|n| n.alive).count();
                 let replicas: u32 = nodes.iter().map(|n| n.replica_count).sum();
+                let settings = self.client.cluster_settings().await.map_err(err)?;
                 format!(
-                    "meta: {}\nservers: {} ({} up)\ntables: {}\nreplicas: {}\ncurrent table: {}",
+                    "meta: {}\ncluster: {:016x} (tag {})\nservers: {} ({} up)\ntables: {}\nreplicas: {}\ncurrent table: {}",
                     self.meta.join(","),
+                    settings.cluster_id,
+                    settings.cluster_tag,
                     nodes.len(),
                     alive,
                     tables.tables.len(),
@@ -843,6 +900,40 @@ impl Shell {
         };
         Ok(out)
     }
+}
+
+/// Each duplication on a line, then one line per partition with its progress.
+fn render_duplications(dups: &[tern_proto::Duplication]) -> String {
+    if dups.is_empty() {
+        return "(no duplications)".into();
+    }
+    let mut out = String::new();
+    for d in dups {
+        let _ = writeln!(
+            out,
+            "duplication {}: table {} -> {} at {} (tag {}){}",
+            d.id,
+            d.table,
+            d.remote_table,
+            d.remote_meta.join(","),
+            d.remote_tag,
+            if d.paused { ", paused" } else { "" }
+        );
+        let _ = writeln!(out, "  {:>9} {:>8} {:>12} {:>11} {:>10}  state", "partition", "leader", "confirmed", "lag entries", "lag ms");
+        for p in &d.partitions {
+            let state = if !p.error.is_empty() {
+                format!("error: {}", p.error)
+            } else if p.full_copy {
+                "full copy".into()
+            } else {
+                "shipping".into()
+            };
+            let _ =
+                writeln!(out, "  {:>9} {:>8} {:>12} {:>11} {:>10}  {state}", p.partition, p.leader_node, p.confirmed_index, p.lag_entries, p.lag_ms);
+        }
+    }
+    out.pop();
+    out
 }
 
 /// Seconds in the largest unit that divides them: "90 s", "30 min", "6 h", "1 d".
@@ -1048,6 +1139,30 @@ mod tests {
         assert!(parse("backup_policy t off --keep 3").unwrap_err().contains("usage"));
         assert_eq!(duration_words(6 * 3600), "6 h");
         assert_eq!(duration_words(90), "90 s");
+    }
+
+    /// Duplication commands parse; a missing remote, a bad id or an unknown verb is a usage error.
+    #[test]
+    fn duplication_commands() {
+        assert_eq!(
+            parse("dup add t --to a:1,b:2 --remote-table u").unwrap(),
+            Some(Command::DupAdd(tern_client::dup::AddDuplication {
+                table: "t".into(),
+                remote_meta: vec!["a:1".into(), "b:2".into()],
+                remote_table: "u".into(),
+                log_entries_max: 0
+            }))
+        );
+        assert!(matches!(parse("dup add t --to a:1 --log-entries 5000").unwrap(), Some(Command::DupAdd(a)) if a.log_entries_max == 5000));
+        assert!(parse("dup add t").unwrap_err().contains("usage"));
+        assert!(parse("dup add t --to ,").unwrap_err().contains("--to"));
+        assert!(parse("dup add t --to a:1 --log-entries lots").unwrap_err().contains("--log-entries"));
+        assert_eq!(parse("dup list").unwrap(), Some(Command::DupList { table: String::new() }));
+        assert_eq!(parse("dup list t").unwrap(), Some(Command::DupList { table: "t".into() }));
+        assert_eq!(parse("dup remove 42").unwrap(), Some(Command::DupChange { id: 42, action: tern_proto::DuplicationAction::DupRemove }));
+        assert!(parse("dup pause x").unwrap_err().contains("number"));
+        assert!(parse("dup frobnicate 1").unwrap_err().contains("usage"));
+        assert!(parse("dup").unwrap_err().contains("usage"));
     }
 
     /// Scripts split on semicolons outside quotes.

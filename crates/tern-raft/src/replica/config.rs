@@ -56,6 +56,9 @@ pub struct ReplicaConfig {
     pub read_lease: std::time::Duration,
     /// Bugs put back on purpose by simulator tests (all off in production).
     pub planted: PlantedBugs,
+    /// The cluster's id once the server knows it (0 before): leaders stamp entries with its tag,
+    /// which versions every record they write.
+    pub cluster_id: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Ticks to an election by default (heartbeats every tick): with 100 ms ticks, a follower campaigns
@@ -86,6 +89,7 @@ impl Default for ReplicaConfig {
             read_timeout_ticks: 50,
             read_lease: std::time::Duration::ZERO,
             planted: PlantedBugs::default(),
+            cluster_id: Default::default(),
         }
     }
 }

@@ -140,7 +140,7 @@ impl Replica {
             Some(voters) => {
                 let mut cs = ConfState::default();
                 cs.voters = voters.clone();
-                ApplyState { applied_index: INITIAL_INDEX, applied_term: INITIAL_TERM, conf_state: cs, stamp_ms: 0 }
+                ApplyState { applied_index: INITIAL_INDEX, applied_term: INITIAL_TERM, conf_state: cs, ..Default::default() }
             }
             None => ApplyState::default(),
         };
@@ -298,7 +298,8 @@ impl Replica {
                 self.cfg.pending_proposals_max
             ))));
         }
-        let data = RaftCommand { now_unix_ms, write: Some(write) }.encode_to_vec();
+        let cluster_tag = tern_core::codec::cluster_tag(self.cfg.cluster_id.load(std::sync::atomic::Ordering::Relaxed));
+        let data = RaftCommand { now_unix_ms, write: Some(write), cluster_tag }.encode_to_vec();
         let before = self.raw.raft.raft_log.last_index();
         match self.raw.propose(vec![], data) {
             Ok(()) => {
@@ -616,7 +617,7 @@ impl Replica {
             match entry.get_entry_type() {
                 EntryType::EntryNormal => {
                     if !entry.data.is_empty() {
-                        let response = match batch.apply_command(self.sm.engine(), &entry.data) {
+                        let response = match batch.apply_command(self.sm.engine(), entry.index, &entry.data) {
                             Ok(response) => response,
                             Err(StorageFailure(e)) if self.cfg.planted.storage_failure_as_answer => error_response(e),
                             // Nothing of this round is written: the replica stops where it was.
@@ -703,6 +704,7 @@ impl Replica {
             } else {
                 Default::default()
             },
+            duplicating: !self.sm.dup_state().dups.is_empty(),
         }
     }
 

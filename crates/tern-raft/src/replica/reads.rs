@@ -166,9 +166,31 @@ impl Replica {
         Ok(crate::store::Checkpointed { applied_index: self.sm.state().applied_index })
     }
 
-    /// (applied index, checksum, record count) of the replica's contents.
-    pub fn checksum(&self, now_unix_ms: u64) -> Result<(u64, u64, u64), TernError> {
-        let (sum, count) = checksum(self.sm.engine(), self.read_time(now_unix_ms))?;
+    /// A leader's duplication state and change log after `after` (see `StoreMsg::DupLog`).
+    pub fn dup_log(&self, after: u64, max_entries: usize, max_bytes: usize) -> Result<crate::store::DupLogRead, TernError> {
+        if self.failure.is_some() {
+            return Err(self.unavailable());
+        }
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let state = self.sm.state();
+        let entries = if max_entries == 0 { Vec::new() } else { self.sm.read_change_log(after, max_entries, max_bytes)? };
+        Ok(crate::store::DupLogRead {
+            applied_index: state.applied_index,
+            hlc: state.hlc,
+            stamp_ms: state.stamp_ms,
+            partition_count: self.partition_count(),
+            state: self.sm.dup_state().clone(),
+            entries,
+        })
+    }
+
+    /// (applied index, checksum, record count) of the replica's contents (or of its user records
+    /// only, as a reader sees them).
+    pub fn checksum(&self, now_unix_ms: u64, data_only: bool) -> Result<(u64, u64, u64), TernError> {
+        let sum = if data_only { crate::read::data_checksum } else { checksum };
+        let (sum, count) = sum(self.sm.engine(), self.read_time(now_unix_ms))?;
         Ok((self.sm.state().applied_index, sum, count))
     }
 }

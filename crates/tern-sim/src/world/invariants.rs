@@ -162,7 +162,7 @@ impl World {
             for &group in &groups {
                 let (tx, rx) = std::sync::mpsc::channel();
                 self.with_store(i, |s| {
-                    s.handle(StoreMsg::Checksum { group, at_unix_ms, callback: Box::new(move |r| drop(tx.send(r))) });
+                    s.handle(StoreMsg::Checksum { group, at_unix_ms, data_only: false, callback: Box::new(move |r| drop(tx.send(r))) });
                 });
                 if let Ok(Ok((applied, sum, _))) = rx.try_recv() {
                     by_group.entry(group.0).or_default().push((self.nodes[i].id, applied, sum));
