@@ -923,8 +923,12 @@ fn render_duplications(dups: &[tern_proto::Duplication]) -> String {
         for p in &d.partitions {
             let state = if !p.error.is_empty() {
                 format!("error: {}", p.error)
+            } else if p.full_copy && d.paused {
+                "paused; needs a full copy (fell behind more than its change log holds)".into()
             } else if p.full_copy {
                 "full copy".into()
+            } else if d.paused {
+                "paused".into()
             } else {
                 "shipping".into()
             };

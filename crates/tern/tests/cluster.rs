@@ -1247,3 +1247,56 @@ async fn duplication_converges_both_ways_through_kills_and_a_cut_link() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// The change log is bounded: a duplication paused while more writes than its log holds arrive
+/// falls back to a full copy (and `dup list` says so), then, resumed, delivers everything,
+/// deletes included, and the clusters match again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_duplication_too_far_behind_falls_back_to_a_full_copy() {
+    let a = RestartableCluster::start("t", 1).await;
+    let b = RestartableCluster::start("t", 1).await;
+    let request = tern_client::dup::AddDuplication {
+        table: "t".into(),
+        remote_meta: vec![b.meta_address.clone()],
+        remote_table: String::new(),
+        log_entries_max: 1000,
+    };
+    let id = tern_client::dup::add(&a.client, &request).await.unwrap();
+    let (ta, tb) = (a.client.table("t"), b.client.table("t"));
+    ta.set(b"early", b"s", b"1", 0).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while tb.get(b"early", b"s").await.unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "the first write was not delivered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tern_client::dup::change(&a.client, id, tern_proto::DuplicationAction::DupPause).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ta.del(b"early", b"s").await.unwrap();
+    for i in 0..1200 {
+        ta.set(format!("k{i}").as_bytes(), b"s", b"v", 0).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let p = tern_client::dup::list(&a.client, "t").await.unwrap()[0].partitions[0].clone();
+        if p.full_copy && p.error.is_empty() {
+            break; // reported by the leader's next heartbeat
+        }
+        assert!(std::time::Instant::now() < deadline, "not reported as needing a full copy: {p:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tern_client::dup::change(&a.client, id, tern_proto::DuplicationAction::DupResume).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let (sa, sb) = (a.data_checksums("t", at).await.unwrap(), b.data_checksums("t", at).await.unwrap());
+        if sa == sb {
+            assert_eq!(sa[0].1, 1200);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no convergence after the full copy: {sa:?} vs {sb:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(tb.get(b"early", b"s").await.unwrap(), None, "the delete reached the remote through the full copy's tombstones");
+    a.shutdown().await;
+    b.shutdown().await;
+}
