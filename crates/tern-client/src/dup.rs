@@ -53,6 +53,18 @@ pub async fn add(local: &Client, req: &AddDuplication) -> TernResult<u64> {
             req.table, local_table.partition_count, remote_info.partition_count
         )));
     }
+    // Last writer wins from here on; what each side holds already must not race with it: the
+    // remote table starts empty (the full copy fills it), or already duplicates into this one
+    // (the second direction of a two-way pair: it holds this table's records).
+    let reverse = list(&remote, &remote_table).await?.iter().any(|d| d.remote_tag == local_settings.cluster_tag && d.remote_table == req.table);
+    if !reverse {
+        let (records, _) = remote.table(&remote_table).full_scan(&crate::FullScanCursor::default(), 1, true).await?;
+        if !records.is_empty() {
+            return Err(TernError::invalid(format!(
+                "the remote table {remote_table} is not empty: duplicate into an empty table (the first full copy fills it), or add the second direction of a two-way pair once the first exists"
+            )));
+        }
+    }
     let request = AddDuplicationRequest {
         table: req.table.clone(),
         remote_meta: req.remote_meta.clone(),

@@ -140,6 +140,15 @@ pub fn peek_expire_at_ms(stored: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(stored[1..9].try_into().expect("8 bytes")))
 }
 
+/// Reads only the version of a stored value (0 for format 1, or anything unrecognised), without
+/// verifying the checksum (compaction filter path).
+pub fn peek_version(stored: &[u8]) -> u64 {
+    match stored.first() {
+        Some(&FORMAT_VERSIONED) if stored.len() >= VERSIONED_HEADER_BYTES => u64::from_be_bytes(stored[9..17].try_into().expect("8 bytes")),
+        _ => 0,
+    }
+}
+
 /// A decoded, verified stored value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StoredValue<'a> {

@@ -139,21 +139,21 @@ pub fn check_expiry_filter(factory: &dyn EngineFactory, dir: &Path) {
     engine.write(b).unwrap();
     engine.compact_all().unwrap();
     assert!(engine.get(b"expires:100").unwrap().is_some(), "no horizon yet: nothing has expired");
-    engine.set_expiry_horizon(150);
+    engine.set_expiry_horizon(crate::Horizon { unix_ms: 150, version: 0 });
     engine.compact_all().unwrap();
     assert_eq!(engine.get(b"expires:100").unwrap(), None);
     assert_eq!(engine.get(b"expires:200").unwrap(), Some(b"y".to_vec()), "expires after the horizon");
-    engine.set_expiry_horizon(120);
-    engine.set_expiry_horizon(250);
+    engine.set_expiry_horizon(crate::Horizon { unix_ms: 120, version: 0 });
+    engine.set_expiry_horizon(crate::Horizon { unix_ms: 250, version: 0 });
     engine.compact_all().unwrap();
     assert_eq!(engine.get(b"expires:200").unwrap(), None);
     assert_eq!(engine.get(b"live").unwrap(), Some(b"z".to_vec()));
 }
 
 /// The filter the expiry check uses: a key "expires:T" expires at unix millisecond T.
-pub fn test_expiry_filter(key: &[u8], _value: &[u8], horizon_unix_ms: u64) -> bool {
+pub fn test_expiry_filter(key: &[u8], _value: &[u8], horizon: crate::Horizon) -> bool {
     let expiry = key.strip_prefix(b"expires:").and_then(|t| std::str::from_utf8(t).ok()).and_then(|t| t.parse::<u64>().ok());
-    expiry.is_some_and(|t| t <= horizon_unix_ms)
+    expiry.is_some_and(|t| t <= horizon.unix_ms)
 }
 
 #[cfg(test)]

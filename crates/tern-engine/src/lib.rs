@@ -66,8 +66,40 @@ impl WriteBatch {
 }
 
 /// Decides at compaction time whether a stored record may be dropped (TTL expiry). Given the key, the
-/// stored value and the engine's expiry horizon (unix milliseconds; see `set_expiry_horizon`).
-pub type ExpiryFilter = fn(key: &[u8], value: &[u8], horizon_unix_ms: u64) -> bool;
+/// stored value and the engine's horizons (see `set_expiry_horizon`).
+pub type ExpiryFilter = fn(key: &[u8], value: &[u8], horizon: Horizon) -> bool;
+
+/// How far compaction may go: records expired by `unix_ms` may be dropped, those that carry a
+/// version only if it is below `version` (the owner's rule; an engine only passes them on).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Horizon {
+    pub unix_ms: u64,
+    pub version: u64,
+}
+
+/// A horizon shared with compaction threads; each part only moves forward.
+#[derive(Debug, Default)]
+pub struct SharedHorizon {
+    unix_ms: std::sync::atomic::AtomicU64,
+    version: std::sync::atomic::AtomicU64,
+}
+
+impl SharedHorizon {
+    pub fn load(&self) -> Horizon {
+        use std::sync::atomic::Ordering::Acquire;
+        Horizon { unix_ms: self.unix_ms.load(Acquire), version: self.version.load(Acquire) }
+    }
+    pub fn raise(&self, to: Horizon) {
+        use std::sync::atomic::Ordering::AcqRel;
+        self.unix_ms.fetch_max(to.unix_ms, AcqRel);
+        self.version.fetch_max(to.version, AcqRel);
+    }
+    pub fn reset(&self) {
+        use std::sync::atomic::Ordering::Release;
+        self.unix_ms.store(0, Release);
+        self.version.store(0, Release);
+    }
+}
 
 /// A replica's key-value store.
 pub trait KvEngine: Send + Sync {
@@ -89,10 +121,10 @@ pub trait KvEngine: Send + Sync {
     fn checkpoint(&self, dir: &Path) -> EngineResult<()>;
     /// Runs a full compaction (drops records expired by the horizon now); mainly for tests and operators.
     fn compact_all(&self) -> EngineResult<()>;
-    /// How far compaction may expire records: the expiry filter is asked about this time, never the
-    /// machine's clock (the owner's state machine decides what time it is; it starts at 0: nothing
-    /// expires). Never moves backwards.
-    fn set_expiry_horizon(&self, horizon_unix_ms: u64);
+    /// How far compaction may expire records: the expiry filter is asked about this horizon, never
+    /// the machine's clock (the owner's state machine decides what time it is; it starts at 0:
+    /// nothing expires). Neither part moves backwards.
+    fn set_expiry_horizon(&self, horizon: Horizon);
 }
 
 /// Opens, destroys and restores engines in directories; one factory per server, sharing its resources

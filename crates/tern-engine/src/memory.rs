@@ -2,12 +2,12 @@
 //! Checkpoints are written as one file, through the node's `FileSystem`, so snapshot transfer works
 //! unchanged (and, in the simulator, crashes treat them as they treat every other file).
 
-use crate::{EngineError, EngineFactory, EngineResult, ExpiryFilter, KvEngine, WriteBatch, WriteOp};
+use crate::{EngineError, EngineFactory, EngineResult, ExpiryFilter, Horizon, KvEngine, SharedHorizon, WriteBatch, WriteOp};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tern_core::files::{RealFileSystem, SharedFileSystem};
 
@@ -20,7 +20,7 @@ const CHECKPOINT_FILE: &str = "memory-engine.dat";
 struct Slot {
     current: Arc<RwLock<Map>>,
     durable: Arc<Mutex<Map>>,
-    horizon: Arc<AtomicU64>,
+    horizon: Arc<SharedHorizon>,
 }
 
 /// Engines live in the factory keyed by directory, so "reopening" after a simulated restart finds the
@@ -84,7 +84,7 @@ impl MemoryEngineFactory {
     pub fn crash(&self) {
         for slot in self.stores.lock().values() {
             *slot.current.write() = slot.durable.lock().clone();
-            slot.horizon.store(0, Ordering::SeqCst);
+            slot.horizon.reset();
         }
     }
 
@@ -94,7 +94,7 @@ impl MemoryEngineFactory {
     pub fn compact_everything(&self) {
         let Some(expired) = self.expiry else { return };
         for slot in self.stores.lock().values() {
-            let horizon = slot.horizon.load(Ordering::SeqCst);
+            let horizon = slot.horizon.load();
             slot.current.write().retain(|k, v| !expired(k, v, horizon));
             slot.durable.lock().retain(|k, v| !expired(k, v, horizon));
         }
@@ -141,7 +141,7 @@ pub struct MemoryEngine {
     /// What `begin_sync` captured, and how many more times `sync_finished` says no: durable once
     /// it says yes (a crash before loses it). Each sync takes two polls, as a flush spans ticks.
     syncing: Mutex<Option<(Map, u32)>>,
-    horizon: Arc<AtomicU64>,
+    horizon: Arc<SharedHorizon>,
     expiry: Option<ExpiryFilter>,
     faults: Arc<Faults>,
     files: SharedFileSystem,
@@ -307,13 +307,13 @@ impl KvEngine for MemoryEngine {
 
     fn compact_all(&self) -> EngineResult<()> {
         if let Some(expired) = self.expiry {
-            let horizon = self.horizon.load(Ordering::SeqCst);
+            let horizon = self.horizon.load();
             self.map.write().retain(|k, v| !expired(k, v, horizon));
         }
         Ok(())
     }
 
-    fn set_expiry_horizon(&self, horizon_unix_ms: u64) {
-        self.horizon.fetch_max(horizon_unix_ms, Ordering::SeqCst);
+    fn set_expiry_horizon(&self, horizon: Horizon) {
+        self.horizon.raise(horizon);
     }
 }

@@ -1,11 +1,10 @@
 //! The RocksDB engine: one RocksDB instance per replica, with one block cache and one write-buffer
 //! budget shared by every replica of the server.
 
-use crate::{EngineError, EngineFactory, EngineResult, ExpiryFilter, KvEngine, WriteBatch, WriteOp};
+use crate::{EngineError, EngineFactory, EngineResult, ExpiryFilter, Horizon, KvEngine, SharedHorizon, WriteBatch, WriteOp};
 use rocksdb::compaction_filter::Decision;
 use rocksdb::{BlockBasedOptions, Cache, Options, WriteBufferManager, WriteOptions, DB};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 fn io(e: rocksdb::Error) -> EngineError {
@@ -53,7 +52,7 @@ impl RocksEngineFactory {
         RocksEngineFactory { shared, expiry }
     }
 
-    fn options(&self, horizon: &Arc<AtomicU64>) -> Options {
+    fn options(&self, horizon: &Arc<SharedHorizon>) -> Options {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.set_write_buffer_manager(&self.shared.write_buffers);
@@ -67,13 +66,16 @@ impl RocksEngineFactory {
         opts.set_block_based_table_factory(&table);
         if let Some(expired) = self.expiry {
             let horizon = horizon.clone();
-            opts.set_compaction_filter("tern-ttl", move |_level: u32, key: &[u8], value: &[u8]| {
-                if expired(key, value, horizon.load(Ordering::Acquire)) {
-                    Decision::Remove
-                } else {
-                    Decision::Keep
-                }
-            });
+            opts.set_compaction_filter(
+                "tern-ttl",
+                move |_level: u32, key: &[u8], value: &[u8]| {
+                    if expired(key, value, horizon.load()) {
+                        Decision::Remove
+                    } else {
+                        Decision::Keep
+                    }
+                },
+            );
         }
         opts
     }
@@ -81,7 +83,7 @@ impl RocksEngineFactory {
 
 impl EngineFactory for RocksEngineFactory {
     fn open(&self, dir: &Path) -> EngineResult<Box<dyn KvEngine>> {
-        let horizon = Arc::new(AtomicU64::new(0));
+        let horizon = Arc::new(SharedHorizon::default());
         let db = DB::open(&self.options(&horizon), dir).map_err(io)?;
         Ok(Box::new(RocksEngine { db, horizon }))
     }
@@ -97,7 +99,7 @@ impl EngineFactory for RocksEngineFactory {
 pub struct RocksEngine {
     db: DB,
     /// Read by the compaction filter (on RocksDB's background threads).
-    horizon: Arc<AtomicU64>,
+    horizon: Arc<SharedHorizon>,
 }
 
 impl KvEngine for RocksEngine {
@@ -181,7 +183,7 @@ impl KvEngine for RocksEngine {
         Ok(())
     }
 
-    fn set_expiry_horizon(&self, horizon_unix_ms: u64) {
-        self.horizon.fetch_max(horizon_unix_ms, Ordering::AcqRel);
+    fn set_expiry_horizon(&self, horizon: Horizon) {
+        self.horizon.raise(horizon);
     }
 }

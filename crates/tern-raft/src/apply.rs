@@ -82,11 +82,26 @@ impl ApplyState {
     }
 }
 
-/// An engine sync under way: the applied index and log clock it makes durable.
+/// An engine sync under way: the applied index, log clock and version horizon it makes durable.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PendingSync {
     pub applied_index: u64,
     pub stamp_ms: u64,
+    pub version_horizon: u64,
+}
+
+/// The version below which no duplicated write can arrive any more (so tombstones and expired
+/// records below it decide nothing): every duplication of the partition has delivered its own
+/// writes up to it, every cluster duplicating into it has delivered its writes up to it, and it is
+/// TOMBSTONE_RETAIN_MS behind the partition's clock. Without duplications either way, nothing
+/// arrives: no bound.
+pub fn version_horizon(dup: &PartitionDupState, state: &ApplyState) -> u64 {
+    if dup.dups.is_empty() && dup.origins.is_empty() {
+        return u64::MAX;
+    }
+    let clock_ms = codec::version_ms(state.hlc).max(state.stamp_ms);
+    let retained = clock_ms.saturating_sub(TOMBSTONE_RETAIN_MS) << codec::VERSION_MS_SHIFT;
+    dup.dups.iter().map(|d| d.confirmed_version).chain(dup.origins.iter().map(|o| o.watermark)).chain([retained]).min().expect("one at least")
 }
 
 /// The state machine could not read or decode what it needs to apply an entry (an engine I/O error,
@@ -95,6 +110,12 @@ pub struct PendingSync {
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 #[error("storage failure at apply: {0}")]
 pub struct StorageFailure(pub TernError);
+
+impl From<TernError> for StorageFailure {
+    fn from(e: TernError) -> Self {
+        StorageFailure(e)
+    }
+}
 
 pub fn engine_error(e: tern_engine::EngineError) -> TernError {
     match e {
@@ -155,11 +176,13 @@ impl StateMachine {
         // What was read may not be durable yet (an engine reopened without a crash): sync before
         // letting compaction expire by it.
         engine.sync().map_err(engine_error)?;
-        engine.set_expiry_horizon(state.stamp_ms);
         let dup = match engine.get(keys::DUP_STATE_KEY).map_err(engine_error)? {
-            Some(bytes) => PartitionDupState::decode(&bytes[..]).map_err(|e| TernError::Corruption(format!("duplication state: {e}")))?,
+            Some(bytes) => {
+                PartitionDupState::decode(codec::decode_value(&bytes)?.1).map_err(|e| TernError::Corruption(format!("duplication state: {e}")))?
+            }
             None => PartitionDupState::default(),
         };
+        engine.set_expiry_horizon(tern_engine::Horizon { unix_ms: state.stamp_ms, version: version_horizon(&dup, &state) });
         Ok(StateMachine { engine, state, sessions: HashMap::new(), dup, expiry_by_local_clock: false })
     }
 
@@ -173,7 +196,11 @@ impl StateMachine {
     /// once `sync_finished` says so. None: the engine cannot start one now.
     pub fn begin_sync(&self) -> Result<Option<PendingSync>, TernError> {
         let started = self.engine.begin_sync().map_err(engine_error)?;
-        Ok(started.then_some(PendingSync { applied_index: self.state.applied_index, stamp_ms: self.state.stamp_ms }))
+        Ok(started.then_some(PendingSync {
+            applied_index: self.state.applied_index,
+            stamp_ms: self.state.stamp_ms,
+            version_horizon: version_horizon(&self.dup, &self.state),
+        }))
     }
 
     /// Whether the sync `pending` started is durable; once it is, compaction may expire records up
@@ -187,14 +214,14 @@ impl StateMachine {
         if !self.engine.sync_finished().map_err(engine_error)? {
             return Ok(false);
         }
-        self.engine.set_expiry_horizon(pending.stamp_ms);
+        self.engine.set_expiry_horizon(tern_engine::Horizon { unix_ms: pending.stamp_ms, version: pending.version_horizon });
         Ok(true)
     }
 
     /// The planted bug's horizon: the node's own clock, whatever is durable.
     pub fn planted_expiry_horizon(&self, local_now_ms: u64) {
         if self.expiry_by_local_clock {
-            self.engine.set_expiry_horizon(local_now_ms);
+            self.engine.set_expiry_horizon(tern_engine::Horizon { unix_ms: local_now_ms, version: u64::MAX });
         }
     }
 
@@ -224,8 +251,9 @@ impl StateMachine {
                 if entries.len() >= max_entries || (bytes >= max_bytes && !entries.is_empty()) {
                     return false;
                 }
-                match (keys::change_log_index(k), DupLogEntry::decode(v)) {
-                    (Some(index), Ok(entry)) => {
+                let entry = codec::decode_value(v).ok().and_then(|(_, bytes)| DupLogEntry::decode(bytes).ok());
+                match (keys::change_log_index(k), entry) {
+                    (Some(index), Some(entry)) => {
                         bytes += v.len();
                         entries.push((index, entry));
                         true
@@ -279,7 +307,7 @@ impl StateMachine {
         }
         debug_assert!(batch.state.stamp_ms >= self.state.stamp_ms, "the log's clock never goes backwards");
         if batch.dup_changed {
-            batch.wb.put(keys::DUP_STATE_KEY.to_vec(), batch.dup.encode_to_vec());
+            batch.wb.put(keys::DUP_STATE_KEY.to_vec(), codec::encode_value(0, &batch.dup.encode_to_vec()));
         }
         batch.wb.put(keys::APPLY_STATE_KEY.to_vec(), batch.state.encode());
         self.engine.write(batch.wb).map_err(engine_error)?;
@@ -430,39 +458,24 @@ impl ApplyBatch {
 
     /// The version of the tombstone at a data key, if any.
     fn tombstone_version(&self, engine: &dyn KvEngine, data_key: &[u8]) -> Result<Option<u64>, StorageFailure> {
-        match self.get(engine, &keys::tombstone_key(data_key))? {
-            None => Ok(None),
-            Some(v) => {
-                let bytes: [u8; 8] =
-                    v.try_into().map_err(|v: Vec<u8>| StorageFailure(TernError::Corruption(format!("tombstone of {} bytes", v.len()))))?;
-                Ok(Some(u64::from_be_bytes(bytes)))
-            }
-        }
+        self.get(engine, &keys::tombstone_key(data_key))?.map(decode_tombstone).transpose().map_err(StorageFailure)
     }
 
     fn put_tombstone(&mut self, engine: &dyn KvEngine, data_key: &[u8], version: u64) -> Result<(), StorageFailure> {
         if let Some(old) = self.tombstone_version(engine, data_key)? {
             self.delete(keys::tombstone_by_version_key(old, data_key));
         }
-        self.put(keys::tombstone_key(data_key), version.to_be_bytes().to_vec());
+        self.put(keys::tombstone_key(data_key), encode_tombstone(version));
         self.put(keys::tombstone_by_version_key(version, data_key), Vec::new());
         Ok(())
     }
 
-    /// The version a record at `data_key` must beat: its live value's or its tombstone's.
-    fn current_version(&self, engine: &dyn KvEngine, data_key: &[u8], now: u64) -> Result<u64, StorageFailure> {
-        let live = match self.get(engine, data_key)? {
-            None => 0,
-            Some(stored) => {
-                let s = codec::decode_stored(&stored).map_err(StorageFailure)?;
-                if codec::is_expired(s.expire_at_ms, now) {
-                    0
-                } else {
-                    s.version
-                }
-            }
-        };
-        Ok(live.max(self.tombstone_version(engine, data_key)?.unwrap_or(0)))
+    /// The version a record at `data_key` must beat: its stored value's, expired or not (the
+    /// later write wins even if it has expired: the other cluster drops an older write on it
+    /// too), or its tombstone's. Expired records stay until compaction may drop them, which is
+    /// not before `version_horizon` passes them: every replica sees the same versions.
+    fn current_version(&self, engine: &dyn KvEngine, data_key: &[u8]) -> Result<u64, StorageFailure> {
+        stored_version(|k| self.get(engine, k), data_key)
     }
 
     fn set_dup(&mut self, dup: PartitionDupState) {
@@ -472,7 +485,7 @@ impl ApplyBatch {
 
     /// Another cluster's records (or a restore's): each applies only if its version is newer than
     /// what the partition holds, and none goes into the change log (duplication does not echo).
-    fn dup_apply(&mut self, engine: &dyn KvEngine, apply: &DupApply, now: u64) -> Result<WriteResponse, StorageFailure> {
+    fn dup_apply(&mut self, engine: &dyn KvEngine, apply: &DupApply) -> Result<WriteResponse, StorageFailure> {
         let mut dup = self.dup.clone();
         if apply.origin_tag != 0 {
             let origin = match dup.origins.iter().position(|o| o.tag == apply.origin_tag) {
@@ -496,7 +509,7 @@ impl ApplyBatch {
             let clock = r.version & !(codec::CLUSTER_TAG_MAX as u64);
             self.state.hlc = self.state.hlc.max(clock);
             let key = keys::data_key(&r.hashkey, &r.sortkey);
-            if r.version <= self.current_version(engine, &key, now)? {
+            if r.version <= self.current_version(engine, &key)? {
                 continue;
             }
             if r.delete {
@@ -567,7 +580,8 @@ impl ApplyBatch {
             return;
         }
         let index = self.entry.index;
-        self.put(keys::change_log_key(index), DupLogEntry { records: effects, hlc: self.state.hlc }.encode_to_vec());
+        let entry = DupLogEntry { records: effects, hlc: self.state.hlc };
+        self.put(keys::change_log_key(index), codec::encode_value(0, &entry.encode_to_vec()));
         // Behind by more than the log may hold: from a delivered position, or from where a full
         // copy it still waits for begins (one that never finishes, a remote down for days, must
         // not hold the log either; a copy under way from before `full_copy_since` no longer counts).
@@ -603,17 +617,7 @@ impl ApplyBatch {
     /// older than what every cluster that duplicates into it has delivered, and older than
     /// TOMBSTONE_RETAIN_MS by the partition's clock. At most TOMBSTONES_COLLECTED_PER_ENTRY.
     fn collect_tombstones(&mut self, engine: &dyn KvEngine) -> Result<(), StorageFailure> {
-        let clock_ms = codec::version_ms(self.state.hlc).max(self.state.stamp_ms);
-        let retained = clock_ms.saturating_sub(TOMBSTONE_RETAIN_MS) << codec::VERSION_MS_SHIFT;
-        let horizon = self
-            .dup
-            .dups
-            .iter()
-            .map(|d| d.confirmed_version)
-            .chain(self.dup.origins.iter().map(|o| o.watermark))
-            .chain([retained])
-            .min()
-            .expect("one at least");
+        let horizon = version_horizon(&self.dup, &self.state);
         if horizon == 0 {
             return Ok(());
         }
@@ -816,7 +820,7 @@ impl ApplyBatch {
                 return self.check_and_mutate(engine, &cam, now);
             }
             Some(Op::CheckAndMutate(cam)) => return self.check_and_mutate(engine, cam, now),
-            Some(Op::DupApply(apply)) => return self.dup_apply(engine, apply, now),
+            Some(Op::DupApply(apply)) => return self.dup_apply(engine, apply),
             Some(Op::DupSync(sync)) => return self.dup_sync(engine, sync),
             Some(Op::DupConfirm(confirm)) => return self.dup_confirm(engine, confirm),
         }
@@ -825,16 +829,26 @@ impl ApplyBatch {
 }
 
 /// The highest version stored for a data key, expired or not: its value's or its tombstone's.
-fn stored_version(get: impl Fn(&[u8]) -> Result<Option<Vec<u8>>, TernError>, data_key: &[u8]) -> Result<u64, TernError> {
+fn stored_version<E: From<TernError>>(get: impl Fn(&[u8]) -> Result<Option<Vec<u8>>, E>, data_key: &[u8]) -> Result<u64, E> {
     let value = match get(data_key)? {
         Some(stored) => codec::decode_stored(&stored)?.version,
         None => 0,
     };
     let tombstone = match get(&keys::tombstone_key(data_key))? {
-        Some(v) => u64::from_be_bytes(v.try_into().map_err(|v: Vec<u8>| TernError::Corruption(format!("tombstone of {} bytes", v.len())))?),
+        Some(v) => decode_tombstone(v)?,
         None => 0,
     };
     Ok(value.max(tombstone))
+}
+
+/// A tombstone's stored value: a stored value with no data, only its version (checksummed like
+/// every stored value: a damaged one is a storage failure, never a wrong version).
+pub fn encode_tombstone(version: u64) -> Vec<u8> {
+    codec::encode_versioned(0, version, &[])
+}
+
+pub fn decode_tombstone(v: Vec<u8>) -> Result<u64, TernError> {
+    Ok(codec::decode_stored(&v)?.version)
 }
 
 /// Integers are stored as decimal text (like Redis and Pegasus), so `get` shows them readably.
@@ -1202,7 +1216,7 @@ mod tests {
         let mut out = Vec::new();
         sm.engine()
             .scan(&keys::change_log_key(0), Some(&keys::change_log_end()), &mut |k, v| {
-                out.push((keys::change_log_index(k).unwrap(), DupLogEntry::decode(v).unwrap()));
+                out.push((keys::change_log_index(k).unwrap(), DupLogEntry::decode(codec::decode_value(v).unwrap().1).unwrap()));
                 true
             })
             .unwrap();
@@ -1305,7 +1319,7 @@ mod tests {
         apply(&mut sm, 2, command(1000, 0, 0, set("h", "a", "x", 0)));
         apply(&mut sm, 3, command(1000, 0, 0, Op::Del(MultiDel { hashkey: "h".into(), sortkeys: vec!["a".into()] })));
         let tombstone_key = keys::tombstone_key(&keys::data_key(b"h", b"a"));
-        let tombstone = u64::from_be_bytes(sm.engine().get(&tombstone_key).unwrap().unwrap().try_into().unwrap());
+        let tombstone = decode_tombstone(sm.engine().get(&tombstone_key).unwrap().unwrap()).unwrap();
         apply(&mut sm, 4, command(1000, 0, 0, Op::DupConfirm(DupConfirm { dup_id: 7, index: 3, version: tombstone, full_copy_done: true })));
         apply(&mut sm, 5, command(1000, 0, 0, dup_apply(1, vec![], tombstone)));
         let later = 1000 + TOMBSTONE_RETAIN_MS;

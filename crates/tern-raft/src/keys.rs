@@ -134,11 +134,22 @@ pub fn dedup_seq(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(seq.try_into().ok()?))
 }
 
-/// Records whose value header says they have expired: user records, remembered results and floors.
-/// The apply state and anything unrecognised are always kept.
-pub fn is_expired_record(key: &[u8], value: &[u8], now_unix_ms: u64) -> bool {
-    let ttl_bearing = key.first() == Some(&DATA_PREFIX) || key.starts_with(DEDUP_PREFIX) || key.starts_with(DEDUP_FLOOR_PREFIX);
-    ttl_bearing && codec::peek_expire_at_ms(value).is_some_and(|e| codec::is_expired(e, now_unix_ms))
+/// Records compaction may drop: remembered results and floors whose value header says they have
+/// expired by the horizon's time, and user records too when their version is also below the
+/// horizon's version (while a partition takes part in duplication, an expired record's version
+/// still decides which duplicated write wins, until no older one can arrive; see
+/// `apply::StateMachine::version_horizon`). The apply state and anything unrecognised are kept.
+pub fn is_expired_record(key: &[u8], value: &[u8], horizon: tern_engine::Horizon) -> bool {
+    let expired = || codec::peek_expire_at_ms(value).is_some_and(|e| codec::is_expired(e, horizon.unix_ms));
+    if key.first() == Some(&DATA_PREFIX) {
+        return expired() && codec::peek_version(value) < horizon.version;
+    }
+    (key.starts_with(DEDUP_PREFIX) || key.starts_with(DEDUP_FLOOR_PREFIX)) && expired()
+}
+
+/// Whether a record is expired at `now_unix_ms` (for reading: whatever its version).
+pub fn is_expired_at(key: &[u8], value: &[u8], now_unix_ms: u64) -> bool {
+    is_expired_record(key, value, tern_engine::Horizon { unix_ms: now_unix_ms, version: u64::MAX })
 }
 
 #[cfg(test)]
@@ -150,12 +161,18 @@ mod tests {
     fn expiry_filter_scope() {
         let expired = codec::encode_value(100, b"v");
         let live = codec::encode_value(0, b"v");
-        assert!(is_expired_record(&data_key(b"h", b"s"), &expired, 200));
-        assert!(!is_expired_record(&data_key(b"h", b"s"), &expired, 50));
-        assert!(!is_expired_record(&data_key(b"h", b"s"), &live, 200));
-        assert!(is_expired_record(&dedup_key(1, 2), &expired, 200));
-        assert!(is_expired_record(&dedup_floor_key(1), &expired, 200));
-        assert!(!is_expired_record(APPLY_STATE_KEY, &expired, 200));
+        assert!(is_expired_at(&data_key(b"h", b"s"), &expired, 200));
+        assert!(!is_expired_at(&data_key(b"h", b"s"), &expired, 50));
+        assert!(!is_expired_at(&data_key(b"h", b"s"), &live, 200));
+        assert!(is_expired_at(&dedup_key(1, 2), &expired, 200));
+        assert!(is_expired_at(&dedup_floor_key(1), &expired, 200));
+        assert!(!is_expired_at(APPLY_STATE_KEY, &expired, 200));
+        // A versioned user record goes only below the version horizon as well.
+        let versioned = codec::encode_versioned(100, 50, b"v");
+        let at = |version| tern_engine::Horizon { unix_ms: 200, version };
+        assert!(!is_expired_record(&data_key(b"h", b"s"), &versioned, at(50)), "its version may still decide a duplicated write");
+        assert!(is_expired_record(&data_key(b"h", b"s"), &versioned, at(51)));
+        assert!(is_expired_record(&dedup_key(1, 2), &expired, at(0)), "remembered results carry no version");
     }
 
     /// Dedup keys of one client sort by sequence number, so a range covers "every seq below N".

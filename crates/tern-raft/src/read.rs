@@ -153,7 +153,7 @@ pub fn checksum(engine: &dyn KvEngine, now_ms: u64) -> Result<(u64, u64), TernEr
     let mut mixer = Mixer::default();
     engine
         .scan(&[0x00, b'b'], None, &mut |k, v| {
-            if !keys::is_expired_record(k, v, now_ms) {
+            if !keys::is_expired_at(k, v, now_ms) {
                 mixer.record(&[k, v]);
             }
             true

@@ -1177,6 +1177,11 @@ async fn duplication_converges_both_ways_through_kills_and_a_cut_link() {
     let mut wrong_count = add(&b);
     wrong_count.remote_table = "other".into();
     assert!(tern_client::dup::add(&a.client, &wrong_count).await.unwrap_err().to_string().contains("must match"));
+    b.create_table("full", 4).await;
+    b.client.table("full").set(b"k", b"s", b"v", 0).await.unwrap();
+    let mut not_empty = add(&b);
+    not_empty.remote_table = "full".into();
+    assert!(tern_client::dup::add(&a.client, &not_empty).await.unwrap_err().to_string().contains("not empty"));
     let mut missing = add(&b);
     missing.remote_table = "nope".into();
     assert!(tern_client::dup::add(&a.client, &missing).await.unwrap_err().to_string().contains("create it there first"));

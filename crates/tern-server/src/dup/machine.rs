@@ -129,7 +129,7 @@ pub fn engine_records(
         } else {
             let data_key = keys::data_key_of_tombstone(k).ok_or_else(|| TernError::Corruption("malformed tombstone key".into()))?;
             let (hashkey, sortkey) = codec::decode_key(&data_key[1..])?;
-            let version = u64::from_be_bytes(v.try_into().map_err(|_| TernError::Corruption(format!("tombstone of {} bytes", v.len())))?);
+            let version = tern_raft::apply::decode_tombstone(v.to_vec())?;
             DupRecord { hashkey: hashkey.to_vec().into(), sortkey: sortkey.to_vec().into(), version, delete: true, ..Default::default() }
         };
         take(record, batch, bytes)

@@ -16,7 +16,7 @@
 
 mod machine;
 
-pub use machine::{batches, copied_by, engine_records, plan, Action, PartitionShipper, Step};
+pub use machine::{batches, copied_by, engine_records, plan, Action, PartitionShipper, Step, READ_BYTES_MAX, READ_ENTRIES_MAX};
 
 use crate::backup::{flush, WorkDir};
 use parking_lot::Mutex;

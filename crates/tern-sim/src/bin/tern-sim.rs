@@ -34,6 +34,10 @@ struct Cli {
     /// Nodes in the cluster (3 to 7; default 3, or 4 with --scheduler).
     #[arg(long)]
     nodes: Option<usize>,
+    /// 2: two clusters duplicating into each other (without --scheduler), their link cut now and
+    /// then; at the end both must hold the same records.
+    #[arg(long, default_value_t = 1)]
+    clusters: usize,
 }
 
 fn main() -> ExitCode {
@@ -50,9 +54,14 @@ fn main() -> ExitCode {
         eprintln!("--nodes must be between 3 and 7 (partitions have three replicas)");
         return ExitCode::from(2);
     }
-    let (scheduler, operations, faults, nodes) = (cli.scheduler, cli.operations, !cli.no_faults, cli.nodes);
+    if !(1..=2).contains(&cli.clusters) || (cli.clusters == 2 && cli.scheduler) {
+        eprintln!("--clusters is 1 or 2, and 2 runs without --scheduler");
+        return ExitCode::from(2);
+    }
+    let (scheduler, operations, faults, nodes, clusters) = (cli.scheduler, cli.operations, !cli.no_faults, cli.nodes, cli.clusters);
     let config = move |seed: u64| {
         let mut cfg = if scheduler { tern_sim::SimConfig::with_scheduler(seed) } else { tern_sim::SimConfig::new(seed) };
+        cfg.clusters = clusters;
         cfg.nodes = nodes.unwrap_or(cfg.nodes);
         cfg.operations = operations;
         cfg.faults = faults;

@@ -27,6 +27,8 @@ pub(super) struct ClientIdentity {
 pub(super) struct SimClient {
     /// Index into the world's identities.
     pub(super) identity: usize,
+    /// The cluster whose table it uses (0, or 1 with two clusters).
+    pub(super) cluster: usize,
     pub(super) rng: SeededRandom,
     pub(super) leaders: LeaderTable,
     pub(super) pending: Option<Pending>,
@@ -36,6 +38,14 @@ pub(super) struct SimClient {
 }
 
 pub(super) const HASHKEYS: [&[u8]; 3] = [b"h0", b"h1", b"h2"];
+/// The second cluster's clients use hashkeys of their own: each cluster's history stays
+/// linearizable by itself (duplication only adds the other cluster's keys, which its clients
+/// never read).
+const HASHKEYS_SECOND: [&[u8]; 3] = [b"g0", b"g1", b"g2"];
+/// With two clusters, both write this hashkey: conflicting writes that last-writer-wins must
+/// settle identically on both sides. Like TTL records, they stay out of the history (reads of them
+/// are not linearizable across clusters); the clusters' final comparison checks them.
+pub(super) const SHARED_HASHKEY: &[u8] = b"x";
 pub(super) const SORTKEYS: [&[u8]; 2] = [b"a", b"b"];
 pub(super) const COUNTER: &[u8] = b"n";
 /// Records written with a TTL live under this hashkey. The checker has no model of time, so these
@@ -72,11 +82,21 @@ impl World {
             let hashkey = HASHKEYS[rng.range(0, HASHKEYS.len() as u64) as usize].to_vec();
             return (hashkey, Input::Get { sortkey: SORTKEYS[rng.range(0, SORTKEYS.len() as u64) as usize].to_vec() });
         }
+        let two_clusters = self.cfg.clusters == 2;
         let c = &mut self.clients[client];
+        let keys = if c.cluster == 0 { HASHKEYS } else { HASHKEYS_SECOND };
         let rng = &mut c.rng;
-        let hashkey = HASHKEYS[rng.range(0, HASHKEYS.len() as u64) as usize].to_vec();
+        let hashkey = keys[rng.range(0, keys.len() as u64) as usize].to_vec();
         let sortkey = SORTKEYS[rng.range(0, SORTKEYS.len() as u64) as usize].to_vec();
         let value = format!("c{client}-{}", self.issued).into_bytes();
+        if two_clusters && rng.range(0, 100) < 15 {
+            let input = match rng.range(0, 4) {
+                0 | 1 => Input::Set { sortkey, value },
+                2 => Input::Del { sortkey },
+                _ => Input::Incr { sortkey: COUNTER.to_vec(), delta: 1 },
+            };
+            return (SHARED_HASHKEY.to_vec(), input);
+        }
         if rng.range(0, 100) < 8 {
             // Sets expire within seconds; incrs find the record alive or gone depending on the time
             // the log says it is.
@@ -173,8 +193,9 @@ impl World {
         let node = c.leaders.leader(partition);
         p.attempt = attempt;
         p.node = node;
-        let group = GroupId::new(TABLE_ID, partition);
-        let pref = Some(tern_proto::PartitionRef { table_id: TABLE_ID, partition, partition_count: partitions });
+        let table_id = Self::table_of(c.cluster);
+        let group = GroupId::new(table_id, partition);
+        let pref = Some(tern_proto::PartitionRef { table_id, partition, partition_count: partitions });
         let bytes = |b: &[u8]| bytes::Bytes::copy_from_slice(b);
         let hk = bytes(&p.hashkey);
         let ttl_seconds = if p.hashkey == TTL_HASHKEY { 1 + (p.seq % 3) as u32 } else { 0 };
@@ -310,7 +331,7 @@ impl World {
         if !is_read {
             self.identities[c.identity].sequencer.finish(p.seq);
         }
-        if (output.is_some() || !is_read) && p.hashkey != TTL_HASHKEY {
+        if (output.is_some() || !is_read) && p.hashkey != TTL_HASHKEY && p.hashkey != SHARED_HASHKEY {
             self.history.push(Operation { client: client as u64, hashkey: p.hashkey, input: p.input, output, call: p.started, ret: now });
         }
         let think = c.rng.range(0, 80);

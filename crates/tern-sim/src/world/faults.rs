@@ -44,6 +44,9 @@ pub enum Fault {
     CutTransferSender(NodeId),
     /// A node's links, cut by `CutTransferSender`, are restored (other cuts stay).
     Rejoin(NodeId),
+    /// Two clusters: every link between them is cut (until `Heal`): duplication stops, both take
+    /// writes.
+    CutClusters,
     HealAll,
 }
 
@@ -64,7 +67,7 @@ impl World {
         }
         let mut rng = SeededRandom::new(self.cfg.seed ^ 0xFA17);
         let mut t = rng.range(500, 1500);
-        let n = self.cfg.nodes as u64;
+        let n = (self.cfg.nodes * self.cfg.clusters) as u64;
         let mut planned = Vec::new();
         while t < self.cfg.fault_phase_ms {
             let node = rng.range(1, n + 1);
@@ -98,6 +101,18 @@ impl World {
                 }
             }
             t += rng.range(500, 2500);
+        }
+        if self.cfg.clusters == 2 {
+            // The link between the clusters goes down for seconds at a time, from a generator of
+            // its own.
+            let mut rng = SeededRandom::new(self.cfg.seed ^ 0xC0717);
+            let mut t = rng.range(1_000, 3_000);
+            while t < self.cfg.fault_phase_ms {
+                let length = rng.range(1_000, 4_000);
+                planned.push((t, Fault::CutClusters));
+                planned.push((t + length, Fault::Heal));
+                t += length + rng.range(1_000, 4_000);
+            }
         }
         if self.cfg.scheduler {
             // Outages long enough for meta to replace replicas, and meta outages, from their own
@@ -230,6 +245,17 @@ impl World {
                 })
             }
             Fault::Rejoin(node) => net(&|w: &mut Network| w.cut.retain(|(a, b)| *a != node && *b != node)),
+            Fault::CutClusters => {
+                let n = self.cfg.nodes as u64;
+                net(&|w: &mut Network| {
+                    for a in 1..=n {
+                        for b in n + 1..=2 * n {
+                            w.cut.insert((a, b));
+                            w.cut.insert((b, a));
+                        }
+                    }
+                })
+            }
             Fault::Pause(node, length) => {
                 let i = self.node_index(node);
                 self.nodes[i].paused_until = self.now.load(Ordering::SeqCst) + length;

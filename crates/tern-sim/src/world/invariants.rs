@@ -101,6 +101,13 @@ impl World {
             if round == SETTLE_ROUNDS_MAX {
                 let statuses = self.replica_statuses();
                 for (group, replicas) in differences {
+                    if self.cfg.clusters == 2 {
+                        for i in 0..self.cfg.nodes * 2 {
+                            if Self::table_of(self.cluster_of(self.nodes[i].id)) == GroupId(group).table_id() {
+                                self.dump_records(i, GroupId(group).partition());
+                            }
+                        }
+                    }
                     self.failures.push(format!("replicas of group {} differ after settling: {replicas:?}{statuses}", GroupId(group)));
                     self.dump_replicas(group);
                 }
@@ -154,7 +161,8 @@ impl World {
         // replica reads no earlier than it, and replicas at one applied index share it), which
         // hides the fewest records from the comparison.
         let at_unix_ms = 1;
-        let mut groups: Vec<GroupId> = (0..self.cfg.partitions).map(|p| GroupId::new(TABLE_ID, p)).collect();
+        let mut groups: Vec<GroupId> =
+            (0..self.cfg.clusters).flat_map(|c| (0..self.cfg.partitions).map(move |p| GroupId::new(Self::table_of(c), p))).collect();
         if self.meta.is_some() {
             groups.push(tern_meta::keeper::CATALOG_GROUP);
         }
@@ -186,8 +194,8 @@ impl World {
         }
         for (group, mut replicas) in by_group {
             let expected = match &catalog {
-                None if self.meta.is_none() => self.nodes.len(),
-                None => replicas.len(), // meta is not serving: reported above
+                None if self.meta.is_none() => self.cfg.nodes, // each cluster's nodes host its table
+                None => replicas.len(),                        // meta is not serving: reported above
                 Some(_) if group == tern_meta::keeper::CATALOG_GROUP.0 => META_NODES,
                 Some(c) => {
                     // Only the voters meta lists must agree; a replica being destroyed may lag.

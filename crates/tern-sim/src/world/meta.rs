@@ -133,17 +133,19 @@ impl World {
     /// Without the scheduler: every node hosts every partition of the table from the start.
     pub(super) fn create_partitions(&mut self) {
         let n = self.cfg.nodes as u64;
-        for index in 0..self.cfg.nodes {
+        for index in 0..self.cfg.nodes * self.cfg.clusters {
             let node = self.nodes[index].id;
+            let cluster = self.cluster_of(node);
+            let first = cluster as u64 * n; // the cluster's nodes are first + 1 ..= first + n
             let specs = (0..self.cfg.partitions)
                 .map(|p| ReplicaSpec {
-                    group: GroupId::new(TABLE_ID, p),
-                    peer_id: p as u64 * n + node,
-                    peers: (1..=n).map(|m| (p as u64 * n + m, m)).collect(),
+                    group: GroupId::new(Self::table_of(cluster), p),
+                    peer_id: p as u64 * n + node - first,
+                    peers: (1..=n).map(|m| (p as u64 * n + m, first + m)).collect(),
                     learners: vec![],
                     initial: true,
                     partition_count: self.cfg.partitions,
-                    preferred_leader: 1 + (p as u64 % n) == node,
+                    preferred_leader: first + 1 + (p as u64 % n) == node,
                     preferred_leader_peer: 0,
                 })
                 .collect();

@@ -13,6 +13,7 @@
 
 mod clients;
 mod disk;
+mod dup;
 mod faults;
 mod invariants;
 mod meta;
@@ -89,6 +90,10 @@ pub struct SimConfig {
     pub script: Option<Vec<(u64, Fault)>>,
     /// Clients only read during this window of virtual time (ms): some bugs need a quiet log.
     pub reads_only: Option<(u64, u64)>,
+    /// 2: a second cluster of `nodes` servers (ids after the first's) with its own table, the two
+    /// duplicating into each other through the production shipper (`tern_server::dup`); the link
+    /// between them is cut now and then, and at the end both must hold the same records.
+    pub clusters: usize,
 }
 
 impl SimConfig {
@@ -106,7 +111,13 @@ impl SimConfig {
             planted: PlantedBugs::default(),
             script: None,
             reads_only: None,
+            clusters: 1,
         }
+    }
+
+    /// Two clusters duplicating into each other.
+    pub fn with_two_clusters(seed: u64) -> SimConfig {
+        SimConfig { clusters: 2, ..SimConfig::new(seed) }
     }
 
     /// Four nodes with meta's scheduler moving replicas among them.
@@ -157,6 +168,27 @@ enum Event {
     Fault(Fault),
     /// Meta's scheduling pass and heartbeat answers.
     MetaTick,
+    /// A node looks for partitions it leads that need a duplication shipper.
+    ShipTick {
+        node: NodeId,
+        epoch: u64,
+    },
+    /// What a shipper waited for happened.
+    Shipper {
+        node: NodeId,
+        group: GroupId,
+        token: u64,
+        outcome: dup::ShipOutcome,
+    },
+    /// A batch of duplicated records arrives at a node of the other cluster.
+    DupRequest {
+        to: NodeId,
+        group: GroupId,
+        apply: tern_proto::DupApply,
+        from: NodeId,
+        from_group: GroupId,
+        token: u64,
+    },
     /// The node's oldest raft-log write in progress becomes durable.
     LogSynced {
         node: NodeId,
@@ -177,6 +209,11 @@ impl Event {
             Event::ClientRetry { client, attempt } => format!("client {client} retry after attempt {attempt}"),
             Event::Fault(f) => format!("fault {f:?}"),
             Event::MetaTick => "meta tick".to_string(),
+            Event::ShipTick { node, .. } => format!("ship tick node {node}"),
+            Event::Shipper { node, group, outcome, .. } => format!("shipper node {node} group {group}: {outcome:?}"),
+            Event::DupRequest { to, group, from, apply, .. } => {
+                format!("dup batch {}->{to} group {group} origin index {} ({} records)", from, apply.origin_index, apply.records.len())
+            }
             Event::LogSynced { node, .. } => format!("log synced node {node}"),
         }
     }
@@ -195,6 +232,9 @@ impl Event {
             Event::ClientRetry { client, attempt } => 8 + ((*client as u64) << 16) + (attempt << 24),
             Event::Fault(_) => 9,
             Event::MetaTick => 10,
+            Event::ShipTick { node, .. } => 12 + (*node << 8),
+            Event::Shipper { node, group, token, .. } => 13 + (*node << 8) + (group.0 << 16) + (token << 40),
+            Event::DupRequest { to, group, token, .. } => 14 + (*to << 8) + (group.0 << 16) + (token << 40),
             Event::LogSynced { node, .. } => 11 + (*node << 8),
         }
     }
@@ -259,6 +299,8 @@ pub struct World {
     healed_at: Option<u64>,
     /// Meta's nodes, when the scheduler runs.
     meta: Option<MetaWorld>,
+    /// Duplication between two clusters, when there are two.
+    dup: dup::DupWorld,
 }
 
 impl Node {
@@ -311,8 +353,9 @@ impl World {
         }));
         // Drawn from its own stream so that the rest of a run's randomness does not shift with it.
         let mut drift_rng = SeededRandom::new(cfg.seed ^ 0xD21F7);
+        assert!(cfg.clusters == 1 || (cfg.clusters == 2 && !cfg.scheduler), "two clusters run without meta's scheduler");
         let meta_nodes = if cfg.scheduler { META_NODES } else { 0 };
-        let nodes: Vec<Node> = (1..=(cfg.nodes + meta_nodes) as u64)
+        let nodes: Vec<Node> = (1..=(cfg.nodes * cfg.clusters + meta_nodes) as u64)
             .map(|id| {
                 let files = Arc::new(MemoryFileSystem::new());
                 let engines = Arc::new(MemoryEngineFactory::with_file_system(Some(tern_raft::keys::is_expired_record), files.clone()));
@@ -337,13 +380,18 @@ impl World {
             })
             .collect();
         shared.lock().files = nodes.iter().map(|n| (n.id, n.files.clone())).collect();
-        // Clients know every node: a partition's replicas may move (the client follows hints).
-        let replicas: Vec<NodeId> = (1..=cfg.nodes as u64).collect();
+        // Clients know every node of their cluster: a partition's replicas may move (the client
+        // follows hints). With two clusters, clients alternate between them.
         let clients = (0..cfg.clients)
             .map(|i| SimClient {
                 identity: i / SESSIONS_PER_CLIENT,
+                cluster: i % cfg.clusters,
                 rng: SeededRandom::new(cfg.seed ^ (0xC11E47 + i as u64)),
-                leaders: LeaderTable::new((0..cfg.partitions).map(|p| (replicas.clone(), 1 + (p as u64 % cfg.nodes as u64))).collect()),
+                leaders: {
+                    let first = (i % cfg.clusters * cfg.nodes) as u64;
+                    let replicas: Vec<NodeId> = (first + 1..=first + cfg.nodes as u64).collect();
+                    LeaderTable::new((0..cfg.partitions).map(|p| (replicas.clone(), first + 1 + (p as u64 % cfg.nodes as u64))).collect())
+                },
                 pending: None,
                 verification: Vec::new(),
                 finished: false,
@@ -383,6 +431,7 @@ impl World {
             committed_checked: BTreeMap::new(),
             healed_at: None,
             meta: None,
+            dup: Default::default(),
         };
         if world.cfg.scheduler {
             // Meta creates the table; clients start once it has (see `meta`).
@@ -400,6 +449,17 @@ impl World {
         }
         world.plan_faults();
         world
+    }
+
+    /// The cluster a server node belongs to (0, or 1 for the second of two).
+    fn cluster_of(&self, node: NodeId) -> usize {
+        ((node - 1) as usize / self.cfg.nodes).min(self.cfg.clusters - 1)
+    }
+
+    /// The table each cluster's clients use (the two clusters' tables get different ids, as two
+    /// real clusters' tables may).
+    fn table_of(cluster: usize) -> u32 {
+        TABLE_ID + cluster as u32
     }
 
     fn store_config(planted: PlantedBugs) -> StoreConfig {
@@ -421,8 +481,11 @@ impl World {
         let clock = Arc::new(node.clock(&self.now));
         let seed = node_seed(self.cfg.seed, node.id, node.epoch);
         let disks = NodeDisks { log: node.log.clone(), engines: node.engines.clone(), files: node.files.clone() };
+        let mut store_cfg = Self::store_config(self.cfg.planted);
+        // Each cluster has its id, whose tag versions its writes.
+        store_cfg.replica.cluster_id = Arc::new(AtomicU64::new(1 + ((node.id - 1) as usize / self.cfg.nodes).min(self.cfg.clusters - 1) as u64));
         let store = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Store::open(node.id, node.dir.clone(), disks, clock, seed, Self::store_config(self.cfg.planted), Box::new(transport))
+            Store::open(node.id, node.dir.clone(), disks, clock, seed, store_cfg, Box::new(transport))
         }));
         match store {
             Ok(Ok(mut s)) => {
@@ -444,6 +507,9 @@ impl World {
         self.shared.lock().schedule(offset, Event::Tick { node: id, epoch });
         if self.is_meta(index) {
             self.start_keeper(index);
+        }
+        if self.cfg.clusters == 2 {
+            self.shared.lock().schedule(offset, Event::ShipTick { node: id, epoch });
         }
     }
 
@@ -568,6 +634,9 @@ impl World {
         }
         let end = self.now.load(Ordering::SeqCst);
         self.settle_and_compare_replicas();
+        if self.cfg.clusters == 2 && self.failures.is_empty() {
+            self.settle_and_compare_clusters();
+        }
         let verdict = checker::check(&self.history, 2_000_000);
         SimReport {
             seed: self.cfg.seed,
@@ -594,6 +663,7 @@ impl World {
         match event {
             Event::Raft { group, message, .. } => (group.0 << 20) ^ message.from,
             Event::Request { client, .. } => 0xC11E_0000 + *client as u64,
+            Event::DupRequest { from, .. } => 0xD0B0_0000 + *from,
             _ => 0x7133,
         }
     }
@@ -601,9 +671,13 @@ impl World {
     fn target(event: &Event) -> Option<NodeId> {
         match event {
             Event::Raft { to, .. } => Some(*to),
-            Event::SnapshotReport { node, .. } | Event::Tick { node, .. } | Event::Request { node, .. } | Event::LogSynced { node, .. } => {
-                Some(*node)
-            }
+            Event::SnapshotReport { node, .. }
+            | Event::Tick { node, .. }
+            | Event::Request { node, .. }
+            | Event::LogSynced { node, .. }
+            | Event::ShipTick { node, .. }
+            | Event::Shipper { node, .. } => Some(*node),
+            Event::DupRequest { to, .. } => Some(*to),
             _ => None,
         }
     }
@@ -672,6 +746,9 @@ impl World {
             }
             Event::Fault(f) => self.apply_fault(f),
             Event::MetaTick => self.meta_tick(),
+            Event::ShipTick { node, epoch } => self.ship_tick(node, epoch),
+            Event::Shipper { node, group, token, outcome } => self.on_ship_outcome(node, group, token, outcome),
+            Event::DupRequest { to, group, apply, from, from_group, token } => self.serve_dup_request(to, group, apply, from, from_group, token),
             Event::LogSynced { node, epoch } => {
                 let i = self.node_index(node);
                 if self.nodes[i].epoch != epoch || self.nodes[i].store.is_none() {
