@@ -24,8 +24,10 @@ pub const DEDUP_GC_CHUNK: u64 = 1024;
 /// Tombstones are kept at least this long (by the partition's clock) after the delete, whatever
 /// duplication has confirmed: a batch delayed in flight still meets the delete it lost to.
 pub const TOMBSTONE_RETAIN_MS: u64 = 10 * 60 * 1000;
-/// Tombstones collected by one entry at most (the rest go with later ones).
+/// Tombstones one entry collects at most (the rest go with later ones), or as many as it made.
 const TOMBSTONES_COLLECTED_PER_ENTRY: usize = 1024;
+/// The change log is let go of in chunks of this many indexes.
+const CHANGE_LOG_GC_CHUNK: u64 = 256;
 
 /// What the engine records about how far the state machine has got.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -90,18 +92,49 @@ pub struct PendingSync {
     pub version_horizon: u64,
 }
 
-/// The version below which no duplicated write can arrive any more (so tombstones and expired
-/// records below it decide nothing): every duplication of the partition has delivered its own
-/// writes up to it, every cluster duplicating into it has delivered its writes up to it, and it is
-/// TOMBSTONE_RETAIN_MS behind the partition's clock. Without duplications either way, nothing
-/// arrives: no bound.
+/// Whether the partition takes part in duplication (ships to another cluster, or has received
+/// from one).
+fn participating(dup: &PartitionDupState) -> bool {
+    !dup.dups.is_empty() || !dup.origins.is_empty()
+}
+
+/// TOMBSTONE_RETAIN_MS behind the log's clock, as a version.
+fn retained_horizon(state: &ApplyState) -> u64 {
+    state.stamp_ms.saturating_sub(TOMBSTONE_RETAIN_MS) << codec::VERSION_MS_SHIFT
+}
+
+/// The version horizon: an expired record or a tombstone below it decides nothing any more, so it
+/// counts as absent and may go (compaction drops such expired records; apply collects such
+/// tombstones). It only grows, so whatever one replica's compaction dropped (by the horizon of a
+/// state it synced earlier) every replica counts as absent now. Without duplication either way it
+/// runs TOMBSTONE_RETAIN_MS behind the log's clock; with duplication it is kept in the replicated
+/// state (`PartitionDupState.horizon`, see `ApplyBatch::raise_horizon`).
 pub fn version_horizon(dup: &PartitionDupState, state: &ApplyState) -> u64 {
-    if dup.dups.is_empty() && dup.origins.is_empty() {
-        return u64::MAX;
+    if participating(dup) {
+        dup.horizon
+    } else {
+        retained_horizon(state)
     }
-    let clock_ms = codec::version_ms(state.hlc).max(state.stamp_ms);
-    let retained = clock_ms.saturating_sub(TOMBSTONE_RETAIN_MS) << codec::VERSION_MS_SHIFT;
-    dup.dups.iter().map(|d| d.confirmed_version).chain(dup.origins.iter().map(|o| o.watermark)).chain([retained]).min().expect("one at least")
+}
+
+/// Whether a stored record counts as absent at `now_ms`: expired, and below the version horizon.
+pub fn counts_as_absent(expire_at_ms: u64, version: u64, now_ms: u64, horizon: u64) -> bool {
+    codec::is_expired(expire_at_ms, now_ms) && version < horizon
+}
+
+/// The apply state and duplication state an engine holds (a checkpoint's, for a full copy).
+pub fn replicated_state(engine: &dyn KvEngine) -> Result<(ApplyState, PartitionDupState), TernError> {
+    let state = match engine.get(keys::APPLY_STATE_KEY).map_err(engine_error)? {
+        Some(bytes) => ApplyState::decode(&bytes)?,
+        None => ApplyState::default(),
+    };
+    let dup = match engine.get(keys::DUP_STATE_KEY).map_err(engine_error)? {
+        Some(bytes) => {
+            PartitionDupState::decode(codec::decode_value(&bytes)?.1).map_err(|e| TernError::Corruption(format!("duplication state: {e}")))?
+        }
+        None => PartitionDupState::default(),
+    };
+    Ok((state, dup))
 }
 
 /// The state machine could not read or decode what it needs to apply an entry (an engine I/O error,
@@ -176,12 +209,7 @@ impl StateMachine {
         // What was read may not be durable yet (an engine reopened without a crash): sync before
         // letting compaction expire by it.
         engine.sync().map_err(engine_error)?;
-        let dup = match engine.get(keys::DUP_STATE_KEY).map_err(engine_error)? {
-            Some(bytes) => {
-                PartitionDupState::decode(codec::decode_value(&bytes)?.1).map_err(|e| TernError::Corruption(format!("duplication state: {e}")))?
-            }
-            None => PartitionDupState::default(),
-        };
+        let (_, dup) = replicated_state(engine.as_ref())?;
         engine.set_expiry_horizon(tern_engine::Horizon { unix_ms: state.stamp_ms, version: version_horizon(&dup, &state) });
         Ok(StateMachine { engine, state, sessions: HashMap::new(), dup, expiry_by_local_clock: false })
     }
@@ -245,6 +273,12 @@ impl StateMachine {
         let mut entries = Vec::new();
         let mut bytes = 0;
         let mut failure = None;
+        if after.saturating_add(1) < self.dup.log_start {
+            return Err(TernError::Unavailable(format!(
+                "the change log no longer holds the entries after {after} (it starts at {}): the duplication has moved on",
+                self.dup.log_start
+            )));
+        }
         let start = keys::change_log_key(after.saturating_add(1).max(self.dup.log_start));
         self.engine
             .scan(&start, Some(&keys::change_log_end()), &mut |k, v| {
@@ -426,6 +460,7 @@ impl ApplyBatch {
         let version = self.entry_version();
         self.put(keys::data_key(hashkey, sortkey), codec::encode_versioned(expire_at_ms, version, value));
         if self.recording() {
+            self.forget_effect(hashkey, sortkey);
             self.entry.effects.push(DupRecord {
                 hashkey: hashkey.to_vec().into(),
                 sortkey: sortkey.to_vec().into(),
@@ -445,6 +480,7 @@ impl ApplyBatch {
         if self.recording() {
             let version = self.entry_version();
             self.put_tombstone(engine, &key, version)?;
+            self.forget_effect(hashkey, sortkey);
             self.entry.effects.push(DupRecord {
                 hashkey: hashkey.to_vec().into(),
                 sortkey: sortkey.to_vec().into(),
@@ -454,6 +490,13 @@ impl ApplyBatch {
             });
         }
         Ok(())
+    }
+
+    /// An entry that writes one key twice (a multi-set naming a sortkey twice, a check-and-mutate
+    /// setting and deleting it) ships only the last: both share the entry's version, and the other
+    /// cluster would keep the first.
+    fn forget_effect(&mut self, hashkey: &[u8], sortkey: &[u8]) {
+        self.entry.effects.retain(|e| e.hashkey[..] != *hashkey || e.sortkey[..] != *sortkey);
     }
 
     /// The version of the tombstone at a data key, if any.
@@ -474,8 +517,44 @@ impl ApplyBatch {
     /// later write wins even if it has expired: the other cluster drops an older write on it
     /// too), or its tombstone's. Expired records stay until compaction may drop them, which is
     /// not before `version_horizon` passes them: every replica sees the same versions.
-    fn current_version(&self, engine: &dyn KvEngine, data_key: &[u8]) -> Result<u64, StorageFailure> {
-        stored_version(|k| self.get(engine, k), data_key)
+    fn current_version(&self, engine: &dyn KvEngine, data_key: &[u8], now: u64) -> Result<u64, StorageFailure> {
+        let horizon = version_horizon(&self.dup, &self.state);
+        let value = match self.get(engine, data_key)? {
+            Some(stored) => {
+                let s = codec::decode_stored(&stored)?;
+                if counts_as_absent(s.expire_at_ms, s.version, now, horizon) {
+                    0
+                } else {
+                    s.version
+                }
+            }
+            None => 0,
+        };
+        Ok(value.max(self.tombstone_version(engine, data_key)?.unwrap_or(0)))
+    }
+
+    /// Moves the version horizon after a duplication op: to the lowest of what every duplication
+    /// has delivered of this partition's own writes, what every origin has delivered of its own,
+    /// and TOMBSTONE_RETAIN_MS behind the log's clock; never back (a new duplication or origin
+    /// starts where the horizon already is: what it ships older than that meets records that may
+    /// be gone, and counts as they do).
+    fn raise_horizon(&mut self, was_participating: bool) {
+        let floor = if was_participating { self.dup.horizon } else { retained_horizon(&self.state) };
+        let computed = self
+            .dup
+            .dups
+            .iter()
+            .map(|d| d.confirmed_version)
+            .chain(self.dup.origins.iter().map(|o| o.watermark))
+            .chain([retained_horizon(&self.state)])
+            .min()
+            .expect("one at least");
+        let horizon = floor.max(computed);
+        if horizon != self.dup.horizon {
+            let mut dup = self.dup.clone();
+            dup.horizon = horizon;
+            self.set_dup(dup);
+        }
     }
 
     fn set_dup(&mut self, dup: PartitionDupState) {
@@ -485,13 +564,17 @@ impl ApplyBatch {
 
     /// Another cluster's records (or a restore's): each applies only if its version is newer than
     /// what the partition holds, and none goes into the change log (duplication does not echo).
-    fn dup_apply(&mut self, engine: &dyn KvEngine, apply: &DupApply) -> Result<WriteResponse, StorageFailure> {
-        let mut dup = self.dup.clone();
+    fn dup_apply(&mut self, engine: &dyn KvEngine, apply: &DupApply, now: u64) -> Result<WriteResponse, StorageFailure> {
+        let was_participating = participating(&self.dup);
+        // What the origin had said it delivered of its own before this batch.
+        let mut delivered = 0;
         if apply.origin_tag != 0 {
-            let origin = match dup.origins.iter().position(|o| o.tag == apply.origin_tag) {
+            let mut dup = self.dup.clone();
+            let key = |o: &OriginProgress| (o.tag, o.source_table) == (apply.origin_tag, apply.source_table);
+            let origin = match dup.origins.iter().position(key) {
                 Some(i) => &mut dup.origins[i],
                 None => {
-                    dup.origins.push(OriginProgress { tag: apply.origin_tag, ..Default::default() });
+                    dup.origins.push(OriginProgress { tag: apply.origin_tag, source_table: apply.source_table, ..Default::default() });
                     dup.origins.last_mut().expect("pushed")
                 }
             };
@@ -501,15 +584,26 @@ impl ApplyBatch {
                 }
                 origin.applied_index = apply.origin_index;
             }
+            delivered = origin.watermark;
             origin.watermark = origin.watermark.max(apply.watermark);
             self.set_dup(dup);
         }
+        let own_tag = self.entry.tag;
         let mut applied = 0;
         for r in &apply.records {
             let clock = r.version & !(codec::CLUSTER_TAG_MAX as u64);
             self.state.hlc = self.state.hlc.max(clock);
+            if apply.origin_tag != 0 {
+                let tag = codec::version_tag(r.version);
+                // This cluster's own writes come back only stale (it holds them, or what replaced
+                // them); the origin's own writes it said were delivered come again only stale too
+                // (an old checkpoint's copy, a deposed leader's batch).
+                if (tag == own_tag && own_tag != 0) || (tag == apply.origin_tag && r.version <= delivered) {
+                    continue;
+                }
+            }
             let key = keys::data_key(&r.hashkey, &r.sortkey);
-            if r.version <= self.current_version(engine, &key)? {
+            if r.version <= self.current_version(engine, &key, now)? {
                 continue;
             }
             if r.delete {
@@ -520,13 +614,15 @@ impl ApplyBatch {
             }
             applied += 1;
         }
-        self.collect_tombstones(engine)?;
+        self.raise_horizon(was_participating);
+        self.collect_tombstones(engine, apply.records.len())?;
         Ok(WriteResponse { count: applied, ..Default::default() })
     }
 
     /// The table's duplications as meta has them: new ones start with a full copy (the change log
     /// holds nothing from before them), removed ones are forgotten.
     fn dup_sync(&mut self, engine: &dyn KvEngine, sync: &DupSync) -> Result<WriteResponse, StorageFailure> {
+        let was_participating = participating(&self.dup);
         let index = self.entry.index;
         let mut dup = self.dup.clone();
         if dup.dups.is_empty() {
@@ -542,7 +638,8 @@ impl ApplyBatch {
         dup.log_entries_max = sync.log_entries_max;
         self.set_dup(dup);
         self.collect_change_log();
-        self.collect_tombstones(engine)?;
+        self.raise_horizon(was_participating);
+        self.collect_tombstones(engine, 0)?;
         Ok(WriteResponse::default())
     }
 
@@ -568,16 +665,22 @@ impl ApplyBatch {
         d.confirmed_version = d.confirmed_version.max(confirm.version);
         self.set_dup(dup);
         self.collect_change_log();
-        self.collect_tombstones(engine)?;
+        self.raise_horizon(true);
+        self.collect_tombstones(engine, 0)?;
         Ok(WriteResponse { set_done: true, ..Default::default() })
     }
 
     /// Records this entry's effects in the change log; a duplication left further behind than the
-    /// log may hold switches to a full copy, and the log lets go of what it no longer needs.
-    fn record_effects(&mut self) {
+    /// log may hold switches to a full copy, and the log lets go of what it no longer needs. While
+    /// the partition takes part in duplication, every entry also collects tombstones (at least as
+    /// many as it left), so they never pile up faster than they go.
+    fn record_effects(&mut self, engine: &dyn KvEngine) -> Result<(), StorageFailure> {
         let effects = std::mem::take(&mut self.entry.effects);
+        if participating(&self.dup) {
+            self.collect_tombstones(engine, effects.len())?;
+        }
         if effects.is_empty() || !self.recording() {
-            return;
+            return Ok(());
         }
         let index = self.entry.index;
         let entry = DupLogEntry { records: effects, hlc: self.state.hlc };
@@ -596,14 +699,20 @@ impl ApplyBatch {
             self.set_dup(dup);
             self.collect_change_log();
         }
+        Ok(())
     }
 
     /// Removes change-log entries every duplication is past (delivered, or covered by the full copy
     /// it waits for).
+    /// Removed in chunks of CHANGE_LOG_GC_CHUNK indexes (one range delete each), not at every
+    /// confirmation: range tombstones are costly to every later read of the engine.
     fn collect_change_log(&mut self) {
         let keep_from = self.dup.dups.iter().map(|d| if d.full_copy { d.full_copy_since } else { d.confirmed_index } + 1).min();
         let start = self.dup.log_start;
-        let end = keep_from.unwrap_or(u64::MAX); // no duplication: nothing is kept
+        let end = match keep_from {
+            None => u64::MAX, // no duplication: nothing is kept
+            Some(k) => k - k % CHANGE_LOG_GC_CHUNK,
+        };
         if end > start {
             let to = if end == u64::MAX { keys::change_log_end() } else { keys::change_log_key(end) };
             self.delete_range(keys::change_log_key(start), to);
@@ -616,13 +725,13 @@ impl ApplyBatch {
     /// Removes tombstones no duplication needs: delivered by every duplication of this partition,
     /// older than what every cluster that duplicates into it has delivered, and older than
     /// TOMBSTONE_RETAIN_MS by the partition's clock. At most TOMBSTONES_COLLECTED_PER_ENTRY.
-    fn collect_tombstones(&mut self, engine: &dyn KvEngine) -> Result<(), StorageFailure> {
+    fn collect_tombstones(&mut self, engine: &dyn KvEngine, at_least: usize) -> Result<(), StorageFailure> {
         let horizon = version_horizon(&self.dup, &self.state);
         if horizon == 0 {
             return Ok(());
         }
         let (start, end) = keys::tombstones_below(horizon);
-        for k in self.scan_keys(engine, &start, &end, TOMBSTONES_COLLECTED_PER_ENTRY)? {
+        for k in self.scan_keys(engine, &start, &end, TOMBSTONES_COLLECTED_PER_ENTRY.max(at_least))? {
             let Some((version, data_key)) = keys::parse_tombstone_by_version(&k) else {
                 return Err(StorageFailure(TernError::Corruption("malformed tombstone index key".into())));
             };
@@ -650,7 +759,7 @@ impl ApplyBatch {
     pub fn apply_command(&mut self, engine: &dyn KvEngine, index: u64, data: &[u8]) -> Result<WriteResponse, StorageFailure> {
         let command = RaftCommand::decode(data).map_err(|e| StorageFailure(TernError::Corruption(format!("undecodable raft command: {e}"))))?;
         let response = self.apply_decoded(engine, index, command)?;
-        self.record_effects();
+        self.record_effects(engine)?;
         Ok(response)
     }
 
@@ -820,7 +929,7 @@ impl ApplyBatch {
                 return self.check_and_mutate(engine, &cam, now);
             }
             Some(Op::CheckAndMutate(cam)) => return self.check_and_mutate(engine, cam, now),
-            Some(Op::DupApply(apply)) => return self.dup_apply(engine, apply),
+            Some(Op::DupApply(apply)) => return self.dup_apply(engine, apply, now),
             Some(Op::DupSync(sync)) => return self.dup_sync(engine, sync),
             Some(Op::DupConfirm(confirm)) => return self.dup_confirm(engine, confirm),
         }
@@ -1100,13 +1209,19 @@ mod tests {
         sm.engine().compact_all().unwrap();
         assert!(sm.engine().get(&keys::data_key(b"h", b"n")).unwrap().is_some(), "alive at the log's time 1000");
         assert_eq!(apply(&mut sm, 2, command(1500, 0, 0, incr(1))).new_value, 42);
+        // Expired records stay TOMBSTONE_RETAIN_MS past their version's time (the version horizon).
         let elsewhere = Op::Del(MultiDel { hashkey: "other".into(), sortkeys: vec!["x".into()] });
-        apply(&mut sm, 3, command(9000, 0, 0, elsewhere));
-        sm.engine().compact_all().unwrap();
-        assert!(sm.engine().get(&keys::data_key(b"h", b"n")).is_ok_and(|v| v.is_some()), "not before the log's time 9000 is durable");
+        apply(&mut sm, 3, command(9000, 0, 0, elsewhere.clone()));
         sync(&sm);
         sm.engine().compact_all().unwrap();
-        assert!(sm.engine().get(&keys::data_key(b"h", b"n")).unwrap().is_none(), "expired by the log's time 9000, synced");
+        assert!(sm.engine().get(&keys::data_key(b"h", b"n")).unwrap().is_some(), "expired, but its version is not below the horizon");
+        let later = 9000 + TOMBSTONE_RETAIN_MS;
+        apply(&mut sm, 4, command(later, 0, 0, elsewhere));
+        sm.engine().compact_all().unwrap();
+        assert!(sm.engine().get(&keys::data_key(b"h", b"n")).is_ok_and(|v| v.is_some()), "not before the log's later time is durable");
+        sync(&sm);
+        sm.engine().compact_all().unwrap();
+        assert!(sm.engine().get(&keys::data_key(b"h", b"n")).unwrap().is_none(), "expired by the log's time, below the horizon, synced");
     }
 
     /// A storage failure while applying (here a stored value whose checksum does not match) is not
@@ -1205,17 +1320,19 @@ mod tests {
     }
 
     fn dup_apply(origin_index: u64, records: Vec<DupRecord>, watermark: u64) -> Op {
-        Op::DupApply(DupApply { origin_tag: 2, origin_index, records, watermark })
+        Op::DupApply(DupApply { origin_tag: 2, origin_index, records, watermark, source_table: 9 })
     }
 
     fn version(ms: u64, logical: u64, tag: u64) -> u64 {
         (ms << codec::VERSION_MS_SHIFT) | (logical << codec::VERSION_TAG_BITS) | tag
     }
 
+    /// The change-log entries some duplication still needs (those below go in chunks).
     fn change_log(sm: &StateMachine) -> Vec<(u64, DupLogEntry)> {
+        let keep_from = sm.dup_state().dups.iter().map(|d| if d.full_copy { d.full_copy_since } else { d.confirmed_index } + 1).min();
         let mut out = Vec::new();
         sm.engine()
-            .scan(&keys::change_log_key(0), Some(&keys::change_log_end()), &mut |k, v| {
+            .scan(&keys::change_log_key(keep_from.unwrap_or(0)), Some(&keys::change_log_end()), &mut |k, v| {
                 out.push((keys::change_log_index(k).unwrap(), DupLogEntry::decode(codec::decode_value(v).unwrap().1).unwrap()));
                 true
             })
@@ -1258,7 +1375,7 @@ mod tests {
         assert_eq!((r.count, stored(&sm, "h", "a")), (0, None), "its tombstone beats an older write");
         let r = apply(&mut sm, 6, command(2001, 0, 0, dup_apply(4, vec![dup_record("h", "z", Some("again"), version(9000, 0, 2))], 0)));
         assert_eq!((r.count, stored(&sm, "h", "z")), (0, None), "a batch at or below the last applied from its origin is skipped");
-        assert_eq!(sm.dup_state().origins, vec![OriginProgress { tag: 2, applied_index: 4, watermark: 0 }]);
+        assert_eq!(sm.dup_state().origins, vec![OriginProgress { tag: 2, applied_index: 4, watermark: 0, source_table: 9 }]);
         assert!(change_log(&sm).is_empty(), "nothing is recorded without duplications");
     }
 

@@ -9,9 +9,11 @@
 //! - `0x00 'c' ++ index (u64 BE)`: the change log, a write's effects kept for duplication
 //!   (value: `DupLogEntry`);
 //! - `0x00 't' ++ codec::encode_key(hashkey, sortkey)`: a tombstone, the version of a delete kept
-//!   for duplication (value: u64 BE), and `0x00 'v' ++ version (u64 BE) ++ the same storage key`:
-//!   the tombstones in version order, for their collection;
-//! - `0x00 'u'`: the partition's duplication state (value: `PartitionDupState`).
+//!   for duplication (value: a versioned value header with no data, `apply::encode_tombstone`),
+//!   and `0x00 'v' ++ version (u64 BE) ++ the same storage key`: the tombstones in version order,
+//!   for their collection;
+//! - `0x00 'u'`: the partition's duplication state (value: codec value header + `PartitionDupState`);
+//!   the change log's values are `DupLogEntry`s behind a value header too (checksummed).
 //!
 //! Everything from `0x00 'b'` on is replicated state, identical on every replica (the checksum).
 

@@ -319,7 +319,7 @@ fn ingest(
         }
         let bytes: usize = records.iter().map(|r| r.hashkey.len() + r.sortkey.len() + r.value.len()).sum();
         written += records.len() as u64;
-        let apply = DupApply { origin_tag: 0, origin_index: 0, records, watermark: 0 };
+        let apply = DupApply { origin_tag: 0, origin_index: 0, records, watermark: 0, source_table: 0 };
         let request = WriteRequest { partition: Some(*partition), op: Some(write_request::Op::DupApply(apply)), ..Default::default() };
         let group_checked = validate::write(&request)?;
         debug_assert_eq!(group_checked, group);

@@ -125,6 +125,12 @@ pub fn write(request: &WriteRequest) -> Result<GroupId, TernError> {
                 )));
             }
             check_record_count(apply.records.len())?;
+            let watermark_ahead = tern_core::codec::version_ms(apply.watermark).saturating_sub(now_unix_ms());
+            if watermark_ahead > DUP_VERSION_AHEAD_MAX_MS {
+                return Err(TernError::invalid(format!(
+                    "a duplication watermark is {watermark_ahead} ms ahead of this server's clock; the limit is {DUP_VERSION_AHEAD_MAX_MS} ms"
+                )));
+            }
             for r in &apply.records {
                 hashkey_in_partition(&r.hashkey, p)?;
                 check_sortkey(&r.sortkey)?;
@@ -270,7 +276,7 @@ mod tests {
         let now_version = now_unix_ms() << tern_core::codec::VERSION_MS_SHIFT;
         let request = |origin_tag: u32, records: Vec<DupRecord>| WriteRequest {
             partition: Some(PartitionRef { table_id: 1, partition: p, partition_count: 8 }),
-            op: Some(write_request::Op::DupApply(DupApply { origin_tag, origin_index: 1, records, watermark: 0 })),
+            op: Some(write_request::Op::DupApply(DupApply { origin_tag, origin_index: 1, records, watermark: 0, source_table: 1 })),
             ..Default::default()
         };
         let record = |hashkey: &str, version: u64| DupRecord { hashkey: hashkey.as_bytes().to_vec().into(), version, ..Default::default() };
@@ -282,6 +288,11 @@ mod tests {
         assert!(e(request(5, vec![record("hk", day_ahead)])).contains("ahead of this server's clock"));
         assert!(e(request(5, vec![record("hk", u64::MAX)])).contains("ahead"));
         assert!(e(request(4096, vec![])).contains("cluster tag"));
+        let mut far_watermark = request(5, vec![]);
+        if let Some(write_request::Op::DupApply(a)) = far_watermark.op.as_mut() {
+            a.watermark = u64::MAX;
+        }
+        assert!(e(far_watermark).contains("watermark"));
         let other = (0..).map(|i| format!("k{i}")).find(|k| partition_of(k.as_bytes(), 8) != p).unwrap();
         assert!(e(request(5, vec![record(&other, now_version)])).contains("belongs to partition"));
         let mut delete_with_value = record("hk", now_version);

@@ -59,31 +59,50 @@ pub fn plan(state: &PartitionDupState, wanted: &[Duplication]) -> Step {
     Step::Ship(work)
 }
 
-/// Splits change-log entries into batches for the remote: whole entries, each batch within
-/// BATCH_RECORDS_MAX and BATCH_BYTES_MAX unless one entry alone is larger; each batch carries the
-/// index and clock of its last entry. Batches with no records (every record superseded here) are
-/// kept only if last, so the position still moves.
-pub fn batches(entries: &[(u64, DupLogEntry)], origin_tag: u32) -> Vec<DupApply> {
+fn record_bytes(r: &DupRecord) -> usize {
+    r.hashkey.len() + r.sortkey.len() + r.value.len() + 32
+}
+
+/// Splits change-log entries into batches for the remote, each within BATCH_RECORDS_MAX and
+/// BATCH_BYTES_MAX (an entry larger than that is split over several). A batch carries the index
+/// and clock of the last entry it holds whole (none: 0, and the remote neither skips it as
+/// delivered nor takes a watermark from it), so a batch delivered again is recognised as such.
+pub fn batches(entries: &[(u64, DupLogEntry)], origin_tag: u32, source_table: u32) -> Vec<DupApply> {
+    let new = || DupApply { origin_tag, source_table, ..Default::default() };
     let mut out: Vec<DupApply> = Vec::new();
-    let mut current = DupApply { origin_tag, ..Default::default() };
+    let mut current = new();
     let mut bytes = 0usize;
     for (index, entry) in entries {
-        let entry_bytes: usize = entry.records.iter().map(|r| r.hashkey.len() + r.sortkey.len() + r.value.len() + 32).sum();
-        let full =
-            !current.records.is_empty() && (current.records.len() + entry.records.len() > BATCH_RECORDS_MAX || bytes + entry_bytes > BATCH_BYTES_MAX);
-        if full {
-            out.push(std::mem::replace(&mut current, DupApply { origin_tag, ..Default::default() }));
-            bytes = 0;
+        for r in &entry.records {
+            let size = record_bytes(r);
+            if !current.records.is_empty() && (current.records.len() >= BATCH_RECORDS_MAX || bytes + size > BATCH_BYTES_MAX) {
+                out.push(std::mem::replace(&mut current, new()));
+                bytes = 0;
+            }
+            current.records.push(r.clone());
+            bytes += size;
         }
-        current.records.extend(entry.records.iter().cloned());
         current.origin_index = *index;
         current.watermark = entry.hlc;
-        bytes += entry_bytes;
     }
-    if current.origin_index != 0 {
+    if current.origin_index != 0 || !current.records.is_empty() {
         out.push(current);
     }
     out
+}
+
+/// What a full copy ships from a checkpoint to the cluster tagged `dest_tag`: every record and
+/// tombstone but those that cluster wrote itself (it holds them, or what replaced them), and but
+/// expired records that count as absent here (below the checkpoint's version horizon); in batches
+/// as `batches` bounds them. Returns the records read.
+pub fn copy_records(engine: &dyn KvEngine, dest_tag: u32, emit: &mut dyn FnMut(Vec<DupRecord>) -> Result<(), TernError>) -> Result<u64, TernError> {
+    let (state, dup) = tern_raft::apply::replicated_state(engine)?;
+    let horizon = tern_raft::apply::version_horizon(&dup, &state);
+    let keep = |r: &DupRecord| {
+        let absent = !r.delete && tern_raft::apply::counts_as_absent(r.expire_at_ms, r.version, state.stamp_ms, horizon);
+        codec::version_tag(r.version) != dest_tag && !absent
+    };
+    engine_records(engine, &keep, true, emit)
 }
 
 /// Reads the user records (and, with `tombstones`, the tombstones) of an engine as duplicated
@@ -104,7 +123,7 @@ pub fn engine_records(
         if !keep(&r) {
             return Ok(());
         }
-        let size = r.hashkey.len() + r.sortkey.len() + r.value.len() + 32;
+        let size = record_bytes(&r);
         if !batch.is_empty() && (batch.len() >= BATCH_RECORDS_MAX || *bytes + size > BATCH_BYTES_MAX) {
             emit(std::mem::take(batch))?;
             *bytes = 0;
@@ -236,6 +255,11 @@ impl PartitionShipper {
         Action::ReadState
     }
 
+    /// The duplication a full copy is under way for, if one is.
+    pub fn copying(&self) -> Option<u64> {
+        self.current.as_ref().filter(|c| matches!(c.work, Work::Copy { .. })).map(|c| c.dup.id)
+    }
+
     /// The partition count of the table, as of the last read (what a remote table must have).
     pub fn partition_count(&self) -> u32 {
         self.partition_count
@@ -326,6 +350,14 @@ impl PartitionShipper {
         };
         let Some(current) = self.current.as_mut() else { return self.next(now_ms) };
         let (dup_id, confirmed) = (current.dup.id, current.progress.confirmed_index);
+        // The duplication moved on since the round read its state (another duplication's work
+        // came first): a full copy now, or a position confirmed meanwhile. Plan again.
+        let moved = read.state.dups.iter().find(|d| d.dup_id == dup_id).is_none_or(|d| d.full_copy || d.confirmed_index != confirmed);
+        if moved {
+            self.current = None;
+            self.round.clear();
+            return Action::ReadState;
+        }
         let first_version = read.entries.iter().flat_map(|(_, e)| e.records.first()).map(|r| r.version).next();
         let s = self.status(dup_id);
         s.confirmed_index = confirmed;
@@ -341,16 +373,13 @@ impl PartitionShipper {
                 self.current = None;
                 return self.next(now_ms);
             }
-            let apply = DupApply { origin_tag: tag, origin_index: 0, records: vec![], watermark: read.hlc };
+            let apply = DupApply { origin_tag: tag, origin_index: 0, records: vec![], watermark: read.hlc, source_table: self.group.table_id() };
             current.work = Work::Log { batches: VecDeque::new(), confirm: None, watermark: read.hlc };
             return Action::Send { dup: current.dup.clone(), apply };
         }
         let (last_index, last_hlc) = read.entries.last().map(|(i, e)| (*i, e.hlc)).expect("not empty");
-        let all = batches(&read.entries, tag);
-        let count = all.len();
-        let mut queue: VecDeque<DupApply> =
-            all.into_iter().enumerate().filter(|(i, a)| !a.records.is_empty() || i + 1 == count).map(|(_, a)| a).collect();
-        let first = queue.pop_front().expect("the last batch is always kept");
+        let mut queue: VecDeque<DupApply> = batches(&read.entries, tag, self.group.table_id()).into();
+        let first = queue.pop_front().expect("entries make one batch at least");
         let confirm = DupConfirm { dup_id, index: last_index, version: last_hlc, full_copy_done: false };
         current.work = Work::Log { batches: queue, confirm: Some(confirm), watermark: 0 };
         Action::Send { dup: current.dup.clone(), apply: first }
@@ -428,11 +457,13 @@ impl PartitionShipper {
             Ok(b) => b,
             Err(e) => return self.fail(now_ms, e),
         };
-        let (tag, hlc) = (self.tag, self.hlc);
+        let (tag, hlc, source_table) = (self.tag, self.hlc, self.group.table_id());
         let Some(current) = self.current.as_mut() else { return self.next(now_ms) };
         let Work::Copy { checkpoint_index } = current.work else { return self.next(now_ms) };
         match batch {
-            Some(records) => Action::Send { dup: current.dup.clone(), apply: DupApply { origin_tag: tag, origin_index: 0, records, watermark: 0 } },
+            Some(records) => {
+                Action::Send { dup: current.dup.clone(), apply: DupApply { origin_tag: tag, origin_index: 0, records, watermark: 0, source_table } }
+            }
             // Everything up to the checkpoint is delivered; the change log holds what came after.
             // The clock read before the checkpoint bounds the versions of what the copy held of
             // this partition's own writes from below: a safe (low) confirmed version.
@@ -444,12 +475,6 @@ impl PartitionShipper {
             })),
         }
     }
-}
-
-/// Whether a full copy ships this record: written by this cluster (its tag), or with no tag
-/// (versioned before the cluster had an id, or format 1).
-pub fn copied_by(tag: u32) -> impl Fn(&DupRecord) -> bool {
-    move |r| matches!(codec::version_tag(r.version), t if t == 0 || t == tag)
 }
 
 #[cfg(test)]
@@ -490,14 +515,18 @@ mod tests {
     #[test]
     fn batches_are_bounded_and_ordered() {
         let entries = vec![(5, entry(3000, 50)), (6, entry(3000, 60)), (9, entry(0, 90)), (12, entry(12000, 120))];
-        let b = batches(&entries, 7);
+        let b = batches(&entries, 7, 3);
+        // Full batches of 5000: each names the last entry it holds whole (none: 0).
         assert_eq!(
             b.iter().map(|a| (a.records.len(), a.origin_index, a.watermark)).collect::<Vec<_>>(),
-            vec![(3000, 5, 50), (3000, 9, 90), (12000, 12, 120)]
+            vec![(5000, 5, 50), (5000, 9, 90), (5000, 0, 0), (3000, 12, 120)]
         );
-        assert!(b.iter().all(|a| a.origin_tag == 7));
-        assert!(batches(&[], 7).is_empty());
-        assert_eq!(batches(&[(3, entry(0, 30))], 7).len(), 1, "an entry whose records were all superseded still moves the position");
+        assert!(b.iter().all(|a| a.origin_tag == 7 && a.source_table == 3));
+        assert!(batches(&[], 7, 3).is_empty());
+        assert_eq!(batches(&[(3, entry(0, 30))], 7, 3).len(), 1, "an entry whose records were all superseded still moves the position");
+        let big = DupRecord { hashkey: "h".into(), sortkey: "s".into(), value: vec![0u8; 700_000].into(), version: 1, ..Default::default() };
+        let b = batches(&[(4, DupLogEntry { records: vec![big; 3], hlc: 40 })], 7, 3);
+        assert_eq!(b.iter().map(|a| (a.records.len(), a.origin_index)).collect::<Vec<_>>(), vec![(1, 0), (1, 0), (1, 4)], "bytes bound a batch too");
     }
 
     fn read(state: PartitionDupState, applied_index: u64, entries: Vec<(u64, DupLogEntry)>) -> Result<DupLogRead, TernError> {
@@ -523,7 +552,10 @@ mod tests {
         assert_eq!(m.on_copy_begun(0, Ok(13)), Action::CopyNext);
         let records = entry(2, 0).records;
         let send = m.on_copy_batch(0, Ok(Some(records.clone())));
-        assert_eq!(send, Action::Send { dup: dup(9, false), apply: DupApply { origin_tag: 7, origin_index: 0, records, watermark: 0 } });
+        assert_eq!(
+            send,
+            Action::Send { dup: dup(9, false), apply: DupApply { origin_tag: 7, origin_index: 0, records, watermark: 0, source_table: 1 } }
+        );
         assert_eq!(m.on_sent(0, Ok(())), Action::CopyNext);
         let confirm = DupConfirm { dup_id: 9, index: 13, version: 500, full_copy_done: true };
         assert_eq!(m.on_copy_batch(0, Ok(None)), Action::Propose(write_request::Op::DupConfirm(confirm)));

@@ -16,7 +16,7 @@
 
 mod machine;
 
-pub use machine::{batches, copied_by, engine_records, plan, Action, PartitionShipper, Step, READ_BYTES_MAX, READ_ENTRIES_MAX};
+pub use machine::{batches, copy_records, engine_records, plan, Action, PartitionShipper, Step, READ_BYTES_MAX, READ_ENTRIES_MAX};
 
 use crate::backup::{flush, WorkDir};
 use parking_lot::Mutex;
@@ -99,17 +99,19 @@ impl DupShipper {
         for d in duplications {
             wanted.entry(d.table_id).or_default().push(d.clone());
         }
+        let tables: Vec<u32> = wanted.keys().copied().collect();
+        // Stored before any task starts: a task must never plan with meta's duplications unknown.
+        *self.inner.wanted.lock() = wanted;
         let mut running = self.inner.running.lock();
         running.retain(|_, task| !task.is_finished());
         for r in replicas.iter().filter(|r| r.is_leader && r.failure.is_empty()) {
             let group = GroupId(r.group_id);
-            if running.contains_key(&group) || !(r.duplicating || wanted.contains_key(&group.table_id())) {
+            if running.contains_key(&group) || !(r.duplicating || tables.contains(&group.table_id())) {
                 continue;
             }
             let this = self.clone();
             running.insert(group, tokio::spawn(async move { this.run(group).await }));
         }
-        *self.inner.wanted.lock() = wanted;
     }
 
     /// Progress of every duplication of the partitions this server leads.
@@ -169,10 +171,10 @@ impl DupShipper {
         self.inner.store.send(StoreMsg::Checkpoint { group, dir: work.0.clone(), min_applied_index, callback: Box::new(move |r| drop(tx.send(r))) });
         let checkpoint = rx.await.map_err(|_| TernError::Unavailable("the store stopped".into()))??;
         let (batch_tx, batches) = mpsc::channel::<Vec<DupRecord>>(2);
-        let (engines, dir, tag) = (self.inner.engines.clone(), work.0.clone(), self.tag());
+        let (engines, dir, dest_tag) = (self.inner.engines.clone(), work.0.clone(), dup.remote_tag);
         let scan = tokio::task::spawn_blocking(move || {
             let engine = engines.open(&dir).map_err(tern_raft::apply::engine_error)?;
-            engine_records(engine.as_ref(), &copied_by(tag), true, &mut |batch| {
+            copy_records(engine.as_ref(), dest_tag, &mut |batch| {
                 batch_tx.blocking_send(batch).map_err(|_| TernError::Unavailable("the full copy was abandoned".into()))
             })
         });
@@ -222,9 +224,19 @@ impl DupShipper {
                     shipper.on_copy_begun(now_unix_ms(), begun)
                 }
                 Action::CopyNext => {
-                    let batch = match copy.as_mut() {
-                        Some(c) => c.next().await,
-                        None => Err(TernError::Internal("no full copy under way".into())),
+                    // A copy runs for as long as this replica leads and the duplication is wanted
+                    // as it was (a deposed leader, a paused or removed duplication stops it).
+                    let still = self.dup_log(group, 0, 0).await.map(|_| ()).and_then(|()| {
+                        let wanted = self.inner.wanted.lock().get(&group.table_id()).cloned().unwrap_or_default();
+                        match (shipper.copying(), wanted) {
+                            (Some(id), w) if w.iter().any(|d| d.id == id && !d.paused) => Ok(()),
+                            _ => Err(TernError::Unavailable("the duplication was paused or removed during its full copy".into())),
+                        }
+                    });
+                    let batch = match (still, copy.as_mut()) {
+                        (Err(e), _) => Err(e),
+                        (Ok(()), Some(c)) => c.next().await,
+                        (Ok(()), None) => Err(TernError::Internal("no full copy under way".into())),
                     };
                     if !matches!(batch, Ok(Some(_))) {
                         copy = None;

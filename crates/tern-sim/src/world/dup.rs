@@ -7,7 +7,7 @@
 
 use super::*;
 use tern_proto::{DupApply, DupRecord, Duplication};
-use tern_server::dup::{copied_by, engine_records, Action, PartitionShipper};
+use tern_server::dup::{copy_records, Action, PartitionShipper};
 
 /// How often a node looks for partitions it leads that need a shipper.
 const SHIP_TICK_MS: u64 = 100;
@@ -173,8 +173,11 @@ impl World {
                     shipper.machine.on_copy_begun(now_unix, begun)
                 }
                 Action::CopyNext => {
-                    let batch = shipper.copy.pop_front();
-                    shipper.machine.on_copy_batch(now_unix, Ok(batch))
+                    // As the server's driver: only while this replica still leads.
+                    let leads = self.read_dup_log(i, group, 0, 0).map(|_| ());
+                    let Some(shipper) = self.dup.shippers.get_mut(&(node, group)) else { return };
+                    let batch = leads.map(|()| shipper.copy.pop_front());
+                    shipper.machine.on_copy_batch(now_unix, batch)
                 }
                 Action::Wait { ms } => {
                     let token = self.new_token(node, group);
@@ -200,13 +203,13 @@ impl World {
             s.handle(StoreMsg::Checkpoint { group, dir: target, min_applied_index, callback: Box::new(move |r| drop(tx.send(r))) });
         });
         let checkpoint = rx.try_recv().unwrap_or_else(|_| Err(TernError::Unavailable("the node is down".into())))?;
-        let tag = self.cluster_tag_of(self.nodes[i].id);
+        let dest_tag = tern_core::codec::cluster_tag(1 + (1 - self.cluster_of(self.nodes[i].id)) as u64);
         let engines = self.nodes[i].engines.clone();
         let mut batches = std::collections::VecDeque::new();
         let read = (|| {
             use tern_engine::EngineFactory as _;
             let engine = engines.open(&dir).map_err(tern_raft::apply::engine_error)?;
-            engine_records(engine.as_ref(), &copied_by(tag), true, &mut |batch| {
+            copy_records(engine.as_ref(), dest_tag, &mut |batch| {
                 batches.push_back(batch);
                 Ok(())
             })
