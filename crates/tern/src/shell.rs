@@ -9,7 +9,7 @@ use tern_proto::{CheckType, CreateTableRequest, DropTableRequest, ListTablesRequ
 
 pub const HELP: &str = "\
 commands (keys and values are words; quote them with \"...\" or '...', \\xHH escapes in double quotes):
-  ls                                     list tables
+  ls                                     list tables (with their backup policies and duplications)
   create TABLE [-p PARTITIONS] [-r REPLICAS]   create a table (defaults: 8 partitions, 3 replicas)
   drop TABLE                             drop a table and its data
   use TABLE                              switch the current table
@@ -567,7 +567,8 @@ impl Shell {
                     .meta_call(|mut m| async move { m.list_tables(ListTablesRequest {}).await.map(|r| r.into_inner()) })
                     .await
                     .map_err(err)?;
-                let mut out = format!("{:<24} {:>6} {:>10} {:>8}  {}", "table", "id", "partitions", "replicas", "backups");
+                let dups = tern_client::dup::list(&self.client, "").await.map_err(err)?;
+                let mut out = format!("{:<24} {:>6} {:>10} {:>8}  {:<40}  {}", "table", "id", "partitions", "replicas", "backups", "duplicated to");
                 for t in r.tables {
                     let mut backups = match &t.backup_policy {
                         Some(p) => format!("every {}, keep {}, into {}", duration_words(p.interval_seconds), p.keep, p.root),
@@ -576,7 +577,13 @@ impl Shell {
                     if t.restoring {
                         backups = format!("being restored; {backups}");
                     }
-                    let _ = write!(out, "\n{:<24} {:>6} {:>10} {:>8}  {backups}", t.name, t.table_id, t.partition_count, t.replica_count);
+                    let to: Vec<String> = dups
+                        .iter()
+                        .filter(|d| d.table_id == t.table_id)
+                        .map(|d| format!("{} at {}{}", d.remote_table, d.remote_meta.join(","), if d.paused { " (paused)" } else { "" }))
+                        .collect();
+                    let to = if to.is_empty() { "-".to_string() } else { to.join("; ") };
+                    let _ = write!(out, "\n{:<24} {:>6} {:>10} {:>8}  {backups:<40}  {to}", t.name, t.table_id, t.partition_count, t.replica_count);
                 }
                 out
             }

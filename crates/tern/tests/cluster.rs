@@ -1098,50 +1098,9 @@ impl RestartableCluster {
         }
     }
 
-    /// Each partition's (checksum, record count) of user records live at `at`, from its leader.
-    async fn data_checksums(&self, table: &str, at: u64) -> Result<Vec<(u64, u64)>, TernError> {
-        let info = self.client.table_info(table).await?;
-        let mut out = Vec::new();
-        for p in &info.partitions {
-            let group_id = tern_core::GroupId::new(info.table_id, p.index).0;
-            let r = self.client.checksum_of(p.leader_node, tern_proto::ChecksumRequest { group_id, at_unix_ms: at, data_only: true }).await?;
-            out.push((r.checksum, r.record_count));
-        }
-        Ok(out)
-    }
-
     async fn shutdown(mut self) {
         self.stop_all().await;
     }
-}
-
-/// Writes random records, deletes and increments into one cluster until told to stop; keys are
-/// its own (`own`) or shared with the other cluster (conflicting writes: last writer wins).
-async fn duplication_writer(client: Client, own: &'static str, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u64 {
-    let t = client.table("t");
-    let mut acknowledged = 0;
-    let mut i = 0u64;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        i += 1;
-        let (hk, sk) = if i.is_multiple_of(3) {
-            (format!("shared{}", i % 40), format!("s{}", i % 5))
-        } else {
-            (format!("{own}{}", i % 200), format!("s{}", i % 7))
-        };
-        let r = match i % 10 {
-            0..=5 => t.set(hk.as_bytes(), sk.as_bytes(), format!("{own}-{i}").as_bytes(), 0).await.map(|_| ()),
-            6 => t.set(hk.as_bytes(), sk.as_bytes(), b"short-lived", 1).await.map(|_| ()),
-            7 | 8 => t.del(hk.as_bytes(), sk.as_bytes()).await.map(|_| ()),
-            _ => t.incr(format!("{own}-counter").as_bytes(), b"n", 1, 0).await.map(|_| ()),
-        };
-        if r.is_ok() {
-            acknowledged += 1;
-        }
-        if i.is_multiple_of(50) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-    acknowledged
 }
 
 /// Two-way duplication between two real clusters converges: a table with data before the
@@ -1187,8 +1146,8 @@ async fn duplication_converges_both_ways_through_kills_and_a_cut_link() {
     assert!(tern_client::dup::add(&a.client, &missing).await.unwrap_err().to_string().contains("create it there first"));
 
     let stop = Arc::new(AtomicBool::new(false));
-    let wa = tokio::spawn(duplication_writer(a.client.clone(), "a", stop.clone()));
-    let wb = tokio::spawn(duplication_writer(b.client.clone(), "b", stop.clone()));
+    let wa = tokio::spawn(common::duplication_writer(a.client.clone(), "a", stop.clone()));
+    let wb = tokio::spawn(common::duplication_writer(b.client.clone(), "b", stop.clone()));
     tokio::time::sleep(Duration::from_secs(3)).await;
     a.stop_server(1).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1204,19 +1163,8 @@ async fn duplication_converges_both_ways_through_kills_and_a_cut_link() {
 
     // Converged: the same records in every partition on both sides, compared at one time (past
     // every 1-second TTL written, so expiry timing does not matter).
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 + 5_000;
-        let (sa, sb) = (a.data_checksums("t", at).await, b.data_checksums("t", at).await);
-        if let (Ok(sa), Ok(sb)) = (&sa, &sb) {
-            if sa == sb {
-                assert!(sa.iter().map(|(_, n)| n).sum::<u64>() > 300, "{sa:?}");
-                break;
-            }
-        }
-        assert!(std::time::Instant::now() < deadline, "the clusters did not converge: {sa:?} vs {sb:?}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let sums = common::wait_clusters_identical(&a.client, &b.client, "t", Duration::from_secs(90)).await;
+    assert!(sums.iter().map(|(_, n)| n).sum::<u64>() > 300, "{sums:?}");
     let tb = b.client.table("t");
     assert_eq!(tb.get(b"before7", b"s").await.unwrap(), Some(b"v7".to_vec()), "the full copy carried data from before the duplication");
 
@@ -1290,17 +1238,8 @@ async fn a_duplication_too_far_behind_falls_back_to_a_full_copy() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tern_client::dup::change(&a.client, id, tern_proto::DuplicationAction::DupResume).await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-        let (sa, sb) = (a.data_checksums("t", at).await.unwrap(), b.data_checksums("t", at).await.unwrap());
-        if sa == sb {
-            assert_eq!(sa[0].1, 1200);
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no convergence after the full copy: {sa:?} vs {sb:?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let sums = common::wait_clusters_identical(&a.client, &b.client, "t", Duration::from_secs(60)).await;
+    assert_eq!(sums[0].1, 1200);
     assert_eq!(tb.get(b"early", b"s").await.unwrap(), None, "the delete reached the remote through the full copy's tombstones");
     a.shutdown().await;
     b.shutdown().await;

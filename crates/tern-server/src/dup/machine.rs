@@ -361,7 +361,9 @@ impl PartitionShipper {
         let first_version = read.entries.iter().flat_map(|(_, e)| e.records.first()).map(|r| r.version).next();
         let s = self.status(dup_id);
         s.confirmed_index = confirmed;
-        s.lag_entries = read.applied_index.saturating_sub(confirmed);
+        // Writes not delivered yet (counted exactly up to one read's worth; past it, every raft
+        // entry since the delivered position, an upper bound).
+        s.lag_entries = if read.entries.len() < READ_ENTRIES_MAX { read.entries.len() as u64 } else { read.applied_index.saturating_sub(confirmed) };
         s.lag_ms = first_version.map_or(0, |v| now_ms.saturating_sub(codec::version_ms(v)));
         s.full_copy = false;
         let tag = self.tag;
@@ -426,12 +428,11 @@ impl PartitionShipper {
             Work::Log { confirm, .. } => confirm.map_or(current.progress.confirmed_index, |c| c.index),
             Work::Copy { checkpoint_index } => checkpoint_index,
         };
-        let applied = self.applied_index;
         let s = self.status(dup_id);
         s.confirmed_index = confirmed;
         s.full_copy = false;
         s.error.clear();
-        s.lag_entries = applied.saturating_sub(confirmed);
+        s.lag_entries = 0; // what was read is delivered; the next read says what came since
         self.retry_at.remove(&dup_id);
         self.busy = true;
         self.next(now_ms)

@@ -256,3 +256,61 @@ impl ProcCluster {
         }
     }
 }
+
+/// Writes random records, deletes and increments into one cluster until told to stop; keys are
+/// its own (`own`) or shared with the other cluster (conflicting writes: last writer wins).
+pub async fn duplication_writer(client: Client, own: &'static str, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u64 {
+    let t = client.table("t");
+    let mut acknowledged = 0;
+    let mut i = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        i += 1;
+        let (hk, sk) = if i.is_multiple_of(3) {
+            (format!("shared{}", i % 40), format!("s{}", i % 5))
+        } else {
+            (format!("{own}{}", i % 200), format!("s{}", i % 7))
+        };
+        let r = match i % 10 {
+            0..=5 => t.set(hk.as_bytes(), sk.as_bytes(), format!("{own}-{i}").as_bytes(), 0).await.map(|_| ()),
+            6 => t.set(hk.as_bytes(), sk.as_bytes(), b"short-lived", 1).await.map(|_| ()),
+            7 | 8 => t.del(hk.as_bytes(), sk.as_bytes()).await.map(|_| ()),
+            _ => t.incr(format!("{own}-counter").as_bytes(), b"n", 1, 0).await.map(|_| ()),
+        };
+        if r.is_ok() {
+            acknowledged += 1;
+        }
+        if i.is_multiple_of(50) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    acknowledged
+}
+
+/// Each partition's (checksum, record count) of user records live at `at`, from its leader.
+pub async fn data_checksums(client: &Client, table: &str, at: u64) -> Result<Vec<(u64, u64)>, TernError> {
+    let info = client.table_info(table).await?;
+    let mut out = Vec::new();
+    for p in &info.partitions {
+        let group_id = tern_core::GroupId::new(info.table_id, p.index).0;
+        let r = client.checksum_of(p.leader_node, tern_proto::ChecksumRequest { group_id, at_unix_ms: at, data_only: true }).await?;
+        out.push((r.checksum, r.record_count));
+    }
+    Ok(out)
+}
+
+/// Waits until two clusters hold the same records in every partition (compared a few seconds
+/// ahead, past every short TTL written); returns the per-partition (checksum, records).
+pub async fn wait_clusters_identical(a: &Client, b: &Client, table: &str, timeout: Duration) -> Vec<(u64, u64)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 + 5_000;
+        let (sa, sb) = (data_checksums(a, table, at).await, data_checksums(b, table, at).await);
+        if let (Ok(sa), Ok(sb)) = (&sa, &sb) {
+            if sa == sb {
+                return sa.clone();
+            }
+        }
+        assert!(Instant::now() < deadline, "the clusters did not converge: {sa:?} vs {sb:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
