@@ -276,7 +276,8 @@ impl ServerNode {
         let (writer_wakes, log_writer_thread) = (handle.clone(), cfg.store.log_writer_thread);
         let backup =
             BackupServer::new(BackupService::new(handle.clone(), engines.clone(), cfg.data_dir.join("backup-work"), cfg.backup_bytes_per_second)?);
-        let shipper = DupShipper::new(handle.clone(), engines.clone(), cfg.data_dir.join("dup-work"), cluster_id.clone())?;
+        let shipper =
+            DupShipper::new(handle.clone(), engines.clone(), cfg.data_dir.join("dup-work"), cluster_id.clone(), cfg.backup_bytes_per_second)?;
         let store = tokio::task::spawn_blocking(move || {
             let disks = store::NodeDisks { log, engines, files: Arc::new(tern_core::files::RealFileSystem) };
             let mut store = Store::open(node_id, data_dir, disks, Arc::new(SystemClock::default()), rand::random(), store_cfg, Box::new(transport))?;

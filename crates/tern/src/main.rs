@@ -109,7 +109,8 @@ enum Command {
         /// Snapshot transfer rate limit in MiB/s (0 = unlimited).
         #[arg(long, default_value_t = 100)]
         snapshot_rate_mib: u64,
-        /// Rate of one partition's backup or restore when the request names none, in MiB/s (1-100000).
+        /// Rate of one partition's backup or restore when the request names none, and of a
+        /// duplication's full copy, in MiB/s (1-100000).
         #[arg(long, default_value_t = 16)]
         backup_rate_mib: u64,
         #[arg(long, default_value_t = 128)]

@@ -47,6 +47,9 @@ struct Inner {
     engines: Arc<dyn EngineFactory>,
     work_dir: PathBuf,
     cluster_id: Arc<AtomicU64>,
+    /// Bytes per second a full copy reads from its checkpoint (the server's backup rate): a copy
+    /// must not take the disk and cores from foreground requests.
+    copy_rate: u64,
     /// Meta's duplications by table id, as of the last heartbeat.
     wanted: Mutex<HashMap<u32, Vec<Duplication>>>,
     /// Each running task's progress per duplication: reported to meta with every heartbeat.
@@ -57,13 +60,13 @@ struct Inner {
 }
 
 /// A full copy under way: batches from a checkpoint scanned on a blocking thread.
-struct Copy {
+struct FullCopy {
     batches: mpsc::Receiver<Vec<DupRecord>>,
     scan: tokio::task::JoinHandle<Result<u64, TernError>>,
     _work: WorkDir,
 }
 
-impl Copy {
+impl FullCopy {
     async fn next(&mut self) -> Result<Option<Vec<DupRecord>>, TernError> {
         if let Some(batch) = self.batches.recv().await {
             return Ok(Some(batch));
@@ -74,7 +77,13 @@ impl Copy {
 }
 
 impl DupShipper {
-    pub fn new(store: StoreHandle, engines: Arc<dyn EngineFactory>, work_dir: PathBuf, cluster_id: Arc<AtomicU64>) -> Result<DupShipper, TernError> {
+    pub fn new(
+        store: StoreHandle,
+        engines: Arc<dyn EngineFactory>,
+        work_dir: PathBuf,
+        cluster_id: Arc<AtomicU64>,
+        copy_rate: u64,
+    ) -> Result<DupShipper, TernError> {
         let _ = std::fs::remove_dir_all(&work_dir);
         std::fs::create_dir_all(&work_dir).map_err(|e| TernError::Internal(format!("create {}: {e}", work_dir.display())))?;
         Ok(DupShipper {
@@ -83,6 +92,7 @@ impl DupShipper {
                 engines,
                 work_dir,
                 cluster_id,
+                copy_rate,
                 wanted: Mutex::new(HashMap::new()),
                 statuses: Mutex::new(HashMap::new()),
                 running: Mutex::new(HashMap::new()),
@@ -156,7 +166,7 @@ impl DupShipper {
     }
 
     /// Checkpoints the partition for a full copy and starts scanning it.
-    async fn begin_copy(&self, group: GroupId, dup: &Duplication, min_applied_index: u64, partition_count: u32) -> Result<(u64, Copy), TernError> {
+    async fn begin_copy(&self, group: GroupId, dup: &Duplication, min_applied_index: u64, partition_count: u32) -> Result<(u64, FullCopy), TernError> {
         let remote_count = self.remote(&dup.remote_meta)?.partition_count(&dup.remote_table).await?;
         if remote_count != partition_count {
             return Err(TernError::invalid(format!(
@@ -172,13 +182,15 @@ impl DupShipper {
         let checkpoint = rx.await.map_err(|_| TernError::Unavailable("the store stopped".into()))??;
         let (batch_tx, batches) = mpsc::channel::<Vec<DupRecord>>(2);
         let (engines, dir, dest_tag) = (self.inner.engines.clone(), work.0.clone(), dup.remote_tag);
+        let mut pacer = tern_backup::Pacer::new(self.inner.copy_rate);
         let scan = tokio::task::spawn_blocking(move || {
             let engine = engines.open(&dir).map_err(tern_raft::apply::engine_error)?;
             copy_records(engine.as_ref(), dest_tag, &mut |batch| {
+                pacer.pace_blocking(batch.iter().map(|r| (r.hashkey.len() + r.sortkey.len() + r.value.len()) as u64).sum());
                 batch_tx.blocking_send(batch).map_err(|_| TernError::Unavailable("the full copy was abandoned".into()))
             })
         });
-        Ok((checkpoint.applied_index, Copy { batches, scan, _work: work }))
+        Ok((checkpoint.applied_index, FullCopy { batches, scan, _work: work }))
     }
 
     fn tag(&self) -> u32 {
@@ -188,7 +200,7 @@ impl DupShipper {
     /// A partition's shipper: runs while this replica leads and the partition has duplications.
     async fn run(self, group: GroupId) {
         let mut shipper = PartitionShipper::new(group, self.tag());
-        let mut copy: Option<Copy> = None;
+        let mut copy: Option<FullCopy> = None;
         let mut action = shipper.start();
         loop {
             action = match action {
