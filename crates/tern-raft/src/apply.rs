@@ -188,6 +188,8 @@ pub struct StateMachine {
     dup: PartitionDupState,
     /// Test-only: let compaction expire records by the node's own clock (see `PlantedBugs`).
     expiry_by_local_clock: bool,
+    /// Test-only: duplicated writes see expired records as absent (see `PlantedBugs`).
+    lww_ignores_expired: bool,
 }
 
 impl StateMachine {
@@ -211,13 +213,19 @@ impl StateMachine {
         engine.sync().map_err(engine_error)?;
         let (_, dup) = replicated_state(engine.as_ref())?;
         engine.set_expiry_horizon(tern_engine::Horizon { unix_ms: state.stamp_ms, version: version_horizon(&dup, &state) });
-        Ok(StateMachine { engine, state, sessions: HashMap::new(), dup, expiry_by_local_clock: false })
+        Ok(StateMachine { engine, state, sessions: HashMap::new(), dup, expiry_by_local_clock: false, lww_ignores_expired: false })
     }
 
     /// Plants the bug the simulator must catch: compaction drops records that expired by this node's
     /// wall clock instead of by the applied log's clock.
     pub fn plant_expiry_by_local_clock(&mut self) {
         self.expiry_by_local_clock = true;
+    }
+
+    /// Plants the bug the simulator's two-cluster mode must catch: duplicated writes compare with
+    /// an expired record as if it were absent.
+    pub fn plant_lww_ignores_expired(&mut self) {
+        self.lww_ignores_expired = true;
     }
 
     /// Starts making everything applied so far durable without waiting; what it covers is durable
@@ -330,6 +338,7 @@ impl StateMachine {
             dup: self.dup.clone(),
             dup_changed: false,
             entry: EntryContext::default(),
+            lww_ignores_expired: self.lww_ignores_expired,
         }
     }
 
@@ -369,6 +378,8 @@ pub struct ApplyBatch {
     dup_changed: bool,
     /// The entry being applied.
     entry: EntryContext,
+    /// The planted bug (see `StateMachine`).
+    lww_ignores_expired: bool,
 }
 
 /// What one entry's writes share: its index, time and cluster tag, its version (drawn from the
@@ -518,7 +529,7 @@ impl ApplyBatch {
     /// too), or its tombstone's. Expired records stay until compaction may drop them, which is
     /// not before `version_horizon` passes them: every replica sees the same versions.
     fn current_version(&self, engine: &dyn KvEngine, data_key: &[u8], now: u64) -> Result<u64, StorageFailure> {
-        let horizon = version_horizon(&self.dup, &self.state);
+        let horizon = if self.lww_ignores_expired { u64::MAX } else { version_horizon(&self.dup, &self.state) };
         let value = match self.get(engine, data_key)? {
             Some(stored) => {
                 let s = codec::decode_stored(&stored)?;

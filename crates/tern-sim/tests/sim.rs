@@ -239,6 +239,15 @@ fn planted_keep_resurrected_log_entries_is_caught() {
     assert_planted_bug_is_caught(PlantedBugs { keep_resurrected_log_entries: true, ..Default::default() }, SimConfig::new(1020));
 }
 
+/// Two clusters duplicating into each other, with a duplicated write that compares with an expired
+/// record as if it were absent: an older write from the other cluster replaces a newer, expired
+/// one on one side only, and the clusters end different (caught by 4 of 400 seeds, 1000-1399,
+/// with `TERN_SIM_CLUSTERS=2`).
+#[test]
+fn planted_lww_ignores_expired_is_caught() {
+    assert_planted_bug_is_caught(PlantedBugs { lww_ignores_expired: true, ..Default::default() }, SimConfig::with_two_clusters(1000));
+}
+
 /// A directed scenario for votes right after a restart. Clients only read from 1.5 s on, so every
 /// replica's log stays as long as the leader's; node 2 stops hearing node 1 (the leader of partition
 /// 0, which keeps its read lease through node 3) and campaigns, and node 3 keeps bouncing (crashed
@@ -414,14 +423,20 @@ fn hunt_planted_bug() {
         "vote_right_after_restart" => planted.vote_right_after_restart = true,
         "replica_dir_not_durable" => planted.replica_dir_not_durable = true,
         "keep_resurrected_log_entries" => planted.keep_resurrected_log_entries = true,
+        "lww_ignores_expired" => planted.lww_ignores_expired = true,
         other => panic!("unknown planted bug {other}"),
     }
     let first: u64 = env("TERN_SIM_FIRST_SEED").and_then(|s| s.parse().ok()).unwrap_or(1_000);
     let operations: usize = env("TERN_SIM_OPERATIONS").and_then(|s| s.parse().ok()).unwrap_or(500);
     let scheduler = env("TERN_SIM_SCHEDULER").is_some();
+    let two_clusters = env("TERN_SIM_CLUSTERS").is_some_and(|c| c == "2");
     let mut caught = Vec::new();
     for seed in first..first + seeds_from_env(1000) {
-        let mut cfg = if scheduler { SimConfig::with_scheduler(seed) } else { SimConfig::new(seed) };
+        let mut cfg = match (scheduler, two_clusters) {
+            (true, _) => SimConfig::with_scheduler(seed),
+            (false, true) => SimConfig::with_two_clusters(seed),
+            (false, false) => SimConfig::new(seed),
+        };
         cfg.operations = operations;
         cfg.fault_phase_ms = cfg.fault_phase_ms.max(operations as u64 * 20);
         cfg.planted = planted;

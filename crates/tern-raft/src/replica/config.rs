@@ -25,6 +25,9 @@ pub struct PlantedBugs {
     /// A store opens its raft log without removing entries the log store brought back from at or
     /// below a group's truncated index (raft-engine can, after purges): the next append leaves a hole.
     pub keep_resurrected_log_entries: bool,
+    /// A duplicated write compares with an expired record as if it were absent (whatever its
+    /// version): an older write from the other cluster replaces a newer, expired one on one side.
+    pub lww_ignores_expired: bool,
 }
 
 #[derive(Clone, Debug)]

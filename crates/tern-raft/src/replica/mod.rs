@@ -113,6 +113,9 @@ fn open_state_machine(engine: Box<dyn tern_engine::KvEngine>, initial: ApplyStat
     if planted.expiry_by_local_clock {
         sm.plant_expiry_by_local_clock();
     }
+    if planted.lww_ignores_expired {
+        sm.plant_lww_ignores_expired();
+    }
     Ok(sm)
 }
 

@@ -166,7 +166,13 @@ impl DupShipper {
     }
 
     /// Checkpoints the partition for a full copy and starts scanning it.
-    async fn begin_copy(&self, group: GroupId, dup: &Duplication, min_applied_index: u64, partition_count: u32) -> Result<(u64, FullCopy), TernError> {
+    async fn begin_copy(
+        &self,
+        group: GroupId,
+        dup: &Duplication,
+        min_applied_index: u64,
+        partition_count: u32,
+    ) -> Result<(u64, FullCopy), TernError> {
         let remote_count = self.remote(&dup.remote_meta)?.partition_count(&dup.remote_table).await?;
         if remote_count != partition_count {
             return Err(TernError::invalid(format!(
