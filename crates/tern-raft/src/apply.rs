@@ -471,7 +471,6 @@ impl ApplyBatch {
         let version = self.entry_version();
         self.put(keys::data_key(hashkey, sortkey), codec::encode_versioned(expire_at_ms, version, value));
         if self.recording() {
-            self.forget_effect(hashkey, sortkey);
             self.entry.effects.push(DupRecord {
                 hashkey: hashkey.to_vec().into(),
                 sortkey: sortkey.to_vec().into(),
@@ -491,7 +490,6 @@ impl ApplyBatch {
         if self.recording() {
             let version = self.entry_version();
             self.put_tombstone(engine, &key, version)?;
-            self.forget_effect(hashkey, sortkey);
             self.entry.effects.push(DupRecord {
                 hashkey: hashkey.to_vec().into(),
                 sortkey: sortkey.to_vec().into(),
@@ -501,13 +499,6 @@ impl ApplyBatch {
             });
         }
         Ok(())
-    }
-
-    /// An entry that writes one key twice (a multi-set naming a sortkey twice, a check-and-mutate
-    /// setting and deleting it) ships only the last: both share the entry's version, and the other
-    /// cluster would keep the first.
-    fn forget_effect(&mut self, hashkey: &[u8], sortkey: &[u8]) {
-        self.entry.effects.retain(|e| e.hashkey[..] != *hashkey || e.sortkey[..] != *sortkey);
     }
 
     /// The version of the tombstone at a data key, if any.
@@ -528,8 +519,8 @@ impl ApplyBatch {
     /// later write wins even if it has expired: the other cluster drops an older write on it
     /// too), or its tombstone's. Expired records stay until compaction may drop them, which is
     /// not before `version_horizon` passes them: every replica sees the same versions.
-    fn current_version(&self, engine: &dyn KvEngine, data_key: &[u8], now: u64) -> Result<u64, StorageFailure> {
-        let horizon = if self.lww_ignores_expired { u64::MAX } else { version_horizon(&self.dup, &self.state) };
+    fn current_version(&self, engine: &dyn KvEngine, data_key: &[u8], now: u64, horizon: u64) -> Result<u64, StorageFailure> {
+        let horizon = if self.lww_ignores_expired { u64::MAX } else { horizon };
         let value = match self.get(engine, data_key)? {
             Some(stored) => {
                 let s = codec::decode_stored(&stored)?;
@@ -577,6 +568,10 @@ impl ApplyBatch {
     /// what the partition holds, and none goes into the change log (duplication does not echo).
     fn dup_apply(&mut self, engine: &dyn KvEngine, apply: &DupApply, now: u64) -> Result<WriteResponse, StorageFailure> {
         let was_participating = participating(&self.dup);
+        // The horizon as it stands before this batch (a first origin makes the partition take part
+        // in duplication, whose stored horizon is not raised until after it): what compaction may
+        // have dropped is below it.
+        let horizon = version_horizon(&self.dup, &self.state);
         // What the origin had said it delivered of its own before this batch.
         let mut delivered = 0;
         if apply.origin_tag != 0 {
@@ -589,12 +584,10 @@ impl ApplyBatch {
                     dup.origins.last_mut().expect("pushed")
                 }
             };
-            if apply.origin_index != 0 {
-                if apply.origin_index <= origin.applied_index {
-                    return Ok(WriteResponse::default()); // delivered again after a lost answer
-                }
-                origin.applied_index = apply.origin_index;
-            }
+            // A batch delivered again (a lost answer, a new leader) is not skipped whole: a new
+            // read of the change log may cut it differently. Its records are: what the origin
+            // already said it delivered, below.
+            origin.applied_index = origin.applied_index.max(apply.origin_index);
             delivered = origin.watermark;
             origin.watermark = origin.watermark.max(apply.watermark);
             self.set_dup(dup);
@@ -614,7 +607,7 @@ impl ApplyBatch {
                 }
             }
             let key = keys::data_key(&r.hashkey, &r.sortkey);
-            if r.version <= self.current_version(engine, &key, now)? {
+            if r.version <= self.current_version(engine, &key, now, horizon)? {
                 continue;
             }
             if r.delete {
@@ -693,6 +686,12 @@ impl ApplyBatch {
         if effects.is_empty() || !self.recording() {
             return Ok(());
         }
+        // An entry that writes one key twice (a multi-set naming a sortkey twice, a
+        // check-and-mutate setting and deleting it) ships only the last write: both share the
+        // entry's version, and the other cluster would keep the first.
+        let mut seen = std::collections::HashSet::new();
+        let mut effects: Vec<DupRecord> = effects.into_iter().rev().filter(|e| seen.insert((e.hashkey.clone(), e.sortkey.clone()))).collect();
+        effects.reverse();
         let index = self.entry.index;
         let entry = DupLogEntry { records: effects, hlc: self.state.hlc };
         self.put(keys::change_log_key(index), codec::encode_value(0, &entry.encode_to_vec()));
@@ -1384,9 +1383,15 @@ mod tests {
         assert_eq!(stored(&sm, "h", "a"), None, "a newer delete removes it");
         let r = apply(&mut sm, 5, command(2001, 0, 0, dup_apply(4, vec![dup_record("h", "a", Some("between"), version(2500, 0, 2))], 0)));
         assert_eq!((r.count, stored(&sm, "h", "a")), (0, None), "its tombstone beats an older write");
-        let r = apply(&mut sm, 6, command(2001, 0, 0, dup_apply(4, vec![dup_record("h", "z", Some("again"), version(9000, 0, 2))], 0)));
-        assert_eq!((r.count, stored(&sm, "h", "z")), (0, None), "a batch at or below the last applied from its origin is skipped");
-        assert_eq!(sm.dup_state().origins, vec![OriginProgress { tag: 2, applied_index: 4, watermark: 0, source_table: 9 }]);
+        // The origin says it delivered everything of its own up to 3000 ms: its records at or below
+        // that are stale copies, skipped; a record of this cluster's own coming back too.
+        apply(&mut sm, 6, command(2001, 0, 0, dup_apply(5, vec![], version(3000, 0, 2))));
+        let stale = vec![dup_record("h", "z", Some("stale"), version(2800, 0, 2)), dup_record("h", "y", Some("mine"), version(9000, 0, 1))];
+        let r = apply(&mut sm, 7, command(2001, 0, 0, dup_apply(4, stale, 0)));
+        assert_eq!((r.count, stored(&sm, "h", "z"), stored(&sm, "h", "y")), (0, None, None));
+        let r = apply(&mut sm, 8, command(2001, 0, 0, dup_apply(4, vec![dup_record("h", "z", Some("new"), version(3001, 0, 2))], 0)));
+        assert_eq!(r.count, 1, "a batch numbered below the last is not skipped whole: its new records apply");
+        assert_eq!(sm.dup_state().origins, vec![OriginProgress { tag: 2, applied_index: 5, watermark: version(3000, 0, 2), source_table: 9 }]);
         assert!(change_log(&sm).is_empty(), "nothing is recorded without duplications");
     }
 

@@ -65,8 +65,9 @@ fn record_bytes(r: &DupRecord) -> usize {
 
 /// Splits change-log entries into batches for the remote, each within BATCH_RECORDS_MAX and
 /// BATCH_BYTES_MAX (an entry larger than that is split over several). A batch carries the index
-/// and clock of the last entry it holds whole (none: 0, and the remote neither skips it as
-/// delivered nor takes a watermark from it), so a batch delivered again is recognised as such.
+/// and clock of the last entry it holds whole (none: 0, and the remote takes no watermark from
+/// it): once applied, the remote skips this partition's records at or below that clock when they
+/// come again (a read after a lost answer or a new leader may cut batches differently).
 pub fn batches(entries: &[(u64, DupLogEntry)], origin_tag: u32, source_table: u32) -> Vec<DupApply> {
     let new = || DupApply { origin_tag, source_table, ..Default::default() };
     let mut out: Vec<DupApply> = Vec::new();
