@@ -73,9 +73,7 @@ pub struct Restored {
     pub elapsed: Duration,
 }
 
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+use tern_core::time::unix_now_ms as now_unix_ms;
 
 /// Runs `work` unless `cancel` resolves first.
 async fn cancellable<T>(work: impl Future<Output = TernResult<T>>, cancel: impl Future<Output = ()>) -> TernResult<T> {

@@ -24,9 +24,15 @@ impl Default for SystemClock {
     }
 }
 
+/// This machine's wall clock in unix milliseconds (for code outside the decision-making paths,
+/// which take a `Clock`).
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 impl Clock for SystemClock {
     fn now_unix_ms(&self) -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+        unix_now_ms()
     }
     fn monotonic(&self) -> Duration {
         self.origin.elapsed()

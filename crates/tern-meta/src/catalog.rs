@@ -825,6 +825,48 @@ mod tests {
         (c, ids)
     }
 
+    /// A duplication is checked before it is recorded: remote addresses, table name, tag (never
+    /// this cluster's), change-log bound, the per-table limit and duplicates; pause, resume and
+    /// remove find it by id, and an unknown id is an error.
+    #[test]
+    fn duplications_are_checked_and_changed_by_id() {
+        let (mut c, nodes) = catalog_with_nodes(3);
+        c.cluster_id = 77;
+        c.create_table("t", 4, 3, &nodes).unwrap();
+        let dup = |id: u64, tag: u32| Duplication {
+            id,
+            remote_meta: vec!["10.0.0.1:7000".into()],
+            remote_table: "t".into(),
+            remote_tag: tag,
+            paused: false,
+            log_entries_max: DUP_LOG_ENTRIES_DEFAULT,
+        };
+        let refused = |c: &mut Catalog, d: Duplication| c.add_duplication("t", d).unwrap_err().to_string();
+        assert!(refused(&mut c, Duplication { remote_meta: vec![], ..dup(1, 5) }).contains("meta addresses"));
+        assert!(refused(&mut c, Duplication { remote_meta: vec![" ".into()], ..dup(1, 5) }).contains("meta addresses"));
+        assert!(refused(&mut c, Duplication { remote_table: "".into(), ..dup(1, 5) }).contains("table name"));
+        assert!(refused(&mut c, dup(1, 0)).contains("out of range"));
+        assert!(refused(&mut c, dup(1, 4096)).contains("out of range"));
+        assert!(refused(&mut c, dup(1, tern_core::codec::cluster_tag(77))).contains("this cluster's tag"));
+        assert!(refused(&mut c, Duplication { log_entries_max: 10, ..dup(1, 5) }).contains("1000 to 100000000"));
+        assert!(matches!(c.add_duplication("nope", dup(1, 5)), Err(TernError::TableNotFound(_))));
+        c.add_duplication("t", dup(1, 5)).unwrap();
+        assert!(refused(&mut c, dup(2, 5)).contains("already duplicated"));
+        for i in 2..=DUPLICATIONS_PER_TABLE_MAX as u64 {
+            c.add_duplication("t", Duplication { remote_table: format!("t{i}"), ..dup(i, 5) }).unwrap();
+        }
+        assert!(refused(&mut c, Duplication { remote_table: "more".into(), ..dup(99, 5) }).contains("the limit"));
+        use tern_proto::DuplicationAction as A;
+        c.change_duplication(1, A::DupPause).unwrap();
+        assert!(c.tables["t"].duplications[0].paused);
+        c.change_duplication(1, A::DupResume).unwrap();
+        assert!(!c.tables["t"].duplications[0].paused);
+        c.change_duplication(1, A::DupRemove).unwrap();
+        assert!(c.tables["t"].duplications.iter().all(|d| d.id != 1));
+        assert!(c.change_duplication(1, A::DupPause).unwrap_err().to_string().contains("no duplication 1"));
+        assert_eq!(c.heartbeat_answer(nodes[0]).duplications.len(), DUPLICATIONS_PER_TABLE_MAX - 1, "servers learn them by heartbeat");
+    }
+
     /// Replicas of a partition land on distinct nodes, spread evenly, with preferred leaders even.
     #[test]
     fn placement_is_even_and_distinct() {

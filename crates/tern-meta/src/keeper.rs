@@ -437,19 +437,22 @@ impl Keeper {
         let state = self.state.lock();
         let now = self.now();
         let tables: Vec<&TableRecord> = if table.is_empty() { state.catalog.tables.values().collect() } else { vec![state.catalog.table(table)?] };
+        // (duplication, partition) -> the freshest report, in one pass over every node's reports.
+        let mut freshest: HashMap<(u64, u32), (Duration, NodeId, &tern_proto::DupPartitionStatus)> = HashMap::new();
+        for (node, l) in &state.liveness {
+            for s in &l.duplication_status {
+                let e = freshest.entry((s.dup_id, s.partition)).or_insert((l.last_seen, *node, s));
+                if l.last_seen > e.0 {
+                    *e = (l.last_seen, *node, s);
+                }
+            }
+        }
         let mut out = Vec::new();
         for t in tables {
             for d in &t.duplications {
                 let mut info = d.to_proto(t);
                 for p in 0..t.partition_count {
-                    let freshest = state
-                        .liveness
-                        .iter()
-                        .flat_map(|(node, l)| {
-                            l.duplication_status.iter().filter(|s| s.dup_id == d.id && s.partition == p).map(move |s| (l.last_seen, *node, s))
-                        })
-                        .max_by_key(|(seen, _, _)| *seen);
-                    info.partitions.push(match freshest {
+                    info.partitions.push(match freshest.get(&(d.id, p)).copied() {
                         Some((seen, node, s)) => tern_proto::DupPartitionStatus {
                             leader_node: node,
                             reported_ms_ago: now.saturating_sub(seen).as_millis() as u64,

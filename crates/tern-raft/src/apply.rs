@@ -689,9 +689,14 @@ impl ApplyBatch {
         // An entry that writes one key twice (a multi-set naming a sortkey twice, a
         // check-and-mutate setting and deleting it) ships only the last write: both share the
         // entry's version, and the other cluster would keep the first.
-        let mut seen = std::collections::HashSet::new();
-        let mut effects: Vec<DupRecord> = effects.into_iter().rev().filter(|e| seen.insert((e.hashkey.clone(), e.sortkey.clone()))).collect();
-        effects.reverse();
+        let effects = if effects.len() < 2 {
+            effects
+        } else {
+            let mut seen = std::collections::HashSet::new();
+            let mut last: Vec<DupRecord> = effects.into_iter().rev().filter(|e| seen.insert((e.hashkey.clone(), e.sortkey.clone()))).collect();
+            last.reverse();
+            last
+        };
         let index = self.entry.index;
         let entry = DupLogEntry { records: effects, hlc: self.state.hlc };
         self.put(keys::change_log_key(index), codec::encode_value(0, &entry.encode_to_vec()));

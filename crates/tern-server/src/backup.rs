@@ -61,9 +61,7 @@ pub struct BackupService {
     default_rate: u64,
 }
 
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+use tern_core::time::unix_now_ms as now_unix_ms;
 
 fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> TernError {
     move |e| TernError::Internal(format!("{what}: {e}"))

@@ -41,9 +41,7 @@ fn check_expiry(ttl_seconds: u32, expire_at_ms: u64) -> Result<(), TernError> {
 /// runs ahead pulls the receiving partitions' clocks with it, never past this.
 pub const DUP_VERSION_AHEAD_MAX_MS: u64 = 24 * 3600 * 1000;
 
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+use tern_core::time::unix_now_ms as now_unix_ms;
 
 /// Validates a write and returns the group it addresses.
 pub fn write(request: &WriteRequest) -> Result<GroupId, TernError> {

@@ -711,14 +711,14 @@ async fn backup_under_load_restores_whole_and_bad_backups_are_refused() {
     std::fs::write(precious.join("keep.txt"), b"mine").unwrap();
     let mut done = 0;
     let info = c.client.table_info("src").await.unwrap();
+    let request = |rate_bytes_per_second| tern_proto::BackupPartitionRequest {
+        partition: Some(tern_proto::PartitionRef { table_id: info.table_id, partition: 0, partition_count: 4 }),
+        backup: precious.to_string_lossy().into_owned(),
+        rate_bytes_per_second,
+    };
     for s in &c.servers {
         let mut b = tern_proto::backup_client::BackupClient::connect(format!("http://{}", s.address)).await.unwrap();
-        let request = tern_proto::BackupPartitionRequest {
-            partition: Some(tern_proto::PartitionRef { table_id: info.table_id, partition: 0, partition_count: 4 }),
-            backup: precious.to_string_lossy().into_owned(),
-            rate_bytes_per_second: 0,
-        };
-        let mut stream = b.backup_partition(request).await.unwrap().into_inner();
+        let mut stream = b.backup_partition(request(0)).await.unwrap().into_inner();
         let mut last = None;
         while let Some(m) = stream.message().await.unwrap() {
             last = Some(m);
@@ -735,12 +735,7 @@ async fn backup_under_load_restores_whole_and_bad_backups_are_refused() {
     // A rate too slow to notice a cancellation for hours is refused, naming the minimum.
     for s in &c.servers {
         let mut b = tern_proto::backup_client::BackupClient::connect(format!("http://{}", s.address)).await.unwrap();
-        let request = tern_proto::BackupPartitionRequest {
-            partition: Some(tern_proto::PartitionRef { table_id: info.table_id, partition: 0, partition_count: 4 }),
-            backup: precious.to_string_lossy().into_owned(),
-            rate_bytes_per_second: 1,
-        };
-        let mut stream = b.backup_partition(request).await.unwrap().into_inner();
+        let mut stream = b.backup_partition(request(1)).await.unwrap().into_inner();
         let last = stream.message().await.unwrap().unwrap();
         let e = tern_proto::check(&last.error).unwrap_err();
         assert!(matches!(e, TernError::InvalidArgument(_)) && e.to_string().contains("minimum"), "{e}");

@@ -32,9 +32,7 @@ use tern_proto::*;
 use tern_raft::store::{DupLogRead, StoreHandle, StoreMsg};
 use tokio::sync::{mpsc, oneshot};
 
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+use tern_core::time::unix_now_ms as now_unix_ms;
 
 /// Runs the shipper tasks of the partitions this server leads.
 #[derive(Clone)]

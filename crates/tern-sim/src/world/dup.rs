@@ -37,14 +37,17 @@ struct SimShipper {
     token: u64,
     /// A full copy's batches, read from its checkpoint at once.
     copy: std::collections::VecDeque<Vec<DupRecord>>,
+    /// The node of the other cluster the batch in flight went to.
+    sent_to: NodeId,
 }
 
 #[derive(Default)]
 pub(super) struct DupWorld {
     shippers: BTreeMap<(NodeId, GroupId), SimShipper>,
     next_token: u64,
-    /// The node each partition of each cluster was last heard to be led by.
-    remote_leaders: BTreeMap<(usize, u32), NodeId>,
+    /// Where each cluster's partitions are led, as the shippers of the other one route to them
+    /// (the client's own routing: leader hints followed, the next replica tried on failure).
+    remote_routes: BTreeMap<usize, LeaderTable>,
 }
 
 impl World {
@@ -80,11 +83,21 @@ impl World {
             if !self.dup.shippers.contains_key(&(node, group)) {
                 let machine = PartitionShipper::new(group, self.cluster_tag_of(node));
                 let action = machine.start();
-                self.dup.shippers.insert((node, group), SimShipper { machine, epoch, token: 0, copy: Default::default() });
+                self.dup.shippers.insert((node, group), SimShipper { machine, epoch, token: 0, copy: Default::default(), sent_to: 0 });
                 self.drive_shipper(node, group, action);
             }
         }
         self.shared.lock().schedule(SHIP_TICK_MS, Event::ShipTick { node, epoch });
+    }
+
+    /// The routing of the other cluster's table, from `node`'s cluster.
+    fn remote_route(&mut self, node: NodeId) -> &LeaderTable {
+        let (other, n, partitions) = (1 - self.cluster_of(node), self.cfg.nodes as u64, self.cfg.partitions);
+        self.dup.remote_routes.entry(other).or_insert_with(|| {
+            let first = other as u64 * n;
+            let replicas: Vec<NodeId> = (first + 1..=first + n).collect();
+            LeaderTable::new((0..partitions).map(|p| (replicas.clone(), first + 1 + p as u64 % n)).collect())
+        })
     }
 
     fn new_token(&mut self, node: NodeId, group: GroupId) -> u64 {
@@ -150,10 +163,10 @@ impl World {
                     let token = self.new_token(node, group);
                     let other = 1 - self.cluster_of(node);
                     let partition = group.partition();
-                    let to = match self.dup.remote_leaders.get(&(other, partition)) {
-                        Some(n) => *n,
-                        None => (other * self.cfg.nodes) as u64 + 1 + (partition as u64 % self.cfg.nodes as u64),
-                    };
+                    let to = self.remote_route(node).leader(partition);
+                    if let Some(s) = self.dup.shippers.get_mut(&(node, group)) {
+                        s.sent_to = to;
+                    }
                     let remote_group = GroupId::new(Self::table_of(other), partition);
                     let mut s = self.shared.lock();
                     if !s.lost(node, to) {
@@ -229,32 +242,18 @@ impl World {
         shipper.token = 0;
         let action = match outcome {
             ShipOutcome::Proposed(r) => shipper.machine.on_proposed(now_unix, r),
-            ShipOutcome::Sent(r) => {
-                if let Err(e) = &r {
-                    // As the client routes: follow a leader hint, else try the next node.
-                    let other = 1 - self.cluster_of(node);
-                    let key = (other, group.partition());
-                    let first = (other * self.cfg.nodes) as u64 + 1;
-                    let next = match e {
-                        TernError::NotLeader { leader: Some(l) } => *l,
-                        _ => {
-                            let current = self.dup.remote_leaders.get(&key).copied().unwrap_or(first);
-                            first + (current - first + 1) % self.cfg.nodes as u64
-                        }
-                    };
-                    self.dup.remote_leaders.insert(key, next);
+            ShipOutcome::Sent(_) | ShipOutcome::TimedOut => {
+                let sent = match outcome {
+                    ShipOutcome::Sent(r) => r,
+                    _ => Err(TernError::Timeout("no answer from the other cluster".into())),
+                };
+                let sent_to = shipper.sent_to;
+                if let Err(e) = &sent {
+                    // As the client routes: a leader hint followed, else the next replica.
+                    let _ = self.remote_route(node).observe(group.partition(), sent_to, e);
                 }
                 let Some(shipper) = self.dup.shippers.get_mut(&(node, group)) else { return };
-                shipper.machine.on_sent(now_unix, r)
-            }
-            ShipOutcome::TimedOut => {
-                let other = 1 - self.cluster_of(node);
-                let key = (other, group.partition());
-                let first = (other * self.cfg.nodes) as u64 + 1;
-                let current = self.dup.remote_leaders.get(&key).copied().unwrap_or(first);
-                self.dup.remote_leaders.insert(key, first + (current - first + 1) % self.cfg.nodes as u64);
-                let Some(shipper) = self.dup.shippers.get_mut(&(node, group)) else { return };
-                shipper.machine.on_sent(now_unix, Err(TernError::Timeout("no answer from the other cluster".into())))
+                shipper.machine.on_sent(now_unix, sent)
             }
             ShipOutcome::Wake => shipper.machine.on_wake(),
         };
