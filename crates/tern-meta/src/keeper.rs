@@ -533,6 +533,7 @@ impl Keeper {
                     last_heartbeat_ms_ago: ago.as_millis().min(u64::MAX as u128) as u64,
                     replica_count: live.map(|l| l.replicas.len() as u32).unwrap_or(0),
                     leader_count: live.map(|l| l.replicas.iter().filter(|r| r.is_leader).count() as u32).unwrap_or(0),
+                    hibernating_count: live.map(|l| l.replicas.iter().filter(|r| r.hibernating).count() as u32).unwrap_or(0),
                     draining: state.catalog.draining.contains(id),
                     zone: n.zone.clone(),
                     disk_used_bytes: live.map(|l| l.disk_used_bytes).unwrap_or(0),

@@ -177,7 +177,8 @@ struct ClientSession {
 const SESSIONS_MAX: usize = 4096;
 
 pub struct StateMachine {
-    engine: Box<dyn KvEngine>,
+    /// None while closed (`close_engine`).
+    engine: Option<Box<dyn KvEngine>>,
     state: ApplyState,
     /// Sessions of recent clients, true to the engine's contents (floors exactly, the highest
     /// result as a bound): `apply_command` writes every exactly-once record and keeps its client's
@@ -190,6 +191,46 @@ pub struct StateMachine {
     expiry_by_local_clock: bool,
     /// Test-only: duplicated writes see expired records as absent (see `PlantedBugs`).
     lww_ignores_expired: bool,
+}
+
+/// Where a closed engine was (see `StateMachine::close_engine`): every call fails.
+struct ClosedEngine;
+
+impl ClosedEngine {
+    fn error<T>() -> tern_engine::EngineResult<T> {
+        Err(tern_engine::EngineError::Io("the engine is closed (its replica hibernates)".into()))
+    }
+}
+
+impl KvEngine for ClosedEngine {
+    fn get(&self, _: &[u8]) -> tern_engine::EngineResult<Option<Vec<u8>>> {
+        Self::error()
+    }
+    fn write(&self, _: WriteBatch) -> tern_engine::EngineResult<()> {
+        Self::error()
+    }
+    fn scan(&self, _: &[u8], _: Option<&[u8]>, _: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> tern_engine::EngineResult<()> {
+        Self::error()
+    }
+    fn scan_reverse(&self, _: &[u8], _: &[u8], _: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> tern_engine::EngineResult<()> {
+        Self::error()
+    }
+    fn sync(&self) -> tern_engine::EngineResult<()> {
+        Self::error()
+    }
+    fn begin_sync(&self) -> tern_engine::EngineResult<bool> {
+        Self::error()
+    }
+    fn sync_finished(&self) -> tern_engine::EngineResult<bool> {
+        Self::error()
+    }
+    fn checkpoint(&self, _: &std::path::Path) -> tern_engine::EngineResult<()> {
+        Self::error()
+    }
+    fn compact_all(&self) -> tern_engine::EngineResult<()> {
+        Self::error()
+    }
+    fn set_expiry_horizon(&self, _: tern_engine::Horizon) {}
 }
 
 impl StateMachine {
@@ -213,7 +254,7 @@ impl StateMachine {
         engine.sync().map_err(engine_error)?;
         let (_, dup) = replicated_state(engine.as_ref())?;
         engine.set_expiry_horizon(tern_engine::Horizon { unix_ms: state.stamp_ms, version: version_horizon(&dup, &state) });
-        Ok(StateMachine { engine, state, sessions: HashMap::new(), dup, expiry_by_local_clock: false, lww_ignores_expired: false })
+        Ok(StateMachine { engine: Some(engine), state, sessions: HashMap::new(), dup, expiry_by_local_clock: false, lww_ignores_expired: false })
     }
 
     /// Plants the bug the simulator must catch: compaction drops records that expired by this node's
@@ -231,7 +272,7 @@ impl StateMachine {
     /// Starts making everything applied so far durable without waiting; what it covers is durable
     /// once `sync_finished` says so. None: the engine cannot start one now.
     pub fn begin_sync(&self) -> Result<Option<PendingSync>, TernError> {
-        let started = self.engine.begin_sync().map_err(engine_error)?;
+        let started = self.engine().begin_sync().map_err(engine_error)?;
         Ok(started.then_some(PendingSync {
             applied_index: self.state.applied_index,
             stamp_ms: self.state.stamp_ms,
@@ -247,17 +288,17 @@ impl StateMachine {
     /// again (found by the simulator: seeds 1004 and 1111 diverged with the horizon at the applied
     /// clock).
     pub fn sync_finished(&self, pending: &PendingSync) -> Result<bool, TernError> {
-        if !self.engine.sync_finished().map_err(engine_error)? {
+        if !self.engine().sync_finished().map_err(engine_error)? {
             return Ok(false);
         }
-        self.engine.set_expiry_horizon(tern_engine::Horizon { unix_ms: pending.stamp_ms, version: pending.version_horizon });
+        self.engine().set_expiry_horizon(tern_engine::Horizon { unix_ms: pending.stamp_ms, version: pending.version_horizon });
         Ok(true)
     }
 
     /// The planted bug's horizon: the node's own clock, whatever is durable.
     pub fn planted_expiry_horizon(&self, local_now_ms: u64) {
         if self.expiry_by_local_clock {
-            self.engine.set_expiry_horizon(tern_engine::Horizon { unix_ms: local_now_ms, version: u64::MAX });
+            self.engine().set_expiry_horizon(tern_engine::Horizon { unix_ms: local_now_ms, version: u64::MAX });
         }
     }
 
@@ -266,7 +307,37 @@ impl StateMachine {
     }
 
     pub fn engine(&self) -> &dyn KvEngine {
-        self.engine.as_ref()
+        self.engine.as_deref().unwrap_or(&ClosedEngine)
+    }
+
+    /// Closes the engine: its files and memory are released, the state stays known. Only for an
+    /// engine that holds everything applied durably (the caller's sync finished); until
+    /// `reopen_engine`, every engine call fails (a replica that used it would stop, never serve
+    /// wrong data).
+    pub fn close_engine(&mut self) {
+        self.engine = None;
+    }
+
+    pub fn engine_is_open(&self) -> bool {
+        self.engine.is_some()
+    }
+
+    /// Puts back an engine closed by `close_engine`, opened again from its directory. It must be
+    /// where the state machine left it (same applied position): anything else is a storage failure.
+    pub fn reopen_engine(&mut self, engine: Box<dyn KvEngine>) -> Result<(), TernError> {
+        let state = match engine.get(keys::APPLY_STATE_KEY).map_err(engine_error)? {
+            Some(bytes) => ApplyState::decode(&bytes)?,
+            None => return Err(TernError::Corruption("a reopened engine has no apply state".into())),
+        };
+        if (state.applied_index, state.applied_term) != (self.state.applied_index, self.state.applied_term) {
+            return Err(TernError::Corruption(format!(
+                "a reopened engine holds applied index {} (term {}), the replica had applied {} (term {})",
+                state.applied_index, state.applied_term, self.state.applied_index, self.state.applied_term
+            )));
+        }
+        engine.set_expiry_horizon(tern_engine::Horizon { unix_ms: state.stamp_ms, version: version_horizon(&self.dup, &state) });
+        self.engine = Some(engine);
+        Ok(())
     }
 
     /// The partition's duplication state (empty when the table has no duplication).
@@ -288,7 +359,7 @@ impl StateMachine {
             )));
         }
         let start = keys::change_log_key(after.saturating_add(1).max(self.dup.log_start));
-        self.engine
+        self.engine()
             .scan(&start, Some(&keys::change_log_end()), &mut |k, v| {
                 if entries.len() >= max_entries || (bytes >= max_bytes && !entries.is_empty()) {
                     return false;
@@ -314,7 +385,7 @@ impl StateMachine {
             let mut kept = Vec::with_capacity(entry.records.len());
             for r in entry.records.drain(..) {
                 let key = keys::data_key(&r.hashkey, &r.sortkey);
-                if stored_version(|k| self.engine.get(k).map_err(engine_error), &key)? <= r.version {
+                if stored_version(|k| self.engine().get(k).map_err(engine_error), &key)? <= r.version {
                     kept.push(r);
                 }
             }
@@ -353,7 +424,7 @@ impl StateMachine {
             batch.wb.put(keys::DUP_STATE_KEY.to_vec(), codec::encode_value(0, &batch.dup.encode_to_vec()));
         }
         batch.wb.put(keys::APPLY_STATE_KEY.to_vec(), batch.state.encode());
-        self.engine.write(batch.wb).map_err(engine_error)?;
+        self.engine().write(batch.wb).map_err(engine_error)?;
         self.state = batch.state;
         self.sessions = batch.sessions;
         if batch.dup_changed {

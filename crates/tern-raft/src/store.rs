@@ -26,6 +26,8 @@ const TOMBSTONE_SUFFIX: &str = ".destroyed";
 /// Sends raft messages to other nodes. Must not block: implementations queue and batch.
 pub trait Transport: Send {
     fn send(&mut self, messages: Vec<OutMessage>);
+    /// Tells each of `nodes` that this node is up (delivered there as `StoreMsg::NodePing`).
+    fn ping(&mut self, nodes: &[NodeId]);
 }
 
 /// What a replica should look like, as meta assigns it.
@@ -148,6 +150,10 @@ pub enum StoreMsg {
         message: Message,
         snapshot_dir: Option<PathBuf>,
     },
+    /// A node's liveness ping (see `Transport::ping`).
+    NodePing {
+        from: NodeId,
+    },
     SnapshotReport {
         group: GroupId,
         to_peer: PeerId,
@@ -219,6 +225,10 @@ pub struct StoreConfig {
     /// A replica stopped by a storage failure is closed and opened again from disk after this many
     /// ticks (a transient error heals; a persistent one stops it again, and meta replaces it).
     pub failed_replica_reopen_ticks: u64,
+    /// Engines of hibernating replicas kept open; past it the store closes them (each opened
+    /// again when its replica is next needed), so open files and memory follow the active
+    /// replicas. Zero closes every idle engine.
+    pub idle_engines_open_max: usize,
     /// Sync the raft log on a thread of its own (`Store::write_log_on_thread`) instead of the
     /// store's. Off by default: on a 2-core machine the hand-offs cost more than the overlap gains
     /// (BENCHMARKS.md, history).
@@ -235,6 +245,7 @@ impl Default for StoreConfig {
             mailbox_capacity: 100_000,
             log_purge_interval_ticks: 100,
             failed_replica_reopen_ticks: 300,
+            idle_engines_open_max: IDLE_ENGINES_OPEN_DEFAULT,
             log_writer_thread: false,
         }
     }
@@ -276,7 +287,26 @@ pub struct Store {
     /// deny entries it acknowledged, so no peer id at or below it is ever created here again (meta
     /// hands out ever larger ids, so a real new peer is always above it).
     retired: BTreeMap<GroupId, PeerId>,
+    /// Liveness of the nodes this node's replicas have peers on, for hibernating groups.
+    peer_nodes: PeerNodes,
 }
+
+/// Every node a replica here has a peer on, pinged each tick, and when each was last heard from
+/// (store ticks). A node silent for an election timeout wakes the hibernating followers whose
+/// leader lives there (see `replica::hibernation`).
+#[derive(Default)]
+struct PeerNodes {
+    heard: BTreeMap<NodeId, u64>,
+    silent: BTreeSet<NodeId>,
+    list: Vec<NodeId>,
+}
+
+/// Idle engines a store keeps open by default: about 2,000 open files and 100 MiB (BENCHMARKS.md,
+/// replicas per server).
+pub const IDLE_ENGINES_OPEN_DEFAULT: usize = 256;
+
+/// How often (ticks) the store recomputes which nodes its replicas have peers on.
+const PEER_NODES_REFRESH_TICKS: u64 = 10;
 
 /// Where a store keeps its retired peer ids.
 const RETIRED_FILE: &str = "retired-peers.json";
@@ -286,6 +316,14 @@ struct Unopened {
     dir: PathBuf,
     failure: String,
     since: u64,
+}
+
+/// The replica of `group` with its engine open (opened again if it was closed while the replica
+/// hibernated).
+fn with_engine(replicas: &mut BTreeMap<GroupId, Replica>, group: GroupId) -> Option<&mut Replica> {
+    let replica = replicas.get_mut(&group)?;
+    replica.ensure_engine();
+    Some(replica)
 }
 
 fn not_hosted(group: GroupId) -> TernError {
@@ -349,6 +387,7 @@ impl Store {
             incarnations: BTreeMap::new(),
             next_incarnation: 0,
             retired: BTreeMap::new(),
+            peer_nodes: PeerNodes::default(),
         };
         let retired_file = data_dir.join(RETIRED_FILE);
         if files.exists(&retired_file) {
@@ -482,11 +521,16 @@ impl Store {
         self.replicas.len()
     }
 
+    /// Replicas hibernating now (see `replica::hibernation`).
+    pub fn hibernating_count(&self) -> usize {
+        self.replicas.values().filter(|r| r.is_hibernating()).count()
+    }
+
     /// Handles one mailbox message. Returns false on shutdown.
     pub fn handle(&mut self, msg: StoreMsg) -> bool {
         let now = self.clock.now_unix_ms();
         match msg {
-            StoreMsg::Write { group, request, callback } => match self.replicas.get_mut(&group) {
+            StoreMsg::Write { group, request, callback } => match with_engine(&mut self.replicas, group) {
                 Some(r) if stale(r, &request.partition) => callback(crate::apply::error_response(stale_error(r))),
                 Some(r) => {
                     r.propose(request, now, callback);
@@ -494,7 +538,7 @@ impl Store {
                 }
                 None => callback(crate::apply::error_response(not_hosted(group))),
             },
-            StoreMsg::Read { group, request, callback } => match self.replicas.get_mut(&group) {
+            StoreMsg::Read { group, request, callback } => match with_engine(&mut self.replicas, group) {
                 Some(r) if stale(r, &request.partition) => callback(ReadResponse { error: Some(stale_error(r).into()), ..Default::default() }),
                 Some(r) => {
                     r.read(request, now, self.clock.monotonic(), callback);
@@ -506,10 +550,16 @@ impl Store {
                 // A message for another peer of the group (one this node no longer or not yet hosts)
                 // must not reach the replica that is here.
                 if let Some(r) = self.replicas.get_mut(&group).filter(|r| r.peer_id == message.to) {
+                    r.ensure_engine();
                     r.step(message, snapshot_dir);
                     self.dirty.insert(group);
                 } else if let Some(dir) = snapshot_dir {
                     let _ = self.files.remove_all(&dir);
+                }
+            }
+            StoreMsg::NodePing { from } => {
+                if let Some(heard) = self.peer_nodes.heard.get_mut(&from) {
+                    *heard = self.ticks;
                 }
             }
             StoreMsg::SnapshotReport { group, to_peer, ok } => {
@@ -565,19 +615,19 @@ impl Store {
                 }));
                 callback(statuses)
             }
-            StoreMsg::Checksum { group, at_unix_ms, data_only, callback } => match self.replicas.get(&group) {
+            StoreMsg::Checksum { group, at_unix_ms, data_only, callback } => match with_engine(&mut self.replicas, group) {
                 Some(r) => callback(r.checksum(if at_unix_ms == 0 { now } else { at_unix_ms }, data_only)),
                 None => callback(Err(not_hosted(group))),
             },
-            StoreMsg::Flush { group, begin, callback } => match self.replicas.get(&group) {
+            StoreMsg::Flush { group, begin, callback } => match with_engine(&mut self.replicas, group) {
                 Some(r) => callback(r.flush_engine(begin)),
                 None => callback(Err(not_hosted(group))),
             },
-            StoreMsg::Checkpoint { group, dir, min_applied_index, callback } => match self.replicas.get(&group) {
+            StoreMsg::Checkpoint { group, dir, min_applied_index, callback } => match with_engine(&mut self.replicas, group) {
                 Some(r) => callback(r.checkpoint_into(&dir, min_applied_index)),
                 None => callback(Err(not_hosted(group))),
             },
-            StoreMsg::DupLog { group, after, max_entries, max_bytes, callback } => match self.replicas.get(&group) {
+            StoreMsg::DupLog { group, after, max_entries, max_bytes, callback } => match with_engine(&mut self.replicas, group) {
                 Some(r) => callback(r.dup_log(after, max_entries, max_bytes)),
                 None => callback(Err(not_hosted(group))),
             },
@@ -766,13 +816,81 @@ impl Store {
         self.ticks += 1;
         let now = self.clock.monotonic();
         for (group, replica) in self.replicas.iter_mut() {
+            if replica.is_hibernating() {
+                continue;
+            }
+            replica.ensure_engine();
             replica.tick(now);
+            // Also when it just went to sleep: its notices to peers go out with the round.
             self.dirty.insert(*group);
         }
+        self.watch_peer_nodes();
+        self.close_idle_engines();
         self.reopen_failed_replicas();
         if self.ticks.is_multiple_of(self.cfg.log_purge_interval_ticks) {
             if let Err(e) = self.log.purge() {
                 tracing::warn!("raft log purge: {e}");
+            }
+        }
+    }
+
+    /// Closes the engines of hibernating replicas past `idle_engines_open_max` (in group order;
+    /// one whose applied state is not durable yet starts syncing and closes on a later tick).
+    fn close_idle_engines(&mut self) {
+        let open_idle = self.replicas.values().filter(|r| r.is_hibernating() && r.engine_is_open()).count();
+        let mut excess = open_idle.saturating_sub(self.cfg.idle_engines_open_max);
+        for replica in self.replicas.values_mut() {
+            if excess == 0 {
+                break;
+            }
+            if replica.is_hibernating() && replica.engine_is_open() && replica.close_engine_if_asleep() {
+                excess -= 1;
+            }
+        }
+    }
+
+    /// Pings the nodes this node's replicas have peers on, and wakes the hibernating followers of
+    /// a leader whose node has fallen silent for an election timeout.
+    fn watch_peer_nodes(&mut self) {
+        let ticks = self.ticks;
+        if ticks % PEER_NODES_REFRESH_TICKS == 1 || self.peer_nodes.list.is_empty() {
+            let mut nodes = BTreeSet::new();
+            for replica in self.replicas.values() {
+                nodes.extend(replica.meta().peers.iter().map(|(_, n)| *n).filter(|n| *n != self.node_id));
+            }
+            let pn = &mut self.peer_nodes;
+            pn.heard.retain(|n, _| nodes.contains(n));
+            pn.silent.retain(|n| nodes.contains(n));
+            for n in &nodes {
+                pn.heard.entry(*n).or_insert(ticks);
+            }
+            pn.list = nodes.into_iter().collect();
+        }
+        if self.peer_nodes.list.is_empty() {
+            return;
+        }
+        self.transport.ping(&self.peer_nodes.list);
+        let timeout = self.cfg.replica.election_tick as u64;
+        let pn = &mut self.peer_nodes;
+        for (node, heard) in &pn.heard {
+            if ticks.saturating_sub(*heard) > timeout {
+                if pn.silent.insert(*node) {
+                    tracing::info!(node = self.node_id, "node {node} has gone silent");
+                }
+            } else {
+                pn.silent.remove(node);
+            }
+        }
+        if pn.silent.is_empty() {
+            return;
+        }
+        // Every tick while a node is silent (a follower may go to sleep on a notice that arrived
+        // late, after its leader's node was already counted silent).
+        for (group, replica) in self.replicas.iter_mut() {
+            if replica.hibernating_leader_node().is_some_and(|n| pn.silent.contains(&n)) {
+                tracing::info!(node = self.node_id, group = %group, "waking: the leader's node is silent");
+                replica.wake();
+                self.dirty.insert(*group);
             }
         }
     }
@@ -798,6 +916,7 @@ impl Store {
         let mut readies = Vec::new();
         for group in std::mem::take(&mut self.dirty) {
             let Some(replica) = self.replicas.get_mut(&group) else { continue };
+            replica.ensure_engine();
             replica.flush_reads(monotonic);
             replica.maybe_generate_snapshot();
             if let Some((number, messages)) = replica.collect_ready(&mut outbox, &mut batch, now) {
@@ -1005,6 +1124,7 @@ mod tests {
     struct NoNetwork;
     impl Transport for NoNetwork {
         fn send(&mut self, _: Vec<OutMessage>) {}
+        fn ping(&mut self, _: &[NodeId]) {}
     }
 
     /// One simulated node's disks: everything in memory, with crash semantics.

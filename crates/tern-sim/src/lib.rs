@@ -14,7 +14,7 @@
 pub mod checker;
 pub mod world;
 
-pub use world::{run, DiskFault, Fault, SimConfig, SimReport};
+pub use world::{run, DiskFault, Election, Fault, SimConfig, SimReport};
 
 /// A sweep fails if the checker could not decide (its search budget ran out) for more than this
 /// share of its histories: a checker that gives up often proves nothing.

@@ -71,9 +71,14 @@ fn regression_seeds() {
 ///   leader removed from its group (the removal proposed before it was elected) learned that its
 ///   log write was durable; raft-rs updates a leader's own progress then, which a removed leader no
 ///   longer has, and panicked. A removed replica now ignores its durable log writes too.
+/// - 2411 (once groups hibernate and clients pause): raft-rs's `batch_append` merged a round's
+///   entries 146-147 into an empty append after 147 already queued for the same follower; the
+///   follower acknowledged up to 149, past the leader's log, and raft-rs panicked on a heartbeat
+///   committing past the follower's log. Such an append is now restated before it is sent
+///   (`repair_batched_append` in tern-raft's replica).
 #[test]
 fn scheduler_regression_seeds() {
-    for seed in [5000, 5001, 5004, 5011, 5044, 5049, 5064, 21186, 20688, 21751, 21913, 31382, 1627, 2696, 2845, 5217] {
+    for seed in [5000, 5001, 5004, 5011, 5044, 5049, 5064, 21186, 20688, 21751, 21913, 31382, 1627, 2696, 2845, 5217, 2411] {
         let report = run(SimConfig::with_scheduler(seed));
         assert!(report.ok(), "{}", report.describe());
     }
@@ -181,12 +186,12 @@ fn assert_planted_bug_is_caught(planted: PlantedBugs, config: SimConfig) {
 
 /// The harness bites: a leader that answers reads without confirming leadership (ReadIndex) serves
 /// a stale read once a paused or cut-off leader has been replaced. Seeds found with
-/// `hunt_planted_bug` (10 of 6000 seeds, 1000-6999: deposed leaders that still take client reads are
+/// `hunt_planted_bug` (4 of 6000 seeds, 1000-6999, since groups hibernate: deposed leaders that still take client reads are
 /// rare, because check-quorum steps a cut-off leader down before another is elected; it takes a
 /// paused leader whose clients' reads reach it, on resume, before the new leader's messages do).
 #[test]
 fn planted_stale_read_bug_is_caught() {
-    assert_planted_bug_is_caught(PlantedBugs { read_without_read_index: true, ..Default::default() }, SimConfig::new(3124));
+    assert_planted_bug_is_caught(PlantedBugs { read_without_read_index: true, ..Default::default() }, SimConfig::new(1084));
 }
 
 /// Lease reads are only as safe as the lease is short: a lease 40 times too long outlives
@@ -215,10 +220,10 @@ fn planted_storage_failure_as_answer_is_caught() {
 }
 
 /// A snapshot cut short in transfer handed to raft unchecked: the replica installs a partial state
-/// machine (caught by 15 of 400 seeds, 1000-1399).
+/// machine (caught by 7 of 400 seeds, 1000-1399).
 #[test]
 fn planted_unverified_snapshot_is_caught() {
-    assert_planted_bug_is_caught(PlantedBugs { unverified_snapshot: true, ..Default::default() }, SimConfig::new(1015));
+    assert_planted_bug_is_caught(PlantedBugs { unverified_snapshot: true, ..Default::default() }, SimConfig::new(1082));
 }
 
 /// Files go through the simulator's file system, which keeps only what was made durable when a node
@@ -233,19 +238,19 @@ fn planted_replica_dir_not_durable_is_caught() {
 /// The simulator's log store brings back, at a crash, entries a group compacted away long ago when it
 /// has none left, as raft-engine's recovery can (found on a real server: a restart panicked in
 /// raft-engine, "memtable has a hole"). A store that opened its log without removing them appends
-/// after a hole (caught by 27 of 3000 seeds, 1000-3999).
+/// after a hole (caught by 14 of 400 seeds, 1000-1399).
 #[test]
 fn planted_keep_resurrected_log_entries_is_caught() {
-    assert_planted_bug_is_caught(PlantedBugs { keep_resurrected_log_entries: true, ..Default::default() }, SimConfig::new(1020));
+    assert_planted_bug_is_caught(PlantedBugs { keep_resurrected_log_entries: true, ..Default::default() }, SimConfig::new(1000));
 }
 
 /// Two clusters duplicating into each other, with a duplicated write that compares with an expired
 /// record as if it were absent: an older write from the other cluster replaces a newer, expired
-/// one on one side only, and the clusters end different (caught by 4 of 400 seeds, 1000-1399,
+/// one on one side only, and the clusters end different (caught by 1 of 400 seeds, 1000-1399,
 /// with `TERN_SIM_CLUSTERS=2`).
 #[test]
 fn planted_lww_ignores_expired_is_caught() {
-    assert_planted_bug_is_caught(PlantedBugs { lww_ignores_expired: true, ..Default::default() }, SimConfig::with_two_clusters(1000));
+    assert_planted_bug_is_caught(PlantedBugs { lww_ignores_expired: true, ..Default::default() }, SimConfig::with_two_clusters(1048));
 }
 
 /// A directed scenario for votes right after a restart. Clients only read from 1.5 s on, so every
@@ -467,4 +472,27 @@ fn command_line_checks_its_settings() {
     assert_eq!(run(&["--seeds", "abc"]).status.code(), Some(2), "not a number");
     let out = run(&["--seed", "1024"]);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("seed 1024"));
+}
+
+/// A dead leader of a hibernating group is replaced without any client asking: clients are quiet
+/// from 1.5 s to 16 s, the groups go to sleep, and at 8 s the node leading partition 0 crashes
+/// (down for 10 s). The surviving followers hear nothing from its node, wake, and elect a leader
+/// within a few election timeouts, long before clients come back.
+#[test]
+fn a_dead_leader_of_a_hibernating_group_is_replaced() {
+    let group = tern_core::GroupId::new(1, 0);
+    for seed in 0..5 {
+        let cfg = SimConfig {
+            script: Some(vec![(8_000, Fault::CrashLeader(group, 10_000))]),
+            quiet: Some((1_500, 16_000)),
+            fault_phase_ms: 20_000,
+            ..SimConfig::new(seed)
+        };
+        let report = run(cfg);
+        assert!(report.ok(), "{}", report.describe());
+        let crash = report.faults.iter().find(|f| f.contains("crashed")).unwrap_or_else(|| panic!("no leader crashed: {:?}", report.faults));
+        assert!(crash.contains("(hibernating)"), "the group was asleep when its leader died: {crash}");
+        let replaced = report.elections.iter().find(|e| e.group == group && e.at_ms > 8_000).expect("a new leader");
+        assert!(replaced.at_ms < 11_000, "seed {seed}: the new leader came at {} ms", replaced.at_ms);
+    }
 }

@@ -115,6 +115,10 @@ impl RaftService {
 
     fn deliver(&self, envelope: tern_proto::RaftEnvelope, snapshot_dir: Option<PathBuf>) -> Result<(), Status> {
         self.admit(&envelope)?;
+        if envelope.ping {
+            self.store.send(StoreMsg::NodePing { from: envelope.from_node });
+            return Ok(());
+        }
         let message = raft::eraftpb::Message::parse_from_bytes(&envelope.message)
             .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
         self.store.send(StoreMsg::Raft { group: GroupId(envelope.group_id), message, snapshot_dir });
@@ -206,7 +210,7 @@ mod tests {
 
     fn envelope(cluster_id: u64, to_node: NodeId) -> tern_proto::RaftEnvelope {
         let message = raft::eraftpb::Message::default().write_to_bytes().unwrap();
-        tern_proto::RaftEnvelope { group_id: 1, from_node: 2, to_node, message: message.into(), cluster_id }
+        tern_proto::RaftEnvelope { group_id: 1, from_node: 2, to_node, message: message.into(), cluster_id, ping: false }
     }
 
     /// Raft messages of another cluster (a server that took over an address another cluster still

@@ -68,6 +68,7 @@ impl Transport for GrpcTransport {
                 to_node: out.to_node,
                 message: out.message.write_to_bytes().expect("encode raft message").into(),
                 cluster_id: self.cluster_id.load(Ordering::Relaxed),
+                ping: false,
             };
             if let Some(dir) = out.snapshot_dir {
                 let task = send_snapshot(
@@ -86,6 +87,15 @@ impl Transport for GrpcTransport {
             if self.peer_queue(out.to_node).try_send(envelope).is_err() {
                 self.store.send(StoreMsg::Unreachable { group: out.group, to_peer });
             }
+        }
+    }
+
+    fn ping(&mut self, nodes: &[NodeId]) {
+        let cluster_id = self.cluster_id.load(Ordering::Relaxed);
+        for to in nodes {
+            let envelope = RaftEnvelope { from_node: self.node_id, to_node: *to, cluster_id, ping: true, ..Default::default() };
+            // A full queue drops the ping: the node is not reachable now, which is what it tells.
+            let _ = self.peer_queue(*to).try_send(envelope);
         }
     }
 }
@@ -227,7 +237,7 @@ mod tests {
     use super::*;
 
     fn envelope(bytes: usize) -> RaftEnvelope {
-        RaftEnvelope { group_id: 1, from_node: 1, to_node: 2, message: vec![0u8; bytes].into(), cluster_id: 1 }
+        RaftEnvelope { group_id: 1, from_node: 1, to_node: 2, message: vec![0u8; bytes].into(), cluster_id: 1, ping: false }
     }
 
     /// Batches stay within the receiver's limit however large the queued messages are (512

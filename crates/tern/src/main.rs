@@ -119,6 +119,11 @@ enum Command {
         /// default: slower on 2 cores, see BENCHMARKS.md).
         #[arg(long)]
         log_writer_thread: bool,
+        /// Raft ticks a partition leader waits with nothing to do before its group hibernates
+        /// (stops ticking and heartbeating until a request or a peer wakes it); 0 keeps every
+        /// group ticking (0-1000000).
+        #[arg(long, default_value_t = tern_raft::replica::HIBERNATE_AFTER_TICKS_DEFAULT)]
+        hibernate_after_ticks: u64,
         /// Failure domain (rack, room, region): replicas of a partition go to distinct zones.
         #[arg(long, default_value = "")]
         zone: String,
@@ -308,6 +313,7 @@ async fn main() -> anyhow::Result<()> {
             backup_rate_mib,
             block_cache_mib,
             log_writer_thread,
+            hibernate_after_ticks,
             zone,
             leader_priority,
         } => {
@@ -319,7 +325,11 @@ async fn main() -> anyhow::Result<()> {
             if log_gc_threshold == 0 {
                 bail!("--log-gc-threshold must be positive");
             }
+            if hibernate_after_ticks > 1_000_000 {
+                bail!("--hibernate-after-ticks must be between 0 (never) and 1000000");
+            }
             let mut cfg = tern_server::ServerConfig::new(data_dir, listen, meta);
+            cfg.store.replica.hibernate_after_ticks = hibernate_after_ticks;
             cfg.advertise = advertise;
             cfg.raft_tick = raft_tick_ms.map(Duration::from_millis);
             cfg.store.replica.log_gc_count_threshold = log_gc_threshold;

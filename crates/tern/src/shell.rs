@@ -671,8 +671,8 @@ impl Shell {
             Command::Nodes => {
                 let nodes = self.client.refresh_nodes().await.map_err(err)?;
                 let mut out = format!(
-                    "{:>5} {:<22} {:<6} {:<8} {:>8} {:>8} {:>10} {:>9} {:>12}",
-                    "id", "address", "state", "zone", "replicas", "leaders", "disk MiB", "req/s", "last seen"
+                    "{:>5} {:<22} {:<6} {:<8} {:>8} {:>8} {:>7} {:>10} {:>9} {:>12}",
+                    "id", "address", "state", "zone", "replicas", "leaders", "asleep", "disk MiB", "req/s", "last seen"
                 );
                 for n in nodes {
                     let seen = if n.last_heartbeat_ms_ago == u64::MAX {
@@ -682,7 +682,7 @@ impl Shell {
                     };
                     let _ = write!(
                         out,
-                        "\n{:>5} {:<22} {:<6} {:<8} {:>8} {:>8} {:>10.1} {:>9.0} {:>12}",
+                        "\n{:>5} {:<22} {:<6} {:<8} {:>8} {:>8} {:>7} {:>10.1} {:>9.0} {:>12}",
                         n.node_id,
                         n.address,
                         match (n.alive, n.draining) {
@@ -693,6 +693,7 @@ impl Shell {
                         if n.zone.is_empty() { "-" } else { n.zone.as_str() },
                         n.replica_count,
                         n.leader_count,
+                        n.hibernating_count,
                         n.disk_used_bytes as f64 / (1024.0 * 1024.0),
                         n.requests_per_second,
                         seen

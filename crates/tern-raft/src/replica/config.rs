@@ -57,6 +57,10 @@ pub struct ReplicaConfig {
     /// The store sets it below the time followers refuse to vote after hearing from a leader
     /// (election_tick ticks); zero turns lease reads off.
     pub read_lease: std::time::Duration,
+    /// A leader quiescent for this many ticks lets its group hibernate (stop ticking; see
+    /// `replica::hibernation`); zero keeps every group ticking. Followers hibernate when their
+    /// leader says so, whatever their own setting.
+    pub hibernate_after_ticks: u64,
     /// Bugs put back on purpose by simulator tests (all off in production).
     pub planted: PlantedBugs,
     /// The cluster's id once the server knows it (0 before): leaders stamp entries with its tag,
@@ -68,6 +72,10 @@ pub struct ReplicaConfig {
 /// 0.5 to 1 s after its leader's last heartbeat, so writes stall for about a second at most when a
 /// leader's server dies; read leases last (5 - 2) ticks times 7/8 (see `Store::new`).
 pub const ELECTION_TICK_DEFAULT: usize = 5;
+
+/// Quiet ticks before a leader lets its group hibernate by default: 2 s with 100 ms ticks, long
+/// enough that a group in use (even by one request a second) never sleeps between requests.
+pub const HIBERNATE_AFTER_TICKS_DEFAULT: u64 = 20;
 
 impl ReplicaConfig {
     /// Sets the election timeout, with heartbeats five times per timeout (at least one per tick):
@@ -91,6 +99,7 @@ impl Default for ReplicaConfig {
             pending_reads_max: 20_000,
             read_timeout_ticks: 50,
             read_lease: std::time::Duration::ZERO,
+            hibernate_after_ticks: HIBERNATE_AFTER_TICKS_DEFAULT,
             planted: PlantedBugs::default(),
             cluster_id: Default::default(),
         }

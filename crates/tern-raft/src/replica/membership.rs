@@ -32,6 +32,9 @@ impl Replica {
     /// have caught up, promote them and remove voters meta dropped (one joint-consensus change);
     /// never more than one change in flight. Only the leader acts; others just learn the addresses.
     pub fn reconcile_membership(&mut self, voters: &[(PeerId, NodeId)], learners: &[(PeerId, NodeId)], preferred_leader: PeerId) {
+        if self.hibernating && self.membership_differs(voters, learners, preferred_leader) {
+            self.wake();
+        }
         if !self.active() || !self.is_leader() || self.raw.raft.has_pending_conf() {
             return;
         }

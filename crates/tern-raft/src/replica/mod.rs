@@ -4,17 +4,19 @@
 //! log only through the round's shared `LogWriteBatch`.
 //!
 //! Rooms: this file is the raft glue (opening, proposals, ticks, Ready handling in raft-rs's order,
-//! apply, status); `reads` holds linearizable reads and the leader lease; `membership` the replica
+//! apply, status); `reads` holds linearizable reads and the leader lease; `hibernation` how an idle
+//! group stops ticking and what wakes it; `membership` the replica
 //! set (conf changes, learners, leadership transfer to the preferred peer); `snapshots` snapshot
 //! files (generation, received checkpoints, installation) and the replica's metadata file;
 //! `config` its configuration and the bugs tests plant.
 
 mod config;
+mod hibernation;
 mod membership;
 mod reads;
 mod snapshots;
 
-pub use config::{PlantedBugs, ReplicaConfig, ELECTION_TICK_DEFAULT};
+pub use config::{PlantedBugs, ReplicaConfig, ELECTION_TICK_DEFAULT, HIBERNATE_AFTER_TICKS_DEFAULT};
 use reads::{fail_reads, Lease, ReadBatch};
 pub use snapshots::ReplicaMeta;
 use snapshots::RECEIVED_SNAPSHOTS_MAX;
@@ -97,6 +99,12 @@ pub struct Replica {
     /// RocksDB flush of a memtable takes tens of milliseconds, which every replica of the node
     /// would otherwise wait for on the store thread (at each log GC and periodic sync).
     sync_in_flight: Option<crate::apply::PendingSync>,
+    /// Not ticking: the group is idle (see `hibernation`).
+    hibernating: bool,
+    /// Consecutive quiescent ticks of a leader.
+    idle_ticks: u64,
+    /// Messages of Tern's own to peers (hibernate notices), sent with the next Ready.
+    outgoing: Vec<Message>,
 }
 
 /// Where in `[0, period)` this group's periodic work falls: Fibonacci hashing of the group id, so
@@ -117,6 +125,30 @@ fn open_state_machine(engine: Box<dyn tern_engine::KvEngine>, initial: ApplyStat
         sm.plant_lww_ignores_expired();
     }
     Ok(sm)
+}
+
+/// Mends an append raft-rs's `batch_append` merged wrongly. raft-rs 0.7 (`Raft::try_batching`)
+/// appends a round's new entries to a MsgAppend already queued for the same peer when the queued
+/// one carries no entries, whatever its index: an empty append after index 147 merged with entries
+/// 146 and 147 (the peer's next index had moved back after a rejection) says "146 and 147 follow
+/// 147", and the follower answers that it holds up to 149, past the leader's own log; the leader
+/// then counts entries as replicated that the follower never had (found by the simulator, scheduler
+/// seed 2411: raft-rs panicked on a heartbeat committing past the follower's log). The entries are
+/// what the leader means to send, so the append is restated as following the entry before the
+/// first of them. False: that entry's term is gone (compacted): drop the message, raft sends again.
+fn repair_batched_append(m: &mut Message, term_of: impl Fn(u64) -> Option<u64>) -> bool {
+    let Some(first) = m.entries.first().map(|e| e.index) else { return true };
+    if m.get_msg_type() != MessageType::MsgAppend || first == m.index + 1 {
+        return true;
+    }
+    match term_of(first - 1) {
+        Some(term) => {
+            m.index = first - 1;
+            m.log_term = term;
+            true
+        }
+        None => false,
+    }
 }
 
 fn fatal(group: GroupId, what: &str, e: impl std::fmt::Display) -> ! {
@@ -225,6 +257,9 @@ impl Replica {
             votes_refused_until_tick,
             synced_index: 0,
             sync_in_flight: None,
+            hibernating: false,
+            idle_ticks: 0,
+            outgoing: Vec::new(),
         })
     }
 
@@ -293,6 +328,7 @@ impl Replica {
         if !self.is_leader() || self.removed {
             return callback(error_response(self.not_leader()));
         }
+        self.client_activity();
         if self.proposals.len() >= self.cfg.pending_proposals_max {
             return callback(error_response(TernError::Busy(format!(
                 "partition {} has {} writes in flight (limit {})",
@@ -323,6 +359,12 @@ impl Replica {
                 let _ = self.files.remove_all(&dir);
             }
             return;
+        }
+        if Self::is_hibernate_notice(&message) {
+            return self.on_hibernate_notice(&message);
+        }
+        if self.wakes_up_on(&message) {
+            self.wake();
         }
         let vote = matches!(message.get_msg_type(), MessageType::MsgRequestVote | MessageType::MsgRequestPreVote);
         if vote && self.ticks < self.votes_refused_until_tick && message.get_context() != raft::CAMPAIGN_TRANSFER {
@@ -363,6 +405,7 @@ impl Replica {
         if !self.active() {
             return;
         }
+        self.wake();
         let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
         self.raw.report_snapshot(to_peer, status);
     }
@@ -371,6 +414,7 @@ impl Replica {
         if !self.active() {
             return;
         }
+        self.wake();
         self.raw.report_unreachable(to_peer);
     }
 
@@ -418,6 +462,7 @@ impl Replica {
         if due {
             self.start_engine_sync();
         }
+        self.maybe_hibernate();
     }
 
     /// Starts an engine sync (see `StateMachine::begin_sync`) unless one is under way or nothing
@@ -484,7 +529,7 @@ impl Replica {
     }
 
     pub fn has_ready(&self) -> bool {
-        (self.failure.is_none() && self.raw.has_ready()) || !self.pending_log.is_empty()
+        (self.failure.is_none() && self.raw.has_ready()) || !self.pending_log.is_empty() || !self.outgoing.is_empty()
     }
 
     /// Handles a Ready in raft-rs's documented order: send leader messages, install a snapshot,
@@ -495,6 +540,8 @@ impl Replica {
     pub fn collect_ready(&mut self, outbox: &mut Vec<OutMessage>, log_batch: &mut LogWriteBatch, now_unix_ms: u64) -> Option<(u64, Vec<Message>)> {
         log_batch.ops.append(&mut self.pending_log.ops);
         if self.failure.is_some() || !self.raw.has_ready() {
+            let own = std::mem::take(&mut self.outgoing);
+            self.route(own, outbox);
             return None;
         }
         let mut rd = self.raw.ready();
@@ -502,6 +549,9 @@ impl Replica {
             self.on_role_change(ss.raft_state);
         }
         self.route(rd.take_messages(), outbox);
+        // After raft's: a hibernate notice follows the heartbeats of the tick it was sent in.
+        let own = std::mem::take(&mut self.outgoing);
+        self.route(own, outbox);
         if !rd.snapshot().is_empty() {
             self.install_snapshot(rd.snapshot().clone(), log_batch);
         }
@@ -596,8 +646,11 @@ impl Replica {
     }
 
     fn route(&self, messages: Vec<Message>, outbox: &mut Vec<OutMessage>) {
-        for message in messages {
+        for mut message in messages {
             let Some(to_node) = self.node_of(message.to) else { continue };
+            if !repair_batched_append(&mut message, |index| self.raw.raft.raft_log.term(index).ok()) {
+                continue;
+            }
             let snapshot_dir = (message.get_msg_type() == MessageType::MsgSnapshot).then(|| {
                 let name = String::from_utf8_lossy(message.get_snapshot().get_data()).into_owned();
                 self.snapshot_dir.join(name)
@@ -708,6 +761,7 @@ impl Replica {
                 Default::default()
             },
             duplicating: !self.sm.dup_state().dups.is_empty(),
+            hibernating: self.hibernating,
         }
     }
 
@@ -736,6 +790,34 @@ impl Replica {
 mod tests {
     use super::group_phase;
     use tern_core::GroupId;
+
+    /// An append raft-rs merged wrongly (entries 146 and 147 said to follow 147) is restated as
+    /// following 145, with 145's term; a correct one is left alone; one whose restated position
+    /// has no term any more is dropped.
+    #[test]
+    fn a_wrongly_batched_append_is_mended() {
+        use raft::eraftpb::{Entry, Message, MessageType};
+        let append = |index: u64, log_term: u64, entries: &[u64]| {
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgAppend);
+            m.index = index;
+            m.log_term = log_term;
+            m.entries = entries.iter().map(|&i| Entry { index: i, term: 8, ..Default::default() }).collect::<Vec<_>>().into();
+            m
+        };
+        let terms = |i: u64| (i >= 140).then_some(if i >= 146 { 8 } else { 7 });
+        let mut m = append(147, 8, &[146, 147]);
+        assert!(super::repair_batched_append(&mut m, terms));
+        assert_eq!((m.index, m.log_term), (145, 7));
+        let mut ok = append(145, 7, &[146, 147]);
+        assert!(super::repair_batched_append(&mut ok, |_| panic!("not asked")));
+        assert_eq!((ok.index, ok.log_term), (145, 7));
+        let mut probe = append(149, 8, &[]);
+        assert!(super::repair_batched_append(&mut probe, terms));
+        assert_eq!(probe.index, 149);
+        let mut gone = append(147, 8, &[120, 121]);
+        assert!(!super::repair_batched_append(&mut gone, terms));
+    }
 
     /// The partitions of a table get periodic-work phases spread over the whole period (no two of
     /// eight within a twentieth of it), for any table, and every phase is inside the period.

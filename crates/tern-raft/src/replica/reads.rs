@@ -74,6 +74,7 @@ impl Replica {
         if request.allow_stale {
             return callback(self.execute(&request, now_unix_ms));
         }
+        self.client_activity();
         if !self.is_leader() || self.removed {
             return callback(ReadResponse { error: Some(self.not_leader().into()), ..Default::default() });
         }

@@ -98,6 +98,7 @@ fn sweep(first: u64, count: u64, jobs: usize, config: impl Fn(u64) -> tern_sim::
         virtual_ms: u64,
         unknown: usize,
         undecided: bool,
+        asleep: u64,
     }
     let next = AtomicU64::new(first);
     let outcomes = Mutex::new(Vec::new());
@@ -121,6 +122,7 @@ fn sweep(first: u64, count: u64, jobs: usize, config: impl Fn(u64) -> tern_sim::
                     virtual_ms: report.virtual_ms,
                     unknown: report.unknown_outcomes,
                     undecided,
+                    asleep: report.hibernating_ticks,
                 };
                 outcomes.lock().expect("outcomes lock").push(outcome);
             });
@@ -132,9 +134,11 @@ fn sweep(first: u64, count: u64, jobs: usize, config: impl Fn(u64) -> tern_sim::
     let unknown: usize = outcomes.iter().map(|o| o.unknown).sum();
     let simulated_hours = outcomes.iter().map(|o| o.virtual_ms).sum::<u64>() as f64 / 3_600_000.0;
     let undecided = outcomes.iter().filter(|o| o.undecided).count();
+    let asleep_seeds = outcomes.iter().filter(|o| o.asleep > 0).count();
+    let asleep: u64 = outcomes.iter().map(|o| o.asleep).sum();
     let decided_enough = tern_sim::undecided_within_limit(undecided, outcomes.len());
     println!(
-        "seeds run: {}\nsimulated hours: {simulated_hours:.2}\noperations checked: {operations} ({unknown} with unknown outcome)\nhistories the checker could not decide: {undecided}{}\nfailures: {}{}\nwall time: {:.1} s",
+        "seeds run: {}\nsimulated hours: {simulated_hours:.2}\noperations checked: {operations} ({unknown} with unknown outcome)\nhistories the checker could not decide: {undecided}{}\nseeds where groups hibernated: {asleep_seeds} ({asleep} replica-ticks asleep)\nfailures: {}{}\nwall time: {:.1} s",
         outcomes.len(),
         if decided_enough { String::new() } else { format!(" (more than {:.0}%: the sweep fails)", tern_sim::UNDECIDED_SHARE_MAX * 100.0) },
         failed.len(),

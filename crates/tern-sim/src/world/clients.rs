@@ -334,7 +334,10 @@ impl World {
         if (output.is_some() || !is_read) && p.hashkey != TTL_HASHKEY && p.hashkey != SHARED_HASHKEY {
             self.history.push(Operation { client: client as u64, hashkey: p.hashkey, input: p.input, output, call: p.started, ret: now });
         }
-        let think = c.rng.range(0, 80);
+        let mut think = c.rng.range(0, 80);
+        if let Some((from, to)) = self.cfg.quiet.filter(|(from, to)| (*from..*to).contains(&(now + think))) {
+            think += to - from; // past the quiet window, wherever in it this falls
+        }
         self.shared.lock().schedule(think, Event::ClientNext { client });
     }
 }

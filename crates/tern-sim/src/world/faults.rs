@@ -31,6 +31,9 @@ pub enum Fault {
     /// Whichever meta node leads the catalog group now crashes, and restarts this many
     /// milliseconds later.
     CrashMetaLeader(u64),
+    /// Whichever node leads this group now crashes, and restarts this many milliseconds later
+    /// (for scripts).
+    CrashLeader(GroupId, u64),
     /// The node's engines run a compaction now (RocksDB compacts in the background at any moment):
     /// records the expiry filter allows to drop are dropped.
     Compact(NodeId),
@@ -53,6 +56,9 @@ pub enum Fault {
 impl World {
     /// The fault schedule is drawn up front from the seed, so it can be printed.
     pub(super) fn plan_faults(&mut self) {
+        if let Some((from, to)) = self.cfg.quiet {
+            self.faults.push(format!("{from:>6} ms  clients quiet until {to} ms"));
+        }
         if !self.cfg.faults {
             return;
         }
@@ -224,6 +230,18 @@ impl World {
                 if let Some(i) = self.meta_leader() {
                     let id = self.nodes[i].id;
                     self.faults.push(format!("{:>6} ms  the meta leader is node {id}", self.now.load(Ordering::SeqCst)));
+                    self.crash(i);
+                    self.shared.lock().schedule(down, Event::Fault(Fault::Restart(id)));
+                }
+            }
+            Fault::CrashLeader(group, down) => {
+                let now = self.now.load(Ordering::SeqCst);
+                let leader = (0..self.nodes.len())
+                    .find_map(|i| self.statuses(i).into_iter().find(|r| r.group_id == group.0 && r.is_leader).map(|r| (i, r.hibernating)));
+                if let Some((i, asleep)) = leader {
+                    let id = self.nodes[i].id;
+                    let state = if asleep { "hibernating" } else { "awake" };
+                    self.faults.push(format!("{now:>6} ms  node {id} leads group {group} ({state}): crashed"));
                     self.crash(i);
                     self.shared.lock().schedule(down, Event::Fault(Fault::Restart(id)));
                 }

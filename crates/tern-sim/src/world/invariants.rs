@@ -18,8 +18,11 @@ impl World {
                 Some(&peer) if peer != s.peer_id => {
                     self.failures.push(format!("two leaders in term {} of group {}: peers {peer} and {}", s.term, GroupId(s.group_id), s.peer_id));
                 }
-                _ => {
+                Some(_) => {}
+                None => {
                     self.leaders_seen.insert((s.group_id, s.term), s.peer_id);
+                    let now = self.now.load(Ordering::SeqCst);
+                    self.elections.push(Election { at_ms: now, group: GroupId(s.group_id), term: s.term, node: self.nodes[index].id });
                 }
             }
         }

@@ -24,7 +24,7 @@ use clients::*;
 pub use faults::{DiskFault, Fault};
 use meta::{MetaWorld, SimKeeper, META_NODES, META_TICK_MS};
 use network::*;
-pub use report::SimReport;
+pub use report::{Election, SimReport};
 
 use crate::checker::{self, Input, Operation, Output, Verdict};
 use parking_lot::Mutex;
@@ -90,10 +90,23 @@ pub struct SimConfig {
     pub script: Option<Vec<(u64, Fault)>>,
     /// Clients only read during this window of virtual time (ms): some bugs need a quiet log.
     pub reads_only: Option<(u64, u64)>,
+    /// Clients start nothing new during this window of virtual time (ms), while faults go on: the
+    /// groups go idle and hibernate, and a leader may die asleep (`quiet_window` draws it).
+    pub quiet: Option<(u64, u64)>,
     /// 2: a second cluster of `nodes` servers (ids after the first's) with its own table, the two
     /// duplicating into each other through the production shipper (`tern_server::dup`); the link
     /// between them is cut now and then, and at the end both must hold the same records.
     pub clusters: usize,
+}
+
+/// Half of the seeds get a quiet window of 3 to 7 s starting 2 to 6 s in, inside the fault phase.
+fn quiet_window(seed: u64) -> Option<(u64, u64)> {
+    let mut rng = SeededRandom::new(seed ^ 0x9_1E7);
+    if rng.range(0, 2) == 0 {
+        return None;
+    }
+    let start = rng.range(2_000, 6_000);
+    Some((start, start + rng.range(3_000, 7_000)))
 }
 
 impl SimConfig {
@@ -111,6 +124,7 @@ impl SimConfig {
             planted: PlantedBugs::default(),
             script: None,
             reads_only: None,
+            quiet: quiet_window(seed),
             clusters: 1,
         }
     }
@@ -138,6 +152,11 @@ enum Event {
         group: GroupId,
         to_peer: u64,
         ok: bool,
+    },
+    /// A store's liveness ping to another node.
+    NodePing {
+        from: NodeId,
+        to: NodeId,
     },
     Tick {
         node: NodeId,
@@ -201,6 +220,7 @@ impl Event {
         match self {
             Event::Raft { to, group, message, .. } => format!("raft {:?} {}->{} group {group}", message.get_msg_type(), message.from, to),
             Event::SnapshotReport { node, group, ok, .. } => format!("snapshot report node {node} group {group} ok={ok}"),
+            Event::NodePing { from, to } => format!("ping {from}->{to}"),
             Event::Tick { node, .. } => format!("tick node {node}"),
             Event::Request { node, client, attempt, .. } => format!("request client {client} attempt {attempt} -> node {node}"),
             Event::Answer { client, attempt, .. } => format!("answer client {client} attempt {attempt}"),
@@ -224,6 +244,7 @@ impl Event {
                 1 + (*to << 8) + (group.0 << 16) + ((message.get_msg_type() as u64) << 40) + (message.index << 48)
             }
             Event::SnapshotReport { node, .. } => 2 + (*node << 8),
+            Event::NodePing { from, to } => 15 + (*to << 8) + (*from << 16),
             Event::Tick { node, .. } => 3 + (*node << 8),
             Event::Request { node, client, attempt, .. } => 4 + (*node << 8) + ((*client as u64) << 16) + (attempt << 24),
             Event::Answer { client, attempt, .. } => 5 + ((*client as u64) << 16) + (attempt << 24),
@@ -297,6 +318,12 @@ pub struct World {
     /// (node, group) -> highest committed index already compared.
     committed_checked: BTreeMap<(NodeId, u64), u64>,
     healed_at: Option<u64>,
+    /// Replicas found hibernating, summed over every node's ticks.
+    hibernating_ticks: u64,
+    /// Every leader seen, when first seen.
+    elections: Vec<Election>,
+    /// Print every event as it happens (`TERN_SIM_TRACE=1`, for a seed being debugged).
+    print_trace: bool,
     /// Meta's nodes, when the scheduler runs.
     meta: Option<MetaWorld>,
     /// Duplication between two clusters, when there are two.
@@ -430,6 +457,9 @@ impl World {
             committed: BTreeMap::new(),
             committed_checked: BTreeMap::new(),
             healed_at: None,
+            hibernating_ticks: 0,
+            elections: Vec::new(),
+            print_trace: std::env::var("TERN_SIM_TRACE").is_ok_and(|v| v == "1"),
             meta: None,
             dup: Default::default(),
         };
@@ -470,6 +500,8 @@ impl World {
         cfg.replica.log_gc_interval_ticks = 5;
         cfg.replica.expiry_sync_interval_ticks = 20;
         cfg.failed_replica_reopen_ticks = 30;
+        // Every hibernating replica's engine closes, and opens again when it is needed.
+        cfg.idle_engines_open_max = 0;
         cfg.replica.planted = planted;
         cfg
     }
@@ -645,6 +677,8 @@ impl World {
             events: self.events,
             virtual_ms: end,
             operations: self.history.len(),
+            hibernating_ticks: self.hibernating_ticks,
+            elections: self.elections,
             unknown_outcomes: self.history.iter().filter(|o| o.output.is_none()).count(),
             verdict,
             failures: self.failures,
@@ -664,6 +698,7 @@ impl World {
             Event::Raft { group, message, .. } => (group.0 << 20) ^ message.from,
             Event::Request { client, .. } => 0xC11E_0000 + *client as u64,
             Event::DupRequest { from, .. } => 0xD0B0_0000 + *from,
+            Event::NodePing { from, .. } => 0x9196_0000 + *from,
             _ => 0x7133,
         }
     }
@@ -677,7 +712,7 @@ impl World {
             | Event::LogSynced { node, .. }
             | Event::ShipTick { node, .. }
             | Event::Shipper { node, .. } => Some(*node),
-            Event::DupRequest { to, .. } => Some(*to),
+            Event::DupRequest { to, .. } | Event::NodePing { to, .. } => Some(*to),
             _ => None,
         }
     }
@@ -708,6 +743,12 @@ impl World {
                 self.check_leaders(i);
                 self.check_leases();
             }
+            Event::NodePing { from, to } => {
+                let i = self.node_index(to);
+                self.with_store(i, |s| {
+                    s.handle(StoreMsg::NodePing { from });
+                });
+            }
             Event::SnapshotReport { node, group, to_peer, ok } => {
                 let i = self.node_index(node);
                 self.with_store(i, |s| {
@@ -720,10 +761,13 @@ impl World {
                 if self.nodes[i].epoch != epoch || self.nodes[i].store.is_none() {
                     return; // a tick of a crashed incarnation
                 }
+                let mut asleep = 0;
                 self.with_store(i, |s| {
                     s.tick();
                     s.process_ready();
+                    asleep = s.hibernating_count();
                 });
+                self.hibernating_ticks += asleep as u64;
                 self.check_leaders(i);
                 self.check_leases();
                 // The node's tick timer runs on its own (drifting) clock.

@@ -188,4 +188,15 @@ impl Transport for SimTransport {
             s.schedule(delay, Event::Raft { to, group: out.group, message: out.message, snapshot_dir: None });
         }
     }
+
+    fn ping(&mut self, nodes: &[NodeId]) {
+        let mut s = self.shared.lock();
+        for &to in nodes {
+            if s.lost(self.node, to) {
+                continue;
+            }
+            let delay = s.latency();
+            s.schedule(delay, Event::NodePing { from: self.node, to });
+        }
+    }
 }

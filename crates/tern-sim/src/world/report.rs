@@ -2,6 +2,15 @@
 
 use super::*;
 
+/// A leader of a group's term, as first seen (virtual ms), and the node it was on.
+#[derive(Clone, Copy, Debug)]
+pub struct Election {
+    pub at_ms: u64,
+    pub group: GroupId,
+    pub term: u64,
+    pub node: NodeId,
+}
+
 #[derive(Debug)]
 pub struct SimReport {
     pub seed: u64,
@@ -11,6 +20,10 @@ pub struct SimReport {
     pub events: u64,
     pub virtual_ms: u64,
     pub operations: usize,
+    /// Replicas found hibernating, summed over every node's ticks (how much of the run groups slept).
+    pub hibernating_ticks: u64,
+    /// Every leader the run saw, when it was first seen.
+    pub elections: Vec<Election>,
     /// Writes whose outcome the client could not learn (they may or may not have happened).
     pub unknown_outcomes: usize,
     pub verdict: Verdict,
@@ -28,11 +41,12 @@ impl SimReport {
 
     pub fn describe(&self) -> String {
         let mut out = format!(
-            "seed {}: {} operations, {} events, {:.1} s simulated, verdict {:?}, trace hash {:#x}\n",
+            "seed {}: {} operations, {} events, {:.1} s simulated, {} replica-ticks asleep, verdict {:?}, trace hash {:#x}\n",
             self.seed,
             self.operations,
             self.events,
             self.virtual_ms as f64 / 1000.0,
+            self.hibernating_ticks,
             self.verdict,
             self.trace_hash
         );
@@ -64,6 +78,9 @@ impl World {
             self.trace_tail.pop_front();
         }
         self.trace_tail.push_back(format!("{at:>7} ms  {}", event.describe()));
+        if self.print_trace {
+            eprintln!("{at:>7} ms  {}", event.describe());
+        }
     }
 
     pub(super) fn replica_statuses(&mut self) -> String {
