@@ -229,6 +229,8 @@ pub struct StoreConfig {
     /// again when its replica is next needed), so open files and memory follow the active
     /// replicas. Zero closes every idle engine.
     pub idle_engines_open_max: usize,
+    /// An idle engine past that bound is closed only once unused for this many ticks.
+    pub idle_engine_close_after_ticks: u64,
     /// Sync the raft log on a thread of its own (`Store::write_log_on_thread`) instead of the
     /// store's. Off by default: on a 2-core machine the hand-offs cost more than the overlap gains
     /// (BENCHMARKS.md, history).
@@ -246,6 +248,8 @@ impl Default for StoreConfig {
             log_purge_interval_ticks: 100,
             failed_replica_reopen_ticks: 300,
             idle_engines_open_max: IDLE_ENGINES_OPEN_DEFAULT,
+            // 5 s with 100 ms ticks.
+            idle_engine_close_after_ticks: 50,
             log_writer_thread: false,
         }
     }
@@ -289,6 +293,9 @@ pub struct Store {
     retired: BTreeMap<GroupId, PeerId>,
     /// Liveness of the nodes this node's replicas have peers on, for hibernating groups.
     peer_nodes: PeerNodes,
+    /// Hibernating replicas with an open engine: since when (ticks) unused, and their engine's
+    /// reopen count then.
+    engines_idle: BTreeMap<GroupId, (u64, u64)>,
 }
 
 /// Every node a replica here has a peer on, pinged each tick, and when each was last heard from
@@ -301,9 +308,10 @@ struct PeerNodes {
     list: Vec<NodeId>,
 }
 
-/// Idle engines a store keeps open by default: about 2,000 open files and 100 MiB (BENCHMARKS.md,
-/// replicas per server).
-pub const IDLE_ENGINES_OPEN_DEFAULT: usize = 256;
+/// Idle engines a store keeps open by default: about 8,500 open files and 300 MiB. Reopening an
+/// engine takes milliseconds of the store thread (BENCHMARKS.md, replicas per server), so only a
+/// server with more idle replicas than this closes any.
+pub const IDLE_ENGINES_OPEN_DEFAULT: usize = 1024;
 
 /// How often (ticks) the store recomputes which nodes its replicas have peers on.
 const PEER_NODES_REFRESH_TICKS: u64 = 10;
@@ -388,6 +396,7 @@ impl Store {
             next_incarnation: 0,
             retired: BTreeMap::new(),
             peer_nodes: PeerNodes::default(),
+            engines_idle: BTreeMap::new(),
         };
         let retired_file = data_dir.join(RETIRED_FILE);
         if files.exists(&retired_file) {
@@ -458,6 +467,11 @@ impl Store {
             }
             Err(e) => {
                 tracing::error!(node = self.node_id, group = %group, "cannot open replica: {e}");
+                // If it led, its sleeping followers must wake to elect another leader.
+                let me = meta.peer_id;
+                let wakes = meta.peers.iter().filter(|(p, n)| *p != me && *n != self.node_id);
+                let wakes = wakes.map(|(p, n)| OutMessage { group, to_node: *n, message: crate::replica::wake_notice(me, *p), snapshot_dir: None });
+                self.transport.send(wakes.collect());
                 self.unopened.insert(group, Unopened { meta, dir, failure: format!("cannot open: {e}"), since: self.ticks });
             }
         }
@@ -550,7 +564,6 @@ impl Store {
                 // A message for another peer of the group (one this node no longer or not yet hosts)
                 // must not reach the replica that is here.
                 if let Some(r) = self.replicas.get_mut(&group).filter(|r| r.peer_id == message.to) {
-                    r.ensure_engine();
                     r.step(message, snapshot_dir);
                     self.dirty.insert(group);
                 } else if let Some(dir) = snapshot_dir {
@@ -834,16 +847,37 @@ impl Store {
         }
     }
 
-    /// Closes the engines of hibernating replicas past `idle_engines_open_max` (in group order;
-    /// one whose applied state is not durable yet starts syncing and closes on a later tick).
+    /// Closes the engines of hibernating replicas past `idle_engines_open_max`, those unused
+    /// longest first and none used in the last `idle_engine_close_after_ticks` (one whose applied
+    /// state is not durable yet starts syncing and closes on a later tick).
     fn close_idle_engines(&mut self) {
-        let open_idle = self.replicas.values().filter(|r| r.is_hibernating() && r.engine_is_open()).count();
-        let mut excess = open_idle.saturating_sub(self.cfg.idle_engines_open_max);
-        for replica in self.replicas.values_mut() {
-            if excess == 0 {
+        let ticks = self.ticks;
+        let idle = &mut self.engines_idle;
+        let mut open_idle = Vec::new();
+        for (group, r) in &self.replicas {
+            if r.is_hibernating() && r.engine_is_open() {
+                // Since when unused: reset when it wakes or its engine is opened again.
+                let since = idle.entry(*group).or_insert((ticks, r.engine_reopens()));
+                if since.1 != r.engine_reopens() {
+                    *since = (ticks, r.engine_reopens());
+                }
+                open_idle.push((since.0, *group));
+            } else {
+                idle.remove(group);
+            }
+        }
+        let mut excess = open_idle.len().saturating_sub(self.cfg.idle_engines_open_max);
+        if excess == 0 {
+            return;
+        }
+        open_idle.sort_unstable();
+        for (since, group) in open_idle {
+            if excess == 0 || ticks < since + self.cfg.idle_engine_close_after_ticks {
                 break;
             }
-            if replica.is_hibernating() && replica.engine_is_open() && replica.close_engine_if_asleep() {
+            let replica = self.replicas.get_mut(&group).expect("listed above");
+            if replica.close_engine_if_asleep() {
+                self.engines_idle.remove(&group);
                 excess -= 1;
             }
         }
@@ -916,7 +950,6 @@ impl Store {
         let mut readies = Vec::new();
         for group in std::mem::take(&mut self.dirty) {
             let Some(replica) = self.replicas.get_mut(&group) else { continue };
-            replica.ensure_engine();
             replica.flush_reads(monotonic);
             replica.maybe_generate_snapshot();
             if let Some((number, messages)) = replica.collect_ready(&mut outbox, &mut batch, now) {

@@ -8,10 +8,12 @@
 //! meta runs as the production `tern_meta::keeper::Keeper` (through `KeeperIo`) on meta nodes whose
 //! stores host the catalog group, and a node acts on its answers through
 //! `tern_raft::store::reconcile_with_meta`, as servers do. The `tern-sim` binary runs sweeps and
-//! replays seeds. Must not be depended on by production crates (the tern binary's fault tests use the
+//! replays seeds. `scale` runs meta's real scheduler over a hundred simulated servers and 100,000
+//! partitions (servers reduced to what they report). Must not be depended on by production crates (the tern binary's fault tests use the
 //! checker as a dev-dependency).
 
 pub mod checker;
+pub mod scale;
 pub mod world;
 
 pub use world::{run, DiskFault, Election, Fault, SimConfig, SimReport};

@@ -29,6 +29,9 @@ use super::*;
 /// The context that marks a heartbeat-typed message as a hibernate notice (raft-rs's own
 /// heartbeats carry Tern's 8-byte read-index ids or nothing).
 pub(super) const HIBERNATE_CONTEXT: &[u8] = b"tern-hibernate";
+/// The context of a wake notice: a replica that stopped (a storage failure) tells its peers, so
+/// sleeping followers of a leader that can no longer lead wake up and elect another.
+pub(super) const WAKE_CONTEXT: &[u8] = b"tern-wake";
 
 impl Replica {
     pub fn is_hibernating(&self) -> bool {
@@ -116,6 +119,12 @@ impl Replica {
         self.sm.engine_is_open()
     }
 
+    /// How many times the engine was opened again after being closed (the store closes the
+    /// engines that stayed unused longest).
+    pub fn engine_reopens(&self) -> u64 {
+        self.engine_reopens
+    }
+
     /// Closes the engine of a hibernating replica (its files and memory go) once everything it
     /// applied is durable there, starting that sync if needed. True once closed.
     pub fn close_engine_if_asleep(&mut self) -> bool {
@@ -142,6 +151,7 @@ impl Replica {
         }
         let dir = self.dir.join(&self.meta.engine_dir);
         let reopened = self.engines.open(&dir).map_err(crate::apply::engine_error).and_then(|engine| self.sm.reopen_engine(engine));
+        self.engine_reopens += 1;
         if let Err(e) = reopened {
             self.fail(StorageFailure(e));
         }
@@ -164,6 +174,20 @@ impl Replica {
     /// Whether a message from a peer is a hibernate notice.
     pub(super) fn is_hibernate_notice(message: &Message) -> bool {
         message.get_msg_type() == MessageType::MsgHeartbeat && message.get_context() == HIBERNATE_CONTEXT
+    }
+
+    /// Whether a message from a peer is a wake notice (handled here, never given to raft).
+    pub(super) fn is_wake_notice(message: &Message) -> bool {
+        message.get_msg_type() == MessageType::MsgHeartbeat && message.get_context() == WAKE_CONTEXT
+    }
+
+    /// Tells every peer to wake (this replica stopped: if it led, its group needs a new leader,
+    /// and sleeping followers would otherwise wait for a client to wake them).
+    pub(super) fn wake_peers(&mut self) {
+        let peers: Vec<PeerId> = self.meta.peers.iter().map(|(p, _)| *p).filter(|p| *p != self.peer_id).collect();
+        for peer in peers {
+            self.outgoing.push(wake_notice(self.peer_id, peer));
+        }
     }
 
     /// A hibernate notice from a peer: sleep too if it comes from this replica's leader in its
@@ -192,4 +216,14 @@ impl Replica {
         let leader_moves = self.is_leader() && preferred_leader != 0 && preferred_leader != self.peer_id;
         !same(voters, &cs.voters) || !same(learners, &cs.learners) || !cs.voters_outgoing.is_empty() || leader_moves
     }
+}
+
+/// A wake notice from `from` to `to` (see `WAKE_CONTEXT`).
+pub fn wake_notice(from: PeerId, to: PeerId) -> Message {
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgHeartbeat);
+    m.from = from;
+    m.to = to;
+    m.context = WAKE_CONTEXT.to_vec().into();
+    m
 }

@@ -17,6 +17,7 @@ mod reads;
 mod snapshots;
 
 pub use config::{PlantedBugs, ReplicaConfig, ELECTION_TICK_DEFAULT, HIBERNATE_AFTER_TICKS_DEFAULT};
+pub use hibernation::wake_notice;
 use reads::{fail_reads, Lease, ReadBatch};
 pub use snapshots::ReplicaMeta;
 use snapshots::RECEIVED_SNAPSHOTS_MAX;
@@ -103,8 +104,10 @@ pub struct Replica {
     hibernating: bool,
     /// Consecutive quiescent ticks of a leader.
     idle_ticks: u64,
-    /// Messages of Tern's own to peers (hibernate notices), sent with the next Ready.
+    /// Messages of Tern's own to peers (hibernate and wake notices), sent with the next Ready.
     outgoing: Vec<Message>,
+    /// Times a closed engine was opened again.
+    engine_reopens: u64,
 }
 
 /// Where in `[0, period)` this group's periodic work falls: Fibonacci hashing of the group id, so
@@ -260,6 +263,7 @@ impl Replica {
             hibernating: false,
             idle_ticks: 0,
             outgoing: Vec::new(),
+            engine_reopens: 0,
         })
     }
 
@@ -291,6 +295,9 @@ impl Replica {
     fn fail(&mut self, failure: StorageFailure) {
         tracing::error!(group = %self.group, peer = self.peer_id, "replica stopped: {failure}");
         self.failure = Some(failure.to_string());
+        // Awake, so the store runs its Ready and the notices go out.
+        self.wake();
+        self.wake_peers();
         self.fail_all(TernError::Timeout(format!("replica of partition {} stopped ({failure}); outcome unknown", self.group)));
     }
 
@@ -325,10 +332,10 @@ impl Replica {
         if self.failure.is_some() {
             return callback(error_response(self.unavailable()));
         }
+        self.client_activity();
         if !self.is_leader() || self.removed {
             return callback(error_response(self.not_leader()));
         }
-        self.client_activity();
         if self.proposals.len() >= self.cfg.pending_proposals_max {
             return callback(error_response(TernError::Busy(format!(
                 "partition {} has {} writes in flight (limit {})",
@@ -362,6 +369,9 @@ impl Replica {
         }
         if Self::is_hibernate_notice(&message) {
             return self.on_hibernate_notice(&message);
+        }
+        if Self::is_wake_notice(&message) {
+            return self.wake();
         }
         if self.wakes_up_on(&message) {
             self.wake();
@@ -545,6 +555,13 @@ impl Replica {
             return None;
         }
         let mut rd = self.raw.ready();
+        // The engine (closed while the replica slept) only when this Ready applies or installs.
+        if !rd.snapshot().is_empty() || !rd.committed_entries().is_empty() {
+            self.ensure_engine();
+            if self.failure.is_some() {
+                return None;
+            }
+        }
         if let Some(ss) = rd.ss() {
             self.on_role_change(ss.raft_state);
         }
@@ -648,7 +665,10 @@ impl Replica {
     fn route(&self, messages: Vec<Message>, outbox: &mut Vec<OutMessage>) {
         for mut message in messages {
             let Some(to_node) = self.node_of(message.to) else { continue };
-            if !repair_batched_append(&mut message, |index| self.raw.raft.raft_log.term(index).ok()) {
+            // raft-rs answers 0 for a term below its log (compacted) or past it: none there.
+            let first_index = self.raw.raft.raft_log.first_index();
+            let term_of = |index: u64| (index + 1 >= first_index).then(|| self.raw.raft.raft_log.term(index).ok()).flatten().filter(|t| *t > 0);
+            if !repair_batched_append(&mut message, term_of) {
                 continue;
             }
             let snapshot_dir = (message.get_msg_type() == MessageType::MsgSnapshot).then(|| {

@@ -39,6 +39,10 @@ impl Replica {
         if !self.raw.store().take_snapshot_wanted() {
             return;
         }
+        self.ensure_engine();
+        if self.failure.is_some() {
+            return;
+        }
         let state = self.sm.state().clone();
         if self.raw.store().generated_snapshot().is_some_and(|s| s.get_metadata().index == state.applied_index) {
             return;

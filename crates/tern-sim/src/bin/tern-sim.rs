@@ -38,10 +38,30 @@ struct Cli {
     /// then; at the end both must hold the same records.
     #[arg(long, default_value_t = 1)]
     clusters: usize,
+    /// Meta at scale instead of seeds: meta's scheduler over this many simulated servers (10
+    /// zones) and --scale-partitions partitions; a server dies, a zone dies, ten servers join.
+    #[arg(long)]
+    meta_scale: Option<usize>,
+    #[arg(long, default_value_t = 100_000)]
+    scale_partitions: u32,
+    /// Scheduling passes a --meta-scale phase may take (one a second in production).
+    #[arg(long, default_value_t = 5_000)]
+    scale_passes_max: u64,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(servers) = cli.meta_scale {
+        if !(13..=1000).contains(&servers) || !(1..=1_000_000).contains(&cli.scale_partitions) {
+            eprintln!("--meta-scale takes 13 to 1000 servers, --scale-partitions 1 to 1000000");
+            return ExitCode::from(2);
+        }
+        let cfg = tern_sim::scale::ScaleConfig { servers, partitions: cli.scale_partitions, passes_max: cli.scale_passes_max, ..Default::default() };
+        println!("{servers} servers in {} zones, {} partitions x 3 replicas, learners fill in {} passes", cfg.zones, cfg.partitions, cfg.fill_passes);
+        println!("{}", tern_sim::scale::PhaseReport::header());
+        let reports = tern_sim::scale::run_reporting(cfg, |r| println!("{}", r.describe()));
+        return if reports.iter().all(|r| r.converged) { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+    }
     if cli.jobs == 0 || cli.jobs > 256 {
         eprintln!("--jobs must be between 1 and 256");
         return ExitCode::from(2);

@@ -502,6 +502,7 @@ impl World {
         cfg.failed_replica_reopen_ticks = 30;
         // Every hibernating replica's engine closes, and opens again when it is needed.
         cfg.idle_engines_open_max = 0;
+        cfg.idle_engine_close_after_ticks = 0;
         cfg.replica.planted = planted;
         cfg
     }
