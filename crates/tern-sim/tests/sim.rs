@@ -464,6 +464,9 @@ fn command_line_checks_its_settings() {
         (&["--jobs", "1000"][..], "--jobs"),
         (&["--operations", "0"][..], "--operations"),
         (&["--nodes", "2"][..], "--nodes"),
+        (&["--meta-scale", "5"][..], "--meta-scale"),
+        (&["--meta-scale", "100", "--scale-partitions", "0"][..], "--scale-partitions"),
+        (&["--meta-scale", "100", "--scale-passes-max", "0"][..], "--scale-passes-max"),
     ] {
         let out = run(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");

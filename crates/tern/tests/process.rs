@@ -276,3 +276,20 @@ async fn duplication_survives_a_killed_cluster() {
     eprintln!("converged: {sums:?}");
     assert!(sums.iter().map(|(_, n)| n).sum::<u64>() > 100, "{sums:?}");
 }
+
+/// A server refuses hibernation and idle-engine settings out of range at start, naming the flag
+/// and the allowed range, before it opens or binds anything.
+#[test]
+fn server_refuses_bad_hibernation_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, value) in [("--hibernate-after-ticks", "2000000"), ("--idle-engines-open-max", "2000000"), ("--hibernate-after-ticks", "soon")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(["server", "--data-dir", dir.path().to_str().unwrap(), "--listen", "127.0.0.1:0", "--meta", "127.0.0.1:1", flag, value])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag} {value} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+    }
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing was created");
+}

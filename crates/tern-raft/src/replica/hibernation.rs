@@ -102,14 +102,10 @@ impl Replica {
         let raft = &self.raw.raft;
         let (term, last, me) = (raft.term, raft.raft_log.last_index(), self.peer_id);
         for (peer, _) in raft.prs().iter().filter(|(id, _)| **id != me) {
-            let mut m = Message::default();
-            m.set_msg_type(MessageType::MsgHeartbeat);
-            m.from = me;
-            m.to = *peer;
+            let mut m = notice(me, *peer, HIBERNATE_CONTEXT);
             m.term = term;
             m.index = last;
             m.commit = last;
-            m.context = HIBERNATE_CONTEXT.to_vec().into();
             self.outgoing.push(m);
         }
         self.hibernating = true;
@@ -220,10 +216,15 @@ impl Replica {
 
 /// A wake notice from `from` to `to` (see `WAKE_CONTEXT`).
 pub fn wake_notice(from: PeerId, to: PeerId) -> Message {
+    notice(from, to, WAKE_CONTEXT)
+}
+
+/// A notice of Tern's own: heartbeat-typed, told apart by its context, consumed by the replica.
+fn notice(from: PeerId, to: PeerId, context: &[u8]) -> Message {
     let mut m = Message::default();
     m.set_msg_type(MessageType::MsgHeartbeat);
     m.from = from;
     m.to = to;
-    m.context = WAKE_CONTEXT.to_vec().into();
+    m.context = context.to_vec().into();
     m
 }

@@ -666,8 +666,8 @@ impl Replica {
         for mut message in messages {
             let Some(to_node) = self.node_of(message.to) else { continue };
             // raft-rs answers 0 for a term below its log (compacted) or past it: none there.
-            let first_index = self.raw.raft.raft_log.first_index();
-            let term_of = |index: u64| (index + 1 >= first_index).then(|| self.raw.raft.raft_log.term(index).ok()).flatten().filter(|t| *t > 0);
+            let log = &self.raw.raft.raft_log;
+            let term_of = |index: u64| (index + 1 >= log.first_index()).then(|| log.term(index).ok()).flatten().filter(|t| *t > 0);
             if !repair_batched_append(&mut message, term_of) {
                 continue;
             }

@@ -52,8 +52,8 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(servers) = cli.meta_scale {
-        if !(13..=1000).contains(&servers) || !(1..=1_000_000).contains(&cli.scale_partitions) {
-            eprintln!("--meta-scale takes 13 to 1000 servers, --scale-partitions 1 to 1000000");
+        if !(13..=1000).contains(&servers) || !(1..=1_000_000).contains(&cli.scale_partitions) || !(1..=1_000_000).contains(&cli.scale_passes_max) {
+            eprintln!("--meta-scale takes 13 to 1000 servers, --scale-partitions and --scale-passes-max 1 to 1000000");
             return ExitCode::from(2);
         }
         let cfg = tern_sim::scale::ScaleConfig { servers, partitions: cli.scale_partitions, passes_max: cli.scale_passes_max, ..Default::default() };
