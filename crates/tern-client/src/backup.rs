@@ -195,6 +195,14 @@ pub async fn backup_table(
 ) -> TernResult<(String, BackupManifest)> {
     let root = Target::create(root)?;
     let info = client.table_info(table).await?;
+    if let Some(split) = &info.split {
+        // Each partition's checkpoint must be of the count the manifest records (a partition
+        // that splits during the backup is refused by its server, and the backup fails).
+        return Err(TernError::Unavailable(format!(
+            "table {table} is splitting into {} partitions: back it up once the split is done",
+            split.partition_count
+        )));
+    }
     let started = now_unix_ms();
     // The suffix keeps two backups started in one millisecond (a shell and a policy) apart.
     let backup = root.child(&format!("{table}-{started}-{:04x}", rand::random::<u16>()));

@@ -7,7 +7,6 @@ use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tern_core::codec::partition_of;
 use tern_core::limits::GRPC_MESSAGE_BYTES_MAX;
 use tern_core::time::SeededRandom;
 use tern_core::{NodeId, TernError, TernResult};
@@ -98,6 +97,8 @@ pub struct FullScanCursor {
     pub partition: u32,
     pub token: Vec<u8>,
     pub done: bool,
+    /// The partition count the scan walks (0: not started).
+    pub partition_count: u32,
 }
 
 fn status_error(s: tonic::Status) -> TernError {
@@ -107,6 +108,12 @@ fn status_error(s: tonic::Status) -> TernError {
 enum Routed<'a> {
     Hashkey(&'a [u8]),
     Partition(u32),
+    /// A partition as a scan walking `partition_count` partitions knows it: a split since is an
+    /// error, not a silent half of the partition.
+    Walk {
+        partition: u32,
+        partition_count: u32,
+    },
 }
 
 impl Client {
@@ -215,6 +222,20 @@ impl Client {
         }
     }
 
+    /// Starts doubling a table's partitions (`cancel`: cancels a split still preparing); meta's
+    /// answer says what it did. Progress is in `table_info(..).split` (None once done).
+    pub async fn split_table(&self, table: &str, cancel: bool) -> TernResult<String> {
+        let action = if cancel { tern_proto::SplitAction::SplitCancel } else { tern_proto::SplitAction::SplitStart } as i32;
+        let request = tern_proto::SplitTableRequest { table: table.to_string(), action };
+        let r = self.meta_call(|mut m| {
+            let request = request.clone();
+            async move { m.split_table(request).await.map(|r| r.into_inner()) }
+        });
+        let r = r.await?;
+        tern_proto::check(&r.error)?;
+        Ok(r.message)
+    }
+
     /// A table's layout from meta: partitions, their replicas and leader hints.
     pub async fn table_info(&self, table: &str) -> TernResult<TableInfo> {
         let name = table.to_string();
@@ -238,10 +259,14 @@ impl Client {
             let nodes = self.meta_call(|mut m| async move { m.list_nodes(ListNodesRequest {}).await.map(|r| r.into_inner()) }).await?;
             self.learn_nodes(&nodes.nodes);
         }
-        let leaders = LeaderTable::new(info.partitions.iter().map(|p| (p.peers.iter().map(|x| x.node_id).collect(), p.leader_node)).collect());
-        let route = Arc::new(Route { table: info, leaders });
+        Ok(self.install_route(table, info))
+    }
+
+    /// Makes `info` the table's route (with the leaders it hints at).
+    fn install_route(&self, table: &str, info: TableInfo) -> Arc<Route> {
+        let route = Arc::new(Route { leaders: LeaderTable::from_table(&info), table: info });
         self.inner.routes.write().insert(table.to_string(), route.clone());
-        Ok(route)
+        route
     }
 
     async fn route(&self, table: &str) -> TernResult<Arc<Route>> {
@@ -343,11 +368,19 @@ impl Client {
         loop {
             let result: TernResult<T> = async {
                 let route = self.route(table).await?;
-                let count = route.table.partition_count;
-                let partition = match routed {
-                    Routed::Hashkey(h) => partition_of(h, count),
-                    Routed::Partition(p) if p < count => p,
-                    Routed::Partition(p) => return Err(TernError::invalid(format!("partition {p} out of range ({count})"))),
+                let (partition, count) = match routed {
+                    Routed::Hashkey(h) => crate::routing::locate(&route.table, h),
+                    Routed::Partition(p) => match crate::routing::partition_count_of(&route.table, p) {
+                        Some(count) => (p, count),
+                        None => {
+                            let count = route.table.partition_count;
+                            return Err(TernError::invalid(format!("partition {p} out of range ({count})")));
+                        }
+                    },
+                    Routed::Walk { partition, partition_count } => match crate::routing::partition_count_of(&route.table, partition) {
+                        Some(count) if count == partition_count => (partition, count),
+                        _ => return Err(TernError::invalid(format!("table {table} split during this scan: start it again"))),
+                    },
                 };
                 let node = route.leaders.leader(partition);
                 // One attempt never takes the whole deadline: a server that stopped answering (paused,
@@ -364,6 +397,13 @@ impl Client {
                     },
                 };
                 if let Err(e) = &r {
+                    if let TernError::PartitionSplit { partition_count, .. } = e {
+                        // Route by the split at once (meta hears of it a heartbeat later).
+                        if let Some(learned) = crate::routing::learn_split(&route.table, partition, *partition_count, node) {
+                            self.install_route(table, learned);
+                            return r;
+                        }
+                    }
                     match route.leaders.observe(partition, node, e) {
                         Reaction::RefreshRoute => self.forget_route(table),
                         Reaction::RefreshNodes => self.maybe_refresh_nodes().await,
@@ -644,14 +684,32 @@ impl Table {
 
     /// One page of a full-table scan (partition by partition); pass the returned cursor back in.
     /// `no_value` leaves values out (keys and expiry only).
+    /// A scan walks the partitions of one partition count: it cannot go on across a split (it
+    /// would miss or repeat records) and must start again.
     pub async fn full_scan(&self, cursor: &FullScanCursor, limit: u32, no_value: bool) -> TernResult<(Vec<Record>, FullScanCursor)> {
-        let count = self.client.partition_count(&self.name).await?;
-        let mut cursor = cursor.clone();
+        let mut route = self.client.route(&self.name).await?;
+        if route.table.split.is_some() {
+            route = self.client.refresh_route(&self.name).await?; // the split may be done since
+        }
+        let count = route.table.partition_count;
+        if let Some(split) = route.table.split.as_ref().filter(|s| s.switching) {
+            return Err(TernError::Unavailable(format!(
+                "table {} is splitting into {} partitions ({} of {count} split): a full scan can start once it is done",
+                self.name, split.partition_count, split.partitions_split
+            )));
+        }
+        if cursor.partition_count != 0 && cursor.partition_count != count {
+            return Err(TernError::invalid(format!(
+                "table {} split from {} to {count} partitions during this scan: start it again",
+                self.name, cursor.partition_count
+            )));
+        }
+        let mut cursor = FullScanCursor { partition_count: count, ..cursor.clone() };
         let mut records = Vec::new();
         while !cursor.done && (records.len() as u32) < limit.max(1) {
             let want = limit.max(1) - records.len() as u32;
             let op = read_request::Op::Scan(Scan { full_table: true, start: bytes(&cursor.token), limit: want, no_value, ..Default::default() });
-            let r = self.client.read(&self.name, Routed::Partition(cursor.partition), op).await?;
+            let r = self.client.read(&self.name, Routed::Walk { partition: cursor.partition, partition_count: count }, op).await?;
             records.extend(r.records);
             if r.resume.is_empty() {
                 cursor.partition += 1;

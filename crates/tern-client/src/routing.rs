@@ -77,6 +77,12 @@ impl LeaderTable {
         LeaderTable { replicas: partitions.into_iter().map(|(r, _)| r).collect(), leaders }
     }
 
+    /// The replicas and leader hints of a table as meta describes it (or as a split learned
+    /// from a server changed it).
+    pub fn from_table(table: &tern_proto::TableInfo) -> LeaderTable {
+        LeaderTable::new(table.partitions.iter().map(|p| (p.peers.iter().map(|x| x.node_id).collect(), p.leader_node)).collect())
+    }
+
     pub fn partition_count(&self) -> usize {
         self.replicas.len()
     }
@@ -103,7 +109,9 @@ impl LeaderTable {
                 self.leaders[partition as usize].store(*l, Ordering::Relaxed);
                 Reaction::None
             }
-            TernError::StaleConfig(_) | TernError::TableNotFound(_) | TernError::PartitionNotFound(_) => Reaction::RefreshRoute,
+            TernError::StaleConfig(_) | TernError::TableNotFound(_) | TernError::PartitionNotFound(_) | TernError::PartitionSplit { .. } => {
+                Reaction::RefreshRoute
+            }
             TernError::Unavailable(_) => {
                 self.rotate(partition);
                 Reaction::RefreshNodes
@@ -115,6 +123,61 @@ impl LeaderTable {
             _ => Reaction::None,
         }
     }
+}
+
+/// Where a hashkey of a table is served: (partition, the partition count to address it with).
+/// While a split switches, a child's hashkeys go to its parent, with the old count, until the
+/// parent has split (then to the child, with the new count).
+pub fn locate(table: &tern_proto::TableInfo, hashkey: &[u8]) -> (u32, u32) {
+    let n = table.partition_count;
+    match switching_count(table) {
+        Some(m) => {
+            let p = tern_core::codec::partition_of(hashkey, m);
+            let parent = p % n;
+            if table.partitions[(parent + n) as usize].split_pending {
+                (parent, n)
+            } else {
+                (p, m)
+            }
+        }
+        None => (tern_core::codec::partition_of(hashkey, n), n),
+    }
+}
+
+/// What a client learns when partition `parent` answers (from `node`) that it has split to
+/// `partition_count` partitions, before meta says so: the table with the parent's child serving
+/// (on the parent's nodes, the answering node first: its replica of the parent led, and its child
+/// campaigned at once). None if the table does not list that split (ask meta instead).
+pub fn learn_split(table: &tern_proto::TableInfo, parent: u32, partition_count: u32, node: NodeId) -> Option<tern_proto::TableInfo> {
+    let m = switching_count(table).filter(|m| *m == partition_count)?;
+    let child = (parent < m / 2).then_some(parent + m / 2)?;
+    if !table.partitions[child as usize].split_pending {
+        return None;
+    }
+    let mut learned = table.clone();
+    let c = &mut learned.partitions[child as usize];
+    c.split_pending = false;
+    c.leader_node = node;
+    Some(learned)
+}
+
+/// The partition count to address partition `p` with (None: no such partition, or a split's
+/// child that does not exist yet).
+pub fn partition_count_of(table: &tern_proto::TableInfo, p: u32) -> Option<u32> {
+    let n = table.partition_count;
+    match switching_count(table) {
+        Some(m) if p < n => Some(if table.partitions[(p + n) as usize].split_pending { n } else { m }),
+        Some(m) if p < m => (!table.partitions[p as usize].split_pending).then_some(m),
+        None if p < n => Some(n),
+        _ => None,
+    }
+}
+
+/// The count a switching split goes to, when the table lists its children.
+fn switching_count(table: &tern_proto::TableInfo) -> Option<u32> {
+    let split = table.split.as_ref().filter(|s| s.switching)?;
+    let m = split.partition_count;
+    (table.partition_count > 0 && m == table.partition_count * 2 && table.partitions.len() == m as usize).then_some(m)
 }
 
 /// Decides whether attempt number `attempt` (0-based), which failed with `error`, is retried, given
@@ -130,8 +193,8 @@ pub fn next_step(error: TernError, attempt: u32, remaining: Duration, policy: &R
             other => TernError::Timeout(format!("gave up after {} attempts; last error: {other}", attempt + 1)),
         });
     }
-    // Following a fresh leader hint needs no pause, the first few times.
-    if matches!(error, TernError::NotLeader { leader: Some(_) }) && attempt <= 3 {
+    // Following a fresh leader hint (or a split's new routing) needs no pause, the first few times.
+    if matches!(error, TernError::NotLeader { leader: Some(_) } | TernError::PartitionSplit { .. }) && attempt <= 3 {
         return NextStep::Retry(Duration::ZERO);
     }
     let pause = match error {
@@ -180,6 +243,44 @@ mod tests {
         assert_eq!(t.observe(1, 4, &TernError::StaleConfig("x".into())), Reaction::RefreshRoute);
         assert_eq!(t.observe(1, 4, &TernError::invalid("bad")), Reaction::None);
         assert_eq!(t.leader(1), 4, "a request error says nothing about leadership");
+    }
+
+    /// While a split switches, a child's hashkeys go to the parent until it has split.
+    #[test]
+    fn locating_hashkeys_through_a_split() {
+        use tern_proto::{PartitionInfo, SplitStatus, TableInfo};
+        let partition = |index, split_pending| PartitionInfo { index, split_pending, ..Default::default() };
+        let mut t = TableInfo { partition_count: 2, partitions: vec![partition(0, false), partition(1, false)], ..Default::default() };
+        let keys: Vec<Vec<u8>> = (0..64u32).map(|i| i.to_be_bytes().to_vec()).collect();
+        for k in &keys {
+            assert_eq!(locate(&t, k), (tern_core::codec::partition_of(k, 2), 2));
+        }
+        t.split = Some(SplitStatus { partition_count: 4, switching: true, ..Default::default() });
+        t.partitions.extend([partition(2, false), partition(3, true)]);
+        let mut seen = std::collections::BTreeSet::new();
+        for k in &keys {
+            let (p, count) = locate(&t, k);
+            let in4 = tern_core::codec::partition_of(k, 4);
+            match in4 {
+                0 | 2 => assert_eq!((p, count), (in4, 4), "partition 0 has split"),
+                _ => assert_eq!((p, count), (1, 2), "partition 1 has not"),
+            }
+            seen.insert(in4);
+        }
+        assert_eq!(seen.len(), 4, "the keys cover every partition");
+        assert_eq!([0, 1, 2, 3, 4].map(|p| partition_count_of(&t, p)), [Some(4), Some(2), Some(4), None, None]);
+        // Partition 1 answers that it has split: its child serves from then on, led from there.
+        assert!(learn_split(&t, 1, 8, 7).is_none(), "not the split the table lists");
+        assert!(learn_split(&t, 0, 4, 7).is_none(), "partition 0 is known to have split");
+        let learned = learn_split(&t, 1, 4, 7).unwrap();
+        assert_eq!((learned.partitions[3].split_pending, learned.partitions[3].leader_node), (false, 7));
+        for k in &keys {
+            assert_eq!(locate(&learned, k), (tern_core::codec::partition_of(k, 4), 4));
+        }
+        // Preparing: the old routing, whatever the record says.
+        t.split = Some(SplitStatus { partition_count: 4, switching: false, ..Default::default() });
+        t.partitions.truncate(2);
+        assert_eq!(locate(&t, &keys[0]), (tern_core::codec::partition_of(&keys[0], 2), 2));
     }
 
     /// Non-retryable errors end at once; retryable ones retry with backoff until the deadline.

@@ -18,6 +18,7 @@ pub enum ErrorCode {
     WrongType = 11,
     Corruption = 12,
     ProposalDropped = 13,
+    PartitionSplit = 14,
     Unavailable = 100,
 }
 
@@ -47,6 +48,10 @@ pub enum TernError {
     Corruption(String),
     #[error("proposal dropped: {0}")]
     ProposalDropped(String),
+    /// The partition has split: the table has `partition_count` partitions now, and the hashkey
+    /// (or the request's partition count) belongs to the new routing.
+    #[error("partition split: {message}")]
+    PartitionSplit { partition_count: u32, message: String },
     #[error("unavailable: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -74,6 +79,7 @@ impl TernError {
             TernError::WrongType(_) => ErrorCode::WrongType,
             TernError::Corruption(_) => ErrorCode::Corruption,
             TernError::ProposalDropped(_) => ErrorCode::ProposalDropped,
+            TernError::PartitionSplit { .. } => ErrorCode::PartitionSplit,
             TernError::Unavailable(_) => ErrorCode::Unavailable,
             TernError::Internal(_) => ErrorCode::Internal,
         }
@@ -89,12 +95,14 @@ impl TernError {
                 | TernError::Timeout(_)
                 | TernError::PartitionNotFound(_)
                 | TernError::ProposalDropped(_)
+                | TernError::PartitionSplit { .. }
                 | TernError::Unavailable(_)
         )
     }
 
-    /// Rebuilds an error from its wire form.
-    pub fn from_code(code: i32, message: String, leader: NodeId) -> TernError {
+    /// Rebuilds an error from its wire form (`leader` and `partition_count` are the structured
+    /// fields of NOT_LEADER and PARTITION_SPLIT).
+    pub fn from_code(code: i32, message: String, leader: NodeId, partition_count: u32) -> TernError {
         match code {
             1 => TernError::InvalidArgument(message),
             2 => TernError::TableNotFound(message),
@@ -108,6 +116,7 @@ impl TernError {
             11 => TernError::WrongType(message),
             12 => TernError::Corruption(message),
             13 => TernError::ProposalDropped(message),
+            14 => TernError::PartitionSplit { partition_count, message },
             100 => TernError::Unavailable(message),
             _ => TernError::Internal(message),
         }
@@ -128,7 +137,8 @@ impl TernError {
             | TernError::Corruption(m)
             | TernError::ProposalDropped(m)
             | TernError::Unavailable(m)
-            | TernError::Internal(m) => m.clone(),
+            | TernError::Internal(m)
+            | TernError::PartitionSplit { message: m, .. } => m.clone(),
             TernError::NotLeader { .. } => self.to_string(),
         }
     }
@@ -149,10 +159,12 @@ mod tests {
             TernError::Busy("q".into()),
             TernError::WrongType("w".into()),
             TernError::Unavailable("u".into()),
+            TernError::PartitionSplit { partition_count: 16, message: "p".into() },
         ];
         for e in cases {
             let leader = if let TernError::NotLeader { leader } = &e { leader.unwrap_or(0) } else { 0 };
-            let back = TernError::from_code(e.code() as i32, e.message(), leader);
+            let count = if let TernError::PartitionSplit { partition_count, .. } = &e { *partition_count } else { 0 };
+            let back = TernError::from_code(e.code() as i32, e.message(), leader, count);
             assert_eq!(back, e);
         }
     }

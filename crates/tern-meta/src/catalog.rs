@@ -16,7 +16,7 @@ pub struct NodeRecord {
     pub leader_priority: i32,
 }
 
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PartitionRecord {
     /// (peer id, node id) of each voting replica.
     pub peers: Vec<(PeerId, NodeId)>,
@@ -36,6 +36,14 @@ pub struct PartitionRecord {
     /// them. Destroying them earlier could cost the group its quorum.
     #[serde(default)]
     pub removing: Vec<(PeerId, NodeId)>,
+    /// A split's child whose parent has not split yet: not assigned to any server, not scheduled;
+    /// its hashkeys are its parent's (see `crate::split`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub split_pending: bool,
+    /// Made by a split: its replicas start from their parent's checkpoint or a snapshot, none
+    /// bootstraps raft.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_split: bool,
 }
 
 /// What meta knows of one partition's replicas from heartbeats.
@@ -55,6 +63,9 @@ pub struct GroupProgress {
     /// The leader's view of each other member's log (raft's matched index), taken at the same
     /// instant as `leader_commit`; empty if no leader reported.
     pub leader_matched: HashMap<PeerId, u64>,
+    /// The largest partition count any replica has applied (a replica that applied a split entry
+    /// proves it committed).
+    pub partition_count: u32,
 }
 
 /// Summarises replica statuses (from heartbeats of live nodes) per group: each peer's applied index,
@@ -65,6 +76,7 @@ pub fn group_progress<'a>(statuses: impl IntoIterator<Item = &'a tern_proto::Rep
     for r in statuses {
         let g = progress.entry(r.group_id).or_default();
         g.applied.insert(r.peer_id, r.applied_index);
+        g.partition_count = g.partition_count.max(r.partition_count);
         if !r.failure.is_empty() {
             g.failed.push(r.peer_id);
         }
@@ -115,6 +127,14 @@ pub struct TableRecord {
     /// Cross-cluster duplications of the table (its partitions' leaders ship to each).
     #[serde(default)]
     pub duplications: Vec<Duplication>,
+    /// A partition split under way (see `crate::split`).
+    #[serde(default)]
+    pub split: Option<crate::split::TableSplit>,
+    /// The partition count the table was created with: its first partitions' logs begin there
+    /// (an initial replica created late bootstraps with it). 0: never split (it is
+    /// `partition_count`); set when the first split starts.
+    #[serde(default)]
+    pub created_partition_count: u32,
 }
 
 /// A table's writes shipped to a table of another cluster (see docs/design/duplication.md).
@@ -222,12 +242,12 @@ fn balance_preferred_leaders(t: &mut TableRecord, usable: &[NodeId], priority: &
     let prio = |n: &NodeId| priority.get(n).copied().unwrap_or(0);
     let mut changes = Vec::new();
     let mut counts: HashMap<NodeId, usize> = usable.iter().map(|n| (*n, 0)).collect();
-    for p in &t.partitions {
+    for p in t.partitions.iter().filter(|p| !p.split_pending) {
         if let Some(c) = counts.get_mut(&p.preferred_leader) {
             *c += 1;
         }
     }
-    for (i, p) in t.partitions.iter_mut().enumerate() {
+    for (i, p) in t.partitions.iter_mut().enumerate().filter(|(_, p)| !p.split_pending) {
         let voters: Vec<NodeId> = p.peers.iter().map(|(_, n)| *n).filter(|n| usable.contains(n)).collect();
         let top = voters.iter().map(prio).max().unwrap_or(0);
         if !voters.contains(&p.preferred_leader) || prio(&p.preferred_leader) < top {
@@ -245,7 +265,7 @@ fn balance_preferred_leaders(t: &mut TableRecord, usable: &[NodeId], priority: &
         return changes;
     }
     let Some((&max_node, &max)) = counts.iter().max_by_key(|(n, c)| (**c, **n)) else { return changes };
-    for (i, p) in t.partitions.iter_mut().enumerate() {
+    for (i, p) in t.partitions.iter_mut().enumerate().filter(|(_, p)| !p.split_pending) {
         if p.preferred_leader != max_node {
             continue;
         }
@@ -305,6 +325,9 @@ impl Catalog {
     pub fn add_duplication(&mut self, table: &str, dup: Duplication) -> Result<String, TernError> {
         let cluster_tag = tern_core::codec::cluster_tag(self.cluster_id);
         let t = self.tables.get_mut(table).ok_or_else(|| TernError::TableNotFound(table.to_string()))?;
+        if t.split.is_some() {
+            return Err(TernError::invalid(format!("table {table} is splitting; add the duplication once the split is done")));
+        }
         if dup.remote_meta.is_empty() || dup.remote_meta.iter().any(|a| a.trim().is_empty()) {
             return Err(TernError::invalid("a duplication needs the remote cluster's meta addresses"));
         }
@@ -441,7 +464,7 @@ impl Catalog {
                 })
                 .collect();
             let initial_peers = peers.iter().map(|(p, _)| *p).collect();
-            partitions.push(PartitionRecord { peers, preferred_leader: leader, learners: vec![], initial_peers, replacing: None, removing: vec![] });
+            partitions.push(PartitionRecord { peers, preferred_leader: leader, initial_peers, ..Default::default() });
         }
         self.next_table_id += 1;
         let table = TableRecord {
@@ -453,6 +476,8 @@ impl Catalog {
             backup_policy: None,
             restoring: false,
             duplications: Vec::new(),
+            split: None,
+            created_partition_count: partition_count,
         };
         self.tables.insert(name.to_string(), table);
         Ok(&self.tables[name])
@@ -490,9 +515,13 @@ impl Catalog {
     fn partition_mut(&mut self, table: &str, partition: u32) -> Result<&mut PartitionRecord, TernError> {
         let t = self.tables.get_mut(table).ok_or_else(|| TernError::TableNotFound(table.to_string()))?;
         let count = t.partition_count;
-        t.partitions
-            .get_mut(partition as usize)
-            .ok_or_else(|| TernError::invalid(format!("table {table} has {count} partitions; there is no partition {partition}")))
+        match t.partitions.get_mut(partition as usize) {
+            Some(p) if p.split_pending => {
+                Err(TernError::invalid(format!("partition {partition} of table {table} is a split's child that does not exist yet")))
+            }
+            Some(p) => Ok(p),
+            None => Err(TernError::invalid(format!("table {table} has {count} partitions; there is no partition {partition}"))),
+        }
     }
 
     /// Prefers `node` (which must hold a voter) as the partition's leader.
@@ -554,7 +583,7 @@ impl Catalog {
         let mut balancing = 0usize;
         let balancing_max = usable.len().max(1);
         for t in self.tables.values() {
-            for p in &t.partitions {
+            for p in t.partitions.iter().filter(|p| !p.split_pending) {
                 for (_, n) in p.peers.iter().chain(p.learners.iter()) {
                     if let Some(c) = load.get_mut(n) {
                         *c += 1;
@@ -575,7 +604,9 @@ impl Catalog {
         let priority: HashMap<NodeId, i32> = self.nodes.iter().map(|(id, n)| (*id, n.leader_priority)).collect();
         for t in self.tables.values_mut() {
             let mut table_load: HashMap<NodeId, usize> = usable.iter().map(|n| (*n, 0)).collect();
-            for p in &t.partitions {
+            // A splitting table's replicas stay where they are (repairs aside) until it is done.
+            let splitting = t.split.is_some();
+            for p in t.partitions.iter().filter(|p| !p.split_pending) {
                 // A voter being replaced counts where it is going (its learner), not where it is.
                 let leaving = p.replacing.filter(|_| !p.learners.is_empty());
                 for (_, n) in p.peers.iter().filter(|(x, _)| Some(*x) != leaving).chain(p.learners.iter()) {
@@ -588,6 +619,9 @@ impl Catalog {
             let mut table_min = table_load.values().copied().min().unwrap_or(0);
             for (i, p) in t.partitions.iter_mut().enumerate() {
                 let group = GroupId::new(t.id, i as u32);
+                if p.split_pending {
+                    continue;
+                }
                 if !p.removing.is_empty() {
                     // Wait until raft has applied a configuration without the dropped peers.
                     let members = progress.get(&group.0).and_then(|g| g.leader_members.as_ref());
@@ -714,7 +748,7 @@ impl Catalog {
                     let in_place = lost.is_some() && !spare && usable.contains(&v.1) && settled && others_healthy;
                     let target = if in_place { Some(v.1) } else { candidates(&load, &filling, v.1) };
                     (v, target, why)
-                } else if !paused && balancing < balancing_max {
+                } else if !paused && !splitting && balancing < balancing_max {
                     let heaviest = p.peers.iter().filter(|(_, n)| table_load.contains_key(n)).max_by_key(|(_, n)| (table_load[n], *n)).copied();
                     // No node of the table is light enough to take one: skip the search over every
                     // node (with 100,000 partitions it made a pass take seconds).
@@ -766,7 +800,8 @@ impl Catalog {
         if operator_step {
             self.balancer_paused = false;
         }
-        let changes = self.schedule(alive, &progress, REPAIRS_PER_NODE_MAX);
+        let mut changes = self.advance_splits(alive, &progress);
+        changes.extend(self.schedule(alive, &progress, REPAIRS_PER_NODE_MAX));
         self.balancer_paused = paused;
         changes
     }
@@ -783,16 +818,33 @@ impl Catalog {
             nodes: vec![],
             dropped_tables: self.dropped_tables.clone(),
             live_tables: self.tables.values().map(|t| t.id).collect(),
+            live_table_partitions: self.tables.values().map(|t| t.partitions.len() as u32).collect(),
+            kept_groups: self.pending_children(node),
             cluster_id: self.cluster_id,
             duplications: self.tables.values().flat_map(|t| t.duplications.iter().map(|d| d.to_proto(t))).collect(),
         }
+    }
+
+    /// Split children not yet split whose parent has a replica on `node`: the replica of the child
+    /// the parent makes there is kept, though meta assigns it only once the parent has split.
+    fn pending_children(&self, node: NodeId) -> Vec<u64> {
+        let mut out = Vec::new();
+        for t in self.tables.values().filter(|t| t.split.is_some()) {
+            for (i, _) in t.partitions.iter().enumerate().filter(|(_, p)| p.split_pending) {
+                let parent = &t.partitions[i - t.partition_count as usize];
+                if parent.peers.iter().chain(&parent.learners).chain(&parent.removing).any(|(_, n)| *n == node) {
+                    out.push(GroupId::new(t.id, i as u32).0);
+                }
+            }
+        }
+        out
     }
 
     /// Every replica `node` should host.
     pub fn assignments(&self, node: NodeId) -> Vec<ReplicaSpec> {
         let mut out = Vec::new();
         for t in self.tables.values() {
-            for (i, p) in t.partitions.iter().enumerate() {
+            for (i, p) in t.partitions.iter().enumerate().filter(|(_, p)| !p.split_pending) {
                 // The newest peer of the group on this node (a replacement on the same node gets
                 // a new peer while the old one is still listed).
                 let mine = p.peers.iter().chain(p.learners.iter()).chain(p.removing.iter()).filter(|(_, n)| *n == node).max_by_key(|(x, _)| *x);
@@ -803,8 +855,10 @@ impl Catalog {
                         preferred_leader_peer: p.peers.iter().find(|(_, n)| *n == p.preferred_leader).map(|(x, _)| *x).unwrap_or(0),
                         peers: p.peers.clone(),
                         learners: p.learners.clone(),
-                        initial: p.initial_peers.is_empty() || p.initial_peers.contains(peer_id),
-                        partition_count: t.partition_count,
+                        removing: p.removing.clone(),
+                        initial: !p.from_split && (p.initial_peers.is_empty() || p.initial_peers.contains(peer_id)),
+                        partition_count: t.assigned_partition_count(),
+                        initial_partition_count: t.created_partition_count,
                         preferred_leader: p.preferred_leader == node,
                     });
                 }

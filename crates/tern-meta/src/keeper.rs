@@ -414,17 +414,21 @@ impl Keeper {
 
     pub fn table(&self, name: &str) -> Result<TableInfo, TernError> {
         let state = self.state.lock();
-        state.catalog.table(name).map(|t| table_info(&state, t))
+        let alive = self.alive_nodes(&state);
+        state.catalog.table(name).map(|t| table_info(&state, t, &alive))
     }
 
     /// A table as clients see it (with the leaders last reported).
     pub fn describe(&self, t: &TableRecord) -> TableInfo {
-        table_info(&self.state.lock(), t)
+        let state = self.state.lock();
+        let alive = self.alive_nodes(&state);
+        table_info(&state, t, &alive)
     }
 
     pub fn tables(&self) -> Vec<TableInfo> {
         let state = self.state.lock();
-        state.catalog.tables.values().map(|t| table_info(&state, t)).collect()
+        let alive = self.alive_nodes(&state);
+        state.catalog.tables.values().map(|t| table_info(&state, t, &alive)).collect()
     }
 
     pub fn nodes(&self) -> Vec<NodeInfo> {
@@ -476,7 +480,8 @@ impl Keeper {
     /// Every partition of a table with the statuses its live replicas last reported.
     pub fn partition_status(&self, name: &str) -> Result<Vec<PartitionStatus>, TernError> {
         let state = self.state.lock();
-        let table = table_info(&state, state.catalog.table(name)?);
+        let alive = self.alive_nodes(&state);
+        let table = table_info(&state, state.catalog.table(name)?, &alive);
         let now = self.now();
         Ok(table
             .partitions
@@ -555,8 +560,20 @@ impl Keeper {
     }
 }
 
-fn table_info(state: &State, t: &TableRecord) -> TableInfo {
+fn table_info(state: &State, t: &TableRecord, alive: &[NodeId]) -> TableInfo {
     let leaders = leader_nodes(state);
+    let split = t.split.as_ref().map(|s| {
+        let progress =
+            crate::catalog::group_progress(state.liveness.iter().filter(|(node, _)| alive.contains(node)).flat_map(|(_, l)| l.replicas.iter()));
+        SplitStatus {
+            partition_count: s.partition_count,
+            switching: s.switching,
+            started_unix_ms: s.started_unix_ms,
+            partitions_split: t.partitions_split(),
+            waiting_for: t.split_waiting_for(alive, &progress),
+        }
+    });
+    let half = t.partition_count as usize;
     TableInfo {
         table_id: t.id,
         name: t.name.clone(),
@@ -568,12 +585,18 @@ fn table_info(state: &State, t: &TableRecord) -> TableInfo {
             .partitions
             .iter()
             .enumerate()
-            .map(|(i, p)| PartitionInfo {
-                index: i as u32,
-                peers: p.peers.iter().map(|(peer_id, node_id)| PeerInfo { peer_id: *peer_id, node_id: *node_id }).collect(),
-                leader_node: leaders.get(&GroupId::new(t.id, i as u32).0).map(|(_, n)| *n).unwrap_or(p.preferred_leader),
+            .map(|(i, p)| {
+                // A pending child's hashkeys go to its parent: its leader is the hint.
+                let serving = if p.split_pending { i - half } else { i };
+                PartitionInfo {
+                    index: i as u32,
+                    peers: p.peers.iter().map(|(peer_id, node_id)| PeerInfo { peer_id: *peer_id, node_id: *node_id }).collect(),
+                    leader_node: leaders.get(&GroupId::new(t.id, serving as u32).0).map(|(_, n)| *n).unwrap_or(p.preferred_leader),
+                    split_pending: p.split_pending,
+                }
             })
             .collect(),
+        split,
     }
 }
 

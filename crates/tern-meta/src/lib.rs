@@ -7,12 +7,13 @@
 //! keeps: following leadership, reload and barrier, conditional changes, heartbeats, liveness,
 //! scheduling passes; all I/O through `KeeperIo`, so the simulator runs it too) and `service` (the
 //! keeper's runtime: gRPC, the catalog's raft group of 1, 3 or 5 meta nodes on tern-raft's store,
-//! the loops).
+//! the loops); `split` (online partition split: meta's resumable state machine, pure).
 //! Must not depend on tern-server or tern-client.
 
 pub mod catalog;
 pub mod keeper;
 pub mod records;
 pub mod service;
+pub mod split;
 
 pub use service::{MetaConfig, MetaNode};

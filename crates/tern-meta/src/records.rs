@@ -50,6 +50,10 @@ struct TableHeader {
     restoring: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     duplications: Vec<crate::catalog::Duplication>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    split: Option<crate::split::TableSplit>,
+    #[serde(default)]
+    created_partition_count: u32,
 }
 
 /// One record written or removed.
@@ -112,6 +116,8 @@ fn table_header(t: &TableRecord) -> Vec<u8> {
         backup_policy: t.backup_policy.clone(),
         restoring: t.restoring,
         duplications: t.duplications.clone(),
+        split: t.split.clone(),
+        created_partition_count: t.created_partition_count,
     })
 }
 
@@ -275,8 +281,14 @@ pub fn decode(records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<L
     }
     for (id, t) in tables {
         tern_core::limits::check_partition_count(t.partition_count).map_err(|e| corrupt(format!("table {}: {e}", t.name)))?;
-        let mut parts = Vec::with_capacity(t.partition_count as usize);
-        for i in 0..t.partition_count {
+        // A split that has switched has its children's records too.
+        let count = match &t.split {
+            Some(s) if s.switching => s.partition_count,
+            _ => t.partition_count,
+        };
+        tern_core::limits::check_partition_count(count).map_err(|e| corrupt(format!("table {} splitting: {e}", t.name)))?;
+        let mut parts = Vec::with_capacity(count as usize);
+        for i in 0..count {
             parts.push(partitions.remove(&(id, i)).ok_or_else(|| corrupt(format!("table {} has no record of partition {i}", t.name)))?);
         }
         let record = TableRecord {
@@ -288,6 +300,8 @@ pub fn decode(records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<L
             backup_policy: t.backup_policy.clone(),
             restoring: t.restoring,
             duplications: t.duplications,
+            split: t.split,
+            created_partition_count: t.created_partition_count,
         };
         c.tables.insert(t.name, record);
     }

@@ -331,6 +331,18 @@ impl Meta for MetaService {
         Ok(Response::new(admin(self.keeper.change(|c, alive| c.set_replica_count(&r.table, r.replica_count, alive)).await)))
     }
 
+    async fn split_table(&self, request: Request<SplitTableRequest>) -> Result<Response<AdminResponse>, Status> {
+        self.keeper.check_serving().map_err(unavailable)?;
+        let r = request.into_inner();
+        let now = tern_core::time::unix_now_ms();
+        let result = match SplitAction::try_from(r.action) {
+            Ok(SplitAction::SplitStart) => self.keeper.change(|c, _| c.start_split(&r.table, now)).await,
+            Ok(SplitAction::SplitCancel) => self.keeper.change(|c, _| c.cancel_split(&r.table)).await,
+            Err(_) => Err(TernError::invalid(format!("unknown split action {}", r.action))),
+        };
+        Ok(Response::new(admin(result)))
+    }
+
     async fn finish_restore(&self, request: Request<TableRequest>) -> Result<Response<AdminResponse>, Status> {
         self.keeper.check_serving().map_err(unavailable)?;
         let r = request.into_inner();
@@ -479,8 +491,10 @@ impl MetaNode {
             peer_id: cfg.id,
             peers: peers.iter().map(|(i, _)| (*i, *i)).collect(),
             learners: vec![],
+            removing: vec![],
             initial: true,
             partition_count: 1,
+            initial_partition_count: 0,
             preferred_leader: cfg.id == lowest,
             preferred_leader_peer: 0,
         }]));

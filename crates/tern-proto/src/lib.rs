@@ -18,7 +18,11 @@ impl From<&TernError> for Error {
             TernError::NotLeader { leader } => leader.unwrap_or(0),
             _ => 0,
         };
-        Error { code: e.code() as i32, message: e.message(), leader_node }
+        let partition_count = match e {
+            TernError::PartitionSplit { partition_count, .. } => *partition_count,
+            _ => 0,
+        };
+        Error { code: e.code() as i32, message: e.message(), leader_node, partition_count }
     }
 }
 
@@ -30,7 +34,7 @@ impl From<TernError> for Error {
 
 impl From<&Error> for TernError {
     fn from(e: &Error) -> TernError {
-        TernError::from_code(e.code, e.message.clone(), e.leader_node)
+        TernError::from_code(e.code, e.message.clone(), e.leader_node, e.partition_count)
     }
 }
 

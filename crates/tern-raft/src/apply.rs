@@ -42,14 +42,21 @@ pub struct ApplyState {
     /// The hybrid logical clock records are versioned by (the newest version issued or received,
     /// without its cluster tag): at least the log's clock, and past every version seen.
     pub hlc: u64,
+    /// The table's partition count as this partition's log has it: the partition owns the hashkeys
+    /// that hash to its index under this count. Doubled by a split entry; 0 in states written
+    /// before splits existed (the replica then takes meta's count, which never changed before).
+    pub partition_count: u32,
 }
 
-/// Bytes of the fixed part of an encoded apply state (format byte, index, term, stamp, hlc) before
-/// the conf state; a crc32 of everything before it ends the encoding.
-const APPLY_STATE_FIXED_BYTES: usize = 33;
-/// The first byte of the apply state's encoding with a clock. The first encoding (no format byte,
-/// no clock) starts with the applied index's high byte, which is zero.
-const APPLY_STATE_FORMAT: u8 = 0xa2;
+/// Bytes of the fixed part of an encoded apply state (format byte, index, term, stamp, hlc,
+/// partition count) before the conf state; a crc32 of everything before it ends the encoding.
+const APPLY_STATE_FIXED_BYTES: usize = 37;
+/// The first byte of the apply state's encoding with a partition count. The second encoding
+/// (`APPLY_STATE_V2_FORMAT`) has no partition count; the first (no format byte, no clock) starts
+/// with the applied index's high byte, which is zero.
+const APPLY_STATE_FORMAT: u8 = 0xa3;
+const APPLY_STATE_V2_FORMAT: u8 = 0xa2;
+const APPLY_STATE_V2_FIXED_BYTES: usize = 33;
 const APPLY_STATE_V1_FIXED_BYTES: usize = 24;
 
 impl ApplyState {
@@ -61,6 +68,7 @@ impl ApplyState {
         out.extend_from_slice(&self.applied_term.to_be_bytes());
         out.extend_from_slice(&self.stamp_ms.to_be_bytes());
         out.extend_from_slice(&self.hlc.to_be_bytes());
+        out.extend_from_slice(&self.partition_count.to_be_bytes());
         out.extend_from_slice(&self.conf_state.write_to_bytes().expect("encode conf state"));
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_be_bytes());
@@ -69,7 +77,11 @@ impl ApplyState {
 
     fn decode(bytes: &[u8]) -> Result<ApplyState, TernError> {
         use protobuf::Message as _;
-        let (fixed, start) = if bytes.first() == Some(&APPLY_STATE_FORMAT) { (APPLY_STATE_FIXED_BYTES, 1) } else { (APPLY_STATE_V1_FIXED_BYTES, 0) };
+        let (fixed, start) = match bytes.first() {
+            Some(&APPLY_STATE_FORMAT) => (APPLY_STATE_FIXED_BYTES, 1),
+            Some(&APPLY_STATE_V2_FORMAT) => (APPLY_STATE_V2_FIXED_BYTES, 1),
+            _ => (APPLY_STATE_V1_FIXED_BYTES, 0),
+        };
         if bytes.len() < fixed + 4 {
             return Err(TernError::Corruption(format!("apply state of {} bytes", bytes.len())));
         }
@@ -80,7 +92,8 @@ impl ApplyState {
         let conf_state = ConfState::parse_from_bytes(&bytes[fixed..]).map_err(|e| TernError::Corruption(format!("apply state conf state: {e}")))?;
         let word = |i: usize| u64::from_be_bytes(bytes[start + i * 8..start + i * 8 + 8].try_into().expect("8 bytes"));
         let hlc = if start == 1 { word(3) } else { 0 };
-        Ok(ApplyState { applied_index: word(0), applied_term: word(1), stamp_ms: word(2), hlc, conf_state })
+        let partition_count = if fixed == APPLY_STATE_FIXED_BYTES { u32::from_be_bytes(bytes[33..37].try_into().expect("4 bytes")) } else { 0 };
+        Ok(ApplyState { applied_index: word(0), applied_term: word(1), stamp_ms: word(2), hlc, partition_count, conf_state })
     }
 }
 
@@ -191,6 +204,8 @@ pub struct StateMachine {
     expiry_by_local_clock: bool,
     /// Test-only: duplicated writes see expired records as absent (see `PlantedBugs`).
     lww_ignores_expired: bool,
+    /// The partition's index in its table: with the applied partition count, which hashkeys it owns.
+    partition: u32,
 }
 
 /// Where a closed engine was (see `StateMachine::close_engine`): every call fails.
@@ -254,7 +269,35 @@ impl StateMachine {
         engine.sync().map_err(engine_error)?;
         let (_, dup) = replicated_state(engine.as_ref())?;
         engine.set_expiry_horizon(tern_engine::Horizon { unix_ms: state.stamp_ms, version: version_horizon(&dup, &state) });
-        Ok(StateMachine { engine: Some(engine), state, sessions: HashMap::new(), dup, expiry_by_local_clock: false, lww_ignores_expired: false })
+        Ok(StateMachine {
+            engine: Some(engine),
+            state,
+            sessions: HashMap::new(),
+            dup,
+            expiry_by_local_clock: false,
+            lww_ignores_expired: false,
+            partition: 0,
+        })
+    }
+
+    /// Says which partition this is. A state written before splits existed has no partition count:
+    /// it takes `meta_count` (what meta assigned the replica, which could not have changed then),
+    /// written at once so that a checkpoint of this engine carries it. A new, empty replica keeps
+    /// none until a snapshot brings one (meta's count may be a split's, ahead of the log).
+    pub fn set_owner(&mut self, partition: u32, meta_count: u32) -> Result<(), TernError> {
+        self.partition = partition;
+        if self.state.partition_count == 0 && self.state.applied_index > 0 && meta_count > 0 {
+            self.state.partition_count = meta_count;
+            let mut wb = WriteBatch::default();
+            wb.put(keys::APPLY_STATE_KEY.to_vec(), self.state.encode());
+            self.engine().write(wb).map_err(engine_error)?;
+        }
+        Ok(())
+    }
+
+    /// The hashkeys this partition owns now (its index and applied partition count).
+    pub fn owner(&self) -> Owner {
+        Owner { partition: self.partition, count: self.state.partition_count }
     }
 
     /// Plants the bug the simulator must catch: compaction drops records that expired by this node's
@@ -410,6 +453,8 @@ impl StateMachine {
             dup_changed: false,
             entry: EntryContext::default(),
             lww_ignores_expired: self.lww_ignores_expired,
+            partition: self.partition,
+            split: None,
         }
     }
 
@@ -451,6 +496,46 @@ pub struct ApplyBatch {
     entry: EntryContext,
     /// The planted bug (see `StateMachine`).
     lww_ignores_expired: bool,
+    partition: u32,
+    /// The partition count the last applied entry split the partition to (taken by the replica,
+    /// which checkpoints the child there).
+    split: Option<u32>,
+}
+
+/// Which hashkeys a partition owns: those that hash to `partition` under `count` (0: not known,
+/// every hashkey, as before splits existed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub partition: u32,
+    pub count: u32,
+}
+
+impl Owner {
+    pub fn owns(&self, hashkey: &[u8]) -> bool {
+        self.count == 0 || codec::partition_of(hashkey, self.count) == self.partition
+    }
+
+    /// Whether a storage key is a user record of another partition (left behind by a split).
+    pub fn foreign_data_key(&self, key: &[u8]) -> bool {
+        self.count != 0 && key.first() == Some(&keys::DATA_PREFIX) && codec::decode_key(&key[1..]).is_ok_and(|(hashkey, _)| !self.owns(hashkey))
+    }
+
+    /// The answer to a request for a hashkey this partition no longer owns: a client routed it by
+    /// an older partition count.
+    pub fn check(&self, hashkey: &[u8]) -> Result<(), TernError> {
+        if self.owns(hashkey) {
+            return Ok(());
+        }
+        Err(TernError::PartitionSplit {
+            partition_count: self.count,
+            message: format!(
+                "the hashkey belongs to partition {} of {}: partition {} has split",
+                codec::partition_of(hashkey, self.count),
+                self.count,
+                self.partition
+            ),
+        })
+    }
 }
 
 /// What one entry's writes share: its index, time and cluster tag, its version (drawn from the
@@ -473,6 +558,40 @@ impl ApplyBatch {
 
     pub fn set_conf_state(&mut self, conf_state: ConfState) {
         self.state.conf_state = conf_state;
+    }
+
+    /// The partition count an entry just applied split the partition to, once.
+    pub fn take_split(&mut self) -> Option<u32> {
+        self.split.take()
+    }
+
+    fn owner(&self) -> Owner {
+        Owner { partition: self.partition, count: self.state.partition_count }
+    }
+
+    /// Splits the partition in two (see `tern_proto::Split`). Refused, the same way on every
+    /// replica, while raft changes membership (a child must not start in a joint configuration no
+    /// leader of its own would leave). Not refused for duplication state: meta refuses to split a
+    /// table with duplications, and a refusal here (say for the state of a removed duplication
+    /// no shipper will ever clear) would hold the split up for good.
+    fn split(&mut self, split: &tern_proto::Split) -> WriteResponse {
+        let (current, target) = (self.state.partition_count, split.partition_count);
+        if target == current {
+            return WriteResponse::default(); // split already (a proposal repeated)
+        }
+        if current == 0 || Some(target) != current.checked_mul(2) {
+            return error_response(TernError::invalid(format!("a partition of a table with {current} partitions cannot split to {target}")));
+        }
+        if let Err(e) = tern_core::limits::check_partition_count(target) {
+            return error_response(e);
+        }
+        let cs = &self.state.conf_state;
+        if !cs.voters_outgoing.is_empty() || !cs.learners_next.is_empty() {
+            return error_response(TernError::Busy("the partition's membership is changing; it splits after".into()));
+        }
+        self.state.partition_count = target;
+        self.split = Some(target);
+        WriteResponse::default()
     }
 
     fn get(&self, engine: &dyn KvEngine, key: &[u8]) -> Result<Option<Vec<u8>>, StorageFailure> {
@@ -965,6 +1084,20 @@ impl ApplyBatch {
     /// Executes a write: request errors come back as error responses, storage failures as `Err`.
     fn execute(&mut self, engine: &dyn KvEngine, write: &WriteRequest, now: u64) -> Result<WriteResponse, StorageFailure> {
         let mut response = WriteResponse::default();
+        // A write routed before the partition split, for a hashkey it no longer owns: the same
+        // answer on every replica, and nothing written (the child has the hashkey now).
+        let hashkey = match &write.op {
+            Some(Op::Set(o)) => Some(&o.hashkey),
+            Some(Op::Del(o)) => Some(&o.hashkey),
+            Some(Op::Incr(o)) => Some(&o.hashkey),
+            Some(Op::CheckAndSet(o)) => Some(&o.hashkey),
+            Some(Op::CheckAndMutate(o)) => Some(&o.hashkey),
+            Some(Op::DupApply(o)) => o.records.iter().map(|r| &r.hashkey).find(|h| !self.owner().owns(h)),
+            _ => None,
+        };
+        if let Some(Err(e)) = hashkey.map(|h| self.owner().check(h)) {
+            return Ok(error_response(e));
+        }
         match &write.op {
             None => return Ok(error_response(TernError::invalid("write request without an operation"))),
             Some(Op::Set(set)) => {
@@ -1018,6 +1151,7 @@ impl ApplyBatch {
             Some(Op::DupApply(apply)) => return self.dup_apply(engine, apply, now),
             Some(Op::DupSync(sync)) => return self.dup_sync(engine, sync),
             Some(Op::DupConfirm(confirm)) => return self.dup_confirm(engine, confirm),
+            Some(Op::Split(split)) => return Ok(self.split(split)),
         }
         Ok(response)
     }
@@ -1108,6 +1242,62 @@ mod tests {
 
     fn open() -> StateMachine {
         StateMachine::open(Box::new(MemoryEngine::new()), ApplyState::default()).unwrap()
+    }
+
+    /// A hashkey of partition `want` of `count` (and its index of 2 * count is `want + count`).
+    fn hashkey_moving_to(want: u32, count: u32) -> String {
+        (0..).map(|i| format!("k{i}")).find(|k| codec::partition_of(k.as_bytes(), 2 * count) == want + count).expect("some key moves")
+    }
+
+    /// A split entry: from it on, the partition owns half its hashkeys, on every replica alike;
+    /// writes routed by the old count for the other half are refused and change nothing; a
+    /// repeated split is a no-op, a wrong one refused, one in a joint configuration refused until
+    /// it ends; a retry of a write applied before the split still gets its first answer.
+    #[test]
+    fn a_split_entry_halves_what_the_partition_owns() {
+        let mut sm = open();
+        sm.set_owner(0, 2).unwrap();
+        assert_eq!(sm.owner(), Owner { partition: 0, count: 0 }, "an empty replica takes no count from meta");
+        let mut legacy = StateMachine::open(Box::new(MemoryEngine::new()), ApplyState { applied_index: 5, ..Default::default() }).unwrap();
+        legacy.set_owner(1, 2).unwrap();
+        assert_eq!(legacy.owner(), Owner { partition: 1, count: 2 }, "a state from before splits takes meta's");
+        let mut sm =
+            StateMachine::open(Box::new(MemoryEngine::new()), ApplyState { applied_index: 5, partition_count: 2, ..Default::default() }).unwrap();
+        sm.set_owner(0, 8).unwrap();
+        assert_eq!(sm.owner(), Owner { partition: 0, count: 2 });
+        let moving = hashkey_moving_to(0, 2);
+        let split = |count| Op::Split(tern_proto::Split { partition_count: count });
+        // Applied before the split, remembered for its retry.
+        assert!(apply(&mut sm, 6, command(1000, 7, 1, set(&moving, "s", "before", 0))).error.is_none());
+        assert!(apply(&mut sm, 7, command(1000, 0, 0, split(8))).error.is_some(), "only doubling");
+        let mut batch = sm.begin();
+        assert!(batch.apply_command(sm.engine(), 8, &command(1000, 0, 0, split(4))).unwrap().error.is_none());
+        assert_eq!(batch.take_split(), Some(4));
+        batch.set_applied(8, 1);
+        sm.finish(batch).unwrap();
+        assert_eq!(sm.owner(), Owner { partition: 0, count: 4 });
+        let mut batch = sm.begin();
+        assert!(batch.apply_command(sm.engine(), 9, &command(1000, 0, 0, split(4))).unwrap().error.is_none(), "a repeat");
+        assert_eq!(batch.take_split(), None, "a repeat splits nothing");
+        batch.set_applied(9, 1);
+        sm.finish(batch).unwrap();
+        let r = apply(&mut sm, 10, command(1000, 7, 2, set(&moving, "s", "after", 0)));
+        assert!(matches!(tern_proto::check(&r.error), Err(TernError::PartitionSplit { partition_count: 4, .. })), "{r:?}");
+        let stored = sm.engine().get(&keys::data_key(moving.as_bytes(), b"s")).unwrap().unwrap();
+        assert_eq!(codec::decode_value(&stored).unwrap().1, b"before", "the refused write changed nothing");
+        let r = apply(&mut sm, 11, command(1000, 7, 1, set(&moving, "s", "before", 0)));
+        assert!(r.error.is_none(), "a retry of a write applied before the split gets its first answer");
+        // A joint configuration refuses a split, the same way everywhere.
+        let mut joint =
+            StateMachine::open(Box::new(MemoryEngine::new()), ApplyState { applied_index: 5, partition_count: 2, ..Default::default() }).unwrap();
+        let mut batch = joint.begin();
+        let mut cs = ConfState::default();
+        cs.voters = vec![1, 2, 3];
+        cs.voters_outgoing = vec![1, 2, 4];
+        batch.set_conf_state(cs);
+        let r = batch.apply_command(joint.engine(), 6, &command(1000, 0, 0, split(4))).unwrap();
+        assert!(matches!(tern_proto::check(&r.error), Err(TernError::Busy(_))));
+        assert_eq!(batch.take_split(), None);
     }
 
     /// A retried write with the same (client, seq) returns the first result and applies once.
@@ -1372,7 +1562,7 @@ mod tests {
     fn apply_state_round_trip() {
         let mut cs = ConfState::default();
         cs.voters = vec![1, 2, 3];
-        let s = ApplyState { applied_index: 9, applied_term: 4, conf_state: cs, stamp_ms: 77, hlc: 88 << 20 };
+        let s = ApplyState { applied_index: 9, applied_term: 4, conf_state: cs, stamp_ms: 77, hlc: 88 << 20, partition_count: 16 };
         assert_eq!(ApplyState::decode(&s.encode()).unwrap(), s);
         assert!(ApplyState::decode(&[1, 2]).is_err());
         let mut damaged = s.encode();
@@ -1385,7 +1575,15 @@ mod tests {
         }
         v1.extend_from_slice(&protobuf::Message::write_to_bytes(&s.conf_state).unwrap());
         v1.extend_from_slice(&crc32fast::hash(&v1).to_be_bytes());
-        assert_eq!(ApplyState::decode(&v1).unwrap(), ApplyState { hlc: 0, ..s });
+        assert_eq!(ApplyState::decode(&v1).unwrap(), ApplyState { hlc: 0, partition_count: 0, ..s.clone() });
+        // The second (a clock, no partition count) reads with the count at zero.
+        let mut v2 = vec![APPLY_STATE_V2_FORMAT];
+        for w in [s.applied_index, s.applied_term, s.stamp_ms, s.hlc] {
+            v2.extend_from_slice(&w.to_be_bytes());
+        }
+        v2.extend_from_slice(&protobuf::Message::write_to_bytes(&s.conf_state).unwrap());
+        v2.extend_from_slice(&crc32fast::hash(&v2).to_be_bytes());
+        assert_eq!(ApplyState::decode(&v2).unwrap(), ApplyState { partition_count: 0, ..s });
     }
 
     fn stored(sm: &StateMachine, hk: &str, sk: &str) -> Option<(u64, Vec<u8>)> {

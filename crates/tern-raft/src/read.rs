@@ -1,14 +1,15 @@
 //! Reads against a replica's engine. Expired records are invisible; corrupt ones are reported, never
-//! served.
+//! served. So are records of hashkeys the partition no longer owns (a split left them behind): a
+//! request for one is told to refresh its routing, and scans and checksums skip them.
 
-use crate::apply::engine_error;
+use crate::apply::{engine_error, Owner};
 use crate::keys;
 use tern_core::{codec, limits::READ_RECORDS_MAX, TernError};
 use tern_engine::KvEngine;
 use tern_proto::{read_request::Op, ReadRequest, ReadResponse, Record};
 
-pub fn execute_read(engine: &dyn KvEngine, request: &ReadRequest, now_ms: u64) -> ReadResponse {
-    match read(engine, request, now_ms) {
+pub fn execute_read(engine: &dyn KvEngine, request: &ReadRequest, now_ms: u64, owner: Owner) -> ReadResponse {
+    match read(engine, request, now_ms, owner) {
         Ok(r) => r,
         Err(e) => ReadResponse { error: Some(e.into()), ..Default::default() },
     }
@@ -35,8 +36,13 @@ fn record(hashkey: &[u8], sortkey: &[u8], stored: &[u8], now_ms: u64, no_value: 
     }))
 }
 
-fn read(engine: &dyn KvEngine, request: &ReadRequest, now_ms: u64) -> Result<ReadResponse, TernError> {
+fn read(engine: &dyn KvEngine, request: &ReadRequest, now_ms: u64, owner: Owner) -> Result<ReadResponse, TernError> {
     let mut response = ReadResponse::default();
+    match &request.op {
+        Some(Op::Get(tern_proto::MultiGet { hashkey, .. }) | Op::Count(tern_proto::Count { hashkey })) => owner.check(hashkey)?,
+        Some(Op::Scan(scan)) if !scan.full_table => owner.check(&scan.hashkey)?,
+        _ => {}
+    }
     match &request.op {
         None => return Err(TernError::invalid("read request without an operation")),
         Some(Op::Get(get)) if !get.sortkeys.is_empty() => {
@@ -53,7 +59,7 @@ fn read(engine: &dyn KvEngine, request: &ReadRequest, now_ms: u64) -> Result<Rea
             let scan = tern_proto::Scan { hashkey: get.hashkey.clone(), limit: get.limit, no_value: get.no_value, ..Default::default() };
             return scan_hashkey(engine, &scan, now_ms);
         }
-        Some(Op::Scan(scan)) if scan.full_table => return scan_partition(engine, scan, now_ms),
+        Some(Op::Scan(scan)) if scan.full_table => return scan_partition(engine, scan, now_ms, owner),
         Some(Op::Scan(scan)) => return scan_hashkey(engine, scan, now_ms),
         Some(Op::Count(count)) => {
             let prefix = keys::hashkey_prefix(&count.hashkey);
@@ -101,7 +107,7 @@ fn scan_hashkey(engine: &dyn KvEngine, scan: &tern_proto::Scan, now_ms: u64) -> 
 }
 
 /// Every record of the partition, resumable: `start` is the storage key to continue from.
-fn scan_partition(engine: &dyn KvEngine, scan: &tern_proto::Scan, now_ms: u64) -> Result<ReadResponse, TernError> {
+fn scan_partition(engine: &dyn KvEngine, scan: &tern_proto::Scan, now_ms: u64, owner: Owner) -> Result<ReadResponse, TernError> {
     let limit = effective_limit(scan.limit);
     let start = if scan.start.is_empty() && !scan.hashkey.is_empty() {
         keys::hashkey_prefix(&scan.hashkey) // from a hashkey on (a short range scan)
@@ -121,7 +127,9 @@ fn scan_partition(engine: &dyn KvEngine, scan: &tern_proto::Scan, now_ms: u64) -
             return Ok(false);
         }
         let (hashkey, sortkey) = codec::decode_key(&k[1..])?;
-        response.records.extend(record(hashkey, sortkey, v, now_ms, scan.no_value)?);
+        if owner.owns(hashkey) {
+            response.records.extend(record(hashkey, sortkey, v, now_ms, scan.no_value)?);
+        }
         Ok(true)
     })?;
     Ok(response)
@@ -149,11 +157,11 @@ fn try_scan(
 
 /// A checksum of the replicated contents (records and remembered results, not the apply state), with
 /// records expired at `now_ms` left out so that compaction timing does not matter.
-pub fn checksum(engine: &dyn KvEngine, now_ms: u64) -> Result<(u64, u64), TernError> {
+pub fn checksum(engine: &dyn KvEngine, now_ms: u64, owner: Owner) -> Result<(u64, u64), TernError> {
     let mut mixer = Mixer::default();
     engine
         .scan(&[0x00, b'b'], None, &mut |k, v| {
-            if !keys::is_expired_at(k, v, now_ms) {
+            if !keys::is_expired_at(k, v, now_ms) && !owner.foreign_data_key(k) {
                 mixer.record(&[k, v]);
             }
             true
@@ -165,11 +173,12 @@ pub fn checksum(engine: &dyn KvEngine, now_ms: u64) -> Result<(u64, u64), TernEr
 /// A checksum over user records only, of what a reader sees: key, expiry and value, not how they
 /// are stored (a replica restored from a backup, or a table duplicated to another cluster, has
 /// exactly these records; a record of format 1 equals the same record of format 2).
-pub fn data_checksum(engine: &dyn KvEngine, now_ms: u64) -> Result<(u64, u64), TernError> {
+pub fn data_checksum(engine: &dyn KvEngine, now_ms: u64, owner: Owner) -> Result<(u64, u64), TernError> {
     let mut failure = None;
     let mut mixer = Mixer::default();
     engine
         .scan(&[keys::DATA_PREFIX], Some(&keys::data_end()), &mut |k, v| match codec::decode_stored(v) {
+            Ok(_) if owner.foreign_data_key(k) => true,
             Ok(s) if codec::is_expired(s.expire_at_ms, now_ms) => true,
             Ok(s) => {
                 mixer.record(&[k, &s.expire_at_ms.to_be_bytes(), s.value]);

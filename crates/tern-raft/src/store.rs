@@ -39,8 +39,13 @@ pub struct ReplicaSpec {
     pub peers: Vec<(PeerId, NodeId)>,
     /// The learners meta wants (being filled before they become voters).
     pub learners: Vec<(PeerId, NodeId)>,
+    /// Peers meta dropped that raft may still count (where they are, to answer them).
+    pub removing: Vec<(PeerId, NodeId)>,
     pub initial: bool,
+    /// The partition count meta wants (a leader below it proposes a split).
     pub partition_count: u32,
+    /// The count an initial replica bootstraps with (0: `partition_count`).
+    pub initial_partition_count: u32,
     pub preferred_leader: bool,
     /// The peer meta prefers as leader (0: none).
     pub preferred_leader_peer: PeerId,
@@ -53,13 +58,15 @@ pub struct ReplicaSpec {
 /// nothing but what it names explicitly (no replica is destroyed on an error).
 pub fn reconcile_with_meta(answer: &tern_proto::HeartbeatResponse) -> Vec<StoreMsg> {
     let specs: Vec<ReplicaSpec> = answer.assignments.iter().map(ReplicaSpec::from_proto).collect();
-    let keep: Vec<GroupId> = specs.iter().map(|s| s.group).collect();
+    let keep: Vec<GroupId> = specs.iter().map(|s| s.group).chain(answer.kept_groups.iter().map(|g| GroupId(*g))).collect();
     let mut out = Vec::new();
     if !specs.is_empty() {
         out.push(StoreMsg::EnsureReplicas(specs));
     }
     if answer.error.is_none() && !answer.live_tables.is_empty() {
-        out.push(StoreMsg::RetainReplicas { tables: answer.live_tables.clone(), keep });
+        let listed = |i: usize| answer.live_table_partitions.get(i).copied().unwrap_or(u32::MAX);
+        let tables = answer.live_tables.iter().enumerate().map(|(i, t)| (*t, listed(i))).collect();
+        out.push(StoreMsg::RetainReplicas { tables, keep });
     }
     if !answer.dropped_tables.is_empty() {
         out.push(StoreMsg::DropTables(answer.dropped_tables.clone()));
@@ -86,10 +93,12 @@ impl ReplicaSpec {
             peer_id: self.peer_id,
             peers: peers(&self.peers),
             learners: peers(&self.learners),
+            removing: peers(&self.removing),
             initial: self.initial,
             partition_count: self.partition_count,
             preferred_leader: self.preferred_leader,
             preferred_leader_peer: self.preferred_leader_peer,
+            initial_partition_count: self.initial_partition_count,
         }
     }
 
@@ -100,8 +109,10 @@ impl ReplicaSpec {
             peer_id: a.peer_id,
             peers: peers(&a.peers),
             learners: peers(&a.learners),
+            removing: peers(&a.removing),
             initial: a.initial,
             partition_count: a.partition_count,
+            initial_partition_count: a.initial_partition_count,
             preferred_leader: a.preferred_leader,
             preferred_leader_peer: a.preferred_leader_peer,
         }
@@ -164,9 +175,11 @@ pub enum StoreMsg {
         to_peer: PeerId,
     },
     EnsureReplicas(Vec<ReplicaSpec>),
-    /// Destroys replicas of `tables` that are not in `keep` (they were removed from their group).
+    /// Destroys replicas of `tables` (each with the partitions meta listed) that are not in `keep`
+    /// (they were removed from their group). A partition past those listed is left alone: a
+    /// split's child this node made after meta answered.
     RetainReplicas {
-        tables: Vec<TableId>,
+        tables: Vec<(TableId, u32)>,
         keep: Vec<GroupId>,
     },
     DropTables(Vec<TableId>),
@@ -193,6 +206,9 @@ pub enum StoreMsg {
         group: GroupId,
         dir: PathBuf,
         min_applied_index: u64,
+        /// The partition count the caller addresses the partition by (0: any): a partition that
+        /// has split since holds another half's records too, frozen at the split.
+        partition_count: u32,
         callback: CheckpointCallback,
     },
     /// Reads a leader's duplication state and change log after `after` (bounded).
@@ -296,7 +312,14 @@ pub struct Store {
     /// Hibernating replicas with an open engine: since when (ticks) unused, and their engine's
     /// reopen count then.
     engines_idle: BTreeMap<GroupId, (u64, u64)>,
+    /// Raft messages without entries for groups with no replica here, kept a short while (oldest
+    /// dropped first): a split's child elsewhere can be ahead of this node's, and its first votes
+    /// would otherwise be lost, costing an election timeout.
+    parked: VecDeque<(GroupId, Message, u64)>,
 }
+
+/// Raft messages kept for groups not hosted here (see `Store::parked`); each is small (no entries).
+const PARKED_MESSAGES_MAX: usize = 256;
 
 /// Every node a replica here has a peer on, pinged each tick, and when each was last heard from
 /// (store ticks). A node silent for an election timeout wakes the hibernating followers whose
@@ -338,13 +361,28 @@ fn not_hosted(group: GroupId) -> TernError {
     TernError::PartitionNotFound(format!("partition {group} has no replica on this server"))
 }
 
-/// The client addressed the partition with a different partition count than the table has.
+/// The client addressed the partition with a different partition count than the replica has.
 fn stale(replica: &Replica, partition: &Option<tern_proto::PartitionRef>) -> bool {
     partition.as_ref().is_some_and(|p| p.partition_count != replica.partition_count())
 }
 
-fn stale_error(replica: &Replica) -> TernError {
-    TernError::StaleConfig(format!("table {} has {} partitions", replica.group.table_id(), replica.partition_count()))
+/// What a replica answers a request addressed by another partition count than its own: the
+/// partition has split (the client may route by the new count at once), or the client knows of a
+/// split this replica has not applied yet (it asks again).
+fn stale_error(replica: &Replica, addressed: u32) -> TernError {
+    let (table, count) = (replica.group.table_id(), replica.partition_count());
+    if count > addressed {
+        TernError::PartitionSplit {
+            partition_count: count,
+            message: format!("partition {} of table {table} has split: {count} partitions", replica.group.partition()),
+        }
+    } else {
+        TernError::StaleConfig(format!("partition {} of table {table} has not split to {addressed} partitions yet", replica.group.partition()))
+    }
+}
+
+fn addressed_count(partition: &Option<tern_proto::PartitionRef>) -> u32 {
+    partition.as_ref().map_or(0, |p| p.partition_count)
 }
 
 impl Store {
@@ -397,6 +435,7 @@ impl Store {
             retired: BTreeMap::new(),
             peer_nodes: PeerNodes::default(),
             engines_idle: BTreeMap::new(),
+            parked: VecDeque::new(),
         };
         let retired_file = data_dir.join(RETIRED_FILE);
         if files.exists(&retired_file) {
@@ -415,6 +454,7 @@ impl Store {
             // One replica that cannot open must not keep the node's others from serving.
             store.open_or_report(meta, dir);
         }
+        store.open_staged_children()?;
         Ok(store)
     }
 
@@ -545,7 +585,9 @@ impl Store {
         let now = self.clock.now_unix_ms();
         match msg {
             StoreMsg::Write { group, request, callback } => match with_engine(&mut self.replicas, group) {
-                Some(r) if stale(r, &request.partition) => callback(crate::apply::error_response(stale_error(r))),
+                Some(r) if stale(r, &request.partition) => {
+                    callback(crate::apply::error_response(stale_error(r, addressed_count(&request.partition))))
+                }
                 Some(r) => {
                     r.propose(request, now, callback);
                     self.dirty.insert(group);
@@ -553,7 +595,9 @@ impl Store {
                 None => callback(crate::apply::error_response(not_hosted(group))),
             },
             StoreMsg::Read { group, request, callback } => match with_engine(&mut self.replicas, group) {
-                Some(r) if stale(r, &request.partition) => callback(ReadResponse { error: Some(stale_error(r).into()), ..Default::default() }),
+                Some(r) if stale(r, &request.partition) => {
+                    callback(ReadResponse { error: Some(stale_error(r, addressed_count(&request.partition)).into()), ..Default::default() })
+                }
                 Some(r) => {
                     r.read(request, now, self.clock.monotonic(), callback);
                     self.dirty.insert(group);
@@ -568,6 +612,12 @@ impl Store {
                     self.dirty.insert(group);
                 } else if let Some(dir) = snapshot_dir {
                     let _ = self.files.remove_all(&dir);
+                } else if !self.replicas.contains_key(&group) && message.entries.is_empty() {
+                    // Votes, heartbeats and empty appends only: entries are sent again anyway.
+                    if self.parked.len() >= PARKED_MESSAGES_MAX {
+                        self.parked.pop_front();
+                    }
+                    self.parked.push_back((group, message, self.ticks));
                 }
             }
             StoreMsg::NodePing { from } => {
@@ -606,9 +656,10 @@ impl Store {
                 self.refused.retain(|g, _| !tables.contains(&g.table_id()));
             }
             StoreMsg::RetainReplicas { tables, keep } => {
-                let doomed: Vec<GroupId> = self.hosted().filter(|g| tables.contains(&g.table_id()) && !keep.contains(g)).collect();
+                let listed = |g: &GroupId| tables.iter().any(|(t, count)| *t == g.table_id() && g.partition() < *count);
+                let doomed: Vec<GroupId> = self.hosted().filter(|g| listed(g) && !keep.contains(g)).collect();
                 self.destroy_replicas(doomed, "it was removed from its group");
-                self.refused.retain(|g, _| !tables.contains(&g.table_id()) || keep.contains(g));
+                self.refused.retain(|g, _| !listed(g) || keep.contains(g));
             }
             StoreMsg::Status(callback) => {
                 let mut statuses: Vec<ReplicaStatus> = self.replicas.values().map(|r| r.status()).collect();
@@ -636,7 +687,8 @@ impl Store {
                 Some(r) => callback(r.flush_engine(begin)),
                 None => callback(Err(not_hosted(group))),
             },
-            StoreMsg::Checkpoint { group, dir, min_applied_index, callback } => match with_engine(&mut self.replicas, group) {
+            StoreMsg::Checkpoint { group, dir, min_applied_index, partition_count, callback } => match with_engine(&mut self.replicas, group) {
+                Some(r) if partition_count != 0 && r.partition_count() != partition_count => callback(Err(stale_error(r, partition_count))),
                 Some(r) => callback(r.checkpoint_into(&dir, min_applied_index)),
                 None => callback(Err(not_hosted(group))),
             },
@@ -681,22 +733,21 @@ impl Store {
             // node that still hosted its predecessor received the new peer's messages.
             self.destroy_replicas(vec![spec.group], "a newer peer of its group replaces it on this node");
         }
-        let everyone: Vec<(PeerId, NodeId)> = spec.peers.iter().chain(spec.learners.iter()).copied().collect();
+        let everyone: Vec<(PeerId, NodeId)> = spec.peers.iter().chain(&spec.learners).chain(&spec.removing).copied().collect();
         if let Some(r) = self.replicas.get_mut(&spec.group) {
             r.set_peers(everyone)?;
             r.reconcile_membership(&spec.peers, &spec.learners, spec.preferred_leader_peer);
+            r.want_partition_count(spec.partition_count, self.clock.now_unix_ms(), self.ticks);
             self.dirty.insert(spec.group);
             return Ok(());
         }
-        // A new replica starts from an empty log, whatever an earlier replica of the group left.
-        // (After every started write: one still in flight for an earlier replica of the group
-        // would otherwise land after the check.)
-        self.wait_for_log_writes();
-        if self.log.hard_state(spec.group.0)?.is_some() || self.log.last_index(spec.group.0).is_some() {
-            let mut clean = LogWriteBatch::default();
-            clean.push(spec.group.0, crate::log_store::LogOp::Clean);
-            self.log.write(clean, true)?;
+        if let Some(parent) = self.unsplit_parent(&spec) {
+            // This node's replica of the parent has not applied the split yet: applying it makes
+            // the child here from its own state, without a snapshot.
+            tracing::debug!(node = self.node_id, group = %spec.group, "waiting for {parent} to split");
+            return Ok(());
         }
+        self.clean_log(spec.group)?;
         let dir = self.data_dir.join("replicas").join(spec.group.0.to_string());
         // Durably: a replica whose directory a crash could lose would come back as a fresh one,
         // having forgotten votes and entries its raft log still holds.
@@ -707,7 +758,9 @@ impl Store {
             group: spec.group.0,
             peer_id: spec.peer_id,
             peers: everyone,
-            partition_count: spec.partition_count,
+            // An initial replica's log begins at the table's first partition count (a split may
+            // be under way); any other starts empty and takes its state from a snapshot.
+            partition_count: if spec.initial && spec.initial_partition_count > 0 { spec.initial_partition_count } else { spec.partition_count },
             engine_dir: "engine".into(),
         };
         meta.save(&*self.files, &dir)?;
@@ -723,6 +776,83 @@ impl Store {
         self.dirty.insert(spec.group);
         self.insert_replica(spec.group, replica);
         Ok(())
+    }
+
+    /// The parent this node hosts of a split child meta assigns here, if it has not split yet.
+    fn unsplit_parent(&self, spec: &ReplicaSpec) -> Option<GroupId> {
+        let half = spec.partition_count / 2;
+        let index = spec.group.partition().checked_sub(half).filter(|_| half > 0)?;
+        let parent = GroupId::new(spec.group.table_id(), index);
+        self.replicas.get(&parent).filter(|r| r.partition_count() < spec.partition_count && r.failure().is_none()).map(|_| parent)
+    }
+
+    /// A new replica starts from an empty log, whatever an earlier replica of the group left.
+    /// (After every started write: one still in flight for an earlier replica of the group would
+    /// otherwise land after the check.)
+    fn clean_log(&mut self, group: GroupId) -> Result<(), TernError> {
+        self.wait_for_log_writes();
+        if self.log.hard_state(group.0)?.is_some() || self.log.last_index(group.0).is_some() {
+            let mut clean = LogWriteBatch::default();
+            clean.push(group.0, crate::log_store::LogOp::Clean);
+            self.log.write(clean, true)?;
+        }
+        Ok(())
+    }
+
+    /// Children a crash caught after their checkpoint (its `replica.json`, written last, says it is
+    /// whole) but before they were moved into place are moved now: their parent, flushed past the
+    /// split by the checkpoint, does not apply it again. The rest of `splits/` is removed.
+    fn open_staged_children(&mut self) -> Result<(), TernError> {
+        let splits = self.data_dir.join(crate::replica::SPLITS_DIR);
+        if !self.files.exists(&splits) {
+            return Ok(());
+        }
+        let io = |e: std::io::Error| TernError::Internal(format!("split children in {}: {e}", splits.display()));
+        for staging in self.files.read_dir(&splits).map_err(io)? {
+            if let Ok(meta) = ReplicaMeta::load(&*self.files, &staging) {
+                tracing::info!(node = self.node_id, group = %GroupId(meta.group), "opening a split child a restart interrupted");
+                self.open_split_child(crate::replica::SplitChild { staging, meta, leader: false });
+            }
+        }
+        self.files.remove_all(&splits).map_err(io)
+    }
+
+    /// Opens the child a replica here checkpointed at a split entry: moved into place durably, it
+    /// starts from the parent's state at that entry (its log begins there). Not when this node
+    /// has a replica of the child already (the split entry applied again after a restart, or meta
+    /// had it filled from a snapshot), or destroyed one that is at least as new.
+    fn open_split_child(&mut self, child: crate::replica::SplitChild) {
+        let group = GroupId(child.meta.group);
+        let retired = self.retired.get(&group).is_some_and(|r| child.meta.peer_id <= *r);
+        if self.hosted().any(|g| g == group) || retired {
+            let _ = self.files.remove_all(&child.staging);
+            return;
+        }
+        let dir = self.data_dir.join("replicas").join(group.0.to_string());
+        let moved = self.clean_log(group).and_then(|()| {
+            self.files.rename_durably(&child.staging, &dir).map_err(|e| TernError::Internal(format!("move split child into place: {e}")))
+        });
+        if let Err(e) = moved {
+            // Meta fills this child from a snapshot instead.
+            tracing::error!(node = self.node_id, group = %group, "cannot open split child: {e}");
+            let _ = self.files.remove_all(&child.staging);
+            return;
+        }
+        self.open_or_report(child.meta, dir);
+        let Some(replica) = self.replicas.get_mut(&group) else { return };
+        if child.leader {
+            replica.campaign();
+        }
+        tracing::info!(node = self.node_id, group = %group, "opened split child");
+        let ticks = self.ticks;
+        let expired_before = ticks.saturating_sub(self.cfg.replica.election_tick as u64);
+        for (g, message, at) in std::mem::take(&mut self.parked) {
+            if g != group {
+                self.parked.push_back((g, message, at));
+            } else if at >= expired_before && message.to == replica.peer_id {
+                replica.step(message, None);
+            }
+        }
     }
 
     /// Destroys replicas, crash-safely: each directory is first renamed to a tombstone (durably), so
@@ -948,6 +1078,7 @@ impl Store {
         let monotonic = self.clock.monotonic();
         let mut batch = LogWriteBatch::default();
         let mut readies = Vec::new();
+        let mut children = Vec::new();
         for group in std::mem::take(&mut self.dirty) {
             let Some(replica) = self.replicas.get_mut(&group) else { continue };
             replica.flush_reads(monotonic);
@@ -955,6 +1086,7 @@ impl Store {
             if let Some((number, messages)) = replica.collect_ready(&mut outbox, &mut batch, now) {
                 readies.push((group, self.incarnations[&group], number, messages));
             }
+            children.extend(replica.take_split_children());
             replica.maybe_generate_snapshot();
             if replica.has_ready() {
                 self.dirty.insert(group);
@@ -970,6 +1102,11 @@ impl Store {
         if !readies.is_empty() {
             // Finished when this round's write (or, with nothing to write, the last one) is durable.
             self.unpersisted.push_back(UnpersistedRound { write: self.writes_started, readies });
+        }
+        for child in children {
+            let group = GroupId(child.meta.group);
+            self.open_split_child(child);
+            self.dirty.insert(group);
         }
         let finished = self.finish_durable_rounds(&mut outbox);
         if !outbox.is_empty() {
@@ -1201,8 +1338,10 @@ mod tests {
             peer_id: peer,
             peers: vec![(peer, 1)],
             learners: vec![],
+            removing: vec![],
             initial: true,
             partition_count: 1,
+            initial_partition_count: 0,
             preferred_leader: true,
             preferred_leader_peer: 0,
         }
@@ -1247,6 +1386,59 @@ mod tests {
         assert!(disks.files.read_dir(replicas).unwrap().is_empty());
         assert!(disks.log.hard_state(group.0).unwrap().is_none());
         assert_eq!(disks.open().replica_count(), 0);
+    }
+
+    /// Writes `value` under `hashkey` through the store; the answer's error, if any.
+    fn write(store: &mut Store, group: GroupId, count: u32, hashkey: &[u8], value: &[u8]) -> Option<TernError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let op = tern_proto::write_request::Op::Set(tern_proto::MultiSet {
+            hashkey: hashkey.to_vec().into(),
+            values: vec![tern_proto::SortkeyValue { sortkey: Default::default(), value: value.to_vec().into(), ttl_seconds: 0, expire_at_ms: 0 }],
+        });
+        let partition = Some(tern_proto::PartitionRef { table_id: group.table_id(), partition: group.partition(), partition_count: count });
+        let request = WriteRequest { partition, op: Some(op), ..Default::default() };
+        store.handle(StoreMsg::Write { group, request, callback: Box::new(move |r| drop(tx.send(r))) });
+        run_a_while(store);
+        rx.try_recv().expect("answered").error.map(|e| TernError::from(&e))
+    }
+
+    /// Meta asks for twice the partitions: the leader proposes the split, and its store opens the
+    /// child from the checkpoint taken at the split entry, holding the parent's records of its
+    /// half and serving them; the parent refuses the old count. A child a crash caught after its
+    /// checkpoint but before it was moved into place is moved and opened when the store restarts.
+    #[test]
+    fn a_split_opens_the_child_from_the_parent_checkpoint() {
+        let disks = Disks::new();
+        let (parent, child) = (GroupId::new(1, 0), GroupId::new(1, 1));
+        let mut store = disks.open_with_voter(parent);
+        let moving = (0..).map(|i| format!("k{i}")).find(|k| tern_core::codec::partition_of(k.as_bytes(), 2) == 1).unwrap();
+        assert_eq!(write(&mut store, parent, 1, moving.as_bytes(), b"v1"), None);
+        store.handle(StoreMsg::EnsureReplicas(vec![ReplicaSpec { partition_count: 2, ..single_voter(parent, 11) }]));
+        run_a_while(&mut store);
+        assert_eq!(store.replica_count(), 2, "the child is open beside its parent");
+        assert!(matches!(write(&mut store, parent, 1, moving.as_bytes(), b"v2"), Some(TernError::PartitionSplit { partition_count: 2, .. })));
+        assert!(matches!(
+            write(&mut store, parent, 2, moving.as_bytes(), b"v2"),
+            Some(TernError::InvalidArgument(_)) | Some(TernError::PartitionSplit { .. })
+        ));
+        assert_eq!(write(&mut store, child, 2, moving.as_bytes(), b"v2"), None, "the child leads its half");
+        let statuses = {
+            let (tx, rx) = std::sync::mpsc::channel();
+            store.handle(StoreMsg::Status(Box::new(move |s| drop(tx.send(s)))));
+            rx.try_recv().unwrap()
+        };
+        assert!(statuses.iter().all(|s| s.partition_count == 2 && s.is_leader), "{statuses:?}");
+        drop(store);
+
+        // A crash between the checkpoint and the move into place.
+        disks.files.create_dir_all(Path::new("/node/splits")).unwrap();
+        disks.files.rename_durably(Path::new(&format!("/node/replicas/{}", child.0)), Path::new(&format!("/node/splits/{}", child.0))).unwrap();
+        disks.crash();
+        let mut store = disks.open();
+        run_a_while(&mut store);
+        assert_eq!(store.replica_count(), 2, "the staged child was moved into place and opened");
+        assert!(disks.files.read_dir(Path::new("/node/splits")).is_err(), "nothing is left staged");
+        assert_eq!(write(&mut store, child, 2, moving.as_bytes(), b"v3"), None);
     }
 
     /// A new replica that is not yet a voter (a learner waiting for its first snapshot) does not

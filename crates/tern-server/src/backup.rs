@@ -131,7 +131,8 @@ impl BackupService {
         let work = WorkDir(self.work_path("backup", group));
         let (ctx, crx) = oneshot::channel();
         let (dir, min_applied_index) = (work.0.clone(), read.applied_index);
-        self.store.send(StoreMsg::Checkpoint { group, dir, min_applied_index, callback: Box::new(move |r| drop(ctx.send(r))) });
+        let partition_count = req.partition.as_ref().map_or(0, |p| p.partition_count);
+        self.store.send(StoreMsg::Checkpoint { group, dir, min_applied_index, partition_count, callback: Box::new(move |r| drop(ctx.send(r))) });
         let asked = Instant::now();
         let checkpoint = crx.await.map_err(|_| TernError::Unavailable("the store stopped".into()))??;
         let checkpoint_ms = asked.elapsed().as_millis() as u64;
@@ -183,7 +184,7 @@ impl BackupService {
         tokio::task::spawn_blocking(move || {
             let engine = engines.open(&work.0).map_err(tern_raft::apply::engine_error)?;
             let restored = ingest(engine.as_ref(), &store, group, &p, &mut pacer, &tx)?;
-            let done = verify_restored(engine.as_ref(), &store, group, p.partition)?;
+            let done = verify_restored(engine.as_ref(), &store, group, p.partition, p.partition_count)?;
             drop(engine);
             Ok(RestoreProgress { done: true, records_done: restored, record_count: done.1, checksum: done.0, ..Default::default() })
         })
@@ -310,7 +311,9 @@ fn ingest(
         tern_proto::check(&r.error)
     };
     let mut written = 0u64;
-    let live = |r: &DupRecord| !codec::is_expired(r.expire_at_ms, now);
+    // A backup of a partition that split holds its sibling's records too: left out.
+    let owner = tern_raft::apply::Owner { partition: partition.partition, count: partition.partition_count };
+    let live = |r: &DupRecord| !codec::is_expired(r.expire_at_ms, now) && owner.owns(&r.hashkey);
     engine_records(engine, &live, false, &mut |records| {
         while in_flight >= RESTORE_WRITES_IN_FLIGHT_MAX {
             wait_one(&mut in_flight)?;
@@ -340,9 +343,16 @@ fn ingest(
 /// Compares the restored replica with the backup: (checksum, record count) of both at one time.
 /// The time is a minute ahead, past the log clock of a replica just written, so both sides leave
 /// out exactly the records expired by then.
-fn verify_restored(engine: &dyn KvEngine, store: &StoreHandle, group: GroupId, partition: u32) -> Result<(u64, u64), TernError> {
+fn verify_restored(
+    engine: &dyn KvEngine,
+    store: &StoreHandle,
+    group: GroupId,
+    partition: u32,
+    partition_count: u32,
+) -> Result<(u64, u64), TernError> {
     let at = now_unix_ms() + 60_000;
-    let (sum, count) = tern_raft::read::data_checksum(engine, at)?;
+    let owner = tern_raft::apply::Owner { partition: group.partition(), count: partition_count };
+    let (sum, count) = tern_raft::read::data_checksum(engine, at, owner)?;
     let (tx, rx) = std::sync::mpsc::channel();
     store.send(StoreMsg::Checksum { group, at_unix_ms: at, data_only: true, callback: Box::new(move |r| drop(tx.send(r))) });
     let (_, replica_sum, replica_count) = rx.recv().map_err(|_| TernError::Unavailable("the store stopped".into()))??;

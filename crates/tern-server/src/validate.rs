@@ -151,6 +151,9 @@ pub fn write(request: &WriteRequest) -> Result<GroupId, TernError> {
         Some(write_request::Op::DupSync(_) | write_request::Op::DupConfirm(_)) => {
             return Err(TernError::invalid("duplication bookkeeping is proposed by servers, not clients"));
         }
+        Some(write_request::Op::Split(_)) => {
+            return Err(TernError::invalid("a partition split is proposed by servers at meta's request (`split TABLE`), not by clients"));
+        }
     }
     check_write_size(bytes)?;
     Ok(GroupId::new(p.table_id, p.partition))
@@ -269,7 +272,7 @@ mod tests {
     /// bookkeeping servers propose for duplication is refused from clients.
     #[test]
     fn rejects_bad_duplicated_records() {
-        use tern_proto::{DupApply, DupConfirm, DupRecord, DupSync};
+        use tern_proto::{DupApply, DupConfirm, DupRecord, DupSync, Split};
         let p = partition_of(b"hk", 8);
         let now_version = now_unix_ms() << tern_core::codec::VERSION_MS_SHIFT;
         let request = |origin_tag: u32, records: Vec<DupRecord>| WriteRequest {
@@ -297,7 +300,11 @@ mod tests {
         delete_with_value.delete = true;
         delete_with_value.value = "v".into();
         assert!(e(request(5, vec![delete_with_value])).contains("delete"));
-        for op in [write_request::Op::DupSync(DupSync::default()), write_request::Op::DupConfirm(DupConfirm::default())] {
+        for op in [
+            write_request::Op::DupSync(DupSync::default()),
+            write_request::Op::DupConfirm(DupConfirm::default()),
+            write_request::Op::Split(Split { partition_count: 16 }),
+        ] {
             let r =
                 WriteRequest { partition: Some(PartitionRef { table_id: 1, partition: p, partition_count: 8 }), op: Some(op), ..Default::default() };
             assert!(e(r).contains("proposed by servers"));

@@ -35,6 +35,9 @@ commands (keys and values are words; quote them with \"...\" or '...', \\xHH esc
   move_replica TABLE PIDX FROM_NODE TO_NODE   move one replica (learner first, then swapped in)
   transfer_leader TABLE PIDX NODE_ID     prefer a server as the partition's leader
   set_replica_count TABLE N              add or remove replicas of every partition
+  split TABLE [--wait]                   double TABLE's partitions online (--wait: show progress)
+  split status TABLE                     how far a split has come, and what it waits for
+  split cancel TABLE                     cancel a split that is still preparing
   partitions [TABLE]                     replica set, leader and applied index of each partition
   cluster_info                           meta address, servers, tables
   backup TABLE --to DIR [--rate MIB_PER_S]   copy a consistent checkpoint of every partition into a
@@ -53,6 +56,13 @@ commands (keys and values are words; quote them with \"...\" or '...', \\xHH esc
   dup pause|resume|remove ID             stop shipping for a while, ship again, or end a duplication
   help                                   this text
   quit                                   leave the shell";
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SplitCommand {
+    Start { wait: bool },
+    Status,
+    Cancel,
+}
 
 #[derive(Debug, PartialEq)]
 pub enum Command {
@@ -81,6 +91,7 @@ pub enum Command {
     MoveReplica { table: String, partition: u32, from: u64, to: u64 },
     TransferLeader { table: String, partition: u32, node: u64 },
     SetReplicaCount { table: String, count: u32 },
+    Split { table: String, action: SplitCommand },
     Partitions { table: Option<String> },
     ClusterInfo,
     Backup { table: String, to: String, rate_mb: u64 },
@@ -423,6 +434,17 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
         "set_replica_count" => {
             arity(&name, args, 2, 2, "TABLE N")?;
             Command::SetReplicaCount { table: text(&args[0]), count: number(&args[1], "replica count")? }
+        }
+        "split" => {
+            let usage = "usage: split TABLE [--wait] | split status TABLE | split cancel TABLE";
+            let words: Vec<String> = args.iter().map(|a| text(a)).collect();
+            match words.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+                ["status", table] => Command::Split { table: table.to_string(), action: SplitCommand::Status },
+                ["cancel", table] => Command::Split { table: table.to_string(), action: SplitCommand::Cancel },
+                [table] => Command::Split { table: table.to_string(), action: SplitCommand::Start { wait: false } },
+                [table, "--wait"] => Command::Split { table: table.to_string(), action: SplitCommand::Start { wait: true } },
+                _ => return Err(usage.into()),
+            }
         }
         "transfer_leader" => {
             arity(&name, args, 3, 3, "TABLE PIDX NODE_ID")?;
@@ -768,6 +790,24 @@ impl Shell {
                 tern_proto::check(&r.error).map_err(err)?;
                 r.message
             }
+            Command::Split { table, action: SplitCommand::Status } => split_status(&self.client.table_info(&table).await.map_err(err)?),
+            Command::Split { table, action: SplitCommand::Cancel } => self.client.split_table(&table, true).await.map_err(err)?,
+            Command::Split { table, action: SplitCommand::Start { wait } } => {
+                let mut out = self.client.split_table(&table, false).await.map_err(err)?;
+                if wait {
+                    println!("{out}");
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        let info = self.client.table_info(&table).await.map_err(err)?;
+                        if info.split.is_none() {
+                            out = format!("done: table {table} has {} partitions", info.partition_count);
+                            break;
+                        }
+                        println!("{}", split_status(&info));
+                    }
+                }
+                out
+            }
             Command::TransferLeader { table, partition, node } => {
                 let r = self
                     .client
@@ -1050,6 +1090,25 @@ pub fn split_commands(script: &str) -> Vec<String> {
 /// the cluster).
 pub const STARTUP_GRACE: Duration = Duration::from_secs(2);
 
+/// A table's split as `split status` shows it.
+fn split_status(info: &tern_proto::TableInfo) -> String {
+    let Some(s) = &info.split else { return format!("table {} is not splitting ({} partitions)", info.name, info.partition_count) };
+    let phase = if s.switching { "switching" } else { "preparing (cancellable)" };
+    let mut out = format!(
+        "table {}: {} -> {} partitions, {phase}, {} of {} split, started {} ago",
+        info.name,
+        info.partition_count,
+        s.partition_count,
+        s.partitions_split,
+        info.partition_count,
+        age(s.started_unix_ms)
+    );
+    if !s.waiting_for.is_empty() {
+        let _ = write!(out, "; waiting for {}", s.waiting_for);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1114,6 +1173,11 @@ mod tests {
         assert!(parse("move_replica t 1 2").unwrap_err().contains("usage"));
         assert!(parse("transfer_leader t x 1").unwrap_err().contains("number"));
         assert_eq!(parse("set_replica_count t 5").unwrap(), Some(Command::SetReplicaCount { table: "t".into(), count: 5 }));
+        assert_eq!(parse("split t --wait").unwrap(), Some(Command::Split { table: "t".into(), action: SplitCommand::Start { wait: true } }));
+        assert_eq!(parse("split status t").unwrap(), Some(Command::Split { table: "t".into(), action: SplitCommand::Status }));
+        assert_eq!(parse("split cancel t").unwrap(), Some(Command::Split { table: "t".into(), action: SplitCommand::Cancel }));
+        assert!(parse("split").is_err());
+        assert!(parse("split t --now").is_err());
         assert!(parse("set_replica_count t -1").is_err());
     }
 

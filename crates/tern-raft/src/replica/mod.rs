@@ -7,20 +7,23 @@
 //! apply, status); `reads` holds linearizable reads and the leader lease; `hibernation` how an idle
 //! group stops ticking and what wakes it; `membership` the replica
 //! set (conf changes, learners, leadership transfer to the preferred peer); `snapshots` snapshot
-//! files (generation, received checkpoints, installation) and the replica's metadata file;
-//! `config` its configuration and the bugs tests plant.
+//! files (generation, received checkpoints, installation) and the replica's metadata file; `split`
+//! a partition split (proposing it, checkpointing the child); `config` its configuration and the
+//! bugs tests plant.
 
 mod config;
 mod hibernation;
 mod membership;
 mod reads;
 mod snapshots;
+mod split;
 
 pub use config::{PlantedBugs, ReplicaConfig, ELECTION_TICK_DEFAULT, HIBERNATE_AFTER_TICKS_DEFAULT};
 pub use hibernation::wake_notice;
 use reads::{fail_reads, Lease, ReadBatch};
 pub use snapshots::ReplicaMeta;
 use snapshots::RECEIVED_SNAPSHOTS_MAX;
+pub use split::{SplitChild, SPLITS_DIR};
 
 use crate::apply::{error_response, ApplyState, StateMachine, StorageFailure};
 use crate::log_store::{LogWriteBatch, PeerStorage};
@@ -108,6 +111,10 @@ pub struct Replica {
     outgoing: Vec<Message>,
     /// Times a closed engine was opened again.
     engine_reopens: u64,
+    /// Children checkpointed by split entries applied, for the store to open (see `split`).
+    split_children: Vec<SplitChild>,
+    /// The tick a split was last proposed at (a leader proposes again only after a while).
+    split_proposed_tick: Option<u64>,
 }
 
 /// Where in `[0, period)` this group's periodic work falls: Fibonacci hashing of the group id, so
@@ -119,8 +126,14 @@ fn group_phase(group: GroupId, period: u64) -> u64 {
 }
 
 /// Opens a replica's state machine, with the planted bug that concerns it when a test asks for it.
-fn open_state_machine(engine: Box<dyn tern_engine::KvEngine>, initial: ApplyState, planted: &PlantedBugs) -> Result<StateMachine, TernError> {
+fn open_state_machine(
+    engine: Box<dyn tern_engine::KvEngine>,
+    initial: ApplyState,
+    meta: &ReplicaMeta,
+    planted: &PlantedBugs,
+) -> Result<StateMachine, TernError> {
     let mut sm = StateMachine::open(engine, initial)?;
+    sm.set_owner(GroupId(meta.group).partition(), meta.partition_count)?;
     if planted.expiry_by_local_clock {
         sm.plant_expiry_by_local_clock();
     }
@@ -178,11 +191,17 @@ impl Replica {
             Some(voters) => {
                 let mut cs = ConfState::default();
                 cs.voters = voters.clone();
-                ApplyState { applied_index: INITIAL_INDEX, applied_term: INITIAL_TERM, conf_state: cs, ..Default::default() }
+                ApplyState {
+                    applied_index: INITIAL_INDEX,
+                    applied_term: INITIAL_TERM,
+                    conf_state: cs,
+                    partition_count: meta.partition_count,
+                    ..Default::default()
+                }
             }
             None => ApplyState::default(),
         };
-        let sm = open_state_machine(engine, initial_state, &cfg.planted)?;
+        let sm = open_state_machine(engine, initial_state, &meta, &cfg.planted)?;
         let applied = sm.state().clone();
         let initial_pos = (applied.applied_index, applied.applied_term);
         let mut storage = PeerStorage::open(group.0, log.clone(), applied.conf_state.clone(), initial_pos)?;
@@ -264,6 +283,8 @@ impl Replica {
             idle_ticks: 0,
             outgoing: Vec::new(),
             engine_reopens: 0,
+            split_children: Vec::new(),
+            split_proposed_tick: None,
         })
     }
 
@@ -323,8 +344,17 @@ impl Replica {
         }
     }
 
+    /// The table's partition count as this partition's applied log has it (see `apply::Owner`).
     pub fn partition_count(&self) -> u32 {
-        self.meta.partition_count
+        match self.sm.state().partition_count {
+            0 => self.meta.partition_count,
+            count => count,
+        }
+    }
+
+    /// Children this replica's partition split off since last asked (see `split`).
+    pub fn take_split_children(&mut self) -> Vec<SplitChild> {
+        std::mem::take(&mut self.split_children)
     }
 
     /// Proposes a client write stamped with the leader's wall clock.
@@ -700,6 +730,19 @@ impl Replica {
                             Err(failure) => return self.fail(failure),
                         };
                         results.push((entry.index, entry.term, response));
+                        if let Some(count) = batch.take_split() {
+                            // The child starts from the state at exactly this entry: written, and
+                            // checkpointed, before any later entry applies.
+                            batch.set_applied(entry.index, entry.term);
+                            if let Err(e) = self.sm.finish(batch) {
+                                return self.fail(StorageFailure(e));
+                            }
+                            if let Err(e) = self.checkpoint_child(count, entry.index) {
+                                return self.fail(StorageFailure(e));
+                            }
+                            batch = self.sm.begin();
+                            continue;
+                        }
                     }
                 }
                 EntryType::EntryConfChange => {
@@ -782,6 +825,8 @@ impl Replica {
             },
             duplicating: !self.sm.dup_state().dups.is_empty(),
             hibernating: self.hibernating,
+            // As applied (0: none yet): meta counts a parent as split by it.
+            partition_count: self.sm.state().partition_count,
         }
     }
 

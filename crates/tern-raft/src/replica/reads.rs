@@ -59,7 +59,7 @@ impl Replica {
 
     /// Executes a read on the state machine as it is now.
     fn execute(&self, request: &ReadRequest, now_unix_ms: u64) -> ReadResponse {
-        let mut r = execute_read(self.sm.engine(), request, now_unix_ms);
+        let mut r = execute_read(self.sm.engine(), request, now_unix_ms, self.sm.owner());
         r.applied_index = self.sm.state().applied_index;
         r
     }
@@ -191,7 +191,7 @@ impl Replica {
     /// only, as a reader sees them).
     pub fn checksum(&self, now_unix_ms: u64, data_only: bool) -> Result<(u64, u64, u64), TernError> {
         let sum = if data_only { crate::read::data_checksum } else { checksum };
-        let (sum, count) = sum(self.sm.engine(), self.read_time(now_unix_ms))?;
+        let (sum, count) = sum(self.sm.engine(), self.read_time(now_unix_ms), self.sm.owner())?;
         Ok((self.sm.state().applied_index, sum, count))
     }
 }

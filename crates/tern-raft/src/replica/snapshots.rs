@@ -107,7 +107,7 @@ impl Replica {
             Ok(e) => e,
             Err(e) => return self.fail(StorageFailure(crate::apply::engine_error(e))),
         };
-        let sm = match open_state_machine(engine, ApplyState::default(), &self.cfg.planted) {
+        let sm = match open_state_machine(engine, ApplyState::default(), &self.meta, &self.cfg.planted) {
             Ok(sm) => sm,
             Err(e) => return self.fail(StorageFailure(e)),
         };

@@ -182,7 +182,13 @@ impl DupShipper {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let work = WorkDir(self.inner.work_dir.join(format!("copy-{}-{}", group.0, NEXT.fetch_add(1, Ordering::Relaxed))));
         let (tx, rx) = oneshot::channel();
-        self.inner.store.send(StoreMsg::Checkpoint { group, dir: work.0.clone(), min_applied_index, callback: Box::new(move |r| drop(tx.send(r))) });
+        self.inner.store.send(StoreMsg::Checkpoint {
+            group,
+            dir: work.0.clone(),
+            min_applied_index,
+            partition_count: 0,
+            callback: Box::new(move |r| drop(tx.send(r))),
+        });
         let checkpoint = rx.await.map_err(|_| TernError::Unavailable("the store stopped".into()))??;
         let (batch_tx, batches) = mpsc::channel::<Vec<DupRecord>>(2);
         let (engines, dir, dest_tag) = (self.inner.engines.clone(), work.0.clone(), dup.remote_tag);

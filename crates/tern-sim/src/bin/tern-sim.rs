@@ -21,9 +21,9 @@ struct Cli {
     /// Worker threads.
     #[arg(long, default_value_t = 2)]
     jobs: usize,
-    /// Client operations per seed.
-    #[arg(long, default_value_t = 500)]
-    operations: usize,
+    /// Client operations per seed (default 500, 1000 with --split).
+    #[arg(long)]
+    operations: Option<usize>,
     /// Run without injected faults.
     #[arg(long)]
     no_faults: bool,
@@ -31,6 +31,10 @@ struct Cli {
     /// balancing and moving leaders, meta leaders crashing.
     #[arg(long)]
     scheduler: bool,
+    /// With the scheduler: table "t" doubles its partitions during the fault phase (at a time each
+    /// seed draws) and must have finished by the end.
+    #[arg(long)]
+    split: bool,
     /// Nodes in the cluster (3 to 7; default 3, or 4 with --scheduler).
     #[arg(long)]
     nodes: Option<usize>,
@@ -66,7 +70,7 @@ fn main() -> ExitCode {
         eprintln!("--jobs must be between 1 and 256");
         return ExitCode::from(2);
     }
-    if cli.operations == 0 {
+    if cli.operations == Some(0) {
         eprintln!("--operations must be positive");
         return ExitCode::from(2);
     }
@@ -78,15 +82,24 @@ fn main() -> ExitCode {
         eprintln!("--clusters is 1 or 2, and 2 runs without --scheduler");
         return ExitCode::from(2);
     }
-    let (scheduler, operations, faults, nodes, clusters) = (cli.scheduler, cli.operations, !cli.no_faults, cli.nodes, cli.clusters);
+    if cli.split && cli.clusters != 1 {
+        eprintln!("--split runs with one cluster");
+        return ExitCode::from(2);
+    }
+    let (scheduler, split) = (cli.scheduler || cli.split, cli.split);
+    let (operations, faults, nodes, clusters) = (cli.operations, !cli.no_faults, cli.nodes, cli.clusters);
     let config = move |seed: u64| {
-        let mut cfg = if scheduler { tern_sim::SimConfig::with_scheduler(seed) } else { tern_sim::SimConfig::new(seed) };
+        let mut cfg = match (split, scheduler) {
+            (true, _) => tern_sim::SimConfig::with_split(seed),
+            (false, true) => tern_sim::SimConfig::with_scheduler(seed),
+            (false, false) => tern_sim::SimConfig::new(seed),
+        };
         cfg.clusters = clusters;
         cfg.nodes = nodes.unwrap_or(cfg.nodes);
-        cfg.operations = operations;
+        cfg.operations = operations.unwrap_or(cfg.operations);
         cfg.faults = faults;
         // Keep faults coming for as long as the workload runs.
-        cfg.fault_phase_ms = cfg.fault_phase_ms.max(operations as u64 * 20);
+        cfg.fault_phase_ms = cfg.fault_phase_ms.max(cfg.operations as u64 * 20);
         cfg
     };
     if let Some(seed) = cli.seed {

@@ -12,6 +12,8 @@ pub(super) struct Pending {
     pub(super) attempt: u64,
     pub(super) seq: u64,
     pub(super) node: NodeId,
+    /// The partition the last attempt went to.
+    pub(super) partition: u32,
 }
 
 /// A client identity (client id and sequence numbers) shared by several sessions, as one proxy's
@@ -31,6 +33,9 @@ pub(super) struct SimClient {
     pub(super) cluster: usize,
     pub(super) rng: SeededRandom,
     pub(super) leaders: LeaderTable,
+    /// The table as meta last described it (None until the client first refreshes its route: the
+    /// partitions the run starts with).
+    pub(super) route: Option<tern_proto::TableInfo>,
     pub(super) pending: Option<Pending>,
     /// Final verification reads still to issue (after all workload operations).
     pub(super) verification: Vec<(Vec<u8>, Input)>,
@@ -176,7 +181,7 @@ impl World {
         let identity = &mut self.identities[c.identity];
         // As the real client: only writes take a sequence number.
         let seq = if input.is_read() { 0 } else { identity.sequencer.begin() };
-        c.pending = Some(Pending { hashkey, input, started: now, attempts: 0, attempt: 0, seq, node: 0 });
+        c.pending = Some(Pending { hashkey, input, started: now, attempts: 0, attempt: 0, seq, node: 0, partition: 0 });
         self.send_attempt(client);
     }
 
@@ -189,13 +194,18 @@ impl World {
         let client_id = identity.client_id;
         let p = c.pending.as_mut().expect("pending operation");
         let first_incomplete_seq = identity.sequencer.floor(p.seq);
-        let partition = partition_of(&p.hashkey, partitions);
+        // As the real client routes (through a split too).
+        let (partition, partition_count) = match &c.route {
+            Some(table) => tern_client::routing::locate(table, &p.hashkey),
+            None => (tern_core::codec::partition_of(&p.hashkey, partitions), partitions),
+        };
         let node = c.leaders.leader(partition);
         p.attempt = attempt;
         p.node = node;
+        p.partition = partition;
         let table_id = Self::table_of(c.cluster);
         let group = GroupId::new(table_id, partition);
-        let pref = Some(tern_proto::PartitionRef { table_id, partition, partition_count: partitions });
+        let pref = Some(tern_proto::PartitionRef { table_id, partition, partition_count });
         let bytes = |b: &[u8]| bytes::Bytes::copy_from_slice(b);
         let hk = bytes(&p.hashkey);
         let ttl_seconds = if p.hashkey == TTL_HASHKEY { 1 + (p.seq % 3) as u32 } else { 0 };
@@ -297,16 +307,28 @@ impl World {
 
     pub(super) fn on_error(&mut self, client: usize, error: TernError) {
         let now = self.now.load(Ordering::SeqCst);
-        let partitions = self.cfg.partitions;
         // What the real client gets when it refreshes its route from meta.
         let fresh_route = self.route_from_meta();
         let c = &mut self.clients[client];
         let p = c.pending.as_mut().expect("pending operation");
-        let partition = partition_of(&p.hashkey, partitions);
-        let reaction = c.leaders.observe(partition, p.node, &error);
+        // As the real client: a split learned from the partition itself routes at once.
+        let learned = match (&error, &c.route) {
+            (TernError::PartitionSplit { partition_count, .. }, Some(table)) => {
+                tern_client::routing::learn_split(table, p.partition, *partition_count, p.node)
+            }
+            _ => None,
+        };
+        let reaction = if let Some(table) = learned {
+            c.leaders = LeaderTable::from_table(&table);
+            c.route = Some(table);
+            tern_client::routing::Reaction::None
+        } else {
+            c.leaders.observe(p.partition, p.node, &error)
+        };
         if reaction == tern_client::routing::Reaction::RefreshRoute {
-            if let Some(route) = fresh_route {
-                c.leaders = route;
+            if let Some((leaders, table)) = fresh_route {
+                c.leaders = leaders;
+                c.route = Some(table);
             }
         }
         let remaining = Duration::from_millis((p.started + OPERATION_DEADLINE_MS).saturating_sub(now));

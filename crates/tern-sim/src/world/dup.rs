@@ -213,7 +213,13 @@ impl World {
         let (tx, rx) = std::sync::mpsc::channel();
         let target = dir.clone();
         self.with_store(i, |s| {
-            s.handle(StoreMsg::Checkpoint { group, dir: target, min_applied_index, callback: Box::new(move |r| drop(tx.send(r))) });
+            s.handle(StoreMsg::Checkpoint {
+                group,
+                dir: target,
+                min_applied_index,
+                partition_count: 0,
+                callback: Box::new(move |r| drop(tx.send(r))),
+            });
         });
         let checkpoint = rx.try_recv().unwrap_or_else(|_| Err(TernError::Unavailable("the node is down".into())))?;
         let dest_tag = tern_core::codec::cluster_tag(1 + (1 - self.cluster_of(self.nodes[i].id)) as u64);

@@ -164,8 +164,15 @@ impl World {
         // replica reads no earlier than it, and replicas at one applied index share it), which
         // hides the fewest records from the comparison.
         let at_unix_ms = 1;
+        let catalog = self.meta_catalog();
+        // With meta, the partitions it lists (a split adds some); a split's children still
+        // pending are compared once they are partitions of their own.
+        let partitions: Vec<u32> = match catalog.as_ref().map(|c| &c.tables["t"]) {
+            Some(t) => (0..t.partitions.len() as u32).filter(|p| !t.partitions[*p as usize].split_pending).collect(),
+            None => (0..self.cfg.partitions).collect(),
+        };
         let mut groups: Vec<GroupId> =
-            (0..self.cfg.clusters).flat_map(|c| (0..self.cfg.partitions).map(move |p| GroupId::new(Self::table_of(c), p))).collect();
+            (0..self.cfg.clusters).flat_map(|c| partitions.iter().map(move |p| GroupId::new(Self::table_of(c), *p))).collect();
         if self.meta.is_some() {
             groups.push(tern_meta::keeper::CATALOG_GROUP);
         }
@@ -190,7 +197,6 @@ impl World {
         }
         self.state_hash = hash;
         let mut differences = Vec::new();
-        let catalog = self.meta_catalog();
         if self.meta.is_some() && catalog.is_none() {
             // Meta must be serving again once everything has healed.
             differences.push((tern_meta::keeper::CATALOG_GROUP.0, Vec::new()));

@@ -20,6 +20,8 @@ pub(super) const META_TICK_MS: u64 = 100;
 const META_ROUND_TICKS: u64 = 10;
 /// Meta nodes in scheduler runs (after the data nodes: ids nodes+1 ..= nodes+3).
 pub(super) const META_NODES: usize = 3;
+/// Once everything has healed and settled, a split must be done within this long (virtual ms).
+const SPLIT_FINISH_MS: u64 = 30_000;
 /// The table created and dropped over and over in scheduler runs.
 pub(super) const CHURN_TABLE: &str = "churn";
 
@@ -31,6 +33,7 @@ enum Task {
     Heartbeat(usize),
     Bootstrap,
     Churn,
+    Split,
 }
 
 type TaskFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -50,9 +53,11 @@ enum Outcome {
     Heartbeat {
         index: usize,
         epoch: u64,
-        answer: HeartbeatResponse,
+        answer: Box<HeartbeatResponse>,
     },
     Bootstrapped,
+    /// Meta has recorded the split of table "t".
+    SplitStarted(String),
     Log(String),
 }
 
@@ -62,13 +67,24 @@ pub(super) struct MetaWorld {
     pub(super) indices: Vec<usize>,
     /// The cluster's nodes are registered and table "t" created.
     bootstrapped: bool,
+    /// Meta has recorded the split `SimConfig::split_at_ms` asks for.
+    pub(super) split_requested: bool,
+    /// What the split waited for when last looked at.
+    split_waiting_for: String,
     outcomes: Arc<Mutex<Vec<Outcome>>>,
     ticks: u64,
 }
 
 impl MetaWorld {
     pub(super) fn new(first_index: usize) -> MetaWorld {
-        MetaWorld { indices: (first_index..first_index + META_NODES).collect(), bootstrapped: false, outcomes: Default::default(), ticks: 0 }
+        MetaWorld {
+            indices: (first_index..first_index + META_NODES).collect(),
+            bootstrapped: false,
+            split_requested: false,
+            split_waiting_for: String::new(),
+            outcomes: Default::default(),
+            ticks: 0,
+        }
     }
 }
 
@@ -143,8 +159,10 @@ impl World {
                     peer_id: p as u64 * n + node - first,
                     peers: (1..=n).map(|m| (p as u64 * n + m, first + m)).collect(),
                     learners: vec![],
+                    removing: vec![],
                     initial: true,
                     partition_count: self.cfg.partitions,
+                    initial_partition_count: 0,
                     preferred_leader: first + 1 + (p as u64 % n) == node,
                     preferred_leader_peer: 0,
                 })
@@ -170,8 +188,10 @@ impl World {
             peer_id: node,
             peers: ids.iter().map(|i| (*i, *i)).collect(),
             learners: vec![],
+            removing: vec![],
             initial: true,
             partition_count: 1,
+            initial_partition_count: 0,
             preferred_leader: node == ids[0],
             preferred_leader_peer: 0,
         };
@@ -214,11 +234,57 @@ impl World {
         meta.indices.iter().filter_map(|&m| self.nodes[m].keeper.as_ref()).find(|k| k.keeper.serving()).map(|k| k.keeper.catalog())
     }
 
-    /// The route the real client gets when it asks meta for table "t" (None if no meta answers).
-    pub(super) fn route_from_meta(&self) -> Option<LeaderTable> {
+    /// The route the real client gets when it asks meta for table "t" (None if no meta answers):
+    /// the table, and its leaders as the client tracks them.
+    pub(super) fn route_from_meta(&self) -> Option<(LeaderTable, tern_proto::TableInfo)> {
         let m = self.serving_meta_for(None)?;
         let t = self.nodes[m].keeper.as_ref()?.keeper.table("t").ok()?;
-        Some(LeaderTable::new(t.partitions.iter().map(|p| (p.peers.iter().map(|x| x.node_id).collect(), p.leader_node)).collect()))
+        Some((LeaderTable::from_table(&t), t))
+    }
+
+    /// Says in the run's log what a split waits for, when that changes.
+    fn note_split_progress(&mut self) {
+        if !self.meta.as_ref().is_some_and(|m| m.split_requested) {
+            return;
+        }
+        let Some(m) = self.serving_meta_for(None) else { return };
+        let Some(t) = self.nodes[m].keeper.as_ref().and_then(|k| k.keeper.table("t").ok()) else { return };
+        let waiting = t.split.map(|s| s.waiting_for).unwrap_or_default();
+        let meta = self.meta.as_mut().expect("meta runs");
+        if waiting != meta.split_waiting_for {
+            let now = self.now.load(Ordering::SeqCst);
+            if !waiting.is_empty() {
+                self.faults.push(format!("{now:>6} ms  split waits for {waiting}"));
+            }
+            meta.split_waiting_for = waiting;
+        }
+    }
+
+    /// Once healed, a split asked for must finish within `SPLIT_FINISH_MS` (it never hangs); its
+    /// children's replicas must then agree like every other group's.
+    pub(super) fn check_split_finished(&mut self) {
+        let requested = self.meta.as_ref().is_some_and(|m| m.split_requested);
+        if !requested || !self.failures.is_empty() {
+            return;
+        }
+        let done = |w: &Self| w.meta_catalog().is_some_and(|c| c.tables["t"].split.is_none());
+        let mut waited = 0;
+        while !done(self) && waited < SPLIT_FINISH_MS {
+            self.settle(1_000);
+            waited += 1_000;
+        }
+        let Some(catalog) = self.meta_catalog() else { return }; // reported by the replica comparison
+        let t = &catalog.tables["t"];
+        if t.split.is_some() || t.partition_count != self.cfg.partitions * 2 {
+            let alive: Vec<NodeId> = catalog.nodes.keys().copied().collect();
+            let waiting = t.split_waiting_for(&alive, &Default::default());
+            self.failures.push(format!("the split of table t did not finish: {:?}, {} partitions, {waiting}", t.split, t.partition_count));
+            return;
+        }
+        self.faults.push(format!("{:>6} ms  split of table t done (waited {waited} ms after settling)", self.now.load(Ordering::SeqCst)));
+        if waited > 0 {
+            self.settle_and_compare_replicas();
+        }
     }
 
     fn spawn(&mut self, index: usize, task: Task, make: impl FnOnce(Keeper, Arc<Mutex<Vec<Outcome>>>) -> TaskFuture) {
@@ -241,6 +307,7 @@ impl World {
         meta.ticks += 1;
         let round = meta.ticks.is_multiple_of(META_ROUND_TICKS);
         let bootstrapped = meta.bootstrapped;
+        let split_due = !meta.split_requested && self.cfg.split_at_ms.is_some_and(|at| now >= at);
         let indices = meta.indices.clone();
         for &m in &indices {
             if !self.running(m) {
@@ -272,6 +339,24 @@ impl World {
                     })
                 });
             } else if round {
+                if split_due {
+                    let (now_unix_ms, partitions) = (EPOCH_UNIX_MS + now, self.cfg.partitions);
+                    self.spawn(m, Task::Split, move |k, out| {
+                        Box::pin(async move {
+                            // Once: an earlier request may have been written though its answer was
+                            // lost (a meta leader that crashed right after).
+                            let split = |c: &mut tern_meta::catalog::Catalog| match &c.tables["t"] {
+                                t if t.split.is_some() || t.partition_count != partitions => Ok("table t: split already asked for".to_string()),
+                                _ => c.start_split("t", now_unix_ms),
+                            };
+                            let outcome = match k.change(|c, _| split(c)).await {
+                                Ok(what) => Outcome::SplitStarted(what),
+                                Err(e) => Outcome::Log(format!("meta: cannot split yet: {e}")),
+                            };
+                            out.lock().push(outcome);
+                        })
+                    });
+                }
                 self.spawn(m, Task::Schedule, |k, out| {
                     Box::pin(async move {
                         if let Ok(changes) = k.schedule_pass(false).await {
@@ -305,6 +390,7 @@ impl World {
             for i in 0..self.cfg.nodes {
                 self.send_heartbeat(i);
             }
+            self.note_split_progress();
         }
     }
 
@@ -320,7 +406,7 @@ impl World {
         self.spawn(m, Task::Heartbeat(index), move |k, out| {
             Box::pin(async move {
                 if let Ok(answer) = k.heartbeat(hb).await {
-                    out.lock().push(Outcome::Heartbeat { index, epoch, answer });
+                    out.lock().push(Outcome::Heartbeat { index, epoch, answer: Box::new(answer) });
                 }
             })
         });
@@ -404,6 +490,10 @@ impl World {
                         s.schedule(1_500 + c as u64, Event::ClientNext { client: c });
                     }
                 }
+            }
+            Outcome::SplitStarted(what) => {
+                self.meta.as_mut().expect("meta runs").split_requested = true;
+                self.faults.push(format!("{now:>6} ms  meta: {what}"));
             }
             Outcome::Log(line) => self.faults.push(format!("{now:>6} ms  {line}")),
         }

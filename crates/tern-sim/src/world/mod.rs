@@ -37,7 +37,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tern_client::retry::RetryPolicy;
 use tern_client::routing::{next_step, LeaderTable, NextStep};
-use tern_core::codec::partition_of;
 use tern_core::files::{FileSystem, MemoryFileSystem};
 use tern_core::time::{Clock, RandomSource, SeededRandom};
 use tern_core::{GroupId, NodeId, TernError};
@@ -97,6 +96,9 @@ pub struct SimConfig {
     /// duplicating into each other through the production shipper (`tern_server::dup`); the link
     /// between them is cut now and then, and at the end both must hold the same records.
     pub clusters: usize,
+    /// Scheduler runs: meta is asked to split table "t" (double its partitions) at this virtual
+    /// time (ms), and must have finished by the end.
+    pub split_at_ms: Option<u64>,
 }
 
 /// Half of the seeds get a quiet window of 3 to 7 s starting 2 to 6 s in, inside the fault phase.
@@ -126,7 +128,16 @@ impl SimConfig {
             reads_only: None,
             quiet: quiet_window(seed),
             clusters: 1,
+            split_at_ms: None,
         }
+    }
+
+    /// The scheduler's run, with table "t" split early in the fault phase (at a time the seed
+    /// draws), and twice the workload, so the split happens while clients and faults go on.
+    pub fn with_split(seed: u64) -> SimConfig {
+        let cfg = SimConfig::with_scheduler(seed);
+        let at = SeededRandom::new(seed ^ 0x5_917).range(1_000, 5_000);
+        SimConfig { split_at_ms: Some(at), operations: 2 * cfg.operations, ..cfg }
     }
 
     /// Two clusters duplicating into each other.
@@ -419,6 +430,7 @@ impl World {
                     let replicas: Vec<NodeId> = (first + 1..=first + cfg.nodes as u64).collect();
                     LeaderTable::new((0..cfg.partitions).map(|p| (replicas.clone(), first + 1 + (p as u64 % cfg.nodes as u64))).collect())
                 },
+                route: None,
                 pending: None,
                 verification: Vec::new(),
                 finished: false,
@@ -670,6 +682,7 @@ impl World {
         if self.cfg.clusters == 2 && self.failures.is_empty() {
             self.settle_and_compare_clusters();
         }
+        self.check_split_finished();
         let verdict = checker::check(&self.history, 2_000_000);
         SimReport {
             seed: self.cfg.seed,
