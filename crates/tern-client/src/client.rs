@@ -259,14 +259,9 @@ impl Client {
             let nodes = self.meta_call(|mut m| async move { m.list_nodes(ListNodesRequest {}).await.map(|r| r.into_inner()) }).await?;
             self.learn_nodes(&nodes.nodes);
         }
-        Ok(self.install_route(table, info))
-    }
-
-    /// Makes `info` the table's route (with the leaders it hints at).
-    fn install_route(&self, table: &str, info: TableInfo) -> Arc<Route> {
         let route = Arc::new(Route { leaders: LeaderTable::from_table(&info), table: info });
         self.inner.routes.write().insert(table.to_string(), route.clone());
-        route
+        Ok(route)
     }
 
     async fn route(&self, table: &str) -> TernResult<Arc<Route>> {
@@ -399,8 +394,13 @@ impl Client {
                 if let Err(e) = &r {
                     if let TernError::PartitionSplit { partition_count, .. } = e {
                         // Route by the split at once (meta hears of it a heartbeat later).
-                        if let Some(learned) = crate::routing::learn_split(&route.table, partition, *partition_count, node) {
-                            self.install_route(table, learned);
+                        if let Some((learned, child)) = crate::routing::learn_split(&route.table, partition, *partition_count, node) {
+                            let leaders = LeaderTable::learned(&learned, &route.leaders, child, node);
+                            let mut routes = self.inner.routes.write();
+                            // Unless another request has put a newer route there meanwhile.
+                            if routes.get(table).is_some_and(|cached| Arc::ptr_eq(cached, &route)) {
+                                routes.insert(table.to_string(), Arc::new(Route { table: learned, leaders }));
+                            }
                             return r;
                         }
                     }

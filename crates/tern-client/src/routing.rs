@@ -77,10 +77,16 @@ impl LeaderTable {
         LeaderTable { replicas: partitions.into_iter().map(|(r, _)| r).collect(), leaders }
     }
 
-    /// The replicas and leader hints of a table as meta describes it (or as a split learned
-    /// from a server changed it).
+    /// The replicas and leader hints of a table as meta describes it.
     pub fn from_table(table: &tern_proto::TableInfo) -> LeaderTable {
         LeaderTable::new(table.partitions.iter().map(|p| (p.peers.iter().map(|x| x.node_id).collect(), p.leader_node)).collect())
+    }
+
+    /// The same for `table` as a split learned from a server changed it (the child of a split
+    /// parent serving): the leaders learned so far are kept, and `child` is led by `leader`.
+    pub fn learned(table: &tern_proto::TableInfo, before: &LeaderTable, child: u32, leader: NodeId) -> LeaderTable {
+        let leader_of = |i: usize| if i == child as usize || i >= before.leaders.len() { leader } else { before.leader(i as u32) };
+        LeaderTable::new(table.partitions.iter().enumerate().map(|(i, p)| (p.peers.iter().map(|x| x.node_id).collect(), leader_of(i))).collect())
     }
 
     pub fn partition_count(&self) -> usize {
@@ -148,7 +154,7 @@ pub fn locate(table: &tern_proto::TableInfo, hashkey: &[u8]) -> (u32, u32) {
 /// `partition_count` partitions, before meta says so: the table with the parent's child serving
 /// (on the parent's nodes, the answering node first: its replica of the parent led, and its child
 /// campaigned at once). None if the table does not list that split (ask meta instead).
-pub fn learn_split(table: &tern_proto::TableInfo, parent: u32, partition_count: u32, node: NodeId) -> Option<tern_proto::TableInfo> {
+pub fn learn_split(table: &tern_proto::TableInfo, parent: u32, partition_count: u32, node: NodeId) -> Option<(tern_proto::TableInfo, u32)> {
     let m = switching_count(table).filter(|m| *m == partition_count)?;
     let child = (parent < m / 2).then_some(parent + m / 2)?;
     if !table.partitions[child as usize].split_pending {
@@ -158,7 +164,7 @@ pub fn learn_split(table: &tern_proto::TableInfo, parent: u32, partition_count: 
     let c = &mut learned.partitions[child as usize];
     c.split_pending = false;
     c.leader_node = node;
-    Some(learned)
+    Some((learned, child))
 }
 
 /// The partition count to address partition `p` with (None: no such partition, or a split's
@@ -272,8 +278,8 @@ mod tests {
         // Partition 1 answers that it has split: its child serves from then on, led from there.
         assert!(learn_split(&t, 1, 8, 7).is_none(), "not the split the table lists");
         assert!(learn_split(&t, 0, 4, 7).is_none(), "partition 0 is known to have split");
-        let learned = learn_split(&t, 1, 4, 7).unwrap();
-        assert_eq!((learned.partitions[3].split_pending, learned.partitions[3].leader_node), (false, 7));
+        let (learned, child) = learn_split(&t, 1, 4, 7).unwrap();
+        assert_eq!((child, learned.partitions[3].split_pending, learned.partitions[3].leader_node), (3, false, 7));
         for k in &keys {
             assert_eq!(locate(&learned, k), (tern_core::codec::partition_of(k, 4), 4));
         }

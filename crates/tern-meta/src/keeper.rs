@@ -586,11 +586,13 @@ fn table_info(state: &State, t: &TableRecord, alive: &[NodeId]) -> TableInfo {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                // A pending child's hashkeys go to its parent: its leader is the hint.
+                // A pending child's hashkeys go to its parent, and it will start on the parent's
+                // replicas: the parent's peers and leader now (repairs go on while it splits).
                 let serving = if p.split_pending { i - half } else { i };
+                let peers = &t.partitions[serving].peers;
                 PartitionInfo {
                     index: i as u32,
-                    peers: p.peers.iter().map(|(peer_id, node_id)| PeerInfo { peer_id: *peer_id, node_id: *node_id }).collect(),
+                    peers: peers.iter().map(|(peer_id, node_id)| PeerInfo { peer_id: *peer_id, node_id: *node_id }).collect(),
                     leader_node: leaders.get(&GroupId::new(t.id, serving as u32).0).map(|(_, n)| *n).unwrap_or(p.preferred_leader),
                     split_pending: p.split_pending,
                 }

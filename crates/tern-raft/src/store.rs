@@ -370,7 +370,8 @@ fn stale(replica: &Replica, partition: &Option<tern_proto::PartitionRef>) -> boo
 /// partition has split (the client may route by the new count at once), or the client knows of a
 /// split this replica has not applied yet (it asks again).
 fn stale_error(replica: &Replica, addressed: u32) -> TernError {
-    let (table, count) = (replica.group.table_id(), replica.partition_count());
+    // What it has applied: an empty replica's count from meta proves no split.
+    let (table, count) = (replica.group.table_id(), replica.applied_partition_count());
     if count > addressed {
         TernError::PartitionSplit {
             partition_count: count,
@@ -783,7 +784,7 @@ impl Store {
         let half = spec.partition_count / 2;
         let index = spec.group.partition().checked_sub(half).filter(|_| half > 0)?;
         let parent = GroupId::new(spec.group.table_id(), index);
-        self.replicas.get(&parent).filter(|r| r.partition_count() < spec.partition_count && r.failure().is_none()).map(|_| parent)
+        self.replicas.get(&parent).filter(|r| r.applied_partition_count() < spec.partition_count && r.failure().is_none()).map(|_| parent)
     }
 
     /// A new replica starts from an empty log, whatever an earlier replica of the group left.

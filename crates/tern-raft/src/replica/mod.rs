@@ -344,12 +344,19 @@ impl Replica {
         }
     }
 
-    /// The table's partition count as this partition's applied log has it (see `apply::Owner`).
+    /// The table's partition count as this partition's applied log has it (see `apply::Owner`),
+    /// or, for an empty replica that has none yet, the one meta assigned.
     pub fn partition_count(&self) -> u32 {
         match self.sm.state().partition_count {
             0 => self.meta.partition_count,
             count => count,
         }
+    }
+
+    /// The partition count this replica has applied (0: none yet, an empty replica): what says
+    /// whether it has split.
+    pub fn applied_partition_count(&self) -> u32 {
+        self.sm.state().partition_count
     }
 
     /// Children this replica's partition split off since last asked (see `split`).
@@ -826,7 +833,7 @@ impl Replica {
             duplicating: !self.sm.dup_state().dups.is_empty(),
             hibernating: self.hibernating,
             // As applied (0: none yet): meta counts a parent as split by it.
-            partition_count: self.sm.state().partition_count,
+            partition_count: self.applied_partition_count(),
         }
     }
 

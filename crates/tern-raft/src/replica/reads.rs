@@ -57,9 +57,23 @@ impl Replica {
         self.lease_covers(now).then_some(self.raw.raft.term)
     }
 
-    /// Executes a read on the state machine as it is now.
+    /// Executes a read on the state machine as it is now. A read addressed by another partition
+    /// count than the one applied now (the partition split while the read waited) is refused: a
+    /// full-partition scan would otherwise return half the partition it was sent for.
     fn execute(&self, request: &ReadRequest, now_unix_ms: u64) -> ReadResponse {
-        let mut r = execute_read(self.sm.engine(), request, now_unix_ms, self.sm.owner());
+        let (addressed, owner) = (request.partition.as_ref().map_or(0, |p| p.partition_count), self.sm.owner());
+        if addressed != 0 && owner.count != 0 && addressed != owner.count {
+            let error = if owner.count > addressed {
+                TernError::PartitionSplit {
+                    partition_count: owner.count,
+                    message: format!("partition {} has split: {} partitions", self.group, owner.count),
+                }
+            } else {
+                TernError::StaleConfig(format!("partition {} has not split to {addressed} partitions yet", self.group))
+            };
+            return ReadResponse { error: Some(error.into()), ..Default::default() };
+        }
+        let mut r = execute_read(self.sm.engine(), request, now_unix_ms, owner);
         r.applied_index = self.sm.state().applied_index;
         r
     }

@@ -318,8 +318,8 @@ impl World {
             }
             _ => None,
         };
-        let reaction = if let Some(table) = learned {
-            c.leaders = LeaderTable::from_table(&table);
+        let reaction = if let Some((table, child)) = learned {
+            c.leaders = LeaderTable::learned(&table, &c.leaders, child, p.node);
             c.route = Some(table);
             tern_client::routing::Reaction::None
         } else {
