@@ -139,12 +139,12 @@ pub fn check_expiry_filter(factory: &dyn EngineFactory, dir: &Path) {
     engine.write(b).unwrap();
     engine.compact_all().unwrap();
     assert!(engine.get(b"expires:100").unwrap().is_some(), "no horizon yet: nothing has expired");
-    engine.set_expiry_horizon(crate::Horizon { unix_ms: 150, version: 0 });
+    engine.set_expiry_horizon(crate::Horizon { unix_ms: 150, ..Default::default() });
     engine.compact_all().unwrap();
     assert_eq!(engine.get(b"expires:100").unwrap(), None);
     assert_eq!(engine.get(b"expires:200").unwrap(), Some(b"y".to_vec()), "expires after the horizon");
-    engine.set_expiry_horizon(crate::Horizon { unix_ms: 120, version: 0 });
-    engine.set_expiry_horizon(crate::Horizon { unix_ms: 250, version: 0 });
+    engine.set_expiry_horizon(crate::Horizon { unix_ms: 120, ..Default::default() });
+    engine.set_expiry_horizon(crate::Horizon { unix_ms: 250, ..Default::default() });
     engine.compact_all().unwrap();
     assert_eq!(engine.get(b"expires:200").unwrap(), None);
     assert_eq!(engine.get(b"live").unwrap(), Some(b"z".to_vec()));

@@ -70,11 +70,14 @@ impl WriteBatch {
 pub type ExpiryFilter = fn(key: &[u8], value: &[u8], horizon: Horizon) -> bool;
 
 /// How far compaction may go: records expired by `unix_ms` may be dropped, those that carry a
-/// version only if it is below `version` (the owner's rule; an engine only passes them on).
+/// version only if it is below `version`, and `owner` says which records the engine's owner keeps
+/// at all (the owner's rules; an engine only passes them on).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Horizon {
     pub unix_ms: u64,
     pub version: u64,
+    /// Opaque to the engine, only grows (0: nothing said).
+    pub owner: u64,
 }
 
 /// A horizon shared with compaction threads; each part only moves forward.
@@ -82,22 +85,25 @@ pub struct Horizon {
 pub struct SharedHorizon {
     unix_ms: std::sync::atomic::AtomicU64,
     version: std::sync::atomic::AtomicU64,
+    owner: std::sync::atomic::AtomicU64,
 }
 
 impl SharedHorizon {
     pub fn load(&self) -> Horizon {
         use std::sync::atomic::Ordering::Acquire;
-        Horizon { unix_ms: self.unix_ms.load(Acquire), version: self.version.load(Acquire) }
+        Horizon { unix_ms: self.unix_ms.load(Acquire), version: self.version.load(Acquire), owner: self.owner.load(Acquire) }
     }
     pub fn raise(&self, to: Horizon) {
         use std::sync::atomic::Ordering::AcqRel;
         self.unix_ms.fetch_max(to.unix_ms, AcqRel);
         self.version.fetch_max(to.version, AcqRel);
+        self.owner.fetch_max(to.owner, AcqRel);
     }
     pub fn reset(&self) {
         use std::sync::atomic::Ordering::Release;
         self.unix_ms.store(0, Release);
         self.version.store(0, Release);
+        self.owner.store(0, Release);
     }
 }
 

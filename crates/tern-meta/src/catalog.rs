@@ -856,6 +856,7 @@ impl Catalog {
                         peers: p.peers.clone(),
                         learners: p.learners.clone(),
                         removing: p.removing.clone(),
+                        initial_voters: p.initial_peers.clone(),
                         initial: !p.from_split && (p.initial_peers.is_empty() || p.initial_peers.contains(peer_id)),
                         partition_count: t.assigned_partition_count(),
                         initial_partition_count: t.created_partition_count,

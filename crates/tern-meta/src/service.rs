@@ -492,6 +492,7 @@ impl MetaNode {
             peers: peers.iter().map(|(i, _)| (*i, *i)).collect(),
             learners: vec![],
             removing: vec![],
+            initial_voters: vec![],
             initial: true,
             partition_count: 1,
             initial_partition_count: 0,

@@ -97,12 +97,14 @@ impl ApplyState {
     }
 }
 
-/// An engine sync under way: the applied index, log clock and version horizon it makes durable.
+/// An engine sync under way: the applied index, log clock, version horizon and owner it makes
+/// durable.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PendingSync {
     pub applied_index: u64,
     pub stamp_ms: u64,
     pub version_horizon: u64,
+    pub owner: u64,
 }
 
 /// Whether the partition takes part in duplication (ships to another cluster, or has received
@@ -268,7 +270,8 @@ impl StateMachine {
         // letting compaction expire by it.
         engine.sync().map_err(engine_error)?;
         let (_, dup) = replicated_state(engine.as_ref())?;
-        engine.set_expiry_horizon(tern_engine::Horizon { unix_ms: state.stamp_ms, version: version_horizon(&dup, &state) });
+        // The owner comes with `set_owner` (the partition is not known here).
+        engine.set_expiry_horizon(tern_engine::Horizon { unix_ms: state.stamp_ms, version: version_horizon(&dup, &state), owner: 0 });
         Ok(StateMachine {
             engine: Some(engine),
             state,
@@ -286,6 +289,11 @@ impl StateMachine {
     /// none until a snapshot brings one (meta's count may be a split's, ahead of the log).
     pub fn set_owner(&mut self, partition: u32, meta_count: u32) -> Result<(), TernError> {
         self.partition = partition;
+        // The state read at open is durable (`open` synced it): compaction may drop the other
+        // half's records by it. (A count taken from meta below is the table's only count so far:
+        // the partition owned all it holds.)
+        let durable = self.owner().word();
+        self.engine().set_expiry_horizon(tern_engine::Horizon { owner: durable, ..Default::default() });
         if self.state.partition_count == 0 && self.state.applied_index > 0 && meta_count > 0 {
             self.state.partition_count = meta_count;
             let mut wb = WriteBatch::default();
@@ -320,6 +328,7 @@ impl StateMachine {
             applied_index: self.state.applied_index,
             stamp_ms: self.state.stamp_ms,
             version_horizon: version_horizon(&self.dup, &self.state),
+            owner: self.owner().word(),
         }))
     }
 
@@ -334,14 +343,14 @@ impl StateMachine {
         if !self.engine().sync_finished().map_err(engine_error)? {
             return Ok(false);
         }
-        self.engine().set_expiry_horizon(tern_engine::Horizon { unix_ms: pending.stamp_ms, version: pending.version_horizon });
+        self.engine().set_expiry_horizon(tern_engine::Horizon { unix_ms: pending.stamp_ms, version: pending.version_horizon, owner: pending.owner });
         Ok(true)
     }
 
     /// The planted bug's horizon: the node's own clock, whatever is durable.
     pub fn planted_expiry_horizon(&self, local_now_ms: u64) {
         if self.expiry_by_local_clock {
-            self.engine().set_expiry_horizon(tern_engine::Horizon { unix_ms: local_now_ms, version: u64::MAX });
+            self.engine().set_expiry_horizon(tern_engine::Horizon { unix_ms: local_now_ms, version: u64::MAX, owner: 0 });
         }
     }
 
@@ -378,7 +387,8 @@ impl StateMachine {
                 state.applied_index, state.applied_term, self.state.applied_index, self.state.applied_term
             )));
         }
-        engine.set_expiry_horizon(tern_engine::Horizon { unix_ms: state.stamp_ms, version: version_horizon(&self.dup, &state) });
+        let owner = Owner { partition: self.partition, count: state.partition_count }.word();
+        engine.set_expiry_horizon(tern_engine::Horizon { unix_ms: state.stamp_ms, version: version_horizon(&self.dup, &state), owner });
         self.engine = Some(engine);
         Ok(())
     }
@@ -513,6 +523,16 @@ pub struct Owner {
 impl Owner {
     pub fn owns(&self, hashkey: &[u8]) -> bool {
         self.count == 0 || codec::partition_of(hashkey, self.count) == self.partition
+    }
+
+    /// The owner as one word for the engine's compaction filter (`Horizon::owner`): it only grows
+    /// as the count doubles. 0: not known.
+    pub fn word(&self) -> u64 {
+        if self.count == 0 {
+            0
+        } else {
+            (self.partition as u64) << 32 | self.count as u64
+        }
     }
 
     /// Whether a storage key is a user record of another partition (left behind by a split).
@@ -1498,6 +1518,33 @@ mod tests {
         sync(&sm);
         sm.engine().compact_all().unwrap();
         assert!(sm.engine().get(&keys::data_key(b"h", b"n")).unwrap().is_none(), "expired by the log's time, below the horizon, synced");
+    }
+
+    /// After a split, compaction drops the other half's records, but only once the split is
+    /// durable: a crash before would replay entries before the split that may still read them.
+    #[test]
+    fn compaction_drops_the_other_half_once_the_split_is_durable() {
+        let factory = tern_engine::MemoryEngineFactory::new(Some(keys::is_expired_record));
+        let dir = tempfile::tempdir().unwrap();
+        use tern_engine::EngineFactory as _;
+        let initial = ApplyState { applied_index: 5, partition_count: 2, ..Default::default() };
+        let mut sm = StateMachine::open(factory.open(dir.path()).unwrap(), initial).unwrap();
+        sm.set_owner(0, 2).unwrap();
+        let moving = hashkey_moving_to(0, 2);
+        let staying = (0..).map(|i| format!("s{i}")).find(|k| codec::partition_of(k.as_bytes(), 4) == 0).unwrap();
+        apply(&mut sm, 6, command(1000, 0, 0, set(&moving, "s", "v", 0)));
+        apply(&mut sm, 7, command(1000, 0, 0, set(&staying, "s", "v", 0)));
+        sync(&sm);
+        sm.engine().compact_all().unwrap();
+        let stored = |sm: &StateMachine, hk: &str| sm.engine().get(&keys::data_key(hk.as_bytes(), b"s")).unwrap().is_some();
+        assert!(stored(&sm, &moving) && stored(&sm, &staying));
+        apply(&mut sm, 8, command(1000, 0, 0, Op::Split(tern_proto::Split { partition_count: 4 })));
+        sm.engine().compact_all().unwrap();
+        assert!(stored(&sm, &moving), "not before the split is durable");
+        sync(&sm);
+        sm.engine().compact_all().unwrap();
+        assert!(!stored(&sm, &moving), "the other half's record is gone");
+        assert!(stored(&sm, &staying), "its own stays");
     }
 
     /// A storage failure while applying (here a stored value whose checksum does not match) is not

@@ -144,19 +144,37 @@ pub fn dedup_seq(key: &[u8]) -> Option<u64> {
 pub fn is_expired_record(key: &[u8], value: &[u8], horizon: tern_engine::Horizon) -> bool {
     let expired = || codec::peek_expire_at_ms(value).is_some_and(|e| codec::is_expired(e, horizon.unix_ms));
     if key.first() == Some(&DATA_PREFIX) {
-        return expired() && codec::peek_version(value) < horizon.version;
+        // A record of the other half of a partition that split (`owner_word`), by a durable state.
+        let owner = crate::apply::Owner { partition: (horizon.owner >> 32) as u32, count: horizon.owner as u32 };
+        return owner.foreign_data_key(key) || (expired() && codec::peek_version(value) < horizon.version);
     }
     (key.starts_with(DEDUP_PREFIX) || key.starts_with(DEDUP_FLOOR_PREFIX)) && expired()
 }
 
 /// Whether a record is expired at `now_unix_ms` (for reading: whatever its version).
 pub fn is_expired_at(key: &[u8], value: &[u8], now_unix_ms: u64) -> bool {
-    is_expired_record(key, value, tern_engine::Horizon { unix_ms: now_unix_ms, version: u64::MAX })
+    is_expired_record(key, value, tern_engine::Horizon { unix_ms: now_unix_ms, version: u64::MAX, owner: 0 })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After a split, compaction drops the other half's user records, and nothing else.
+    #[test]
+    fn compaction_drops_the_other_half_after_a_split() {
+        let live = codec::encode_value(0, b"v");
+        let owner = |partition: u64, count: u64| tern_engine::Horizon { owner: partition << 32 | count, ..Default::default() };
+        let (mine, other) = {
+            let key = |want| (0..).map(|i: u32| i.to_be_bytes()).find(|k| codec::partition_of(k, 2) == want).unwrap();
+            (key(0), key(1))
+        };
+        assert!(!is_expired_record(&data_key(&mine, b""), &live, owner(0, 2)));
+        assert!(is_expired_record(&data_key(&other, b""), &live, owner(0, 2)));
+        assert!(!is_expired_record(&data_key(&other, b""), &live, owner(0, 1)), "before the split it owned both");
+        assert!(!is_expired_record(&data_key(&other, b""), &live, tern_engine::Horizon::default()), "nothing said");
+        assert!(!is_expired_record(&dedup_key(1, 2), &live, owner(0, 2)));
+    }
 
     /// Only records with an expiry in the past are dropped by the compaction filter.
     #[test]
@@ -171,7 +189,7 @@ mod tests {
         assert!(!is_expired_at(APPLY_STATE_KEY, &expired, 200));
         // A versioned user record goes only below the version horizon as well.
         let versioned = codec::encode_versioned(100, 50, b"v");
-        let at = |version| tern_engine::Horizon { unix_ms: 200, version };
+        let at = |version| tern_engine::Horizon { unix_ms: 200, version, owner: 0 };
         assert!(!is_expired_record(&data_key(b"h", b"s"), &versioned, at(50)), "its version may still decide a duplicated write");
         assert!(is_expired_record(&data_key(b"h", b"s"), &versioned, at(51)));
         assert!(is_expired_record(&dedup_key(1, 2), &expired, at(0)), "remembered results carry no version");

@@ -42,6 +42,8 @@ pub struct ReplicaSpec {
     /// Peers meta dropped that raft may still count (where they are, to answer them).
     pub removing: Vec<(PeerId, NodeId)>,
     pub initial: bool,
+    /// The voters an initial replica bootstraps with: the partition's first (empty: `peers`).
+    pub initial_voters: Vec<PeerId>,
     /// The partition count meta wants (a leader below it proposes a split).
     pub partition_count: u32,
     /// The count an initial replica bootstraps with (0: `partition_count`).
@@ -95,6 +97,7 @@ impl ReplicaSpec {
             learners: peers(&self.learners),
             removing: peers(&self.removing),
             initial: self.initial,
+            initial_voters: self.initial_voters.clone(),
             partition_count: self.partition_count,
             preferred_leader: self.preferred_leader,
             preferred_leader_peer: self.preferred_leader_peer,
@@ -111,6 +114,7 @@ impl ReplicaSpec {
             learners: peers(&a.learners),
             removing: peers(&a.removing),
             initial: a.initial,
+            initial_voters: a.initial_voters.clone(),
             partition_count: a.partition_count,
             initial_partition_count: a.initial_partition_count,
             preferred_leader: a.preferred_leader,
@@ -768,7 +772,11 @@ impl Store {
         // The engine creates its directory if it is missing; made here and durably, so a crash
         // cannot leave replica.json naming an engine directory that is gone.
         self.files.create_dir_all_durably(&dir.join(&meta.engine_dir)).map_err(|e| TernError::Internal(format!("create engine directory: {e}")))?;
-        let voters = spec.initial.then(|| spec.peers.iter().map(|(p, _)| *p).collect());
+        // The same first configuration as every other initial replica of the partition, whatever
+        // meta has changed since (a replica created late, after a move, must not start from the
+        // new one: found by the simulator, split seeds 11055 and 11172).
+        let first = if spec.initial_voters.is_empty() { spec.peers.iter().map(|(p, _)| *p).collect() } else { spec.initial_voters.clone() };
+        let voters = spec.initial.then_some(first);
         let mut replica = self.open_replica(meta, dir, voters)?;
         if spec.preferred_leader {
             replica.campaign();
@@ -1340,6 +1348,7 @@ mod tests {
             peers: vec![(peer, 1)],
             learners: vec![],
             removing: vec![],
+            initial_voters: vec![],
             initial: true,
             partition_count: 1,
             initial_partition_count: 0,

@@ -91,13 +91,19 @@ fn scheduler_regression_seeds() {
 ///   meta created empty on other nodes did not know where that leader was and never answered it,
 ///   so they were never filled. Meta now sends each replica the peers it is removing too, so a
 ///   replica can answer every member raft may still count.
+/// - 11055, 11172 (2 of seeds 10000-11499; an old bug the split scenario's long outages reach): a
+///   node down while meta moved a replica off it came back, and its initial replica of the
+///   partition, created only then, bootstrapped raft with meta's new replica set instead of the
+///   partition's first one; replaying the log from the initial index it then applied the move's
+///   configuration changes to the wrong configuration and removed itself. Initial replicas now
+///   bootstrap with the partition's first voters (`initial_voters`).
 /// - (An earlier version of the scenario, seed 1004: an initial replica created late, while the
 ///   table was switching, bootstrapped with the doubled partition count and refused writes its
 ///   peers applied before the split entry. Initial replicas now bootstrap with the table's first
 ///   count, and empty ones take none from meta.)
 #[test]
 fn split_regression_seeds() {
-    for seed in [5451, 5887, 5902] {
+    for seed in [5451, 5887, 5902, 11055, 11172] {
         let report = run(SimConfig::with_split(seed));
         assert!(report.ok(), "{}", report.describe());
     }
