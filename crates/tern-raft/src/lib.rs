@@ -1,7 +1,8 @@
 //! Partition replicas and the per-node store that drives them.
 //!
 //! Owns: the raft-rs glue (`replica`: RawNode, Ready handling in raft-rs's documented order, proposals,
-//! ReadIndex reads, snapshots, log compaction, hibernation of idle groups), raft log storage (`log_store`: the `LogStore` trait,
+//! ReadIndex reads, snapshots, log compaction, hibernation of idle groups, partition split: the
+//! split entry and the child's checkpoint), raft log storage (`log_store`: the `LogStore` trait,
 //! raft-engine and in-memory implementations, `PeerStorage`), who makes log writes durable and when
 //! (`log_writer`: at once, or on a thread of its own), the deterministic state machine
 //! (`apply`, `read`, `keys`), snapshot manifests and their checks (`snapshot`), and the store (`store`:
