@@ -525,6 +525,7 @@ fn command_line_checks_its_settings() {
         (&["--meta-scale", "5"][..], "--meta-scale"),
         (&["--meta-scale", "100", "--scale-partitions", "0"][..], "--scale-partitions"),
         (&["--meta-scale", "100", "--scale-passes-max", "0"][..], "--scale-passes-max"),
+        (&["--split", "--clusters", "2"][..], "--split"),
     ] {
         let out = run(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");

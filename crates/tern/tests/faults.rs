@@ -10,7 +10,7 @@
 //! `faults_short_window` runs in the test suite (about half a minute of faults);
 //! `faults_soak` is the long version: `TERN_FAULT_SECONDS=600 cargo nextest run -p tern --test faults
 //! --run-ignored only --no-capture` (`TERN_FAULT_SERVER_ARGS="--log-writer-thread"` adds server
-//! options).
+//! options; `TERN_FAULT_SPLIT=1` also splits the table while the faults run).
 
 mod common;
 
@@ -234,8 +234,32 @@ async fn run_faults(duration: Duration, seed: u64) {
     }
     // Faults start once every client is under way.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // TERN_FAULT_SPLIT=1: the table also splits (4 into 8 partitions) a few seconds into the faults.
+    let split = std::env::var("TERN_FAULT_SPLIT").is_ok_and(|v| v == "1").then(|| {
+        let meta = cluster.meta_address.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let client = Client::new(ClientConfig::new(vec![meta])).unwrap();
+            while let Err(e) = client.split_table("f", false).await {
+                eprintln!("split not started yet: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            eprintln!("split of f started");
+            client
+        })
+    });
     let mut rng = SeededRandom::new(seed);
     let faults = nemesis(&mut cluster, duration, &mut rng).await;
+    if let Some(split) = split {
+        // It finishes once the faults have stopped, whatever they did to it.
+        let client = split.await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while client.table_info("f").await.map_or(true, |t| t.split.is_some() || t.partition_count != 8) {
+            assert!(Instant::now() < deadline, "the split of f did not finish after the faults");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        eprintln!("split of f done: 8 partitions");
+    }
     // Healing: a few seconds of fault-free traffic, then the clients stop.
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::Relaxed);

@@ -105,6 +105,15 @@ async fn a_table_splits_twice_under_writes_without_losing_one() {
 
     // Bad requests are refused with what is wrong.
     assert!(matches!(client.split_table("nope", false).await, Err(TernError::TableNotFound(_))));
+    let unknown = tern_proto::SplitTableRequest { table: "t".into(), action: 7 };
+    let r = client.meta_call(|mut m| {
+        let request = unknown.clone();
+        async move { m.split_table(request).await.map(|r| r.into_inner()) }
+    });
+    assert!(matches!(tern_proto::check(&r.await.unwrap().error), Err(TernError::InvalidArgument(m)) if m.contains("unknown split action 7")));
+    let split = tern_proto::write_request::Op::Split(tern_proto::Split { partition_count: 4 });
+    let refused = t.write_op(b"k", split).await;
+    assert!(matches!(refused, Err(TernError::InvalidArgument(m)) if m.contains("proposed by servers")), "a client cannot propose a split");
     assert!(matches!(client.split_table("t", true).await, Err(TernError::InvalidArgument(m)) if m.contains("not splitting")));
 
     let started = Instant::now();
