@@ -370,22 +370,6 @@ fn stale(replica: &Replica, partition: &Option<tern_proto::PartitionRef>) -> boo
     partition.as_ref().is_some_and(|p| p.partition_count != replica.partition_count())
 }
 
-/// What a replica answers a request addressed by another partition count than its own: the
-/// partition has split (the client may route by the new count at once), or the client knows of a
-/// split this replica has not applied yet (it asks again).
-fn stale_error(replica: &Replica, addressed: u32) -> TernError {
-    // What it has applied: an empty replica's count from meta proves no split.
-    let (table, count) = (replica.group.table_id(), replica.applied_partition_count());
-    if count > addressed {
-        TernError::PartitionSplit {
-            partition_count: count,
-            message: format!("partition {} of table {table} has split: {count} partitions", replica.group.partition()),
-        }
-    } else {
-        TernError::StaleConfig(format!("partition {} of table {table} has not split to {addressed} partitions yet", replica.group.partition()))
-    }
-}
-
 fn addressed_count(partition: &Option<tern_proto::PartitionRef>) -> u32 {
     partition.as_ref().map_or(0, |p| p.partition_count)
 }
@@ -591,7 +575,7 @@ impl Store {
         match msg {
             StoreMsg::Write { group, request, callback } => match with_engine(&mut self.replicas, group) {
                 Some(r) if stale(r, &request.partition) => {
-                    callback(crate::apply::error_response(stale_error(r, addressed_count(&request.partition))))
+                    callback(crate::apply::error_response(r.addressed_by_another_count(addressed_count(&request.partition))))
                 }
                 Some(r) => {
                     r.propose(request, now, callback);
@@ -600,9 +584,10 @@ impl Store {
                 None => callback(crate::apply::error_response(not_hosted(group))),
             },
             StoreMsg::Read { group, request, callback } => match with_engine(&mut self.replicas, group) {
-                Some(r) if stale(r, &request.partition) => {
-                    callback(ReadResponse { error: Some(stale_error(r, addressed_count(&request.partition)).into()), ..Default::default() })
-                }
+                Some(r) if stale(r, &request.partition) => callback(ReadResponse {
+                    error: Some(r.addressed_by_another_count(addressed_count(&request.partition)).into()),
+                    ..Default::default()
+                }),
                 Some(r) => {
                     r.read(request, now, self.clock.monotonic(), callback);
                     self.dirty.insert(group);
@@ -693,7 +678,9 @@ impl Store {
                 None => callback(Err(not_hosted(group))),
             },
             StoreMsg::Checkpoint { group, dir, min_applied_index, partition_count, callback } => match with_engine(&mut self.replicas, group) {
-                Some(r) if partition_count != 0 && r.partition_count() != partition_count => callback(Err(stale_error(r, partition_count))),
+                Some(r) if partition_count != 0 && r.partition_count() != partition_count => {
+                    callback(Err(r.addressed_by_another_count(partition_count)))
+                }
                 Some(r) => callback(r.checkpoint_into(&dir, min_applied_index)),
                 None => callback(Err(not_hosted(group))),
             },

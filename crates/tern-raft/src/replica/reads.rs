@@ -63,15 +63,7 @@ impl Replica {
     fn execute(&self, request: &ReadRequest, now_unix_ms: u64) -> ReadResponse {
         let (addressed, owner) = (request.partition.as_ref().map_or(0, |p| p.partition_count), self.sm.owner());
         if addressed != 0 && owner.count != 0 && addressed != owner.count {
-            let error = if owner.count > addressed {
-                TernError::PartitionSplit {
-                    partition_count: owner.count,
-                    message: format!("partition {} has split: {} partitions", self.group, owner.count),
-                }
-            } else {
-                TernError::StaleConfig(format!("partition {} has not split to {addressed} partitions yet", self.group))
-            };
-            return ReadResponse { error: Some(error.into()), ..Default::default() };
+            return ReadResponse { error: Some(self.addressed_by_another_count(addressed).into()), ..Default::default() };
         }
         let mut r = execute_read(self.sm.engine(), request, now_unix_ms, owner);
         r.applied_index = self.sm.state().applied_index;

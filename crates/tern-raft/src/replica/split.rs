@@ -52,6 +52,22 @@ impl Replica {
         );
     }
 
+    /// The answer to a request addressed by another partition count than this replica has applied:
+    /// the partition has split (the client may route by the new count at once), or the client
+    /// knows of a split this replica has not applied yet (it asks again). An empty replica's count
+    /// from meta proves no split.
+    pub fn addressed_by_another_count(&self, addressed: u32) -> TernError {
+        let (table, partition, count) = (self.group.table_id(), self.group.partition(), self.applied_partition_count());
+        if count > addressed {
+            TernError::PartitionSplit {
+                partition_count: count,
+                message: format!("partition {partition} of table {table} has split: {count} partitions"),
+            }
+        } else {
+            TernError::StaleConfig(format!("partition {partition} of table {table} has not split to {addressed} partitions yet"))
+        }
+    }
+
     /// The split entry at `index` has been applied and written: checkpoints the engine for the
     /// child (partition + count / 2) with the same members. A checkpoint that fails is a storage
     /// failure of this replica.
