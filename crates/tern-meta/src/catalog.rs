@@ -1,7 +1,7 @@
 //! The catalog and the decisions made on it. Pure: every function takes the state and its inputs
 //! (including the time) and returns results, so it can be tested and simulated.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use tern_core::limits::{check_partition_count, check_replica_count, check_table_name};
 use tern_core::{GroupId, NodeId, PeerId, TableId, TernError};
 use tern_raft::store::ReplicaSpec;
@@ -235,7 +235,9 @@ pub struct Catalog {
 }
 
 /// Keeps each partition's preferred leader on a usable voter and evens preferred leaders out over
-/// the table's nodes (moving at most one preference per table per pass).
+/// the table's nodes: each pass, a node gives away and takes on at most one of the table's
+/// preferences (each move a leadership transfer), every move from a node to a voter holding at
+/// least two fewer, so every move makes the spread strictly more even and balancing ends.
 /// Leader priority (X-Paxos style): a partition prefers its usable voters with the highest priority
 /// (a preferred region), so leadership goes back there when it is healthy; ties are evened out.
 fn balance_preferred_leaders(t: &mut TableRecord, usable: &[NodeId], priority: &HashMap<NodeId, i32>, paused: bool) -> Vec<String> {
@@ -264,24 +266,45 @@ fn balance_preferred_leaders(t: &mut TableRecord, usable: &[NodeId], priority: &
     if paused {
         return changes;
     }
-    let Some((&max_node, &max)) = counts.iter().max_by_key(|(n, c)| (**c, **n)) else { return changes };
+    let (mut gave, mut took) = (HashSet::new(), HashSet::new());
     for (i, p) in t.partitions.iter_mut().enumerate().filter(|(_, p)| !p.split_pending) {
-        if p.preferred_leader != max_node {
-            continue;
-        }
+        let from = p.preferred_leader;
+        let Some(&have) = counts.get(&from).filter(|_| !gave.contains(&from)) else { continue };
         let better = p
             .peers
             .iter()
             .map(|(_, n)| *n)
-            .filter(|n| usable.contains(n) && prio(n) == prio(&max_node) && counts[n] + 1 < max)
+            .filter(|n| usable.contains(n) && !took.contains(n) && prio(n) == prio(&from) && counts[n] + 1 < have)
             .min_by_key(|n| (counts[n], *n));
         if let Some(better) = better {
-            changes.push(format!("partition {}.{i}: preferred leader node {max_node} -> {better} (balance)", t.id));
+            changes.push(format!("partition {}.{i}: preferred leader node {from} -> {better} (balance)", t.id));
             p.preferred_leader = better;
-            break;
+            *counts.get_mut(&from).expect("counted") -= 1;
+            *counts.get_mut(&better).expect("usable") += 1;
+            gave.insert(from);
+            took.insert(better);
         }
     }
     changes
+}
+
+/// What `node` hosts of partition `i` of `t`, if anything: its newest peer of the group there (a
+/// replacement on the same node gets a new peer while the old one is still listed).
+fn assignment(t: &TableRecord, i: usize, p: &PartitionRecord, node: NodeId) -> Option<ReplicaSpec> {
+    let (peer_id, _) = p.peers.iter().chain(p.learners.iter()).chain(p.removing.iter()).filter(|(_, n)| *n == node).max_by_key(|(x, _)| *x)?;
+    Some(ReplicaSpec {
+        group: GroupId::new(t.id, i as u32),
+        peer_id: *peer_id,
+        preferred_leader_peer: p.peers.iter().find(|(_, n)| *n == p.preferred_leader).map(|(x, _)| *x).unwrap_or(0),
+        peers: p.peers.clone(),
+        learners: p.learners.clone(),
+        removing: p.removing.clone(),
+        initial_voters: p.initial_peers.clone(),
+        initial: !p.from_split && (p.initial_peers.is_empty() || p.initial_peers.contains(peer_id)),
+        partition_count: t.assigned_partition_count(),
+        initial_partition_count: t.created_partition_count,
+        preferred_leader: p.preferred_leader == node,
+    })
 }
 
 impl Catalog {
@@ -812,9 +835,15 @@ impl Catalog {
     /// `tern_raft::store::reconcile_with_meta`.
     pub fn heartbeat_answer(&self, node: NodeId) -> tern_proto::HeartbeatResponse {
         let assignments = self.assignments(node).iter().map(ReplicaSpec::to_proto).collect();
+        tern_proto::HeartbeatResponse { assignments, ..self.heartbeat_answer_without_assignments(node) }
+    }
+
+    /// `heartbeat_answer` but for the assignments, which the keeper makes for every node at once
+    /// (`assignments_by_node`) and shares between answers while the catalog does not change.
+    pub fn heartbeat_answer_without_assignments(&self, node: NodeId) -> tern_proto::HeartbeatResponse {
         tern_proto::HeartbeatResponse {
             error: None,
-            assignments,
+            assignments: vec![],
             nodes: vec![],
             dropped_tables: self.dropped_tables.clone(),
             live_tables: self.tables.values().map(|t| t.id).collect(),
@@ -822,6 +851,7 @@ impl Catalog {
             kept_groups: self.pending_children(node),
             cluster_id: self.cluster_id,
             duplications: self.tables.values().flat_map(|t| t.duplications.iter().map(|d| d.to_proto(t))).collect(),
+            ..Default::default()
         }
     }
 
@@ -845,25 +875,32 @@ impl Catalog {
         let mut out = Vec::new();
         for t in self.tables.values() {
             for (i, p) in t.partitions.iter().enumerate().filter(|(_, p)| !p.split_pending) {
-                // The newest peer of the group on this node (a replacement on the same node gets
-                // a new peer while the old one is still listed).
-                let mine = p.peers.iter().chain(p.learners.iter()).chain(p.removing.iter()).filter(|(_, n)| *n == node).max_by_key(|(x, _)| *x);
-                if let Some((peer_id, _)) = mine {
-                    out.push(ReplicaSpec {
-                        group: GroupId::new(t.id, i as u32),
-                        peer_id: *peer_id,
-                        preferred_leader_peer: p.peers.iter().find(|(_, n)| *n == p.preferred_leader).map(|(x, _)| *x).unwrap_or(0),
-                        peers: p.peers.clone(),
-                        learners: p.learners.clone(),
-                        removing: p.removing.clone(),
-                        initial_voters: p.initial_peers.clone(),
-                        initial: !p.from_split && (p.initial_peers.is_empty() || p.initial_peers.contains(peer_id)),
-                        partition_count: t.assigned_partition_count(),
-                        initial_partition_count: t.created_partition_count,
-                        preferred_leader: p.preferred_leader == node,
-                    });
+                if let Some(spec) = assignment(t, i, p, node) {
+                    out.push(spec);
                 }
             }
+        }
+        out
+    }
+
+    /// Every node's assignments (`assignments`), as heartbeat answers carry them, by group id:
+    /// one pass over the catalog for all nodes.
+    pub fn assignments_by_node(&self) -> HashMap<NodeId, Vec<tern_proto::ReplicaAssignment>> {
+        let mut out: HashMap<NodeId, Vec<tern_proto::ReplicaAssignment>> = HashMap::new();
+        for t in self.tables.values() {
+            for (i, p) in t.partitions.iter().enumerate().filter(|(_, p)| !p.split_pending) {
+                let mut nodes: Vec<NodeId> = p.peers.iter().chain(&p.learners).chain(&p.removing).map(|(_, n)| *n).collect();
+                nodes.sort_unstable();
+                nodes.dedup();
+                for node in nodes {
+                    if let Some(spec) = assignment(t, i, p, node) {
+                        out.entry(node).or_default().push(spec.to_proto());
+                    }
+                }
+            }
+        }
+        for list in out.values_mut() {
+            list.sort_unstable_by_key(|a| a.group_id);
         }
         out
     }

@@ -20,6 +20,7 @@ use std::time::Duration;
 use tern_core::time::Clock;
 use tern_core::{GroupId, NodeId, TernError};
 use tern_proto::*;
+use tern_raft::meta_link::ServerReport;
 
 /// The raft group that holds the catalog (its records are laid out by `records`).
 pub const CATALOG_GROUP: GroupId = GroupId(0);
@@ -50,7 +51,9 @@ pub trait KeeperIo: Send + Sync + 'static {
 struct NodeLiveness {
     /// Monotonic time of the last heartbeat.
     last_seen: Duration,
-    replicas: Vec<ReplicaStatus>,
+    /// The server's replica statuses and what this meta node last answered it (heartbeats carry
+    /// only what changed: `tern_raft::meta_link`).
+    report: ServerReport,
     disk_used_bytes: u64,
     requests_per_second: f64,
     /// Duplication progress of the partitions the node leads.
@@ -68,6 +71,13 @@ struct State {
     leader_since: Duration,
     /// The raft term in which the catalog in memory was loaded (the leader's term).
     leader_term: u64,
+    /// Heartbeat answers this process has given: with the leader's term, each answer's token,
+    /// never given twice (not after a reload in the same term either, nor by another meta leader,
+    /// which leads another term).
+    answers_given: u64,
+    /// Every node's assignments in `catalog`, made at the first heartbeat after it changed and
+    /// shared by the answers until it changes again.
+    assignments: Option<HashMap<NodeId, Arc<Vec<ReplicaAssignment>>>>,
 }
 
 /// One meta node's keeper of the catalog. Clones share it.
@@ -97,6 +107,8 @@ impl Keeper {
                 liveness: HashMap::new(),
                 leader_since: Duration::ZERO,
                 leader_term: 0,
+                answers_given: 1,
+                assignments: None,
             })),
             changes: Arc::new(tokio::sync::Mutex::new(())),
             io,
@@ -260,6 +272,7 @@ impl Keeper {
                     let mut state = self.state.lock();
                     state.catalog = catalog;
                     state.version = version;
+                    state.assignments = None;
                     state.liveness.clear();
                     state.leader_since = now;
                     state.leader_term = term.expect("leads");
@@ -291,6 +304,7 @@ impl Keeper {
         let mut state = self.state.lock();
         state.catalog = catalog;
         state.version = version;
+        state.assignments = None;
     }
 
     /// Applies a change to a copy of the catalog, writes it through raft, then installs it.
@@ -323,7 +337,7 @@ impl Keeper {
                 return Ok(Vec::new());
             }
             let alive = self.alive_nodes(&state);
-            let statuses = state.liveness.iter().filter(|(node, _)| alive.contains(node)).flat_map(|(_, l)| l.replicas.iter());
+            let statuses = state.liveness.iter().filter(|(node, _)| alive.contains(node)).flat_map(|(_, l)| l.report.statuses.values());
             let mut next = state.catalog.clone();
             let changes = next.scheduling_pass(&alive, statuses, step);
             let records = records::diff(&state.catalog, &next);
@@ -353,7 +367,13 @@ impl Keeper {
         let now = self.now();
         self.state.lock().liveness.insert(
             node_id,
-            NodeLiveness { last_seen: now, replicas: vec![], disk_used_bytes: 0, requests_per_second: 0.0, duplication_status: vec![] },
+            NodeLiveness {
+                last_seen: now,
+                report: ServerReport::default(),
+                disk_used_bytes: 0,
+                requests_per_second: 0.0,
+                duplication_status: vec![],
+            },
         );
         Ok((node_id, cluster_id))
     }
@@ -387,17 +407,25 @@ impl Keeper {
         // A failed write while this answer was prepared leaves the catalog in memory untrustworthy.
         self.check_serving()?;
         let requests_per_second = if hb.requests_interval_ms > 0 { hb.requests as f64 * 1000.0 / hb.requests_interval_ms as f64 } else { 0.0 };
-        state.liveness.insert(
-            hb.node_id,
-            NodeLiveness {
-                last_seen: now,
-                replicas: hb.replicas,
-                disk_used_bytes: hb.disk_used_bytes,
-                requests_per_second,
-                duplication_status: hb.duplication_status,
-            },
-        );
-        let mut answer = state.catalog.heartbeat_answer(hb.node_id);
+        let mut hb = hb;
+        let token = (state.leader_term << 40) | state.answers_given;
+        state.answers_given += 1;
+        let mut answer = state.catalog.heartbeat_answer_without_assignments(hb.node_id);
+        let State { catalog, assignments, .. } = &mut *state;
+        let by_node = assignments.get_or_insert_with(|| catalog.assignments_by_node().into_iter().map(|(n, a)| (n, Arc::new(a))).collect());
+        let assigned = by_node.get(&hb.node_id).cloned().unwrap_or_default();
+        let live = state.liveness.entry(hb.node_id).or_insert_with(|| NodeLiveness {
+            last_seen: now,
+            report: ServerReport::default(),
+            disk_used_bytes: 0,
+            requests_per_second: 0.0,
+            duplication_status: vec![],
+        });
+        live.last_seen = now;
+        live.disk_used_bytes = hb.disk_used_bytes;
+        live.requests_per_second = requests_per_second;
+        live.duplication_status = std::mem::take(&mut hb.duplication_status);
+        live.report.answer(&mut hb, &mut answer, assigned, token);
         answer.nodes = self.node_infos(&state);
         Ok(answer)
     }
@@ -496,7 +524,7 @@ impl Keeper {
                             .liveness
                             .get(&peer.node_id)
                             .filter(|l| now.saturating_sub(l.last_seen) < self.grace)
-                            .and_then(|l| l.replicas.iter().find(|r| r.group_id == group).cloned())
+                            .and_then(|l| l.report.statuses.get(&group).cloned())
                     })
                     .collect();
                 PartitionStatus { index: p.index, leader_node: p.leader_node, peers: p.peers.clone(), replicas }
@@ -536,9 +564,9 @@ impl Keeper {
                     address: n.address.clone(),
                     alive: ago < self.grace,
                     last_heartbeat_ms_ago: ago.as_millis().min(u64::MAX as u128) as u64,
-                    replica_count: live.map(|l| l.replicas.len() as u32).unwrap_or(0),
-                    leader_count: live.map(|l| l.replicas.iter().filter(|r| r.is_leader).count() as u32).unwrap_or(0),
-                    hibernating_count: live.map(|l| l.replicas.iter().filter(|r| r.hibernating).count() as u32).unwrap_or(0),
+                    replica_count: live.map(|l| l.report.statuses.len() as u32).unwrap_or(0),
+                    leader_count: live.map(|l| l.report.statuses.values().filter(|r| r.is_leader).count() as u32).unwrap_or(0),
+                    hibernating_count: live.map(|l| l.report.statuses.values().filter(|r| r.hibernating).count() as u32).unwrap_or(0),
                     draining: state.catalog.draining.contains(id),
                     zone: n.zone.clone(),
                     disk_used_bytes: live.map(|l| l.disk_used_bytes).unwrap_or(0),
@@ -563,8 +591,9 @@ impl Keeper {
 fn table_info(state: &State, t: &TableRecord, alive: &[NodeId]) -> TableInfo {
     let leaders = leader_nodes(state);
     let split = t.split.as_ref().map(|s| {
-        let progress =
-            crate::catalog::group_progress(state.liveness.iter().filter(|(node, _)| alive.contains(node)).flat_map(|(_, l)| l.replicas.iter()));
+        let progress = crate::catalog::group_progress(
+            state.liveness.iter().filter(|(node, _)| alive.contains(node)).flat_map(|(_, l)| l.report.statuses.values()),
+        );
         SplitStatus {
             partition_count: s.partition_count,
             switching: s.switching,
@@ -606,7 +635,7 @@ fn table_info(state: &State, t: &TableRecord, alive: &[NodeId]) -> TableInfo {
 fn leader_nodes(state: &State) -> HashMap<u64, (u64, NodeId)> {
     let mut out: HashMap<u64, (u64, NodeId)> = HashMap::new();
     for (node, l) in &state.liveness {
-        for r in l.replicas.iter().filter(|r| r.is_leader) {
+        for r in l.report.statuses.values().filter(|r| r.is_leader) {
             let e = out.entry(r.group_id).or_insert((r.term, *node));
             if r.term > e.0 {
                 *e = (r.term, *node);

@@ -208,6 +208,9 @@ pub struct StateMachine {
     lww_ignores_expired: bool,
     /// The partition's index in its table: with the applied partition count, which hashkeys it owns.
     partition: u32,
+    /// The applied position the engine holds, when raft's empty entries were applied past it while
+    /// it was closed (`apply_empty_while_closed`); it is told when it opens again.
+    engine_behind: Option<(u64, u64)>,
 }
 
 /// Where a closed engine was (see `StateMachine::close_engine`): every call fails.
@@ -280,6 +283,7 @@ impl StateMachine {
             expiry_by_local_clock: false,
             lww_ignores_expired: false,
             partition: 0,
+            engine_behind: None,
         })
     }
 
@@ -374,18 +378,37 @@ impl StateMachine {
         self.engine.is_some()
     }
 
+    /// Applies raft's empty entries up to `index` (of `term`) while the engine is closed: they
+    /// change nothing but the applied position, which the engine learns when it opens again. Until
+    /// then no sync covers them, so the raft log keeps them (its GC stops at the synced index) and
+    /// a restart applies them again.
+    pub fn apply_empty_while_closed(&mut self, index: u64, term: u64) {
+        debug_assert!(self.engine.is_none() && index > self.state.applied_index);
+        self.engine_behind.get_or_insert((self.state.applied_index, self.state.applied_term));
+        self.state.applied_index = index;
+        self.state.applied_term = term;
+    }
+
     /// Puts back an engine closed by `close_engine`, opened again from its directory. It must be
-    /// where the state machine left it (same applied position): anything else is a storage failure.
+    /// where the state machine left it (the same applied position, or the one before the empty
+    /// entries applied without it, which it is then told): anything else is a storage failure.
     pub fn reopen_engine(&mut self, engine: Box<dyn KvEngine>) -> Result<(), TernError> {
         let state = match engine.get(keys::APPLY_STATE_KEY).map_err(engine_error)? {
             Some(bytes) => ApplyState::decode(&bytes)?,
             None => return Err(TernError::Corruption("a reopened engine has no apply state".into())),
         };
-        if (state.applied_index, state.applied_term) != (self.state.applied_index, self.state.applied_term) {
+        let (index, term) = self.engine_behind.unwrap_or((self.state.applied_index, self.state.applied_term));
+        if (state.applied_index, state.applied_term) != (index, term) {
             return Err(TernError::Corruption(format!(
-                "a reopened engine holds applied index {} (term {}), the replica had applied {} (term {})",
-                state.applied_index, state.applied_term, self.state.applied_index, self.state.applied_term
+                "a reopened engine holds applied index {} (term {}), the replica expected {index} (term {term})",
+                state.applied_index, state.applied_term
             )));
+        }
+        if self.engine_behind.is_some() {
+            let mut wb = WriteBatch::default();
+            wb.put(keys::APPLY_STATE_KEY.to_vec(), self.state.encode());
+            engine.write(wb).map_err(engine_error)?;
+            self.engine_behind = None;
         }
         let owner = Owner { partition: self.partition, count: state.partition_count }.word();
         engine.set_expiry_horizon(tern_engine::Horizon { unix_ms: state.stamp_ms, version: version_horizon(&self.dup, &state), owner });

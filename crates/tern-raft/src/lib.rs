@@ -7,7 +7,8 @@
 //! (`log_writer`: at once, or on a thread of its own), the deterministic state machine
 //! (`apply`, `read`, `keys`), snapshot manifests and their checks (`snapshot`), and the store (`store`:
 //! mailbox, rounds, group commit, `Transport` trait, replica lifecycle: crash-safe destroy, reopening
-//! replicas stopped by storage failures).
+//! replicas stopped by storage failures, the bound on open engines), and both sides of the
+//! heartbeat exchange with meta that sends only what changed (`meta_link`).
 //!
 //! Must not depend on tonic, tokio or any network code: the world is reached through `Transport`,
 //! `LogStore`, `tern_engine::EngineFactory`, `tern_core::files::FileSystem` (every file: replica
@@ -21,6 +22,7 @@ pub mod apply;
 pub mod keys;
 pub mod log_store;
 pub mod log_writer;
+pub mod meta_link;
 pub mod read;
 pub mod replica;
 pub mod snapshot;

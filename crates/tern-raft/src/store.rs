@@ -245,12 +245,11 @@ pub struct StoreConfig {
     /// A replica stopped by a storage failure is closed and opened again from disk after this many
     /// ticks (a transient error heals; a persistent one stops it again, and meta replaces it).
     pub failed_replica_reopen_ticks: u64,
-    /// Engines of hibernating replicas kept open; past it the store closes them (each opened
-    /// again when its replica is next needed), so open files and memory follow the active
-    /// replicas. Zero closes every idle engine.
-    pub idle_engines_open_max: usize,
-    /// An idle engine past that bound is closed only once unused for this many ticks.
-    pub idle_engine_close_after_ticks: u64,
+    /// Replicas' engines kept open (each a RocksDB instance: files and memory); past it the store
+    /// closes those unused longest, once nothing needs them (each opened again when it is next
+    /// needed), so open files and memory follow the busy replicas, from start-up on. Zero closes
+    /// every engine as soon as nothing needs it.
+    pub engines_open_max: usize,
     /// Sync the raft log on a thread of its own (`Store::write_log_on_thread`) instead of the
     /// store's. Off by default: on a 2-core machine the hand-offs cost more than the overlap gains
     /// (BENCHMARKS.md, history).
@@ -267,9 +266,7 @@ impl Default for StoreConfig {
             mailbox_capacity: 100_000,
             log_purge_interval_ticks: 100,
             failed_replica_reopen_ticks: 300,
-            idle_engines_open_max: IDLE_ENGINES_OPEN_DEFAULT,
-            // 5 s with 100 ms ticks.
-            idle_engine_close_after_ticks: 50,
+            engines_open_max: ENGINES_OPEN_DEFAULT,
             log_writer_thread: false,
         }
     }
@@ -313,9 +310,8 @@ pub struct Store {
     retired: BTreeMap<GroupId, PeerId>,
     /// Liveness of the nodes this node's replicas have peers on, for hibernating groups.
     peer_nodes: PeerNodes,
-    /// Hibernating replicas with an open engine: since when (ticks) unused, and their engine's
-    /// reopen count then.
-    engines_idle: BTreeMap<GroupId, (u64, u64)>,
+    /// Replicas with an open engine: the tick it was last seen used, and its use count then.
+    engines_used: BTreeMap<GroupId, (u64, u64)>,
     /// Raft messages without entries for groups with no replica here, kept a short while (oldest
     /// dropped first): a split's child elsewhere can be ahead of this node's, and its first votes
     /// would otherwise be lost, costing an election timeout.
@@ -338,7 +334,7 @@ struct PeerNodes {
 /// Idle engines a store keeps open by default: about 8,500 open files and 300 MiB. Reopening an
 /// engine takes milliseconds of the store thread (BENCHMARKS.md, replicas per server), so only a
 /// server with more idle replicas than this closes any.
-pub const IDLE_ENGINES_OPEN_DEFAULT: usize = 1024;
+pub const ENGINES_OPEN_DEFAULT: usize = 1024;
 
 /// How often (ticks) the store recomputes which nodes its replicas have peers on.
 const PEER_NODES_REFRESH_TICKS: u64 = 10;
@@ -423,7 +419,7 @@ impl Store {
             next_incarnation: 0,
             retired: BTreeMap::new(),
             peer_nodes: PeerNodes::default(),
-            engines_idle: BTreeMap::new(),
+            engines_used: BTreeMap::new(),
             parked: VecDeque::new(),
         };
         let retired_file = data_dir.join(RETIRED_FILE);
@@ -447,7 +443,13 @@ impl Store {
         Ok(store)
     }
 
-    fn insert_replica(&mut self, group: GroupId, replica: Replica) {
+    /// Adds a replica just opened or created. Past `engines_open_max`, its engine closes again at
+    /// once (its state was read and is durable): a server starts, or creates thousands of
+    /// replicas, within its open-file limit.
+    fn insert_replica(&mut self, group: GroupId, mut replica: Replica) {
+        if self.engines_open() >= self.cfg.engines_open_max {
+            replica.close_engine_if_unused();
+        }
         self.next_incarnation += 1;
         self.incarnations.insert(group, self.next_incarnation);
         self.replicas.insert(group, replica);
@@ -562,6 +564,12 @@ impl Store {
 
     pub fn replica_count(&self) -> usize {
         self.replicas.len()
+    }
+
+    /// Replicas whose engine is open now (at most `engines_open_max`, past which the store closes
+    /// those unused longest once nothing needs them).
+    pub fn engines_open(&self) -> usize {
+        self.replicas.values().filter(|r| r.engine_is_open()).count()
     }
 
     /// Replicas hibernating now (see `replica::hibernation`).
@@ -958,13 +966,12 @@ impl Store {
             if replica.is_hibernating() {
                 continue;
             }
-            replica.ensure_engine();
             replica.tick(now);
             // Also when it just went to sleep: its notices to peers go out with the round.
             self.dirty.insert(*group);
         }
         self.watch_peer_nodes();
-        self.close_idle_engines();
+        self.close_unused_engines();
         self.reopen_failed_replicas();
         if self.ticks.is_multiple_of(self.cfg.log_purge_interval_ticks) {
             if let Err(e) = self.log.purge() {
@@ -973,38 +980,42 @@ impl Store {
         }
     }
 
-    /// Closes the engines of hibernating replicas past `idle_engines_open_max`, those unused
-    /// longest first and none used in the last `idle_engine_close_after_ticks` (one whose applied
-    /// state is not durable yet starts syncing and closes on a later tick).
-    fn close_idle_engines(&mut self) {
+    /// Keeps at most `engines_open_max` engines open: past it, closes those unused longest
+    /// (hibernating replicas' first), each once nothing needs it. One whose applied state is not
+    /// durable yet starts syncing and closes on a later tick; only as many are tried per tick as
+    /// there are engines too many, so that busy replicas' engines do not all flush at once.
+    fn close_unused_engines(&mut self) {
         let ticks = self.ticks;
-        let idle = &mut self.engines_idle;
-        let mut open_idle = Vec::new();
+        let used = &mut self.engines_used;
+        let mut open = Vec::new();
         for (group, r) in &self.replicas {
-            if r.is_hibernating() && r.engine_is_open() {
-                // Since when unused: reset when it wakes or its engine is opened again.
-                let since = idle.entry(*group).or_insert((ticks, r.engine_reopens()));
-                if since.1 != r.engine_reopens() {
-                    *since = (ticks, r.engine_reopens());
-                }
-                open_idle.push((since.0, *group));
-            } else {
-                idle.remove(group);
+            if !r.engine_is_open() {
+                used.remove(group);
+                continue;
             }
+            // Last seen used: when its use count last changed.
+            let last = used.entry(*group).or_insert((ticks, r.engine_uses()));
+            if last.1 != r.engine_uses() {
+                *last = (ticks, r.engine_uses());
+            }
+            open.push((!r.is_hibernating(), last.0, *group));
         }
-        let mut excess = open_idle.len().saturating_sub(self.cfg.idle_engines_open_max);
+        let excess = open.len().saturating_sub(self.cfg.engines_open_max);
         if excess == 0 {
             return;
         }
-        open_idle.sort_unstable();
-        for (since, group) in open_idle {
-            if excess == 0 || ticks < since + self.cfg.idle_engine_close_after_ticks {
+        open.sort_unstable();
+        let mut tried = 0;
+        for (_, _, group) in open {
+            if tried == excess {
                 break;
             }
             let replica = self.replicas.get_mut(&group).expect("listed above");
-            if replica.close_engine_if_asleep() {
-                self.engines_idle.remove(&group);
-                excess -= 1;
+            if replica.close_engine_if_unused() {
+                self.engines_used.remove(&group);
+                tried += 1;
+            } else if replica.engine_sync_in_flight() {
+                tried += 1; // closes once durable
             }
         }
     }
@@ -1397,6 +1408,63 @@ mod tests {
         store.handle(StoreMsg::Write { group, request, callback: Box::new(move |r| drop(tx.send(r))) });
         run_a_while(store);
         rx.try_recv().expect("answered").error.map(|e| TernError::from(&e))
+    }
+
+    /// Reads `hashkey` linearizably through the store: the value, or the error.
+    fn read(store: &mut Store, group: GroupId, hashkey: &[u8]) -> Result<Vec<u8>, TernError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let op = tern_proto::read_request::Op::Get(tern_proto::MultiGet { hashkey: hashkey.to_vec().into(), ..Default::default() });
+        let partition = Some(tern_proto::PartitionRef { table_id: group.table_id(), partition: group.partition(), partition_count: 1 });
+        let request = ReadRequest { partition, op: Some(op), ..Default::default() };
+        store.handle(StoreMsg::Read { group, request, callback: Box::new(move |r| drop(tx.send(r))) });
+        run_a_while(store);
+        let r = rx.try_recv().expect("answered");
+        match r.error {
+            Some(e) => Err(TernError::from(&e)),
+            None => Ok(r.records.first().map(|rec| rec.value.to_vec()).unwrap_or_default()),
+        }
+    }
+
+    /// A store keeps at most `engines_open_max` engines open, from the moment it opens: past it,
+    /// an engine closes as soon as its replica has read its state, and again once unused. The
+    /// elections after a restart apply their empty entries without opening any engine; the engine
+    /// learns the applied position when it next opens (a write or a read), and the same holds
+    /// after a crash (the raft log still holds those entries).
+    #[test]
+    fn engines_open_stay_bounded_from_start_up() {
+        let disks = Disks::new();
+        let groups: Vec<GroupId> = (1..=4).map(|t| GroupId::new(t, 0)).collect();
+        let cfg = StoreConfig { engines_open_max: 1, ..Default::default() };
+        let open = |cfg: &StoreConfig| {
+            let nd = NodeDisks { log: disks.log.clone(), engines: disks.engines.clone(), files: disks.files.clone() };
+            Store::open(1, "/node".into(), nd, ManualClock::new(1_000), 7, cfg.clone(), Box::new(NoNetwork)).unwrap()
+        };
+        let mut store = open(&cfg);
+        store.handle(StoreMsg::EnsureReplicas(groups.iter().enumerate().map(|(i, g)| single_voter(*g, 11 + i as u64)).collect()));
+        run_a_while(&mut store);
+        for g in &groups {
+            assert_eq!(write(&mut store, *g, 1, b"k", format!("v{}", g.table_id()).as_bytes()), None);
+        }
+        run_a_while(&mut store);
+        assert!(store.engines_open() <= 1, "{} engines open", store.engines_open());
+        drop(store);
+        for restart in 0..2 {
+            if restart == 1 {
+                disks.crash();
+            }
+            let mut store = open(&cfg);
+            assert!(store.engines_open() <= 1, "{} engines open after start", store.engines_open());
+            run_a_while(&mut store);
+            assert_eq!(store.leases().len(), groups.len(), "every group elected its leader");
+            assert!(store.engines_open() <= 1, "{} engines open after the elections", store.engines_open());
+            for g in &groups {
+                assert_eq!(read(&mut store, *g, b"k").unwrap(), format!("v{}", g.table_id()).into_bytes());
+            }
+            assert_eq!(write(&mut store, groups[0], 1, b"k", b"v1"), None);
+            run_a_while(&mut store);
+            assert!(store.engines_open() <= 1, "{} engines open", store.engines_open());
+            assert!(store.failed_replicas().is_empty(), "{:?}", store.failed_replicas());
+        }
     }
 
     /// Meta asks for twice the partitions: the leader proposes the split, and its store opens the

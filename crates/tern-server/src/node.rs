@@ -395,6 +395,7 @@ async fn heartbeat_loop(
     let mut next_meta = 0usize;
     let (mut beats, mut disk_used_bytes, mut last_beat) = (0u64, 0u64, tokio::time::Instant::now());
     let mut warned_at: Option<tokio::time::Instant> = None;
+    let mut link = tern_raft::meta_link::MetaLink::default();
     loop {
         if beats % DISK_MEASURE_EVERY == 0 {
             let dir = data_dir.clone();
@@ -418,24 +419,26 @@ async fn heartbeat_loop(
             let served = requests.swap(0, std::sync::atomic::Ordering::Relaxed);
             let requests_interval_ms = last_beat.elapsed().as_millis() as u64;
             last_beat = tokio::time::Instant::now();
-            let beat = HeartbeatRequest {
+            let mut beat = HeartbeatRequest {
                 node_id,
                 address: address.clone(),
-                replicas: replicas.clone(),
                 zone: zone.clone(),
                 disk_used_bytes,
                 requests: served,
                 requests_interval_ms,
                 leader_priority,
                 duplication_status: shipper.statuses(),
+                ..Default::default()
             };
+            let number = link.prepare(&mut beat, replicas.clone());
             let answer = match tokio::time::timeout(HEARTBEAT_CALL_TIMEOUT, c.heartbeat(beat)).await {
                 Ok(r) => r,
                 Err(_) => Err(tonic::Status::deadline_exceeded(format!("no answer within {HEARTBEAT_CALL_TIMEOUT:?}"))),
             };
-            match answer {
-                Ok(r) => {
-                    let r = r.into_inner();
+            // One heartbeat at a time: an answer is always to the last one.
+            match answer.map(|r| link.answered(r.into_inner(), number)) {
+                Ok(None) => {}
+                Ok(Some(r)) => {
                     if let Err(e) = tern_proto::check(&r.error) {
                         tracing::warn!("meta refused heartbeat: {e}");
                     }
@@ -456,6 +459,7 @@ async fn heartbeat_loop(
                     }
                 }
                 Err(status) => {
+                    link.failed();
                     warn_every(&mut warned_at, format!("heartbeat to meta failed: {}", status.message()));
                     client = None;
                     next_meta += 1;

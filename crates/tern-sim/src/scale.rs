@@ -5,14 +5,18 @@
 //! partition is its preferred replica when that is alive. Events (a server dies, a zone dies, ten
 //! servers join) are followed by passes until the scheduler has nothing left to do, and each phase
 //! reports how many passes that took, the replica moves and leader changes it made, meta's CPU time
-//! per pass (the scheduling itself, and building every server's heartbeat answer), and the largest
-//! heartbeat answer.
+//! per pass (the scheduling itself, and a heartbeat round: every live server's heartbeat taken and
+//! answered), and heartbeat sizes. Heartbeats go through the real exchange
+//! (`tern_raft::meta_link`): a server reports only the statuses that changed, meta answers only the
+//! assignments that changed, and the scheduler works on the statuses meta merged from them.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tern_core::{GroupId, NodeId, PeerId};
 use tern_meta::catalog::Catalog;
-use tern_proto::ReplicaStatus;
+use tern_proto::{HeartbeatRequest, ReplicaAssignment, ReplicaStatus};
+use tern_raft::meta_link::{MetaLink, ServerReport};
 
 /// The applied and commit index every settled replica reports.
 const APPLIED: u64 = 1_000;
@@ -49,10 +53,13 @@ pub struct PhaseReport {
     /// Meta's CPU time per pass: the scheduling pass itself (summarising every status included).
     pub schedule_ms_mean: f64,
     pub schedule_ms_max: f64,
-    /// Building every live server's heartbeat answer once (one heartbeat round).
+    /// Meta's CPU time for one heartbeat round (every live server's heartbeat taken and
+    /// answered), mean.
     pub heartbeat_round_ms: f64,
-    /// The largest heartbeat answer, encoded.
+    /// The largest heartbeat or answer of the phase, encoded (the whole ones come first).
     pub heartbeat_bytes_max: usize,
+    /// The largest heartbeat or answer of the phase's last round (with nothing left to do).
+    pub heartbeat_bytes_last: usize,
     /// Replicas on the most and the least loaded live server at the end.
     pub replicas_max: usize,
     pub replicas_min: usize,
@@ -64,7 +71,7 @@ pub struct PhaseReport {
 impl PhaseReport {
     pub fn describe(&self) -> String {
         format!(
-            "{:<28} {:>6} {:>5} {:>8} {:>8} {:>9.1} {:>9.1} {:>10.1} {:>10} {:>5}-{:<5} {:>5}-{:<5}",
+            "{:<28} {:>6} {:>5} {:>8} {:>8} {:>9.1} {:>9.1} {:>10.1} {:>10} {:>8} {:>5}-{:<5} {:>5}-{:<5}",
             self.name,
             self.passes,
             if self.converged { "yes" } else { "NO" },
@@ -74,6 +81,7 @@ impl PhaseReport {
             self.schedule_ms_max,
             self.heartbeat_round_ms,
             self.heartbeat_bytes_max,
+            self.heartbeat_bytes_last,
             self.replicas_min,
             self.replicas_max,
             self.leaders_min,
@@ -83,8 +91,8 @@ impl PhaseReport {
 
     pub fn header() -> String {
         format!(
-            "{:<28} {:>6} {:>5} {:>8} {:>8} {:>9} {:>9} {:>10} {:>10} {:>11} {:>11}",
-            "phase", "passes", "done", "moves", "leaders", "pass ms", "max ms", "hb round ms", "hb bytes", "replicas", "leaders"
+            "{:<28} {:>6} {:>5} {:>8} {:>8} {:>9} {:>9} {:>10} {:>10} {:>8} {:>11} {:>11}",
+            "phase", "passes", "done", "moves", "leaders", "pass ms", "max ms", "hb round ms", "hb bytes", "hb last", "replicas", "leaders"
         )
     }
 }
@@ -99,8 +107,9 @@ struct Servers {
 }
 
 impl Servers {
-    fn statuses(&mut self, catalog: &Catalog, alive: &BTreeSet<NodeId>, pass: u64, fill_passes: u64) -> Vec<ReplicaStatus> {
-        let mut out = Vec::new();
+    /// Every live server's replica statuses now.
+    fn statuses(&mut self, catalog: &Catalog, alive: &BTreeSet<NodeId>, pass: u64, fill_passes: u64) -> HashMap<NodeId, Vec<ReplicaStatus>> {
+        let mut out: HashMap<NodeId, Vec<ReplicaStatus>> = HashMap::new();
         for t in catalog.tables.values() {
             for (i, p) in t.partitions.iter().enumerate() {
                 let group = GroupId::new(t.id, i as u32);
@@ -122,13 +131,17 @@ impl Servers {
                     .or_else(|| p.peers.iter().find(|(_, n)| alive.contains(n)))
                     .map(|(x, _)| *x);
                 let mut matched = HashMap::new();
-                let start = out.len();
+                let mut leader_at = None;
                 for (x, n) in p.peers.iter().chain(removing.iter()).chain(p.learners.iter()) {
                     let learner = learners.contains(x);
                     let a = applied(*x, learner, &mut self.learner_ready);
                     if alive.contains(n) {
                         matched.insert(*x, a);
-                        out.push(ReplicaStatus {
+                        let list = out.entry(*n).or_default();
+                        if Some(*x) == leader {
+                            leader_at = Some((*n, list.len()));
+                        }
+                        list.push(ReplicaStatus {
                             group_id: group.0,
                             peer_id: *x,
                             is_leader: Some(*x) == leader,
@@ -142,7 +155,8 @@ impl Servers {
                         });
                     }
                 }
-                if let Some(s) = out[start..].iter_mut().find(|s| s.is_leader) {
+                if let Some((n, i)) = leader_at {
+                    let s = &mut out.get_mut(&n).expect("pushed")[i];
                     s.matched = matched.into_iter().filter(|(x, _)| *x != s.peer_id).collect();
                 }
             }
@@ -162,6 +176,12 @@ struct Cluster {
     alive: BTreeSet<NodeId>,
     servers: Servers,
     pass: u64,
+    /// Each server's side of its heartbeats, and meta's.
+    links: HashMap<NodeId, MetaLink>,
+    reports: HashMap<NodeId, ServerReport>,
+    tokens: u64,
+    /// Every node's assignments, as the keeper keeps them until the catalog changes.
+    assignments: Option<HashMap<NodeId, Arc<Vec<ReplicaAssignment>>>>,
 }
 
 impl Cluster {
@@ -172,7 +192,42 @@ impl Cluster {
             let id = catalog.register(&format!("10.0.{}.{}:7001", i / 250, i % 250), &format!("zone{}", i % cfg.zones.max(1))).expect("register");
             alive.insert(id);
         }
-        Cluster { cfg, catalog, alive, servers: Servers::default(), pass: 0 }
+        Cluster {
+            cfg,
+            catalog,
+            alive,
+            servers: Servers::default(),
+            pass: 0,
+            links: HashMap::new(),
+            reports: HashMap::new(),
+            tokens: 0,
+            assignments: None,
+        }
+    }
+
+    /// Every live server heartbeats once and meta answers, as the keeper does (`Keeper::heartbeat`):
+    /// the largest heartbeat or answer, encoded, and the time meta spent on them.
+    fn heartbeat_round(&mut self, alive: &[NodeId], statuses: &mut HashMap<NodeId, Vec<ReplicaStatus>>) -> (usize, Duration) {
+        let (mut largest, mut meta_time) = (0, Duration::ZERO);
+        for n in alive {
+            let mut hb = HeartbeatRequest { node_id: *n, ..Default::default() };
+            let link = self.links.entry(*n).or_default();
+            let number = link.prepare(&mut hb, statuses.remove(n).unwrap_or_default());
+            largest = largest.max(prost::Message::encoded_len(&hb));
+            let started = Instant::now();
+            if self.assignments.is_none() {
+                self.assignments = Some(self.catalog.assignments_by_node().into_iter().map(|(n, a)| (n, Arc::new(a))).collect());
+            }
+            let assigned = self.assignments.as_ref().and_then(|a| a.get(n)).cloned().unwrap_or_default();
+            let report = self.reports.entry(*n).or_default();
+            let mut answer = self.catalog.heartbeat_answer_without_assignments(*n);
+            self.tokens += 1;
+            report.answer(&mut hb, &mut answer, assigned, self.tokens);
+            meta_time += started.elapsed();
+            largest = largest.max(prost::Message::encoded_len(&answer));
+            link.answered(answer, number);
+        }
+        (largest, meta_time)
     }
 
     fn add_servers(&mut self, count: usize) {
@@ -190,14 +245,23 @@ impl Cluster {
     fn converge(&mut self, name: &str) -> PhaseReport {
         let mut report = PhaseReport { name: name.to_string(), ..Default::default() };
         let alive: Vec<NodeId> = self.alive.iter().copied().collect();
-        let mut total = Duration::ZERO;
+        let (mut total, mut heartbeats) = (Duration::ZERO, Duration::ZERO);
         let mut passes = 0;
         while passes < self.cfg.passes_max {
             self.pass += 1;
             passes += 1;
-            let statuses = self.servers.statuses(&self.catalog, &self.alive, self.pass, self.cfg.fill_passes);
+            let mut statuses = self.servers.statuses(&self.catalog, &self.alive, self.pass, self.cfg.fill_passes);
+            let (largest, meta_time) = self.heartbeat_round(&alive, &mut statuses);
+            heartbeats += meta_time;
+            report.heartbeat_bytes_max = report.heartbeat_bytes_max.max(largest);
+            report.heartbeat_bytes_last = largest;
+            // What meta holds from the heartbeats, as the keeper hands it to the scheduler.
+            let statuses: Vec<ReplicaStatus> = alive.iter().flat_map(|n| self.reports[n].statuses.values().cloned()).collect();
             let started = Instant::now();
             let changes = self.catalog.scheduling_pass(&alive, &statuses, false);
+            if !changes.is_empty() {
+                self.assignments = None;
+            }
             let took = started.elapsed();
             total += took;
             report.schedule_ms_max = report.schedule_ms_max.max(took.as_secs_f64() * 1000.0);
@@ -211,10 +275,7 @@ impl Cluster {
         }
         report.passes = passes;
         report.schedule_ms_mean = total.as_secs_f64() * 1000.0 / passes.max(1) as f64;
-        let started = Instant::now();
-        let answers: Vec<usize> = alive.iter().map(|n| prost::Message::encoded_len(&self.catalog.heartbeat_answer(*n))).collect();
-        report.heartbeat_round_ms = started.elapsed().as_secs_f64() * 1000.0;
-        report.heartbeat_bytes_max = answers.into_iter().max().unwrap_or(0);
+        report.heartbeat_round_ms = heartbeats.as_secs_f64() * 1000.0 / passes.max(1) as f64;
         let mut replicas: HashMap<NodeId, usize> = alive.iter().map(|n| (*n, 0)).collect();
         let mut leaders: HashMap<NodeId, usize> = alive.iter().map(|n| (*n, 0)).collect();
         for p in self.catalog.tables.values().flat_map(|t| t.partitions.iter()) {

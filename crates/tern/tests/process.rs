@@ -282,7 +282,7 @@ async fn duplication_survives_a_killed_cluster() {
 #[test]
 fn server_refuses_bad_hibernation_settings() {
     let dir = tempfile::tempdir().unwrap();
-    for (flag, value) in [("--hibernate-after-ticks", "2000000"), ("--idle-engines-open-max", "2000000"), ("--hibernate-after-ticks", "soon")] {
+    for (flag, value) in [("--hibernate-after-ticks", "2000000"), ("--engines-open-max", "2000000"), ("--hibernate-after-ticks", "soon")] {
         let out = Command::new(env!("CARGO_BIN_EXE_tern"))
             .args(["server", "--data-dir", dir.path().to_str().unwrap(), "--listen", "127.0.0.1:0", "--meta", "127.0.0.1:1", flag, value])
             .output()

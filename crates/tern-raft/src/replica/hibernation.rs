@@ -15,10 +15,14 @@
 //!   node has been silent for an election timeout, the store wakes each hibernating follower whose
 //!   leader lives there (`Store`). They tick, time out and elect, as after any leader failure.
 //!
-//! - A hibernating replica's engine may be closed (`close_engine_if_asleep`, once everything it
-//!   applied is durable there): the store keeps at most `StoreConfig::idle_engines_open_max` idle
-//!   engines open, so a server's open files and memory follow its active replicas, not all of
-//!   them. Whatever needs the engine opens it again first (`ensure_engine`).
+//! - A replica's engine may be closed while nothing needs it (`close_engine_if_unused`: no read
+//!   waiting, everything applied durable there), asleep or awake: the store keeps at most
+//!   `StoreConfig::engines_open_max` engines open, closing those unused longest, so a server's
+//!   open files and memory follow its busy replicas, not all of them, from the moment it starts.
+//!   Whatever needs the engine opens it again first (`ensure_engine`): applying an entry that
+//!   writes, serving a read, a snapshot, a checkpoint. Raft's empty entries (a new leader's first)
+//!   apply without it (`StateMachine::apply_empty_while_closed`), so the elections that follow a
+//!   restart or a dead peer do not open every engine on the server.
 //!
 //! Safety: a hibernating replica does not tick, so a follower's vote refusal after hearing from its
 //! leader (check_quorum) only lasts longer in real time, and a leader's lease is a span of its own
@@ -121,10 +125,20 @@ impl Replica {
         self.engine_reopens
     }
 
-    /// Closes the engine of a hibernating replica (its files and memory go) once everything it
-    /// applied is durable there, starting that sync if needed. True once closed.
-    pub fn close_engine_if_asleep(&mut self) -> bool {
-        if !self.hibernating || !self.sm.engine_is_open() || self.failure.is_some() {
+    /// Whether an engine sync is under way (a replica closing its engine waits for it).
+    pub fn engine_sync_in_flight(&self) -> bool {
+        self.sync_in_flight.is_some()
+    }
+
+    /// How many times the engine was made sure of before a use (see `Store`'s engine bound).
+    pub fn engine_uses(&self) -> u64 {
+        self.engine_uses
+    }
+
+    /// Closes the engine (its files and memory go) if no read waits to be served and once
+    /// everything applied is durable there, starting that sync if needed. True once closed.
+    pub fn close_engine_if_unused(&mut self) -> bool {
+        if !self.sm.engine_is_open() || self.failure.is_some() || !self.waiting_reads.is_empty() || !self.read_batches.is_empty() {
             return false;
         }
         self.poll_engine_sync();
@@ -142,6 +156,7 @@ impl Replica {
     /// Opens a closed engine again from its directory, before anything may use it; a failure
     /// stops the replica (as any storage failure does).
     pub fn ensure_engine(&mut self) {
+        self.engine_uses += 1;
         if self.sm.engine_is_open() || self.failure.is_some() {
             return;
         }

@@ -111,6 +111,9 @@ pub struct Replica {
     outgoing: Vec<Message>,
     /// Times a closed engine was opened again.
     engine_reopens: u64,
+    /// Times something made sure the engine was open to use it (`ensure_engine`): the store
+    /// closes the engines unused longest.
+    engine_uses: u64,
     /// Children checkpointed by split entries applied, for the store to open (see `split`).
     split_children: Vec<SplitChild>,
     /// The tick a split was last proposed at (a leader proposes again only after a while).
@@ -277,12 +280,14 @@ impl Replica {
             removed: false,
             failure: None,
             votes_refused_until_tick,
-            synced_index: 0,
+            // `StateMachine::open` synced what it read.
+            synced_index: applied.applied_index,
             sync_in_flight: None,
             hibernating: false,
             idle_ticks: 0,
             outgoing: Vec::new(),
             engine_reopens: 0,
+            engine_uses: 0,
             split_children: Vec::new(),
             split_proposed_tick: None,
         })
@@ -516,7 +521,10 @@ impl Replica {
     /// was applied since the last; a failure stops the replica, an engine that cannot start one now
     /// (RocksDB with writes stopped) is asked again later.
     fn start_engine_sync(&mut self) {
-        if self.sync_in_flight.is_some() || self.failure.is_some() || self.sm.state().applied_index <= self.synced_index {
+        let idle = self.sync_in_flight.is_some() || self.failure.is_some() || self.sm.state().applied_index <= self.synced_index;
+        // A closed engine was synced before it closed; what was applied since without it (empty
+        // entries) reaches it when it opens again.
+        if idle || !self.sm.engine_is_open() {
             return;
         }
         match self.sm.begin_sync() {
@@ -592,8 +600,9 @@ impl Replica {
             return None;
         }
         let mut rd = self.raw.ready();
-        // The engine (closed while the replica slept) only when this Ready applies or installs.
-        if !rd.snapshot().is_empty() || !rd.committed_entries().is_empty() {
+        // The engine (closed while the replica slept) only when this Ready installs a snapshot or
+        // applies something (`apply_entries` opens it for entries that need it).
+        if !rd.snapshot().is_empty() {
             self.ensure_engine();
             if self.failure.is_some() {
                 return None;
@@ -719,6 +728,22 @@ impl Replica {
     fn apply_entries(&mut self, entries: Vec<raft::eraftpb::Entry>, now_unix_ms: u64) {
         if entries.is_empty() {
             self.serve_reads(now_unix_ms);
+            return;
+        }
+        // Raft's empty entries (a new leader's first) change nothing but the applied position: a
+        // closed engine stays closed for them, so the elections that follow a server's restart or
+        // a peer's death do not open every replica's engine (see `hibernation`).
+        let empty = |e: &raft::eraftpb::Entry| e.get_entry_type() == EntryType::EntryNormal && e.data.is_empty();
+        if !self.sm.engine_is_open() && entries.iter().all(empty) {
+            let last = entries.last().expect("not empty");
+            if last.index > self.sm.state().applied_index {
+                self.sm.apply_empty_while_closed(last.index, last.term);
+            }
+            self.serve_reads(now_unix_ms);
+            return;
+        }
+        self.ensure_engine();
+        if self.failure.is_some() {
             return;
         }
         let mut batch = self.sm.begin();

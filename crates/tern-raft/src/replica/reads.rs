@@ -131,8 +131,21 @@ impl Replica {
 
     pub(super) fn serve_reads(&mut self, now_unix_ms: u64) {
         let applied = self.sm.state().applied_index;
+        let servable = |b: &ReadBatch| b.index.is_some_and(|i| i <= applied);
+        // Batches without reads (lease renewals) are done without the engine.
+        while self.read_batches.front().is_some_and(|b| servable(b) && b.reads.is_empty()) {
+            self.read_batches.pop_front();
+        }
+        match self.read_batches.front() {
+            Some(b) if servable(b) => {}
+            _ => return,
+        }
+        self.ensure_engine();
+        if self.failure.is_some() {
+            return; // stopping failed the reads
+        }
         let now_unix_ms = self.read_time(now_unix_ms);
-        while self.read_batches.front().is_some_and(|b| b.index.is_some_and(|i| i <= applied)) {
+        while self.read_batches.front().is_some_and(servable) {
             let batch = self.read_batches.pop_front().expect("front exists");
             for (request, callback) in batch.reads {
                 callback(self.execute(&request, now_unix_ms));

@@ -53,6 +53,8 @@ enum Outcome {
     Heartbeat {
         index: usize,
         epoch: u64,
+        /// The heartbeat's number (`MetaLink::prepare`).
+        number: u64,
         answer: Box<HeartbeatResponse>,
     },
     Bootstrapped,
@@ -404,11 +406,12 @@ impl World {
         }
         let replicas = self.statuses(index);
         let (node_id, epoch) = (self.nodes[index].id, self.nodes[index].epoch);
-        let hb = HeartbeatRequest { node_id, address: format!("n{node_id}"), replicas, ..Default::default() };
+        let mut hb = HeartbeatRequest { node_id, address: format!("n{node_id}"), ..Default::default() };
+        let number = self.nodes[index].meta_link.prepare(&mut hb, replicas);
         self.spawn(m, Task::Heartbeat(index), move |k, out| {
             Box::pin(async move {
                 if let Ok(answer) = k.heartbeat(hb).await {
-                    out.lock().push(Outcome::Heartbeat { index, epoch, answer: Box::new(answer) });
+                    out.lock().push(Outcome::Heartbeat { index, epoch, number, answer: Box::new(answer) });
                 }
             })
         });
@@ -468,11 +471,12 @@ impl World {
     fn on_meta_outcome(&mut self, outcome: Outcome) {
         let now = self.now.load(Ordering::SeqCst);
         match outcome {
-            Outcome::Heartbeat { index, epoch, answer } => {
+            Outcome::Heartbeat { index, epoch, number, answer } => {
                 // The answer reaches the server if it is still the process that asked.
                 if self.nodes[index].epoch != epoch || !self.running(index) {
                     return;
                 }
+                let Some(answer) = self.nodes[index].meta_link.answered(*answer, number) else { return };
                 self.with_store(index, |s| {
                     for msg in tern_raft::store::reconcile_with_meta(&answer) {
                         s.handle(msg);

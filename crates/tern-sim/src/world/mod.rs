@@ -297,6 +297,8 @@ struct Node {
     keeper: Option<SimKeeper>,
     /// Raft-log writes started and not yet durable (lost with the process).
     log_writes: disk::PendingLogWritesRef,
+    /// The server's side of its heartbeats to meta (lost with the process).
+    meta_link: tern_raft::meta_link::MetaLink,
 }
 
 pub struct World {
@@ -415,6 +417,7 @@ impl World {
                 failed_groups: BTreeSet::new(),
                 keeper: None,
                 log_writes: Default::default(),
+                meta_link: Default::default(),
             })
             .collect();
         shared.lock().files = nodes.iter().map(|n| (n.id, n.files.clone())).collect();
@@ -512,9 +515,8 @@ impl World {
         cfg.replica.log_gc_interval_ticks = 5;
         cfg.replica.expiry_sync_interval_ticks = 20;
         cfg.failed_replica_reopen_ticks = 30;
-        // Every hibernating replica's engine closes, and opens again when it is needed.
-        cfg.idle_engines_open_max = 0;
-        cfg.idle_engine_close_after_ticks = 0;
+        // Every engine closes as soon as nothing needs it, and opens again when something does.
+        cfg.engines_open_max = 0;
         cfg.replica.planted = planted;
         cfg
     }
@@ -535,6 +537,7 @@ impl World {
         match store {
             Ok(Ok(mut s)) => {
                 node.log_writes = Default::default();
+                node.meta_link = Default::default();
                 s.set_log_writer(Box::new(disk::SimLogWriter {
                     node: node.id,
                     epoch: node.epoch,
