@@ -314,7 +314,7 @@ pub async fn restore_table(
             let r = client
                 .meta_call(|mut m| {
                     let name = name.clone();
-                    async move { m.finish_restore(tern_proto::TableRequest { name }).await.map(|r| r.into_inner()) }
+                    async move { m.finish_restore(tern_proto::TableRequest { name, ..Default::default() }).await.map(|r| r.into_inner()) }
                 })
                 .await?;
             tern_proto::check(&r.error)?;

@@ -37,6 +37,14 @@ impl ClientConfig {
 struct Route {
     table: TableInfo,
     leaders: LeaderTable,
+    /// An error said the routing is out of date: the next request asks meta what changed.
+    stale: std::sync::atomic::AtomicBool,
+}
+
+impl Route {
+    fn new(table: TableInfo, leaders: LeaderTable) -> Route {
+        Route { table, leaders, stale: Default::default() }
+    }
 }
 
 struct Inner {
@@ -238,19 +246,44 @@ impl Client {
 
     /// A table's layout from meta: partitions, their replicas and leader hints.
     pub async fn table_info(&self, table: &str) -> TernResult<TableInfo> {
+        self.table_info_since(table, 0).await
+    }
+
+    /// `table_info` for a caller holding the table as of routing version `known`: meta may list
+    /// only the partitions that changed since (`routing::merge_table`).
+    async fn table_info_since(&self, table: &str, known: u64) -> TernResult<TableInfo> {
         let name = table.to_string();
         let r = self
             .meta_call(|mut m| {
                 let name = name.clone();
-                async move { m.get_table(TableRequest { name }).await.map(|r| r.into_inner()) }
+                async move { m.get_table(TableRequest { name, known_routing_version: known }).await.map(|r| r.into_inner()) }
             })
             .await?;
         tern_proto::check(&r.error)?;
         r.table.ok_or_else(|| TernError::Internal("meta returned no table".into()))
     }
 
+    /// The table's routing from meta: only what changed since the route held, when one is.
     async fn refresh_route(&self, table: &str) -> TernResult<Arc<Route>> {
-        let info = self.table_info(table).await?;
+        let before = self.inner.routes.read().get(table).cloned();
+        let fresh = self.table_info_since(table, before.as_ref().map_or(0, |r| r.table.routing_version)).await?;
+        let merged = before.as_ref().filter(|_| fresh.partitions_delta).map(|b| (b, crate::routing::merge_table(&b.table, &fresh)));
+        let (info, leaders) = match merged {
+            Some((b, Some((info, changed)))) => {
+                let leaders = LeaderTable::keeping(&info, &b.leaders, &changed);
+                (info, leaders)
+            }
+            // A delta that does not fit what is held: the whole table.
+            Some((_, None)) => {
+                let info = self.table_info(table).await?;
+                let leaders = LeaderTable::from_table(&info);
+                (info, leaders)
+            }
+            None => {
+                let leaders = LeaderTable::from_table(&fresh);
+                (fresh, leaders)
+            }
+        };
         let needs_nodes = {
             let a = self.inner.addresses.read();
             info.partitions.iter().flat_map(|p| &p.peers).any(|p| !a.contains_key(&p.node_id))
@@ -259,7 +292,7 @@ impl Client {
             let nodes = self.meta_call(|mut m| async move { m.list_nodes(ListNodesRequest {}).await.map(|r| r.into_inner()) }).await?;
             self.learn_nodes(&nodes.nodes);
         }
-        let route = Arc::new(Route { leaders: LeaderTable::from_table(&info), table: info });
+        let route = Arc::new(Route::new(info, leaders));
         self.inner.routes.write().insert(table.to_string(), route.clone());
         Ok(route)
     }
@@ -267,7 +300,7 @@ impl Client {
     async fn route(&self, table: &str) -> TernResult<Arc<Route>> {
         let cached = self.inner.routes.read().get(table).cloned();
         let route = match cached {
-            Some(r) if !r.table.restoring => return Ok(r),
+            Some(r) if !r.table.restoring && !r.stale.load(std::sync::atomic::Ordering::Relaxed) => return Ok(r),
             // Asked again: the restore may have finished since.
             _ => self.refresh_route(table).await?,
         };
@@ -279,8 +312,11 @@ impl Client {
         Ok(route)
     }
 
+    /// Marks the table's route out of date (kept, so that the refresh asks only for what changed).
     fn forget_route(&self, table: &str) {
-        self.inner.routes.write().remove(table);
+        if let Some(r) = self.inner.routes.read().get(table) {
+            r.stale.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// The cluster's settings: raft timing, id and the tag its record versions carry.
@@ -399,7 +435,7 @@ impl Client {
                             let mut routes = self.inner.routes.write();
                             // Unless another request has put a newer route there meanwhile.
                             if routes.get(table).is_some_and(|cached| Arc::ptr_eq(cached, &route)) {
-                                routes.insert(table.to_string(), Arc::new(Route { table: learned, leaders }));
+                                routes.insert(table.to_string(), Arc::new(Route::new(learned, leaders)));
                             }
                             return r;
                         }

@@ -51,6 +51,29 @@ pub struct LeaderTable {
     leaders: Vec<AtomicU64>,
 }
 
+/// A table as the client holds it (`before`) brought up to date by meta's answer `fresh` that
+/// lists only the partitions whose routing changed (`partitions_delta`): the whole table and the
+/// indexes that changed. None when the answer does not fit what the client holds (another table
+/// of the same name, a partition missing): ask for the whole table then.
+pub fn merge_table(before: &tern_proto::TableInfo, fresh: &tern_proto::TableInfo) -> Option<(tern_proto::TableInfo, Vec<u32>)> {
+    if before.table_id != fresh.table_id || !fresh.partitions_delta {
+        return None;
+    }
+    let mut partitions = before.partitions.clone();
+    for p in &fresh.partitions {
+        match (p.index as usize).cmp(&partitions.len()) {
+            std::cmp::Ordering::Less => partitions[p.index as usize] = p.clone(),
+            std::cmp::Ordering::Equal => partitions.push(p.clone()),
+            std::cmp::Ordering::Greater => return None,
+        }
+    }
+    if partitions.len() != fresh.partitions_total as usize {
+        return None;
+    }
+    let changed = fresh.partitions.iter().map(|p| p.index).collect();
+    Some((tern_proto::TableInfo { partitions, partitions_delta: false, ..fresh.clone() }, changed))
+}
+
 /// What the caller must do besides retrying, after an error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reaction {
@@ -87,6 +110,19 @@ impl LeaderTable {
     pub fn learned(table: &tern_proto::TableInfo, before: &LeaderTable, child: u32, leader: NodeId) -> LeaderTable {
         let leader_of = |i: usize| if i == child as usize || i >= before.leaders.len() { leader } else { before.leader(i as u32) };
         LeaderTable::new(table.partitions.iter().enumerate().map(|(i, p)| (p.peers.iter().map(|x| x.node_id).collect(), leader_of(i))).collect())
+    }
+
+    /// The same for `table` after a routing refresh that listed only the partitions `changed`
+    /// (`merge_table`): those take meta's leader hints, the others keep the leaders learned so far.
+    pub fn keeping(table: &tern_proto::TableInfo, before: &LeaderTable, changed: &[u32]) -> LeaderTable {
+        let leader_of = |i: usize, p: &tern_proto::PartitionInfo| {
+            if i >= before.leaders.len() || changed.contains(&(i as u32)) {
+                p.leader_node
+            } else {
+                before.leader(i as u32)
+            }
+        };
+        LeaderTable::new(table.partitions.iter().enumerate().map(|(i, p)| (p.peers.iter().map(|x| x.node_id).collect(), leader_of(i, p))).collect())
     }
 
     pub fn partition_count(&self) -> usize {
@@ -234,6 +270,48 @@ mod tests {
 
     fn table() -> LeaderTable {
         LeaderTable::new(vec![(vec![1, 2, 3], 1), (vec![2, 3, 4], 3)])
+    }
+
+    fn partition(index: u32, nodes: &[NodeId], leader: NodeId) -> tern_proto::PartitionInfo {
+        let peers = nodes.iter().map(|n| tern_proto::PeerInfo { peer_id: 10 * n, node_id: *n }).collect();
+        tern_proto::PartitionInfo { index, peers, leader_node: leader, split_pending: false }
+    }
+
+    /// A refresh that lists only the partitions whose routing changed replaces those, keeps the
+    /// rest with the leaders learned meanwhile, and takes new partitions at the end; an answer
+    /// that does not fit (another table of the same name, a partition missing) is refused, so the
+    /// client asks for the whole table.
+    #[test]
+    fn routing_deltas_merge_into_the_table_held() {
+        let held = tern_proto::TableInfo {
+            table_id: 7,
+            partition_count: 2,
+            partitions: vec![partition(0, &[1, 2, 3], 1), partition(1, &[1, 2, 3], 2)],
+            routing_version: 5,
+            partitions_total: 2,
+            ..Default::default()
+        };
+        let leaders = LeaderTable::from_table(&held);
+        leaders.observe(0, 1, &TernError::NotLeader { leader: Some(3) });
+        let fresh = tern_proto::TableInfo {
+            partitions: vec![partition(1, &[1, 2, 4], 4), partition(2, &[1, 2, 3], 2)],
+            routing_version: 9,
+            partitions_delta: true,
+            partitions_total: 3,
+            ..held.clone()
+        };
+        let (merged, changed) = merge_table(&held, &fresh).expect("fits");
+        assert_eq!(changed, vec![1, 2]);
+        assert_eq!(merged.partitions, vec![partition(0, &[1, 2, 3], 1), partition(1, &[1, 2, 4], 4), partition(2, &[1, 2, 3], 2)]);
+        assert!(!merged.partitions_delta && merged.routing_version == 9);
+        let now = LeaderTable::keeping(&merged, &leaders, &changed);
+        assert_eq!((now.leader(0), now.leader(1), now.leader(2)), (3, 4, 2), "partition 0 keeps the leader learned");
+
+        assert!(merge_table(&held, &tern_proto::TableInfo { table_id: 8, ..fresh.clone() }).is_none(), "another table");
+        let gap = tern_proto::TableInfo { partitions: vec![partition(3, &[1, 2, 3], 1)], partitions_total: 4, ..fresh.clone() };
+        assert!(merge_table(&held, &gap).is_none(), "partition 2 missing");
+        assert!(merge_table(&held, &tern_proto::TableInfo { partitions_total: 5, ..fresh.clone() }).is_none());
+        assert!(merge_table(&held, &tern_proto::TableInfo { partitions_delta: false, ..fresh }).is_none(), "not a delta");
     }
 
     /// Leader hints are followed; failures without a hint rotate through the replicas.

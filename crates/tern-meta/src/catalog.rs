@@ -1,7 +1,7 @@
 //! The catalog and the decisions made on it. Pure: every function takes the state and its inputs
 //! (including the time) and returns results, so it can be tested and simulated.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use tern_core::limits::{check_partition_count, check_replica_count, check_table_name};
 use tern_core::{GroupId, NodeId, PeerId, TableId, TernError};
 use tern_raft::store::ReplicaSpec;
@@ -286,6 +286,43 @@ fn balance_preferred_leaders(t: &mut TableRecord, usable: &[NodeId], priority: &
         }
     }
     changes
+}
+
+/// What a client routes partition `i` of `t` by: the replicas serving its hashkeys (a pending
+/// split child's are its parent's) and whether it is a pending child.
+fn routing_of(t: &TableRecord, i: usize) -> (&[(PeerId, NodeId)], bool) {
+    let p = &t.partitions[i];
+    let serving = if p.split_pending { i.saturating_sub(t.partition_count as usize) } else { i };
+    (&t.partitions.get(serving).unwrap_or(p).peers, p.split_pending)
+}
+
+/// How a table's routing changed from one catalog to the next.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RoutingChange {
+    /// The table is new (or was dropped and created again): every partition.
+    Whole,
+    /// These partitions' routing changed (or they are new).
+    Partitions(BTreeSet<u32>),
+}
+
+/// The tables whose routing differs between `old` and `new` (by table id; dropped tables are left
+/// out: clients learn that from the error).
+pub fn routing_changes(old: &Catalog, new: &Catalog) -> BTreeMap<TableId, RoutingChange> {
+    let mut out = BTreeMap::new();
+    for (name, t) in &new.tables {
+        let Some(before) = old.tables.get(name).filter(|o| o.id == t.id) else {
+            out.insert(t.id, RoutingChange::Whole);
+            continue;
+        };
+        let changed: BTreeSet<u32> = (0..t.partitions.len())
+            .filter(|&i| i >= before.partitions.len() || routing_of(before, i) != routing_of(t, i))
+            .map(|i| i as u32)
+            .collect();
+        if !changed.is_empty() {
+            out.insert(t.id, RoutingChange::Partitions(changed));
+        }
+    }
+    out
 }
 
 /// What `node` hosts of partition `i` of `t`, if anything: its newest peer of the group there (a
@@ -889,12 +926,14 @@ impl Catalog {
         let mut out: HashMap<NodeId, Vec<tern_proto::ReplicaAssignment>> = HashMap::new();
         for t in self.tables.values() {
             for (i, p) in t.partitions.iter().enumerate().filter(|(_, p)| !p.split_pending) {
-                let mut nodes: Vec<NodeId> = p.peers.iter().chain(&p.learners).chain(&p.removing).map(|(_, n)| *n).collect();
-                nodes.sort_unstable();
-                nodes.dedup();
-                for node in nodes {
-                    if let Some(spec) = assignment(t, i, p, node) {
-                        out.entry(node).or_default().push(spec.to_proto());
+                let members: Vec<&(PeerId, NodeId)> = p.peers.iter().chain(&p.learners).chain(&p.removing).collect();
+                for (k, (_, node)) in members.iter().enumerate() {
+                    // Each node once (it may be listed twice while a replacement on it is made).
+                    if members[..k].iter().any(|(_, n)| n == node) {
+                        continue;
+                    }
+                    if let Some(spec) = assignment(t, i, p, *node) {
+                        out.entry(*node).or_default().push(spec.to_proto());
                     }
                 }
             }
@@ -930,6 +969,25 @@ mod tests {
         let mut c = Catalog::default();
         let ids = (0..n).map(|i| c.register(&format!("127.0.0.1:{}", 1000 + i), "").unwrap()).collect();
         (c, ids)
+    }
+
+    /// Routing changes between catalogs: a new table whole, a replica move in the partition it
+    /// moved, a leader preference in none (clients learn leaders from servers). (A split's
+    /// children: `split::tests`.)
+    #[test]
+    fn routing_changes_name_what_clients_route_by() {
+        let (mut c, nodes) = catalog_with_nodes(4);
+        let before = c.clone();
+        let id = c.create_table("t", 2, 3, &nodes[..3]).unwrap().id;
+        assert_eq!(routing_changes(&before, &c), BTreeMap::from([(id, RoutingChange::Whole)]));
+        let before = c.clone();
+        c.tables.get_mut("t").unwrap().partitions[0].preferred_leader = nodes[2];
+        assert!(routing_changes(&before, &c).is_empty(), "a leader preference is not routing");
+        c.tables.get_mut("t").unwrap().partitions[1].peers[0].1 = nodes[3];
+        assert_eq!(routing_changes(&before, &c), BTreeMap::from([(id, RoutingChange::Partitions(BTreeSet::from([1])))]));
+        let again = c.clone();
+        c.tables.get_mut("t").unwrap().id += 100;
+        assert_eq!(routing_changes(&again, &c).get(&(id + 100)), Some(&RoutingChange::Whole), "dropped and created again");
     }
 
     /// A duplication is checked before it is recorded: remote addresses, table name, tag (never

@@ -8,17 +8,17 @@
 //! a clock), so the service runs it over a real store and the simulator runs the same code over its
 //! simulated meta nodes, with their crashes, pauses, partitions and leader changes.
 
-use crate::catalog::{Catalog, NodeRecord, TableRecord};
+use crate::catalog::{Catalog, NodeRecord, RoutingChange, TableRecord};
 use crate::records::{self, Change, Loaded, CATALOG_HASHKEY, VERSION};
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tern_core::time::Clock;
-use tern_core::{GroupId, NodeId, TernError};
+use tern_core::{GroupId, NodeId, TableId, TernError};
 use tern_proto::*;
 use tern_raft::meta_link::ServerReport;
 
@@ -78,7 +78,15 @@ struct State {
     /// Every node's assignments in `catalog`, made at the first heartbeat after it changed and
     /// shared by the answers until it changes again.
     assignments: Option<HashMap<NodeId, Arc<Vec<ReplicaAssignment>>>>,
+    /// How routing changed in each catalog version after `routing_base` (the last
+    /// `ROUTING_LOG_MAX` that changed any), so that a client holding a table as of one of them is
+    /// sent only the partitions that changed since.
+    routing_log: VecDeque<(u64, BTreeMap<TableId, RoutingChange>)>,
+    routing_base: u64,
 }
+
+/// Catalog versions with routing changes remembered (`State::routing_log`).
+const ROUTING_LOG_MAX: usize = 1024;
 
 /// One meta node's keeper of the catalog. Clones share it.
 #[derive(Clone)]
@@ -109,6 +117,8 @@ impl Keeper {
                 leader_term: 0,
                 answers_given: 1,
                 assignments: None,
+                routing_log: VecDeque::new(),
+                routing_base: u64::MAX,
             })),
             changes: Arc::new(tokio::sync::Mutex::new(())),
             io,
@@ -273,6 +283,8 @@ impl Keeper {
                     state.catalog = catalog;
                     state.version = version;
                     state.assignments = None;
+                    state.routing_log.clear();
+                    state.routing_base = version;
                     state.liveness.clear();
                     state.leader_since = now;
                     state.leader_term = term.expect("leads");
@@ -302,6 +314,14 @@ impl Keeper {
     /// Installs a catalog written as `version` (under the `changes` lock, so no reload is in between).
     fn install(&self, catalog: Catalog, version: u64) {
         let mut state = self.state.lock();
+        let changes = crate::catalog::routing_changes(&state.catalog, &catalog);
+        if !changes.is_empty() {
+            state.routing_log.push_back((version, changes));
+            while state.routing_log.len() > ROUTING_LOG_MAX {
+                let (dropped, _) = state.routing_log.pop_front().expect("not empty");
+                state.routing_base = dropped;
+            }
+        }
         state.catalog = catalog;
         state.version = version;
         state.assignments = None;
@@ -441,9 +461,33 @@ impl Keeper {
     }
 
     pub fn table(&self, name: &str) -> Result<TableInfo, TernError> {
+        self.table_since(name, 0)
+    }
+
+    /// A table as clients route by it, for a client that holds it as of routing version `known`
+    /// (0: none): only the partitions whose routing changed since, when this node remembers every
+    /// change since then (`ROUTING_LOG_MAX` versions, all of its own leadership); else all of them.
+    pub fn table_since(&self, name: &str, known: u64) -> Result<TableInfo, TernError> {
         let state = self.state.lock();
         let alive = self.alive_nodes(&state);
-        state.catalog.table(name).map(|t| table_info(&state, t, &alive))
+        let t = state.catalog.table(name)?;
+        let mut info = table_info(&state, t, &alive);
+        if known != 0 && known >= state.routing_base && known <= state.version {
+            let mut changed = BTreeSet::new();
+            let mut whole = false;
+            for (_, changes) in state.routing_log.iter().filter(|(v, _)| *v > known) {
+                match changes.get(&t.id) {
+                    Some(RoutingChange::Whole) => whole = true,
+                    Some(RoutingChange::Partitions(p)) => changed.extend(p.iter().copied()),
+                    None => {}
+                }
+            }
+            if !whole {
+                info.partitions.retain(|p| changed.contains(&p.index));
+                info.partitions_delta = true;
+            }
+        }
+        Ok(info)
     }
 
     /// A table as clients see it (with the leaders last reported).
@@ -628,6 +672,9 @@ fn table_info(state: &State, t: &TableRecord, alive: &[NodeId]) -> TableInfo {
             })
             .collect(),
         split,
+        routing_version: state.version,
+        partitions_delta: false,
+        partitions_total: t.partitions.len() as u32,
     }
 }
 

@@ -260,7 +260,8 @@ impl Meta for MetaService {
 
     async fn get_table(&self, request: Request<TableRequest>) -> Result<Response<TableResponse>, Status> {
         self.keeper.check_serving().map_err(unavailable)?;
-        Ok(Response::new(match self.keeper.table(&request.into_inner().name) {
+        let request = request.into_inner();
+        Ok(Response::new(match self.keeper.table_since(&request.name, request.known_routing_version) {
             Ok(t) => TableResponse { error: None, table: Some(t) },
             Err(e) => err(e, |r: &mut TableResponse, e| r.error = e),
         }))

@@ -216,7 +216,12 @@ mod tests {
         assert!(c.advance_splits(&nodes, &HashMap::new()).is_empty());
         assert!(c.tables["t"].split_waiting_for(&nodes, &HashMap::new()).contains("no leader"));
         let progress = reported(&c, |_| 2);
+        let before = c.clone();
         assert!(c.advance_splits(&nodes, &progress)[0].contains("switching to 4"));
+        // Clients holding the table before the switch are sent the children.
+        let id = c.tables["t"].id;
+        let changes = crate::catalog::routing_changes(&before, &c);
+        assert_eq!(changes.get(&id), Some(&crate::catalog::RoutingChange::Partitions([2, 3].into())));
         assert!(c.cancel_split("t").unwrap_err().to_string().contains("cannot be cancelled"));
         // Too many partitions, a restore, duplications: refused before anything starts.
         let mut big = Catalog::default();

@@ -151,10 +151,32 @@ impl ServerReport {
         if !answer.assignments_delta {
             answer.assignments = assigned.to_vec();
         } else if !Arc::ptr_eq(&assigned, &self.assigned) {
-            let before: BTreeMap<u64, &ReplicaAssignment> = self.assigned.iter().map(|a| (a.group_id, a)).collect();
-            answer.assignments = assigned.iter().filter(|a| before.get(&a.group_id) != Some(a)).cloned().collect();
-            let now: std::collections::BTreeSet<u64> = assigned.iter().map(|a| a.group_id).collect();
-            answer.unassigned_groups = before.keys().filter(|g| !now.contains(g)).copied().collect();
+            // Both lists are by group id: one walk through them.
+            let (before, now) = (&self.assigned[..], &assigned[..]);
+            let (mut b, mut n) = (0, 0);
+            while b < before.len() || n < now.len() {
+                match (before.get(b), now.get(n)) {
+                    (Some(x), Some(y)) if x.group_id == y.group_id => {
+                        if x != y {
+                            answer.assignments.push(y.clone());
+                        }
+                        (b, n) = (b + 1, n + 1);
+                    }
+                    (Some(x), Some(y)) if x.group_id < y.group_id => {
+                        answer.unassigned_groups.push(x.group_id);
+                        b += 1;
+                    }
+                    (Some(x), None) => {
+                        answer.unassigned_groups.push(x.group_id);
+                        b += 1;
+                    }
+                    (_, Some(y)) => {
+                        answer.assignments.push(y.clone());
+                        n += 1;
+                    }
+                    (None, None) => unreachable!("the loop runs while either has more"),
+                }
+            }
         }
         self.assigned = assigned;
         self.token = token;

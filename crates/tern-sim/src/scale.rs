@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tern_core::{GroupId, NodeId, PeerId};
-use tern_meta::catalog::Catalog;
+use tern_meta::catalog::{Catalog, RoutingChange};
 use tern_proto::{HeartbeatRequest, ReplicaAssignment, ReplicaStatus};
 use tern_raft::meta_link::{MetaLink, ServerReport};
 
@@ -60,6 +60,9 @@ pub struct PhaseReport {
     pub heartbeat_bytes_max: usize,
     /// The largest heartbeat or answer of the phase's last round (with nothing left to do).
     pub heartbeat_bytes_last: usize,
+    /// Partitions whose routing changed over the phase: what a client that held every table
+    /// before it gets when it refreshes after it (`tern_meta::catalog::routing_changes`).
+    pub routing_changed: usize,
     /// Replicas on the most and the least loaded live server at the end.
     pub replicas_max: usize,
     pub replicas_min: usize,
@@ -71,7 +74,7 @@ pub struct PhaseReport {
 impl PhaseReport {
     pub fn describe(&self) -> String {
         format!(
-            "{:<28} {:>6} {:>5} {:>8} {:>8} {:>9.1} {:>9.1} {:>10.1} {:>10} {:>8} {:>5}-{:<5} {:>5}-{:<5}",
+            "{:<28} {:>6} {:>5} {:>8} {:>8} {:>9.1} {:>9.1} {:>10.1} {:>10} {:>8} {:>8} {:>5}-{:<5} {:>5}-{:<5}",
             self.name,
             self.passes,
             if self.converged { "yes" } else { "NO" },
@@ -82,6 +85,7 @@ impl PhaseReport {
             self.heartbeat_round_ms,
             self.heartbeat_bytes_max,
             self.heartbeat_bytes_last,
+            self.routing_changed,
             self.replicas_min,
             self.replicas_max,
             self.leaders_min,
@@ -91,8 +95,20 @@ impl PhaseReport {
 
     pub fn header() -> String {
         format!(
-            "{:<28} {:>6} {:>5} {:>8} {:>8} {:>9} {:>9} {:>10} {:>10} {:>8} {:>11} {:>11}",
-            "phase", "passes", "done", "moves", "leaders", "pass ms", "max ms", "hb round ms", "hb bytes", "hb last", "replicas", "leaders"
+            "{:<28} {:>6} {:>5} {:>8} {:>8} {:>9} {:>9} {:>10} {:>10} {:>8} {:>8} {:>11} {:>11}",
+            "phase",
+            "passes",
+            "done",
+            "moves",
+            "leaders",
+            "pass ms",
+            "max ms",
+            "hb round ms",
+            "hb bytes",
+            "hb last",
+            "routing",
+            "replicas",
+            "leaders"
         )
     }
 }
@@ -246,6 +262,7 @@ impl Cluster {
         let mut report = PhaseReport { name: name.to_string(), ..Default::default() };
         let alive: Vec<NodeId> = self.alive.iter().copied().collect();
         let (mut total, mut heartbeats) = (Duration::ZERO, Duration::ZERO);
+        let start = self.catalog.clone();
         let mut passes = 0;
         while passes < self.cfg.passes_max {
             self.pass += 1;
@@ -276,6 +293,13 @@ impl Cluster {
         report.passes = passes;
         report.schedule_ms_mean = total.as_secs_f64() * 1000.0 / passes.max(1) as f64;
         report.heartbeat_round_ms = heartbeats.as_secs_f64() * 1000.0 / passes.max(1) as f64;
+        report.routing_changed = tern_meta::catalog::routing_changes(&start, &self.catalog)
+            .into_iter()
+            .map(|(id, change)| match change {
+                RoutingChange::Whole => self.catalog.tables.values().find(|t| t.id == id).map_or(0, |t| t.partitions.len()),
+                RoutingChange::Partitions(p) => p.len(),
+            })
+            .sum();
         let mut replicas: HashMap<NodeId, usize> = alive.iter().map(|n| (*n, 0)).collect();
         let mut leaders: HashMap<NodeId, usize> = alive.iter().map(|n| (*n, 0)).collect();
         for p in self.catalog.tables.values().flat_map(|t| t.partitions.iter()) {

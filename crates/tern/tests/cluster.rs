@@ -951,7 +951,9 @@ async fn a_table_being_restored_takes_no_requests() {
     assert!(e.to_string().contains("being restored"), "{e}");
     let r = c
         .client
-        .meta_call(|mut m| async move { m.finish_restore(tern_proto::TableRequest { name: "r".into() }).await.map(|r| r.into_inner()) })
+        .meta_call(|mut m| async move {
+            m.finish_restore(tern_proto::TableRequest { name: "r".into(), ..Default::default() }).await.map(|r| r.into_inner())
+        })
         .await
         .unwrap();
     tern_proto::check(&r.error).unwrap();

@@ -308,7 +308,8 @@ impl World {
     pub(super) fn on_error(&mut self, client: usize, error: TernError) {
         let now = self.now.load(Ordering::SeqCst);
         // What the real client gets when it refreshes its route from meta.
-        let fresh_route = self.route_from_meta();
+        let held = self.clients[client].route.as_ref().map(|t| (t, &self.clients[client].leaders));
+        let fresh_route = self.route_from_meta(held);
         let c = &mut self.clients[client];
         let p = c.pending.as_mut().expect("pending operation");
         // As the real client: a split learned from the partition itself routes at once.

@@ -238,12 +238,23 @@ impl World {
         meta.indices.iter().filter_map(|&m| self.nodes[m].keeper.as_ref()).find(|k| k.keeper.serving()).map(|k| k.keeper.catalog())
     }
 
-    /// The route the real client gets when it asks meta for table "t" (None if no meta answers):
-    /// the table, and its leaders as the client tracks them.
-    pub(super) fn route_from_meta(&self) -> Option<(LeaderTable, tern_proto::TableInfo)> {
+    /// The route the real client gets when it asks meta for table "t" holding `held` (None if no
+    /// meta answers): the table, and its leaders as the client tracks them. As the real client
+    /// does, it asks for what changed since the routing it holds and merges that in.
+    pub(super) fn route_from_meta(&self, held: Option<(&tern_proto::TableInfo, &LeaderTable)>) -> Option<(LeaderTable, tern_proto::TableInfo)> {
         let m = self.serving_meta_for(None)?;
-        let t = self.nodes[m].keeper.as_ref()?.keeper.table("t").ok()?;
-        Some((LeaderTable::from_table(&t), t))
+        let keeper = &self.nodes[m].keeper.as_ref()?.keeper;
+        let fresh = keeper.table_since("t", held.map_or(0, |(t, _)| t.routing_version)).ok()?;
+        match held.filter(|_| fresh.partitions_delta) {
+            None => Some((LeaderTable::from_table(&fresh), fresh)),
+            Some((table, leaders)) => match tern_client::routing::merge_table(table, &fresh) {
+                Some((merged, changed)) => Some((LeaderTable::keeping(&merged, leaders, &changed), merged)),
+                None => {
+                    let t = keeper.table("t").ok()?;
+                    Some((LeaderTable::from_table(&t), t))
+                }
+            },
+        }
     }
 
     /// Says in the run's log what a split waits for, when that changes.
