@@ -236,8 +236,10 @@ pub struct Catalog {
 
 /// Keeps each partition's preferred leader on a usable voter and evens preferred leaders out over
 /// the table's nodes: each pass, a node gives away and takes on at most one of the table's
-/// preferences (each move a leadership transfer), every move from a node to a voter holding at
-/// least two fewer, so every move makes the spread strictly more even and balancing ends.
+/// preferences (each move a leadership transfer), only from a node holding more than its share
+/// (the mean of its priority, rounded up) to a voter holding at least two fewer, so every move
+/// makes the spread strictly more even and balancing ends, and nodes within their share do not
+/// pass preferences around.
 /// Leader priority (X-Paxos style): a partition prefers its usable voters with the highest priority
 /// (a preferred region), so leadership goes back there when it is healthy; ties are evened out.
 fn balance_preferred_leaders(t: &mut TableRecord, usable: &[NodeId], priority: &HashMap<NodeId, i32>, paused: bool) -> Vec<String> {
@@ -266,10 +268,19 @@ fn balance_preferred_leaders(t: &mut TableRecord, usable: &[NodeId], priority: &
     if paused {
         return changes;
     }
+    // The most preferences a node of each priority should hold: the mean over its nodes, rounded
+    // up. Only a node above it gives (nodes within their share do not pass preferences around).
+    let mut by_priority: HashMap<i32, (usize, usize)> = HashMap::new();
+    for (n, c) in &counts {
+        let e = by_priority.entry(prio(n)).or_default();
+        e.0 += c;
+        e.1 += 1;
+    }
+    let ceiling = |n: &NodeId| by_priority.get(&prio(n)).map_or(0, |(held, nodes)| held.div_ceil(*nodes));
     let (mut gave, mut took) = (HashSet::new(), HashSet::new());
     for (i, p) in t.partitions.iter_mut().enumerate().filter(|(_, p)| !p.split_pending) {
         let from = p.preferred_leader;
-        let Some(&have) = counts.get(&from).filter(|_| !gave.contains(&from)) else { continue };
+        let Some(&have) = counts.get(&from).filter(|c| !gave.contains(&from) && **c > ceiling(&from)) else { continue };
         let better = p
             .peers
             .iter()
