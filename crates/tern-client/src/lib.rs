@@ -4,8 +4,9 @@
 //! Every write carries (client id, sequence) so that a retry, or a late duplicate of a request, is
 //! applied at most once.
 //!
-//! Owns: `retry` (the pure backoff policy), `routing` (pure leader tracking, retry decisions and
-//! where a hashkey goes while its table splits, shared with the simulator), `client` (connections, routing, the request loop) and the
+//! Owns: `retry` (the pure backoff policy), `routing` (pure leader tracking, retry decisions,
+//! where a hashkey goes while its table splits, and merging a routing refresh that lists only what
+//! changed; shared with the simulator), `client` (connections, routing, the request loop) and the
 //! typed operations on `Table`, `batch` (one multiplexed request stream per server), `backup` (the
 //! coordinator of table backups and restores; the servers copy the data), `dup` (administering
 //! cross-cluster duplication; the servers ship). Must not depend on tern-raft, tern-server or tern-meta: it speaks only
