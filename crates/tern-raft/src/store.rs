@@ -331,9 +331,9 @@ struct PeerNodes {
     list: Vec<NodeId>,
 }
 
-/// Idle engines a store keeps open by default: about 8,500 open files and 300 MiB. Reopening an
+/// Engines a store keeps open by default: about 8,500 open files and 300 MiB. Reopening an
 /// engine takes milliseconds of the store thread (BENCHMARKS.md, replicas per server), so only a
-/// server with more idle replicas than this closes any.
+/// server with more replicas than this closes any.
 pub const ENGINES_OPEN_DEFAULT: usize = 1024;
 
 /// How often (ticks) the store recomputes which nodes its replicas have peers on.

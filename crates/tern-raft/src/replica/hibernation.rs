@@ -119,12 +119,6 @@ impl Replica {
         self.sm.engine_is_open()
     }
 
-    /// How many times the engine was opened again after being closed (the store closes the
-    /// engines that stayed unused longest).
-    pub fn engine_reopens(&self) -> u64 {
-        self.engine_reopens
-    }
-
     /// Whether an engine sync is under way (a replica closing its engine waits for it).
     pub fn engine_sync_in_flight(&self) -> bool {
         self.sync_in_flight.is_some()
@@ -162,7 +156,6 @@ impl Replica {
         }
         let dir = self.dir.join(&self.meta.engine_dir);
         let reopened = self.engines.open(&dir).map_err(crate::apply::engine_error).and_then(|engine| self.sm.reopen_engine(engine));
-        self.engine_reopens += 1;
         if let Err(e) = reopened {
             self.fail(StorageFailure(e));
         }

@@ -109,8 +109,6 @@ pub struct Replica {
     idle_ticks: u64,
     /// Messages of Tern's own to peers (hibernate and wake notices), sent with the next Ready.
     outgoing: Vec<Message>,
-    /// Times a closed engine was opened again.
-    engine_reopens: u64,
     /// Times something made sure the engine was open to use it (`ensure_engine`): the store
     /// closes the engines unused longest.
     engine_uses: u64,
@@ -286,7 +284,6 @@ impl Replica {
             hibernating: false,
             idle_ticks: 0,
             outgoing: Vec::new(),
-            engine_reopens: 0,
             engine_uses: 0,
             split_children: Vec::new(),
             split_proposed_tick: None,
