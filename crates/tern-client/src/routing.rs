@@ -70,7 +70,8 @@ pub fn merge_table(before: &tern_proto::TableInfo, fresh: &tern_proto::TableInfo
     if partitions.len() != fresh.partitions_total as usize {
         return None;
     }
-    let changed = fresh.partitions.iter().map(|p| p.index).collect();
+    let mut changed: Vec<u32> = fresh.partitions.iter().map(|p| p.index).collect();
+    changed.sort_unstable();
     Some((tern_proto::TableInfo { partitions, partitions_delta: false, ..fresh.clone() }, changed))
 }
 
@@ -113,10 +114,11 @@ impl LeaderTable {
     }
 
     /// The same for `table` after a routing refresh that listed only the partitions `changed`
-    /// (`merge_table`): those take meta's leader hints, the others keep the leaders learned so far.
+    /// (`merge_table`, ascending): those take meta's leader hints, the others keep the leaders
+    /// learned so far.
     pub fn keeping(table: &tern_proto::TableInfo, before: &LeaderTable, changed: &[u32]) -> LeaderTable {
         let leader_of = |i: usize, p: &tern_proto::PartitionInfo| {
-            if i >= before.leaders.len() || changed.contains(&(i as u32)) {
+            if i >= before.leaders.len() || changed.binary_search(&(i as u32)).is_ok() {
                 p.leader_node
             } else {
                 before.leader(i as u32)
@@ -151,9 +153,14 @@ impl LeaderTable {
                 self.leaders[partition as usize].store(*l, Ordering::Relaxed);
                 Reaction::None
             }
-            TernError::StaleConfig(_) | TernError::TableNotFound(_) | TernError::PartitionNotFound(_) | TernError::PartitionSplit { .. } => {
+            // A replica that does not have the partition (or not as addressed) is not its leader:
+            // try the next one too, as a refresh that lists only changed partitions keeps the
+            // guesses of the others.
+            TernError::StaleConfig(_) | TernError::PartitionNotFound(_) => {
+                self.rotate(partition);
                 Reaction::RefreshRoute
             }
+            TernError::TableNotFound(_) | TernError::PartitionSplit { .. } => Reaction::RefreshRoute,
             TernError::Unavailable(_) => {
                 self.rotate(partition);
                 Reaction::RefreshNodes
@@ -325,8 +332,11 @@ mod tests {
         assert_eq!(t.observe(1, 3, &TernError::Unavailable("down".into())), Reaction::RefreshNodes);
         assert_eq!(t.leader(1), 4);
         assert_eq!(t.observe(1, 4, &TernError::StaleConfig("x".into())), Reaction::RefreshRoute);
-        assert_eq!(t.observe(1, 4, &TernError::invalid("bad")), Reaction::None);
-        assert_eq!(t.leader(1), 4, "a request error says nothing about leadership");
+        assert_eq!(t.leader(1), 2, "a replica without the partition as addressed is not its leader");
+        assert_eq!(t.observe(1, 2, &TernError::PartitionNotFound("x".into())), Reaction::RefreshRoute);
+        assert_eq!(t.leader(1), 3);
+        assert_eq!(t.observe(1, 3, &TernError::invalid("bad")), Reaction::None);
+        assert_eq!(t.leader(1), 3, "a request error says nothing about leadership");
     }
 
     /// While a split switches, a child's hashkeys go to the parent until it has split.

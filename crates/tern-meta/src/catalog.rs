@@ -236,10 +236,10 @@ pub struct Catalog {
 
 /// Keeps each partition's preferred leader on a usable voter and evens preferred leaders out over
 /// the table's nodes: each pass, a node gives away and takes on at most one of the table's
-/// preferences (each move a leadership transfer), only from a node holding more than its share
-/// (the mean of its priority, rounded up) to a voter holding at least two fewer, so every move
-/// makes the spread strictly more even and balancing ends, and nodes within their share do not
-/// pass preferences around.
+/// preferences (each move a leadership transfer), to a voter holding at least two fewer, and
+/// from a node within its share (the mean of its priority) only to one below it: every move makes
+/// the spread strictly more even, so balancing ends, and nodes within their share do not pass
+/// preferences around among themselves.
 /// Leader priority (X-Paxos style): a partition prefers its usable voters with the highest priority
 /// (a preferred region), so leadership goes back there when it is healthy; ties are evened out.
 fn balance_preferred_leaders(t: &mut TableRecord, usable: &[NodeId], priority: &HashMap<NodeId, i32>, paused: bool) -> Vec<String> {
@@ -268,8 +268,9 @@ fn balance_preferred_leaders(t: &mut TableRecord, usable: &[NodeId], priority: &
     if paused {
         return changes;
     }
-    // The most preferences a node of each priority should hold: the mean over its nodes, rounded
-    // up. Only a node above it gives (nodes within their share do not pass preferences around).
+    // The share of preferences a node of each priority should hold: the mean over its nodes,
+    // rounded down and up. A node above it gives to any voter holding two fewer; one within it
+    // only to a voter below it (nodes within their share do not pass preferences around).
     let mut by_priority: HashMap<i32, (usize, usize)> = HashMap::new();
     for (n, c) in &counts {
         let e = by_priority.entry(prio(n)).or_default();
@@ -277,15 +278,19 @@ fn balance_preferred_leaders(t: &mut TableRecord, usable: &[NodeId], priority: &
         e.1 += 1;
     }
     let ceiling = |n: &NodeId| by_priority.get(&prio(n)).map_or(0, |(held, nodes)| held.div_ceil(*nodes));
+    let floor = |n: &NodeId| by_priority.get(&prio(n)).map_or(0, |(held, nodes)| held / nodes);
     let (mut gave, mut took) = (HashSet::new(), HashSet::new());
     for (i, p) in t.partitions.iter_mut().enumerate().filter(|(_, p)| !p.split_pending) {
         let from = p.preferred_leader;
-        let Some(&have) = counts.get(&from).filter(|c| !gave.contains(&from) && **c > ceiling(&from)) else { continue };
+        let Some(&have) = counts.get(&from).filter(|_| !gave.contains(&from)) else { continue };
+        // A node within its share gives only to one below it (so that a node over its share
+        // whose voters are all at their share can still be relieved, through them).
+        let over = have > ceiling(&from);
         let better = p
             .peers
             .iter()
             .map(|(_, n)| *n)
-            .filter(|n| usable.contains(n) && !took.contains(n) && prio(n) == prio(&from) && counts[n] + 1 < have)
+            .filter(|n| usable.contains(n) && !took.contains(n) && prio(n) == prio(&from) && counts[n] + 1 < have && (over || counts[n] < floor(n)))
             .min_by_key(|n| (counts[n], *n));
         if let Some(better) = better {
             changes.push(format!("partition {}.{i}: preferred leader node {from} -> {better} (balance)", t.id));
@@ -980,6 +985,31 @@ mod tests {
         let mut c = Catalog::default();
         let ids = (0..n).map(|i| c.register(&format!("127.0.0.1:{}", 1000 + i), "").unwrap()).collect();
         (c, ids)
+    }
+
+    /// A node over its share whose voters all hold their share is still relieved: a node within
+    /// its share passes one to a node below it first (found in review: moving only off nodes
+    /// over their share left A and B at 3 for good here).
+    #[test]
+    fn leader_preferences_even_out_through_nodes_within_their_share() {
+        let (mut c, n) = catalog_with_nodes(5);
+        c.create_table("t", 8, 3, &n[..3]).unwrap();
+        let t = c.tables.get_mut("t").unwrap();
+        for (i, p) in t.partitions.iter_mut().enumerate() {
+            let (voters, preferred) = match i {
+                0..3 => ([n[0], n[1], n[2]], n[0]),
+                3..6 => ([n[0], n[1], n[2]], n[1]),
+                _ => ([n[2], n[3], n[4]], n[2]),
+            };
+            p.peers = voters.iter().enumerate().map(|(k, node)| (100 * i as u64 + k as u64, *node)).collect();
+            p.preferred_leader = preferred;
+        }
+        for _ in 0..10 {
+            balance_preferred_leaders(t, &n, &HashMap::new(), false);
+        }
+        let mut counts: Vec<usize> = n.iter().map(|node| t.partitions.iter().filter(|p| p.preferred_leader == *node).count()).collect();
+        counts.sort_unstable();
+        assert_eq!(counts, vec![1, 1, 2, 2, 2]);
     }
 
     /// Routing changes between catalogs: a new table whole, a replica move in the partition it
