@@ -267,21 +267,13 @@ impl Client {
     async fn refresh_route(&self, table: &str) -> TernResult<Arc<Route>> {
         let before = self.inner.routes.read().get(table).cloned();
         let fresh = self.table_info_since(table, before.as_ref().map_or(0, |r| r.table.routing_version)).await?;
-        let merged = before.as_ref().filter(|_| fresh.partitions_delta).map(|b| (b, crate::routing::merge_table(&b.table, &fresh)));
-        let (info, leaders) = match merged {
-            Some((b, Some((info, changed)))) => {
-                let leaders = LeaderTable::keeping(&info, &b.leaders, &changed);
-                (info, leaders)
-            }
+        let (info, leaders) = match crate::routing::refreshed(before.as_ref().map(|b| (&b.table, &b.leaders)), fresh) {
+            Some(refreshed) => refreshed,
             // A delta that does not fit what is held: the whole table.
-            Some((_, None)) => {
+            None => {
                 let info = self.table_info(table).await?;
                 let leaders = LeaderTable::from_table(&info);
                 (info, leaders)
-            }
-            None => {
-                let leaders = LeaderTable::from_table(&fresh);
-                (fresh, leaders)
             }
         };
         let needs_nodes = {

@@ -75,6 +75,21 @@ pub fn merge_table(before: &tern_proto::TableInfo, fresh: &tern_proto::TableInfo
     Some((tern_proto::TableInfo { partitions, partitions_delta: false, ..fresh.clone() }, changed))
 }
 
+/// A table's routing and leaders after meta answered a refresh with `fresh`, for a caller that
+/// held `held` (the table and its leaders) when it asked: `fresh` itself when whole, else merged
+/// into what was held (`merge_table`). None when a delta does not fit what was held: ask for the
+/// whole table. The client and the simulator's clients both decide with this.
+pub fn refreshed(held: Option<(&tern_proto::TableInfo, &LeaderTable)>, fresh: tern_proto::TableInfo) -> Option<(tern_proto::TableInfo, LeaderTable)> {
+    if !fresh.partitions_delta {
+        let leaders = LeaderTable::from_table(&fresh);
+        return Some((fresh, leaders));
+    }
+    let (table, leaders) = held?;
+    let (merged, changed) = merge_table(table, &fresh)?;
+    let leaders = LeaderTable::keeping(&merged, leaders, &changed);
+    Some((merged, leaders))
+}
+
 /// What the caller must do besides retrying, after an error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reaction {

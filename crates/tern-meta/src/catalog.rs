@@ -937,8 +937,8 @@ impl Catalog {
     }
 
     /// Every node's assignments (`assignments`), as heartbeat answers carry them, by group id:
-    /// one pass over the catalog for all nodes.
-    pub fn assignments_by_node(&self) -> HashMap<NodeId, Vec<tern_proto::ReplicaAssignment>> {
+    /// one pass over the catalog for all nodes, each list shared by the answers that carry it.
+    pub fn assignments_by_node(&self) -> HashMap<NodeId, std::sync::Arc<Vec<tern_proto::ReplicaAssignment>>> {
         let mut out: HashMap<NodeId, Vec<tern_proto::ReplicaAssignment>> = HashMap::new();
         for t in self.tables.values() {
             for (i, p) in t.partitions.iter().enumerate().filter(|(_, p)| !p.split_pending) {
@@ -954,10 +954,12 @@ impl Catalog {
                 }
             }
         }
-        for list in out.values_mut() {
-            list.sort_unstable_by_key(|a| a.group_id);
-        }
-        out
+        out.into_iter()
+            .map(|(node, mut list)| {
+                list.sort_unstable_by_key(|a| a.group_id);
+                (node, std::sync::Arc::new(list))
+            })
+            .collect()
     }
 }
 

@@ -432,7 +432,7 @@ impl Keeper {
         state.answers_given += 1;
         let mut answer = state.catalog.heartbeat_answer_without_assignments(hb.node_id);
         let State { catalog, assignments, .. } = &mut *state;
-        let by_node = assignments.get_or_insert_with(|| catalog.assignments_by_node().into_iter().map(|(n, a)| (n, Arc::new(a))).collect());
+        let by_node = assignments.get_or_insert_with(|| catalog.assignments_by_node());
         let assigned = by_node.get(&hb.node_id).cloned().unwrap_or_default();
         let live = state.liveness.entry(hb.node_id).or_insert_with(|| NodeLiveness {
             last_seen: now,

@@ -232,7 +232,7 @@ impl Cluster {
             largest = largest.max(prost::Message::encoded_len(&hb));
             let started = Instant::now();
             if self.assignments.is_none() {
-                self.assignments = Some(self.catalog.assignments_by_node().into_iter().map(|(n, a)| (n, Arc::new(a))).collect());
+                self.assignments = Some(self.catalog.assignments_by_node());
             }
             let assigned = self.assignments.as_ref().and_then(|a| a.get(n)).cloned().unwrap_or_default();
             let report = self.reports.entry(*n).or_default();

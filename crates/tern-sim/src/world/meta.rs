@@ -245,16 +245,14 @@ impl World {
         let m = self.serving_meta_for(None)?;
         let keeper = &self.nodes[m].keeper.as_ref()?.keeper;
         let fresh = keeper.table_since("t", held.map_or(0, |(t, _)| t.routing_version)).ok()?;
-        match held.filter(|_| fresh.partitions_delta) {
-            None => Some((LeaderTable::from_table(&fresh), fresh)),
-            Some((table, leaders)) => match tern_client::routing::merge_table(table, &fresh) {
-                Some((merged, changed)) => Some((LeaderTable::keeping(&merged, leaders, &changed), merged)),
-                None => {
-                    let t = keeper.table("t").ok()?;
-                    Some((LeaderTable::from_table(&t), t))
-                }
-            },
-        }
+        let (table, leaders) = match tern_client::routing::refreshed(held, fresh) {
+            Some(refreshed) => refreshed,
+            None => {
+                let t = keeper.table("t").ok()?;
+                (t.clone(), LeaderTable::from_table(&t))
+            }
+        };
+        Some((leaders, table))
     }
 
     /// Says in the run's log what a split waits for, when that changes.
