@@ -462,13 +462,17 @@ impl Client {
     /// Every write carries (client id, sequence): a retry after a lost answer, or a late duplicate,
     /// is applied at most once.
     async fn write(&self, table: &str, hashkey: &[u8], op: write_request::Op) -> TernResult<WriteResponse> {
+        self.write_routed(table, Routed::Hashkey(hashkey), op).await
+    }
+
+    async fn write_routed(&self, table: &str, routed: Routed<'_>, op: write_request::Op) -> TernResult<WriteResponse> {
         let in_flight = InFlight::register(&self.inner);
         let seq = in_flight.seq;
         let client_id = self.inner.client_id;
         let r = self
             .execute(
                 table,
-                Routed::Hashkey(hashkey),
+                routed,
                 |partition| {
                     let first_incomplete_seq = self.inner.sequencer.lock().floor(seq);
                     batch_item::Op::Write(WriteRequest { partition: Some(partition), client_id, seq, first_incomplete_seq, op: Some(op.clone()) })
@@ -702,6 +706,44 @@ impl Table {
     pub async fn scan_partition_from(&self, hashkey: &[u8], limit: u32, no_value: bool) -> TernResult<Vec<Record>> {
         let op = read_request::Op::Scan(Scan { hashkey: bytes(hashkey), full_table: true, limit, no_value, ..Default::default() });
         Ok(self.client.read(&self.name, Routed::Hashkey(hashkey), op).await?.records)
+    }
+
+    /// The table as meta describes it now.
+    pub async fn info(&self) -> TernResult<TableInfo> {
+        self.client.table_info(&self.name).await
+    }
+
+    /// The table's partition count as this client knows it (fetched when it knows none).
+    pub async fn partition_count(&self) -> TernResult<u32> {
+        self.client.partition_count(&self.name).await
+    }
+
+    /// A Redis command that writes (or a MULTI/EXEC transaction of them) on keys of `key`'s
+    /// partition, run atomically in one raft entry with exactly-once retries; the reply as
+    /// `tern_redis::Reply::to_wire` bytes.
+    pub async fn redis_write(&self, key: &[u8], commands: Vec<Vec<bytes::Bytes>>, transaction: bool) -> TernResult<bytes::Bytes> {
+        let op = write_request::Op::Redis(RedisWrite { commands: commands.into_iter().map(|args| RedisCommand { args }).collect(), transaction });
+        Ok(self.client.write(&self.name, key, op).await?.redis_reply)
+    }
+
+    /// A Redis command that only reads, on keys of `key`'s partition (linearizable).
+    pub async fn redis_read(&self, key: &[u8], args: Vec<bytes::Bytes>) -> TernResult<bytes::Bytes> {
+        let op = read_request::Op::Redis(RedisCommand { args });
+        Ok(self.client.read(&self.name, Routed::Hashkey(key), op).await?.redis_reply)
+    }
+
+    /// Deletes every record of the table, each partition atomically (not the table as a whole:
+    /// a write to one partition may land before another is flushed).
+    pub async fn flush(&self) -> TernResult<()> {
+        let route = self.client.refresh_route(&self.name).await?;
+        let count = route.table.partition_count;
+        if route.table.split.is_some() {
+            return Err(TernError::Unavailable(format!("table {} is splitting: flush it once the split is done", self.name)));
+        }
+        for partition in 0..count {
+            self.client.write_routed(&self.name, Routed::Walk { partition, partition_count: count }, write_request::Op::Flush(Flush {})).await?;
+        }
+        Ok(())
     }
 
     /// Number of live records under a hashkey.

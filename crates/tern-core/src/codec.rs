@@ -1,5 +1,5 @@
 //! On-disk encodings, stable forever once data exists:
-//! - the partition hash of a hashkey;
+//! - the partition hash of a hashkey (of its hash tag, when it has one: `hash_tag`);
 //! - the storage key of a record: `[hashkey length: u16 BE][hashkey][sortkey]`, so the records of one
 //!   hashkey are contiguous and ordered by sortkey;
 //! - the stored value: a header followed by the user value. Format 1 (13 bytes):
@@ -27,10 +27,27 @@ pub fn partition_hash(hashkey: &[u8]) -> u64 {
     h ^ (h >> 33)
 }
 
-/// The partition a hashkey belongs to in a table of `partition_count` (a power of two) partitions.
+/// The part of a hashkey that chooses its partition: its hash tag, by Redis Cluster's rule (the
+/// bytes between the first `{` and the first `}` after it, when there are any), else all of it.
+/// Hashkeys with one tag (`{user:1}:feed`, `{user:1}:likes`) share a partition, so commands on
+/// several of them can be atomic.
+pub fn hash_tag(hashkey: &[u8]) -> &[u8] {
+    if let Some(open) = hashkey.iter().position(|&b| b == b'{') {
+        let rest = &hashkey[open + 1..];
+        if let Some(len) = rest.iter().position(|&b| b == b'}') {
+            if len > 0 {
+                return &rest[..len];
+            }
+        }
+    }
+    hashkey
+}
+
+/// The partition a hashkey belongs to in a table of `partition_count` (a power of two) partitions:
+/// by the hash of its hash tag (`hash_tag`).
 pub fn partition_of(hashkey: &[u8], partition_count: u32) -> u32 {
     debug_assert!(partition_count.is_power_of_two());
-    (partition_hash(hashkey) & (partition_count as u64 - 1)) as u32
+    (partition_hash(hash_tag(hashkey)) & (partition_count as u64 - 1)) as u32
 }
 
 /// Encodes a record's storage key. The hashkey must already be checked against its limit.
@@ -221,6 +238,12 @@ mod tests {
         assert_eq!(partition_hash(b""), 0xefd01f60ba992926);
         assert_eq!(partition_of(b"user:1", 8), 1);
         assert_eq!(partition_of(b"user:1", 1), 0);
+        assert_eq!(hash_tag(b"{user:1}:feed"), b"user:1");
+        assert_eq!(hash_tag(b"a{b}c{d}"), b"b");
+        assert_eq!(hash_tag(b"{}x"), b"{}x");
+        assert_eq!(hash_tag(b"x{y"), b"x{y");
+        assert_eq!(hash_tag(b"{{a}}"), b"{a");
+        assert_eq!(partition_of(b"{user:1}:feed", 64), partition_of(b"user:1", 64));
     }
 
     /// Keys of many hashkeys spread roughly evenly over partitions.

@@ -8,7 +8,6 @@
 //! (raft, engine, meta).
 
 mod commands;
-mod glob;
 mod info;
 pub mod resp;
 
@@ -78,7 +77,11 @@ pub struct Stats {
 /// Where a SCAN or HSCAN continues.
 pub(crate) enum Cursor {
     Scan(FullScanCursor),
-    HScan { key: Bytes, resume: Vec<u8> },
+    /// HSCAN, SSCAN, ZSCAN: the key and the sortkey to resume at.
+    Elements {
+        key: Bytes,
+        resume: Bytes,
+    },
 }
 
 /// SCAN cursors handed out as integers (clients parse them as numbers); the newest are kept.
@@ -134,6 +137,8 @@ pub struct Shared {
     pub address: SocketAddr,
     /// Last counted (keys, keys with an expiry) and when, for INFO keyspace.
     key_count_cache: Mutex<Option<(u64, u64, Instant)>>,
+    /// What CONFIG SET was given (see `info::config`).
+    pub(crate) settings: Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 /// What the connections of one proxy thread share: the proxy's state and a client of their own.
@@ -188,6 +193,12 @@ pub struct Session {
     pub authenticated: bool,
     pub name: Option<Bytes>,
     pub quit: bool,
+    /// Commands queued since MULTI (None: not in a transaction).
+    pub multi: Option<Vec<Vec<Bytes>>>,
+    /// A command failed to queue: EXEC answers EXECABORT.
+    pub multi_failed: bool,
+    /// WATCHed keys and their digests when watched.
+    pub watched: Vec<(Bytes, Bytes)>,
 }
 
 /// A running proxy.
@@ -216,6 +227,7 @@ impl Proxy {
             started: Instant::now(),
             address,
             key_count_cache: Mutex::new(None),
+            settings: Mutex::new(Default::default()),
         });
         let (stop, stopped) = watch::channel(false);
         let mut shards = Vec::new();
@@ -372,10 +384,19 @@ const CONCURRENT_READS_MAX: usize = 64;
 /// pipeline are each linearizable but not one snapshot (as with a Redis Cluster client's
 /// pipeline across nodes).
 async fn serve(mut stream: TcpStream, shared: &Shard, id: u64) -> std::io::Result<()> {
-    let mut session = Session { id, resp3: false, authenticated: shared.config.password.is_none(), name: None, quit: false };
+    let mut session = Session {
+        id,
+        resp3: false,
+        authenticated: shared.config.password.is_none(),
+        name: None,
+        quit: false,
+        multi: None,
+        multi_failed: false,
+        watched: Vec::new(),
+    };
     let mut input = BytesMut::with_capacity(16 * 1024);
     let mut out = Vec::with_capacity(16 * 1024);
-    let mut reads: Vec<(String, Vec<Bytes>)> = Vec::new();
+    let mut reads: Vec<Vec<Bytes>> = Vec::new();
     loop {
         loop {
             let args = match parse_command(&mut input) {
@@ -390,7 +411,7 @@ async fn serve(mut stream: TcpStream, shared: &Shard, id: u64) -> std::io::Resul
                 }
             };
             shared.stats.commands.fetch_add(1, Ordering::Relaxed);
-            if session.authenticated && commands::is_small_read(&args) {
+            if session.authenticated && session.multi.is_none() && commands::is_small_read(&args) {
                 if reads.len() == CONCURRENT_READS_MAX {
                     run_reads(shared, &session, &mut reads, &mut out).await;
                     if out.len() >= FLUSH_BYTES {
@@ -398,7 +419,7 @@ async fn serve(mut stream: TcpStream, shared: &Shard, id: u64) -> std::io::Resul
                         out.clear();
                     }
                 }
-                reads.push((String::from_utf8_lossy(&args[0]).to_ascii_uppercase(), args));
+                reads.push(args);
                 continue;
             }
             run_reads(shared, &session, &mut reads, &mut out).await;
@@ -430,11 +451,11 @@ async fn serve(mut stream: TcpStream, shared: &Shard, id: u64) -> std::io::Resul
 }
 
 /// Runs the queued small reads concurrently and appends their replies in order.
-async fn run_reads(shared: &Shard, session: &Session, reads: &mut Vec<(String, Vec<Bytes>)>, out: &mut Vec<u8>) {
+async fn run_reads(shared: &Shard, session: &Session, reads: &mut Vec<Vec<Bytes>>, out: &mut Vec<u8>) {
     let replies = match reads.len() {
         0 => return,
-        1 => vec![commands::execute_read(shared, &reads[0].0, &reads[0].1).await],
-        _ => futures::future::join_all(reads.iter().map(|(name, args)| commands::execute_read(shared, name, args))).await,
+        1 => vec![commands::execute_read(shared, &reads[0]).await],
+        _ => futures::future::join_all(reads.iter().map(|args| commands::execute_read(shared, args))).await,
     };
     for reply in replies {
         count_error(shared, &reply);

@@ -96,7 +96,13 @@ fn parse_inline(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, ProtocolError>
     while i < text.len() {
         let c = text[i];
         match quote {
-            Some(q) if c == q => quote = None,
+            Some(q) if c == q => {
+                // As Redis: a closing quote must end the argument.
+                if text.get(i + 1).is_some_and(|n| !n.is_ascii_whitespace()) {
+                    return perr("unbalanced quotes in request");
+                }
+                quote = None;
+            }
             Some(b'"') if c == b'\\' && i + 1 < text.len() => {
                 i += 1;
                 let e = match text[i] {
@@ -133,129 +139,7 @@ fn parse_inline(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, ProtocolError>
     Ok(Some(args))
 }
 
-/// A reply, encoded for the connection's protocol version.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Reply {
-    Ok,
-    Simple(String),
-    Error(String),
-    Int(i64),
-    Bulk(Bytes),
-    Nil,
-    Array(Vec<Reply>),
-    NilArray,
-    /// A map in RESP3, a flat array in RESP2.
-    Map(Vec<(Reply, Reply)>),
-    /// A double in RESP3, a bulk string in RESP2.
-    Double(f64),
-    /// A verbatim text in RESP3 (INFO), a bulk string in RESP2.
-    Text(String),
-}
-
-impl Reply {
-    pub fn bulk(b: impl Into<Bytes>) -> Reply {
-        Reply::Bulk(b.into())
-    }
-
-    pub fn err(msg: impl Into<String>) -> Reply {
-        Reply::Error(msg.into())
-    }
-
-    pub fn opt(v: Option<Bytes>) -> Reply {
-        v.map_or(Reply::Nil, Reply::Bulk)
-    }
-
-    pub fn is_error(&self) -> bool {
-        matches!(self, Reply::Error(_))
-    }
-
-    /// Approximate encoded size, for reply size limits.
-    pub fn size(&self) -> usize {
-        match self {
-            Reply::Bulk(b) => b.len() + 16,
-            Reply::Array(a) => a.iter().map(Reply::size).sum::<usize>() + 16,
-            Reply::Map(m) => m.iter().map(|(k, v)| k.size() + v.size()).sum::<usize>() + 16,
-            Reply::Text(t) | Reply::Simple(t) | Reply::Error(t) => t.len() + 16,
-            _ => 24,
-        }
-    }
-
-    pub fn encode(&self, resp3: bool, out: &mut Vec<u8>) {
-        use std::io::Write;
-        match self {
-            Reply::Ok => out.extend_from_slice(b"+OK\r\n"),
-            Reply::Simple(s) => {
-                out.push(b'+');
-                out.extend(s.bytes().filter(|&b| b != b'\r' && b != b'\n'));
-                out.extend_from_slice(b"\r\n");
-            }
-            Reply::Error(s) => {
-                out.push(b'-');
-                out.extend(s.bytes().map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }));
-                out.extend_from_slice(b"\r\n");
-            }
-            Reply::Int(i) => {
-                let _ = write!(out, ":{i}\r\n");
-            }
-            Reply::Bulk(b) => {
-                let _ = write!(out, "${}\r\n", b.len());
-                out.extend_from_slice(b);
-                out.extend_from_slice(b"\r\n");
-            }
-            Reply::Nil if resp3 => out.extend_from_slice(b"_\r\n"),
-            Reply::Nil => out.extend_from_slice(b"$-1\r\n"),
-            Reply::NilArray if resp3 => out.extend_from_slice(b"_\r\n"),
-            Reply::NilArray => out.extend_from_slice(b"*-1\r\n"),
-            Reply::Array(items) => {
-                let _ = write!(out, "*{}\r\n", items.len());
-                for i in items {
-                    i.encode(resp3, out);
-                }
-            }
-            Reply::Map(pairs) => {
-                if resp3 {
-                    let _ = write!(out, "%{}\r\n", pairs.len());
-                } else {
-                    let _ = write!(out, "*{}\r\n", pairs.len() * 2);
-                }
-                for (k, v) in pairs {
-                    k.encode(resp3, out);
-                    v.encode(resp3, out);
-                }
-            }
-            Reply::Double(d) => {
-                let text = format_double(*d);
-                if resp3 {
-                    let _ = write!(out, ",{text}\r\n");
-                } else {
-                    Reply::Bulk(Bytes::from(text)).encode(resp3, out);
-                }
-            }
-            Reply::Text(t) => {
-                if resp3 {
-                    let _ = write!(out, "={}\r\ntxt:", t.len() + 4);
-                    out.extend_from_slice(t.as_bytes());
-                    out.extend_from_slice(b"\r\n");
-                } else {
-                    Reply::Bulk(Bytes::copy_from_slice(t.as_bytes())).encode(resp3, out);
-                }
-            }
-        }
-    }
-}
-
-/// Formats a float the way Redis prints INCRBYFLOAT results: shortest exact form, no exponent.
-pub fn format_double(d: f64) -> String {
-    if d.is_infinite() {
-        return if d > 0.0 { "inf".into() } else { "-inf".into() };
-    }
-    let s = format!("{d}");
-    if s.contains('.') {
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        s
-    }
-}
+pub use tern_redis::{format_double, Reply};
 
 #[cfg(test)]
 mod tests {
@@ -291,6 +175,7 @@ mod tests {
         assert_eq!(cmds[0], vec![Bytes::from("SET"), Bytes::from("k"), Bytes::from("a b\n")]);
         assert_eq!(cmds[1], vec![Bytes::from("PING")]);
         assert!(parse_all(b"SET k \"open\r\n").is_err());
+        assert!(parse_all(b"set \"\"\"test-key\"\"\" v\r\n").is_err(), "a closing quote must end its argument");
     }
 
     /// Oversized or malformed frames are errors naming the problem, never an allocation of the

@@ -661,6 +661,12 @@ impl ApplyBatch {
         self.wb.delete_range(start, end);
     }
 
+    /// The writes of this round not yet in the engine: keys written (None: deleted) and ranges
+    /// deleted.
+    pub(crate) fn pending(&self) -> crate::redis::Pending<'_> {
+        (&self.overlay, &self.deleted_ranges)
+    }
+
     /// The first `limit` keys in [start, end) as the engine plus this batch hold them.
     fn scan_keys(&self, engine: &dyn KvEngine, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Vec<u8>>, StorageFailure> {
         let mut found = Vec::new();
@@ -700,7 +706,7 @@ impl ApplyBatch {
     }
 
     /// Writes a user record of this entry (versioned, and into the change log when recording).
-    fn put_record(&mut self, hashkey: &[u8], sortkey: &[u8], expire_at_ms: u64, value: &[u8]) {
+    pub(crate) fn put_record(&mut self, hashkey: &[u8], sortkey: &[u8], expire_at_ms: u64, value: &[u8]) {
         let version = self.entry_version();
         self.put(keys::data_key(hashkey, sortkey), codec::encode_versioned(expire_at_ms, version, value));
         if self.recording() {
@@ -717,7 +723,7 @@ impl ApplyBatch {
 
     /// Deletes a user record in this entry; while recording, it leaves a tombstone and goes into
     /// the change log.
-    fn delete_record(&mut self, engine: &dyn KvEngine, hashkey: &[u8], sortkey: &[u8]) -> Result<(), StorageFailure> {
+    pub(crate) fn delete_record(&mut self, engine: &dyn KvEngine, hashkey: &[u8], sortkey: &[u8]) -> Result<(), StorageFailure> {
         let key = keys::data_key(hashkey, sortkey);
         self.delete(key.clone());
         if self.recording() {
@@ -992,7 +998,7 @@ impl ApplyBatch {
     }
 
     /// The live (unexpired, checksum-verified) record at `key`: (expire_at_ms, value).
-    fn live_record(&self, engine: &dyn KvEngine, key: &[u8], now_ms: u64) -> Result<Option<(u64, Vec<u8>)>, StorageFailure> {
+    pub(crate) fn live_record(&self, engine: &dyn KvEngine, key: &[u8], now_ms: u64) -> Result<Option<(u64, Vec<u8>)>, StorageFailure> {
         let Some(stored) = self.get(engine, key)? else { return Ok(None) };
         let (expire, value) = codec::decode_value(&stored).map_err(StorageFailure)?;
         if codec::is_expired(expire, now_ms) {
@@ -1141,6 +1147,11 @@ impl ApplyBatch {
         if let Some(Err(e)) = hashkey.map(|h| self.owner().check(h)) {
             return Ok(error_response(e));
         }
+        if let Some(Op::Redis(redis)) = &write.op {
+            if let Err(e) = crate::redis::check_keys(self.owner(), redis.commands.iter().map(|c| &c.args[..])) {
+                return Ok(error_response(e));
+            }
+        }
         match &write.op {
             None => return Ok(error_response(TernError::invalid("write request without an operation"))),
             Some(Op::Set(set)) => {
@@ -1195,6 +1206,19 @@ impl ApplyBatch {
             Some(Op::DupSync(sync)) => return self.dup_sync(engine, sync),
             Some(Op::DupConfirm(confirm)) => return self.dup_confirm(engine, confirm),
             Some(Op::Split(split)) => return Ok(self.split(split)),
+            Some(Op::Redis(redis)) => {
+                // Randomness (SPOP and the like) drawn from the entry: the same on every replica.
+                let seed = self.entry.index.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ now;
+                response.redis_reply = crate::redis::apply_write(self, engine, redis, now, seed)?.into();
+            }
+            Some(Op::Flush(_)) => {
+                if self.recording() {
+                    return Ok(error_response(TernError::invalid(
+                        "a table with duplications cannot be flushed (a range delete leaves nothing for duplication to ship); remove its duplications first",
+                    )));
+                }
+                self.delete_range(vec![keys::DATA_PREFIX], keys::data_end());
+            }
         }
         Ok(response)
     }

@@ -24,6 +24,7 @@ pub mod log_store;
 pub mod log_writer;
 pub mod meta_link;
 pub mod read;
+pub mod redis;
 pub mod replica;
 pub mod snapshot;
 pub mod store;

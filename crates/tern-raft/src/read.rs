@@ -61,6 +61,7 @@ fn read(engine: &dyn KvEngine, request: &ReadRequest, now_ms: u64, owner: Owner)
         }
         Some(Op::Scan(scan)) if scan.full_table => return scan_partition(engine, scan, now_ms, owner),
         Some(Op::Scan(scan)) => return scan_hashkey(engine, scan, now_ms),
+        Some(Op::Redis(command)) => response.redis_reply = crate::redis::read(engine, &command.args, now_ms, owner)?.into(),
         Some(Op::Count(count)) => {
             let prefix = keys::hashkey_prefix(&count.hashkey);
             let end = codec::prefix_successor(&prefix);

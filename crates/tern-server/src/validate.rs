@@ -30,6 +30,22 @@ fn hashkey_in_partition(hashkey: &[u8], p: &PartitionRef) -> Result<(), TernErro
     Ok(())
 }
 
+/// A Redis command: a known name with the right number of arguments (the executor answers the
+/// rest), keys within the hashkey limit and in this partition. Returns its bytes.
+fn redis_command(args: &[bytes::Bytes], p: &PartitionRef, write: bool) -> Result<usize, TernError> {
+    let name = args.first().ok_or_else(|| TernError::invalid("a Redis command needs a name"))?;
+    let spec = tern_redis::spec(name).ok_or_else(|| TernError::invalid(format!("unknown Redis command '{}'", String::from_utf8_lossy(name))))?;
+    if spec.write && !write {
+        return Err(TernError::invalid(format!("Redis command {} writes: send it as a write", spec.name)));
+    }
+    if spec.arity_ok(args.len()) {
+        for i in tern_redis::command_keys(spec, args) {
+            hashkey_in_partition(&args[i], p)?;
+        }
+    }
+    Ok(args.iter().map(|a| a.len() + 8).sum())
+}
+
 fn check_expiry(ttl_seconds: u32, expire_at_ms: u64) -> Result<(), TernError> {
     if ttl_seconds != 0 && expire_at_ms != 0 {
         return Err(TernError::invalid("give either a TTL in seconds or an absolute expiry, not both"));
@@ -154,6 +170,22 @@ pub fn write(request: &WriteRequest) -> Result<GroupId, TernError> {
         Some(write_request::Op::Split(_)) => {
             return Err(TernError::invalid("a partition split is proposed by servers at meta's request (`split TABLE`), not by clients"));
         }
+        Some(write_request::Op::Redis(redis)) => {
+            if redis.commands.is_empty() || (!redis.transaction && redis.commands.len() > 1) {
+                return Err(TernError::invalid("a Redis write holds one command, or a transaction of one or more"));
+            }
+            check_record_count(redis.commands.len())?;
+            for c in &redis.commands {
+                let watch = redis.transaction && c.args.first().is_some_and(|n| n.eq_ignore_ascii_case(b"TERN.WATCHED"));
+                if watch {
+                    hashkey_in_partition(c.args.get(1).ok_or_else(|| TernError::invalid("TERN.WATCHED needs a key"))?, p)?;
+                    bytes += c.args.iter().map(|a| a.len()).sum::<usize>();
+                } else {
+                    bytes += redis_command(&c.args, p, true)?;
+                }
+            }
+        }
+        Some(write_request::Op::Flush(_)) => {}
     }
     check_write_size(bytes)?;
     Ok(GroupId::new(p.table_id, p.partition))
@@ -164,6 +196,9 @@ pub fn read(request: &ReadRequest) -> Result<GroupId, TernError> {
     let p = partition(&request.partition)?;
     match &request.op {
         None => return Err(TernError::invalid("read request has no operation")),
+        Some(read_request::Op::Redis(command)) => {
+            check_write_size(redis_command(&command.args, p, false)?)?;
+        }
         Some(read_request::Op::Get(get)) => {
             hashkey_in_partition(&get.hashkey, p)?;
             check_record_count(get.sortkeys.len())?;

@@ -321,3 +321,16 @@ async fn protocol_abuse_and_limits() {
     }
     pg.playground.shutdown().await;
 }
+
+/// Redis's own Tcl test suite (7.0.15's units for every family the endpoint claims: list, set,
+/// zset, string, incr, hash, expire, keyspace, protocol, multi) against a playground of the `tern`
+/// binary: every test not skipped by tag or by name (tests/redis-suite/skips.txt, each with its
+/// reason) passes. scripts/redis-suite downloads the suite and installs tclsh when missing.
+#[test]
+fn redis_own_test_suite() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let out = Command::new(format!("{root}/scripts/redis-suite")).args(["--tern", env!("CARGO_BIN_EXE_tern")]).output().expect("run scripts/redis-suite");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{text}");
+    assert!(out.status.success(), "Redis's test suite failed against Tern:\n{text}");
+}

@@ -1,0 +1,319 @@
+//! The command table: every keyed command this crate executes, its arity, whether it writes, which
+//! arguments are keys, and which module runs it.
+
+use crate::{args, fail, hash, keyspace, list, set, strings, zset, Fail, Records, Reply, Res};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use tern_core::TernError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Module {
+    Keyspace,
+    Strings,
+    Hash,
+    List,
+    Set,
+    ZSet,
+}
+
+/// Which arguments are keys: `first..=last` (negative `last` counts from the end) every `step`,
+/// or `numkeys` forms (the argument at `first` counts the keys after it; `dest`: argument 1 is a
+/// key as well).
+#[derive(Clone, Copy, Debug)]
+pub enum Keys {
+    None,
+    Range { first: usize, last: i32, step: usize },
+    NumKeys { at: usize, dest: bool },
+}
+
+#[derive(Debug)]
+pub struct Spec {
+    pub name: &'static str,
+    /// Redis's convention: n means exactly n arguments (the name included), -n at least n.
+    pub arity: i32,
+    pub write: bool,
+    pub keys: Keys,
+    pub module: Module,
+}
+
+const fn k(first: usize, last: i32, step: usize) -> Keys {
+    Keys::Range { first, last, step }
+}
+
+const ONE: Keys = k(1, 1, 1);
+const TWO: Keys = k(1, 2, 1);
+const ALL: Keys = k(1, -1, 1);
+
+macro_rules! table {
+    ($($name:literal $arity:literal $rw:ident $keys:expr, $module:ident;)*) => {
+        &[$(Spec { name: $name, arity: $arity, write: table!(@rw $rw), keys: $keys, module: Module::$module }),*]
+    };
+    (@rw w) => { true };
+    (@rw r) => { false };
+}
+
+static TABLE: &[Spec] = table! {
+    // keyspace
+    "DEL" -2 w ALL, Keyspace;
+    "UNLINK" -2 w ALL, Keyspace;
+    "EXISTS" -2 r ALL, Keyspace;
+    "TOUCH" -2 r ALL, Keyspace;
+    "TYPE" 2 r ONE, Keyspace;
+    "EXPIRE" -3 w ONE, Keyspace;
+    "PEXPIRE" -3 w ONE, Keyspace;
+    "EXPIREAT" -3 w ONE, Keyspace;
+    "PEXPIREAT" -3 w ONE, Keyspace;
+    "PERSIST" 2 w ONE, Keyspace;
+    "TTL" 2 r ONE, Keyspace;
+    "PTTL" 2 r ONE, Keyspace;
+    "EXPIRETIME" 2 r ONE, Keyspace;
+    "PEXPIRETIME" 2 r ONE, Keyspace;
+    "RENAME" 3 w TWO, Keyspace;
+    "RENAMENX" 3 w TWO, Keyspace;
+    "COPY" -3 w TWO, Keyspace;
+    "OBJECT" -2 r k(2, 2, 1), Keyspace;
+    "MEMORY" -2 r k(2, 2, 1), Keyspace;
+    "DUMP" 2 r ONE, Keyspace;
+    "RESTORE" -4 w ONE, Keyspace;
+    "TERN.DIGEST" 2 r ONE, Keyspace;
+    "TERN.SCAN" -5 r ONE, Keyspace;
+    // strings
+    "GET" 2 r ONE, Strings;
+    "SET" -3 w ONE, Strings;
+    "SETNX" 3 w ONE, Strings;
+    "SETEX" 4 w ONE, Strings;
+    "PSETEX" 4 w ONE, Strings;
+    "GETSET" 3 w ONE, Strings;
+    "GETDEL" 2 w ONE, Strings;
+    "GETEX" -2 w ONE, Strings;
+    "MGET" -2 r ALL, Strings;
+    "MSET" -3 w k(1, -1, 2), Strings;
+    "MSETNX" -3 w k(1, -1, 2), Strings;
+    "STRLEN" 2 r ONE, Strings;
+    "APPEND" 3 w ONE, Strings;
+    "INCR" 2 w ONE, Strings;
+    "DECR" 2 w ONE, Strings;
+    "INCRBY" 3 w ONE, Strings;
+    "DECRBY" 3 w ONE, Strings;
+    "INCRBYFLOAT" 3 w ONE, Strings;
+    "GETRANGE" 4 r ONE, Strings;
+    "SUBSTR" 4 r ONE, Strings;
+    "SETRANGE" 4 w ONE, Strings;
+    "LCS" -3 r TWO, Strings;
+    "SETBIT" 4 w ONE, Strings;
+    "GETBIT" 3 r ONE, Strings;
+    "BITCOUNT" -2 r ONE, Strings;
+    "BITPOS" -3 r ONE, Strings;
+    // hashes
+    "HSET" -4 w ONE, Hash;
+    "HMSET" -4 w ONE, Hash;
+    "HSETNX" 4 w ONE, Hash;
+    "HGET" 3 r ONE, Hash;
+    "HMGET" -3 r ONE, Hash;
+    "HDEL" -3 w ONE, Hash;
+    "HLEN" 2 r ONE, Hash;
+    "HSTRLEN" 3 r ONE, Hash;
+    "HEXISTS" 3 r ONE, Hash;
+    "HKEYS" 2 r ONE, Hash;
+    "HVALS" 2 r ONE, Hash;
+    "HGETALL" 2 r ONE, Hash;
+    "HINCRBY" 4 w ONE, Hash;
+    "HINCRBYFLOAT" 4 w ONE, Hash;
+    "HRANDFIELD" -2 r ONE, Hash;
+    // lists
+    "LPUSH" -3 w ONE, List;
+    "RPUSH" -3 w ONE, List;
+    "LPUSHX" -3 w ONE, List;
+    "RPUSHX" -3 w ONE, List;
+    "LPOP" -2 w ONE, List;
+    "RPOP" -2 w ONE, List;
+    "LLEN" 2 r ONE, List;
+    "LRANGE" 4 r ONE, List;
+    "LINDEX" 3 r ONE, List;
+    "LSET" 4 w ONE, List;
+    "LREM" 4 w ONE, List;
+    "LTRIM" 4 w ONE, List;
+    "LINSERT" 5 w ONE, List;
+    "LPOS" -3 r ONE, List;
+    "LMOVE" 5 w TWO, List;
+    "LMPOP" -4 w Keys::NumKeys { at: 1, dest: false }, List;
+    "RPOPLPUSH" 3 w TWO, List;
+    // sets
+    "SADD" -3 w ONE, Set;
+    "SREM" -3 w ONE, Set;
+    "SISMEMBER" 3 r ONE, Set;
+    "SMISMEMBER" -3 r ONE, Set;
+    "SCARD" 2 r ONE, Set;
+    "SMEMBERS" 2 r ONE, Set;
+    "SRANDMEMBER" -2 r ONE, Set;
+    "SPOP" -2 w ONE, Set;
+    "SMOVE" 4 w TWO, Set;
+    "SINTER" -2 r ALL, Set;
+    "SUNION" -2 r ALL, Set;
+    "SDIFF" -2 r ALL, Set;
+    "SINTERSTORE" -3 w ALL, Set;
+    "SUNIONSTORE" -3 w ALL, Set;
+    "SDIFFSTORE" -3 w ALL, Set;
+    "SINTERCARD" -3 r Keys::NumKeys { at: 1, dest: false }, Set;
+    // sorted sets
+    "ZADD" -4 w ONE, ZSet;
+    "ZINCRBY" 4 w ONE, ZSet;
+    "ZSCORE" 3 r ONE, ZSet;
+    "ZMSCORE" -3 r ONE, ZSet;
+    "ZCARD" 2 r ONE, ZSet;
+    "ZCOUNT" 4 r ONE, ZSet;
+    "ZLEXCOUNT" 4 r ONE, ZSet;
+    "ZRANK" -3 r ONE, ZSet;
+    "ZREVRANK" -3 r ONE, ZSet;
+    "ZRANGE" -4 r ONE, ZSet;
+    "ZREVRANGE" -4 r ONE, ZSet;
+    "ZRANGEBYSCORE" -4 r ONE, ZSet;
+    "ZREVRANGEBYSCORE" -4 r ONE, ZSet;
+    "ZRANGEBYLEX" -4 r ONE, ZSet;
+    "ZREVRANGEBYLEX" -4 r ONE, ZSet;
+    "ZRANGESTORE" -5 w TWO, ZSet;
+    "ZREM" -3 w ONE, ZSet;
+    "ZREMRANGEBYSCORE" 4 w ONE, ZSet;
+    "ZREMRANGEBYRANK" 4 w ONE, ZSet;
+    "ZREMRANGEBYLEX" 4 w ONE, ZSet;
+    "ZPOPMIN" -2 w ONE, ZSet;
+    "ZPOPMAX" -2 w ONE, ZSet;
+    "ZMPOP" -4 w Keys::NumKeys { at: 1, dest: false }, ZSet;
+    "ZRANDMEMBER" -2 r ONE, ZSet;
+    "ZUNIONSTORE" -4 w Keys::NumKeys { at: 2, dest: true }, ZSet;
+    "ZINTERSTORE" -4 w Keys::NumKeys { at: 2, dest: true }, ZSet;
+    "ZDIFFSTORE" -4 w Keys::NumKeys { at: 2, dest: true }, ZSet;
+    "ZUNION" -3 r Keys::NumKeys { at: 1, dest: false }, ZSet;
+    "ZINTER" -3 r Keys::NumKeys { at: 1, dest: false }, ZSet;
+    "ZDIFF" -3 r Keys::NumKeys { at: 1, dest: false }, ZSet;
+    "ZINTERCARD" -3 r Keys::NumKeys { at: 1, dest: false }, ZSet;
+};
+
+fn index() -> &'static HashMap<&'static str, &'static Spec> {
+    static INDEX: OnceLock<HashMap<&'static str, &'static Spec>> = OnceLock::new();
+    INDEX.get_or_init(|| TABLE.iter().map(|s| (s.name, s)).collect())
+}
+
+/// The command named `name` (any case), if this crate executes it.
+pub fn spec(name: &[u8]) -> Option<&'static Spec> {
+    if name.len() > 32 {
+        return None;
+    }
+    index().get(args::upper(name).as_str()).copied()
+}
+
+/// Every command this crate executes.
+pub fn all() -> &'static [Spec] {
+    TABLE
+}
+
+impl Spec {
+    pub fn arity_ok(&self, n: usize) -> bool {
+        if self.arity >= 0 {
+            n == self.arity as usize
+        } else {
+            n >= (-self.arity) as usize
+        }
+    }
+}
+
+pub fn wrong_args(name: &str) -> Reply {
+    Reply::Error(format!("ERR wrong number of arguments for '{}' command", name.to_ascii_lowercase()))
+}
+
+/// The positions of the keys of a command (checked for arity first).
+pub fn command_keys(spec: &Spec, a: &[Bytes]) -> Vec<usize> {
+    match spec.keys {
+        Keys::None => Vec::new(),
+        Keys::Range { first, last, step } => {
+            let last = if last < 0 { a.len() as i64 + last as i64 } else { last as i64 };
+            (first..).step_by(step).take_while(|&i| (i as i64) <= last && i < a.len()).collect()
+        }
+        Keys::NumKeys { at, dest } => {
+            // A malformed count names no keys past the destination: the command itself answers
+            // with its own message before it touches anything.
+            let n = args::parse_int(&a[at]).filter(|&n| n > 0).unwrap_or(0) as usize;
+            let mut keys: Vec<usize> = if dest { vec![1] } else { Vec::new() };
+            keys.extend((at + 1..a.len()).take(n));
+            keys
+        }
+    }
+}
+
+/// Executes one command. Err is a storage failure: the caller stops.
+pub fn execute(r: &mut dyn Records, a: &[Bytes]) -> Result<Reply, TernError> {
+    match run(r, a) {
+        Ok(reply) => Ok(reply),
+        Err(Fail::Reply(reply)) => Ok(reply),
+        Err(Fail::Storage(e)) => Err(e),
+    }
+}
+
+fn run(r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
+    let Some(name) = a.first() else { return fail("ERR empty command") };
+    let Some(spec) = spec(name) else {
+        return fail(format!("ERR unknown command '{}'", String::from_utf8_lossy(name)));
+    };
+    if !spec.arity_ok(a.len()) {
+        return Err(wrong_args(spec.name).into());
+    }
+    if spec.write && !r.writable() {
+        return fail(format!("ERR {} writes and cannot be served as a read", spec.name));
+    }
+    match spec.module {
+        Module::Keyspace => keyspace::run(spec.name, r, a),
+        Module::Strings => strings::run(spec.name, r, a),
+        Module::Hash => hash::run(spec.name, r, a),
+        Module::List => list::run(spec.name, r, a),
+        Module::Set => set::run(spec.name, r, a),
+        Module::ZSet => zset::run(spec.name, r, a),
+    }
+}
+
+/// Executes a transaction (MULTI/EXEC) in order, each command's answer in the array. Leading
+/// `TERN.WATCHED key digest` commands are WATCH's checks: when a watched key's digest differs, no
+/// command runs and the answer is a nil array.
+pub fn execute_all(r: &mut dyn Records, commands: &[Vec<Bytes>]) -> Result<Reply, TernError> {
+    let mut replies = Vec::with_capacity(commands.len());
+    for c in commands {
+        if c.len() == 3 && c[0].eq_ignore_ascii_case(b"TERN.WATCHED") {
+            let now = match keyspace::digest(r, &c[1]) {
+                Ok(d) => d,
+                Err(Fail::Storage(e)) => return Err(e),
+                Err(Fail::Reply(reply)) => return Ok(reply),
+            };
+            if now.to_string().as_bytes() != &c[2][..] {
+                return Ok(Reply::NilArray);
+            }
+            continue;
+        }
+        replies.push(execute(r, c)?);
+    }
+    Ok(Reply::Array(replies))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_commands() {
+        let b = |s: &str| s.split(' ').map(|w| Bytes::copy_from_slice(w.as_bytes())).collect::<Vec<_>>();
+        let keys = |s: &str| {
+            let a = b(s);
+            command_keys(spec(&a[0]).unwrap(), &a)
+        };
+        assert_eq!(keys("MSET a 1 b 2"), vec![1, 3]);
+        assert_eq!(keys("DEL a b c"), vec![1, 2, 3]);
+        assert_eq!(keys("ZUNIONSTORE d 2 a b WEIGHTS 1 2"), vec![1, 3, 4]);
+        assert_eq!(keys("ZUNION 2 a b"), vec![2, 3]);
+        assert_eq!(keys("ZUNION 3 a b"), vec![2, 3]);
+        assert_eq!(keys("ZUNIONSTORE d x a b"), vec![1]);
+        assert_eq!(keys("OBJECT ENCODING k"), vec![2]);
+        assert_eq!(keys("LMOVE a b LEFT RIGHT"), vec![1, 2]);
+        for s in all() {
+            assert_eq!(spec(s.name.to_lowercase().as_bytes()).map(|x| x.name), Some(s.name));
+        }
+    }
+}
