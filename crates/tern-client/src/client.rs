@@ -741,7 +741,8 @@ impl Table {
             return Err(TernError::Unavailable(format!("table {} is splitting: flush it once the split is done", self.name)));
         }
         for partition in 0..count {
-            self.client.write_routed(&self.name, Routed::Walk { partition, partition_count: count }, write_request::Op::Flush(Flush {})).await?;
+            let op = write_request::Op::Flush(Flush { partition_count: count });
+            self.client.write_routed(&self.name, Routed::Walk { partition, partition_count: count }, op).await?;
         }
         Ok(())
     }

@@ -127,6 +127,7 @@ pub async fn execute(shared: &Shard, session: &mut Session, name: String, args: 
             }
             session.multi = Some(Vec::new());
             session.multi_failed = false;
+            session.multi_bytes = 0;
             Ok(Reply::Ok)
         }
         "EXEC" if args.len() == 1 => exec(shared, session).await,
@@ -140,6 +141,9 @@ pub async fn execute(shared: &Shard, session: &mut Session, name: String, args: 
         "WATCH" if args.len() >= 2 => {
             if session.multi.is_some() {
                 return err("ERR WATCH inside MULTI is not allowed");
+            }
+            if session.watched.len() + args.len() - 1 > tern_core::limits::MULTI_RECORDS_MAX {
+                return err(format!("ERR a connection watches at most {} keys", tern_core::limits::MULTI_RECORDS_MAX));
             }
             watch(shared, session, &args[1..]).await
         }
@@ -331,9 +335,12 @@ fn queue(session: &mut Session, args: &[Bytes]) -> Reply {
         return tern_redis::commands::wrong_args(spec.name);
     }
     let multi = session.multi.as_mut().expect("in MULTI");
-    if multi.len() >= tern_core::limits::MULTI_RECORDS_MAX {
+    // A transaction travels as one write: it must fit one.
+    session.multi_bytes += args.iter().map(|a| a.len() + 8).sum::<usize>();
+    let max = tern_core::limits::WRITE_REQUEST_BYTES_MAX;
+    if multi.len() >= tern_core::limits::MULTI_RECORDS_MAX || session.multi_bytes > max {
         session.multi_failed = true;
-        return err(format!("ERR a transaction holds at most {} commands", tern_core::limits::MULTI_RECORDS_MAX));
+        return err(format!("ERR a transaction holds at most {} commands and {max} bytes", tern_core::limits::MULTI_RECORDS_MAX));
     }
     multi.push(args.to_vec());
     Reply::Simple("QUEUED".into())

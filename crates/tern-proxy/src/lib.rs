@@ -197,6 +197,8 @@ pub struct Session {
     pub multi: Option<Vec<Vec<Bytes>>>,
     /// A command failed to queue: EXEC answers EXECABORT.
     pub multi_failed: bool,
+    /// Bytes of the commands queued (a transaction must fit one write).
+    pub multi_bytes: usize,
     /// WATCHed keys and their digests when watched.
     pub watched: Vec<(Bytes, Bytes)>,
 }
@@ -392,6 +394,7 @@ async fn serve(mut stream: TcpStream, shared: &Shard, id: u64) -> std::io::Resul
         quit: false,
         multi: None,
         multi_failed: false,
+        multi_bytes: 0,
         watched: Vec::new(),
     };
     let mut input = BytesMut::with_capacity(16 * 1024);

@@ -6,7 +6,7 @@
 use crate::keys;
 use prost::Message as _;
 use raft::eraftpb::ConfState;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use tern_core::{codec, TernError};
 use tern_engine::{KvEngine, WriteBatch};
 use tern_proto::{
@@ -478,7 +478,7 @@ impl StateMachine {
         }
         ApplyBatch {
             wb: WriteBatch::default(),
-            overlay: HashMap::new(),
+            overlay: BTreeMap::new(),
             deleted_ranges: Vec::new(),
             state: self.state.clone(),
             sessions,
@@ -516,7 +516,8 @@ impl StateMachine {
 /// same round (an incr after a set) see earlier ones.
 pub struct ApplyBatch {
     wb: WriteBatch,
-    overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Ordered, so that a scan takes only its range of it.
+    overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// Ranges deleted earlier in the batch (keys written after a delete are in `overlay`): what an
     /// entry sees must not depend on how entries were grouped into batches.
     deleted_ranges: Vec<(Vec<u8>, Vec<u8>)>,
@@ -679,7 +680,7 @@ impl ApplyBatch {
                 found.len() < limit
             })
             .map_err(|e| StorageFailure(engine_error(e)))?;
-        found.extend(self.overlay.iter().filter(|(k, v)| v.is_some() && start <= k.as_slice() && k.as_slice() < end).map(|(k, _)| k.clone()));
+        found.extend(self.overlay.range(start.to_vec()..end.to_vec()).filter(|(_, v)| v.is_some()).map(|(k, _)| k.clone()));
         found.sort();
         found.truncate(limit);
         Ok(found)
@@ -1211,7 +1212,14 @@ impl ApplyBatch {
                 let seed = self.entry.index.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ now;
                 response.redis_reply = crate::redis::apply_write(self, engine, redis, now, seed)?.into();
             }
-            Some(Op::Flush(_)) => {
+            Some(Op::Flush(flush)) => {
+                let count = self.state.partition_count;
+                if count != 0 && flush.partition_count != count {
+                    return Ok(error_response(TernError::PartitionSplit {
+                        partition_count: count,
+                        message: format!("the flush was addressed to a table of {} partitions; it has {count} now", flush.partition_count),
+                    }));
+                }
                 if self.recording() {
                     return Ok(error_response(TernError::invalid(
                         "a table with duplications cannot be flushed (a range delete leaves nothing for duplication to ship); remove its duplications first",

@@ -5,7 +5,7 @@
 use crate::apply::{engine_error, ApplyBatch, Owner, StorageFailure};
 use crate::keys;
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use tern_core::{codec, TernError, TernResult};
 use tern_engine::KvEngine;
 use tern_proto::RedisWrite;
@@ -139,7 +139,7 @@ impl Records for ReadRecords<'_> {
     }
 }
 
-pub(crate) type Pending<'a> = (&'a HashMap<Vec<u8>, Option<Vec<u8>>>, &'a [(Vec<u8>, Vec<u8>)]);
+pub(crate) type Pending<'a> = (&'a BTreeMap<Vec<u8>, Option<Vec<u8>>>, &'a [(Vec<u8>, Vec<u8>)]);
 
 /// Visits the live records of `hashkey` in [from, to) as the engine plus the pending writes hold
 /// them, in order (descending when `reverse`), until `visit` returns false.
@@ -163,12 +163,13 @@ fn walk(
     if start >= end {
         return Ok(());
     }
-    let in_range = |k: &[u8]| start.as_slice() <= k && k < end.as_slice();
     let mut extra: Vec<(&[u8], &[u8])> = match pending {
-        Some((overlay, _)) => overlay.iter().filter_map(|(k, v)| Some((k.as_slice(), v.as_deref()?))).filter(|(k, _)| in_range(k)).collect(),
+        Some((overlay, _)) => overlay.range(start.clone()..end.clone()).filter_map(|(k, v)| Some((k.as_slice(), v.as_deref()?))).collect(),
         None => Vec::new(),
     };
-    extra.sort_unstable_by(|a, b| if reverse { b.0.cmp(a.0) } else { a.0.cmp(b.0) });
+    if reverse {
+        extra.reverse();
+    }
     let mut walker = Walker { visit, now, skip: prefix.len(), failed: None, stopped: false };
     let mut next = 0;
     let mut on_engine = |k: &[u8], v: &[u8]| -> bool {

@@ -243,11 +243,21 @@ pub fn command_keys(spec: &Spec, a: &[Bytes]) -> Vec<usize> {
 
 /// Executes one command. Err is a storage failure: the caller stops.
 pub fn execute(r: &mut dyn Records, a: &[Bytes]) -> Result<Reply, TernError> {
-    match run(r, a) {
-        Ok(reply) => Ok(reply),
-        Err(Fail::Reply(reply)) => Ok(reply),
-        Err(Fail::Storage(e)) => Err(e),
+    let reply = match run(r, a) {
+        Ok(reply) => reply,
+        Err(Fail::Reply(reply)) => reply,
+        Err(Fail::Storage(e)) => return Err(e),
+    };
+    // Commands that write bound their own replies (pops stop early); this is for reads of whole
+    // collections.
+    let size = reply.size();
+    if size > crate::REPLY_BYTES_MAX {
+        return Ok(Reply::Error(format!(
+            "ERR the reply would be {size} bytes; the limit is {} (read big collections with the SCAN forms or ranges)",
+            crate::REPLY_BYTES_MAX
+        )));
     }
+    Ok(reply)
 }
 
 fn run(r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
@@ -273,22 +283,38 @@ fn run(r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
 
 /// Executes a transaction (MULTI/EXEC) in order, each command's answer in the array. Leading
 /// `TERN.WATCHED key digest` commands are WATCH's checks: when a watched key's digest differs, no
-/// command runs and the answer is a nil array.
+/// command runs and the answer is a nil array. Every command runs (a transaction is all or
+/// nothing); a reply that would take the array past `REPLY_BYTES_MAX` is replaced by an error
+/// saying so, and LCS (a CPU-heavy read that would stall the partition's apply) is refused.
 pub fn execute_all(r: &mut dyn Records, commands: &[Vec<Bytes>]) -> Result<Reply, TernError> {
-    let mut replies = Vec::with_capacity(commands.len());
-    for c in commands {
-        if c.len() == 3 && c[0].eq_ignore_ascii_case(b"TERN.WATCHED") {
-            let now = match keyspace::digest(r, &c[1]) {
-                Ok(d) => d,
-                Err(Fail::Storage(e)) => return Err(e),
-                Err(Fail::Reply(reply)) => return Ok(reply),
-            };
-            if now.to_string().as_bytes() != &c[2][..] {
-                return Ok(Reply::NilArray);
-            }
+    let watched = commands.iter().take_while(|c| c.len() == 3 && c[0].eq_ignore_ascii_case(b"TERN.WATCHED")).count();
+    for c in &commands[..watched] {
+        let now = match keyspace::digest(r, &c[1]) {
+            Ok(d) => d,
+            Err(Fail::Storage(e)) => return Err(e),
+            Err(Fail::Reply(reply)) => return Ok(reply),
+        };
+        if now.to_string().as_bytes() != &c[2][..] {
+            return Ok(Reply::NilArray);
+        }
+    }
+    let mut replies = Vec::with_capacity(commands.len() - watched);
+    let mut size = 0;
+    for c in &commands[watched..] {
+        if c.first().is_some_and(|n| n.eq_ignore_ascii_case(b"LCS")) {
+            replies.push(Reply::err("ERR LCS cannot run inside a transaction on Tern (it would hold up the partition's writes)"));
             continue;
         }
-        replies.push(execute(r, c)?);
+        let reply = execute(r, c)?;
+        let over = size + reply.size() > crate::REPLY_BYTES_MAX;
+        if !over {
+            size += reply.size();
+        }
+        replies.push(if over {
+            Reply::err(format!("ERR this command ran, but the transaction's replies passed {} bytes: its reply is dropped", crate::REPLY_BYTES_MAX))
+        } else {
+            reply
+        });
     }
     Ok(Reply::Array(replies))
 }
@@ -315,5 +341,106 @@ mod tests {
         for s in all() {
             assert_eq!(spec(s.name.to_lowercase().as_bytes()).map(|x| x.name), Some(s.name));
         }
+    }
+}
+
+/// What a malformed or hostile request must not do: panic, allocate without bound, write part of
+/// itself, or stop the replica.
+#[cfg(test)]
+mod bounds {
+    use crate::testing::{cmd, Mem};
+    use crate::Reply;
+    use bytes::Bytes;
+
+    fn is_err(r: &Reply) -> bool {
+        matches!(r, Reply::Error(_))
+    }
+
+    #[test]
+    fn huge_counts_are_refused_not_allocated() {
+        let r = &mut Mem::default();
+        cmd(r, "HSET h f v");
+        cmd(r, "SADD s m");
+        cmd(r, "ZADD z 1 m");
+        for c in ["HRANDFIELD h -4611686018427387903", "SRANDMEMBER s -9223372036854775807", "ZRANDMEMBER z -4611686018427387903"] {
+            assert!(is_err(&cmd(r, c)), "{c}");
+        }
+        assert_eq!(cmd(r, "HRANDFIELD h -3"), Reply::Array(vec![Reply::bulk("f"); 3]));
+    }
+
+    #[test]
+    fn a_refused_value_writes_nothing() {
+        let r = &mut Mem::default();
+        let big = Bytes::from(vec![b'x'; tern_core::limits::VALUE_BYTES_MAX + 1]);
+        let a = vec![Bytes::from("MSET"), Bytes::from("a"), Bytes::from("1"), Bytes::from("b"), big];
+        assert!(is_err(&crate::execute(r, &a).unwrap()));
+        assert_eq!(cmd(r, "EXISTS a"), Reply::Int(0), "nothing of the MSET was written");
+    }
+
+    #[test]
+    fn rotating_a_list_keeps_its_expiry() {
+        let r = &mut Mem::default();
+        cmd(r, "RPUSH l a");
+        cmd(r, "PEXPIRE l 100000");
+        assert_eq!(cmd(r, "LMOVE l l LEFT RIGHT"), Reply::bulk("a"));
+        assert_eq!(cmd(r, "PTTL l"), Reply::Int(100_000));
+        assert_eq!(cmd(r, "LRANGE l 0 -1"), Reply::Array(vec![Reply::bulk("a")]));
+    }
+
+    #[test]
+    fn far_expiries_do_not_overflow() {
+        let r = &mut Mem::default();
+        cmd(r, "SET k v");
+        assert_eq!(cmd(r, "PEXPIREAT k 9223372036854775807"), Reply::Int(1));
+        assert_eq!(cmd(r, "EXPIRETIME k"), Reply::Int(i64::MAX / 1000));
+        assert!(matches!(cmd(r, "TTL k"), Reply::Int(n) if n > 0));
+        // Written through Tern's own API, past what Redis can say.
+        r.map.insert((b"n".to_vec(), b"".to_vec()), (u64::MAX, b"v".to_vec()));
+        assert_eq!(cmd(r, "PEXPIRETIME n"), Reply::Int(i64::MAX));
+    }
+
+    #[test]
+    fn records_outside_the_layout_are_an_answer_not_a_failure() {
+        let r = &mut Mem::default();
+        // A native write of a sortkey in the collections' range, and metadata of the wrong size.
+        r.map.insert((b"k".to_vec(), vec![0, 5]), (0, b"v".to_vec()));
+        r.map.insert((b"m".to_vec(), vec![0, 1]), (0, b"xyz".to_vec()));
+        for c in ["TYPE k", "LPUSH k a", "SADD m a", "GET m"] {
+            assert!(is_err(&cmd(r, c)), "{c}");
+        }
+        assert_eq!(cmd(r, "DEL k m"), Reply::Int(2), "whatever a key holds, DEL removes it");
+    }
+
+    #[test]
+    fn a_transaction_runs_whole_and_bounds_its_replies() {
+        let r = &mut Mem::default();
+        let big = Bytes::from(vec![b'x'; tern_core::limits::VALUE_BYTES_MAX]);
+        crate::execute(r, &[Bytes::from("SET"), Bytes::from("k"), big]).unwrap();
+        let mut commands: Vec<Vec<Bytes>> = (0..8).map(|_| vec![Bytes::from("GET"), Bytes::from("k")]).collect();
+        commands.push(vec![Bytes::from("INCR"), Bytes::from("n")]);
+        let Reply::Array(replies) = crate::execute_all(r, &commands).unwrap() else { panic!("an array") };
+        assert_eq!(replies.len(), 9);
+        assert!(replies[..3].iter().all(|x| matches!(x, Reply::Bulk(_))));
+        assert!(replies[4..8].iter().all(is_err), "replies past the budget are dropped");
+        assert_eq!(replies[8], Reply::Int(1), "the write after them ran, and its small reply fits");
+        // WATCH's check only leads a transaction.
+        let late = vec![vec![Bytes::from("INCR"), Bytes::from("n")], vec![Bytes::from("TERN.WATCHED"), Bytes::from("n"), Bytes::from("0")]];
+        let Reply::Array(replies) = crate::execute_all(r, &late).unwrap() else { panic!("an array") };
+        assert_eq!(replies[0], Reply::Int(2));
+        assert!(is_err(&replies[1]));
+    }
+
+    #[test]
+    fn key_wide_commands_cover_keys_larger_than_a_chunk() {
+        let r = &mut Mem::default();
+        let members: Vec<String> = (0..2500).map(|i| format!("m{i}")).collect();
+        cmd(r, &format!("SADD s {}", members.join(" ")));
+        cmd(r, "EXPIRE s 100");
+        assert!(r.map.iter().filter(|((h, _), _)| h == b"s").all(|(_, (e, _))| *e == 101_000), "every record took the expiry");
+        assert_eq!(cmd(r, "RENAME s t"), Reply::Ok);
+        assert_eq!(cmd(r, "SCARD t"), Reply::Int(2500));
+        assert_eq!(r.records_of("s"), 0);
+        assert_eq!(cmd(r, "DEL t"), Reply::Int(1));
+        assert!(r.map.is_empty());
     }
 }

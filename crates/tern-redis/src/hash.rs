@@ -160,12 +160,16 @@ fn randfield(r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
     if !(-(i64::MAX / 2)..=i64::MAX / 2).contains(&count) {
         return fail("ERR value is out of range");
     }
-    let all = fields(r, key, with_values)?;
-    let picks = crate::random_picks(r, all.len(), count);
-    let chosen: Vec<&(Vec<u8>, Vec<u8>)> = picks.into_iter().map(|i| &all[i]).collect();
+    let all: Vec<(Bytes, Bytes)> = fields(r, key, with_values)?.into_iter().map(|(f, v)| (f.into(), v.into())).collect();
+    let picks = crate::random_picks(r, all.len(), count)?;
+    // Repeated picks share their bytes; the reply they make is checked before it is built.
+    let size: usize = picks.iter().map(|&i| all[i].0.len() + all[i].1.len() + 32).sum();
+    if size > crate::REPLY_BYTES_MAX {
+        return fail(format!("ERR the reply would be {size} bytes; the limit is {} (ask for fewer)", crate::REPLY_BYTES_MAX));
+    }
     Ok(if with_values {
-        Reply::Pairs(chosen.into_iter().map(|(f, v)| (Reply::bulk(f.clone()), Reply::bulk(v.clone()))).collect())
+        Reply::Pairs(picks.into_iter().map(|i| (Reply::Bulk(all[i].0.clone()), Reply::Bulk(all[i].1.clone()))).collect())
     } else {
-        Reply::Array(chosen.into_iter().map(|(f, _)| Reply::bulk(f.clone())).collect())
+        Reply::Array(picks.into_iter().map(|i| Reply::Bulk(all[i].0.clone())).collect())
     })
 }

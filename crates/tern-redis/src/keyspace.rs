@@ -3,7 +3,7 @@
 
 use crate::args::{int, is, upper};
 use crate::glob::glob_match;
-use crate::layout::{self, all_records, delete_key, lookup, member_of, KeyType, ELEMENTS, SCORES};
+use crate::layout::{self, delete_key, lookup, member_of, KeyType, ELEMENTS, SCORES};
 use crate::{fail, Records, Reply, Res, SYNTAX, WRONGTYPE};
 use bytes::Bytes;
 
@@ -40,12 +40,15 @@ pub fn run(name: &str, r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
                 KeyType::None => -2,
                 _ if k.expire_at_ms == 0 => -1,
                 _ => {
-                    let left = k.expire_at_ms.saturating_sub(r.now_ms()) as i64;
+                    // Expiries written through Redis are below i64::MAX; ones written through
+                    // Tern's own API may not be.
+                    let at = k.expire_at_ms.min(i64::MAX as u64) as i64;
+                    let left = at.saturating_sub(r.now_ms() as i64).max(0);
                     match name {
-                        "TTL" => (left + 500) / 1000,
+                        "TTL" => left.saturating_add(500) / 1000,
                         "PTTL" => left,
-                        "EXPIRETIME" => (k.expire_at_ms as i64 + 500) / 1000,
-                        _ => k.expire_at_ms as i64,
+                        "EXPIRETIME" => at.saturating_add(500) / 1000,
+                        _ => at,
                     }
                 }
             }))
@@ -115,13 +118,15 @@ pub fn run(name: &str, r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
     }
 }
 
-/// Replaces `dst` with a copy of every record of `src`, expiring at `expire_at_ms`.
+/// Replaces `dst` (another key) with a copy of every record of `src`, expiring at `expire_at_ms`.
 fn copy_key(r: &mut dyn Records, src: &[u8], dst: &[u8], expire_at_ms: u64) -> Res<()> {
-    let records = all_records(r, src, true)?;
     delete_key(r, dst)?;
-    for (sk, v) in &records {
-        r.put(dst, sk, expire_at_ms, v)?;
-    }
+    layout::each_chunk(r, src, &mut |r, chunk| {
+        for (sk, _, v) in &chunk {
+            r.put(dst, sk, expire_at_ms, v)?;
+        }
+        Ok(())
+    })?;
     Ok(())
 }
 
@@ -157,7 +162,7 @@ fn expire(name: &str, r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
         return Ok(Reply::Int(0));
     }
     // No expiry counts as an infinite one for GT and LT.
-    let current = k.expire_at_ms;
+    let current = k.expire_at_ms.min(i64::MAX as u64);
     let refused = (nx && current != 0)
         || (xx && current == 0)
         || (gt && (current == 0 || at <= current as i64))
@@ -411,6 +416,9 @@ fn restore(r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
         (t, true) => t as u64,
         (t, false) => r.now_ms().saturating_add(t as u64),
     };
+    if expire >= i64::MAX as u64 {
+        return fail("ERR Invalid TTL value, must be >= 0 and end before the year 292277026");
+    }
     // Checked whole before anything is written.
     let pairs = matches!(code, b'h' | b'z');
     if (code == b's' && items.len() != 1) || (pairs && items.len() % 2 == 1) || !matches!(code, b's' | b'h' | b'l' | b'e' | b'z') {

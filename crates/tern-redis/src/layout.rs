@@ -144,14 +144,13 @@ pub fn lookup(r: &mut dyn Records, key: &[u8]) -> Res<Key> {
         return Ok(Key { kind: KeyType::String, expire_at_ms, meta: None });
     }
     if sortkey == META {
-        let meta = Meta::decode(&value, expire_at_ms)
-            .ok_or_else(|| tern_core::TernError::Corruption(format!("collection metadata of {} bytes", value.len())))?;
+        let Some(meta) = Meta::decode(&value, expire_at_ms) else { return crate::malformed(format!("collection metadata of {} bytes", value.len())) };
         return Ok(Key { kind: meta.kind, expire_at_ms, meta: Some(meta) });
     }
     if hash_field_of_sortkey(&sortkey).is_some() {
         return Ok(Key { kind: KeyType::Hash, expire_at_ms, meta: None });
     }
-    Err(tern_core::TernError::Corruption("collection elements without metadata".into()).into())
+    crate::malformed("collection elements without metadata")
 }
 
 /// The key's collection metadata when it holds `kind` (None when it holds nothing), WRONGTYPE when
@@ -176,32 +175,53 @@ pub fn store_meta(r: &mut dyn Records, key: &[u8], meta: &Meta) -> Res<()> {
     Ok(())
 }
 
-/// Every record of `key`: (sortkey, value).
-pub fn all_records(r: &mut dyn Records, key: &[u8], with_values: bool) -> Res<Vec<(Vec<u8>, Vec<u8>)>> {
-    let mut out = Vec::new();
-    r.scan(key, b"", None, false, &mut |sk, _, v| {
-        out.push((sk.to_vec(), if with_values { v.to_vec() } else { Vec::new() }));
-        true
-    })?;
-    Ok(out)
+/// Records a key-wide operation holds in memory at once.
+const CHUNK: usize = 1024;
+
+/// A chunk of a key's records: (sortkey, expire_at_ms, value).
+pub type Chunk = Vec<(Vec<u8>, u64, Vec<u8>)>;
+
+/// Hands every record of `key` to `f`, a chunk of (sortkey, expire_at_ms, value) at a time, so
+/// that a key of any size takes bounded memory; `f` may write `key`'s records already handed
+/// over. Whether the key had any.
+pub fn each_chunk(r: &mut dyn Records, key: &[u8], f: &mut dyn FnMut(&mut dyn Records, Chunk) -> Res<()>) -> Res<bool> {
+    let mut from = Vec::new();
+    let mut any = false;
+    loop {
+        let mut chunk = Vec::new();
+        r.scan(key, &from, None, false, &mut |sk, expire, v| {
+            chunk.push((sk.to_vec(), expire, v.to_vec()));
+            chunk.len() < CHUNK
+        })?;
+        let Some((last, _, _)) = chunk.last() else { return Ok(any) };
+        any = true;
+        from = [last.as_slice(), &[0]].concat();
+        let done = chunk.len() < CHUNK;
+        f(r, chunk)?;
+        if done {
+            return Ok(true);
+        }
+    }
 }
 
 /// Deletes every record of `key`; whether it existed.
 pub fn delete_key(r: &mut dyn Records, key: &[u8]) -> Res<bool> {
-    let records = all_records(r, key, false)?;
-    for (sk, _) in &records {
-        r.delete(key, sk)?;
-    }
-    Ok(!records.is_empty())
+    each_chunk(r, key, &mut |r, chunk| {
+        for (sk, _, _) in &chunk {
+            r.delete(key, sk)?;
+        }
+        Ok(())
+    })
 }
 
 /// Sets the expiry of every record of `key` (0: none); whether the key exists.
 pub fn set_expiry(r: &mut dyn Records, key: &[u8], expire_at_ms: u64) -> Res<bool> {
-    let records = all_records(r, key, true)?;
-    for (sk, v) in &records {
-        r.put(key, sk, expire_at_ms, v)?;
-    }
-    Ok(!records.is_empty())
+    each_chunk(r, key, &mut |r, chunk| {
+        for (sk, _, v) in &chunk {
+            r.put(key, sk, expire_at_ms, v)?;
+        }
+        Ok(())
+    })
 }
 
 /// A list position as a sortkey.

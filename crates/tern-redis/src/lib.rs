@@ -81,6 +81,19 @@ pub(crate) fn fail<T>(msg: impl Into<String>) -> Res<T> {
     Err(Fail::Reply(Reply::Error(msg.into())))
 }
 
+/// A key whose records do not follow the layout (written through Tern's own API, or delivered by
+/// duplication from a cluster writing the same key): an answer, the same on every replica, never a
+/// reason to stop the replica.
+pub(crate) fn malformed<T>(what: impl std::fmt::Display) -> Res<T> {
+    Err(malformed_key(what))
+}
+
+pub(crate) fn malformed_key(what: impl std::fmt::Display) -> Fail {
+    Fail::Reply(Reply::Error(format!(
+        "ERR the key's records are not a Redis value this endpoint recognises ({what}); were they written through Tern's own API?"
+    )))
+}
+
 pub const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
 pub(crate) const NOT_INTEGER: &str = "ERR value is not an integer or out of range";
 pub(crate) const NOT_FLOAT: &str = "ERR value is not a valid float";
@@ -91,14 +104,29 @@ pub(crate) const SYNTAX: &str = "ERR syntax error";
 /// stop early at it.
 pub const REPLY_BYTES_MAX: usize = 4 * 1024 * 1024 - 64 * 1024;
 
+/// Largest collection a command loads whole into memory (sources of the STORE forms, random picks,
+/// SMEMBERS before its reply is checked): past it the command is refused, with nothing written.
+pub const LOAD_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Most picks a random-members command with a negative count (repeats allowed) makes.
+pub const PICKS_MAX: u64 = 1 << 22;
+
+pub(crate) fn too_large_to_load<T>() -> Res<T> {
+    fail(format!("ERR the key holds more than {LOAD_BYTES_MAX} bytes, more than one command loads; read it with the SCAN forms or ranges"))
+}
+
 /// Positions to pick among `n` for a random-members command's count: distinct ones (all of them
-/// when the count reaches `n`) for a positive count, `-count` picks with repeats for a negative one.
-pub(crate) fn random_picks(r: &mut dyn Records, n: usize, count: i64) -> Vec<usize> {
+/// when the count reaches `n`) for a positive count, `-count` picks with repeats for a negative one
+/// (at most PICKS_MAX).
+pub(crate) fn random_picks(r: &mut dyn Records, n: usize, count: i64) -> Res<Vec<usize>> {
     if n == 0 || count == 0 {
-        return Vec::new();
+        return Ok(Vec::new());
     }
     if count < 0 {
-        return (0..count.unsigned_abs()).map(|_| (r.random() % n as u64) as usize).collect();
+        if count.unsigned_abs() > PICKS_MAX {
+            return fail(format!("ERR count {count} is too large; at most {PICKS_MAX} picks are made with repeats"));
+        }
+        return Ok((0..count.unsigned_abs()).map(|_| (r.random() % n as u64) as usize).collect());
     }
     let mut all: Vec<usize> = (0..n).collect();
     let want = (count as u64).min(n as u64) as usize;
@@ -107,7 +135,7 @@ pub(crate) fn random_picks(r: &mut dyn Records, n: usize, count: i64) -> Vec<usi
         all.swap(i, j);
     }
     all.truncate(want);
-    all
+    Ok(all)
 }
 
 /// Records in memory for the crate's tests: a writable partition with a fixed clock and a

@@ -144,6 +144,12 @@ pub fn run(name: &str, r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
             let Some(mut meta) = collection(r, src, KeyType::List)? else { return Ok(Reply::Nil) };
             collection(r, dst, KeyType::List)?; // WRONGTYPE before anything moves
             let Some(v) = pop(r, src, &mut meta, from_left)? else { return Ok(Reply::Nil) };
+            if src == dst {
+                // A rotation: the same list (and its expiry), never emptied in between.
+                push(r, dst, &mut meta, to_left, &v)?;
+                store_meta(r, dst, &meta)?;
+                return Ok(Reply::bulk(v));
+            }
             store_meta(r, src, &meta)?;
             let mut to = collection(r, dst, KeyType::List)?.unwrap_or_else(|| Meta::new(KeyType::List));
             push(r, dst, &mut to, to_left, &v)?;
@@ -188,9 +194,7 @@ fn pop(r: &mut dyn Records, key: &[u8], meta: &mut Meta, left: bool) -> Res<Opti
     }
     let p = if left { meta.head } else { meta.tail - 1 };
     let sk = list_sortkey(p);
-    let Some((_, v)) = r.get(key, &sk)? else {
-        return Err(tern_core::TernError::Corruption(format!("list element at position {p} is missing")).into());
-    };
+    let Some((_, v)) = r.get(key, &sk)? else { return crate::malformed(format!("list element at position {p} is missing")) };
     r.delete(key, &sk)?;
     if left {
         meta.head += 1;

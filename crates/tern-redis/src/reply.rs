@@ -131,7 +131,7 @@ impl Reply {
 
     /// The reply as bytes for a write or read response: a tag byte, then lengths as u32 BE.
     pub fn to_wire(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.size());
+        let mut out = Vec::with_capacity(self.size().min(crate::REPLY_BYTES_MAX));
         self.wire(&mut out);
         out
     }

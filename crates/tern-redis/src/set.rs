@@ -21,10 +21,6 @@ use crate::layout::{check_member, collection, delete_key, member_of, member_sort
 use crate::{fail, Records, Reply, Res, SYNTAX};
 use bytes::Bytes;
 use std::collections::BTreeSet;
-use tern_core::TernError;
-
-/// Most picks SRANDMEMBER with a negative count returns: more could not fit a reply anyway.
-const REPEATS_MAX: u64 = 1 << 22;
 
 pub fn run(name: &str, r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
     match name {
@@ -84,12 +80,18 @@ fn has(r: &mut dyn Records, key: &[u8], m: &[u8]) -> Res<bool> {
 }
 
 /// Every member, in byte order.
+/// Every member, in byte order; refused past `crate::LOAD_BYTES_MAX`.
 fn members(r: &mut dyn Records, key: &[u8]) -> Res<Vec<Vec<u8>>> {
     let mut out = Vec::new();
+    let mut size = 0;
     r.scan(key, ELEMENTS, Some(SCORES), false, &mut |sk, _, _| {
+        size += sk.len() + 16;
         out.push(member_of(sk).to_vec());
-        true
+        size <= crate::LOAD_BYTES_MAX
     })?;
+    if size > crate::LOAD_BYTES_MAX {
+        return crate::too_large_to_load();
+    }
     Ok(out)
 }
 
@@ -109,7 +111,7 @@ fn members_at(r: &mut dyn Records, key: &[u8], positions: &[u64]) -> Res<Vec<Vec
         out.len() < positions.len()
     })?;
     if out.len() != positions.len() {
-        return Err(TernError::Corruption(format!("set metadata counts more members than the {i} stored")).into());
+        return crate::malformed(format!("set metadata counts more members than the {i} stored"));
     }
     Ok(out)
 }
@@ -192,8 +194,8 @@ fn srandmember(r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
     if l < 0 {
         // |l| independent draws, repeats allowed, in draw order.
         let k = l.unsigned_abs();
-        if k > REPEATS_MAX {
-            return fail(format!("ERR count {l} is too large; at most {REPEATS_MAX} members are returned with repeats"));
+        if k > crate::PICKS_MAX {
+            return fail(format!("ERR count {l} is too large; at most {} members are returned with repeats", crate::PICKS_MAX));
         }
         let mut draws = Vec::with_capacity(k as usize);
         for _ in 0..k {
@@ -234,21 +236,26 @@ fn spop(r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
         return Ok(Reply::Set(Vec::new()));
     }
     let n = meta.count;
-    let popped = if k >= n {
-        let all = members(r, key)?;
-        delete_key(r, key)?;
-        all
+    let mut chosen = if k >= n {
+        members(r, key)?
     } else {
         let positions = pick(r, n, k);
-        let chosen = members_at(r, key, &positions)?;
-        for m in &chosen {
-            r.delete(key, &member_sortkey(m))?;
-        }
-        meta.count -= chosen.len() as u64;
-        store_meta(r, key, &meta)?;
-        chosen
+        members_at(r, key, &positions)?
     };
-    Ok(set_reply(popped))
+    // As the list pops: a count larger than a reply may hold pops what fits.
+    let mut size = 0;
+    let fits = chosen.iter().take_while(|m| {
+        size += m.len() + 16;
+        size <= crate::REPLY_BYTES_MAX
+    });
+    let keep = fits.count();
+    chosen.truncate(keep);
+    for m in &chosen {
+        r.delete(key, &member_sortkey(m))?;
+    }
+    meta.count -= chosen.len() as u64;
+    store_meta(r, key, &meta)?;
+    Ok(set_reply(chosen))
 }
 
 fn smove(r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {

@@ -52,6 +52,10 @@ pub fn run(name: &str, r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
             if a.len().is_multiple_of(2) {
                 return Err(crate::commands::wrong_args(name).into());
             }
+            // Checked whole first: a refused value must leave every key as it was.
+            for kv in a[1..].chunks(2) {
+                check_value(&kv[1])?;
+            }
             if name == "MSETNX" {
                 for kv in a[1..].chunks(2) {
                     if lookup(r, &kv[0])?.kind != KeyType::None {
@@ -235,7 +239,7 @@ fn set(r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
     if (nx && exists) || (xx && !exists) {
         return Ok(if want_old { Reply::opt(old.map(|(_, v)| v.into())) } else { Reply::Nil });
     }
-    let expire = if keepttl { old.as_ref().map_or(0, |(e, _)| *e) } else { expire_at.unwrap_or(0) };
+    let expire = if keepttl { lookup(r, key)?.expire_at_ms } else { expire_at.unwrap_or(0) };
     put(r, key, value, expire)?;
     Ok(if want_old { Reply::opt(old.map(|(_, v)| v.into())) } else { Reply::Ok })
 }

@@ -25,7 +25,6 @@ use crate::{fail, Fail, Records, Reply, Res, SYNTAX, WRONGTYPE};
 use bytes::Bytes;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use tern_core::TernError;
 
 /// A member and its score.
 type Item = (Vec<u8>, f64);
@@ -34,7 +33,6 @@ const NAN_SCORE: &str = "ERR resulting score is not a number (NaN)";
 const POSITIVE: &str = "ERR value is out of range, must be positive";
 /// The most elements ZRANDMEMBER with a negative count returns (each may repeat, so the set's
 /// size does not bound the reply), as SRANDMEMBER.
-const REPEATS_MAX: u64 = 1 << 22;
 /// What a member adds to a reply besides its bytes (headers, the score).
 const ITEM_OVERHEAD: usize = 32;
 
@@ -113,7 +111,7 @@ fn decode(v: &[u8]) -> Option<f64> {
 }
 
 fn corrupt() -> Fail {
-    TernError::Corruption("sorted-set member record without an 8-byte score".into()).into()
+    crate::malformed_key("a sorted-set member without an 8-byte score")
 }
 
 /// A member's score.
@@ -244,8 +242,8 @@ fn visit_range(r: &mut dyn Records, key: &[u8], range: &Range, rev: bool, visit:
 /// How `select` treats a selection larger than a reply may be (`crate::REPLY_BYTES_MAX`).
 #[derive(Clone, Copy, PartialEq)]
 enum Cap {
-    /// Not a reply (removals, sources of a store): no limit.
-    Unlimited,
+    /// Not a reply (removals, sources of a store): refused past `crate::LOAD_BYTES_MAX`.
+    Load,
     /// Refuse it.
     Refuse,
     /// Stop before the member that would pass the limit (pops with a count).
@@ -288,7 +286,8 @@ fn select(r: &mut dyn Records, key: &[u8], len: u64, range: &Range, rev: bool, w
             return true;
         }
         size += m.len() + ITEM_OVERHEAD;
-        if cap != Cap::Unlimited && size > crate::REPLY_BYTES_MAX {
+        let max = if cap == Cap::Load { crate::LOAD_BYTES_MAX } else { crate::REPLY_BYTES_MAX };
+        if size > max {
             over = true;
             return false;
         }
@@ -297,6 +296,9 @@ fn select(r: &mut dyn Records, key: &[u8], len: u64, range: &Range, rev: bool, w
     })?;
     if over && cap == Cap::Refuse {
         return too_large();
+    }
+    if over && cap == Cap::Load {
+        return crate::too_large_to_load();
     }
     Ok(out)
 }
@@ -364,7 +366,7 @@ fn range_command(r: &mut dyn Records, a: &[Bytes], src: usize, store: bool, by: 
     };
     let key = &a[src][..];
     let items = match zset(r, key)? {
-        Some(meta) => select(r, key, meta.count, &range, rev, (offset, limit), if store { Cap::Unlimited } else { Cap::Refuse })?,
+        Some(meta) => select(r, key, meta.count, &range, rev, (offset, limit), if store { Cap::Load } else { Cap::Refuse })?,
         None => Vec::new(),
     };
     if store {
@@ -530,7 +532,7 @@ fn zrem(r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
 
 fn remove_range(r: &mut dyn Records, key: &[u8], range: Range) -> Res<Reply> {
     let Some(mut meta) = zset(r, key)? else { return Ok(Reply::Int(0)) };
-    let items = select(r, key, meta.count, &range, false, (0, -1), Cap::Unlimited)?;
+    let items = select(r, key, meta.count, &range, false, (0, -1), Cap::Load)?;
     for (m, s) in &items {
         remove(r, key, &mut meta, m, *s)?;
     }
@@ -576,7 +578,7 @@ fn random_members(r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
     if a.len() == 2 {
         let Some(meta) = zset(r, key)? else { return Ok(Reply::Nil) };
         let i = (r.random() % meta.count.max(1)) as i64;
-        let items = select(r, key, meta.count, &Range::Rank(i, i), false, (0, -1), Cap::Unlimited)?;
+        let items = select(r, key, meta.count, &Range::Rank(i, i), false, (0, -1), Cap::Load)?;
         return Ok(items.into_iter().next().map_or(Reply::Nil, |(m, _)| Reply::bulk(m)));
     }
     let n = args::int(&a[2])?;
@@ -595,15 +597,19 @@ fn random_members(r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
     if n == 0 {
         return Ok(Reply::Array(Vec::new()));
     }
-    if n < 0 && n.unsigned_abs() > REPEATS_MAX {
-        return fail(format!("ERR count {n} is too large; at most {REPEATS_MAX} members are returned with repeats"));
+    if n < 0 && n.unsigned_abs() > crate::PICKS_MAX {
+        return fail(format!("ERR count {n} is too large; at most {} members are returned with repeats", crate::PICKS_MAX));
     }
-    let all = select(r, key, meta.count, &Range::Rank(0, -1), false, (0, -1), Cap::Unlimited)?;
+    let all = select(r, key, meta.count, &Range::Rank(0, -1), false, (0, -1), Cap::Load)?;
     // A count reaching the size answers the whole set, in order, as Redis; otherwise distinct
     // random picks, or independent ones (repeats allowed) for a negative count.
-    let picked: Vec<Item> =
-        if n > 0 && n as u64 >= all.len() as u64 { all } else { crate::random_picks(r, all.len(), n).into_iter().map(|i| all[i].clone()).collect() };
-    fits(&picked)?;
+    let picks: Vec<usize> = if n > 0 && n as u64 >= all.len() as u64 { (0..all.len()).collect() } else { crate::random_picks(r, all.len(), n)? };
+    // Checked before the picks are copied: repeats could make it far larger than the set.
+    let size: usize = picks.iter().map(|&i| all[i].0.len() + ITEM_OVERHEAD).sum();
+    if size > crate::REPLY_BYTES_MAX {
+        return too_large();
+    }
+    let picked: Vec<Item> = picks.into_iter().map(|i| all[i].clone()).collect();
     Ok(items_reply(picked, withscores))
 }
 
@@ -657,16 +663,22 @@ fn weighted(s: f64, w: f64) -> f64 {
 /// with score 1, nothing for a missing key.
 fn load(r: &mut dyn Records, key: &[u8], kind: KeyType) -> Res<Vec<Item>> {
     let mut out = Vec::new();
+    let mut size = 0;
     match kind {
         KeyType::ZSet => visit_range(r, key, &Range::Rank(0, -1), false, &mut |m, s| {
+            size += m.len() + ITEM_OVERHEAD;
             out.push((m.to_vec(), s));
-            true
+            size <= crate::LOAD_BYTES_MAX
         })?,
         KeyType::Set => r.scan(key, ELEMENTS, Some(SCORES), false, &mut |sk, _, _| {
+            size += sk.len() + ITEM_OVERHEAD;
             out.push((member_of(sk).to_vec(), 1.0));
-            true
+            size <= crate::LOAD_BYTES_MAX
         })?,
         _ => {}
+    }
+    if size > crate::LOAD_BYTES_MAX {
+        return crate::too_large_to_load();
     }
     Ok(out)
 }

@@ -54,12 +54,20 @@ pub enum Input {
     },
     /// How many records the hashkey has.
     Count,
+    /// Redis RPUSH of one element onto the hashkey's list: answers the new length.
+    ListPush {
+        value: Vec<u8>,
+    },
+    /// Redis LPOP: the first element, if any.
+    ListPop,
+    /// Redis LRANGE 0 -1: every element.
+    ListRange,
 }
 
 impl Input {
     /// Whether the operation only reads (it changes nothing, and needs no exactly-once sequence).
     pub fn is_read(&self) -> bool {
-        matches!(self, Input::Get { .. } | Input::MultiGet { .. } | Input::Scan { .. } | Input::Count)
+        matches!(self, Input::Get { .. } | Input::MultiGet { .. } | Input::Scan { .. } | Input::Count | Input::ListRange)
     }
 }
 
@@ -109,6 +117,33 @@ fn parse_int(v: Option<&Vec<u8>>) -> Option<i64> {
     }
 }
 
+/// Where the model keeps a list key's elements: one entry, the elements length-prefixed.
+const LIST: &[u8] = b"list";
+
+fn list_of(model: &Model) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut rest: &[u8] = model.get(LIST).map_or(&[], |v| v.as_slice());
+    while rest.len() >= 4 {
+        let n = u32::from_be_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
+        out.push(rest[4..4 + n].to_vec());
+        rest = &rest[4 + n..];
+    }
+    out
+}
+
+fn store_list(model: &mut Model, list: &[Vec<u8>]) {
+    if list.is_empty() {
+        model.remove(LIST);
+        return;
+    }
+    let mut v = Vec::new();
+    for e in list {
+        v.extend_from_slice(&(e.len() as u32).to_be_bytes());
+        v.extend_from_slice(e);
+    }
+    model.insert(LIST.to_vec(), v);
+}
+
 /// Applies `input` to `model`; returns the new model if the observed output (if known) matches.
 pub fn step(model: &Model, input: &Input, output: Option<&Output>) -> Option<Model> {
     let mut next = model.clone();
@@ -155,6 +190,19 @@ pub fn step(model: &Model, input: &Input, output: Option<&Output>) -> Option<Mod
             model.iter().filter(|(k, _)| *k >= start && (stop.is_empty() || *k < stop)).map(|(k, v)| (k.clone(), v.clone())).collect(),
         ),
         Input::Count => Output::Count(model.len() as u64),
+        Input::ListPush { value } => {
+            let mut list = list_of(model);
+            list.push(value.clone());
+            store_list(&mut next, &list);
+            Output::Integer(list.len() as i64)
+        }
+        Input::ListPop => {
+            let mut list = list_of(model);
+            let first = (!list.is_empty()).then(|| list.remove(0));
+            store_list(&mut next, &list);
+            Output::Value(first)
+        }
+        Input::ListRange => Output::Values(list_of(model).into_iter().map(Some).collect()),
     };
     match output {
         Some(o) if *o != actual => None,

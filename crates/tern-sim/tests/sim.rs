@@ -199,6 +199,26 @@ fn seed_sweep() {
     assert!(tern_sim::undecided_within_limit(undecided, seeds as usize), "the checker could not decide {undecided} of {seeds} histories");
 }
 
+/// Redis list commands among the operations (run by tern-redis inside raft apply and on leaders):
+/// every history, lists included, linearizable under the default faults, every push exactly once.
+/// `TERN_SIM_SEEDS=N` runs more.
+#[test]
+fn redis_seed_sweep() {
+    let seeds = seeds_from_env(300);
+    let mut failed = Vec::new();
+    let mut undecided = 0;
+    for seed in 0..seeds {
+        let report = run(SimConfig::with_redis(20_000 + seed));
+        undecided += matches!(report.verdict, tern_sim::checker::Verdict::Unknown { .. }) as usize;
+        if !report.ok() {
+            eprintln!("{}", report.describe());
+            failed.push(report.seed);
+        }
+    }
+    assert!(failed.is_empty(), "failing seeds: {failed:?}");
+    assert!(tern_sim::undecided_within_limit(undecided, seeds as usize), "the checker could not decide {undecided} of {seeds} histories");
+}
+
 /// Runs `config` with a bug planted and without: the simulator must catch the planted bug (a
 /// non-linearizable history, diverged replicas or a broken invariant) and pass the real code.
 fn assert_planted_bug_is_caught(planted: PlantedBugs, config: SimConfig) {

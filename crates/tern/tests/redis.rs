@@ -329,8 +329,52 @@ async fn protocol_abuse_and_limits() {
 #[test]
 fn redis_own_test_suite() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    let out = Command::new(format!("{root}/scripts/redis-suite")).args(["--tern", env!("CARGO_BIN_EXE_tern")]).output().expect("run scripts/redis-suite");
+    let out =
+        Command::new(format!("{root}/scripts/redis-suite")).args(["--tern", env!("CARGO_BIN_EXE_tern")]).output().expect("run scripts/redis-suite");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     println!("{text}");
     assert!(out.status.success(), "Redis's test suite failed against Tern:\n{text}");
+}
+
+/// Keys with one hash tag share a partition, so commands and transactions over them are atomic;
+/// over keys in different partitions they are refused with CROSSSLOT (nothing written), except the
+/// per-key commands the proxy splits by partition. WATCH fails an EXEC after another connection
+/// changed the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_tags_and_transactions_across_partitions() {
+    let pg = playground().await;
+    let count = pg.client().partition_count("demo").await.unwrap();
+    let p = |k: &str| tern_core::codec::partition_of(k.as_bytes(), count);
+    let other = (0..).map(|i| format!("k{i}")).find(|k| p(k) != p("k")).unwrap();
+    assert_eq!(p("{user:1}:feed"), p("{user:1}:likes"), "one tag, one partition");
+    let out = cli(
+        pg.port,
+        &format!(
+            "RPUSH {{user:1}}:feed a b c\nLMOVE {{user:1}}:feed {{user:1}}:likes LEFT RIGHT\nLRANGE {{user:1}}:likes 0 -1\n\
+             SET k 1\nRENAME k {other}\nGET k\nMULTI\nSET k 2\nSET {other} 2\nEXEC\nGET k\n\
+             MULTI\nINCR {{user:1}}:n\nRPUSH {{user:1}}:feed d\nPING\nEXEC\n\
+             MSET k 3 {other} 4\nMGET {other} k nothing\nDEL k {other}\n"
+        ),
+    )
+    .await;
+    let crossslot = |l: &String| l.starts_with("CROSSSLOT");
+    assert_eq!(out[..3], ["3", "a", "a"], "{out:?}");
+    assert_eq!(out[3], "OK");
+    assert!(crossslot(&out[4]), "RENAME across partitions: {out:?}");
+    assert_eq!(out[5], "1", "nothing renamed");
+    assert_eq!(out[6..9], ["OK", "QUEUED", "QUEUED"]);
+    assert!(crossslot(&out[9]), "EXEC across partitions: {out:?}");
+    assert_eq!(out[10], "1", "nothing of the transaction ran");
+    assert_eq!(out[11..15], ["OK", "QUEUED", "QUEUED", "QUEUED"], "{out:?}");
+    assert_eq!(out[15..18], ["1", "3", "PONG"], "EXEC answers every command in order: {out:?}");
+    assert_eq!(out[18..], ["OK", "4", "3", "2"], "per-key commands split by partition: {out:?}");
+
+    // WATCH: another connection's write fails the EXEC; without one, it runs.
+    let mut a = connect(pg.port);
+    let mut b = connect(pg.port);
+    assert_eq!(exchange(&mut a, b"SET w 1\r\nWATCH w\r\nMULTI\r\nINCR w\r\n", 4), "+OK\r\n+OK\r\n+OK\r\n+QUEUED\r\n");
+    assert_eq!(exchange(&mut b, b"SET w 5\r\n", 1), "+OK\r\n");
+    assert_eq!(exchange(&mut a, b"EXEC\r\nGET w\r\n", 3), "*-1\r\n$1\r\n5\r\n", "a watched key changed: nothing ran");
+    assert_eq!(exchange(&mut a, b"WATCH w\r\nMULTI\r\nINCR w\r\nEXEC\r\n", 5), "+OK\r\n+OK\r\n+QUEUED\r\n*1\r\n:6\r\n");
+    pg.playground.shutdown().await;
 }

@@ -65,7 +65,9 @@ impl Replica {
         if addressed != 0 && owner.count != 0 && addressed != owner.count {
             return ReadResponse { error: Some(self.addressed_by_another_count(addressed).into()), ..Default::default() };
         }
-        let mut r = execute_read(self.sm.engine(), request, now_unix_ms, owner);
+        // Never behind the log's clock as of now (entries applied while the read waited may carry
+        // later stamps): a record the log has expired stays expired to the read.
+        let mut r = execute_read(self.sm.engine(), request, self.read_time(now_unix_ms), owner);
         r.applied_index = self.sm.state().applied_index;
         r
     }

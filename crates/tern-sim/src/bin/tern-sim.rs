@@ -42,6 +42,9 @@ struct Cli {
     /// then; at the end both must hold the same records.
     #[arg(long, default_value_t = 1)]
     clusters: usize,
+    /// A tenth of the clients' operations are Redis list commands (RPUSH, LPOP, LRANGE).
+    #[arg(long)]
+    redis: bool,
     /// Meta at scale instead of seeds: meta's scheduler over this many simulated servers (10
     /// zones) and --scale-partitions partitions; a server dies, a zone dies, ten servers join.
     #[arg(long)]
@@ -87,7 +90,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let (scheduler, split) = (cli.scheduler || cli.split, cli.split);
-    let (operations, faults, nodes, clusters) = (cli.operations, !cli.no_faults, cli.nodes, cli.clusters);
+    let (operations, faults, nodes, clusters, redis) = (cli.operations, !cli.no_faults, cli.nodes, cli.clusters, cli.redis);
     let config = move |seed: u64| {
         let mut cfg = match (split, scheduler) {
             (true, _) => tern_sim::SimConfig::with_split(seed),
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
             (false, false) => tern_sim::SimConfig::new(seed),
         };
         cfg.clusters = clusters;
+        cfg.redis = redis;
         cfg.nodes = nodes.unwrap_or(cfg.nodes);
         cfg.operations = operations.unwrap_or(cfg.operations);
         cfg.faults = faults;

@@ -57,6 +57,28 @@ pub(super) const COUNTER: &[u8] = b"n";
 /// operations stay out of the history: what checks them is that every replica ends identical (the
 /// state machine must expire records by the log's clock, never a node's).
 pub(super) const TTL_HASHKEY: &[u8] = b"ttl";
+/// With `SimConfig::redis`, the list key of the first cluster's clients (and of the second's).
+pub(super) const LIST_HASHKEYS: [&[u8]; 2] = [b"list0", b"list1"];
+
+/// A Redis write of one command.
+fn redis_write(args: Vec<bytes::Bytes>) -> write_request::Op {
+    write_request::Op::Redis(tern_proto::RedisWrite { commands: vec![tern_proto::RedisCommand { args }], transaction: false })
+}
+
+/// A Redis reply as the checker's output (an error reply, which the list workload never earns,
+/// becomes an output no model produces, so the history fails).
+fn redis_output(wire: &[u8]) -> Output {
+    use tern_redis::Reply;
+    match Reply::from_wire(wire) {
+        Some(Reply::Int(n)) => Output::Integer(n),
+        Some(Reply::Bulk(v)) => Output::Value(Some(v.to_vec())),
+        Some(Reply::Nil) => Output::Value(None),
+        Some(Reply::Array(items)) => {
+            Output::Values(items.into_iter().map(|i| if let Reply::Bulk(v) = i { Some(v.to_vec()) } else { None }).collect())
+        }
+        other => Output::Records(vec![(b"unexpected redis reply".to_vec(), format!("{other:?}").into_bytes())]),
+    }
+}
 
 impl World {
     pub(super) fn serve(&mut self, node: NodeId, client: usize, attempt: u64, request: Request) {
@@ -101,6 +123,14 @@ impl World {
                 _ => Input::Incr { sortkey: COUNTER.to_vec(), delta: 1 },
             };
             return (SHARED_HASHKEY.to_vec(), input);
+        }
+        if self.cfg.redis && rng.range(0, 100) < 10 {
+            let input = match rng.range(0, 10) {
+                0..=4 => Input::ListPush { value },
+                5..=7 => Input::ListPop,
+                _ => Input::ListRange,
+            };
+            return (LIST_HASHKEYS[c.cluster].to_vec(), input);
         }
         if rng.range(0, 100) < 8 {
             // Sets expire within seconds; incrs find the record alive or gone depending on the time
@@ -153,6 +183,9 @@ impl World {
                 let mut v = Vec::new();
                 for h in HASHKEYS {
                     v.push((h.to_vec(), Input::MultiGet { sortkeys: SORTKEYS.iter().map(|s| s.to_vec()).chain([COUNTER.to_vec()]).collect() }));
+                }
+                if self.cfg.redis {
+                    v.push((LIST_HASHKEYS[0].to_vec(), Input::ListRange));
                 }
                 self.clients[0].verification = v;
                 self.history.push(Operation {
@@ -265,6 +298,11 @@ impl World {
                 ..Default::default()
             })),
             Input::Count => read(read_request::Op::Count(tern_proto::Count { hashkey: hk })),
+            Input::ListPush { value } => write(redis_write(vec![bytes(b"RPUSH"), hk, bytes(value)])),
+            Input::ListPop => write(redis_write(vec![bytes(b"LPOP"), hk])),
+            Input::ListRange => {
+                read(read_request::Op::Redis(tern_proto::RedisCommand { args: vec![bytes(b"LRANGE"), hk, bytes(b"0"), bytes(b"-1")] }))
+            }
         };
         let mut s = self.shared.lock();
         // The client-server link shares the nodes' fate: a crashed or unreachable node never answers.
@@ -298,6 +336,8 @@ impl World {
                         Output::Records(r.records.iter().map(|x| (x.sortkey.to_vec(), x.value.to_vec())).collect())
                     }
                     (Input::Count, Answer::Read(r)) => Output::Count(r.count),
+                    (Input::ListPush { .. } | Input::ListPop, Answer::Write(w)) => redis_output(&w.redis_reply),
+                    (Input::ListRange, Answer::Read(r)) => redis_output(&r.redis_reply),
                     _ => unreachable!("answer kind matches request kind"),
                 };
                 self.complete(client, Some(output));

@@ -99,6 +99,10 @@ pub struct SimConfig {
     /// Scheduler runs: meta is asked to split table "t" (double its partitions) at this virtual
     /// time (ms), and must have finished by the end.
     pub split_at_ms: Option<u64>,
+    /// A tenth of the clients' operations are Redis list commands (RPUSH, LPOP, LRANGE) on a list
+    /// key of their own, run by tern-redis inside raft apply and on the leader like any write and
+    /// read: the checker models the list.
+    pub redis: bool,
 }
 
 /// Half of the seeds get a quiet window of 3 to 7 s starting 2 to 6 s in, inside the fault phase.
@@ -129,6 +133,7 @@ impl SimConfig {
             quiet: quiet_window(seed),
             clusters: 1,
             split_at_ms: None,
+            redis: false,
         }
     }
 
@@ -138,6 +143,11 @@ impl SimConfig {
         let cfg = SimConfig::with_scheduler(seed);
         let at = SeededRandom::new(seed ^ 0x5_917).range(1_000, 5_000);
         SimConfig { split_at_ms: Some(at), operations: 2 * cfg.operations, ..cfg }
+    }
+
+    /// The default run with Redis list commands among the clients' operations.
+    pub fn with_redis(seed: u64) -> SimConfig {
+        SimConfig { redis: true, ..SimConfig::new(seed) }
     }
 
     /// Two clusters duplicating into each other.
