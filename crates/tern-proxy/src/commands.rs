@@ -33,6 +33,7 @@ fn err(msg: impl Into<String>) -> Reply {
 /// A store error as a Redis error reply.
 pub fn store_error(e: TernError) -> Reply {
     match e {
+        TernError::InvalidArgument(m) if m.starts_with("CROSSSLOT") => err(m),
         TernError::InvalidArgument(m) => err(format!("ERR {m}")),
         TernError::WrongType(m) => err(format!("ERR {m}")),
         TernError::TableNotFound(t) => err(format!("ERR table {t} does not exist")),

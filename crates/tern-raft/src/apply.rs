@@ -1375,6 +1375,51 @@ mod tests {
         assert_eq!(batch.take_split(), None);
     }
 
+    fn redis(args: &[&str]) -> Op {
+        let args = args.iter().map(|a| bytes::Bytes::copy_from_slice(a.as_bytes())).collect();
+        Op::Redis(tern_proto::RedisWrite { commands: vec![tern_proto::RedisCommand { args }], transaction: false })
+    }
+
+    /// Redis commands apply as one entry (exactly once when retried), see the batch's own earlier
+    /// writes, and are refused whole after a split: sent where their first key no longer lives,
+    /// with PartitionSplit (the client goes on to the child); with a first key still here but
+    /// another gone, with CROSSSLOT (no retry mends it). A flush addressed before the split is
+    /// refused too.
+    #[test]
+    fn redis_commands_apply_once_and_respect_a_split() {
+        let reply = |r: &WriteResponse| tern_redis::Reply::from_wire(&r.redis_reply).unwrap_or_else(|| panic!("a reply: {r:?}"));
+        // A key partition 0 owns before and after the split.
+        let l = (0..).map(|i| format!("l{i}")).find(|k| codec::partition_of(k.as_bytes(), 4) == 0).unwrap();
+        let l = l.as_str();
+        let mut sm =
+            StateMachine::open(Box::new(MemoryEngine::new()), ApplyState { applied_index: 5, partition_count: 2, ..Default::default() }).unwrap();
+        let mut batch = sm.begin();
+        let first = batch.apply_command(sm.engine(), 6, &command(1000, 7, 1, redis(&["RPUSH", l, "a", "b"]))).unwrap();
+        let second = batch.apply_command(sm.engine(), 7, &command(1000, 7, 2, redis(&["LPOP", l]))).unwrap();
+        batch.set_applied(7, 1);
+        sm.finish(batch).unwrap();
+        assert_eq!(reply(&first), tern_redis::Reply::Int(2));
+        assert_eq!(reply(&second), tern_redis::Reply::bulk("a"), "the second entry saw the first in the same batch");
+        let retried = apply(&mut sm, 8, command(1000, 7, 1, redis(&["RPUSH", l, "a", "b"])));
+        assert_eq!(reply(&retried), tern_redis::Reply::Int(2), "a retry gets its first answer");
+        let r = apply(&mut sm, 9, command(1000, 7, 3, redis(&["LLEN", l])));
+        assert_eq!(reply(&r), tern_redis::Reply::Int(1), "and applied once");
+
+        assert!(apply(&mut sm, 10, command(1000, 0, 0, Op::Split(tern_proto::Split { partition_count: 4 }))).error.is_none());
+        let (moving, staying) =
+            (hashkey_moving_to(0, 2), (0..).map(|i| format!("s{i}")).find(|k| codec::partition_of(k.as_bytes(), 4) == 0).unwrap());
+        let r = apply(&mut sm, 11, command(1000, 7, 4, redis(&["RENAME", &moving, &staying])));
+        assert!(matches!(tern_proto::check(&r.error), Err(TernError::PartitionSplit { partition_count: 4, .. })), "{r:?}");
+        let r = apply(&mut sm, 12, command(1000, 7, 5, redis(&["RENAME", &staying, &moving])));
+        assert!(matches!(tern_proto::check(&r.error), Err(TernError::InvalidArgument(m)) if m.starts_with("CROSSSLOT")), "{r:?}");
+        let r = apply(&mut sm, 13, command(1000, 0, 0, Op::Flush(tern_proto::Flush { partition_count: 2 })));
+        assert!(matches!(tern_proto::check(&r.error), Err(TernError::PartitionSplit { .. })), "{r:?}");
+        let r = apply(&mut sm, 14, command(1000, 0, 0, Op::Flush(tern_proto::Flush { partition_count: 4 })));
+        assert!(r.error.is_none());
+        let r = apply(&mut sm, 15, command(1000, 7, 6, redis(&["EXISTS", l])));
+        assert_eq!(reply(&r), tern_redis::Reply::Int(0), "flushed");
+    }
+
     /// A retried write with the same (client, seq) returns the first result and applies once.
     #[test]
     fn dedup_makes_incr_exactly_once() {

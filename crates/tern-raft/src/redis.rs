@@ -11,12 +11,25 @@ use tern_engine::KvEngine;
 use tern_proto::RedisWrite;
 use tern_redis::Records;
 
-/// Every key the commands name, checked against what the partition owns: a command routed before
-/// a split, for a key the partition no longer owns, is refused the same way on every replica.
+/// Every key the commands name, checked against what the partition owns, the same way on every
+/// replica. The first key is the one the request was routed by: when the partition no longer owns
+/// it (it split since), the answer sends the client to the partition that does; when it owns the
+/// first but not another, the keys now live in different partitions, which no retry mends.
 pub fn check_keys<'a>(owner: Owner, commands: impl Iterator<Item = &'a [Bytes]>) -> TernResult<()> {
+    let mut first = true;
+    let mut check = |key: &[u8]| -> TernResult<()> {
+        let owned = owner.check(key);
+        if owned.is_err() && !first {
+            return Err(TernError::invalid(
+                "CROSSSLOT Keys in request don't hash to the same slot (the partition split: its keys now live in different partitions)",
+            ));
+        }
+        first = false;
+        owned
+    };
     for args in commands {
         if args.len() == 3 && args[0].eq_ignore_ascii_case(b"TERN.WATCHED") {
-            owner.check(&args[1])?;
+            check(&args[1])?;
             continue;
         }
         let Some(spec) = args.first().and_then(|name| tern_redis::spec(name)) else { continue };
@@ -24,7 +37,7 @@ pub fn check_keys<'a>(owner: Owner, commands: impl Iterator<Item = &'a [Bytes]>)
             continue; // the executor answers it
         }
         for i in tern_redis::command_keys(spec, args) {
-            owner.check(&args[i])?;
+            check(&args[i])?;
         }
     }
     Ok(())
