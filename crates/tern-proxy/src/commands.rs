@@ -244,9 +244,13 @@ async fn keyed(shared: &Shard, args: &[Bytes]) -> R {
         return Err(reply);
     }
     if matches!(spec.name, "GET" | "HGET" | "MGET" | "HMGET") {
-        let hits = matches!(&reply, Reply::Bulk(_)) as u64;
+        let values = match &reply {
+            Reply::Array(items) => items.as_slice(),
+            one => std::slice::from_ref(one),
+        };
+        let hits = values.iter().filter(|v| matches!(v, Reply::Bulk(_))).count() as u64;
         shared.stats.keyspace_hits.fetch_add(hits, Ordering::Relaxed);
-        shared.stats.keyspace_misses.fetch_add(1 - hits.min(1), Ordering::Relaxed);
+        shared.stats.keyspace_misses.fetch_add(values.len() as u64 - hits, Ordering::Relaxed);
     }
     Ok(reply)
 }

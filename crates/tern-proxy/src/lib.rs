@@ -1,11 +1,14 @@
 //! tern-proxy: a Redis endpoint (RESP2 and RESP3) over one Tern table.
 //!
-//! Owns: the RESP framing (`resp`), the Redis command semantics on Tern's data model (`commands`),
-//! INFO/COMMAND/CONFIG introspection (`info`), and connection handling with its limits and its
-//! threads (this file: an acceptor hands each connection to one thread, which serves it to the end).
-//! The proxy is stateless apart from SCAN cursors: start as many as you like in front of a cluster.
-//! It talks to the cluster only through `tern-client`; it must not depend on server-side crates
-//! (raft, engine, meta).
+//! Owns: the RESP framing (`resp`), routing each command to the partition of its keys and what
+//! spans partitions or connections (`commands`: CROSSSLOT, MULTI/EXEC/WATCH queues, SCAN, KEYS,
+//! FLUSHDB, per-partition MGET/MSET/DEL), INFO/COMMAND/CONFIG introspection (`info`), and
+//! connection handling with its limits and its threads (this file: an acceptor hands each
+//! connection to one thread, which serves it to the end). What each command does to a key is
+//! tern-redis's, run inside the partition. The proxy is stateless apart from SCAN cursors and
+//! transactions being queued: start as many as you like in front of a cluster. It talks to the
+//! cluster only through `tern-client`; it must not depend on server-side crates (raft, engine,
+//! meta).
 
 mod commands;
 mod info;

@@ -1,6 +1,7 @@
 //! Linearizability of a real cluster under process faults. `tern meta`, three `tern server` processes
 //! and a `tern proxy` run on loopback; clients speaking RESP to the proxy and clients using the Rust
-//! client do SET, GET and INCR on a few shared keys while a nemesis pauses servers (SIGSTOP/SIGCONT)
+//! client do SET, GET and INCR on a few shared keys (the RESP clients also RPUSH, LPOP and LRANGE a
+//! few lists) while a nemesis pauses servers (SIGSTOP/SIGCONT)
 //! and kills and restarts them (SIGKILL). Every operation is recorded with its call and return time;
 //! an operation whose outcome the client cannot know (timeout, lost connection, error) is recorded as
 //! unknown: it may or may not have happened. The history is then checked for linearizability per key
@@ -27,6 +28,7 @@ use tokio::net::TcpStream;
 /// Keys written with SET (unique values) and keys counted with INCR; few, so clients collide.
 const REGISTERS: u64 = 5;
 const COUNTERS: u64 = 5;
+const LISTS: u64 = 3;
 /// Longest a client waits for one answer before it counts the outcome as unknown.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(12);
 /// Search budget per key for the checker.
@@ -97,6 +99,8 @@ enum Reply {
     Status,
     Integer(i64),
     Bulk(Option<Vec<u8>>),
+    /// An array of bulk strings (LRANGE).
+    Array(Vec<Vec<u8>>),
     Error(#[allow(dead_code)] String),
 }
 
@@ -120,6 +124,10 @@ impl Resp {
             frame.extend_from_slice(b"\r\n");
         }
         self.stream.get_mut().write_all(&frame).await?;
+        self.reply().await
+    }
+
+    async fn reply(&mut self) -> std::io::Result<Reply> {
         let mut line = String::new();
         self.stream.read_line(&mut line).await?;
         let bad = || std::io::Error::other(format!("unexpected reply line {line:?}"));
@@ -137,6 +145,17 @@ impl Resp {
                 self.stream.read_exact(&mut data).await?;
                 data.truncate(len as usize);
                 Ok(Reply::Bulk(Some(data)))
+            }
+            Some(b'*') => {
+                let n: usize = body.parse().map_err(|_| bad())?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    match Box::pin(self.reply()).await? {
+                        Reply::Bulk(Some(v)) => items.push(v),
+                        _ => return Err(bad()),
+                    }
+                }
+                Ok(Reply::Array(items))
             }
             _ => Err(bad()),
         }
@@ -160,12 +179,26 @@ async fn redis_worker(address: String, client_number: u64, recorder: Arc<Recorde
         }
         let resp = connection.as_mut().expect("connected above");
         n += 1;
-        let (key, input) = next_operation(&mut rng, client_number, n);
+        // A fifth of the Redis clients' operations are on lists, run inside raft apply by tern-redis.
+        let (key, input) = if rng.range(0, 5) == 0 {
+            let key = format!("list{}", rng.range(0, LISTS)).into_bytes();
+            let input = match rng.range(0, 10) {
+                0..=4 => Input::ListPush { value: format!("c{client_number}-{n}").into_bytes() },
+                5..=7 => Input::ListPop,
+                _ => Input::ListRange,
+            };
+            (key, input)
+        } else {
+            next_operation(&mut rng, client_number, n)
+        };
         let call = recorder.now();
         let args: Vec<&[u8]> = match &input {
             Input::Set { value, .. } => vec![b"SET", &key, value],
             Input::Incr { .. } => vec![b"INCR", &key],
             Input::Get { .. } => vec![b"GET", &key],
+            Input::ListPush { value } => vec![b"RPUSH", &key, value],
+            Input::ListPop => vec![b"LPOP", &key],
+            Input::ListRange => vec![b"LRANGE", &key, b"0", b"-1"],
             _ => unreachable!("not generated"),
         };
         let reply = match tokio::time::timeout(OPERATION_TIMEOUT, resp.call(&args)).await {
@@ -179,7 +212,10 @@ async fn redis_worker(address: String, client_number: u64, recorder: Arc<Recorde
             (Input::Set { .. }, Some(Reply::Status)) => Some(Output::Done),
             (Input::Incr { .. }, Some(Reply::Integer(v))) => Some(Output::Integer(v)),
             (Input::Get { .. }, Some(Reply::Bulk(v))) => Some(Output::Value(v)),
-            (Input::Get { .. }, _) => continue,
+            (Input::ListPush { .. }, Some(Reply::Integer(v))) => Some(Output::Integer(v)),
+            (Input::ListPop, Some(Reply::Bulk(v))) => Some(Output::Value(v)),
+            (Input::ListRange, Some(Reply::Array(items))) => Some(Output::Values(items.into_iter().map(Some).collect())),
+            (Input::Get { .. } | Input::ListRange, _) => continue, // a failed read changed nothing
             (_, Some(Reply::Error(_)) | None) => None,
             (_, Some(other)) => panic!("{input:?} answered with {other:?}"),
         };
