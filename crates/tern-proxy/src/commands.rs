@@ -157,6 +157,8 @@ pub async fn execute(shared: &Shard, session: &mut Session, name: String, args: 
             session.watched.clear();
             session.resp3 = false;
             session.name = None;
+            // As Redis: back to a new connection's state, password included.
+            session.authenticated = shared.config.password.is_none();
             Ok(Reply::Simple("RESET".into()))
         }
         "MGET" | "DEL" | "UNLINK" | "EXISTS" | "TOUCH" if args.len() >= 2 => per_partition(shared, &name, args).await,
