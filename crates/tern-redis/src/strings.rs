@@ -7,8 +7,9 @@ use crate::{fail, format_double, Records, Reply, Res, NOT_FLOAT, NOT_INTEGER, SY
 use bytes::Bytes;
 
 const STRING: &[u8] = b"";
-/// Cells of LCS's table (the product of the two lengths) one command may use.
-const LCS_CELLS_MAX: usize = 16 << 20;
+/// Cells of LCS's table (the product of the two lengths) one command may use: about 10 ms of the
+/// serving replica's time.
+const LCS_CELLS_MAX: usize = 4 << 20;
 
 pub fn run(name: &str, r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
     let key = &a[1][..];
@@ -347,7 +348,34 @@ fn bitcount(r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
     };
     let v = get(r, &a[1])?.map(|(_, v)| v).unwrap_or_default();
     let Some((from, to)) = bit_range(v.len(), start, end, bits) else { return Ok(Reply::Int(0)) };
-    Ok(Reply::Int((from..=to).filter(|&b| bit_at(&v, b)).count() as i64))
+    Ok(Reply::Int(count_bits(&v, from, to) as i64))
+}
+
+/// Set bits in the inclusive bit range: whole bytes by popcount, the partial ends bit by bit.
+fn count_bits(v: &[u8], from: u64, to: u64) -> u64 {
+    let (first_whole, last_whole) = (from.div_ceil(8), (to + 1) / 8);
+    if first_whole >= last_whole {
+        return (from..=to).filter(|&b| bit_at(v, b)).count() as u64;
+    }
+    let edges = (from..first_whole * 8).chain(last_whole * 8..=to).filter(|&b| bit_at(v, b)).count() as u64;
+    edges + v[first_whole as usize..last_whole as usize].iter().map(|b| b.count_ones() as u64).sum::<u64>()
+}
+
+/// The first bit equal to `want` in the inclusive bit range, skipping whole bytes that hold none.
+fn find_bit(v: &[u8], from: u64, to: u64, want: bool) -> Option<u64> {
+    let skip = if want { 0x00 } else { 0xff };
+    let mut b = from;
+    while b <= to {
+        if b.is_multiple_of(8) && b + 7 <= to && v[(b / 8) as usize] == skip {
+            b += 8;
+            continue;
+        }
+        if bit_at(v, b) == want {
+            return Some(b);
+        }
+        b += 1;
+    }
+    None
 }
 
 fn bitpos(r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
@@ -368,7 +396,7 @@ fn bitpos(r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
         Some((_, v)) => v,
     };
     let Some((from, to)) = bit_range(v.len(), start, end, bits) else { return Ok(Reply::Int(-1)) };
-    if let Some(found) = (from..=to).find(|&b| bit_at(&v, b) == want) {
+    if let Some(found) = find_bit(&v, from, to, want) {
         return Ok(Reply::Int(found as i64));
     }
     // Looking for a clear bit without an end: the string is padded with zeros on the right.
@@ -457,4 +485,23 @@ fn lcs(r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
         })
         .collect();
     Ok(Reply::Map(vec![(Reply::bulk("matches"), Reply::Array(items)), (Reply::bulk("len"), Reply::Int(total))]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bit_counts_and_searches_match_bit_by_bit() {
+        let v: Vec<u8> = (0..64u32).map(|i| (i.wrapping_mul(0x9e) ^ (i >> 2)) as u8).chain([0x00, 0x00, 0xff, 0xff, 0x10]).collect();
+        let bits = v.len() as u64 * 8;
+        for from in (0..bits).step_by(5) {
+            for to in (from..bits).step_by(7) {
+                assert_eq!(count_bits(&v, from, to), (from..=to).filter(|&b| bit_at(&v, b)).count() as u64, "{from}..={to}");
+                for want in [false, true] {
+                    assert_eq!(find_bit(&v, from, to, want), (from..=to).find(|&b| bit_at(&v, b) == want), "{from}..={to} {want}");
+                }
+            }
+        }
+    }
 }
