@@ -152,6 +152,9 @@ impl Records for ReadRecords<'_> {
     }
 }
 
+/// A pending write: the key and its value (None: deleted).
+type PendingWrite<'a> = (&'a Vec<u8>, &'a Option<Vec<u8>>);
+
 pub(crate) type Pending<'a> = (&'a BTreeMap<Vec<u8>, Option<Vec<u8>>>, &'a [(Vec<u8>, Vec<u8>)]);
 
 /// Visits the live records of `hashkey` in [from, to) as the engine plus the pending writes hold
@@ -176,21 +179,25 @@ fn walk(
     if start >= end {
         return Ok(());
     }
-    let mut extra: Vec<(&[u8], &[u8])> = match pending {
-        Some((overlay, _)) => overlay.range(start.clone()..end.clone()).filter_map(|(k, v)| Some((k.as_slice(), v.as_deref()?))).collect(),
-        None => Vec::new(),
+    // The pending writes in range, taken lazily in scan order (a scan that stops early reads
+    // only as far as it went); deletes among them only hide the engine's keys.
+    let in_range = pending.map(|(overlay, _)| overlay.range(start.clone()..end.clone()));
+    let ordered: Box<dyn Iterator<Item = PendingWrite>> = match in_range {
+        Some(r) if reverse => Box::new(r.rev()),
+        Some(r) => Box::new(r),
+        None => Box::new(std::iter::empty()),
     };
-    if reverse {
-        extra.reverse();
-    }
+    let mut extra = ordered.filter_map(|(k, v)| Some((k.as_slice(), v.as_deref()?))).peekable();
     let mut walker = Walker { visit, now, skip: prefix.len(), failed: None, stopped: false };
-    let mut next = 0;
     let mut on_engine = |k: &[u8], v: &[u8]| -> bool {
-        while next < extra.len() && (if reverse { extra[next].0 > k } else { extra[next].0 < k }) {
-            if !walker.emit(extra[next].0, extra[next].1) {
+        while let Some(&(key, value)) = extra.peek() {
+            if if reverse { key <= k } else { key >= k } {
+                break;
+            }
+            if !walker.emit(key, value) {
                 return false;
             }
-            next += 1;
+            extra.next();
         }
         if let Some((overlay, deleted)) = pending {
             if overlay.contains_key(k) || deleted.iter().any(|(s, e)| s.as_slice() <= k && k < e.as_slice()) {
@@ -204,9 +211,11 @@ fn walk(
     if let Some(e) = walker.failed.take() {
         return Err(e);
     }
-    while !walker.stopped && next < extra.len() {
-        walker.emit(extra[next].0, extra[next].1);
-        next += 1;
+    for (key, value) in extra {
+        if walker.stopped {
+            break;
+        }
+        walker.emit(key, value);
     }
     walker.failed.map_or(Ok(()), Err)
 }

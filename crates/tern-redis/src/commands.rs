@@ -248,10 +248,11 @@ pub fn execute(r: &mut dyn Records, a: &[Bytes]) -> Result<Reply, TernError> {
         Err(Fail::Reply(reply)) => reply,
         Err(Fail::Storage(e)) => return Err(e),
     };
-    // Commands that write bound their own replies (pops stop early); this is for reads of whole
-    // collections.
+    // Commands that write bound their own replies (pops stop at POP_BYTES_MAX) and must answer
+    // for what they did; this is for reads of whole collections.
     let size = reply.size();
-    if size > crate::REPLY_BYTES_MAX {
+    let writes = a.first().and_then(|name| spec(name)).is_some_and(|s| s.write);
+    if !writes && size > crate::REPLY_BYTES_MAX {
         return Ok(Reply::Error(format!(
             "ERR the reply would be {size} bytes; the limit is {} (read big collections with the SCAN forms or ranges)",
             crate::REPLY_BYTES_MAX
@@ -300,13 +301,16 @@ pub fn execute_all(r: &mut dyn Records, commands: &[Vec<Bytes>]) -> Result<Reply
     }
     let mut replies = Vec::with_capacity(commands.len() - watched);
     let mut size = 0;
-    for c in &commands[watched..] {
+    // Room kept for the error replies that may stand in for the commands still to run.
+    const ERROR_REPLY_BYTES: usize = 128;
+    for (i, c) in commands[watched..].iter().enumerate() {
+        let remaining = commands.len() - watched - i - 1;
         if c.first().is_some_and(|n| n.eq_ignore_ascii_case(b"LCS")) {
             replies.push(Reply::err("ERR LCS cannot run inside a transaction on Tern (it would hold up the partition's writes)"));
             continue;
         }
         let reply = execute(r, c)?;
-        let over = size + reply.size() > crate::REPLY_BYTES_MAX;
+        let over = size + reply.size() + remaining * ERROR_REPLY_BYTES > crate::REPLY_BYTES_MAX;
         if !over {
             size += reply.size();
         }
@@ -442,5 +446,56 @@ mod bounds {
         assert_eq!(r.records_of("s"), 0);
         assert_eq!(cmd(r, "DEL t"), Reply::Int(1));
         assert!(r.map.is_empty());
+    }
+}
+
+/// Pops with a count answer for everything they removed: they stop before the reply outgrows
+/// what a reply may carry, never remove and then refuse.
+#[cfg(test)]
+mod pops {
+    use crate::testing::{cmd, Mem};
+    use crate::Reply;
+    use bytes::Bytes;
+
+    #[test]
+    fn pops_of_big_elements_answer_what_they_removed() {
+        let r = &mut Mem::default();
+        let big = Bytes::from(vec![b'x'; 1_000_000]);
+        for _ in 0..6 {
+            crate::execute(r, &[Bytes::from("RPUSH"), Bytes::from("l"), big.clone()]).unwrap();
+        }
+        let Reply::Array(popped) = cmd(r, "LPOP l 6") else { panic!("an array") };
+        let left = match cmd(r, "LLEN l") {
+            Reply::Int(n) => n as usize,
+            other => panic!("{other:?}"),
+        };
+        assert!(!popped.is_empty() && popped.len() < 6, "stopped early: {}", popped.len());
+        assert_eq!(popped.len() + left, 6, "nothing removed without being answered");
+        let members: Vec<String> = (0..100_000).map(|i| format!("{i:06}")).collect();
+        for chunk in members.chunks(10_000) {
+            cmd(r, &format!("SADD s {}", chunk.join(" ")));
+            let pairs: Vec<String> = chunk.iter().map(|m| format!("1 {m}")).collect();
+            cmd(r, &format!("ZADD z {}", pairs.join(" ")));
+        }
+        for (pop, card) in [("SPOP s 100000", "SCARD s"), ("ZPOPMIN z 100000", "ZCARD z")] {
+            let reply = cmd(r, pop);
+            let answered = match &reply {
+                Reply::Set(items) | Reply::Array(items) => items.len(),
+                Reply::Pairs(pairs) => pairs.len(),
+                other => panic!("{pop}: {other:?}"),
+            };
+            assert!(reply.size() <= crate::REPLY_BYTES_MAX, "{pop}");
+            let Reply::Int(left) = cmd(r, card) else { panic!("a count") };
+            assert_eq!(answered + left as usize, 100_000, "{pop}: nothing removed without being answered");
+        }
+    }
+
+    #[test]
+    fn a_pop_over_records_outside_the_layout_does_not_underflow() {
+        let r = &mut Mem::default();
+        cmd(r, "SADD s a");
+        r.map.insert((b"s".to_vec(), [&[0u8, 2][..], b"x"].concat()), (0, Vec::new()));
+        assert!(matches!(cmd(r, "SPOP s 10"), Reply::Set(items) if items.len() == 2));
+        assert_eq!(cmd(r, "EXISTS s"), Reply::Int(0));
     }
 }

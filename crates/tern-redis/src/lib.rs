@@ -104,6 +104,11 @@ pub(crate) const SYNTAX: &str = "ERR syntax error";
 /// stop early at it.
 pub const REPLY_BYTES_MAX: usize = 4 * 1024 * 1024 - 64 * 1024;
 
+/// What pops with a count (LPOP, SPOP, ZPOPMIN, ...) take at most before their last element: with
+/// that element (at most a value's size) the reply still fits `REPLY_BYTES_MAX`, so a write never
+/// removes what its answer cannot carry.
+pub const POP_BYTES_MAX: usize = REPLY_BYTES_MAX - tern_core::limits::VALUE_BYTES_MAX - 4096;
+
 /// Largest collection a command loads whole into memory (sources of the STORE forms, random picks,
 /// SMEMBERS before its reply is checked): past it the command is refused, with nothing written.
 pub const LOAD_BYTES_MAX: usize = 64 * 1024 * 1024;

@@ -42,7 +42,7 @@ pub fn run(name: &str, r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
             };
             let mut out = Vec::new();
             let mut size = 0;
-            while (out.len() as i64) < wanted && size < crate::REPLY_BYTES_MAX {
+            while (out.len() as i64) < wanted && size < crate::POP_BYTES_MAX {
                 let Some(v) = pop(r, key, &mut meta, left)? else { break };
                 size += v.len() + 16;
                 out.push(Reply::bulk(v));
@@ -128,7 +128,7 @@ pub fn run(name: &str, r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
                 let Some(mut meta) = collection(r, &key, KeyType::List)? else { continue };
                 let mut out = Vec::new();
                 let mut size = 0;
-                while (out.len() as i64) < wanted && size < crate::REPLY_BYTES_MAX {
+                while (out.len() as i64) < wanted && size < crate::POP_BYTES_MAX {
                     let Some(v) = pop(r, &key, &mut meta, side == "LEFT")? else { break };
                     size += v.len() + 16;
                     out.push(Reply::bulk(v));

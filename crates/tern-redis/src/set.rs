@@ -103,13 +103,18 @@ fn members_at(r: &mut dyn Records, key: &[u8], positions: &[u64]) -> Res<Vec<Vec
         return Ok(out);
     }
     let mut i = 0u64;
+    let mut size = 0;
     r.scan(key, ELEMENTS, Some(SCORES), false, &mut |sk, _, _| {
         if positions[out.len()] == i {
+            size += sk.len() + 16;
             out.push(member_of(sk).to_vec());
         }
         i += 1;
-        out.len() < positions.len()
+        out.len() < positions.len() && size <= crate::LOAD_BYTES_MAX
     })?;
+    if size > crate::LOAD_BYTES_MAX {
+        return crate::too_large_to_load();
+    }
     if out.len() != positions.len() {
         return crate::malformed(format!("set metadata counts more members than the {i} stored"));
     }
@@ -203,6 +208,11 @@ fn srandmember(r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
         }
         let distinct: Vec<u64> = draws.iter().copied().collect::<BTreeSet<u64>>().into_iter().collect();
         let found: Vec<Bytes> = members_at(r, key, &distinct)?.into_iter().map(Bytes::from).collect();
+        // Checked before the reply is built: repeats can make it far larger than the set.
+        let size: usize = draws.iter().map(|p| found[distinct.binary_search(p).unwrap_or(0)].len() + 16).sum();
+        if size > crate::REPLY_BYTES_MAX {
+            return fail(format!("ERR the reply would be {size} bytes; the limit is {} (ask for fewer)", crate::REPLY_BYTES_MAX));
+        }
         let out = draws.iter().map(|p| Reply::Bulk(found[distinct.binary_search(p).unwrap_or(0)].clone())).collect();
         return Ok(Reply::Array(out));
     }
@@ -242,18 +252,27 @@ fn spop(r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
         let positions = pick(r, n, k);
         members_at(r, key, &positions)?
     };
-    // As the list pops: a count larger than a reply may hold pops what fits.
+    // In random order (drawn from the entry), so that a pop cut short below keeps no bias.
+    for i in (1..chosen.len()).rev() {
+        let j = (r.random() % (i as u64 + 1)) as usize;
+        chosen.swap(i, j);
+    }
+    // As the list pops: a count larger than a reply may carry pops what fits.
     let mut size = 0;
-    let fits = chosen.iter().take_while(|m| {
-        size += m.len() + 16;
-        size <= crate::REPLY_BYTES_MAX
-    });
-    let keep = fits.count();
+    let keep = chosen
+        .iter()
+        .take_while(|m| {
+            let fits = size < crate::POP_BYTES_MAX;
+            size += m.len() + 16;
+            fits
+        })
+        .count();
     chosen.truncate(keep);
     for m in &chosen {
         r.delete(key, &member_sortkey(m))?;
     }
-    meta.count -= chosen.len() as u64;
+    // Saturating: records written around the layout (Tern's own API) may outnumber the count.
+    meta.count = meta.count.saturating_sub(chosen.len() as u64);
     store_meta(r, key, &meta)?;
     Ok(set_reply(chosen))
 }

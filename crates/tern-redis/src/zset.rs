@@ -33,8 +33,9 @@ const NAN_SCORE: &str = "ERR resulting score is not a number (NaN)";
 const POSITIVE: &str = "ERR value is out of range, must be positive";
 /// The most elements ZRANDMEMBER with a negative count returns (each may repeat, so the set's
 /// size does not bound the reply), as SRANDMEMBER.
-/// What a member adds to a reply besides its bytes (headers, the score).
-const ITEM_OVERHEAD: usize = 32;
+/// What a member adds to a reply besides its bytes, at most (`Reply::size` of a member and its
+/// score in ZMPOP's nested form, the largest).
+const ITEM_OVERHEAD: usize = 56;
 
 pub fn run(name: &str, r: &mut dyn Records, a: &[Bytes]) -> Res<Reply> {
     let key = &a[1][..];
@@ -286,7 +287,12 @@ fn select(r: &mut dyn Records, key: &[u8], len: u64, range: &Range, rev: bool, w
             return true;
         }
         size += m.len() + ITEM_OVERHEAD;
-        let max = if cap == Cap::Load { crate::LOAD_BYTES_MAX } else { crate::REPLY_BYTES_MAX };
+        let max = match cap {
+            Cap::Load => crate::LOAD_BYTES_MAX,
+            Cap::Refuse => crate::REPLY_BYTES_MAX,
+            // A pop stops before it passes what its reply can carry.
+            Cap::Stop => crate::POP_BYTES_MAX,
+        };
         if size > max {
             over = true;
             return false;

@@ -31,8 +31,10 @@ fn hashkey_in_partition(hashkey: &[u8], p: &PartitionRef) -> Result<(), TernErro
 }
 
 /// A Redis command: a known name with the right number of arguments (the executor answers the
-/// rest), keys within the hashkey limit and in this partition. Returns its bytes.
-fn redis_command(args: &[bytes::Bytes], p: &PartitionRef, write: bool) -> Result<usize, TernError> {
+/// rest), keys within the hashkey limit and in this partition. Returns its bytes. `first` is
+/// whether no key of the request has been checked yet: the first is the one the request was
+/// routed by; a later one elsewhere means keys in different partitions (CROSSSLOT).
+fn redis_command(args: &[bytes::Bytes], p: &PartitionRef, write: bool, first: &mut bool) -> Result<usize, TernError> {
     let name = args.first().ok_or_else(|| TernError::invalid("a Redis command needs a name"))?;
     let spec = tern_redis::spec(name).ok_or_else(|| TernError::invalid(format!("unknown Redis command '{}'", String::from_utf8_lossy(name))))?;
     if spec.write && !write {
@@ -40,10 +42,19 @@ fn redis_command(args: &[bytes::Bytes], p: &PartitionRef, write: bool) -> Result
     }
     if spec.arity_ok(args.len()) {
         for i in tern_redis::command_keys(spec, args) {
-            hashkey_in_partition(&args[i], p)?;
+            redis_key(&args[i], p, first)?;
         }
     }
     Ok(args.iter().map(|a| a.len() + 8).sum())
+}
+
+fn redis_key(key: &[u8], p: &PartitionRef, first: &mut bool) -> Result<(), TernError> {
+    let checked = hashkey_in_partition(key, p);
+    if checked.is_err() && !*first && check_hashkey(key).is_ok() {
+        return Err(TernError::invalid("CROSSSLOT Keys in request don't hash to the same slot (they live in different partitions)"));
+    }
+    *first = false;
+    checked
 }
 
 fn check_expiry(ttl_seconds: u32, expire_at_ms: u64) -> Result<(), TernError> {
@@ -175,13 +186,14 @@ pub fn write(request: &WriteRequest) -> Result<GroupId, TernError> {
                 return Err(TernError::invalid("a Redis write holds one command, or a transaction of one or more"));
             }
             check_record_count(redis.commands.len())?;
+            let mut first = true;
             for c in &redis.commands {
                 let watch = redis.transaction && c.args.first().is_some_and(|n| n.eq_ignore_ascii_case(b"TERN.WATCHED"));
                 if watch {
-                    hashkey_in_partition(c.args.get(1).ok_or_else(|| TernError::invalid("TERN.WATCHED needs a key"))?, p)?;
+                    redis_key(c.args.get(1).ok_or_else(|| TernError::invalid("TERN.WATCHED needs a key"))?, p, &mut first)?;
                     bytes += c.args.iter().map(|a| a.len()).sum::<usize>();
                 } else {
-                    bytes += redis_command(&c.args, p, true)?;
+                    bytes += redis_command(&c.args, p, true, &mut first)?;
                 }
             }
         }
@@ -197,7 +209,7 @@ pub fn read(request: &ReadRequest) -> Result<GroupId, TernError> {
     match &request.op {
         None => return Err(TernError::invalid("read request has no operation")),
         Some(read_request::Op::Redis(command)) => {
-            check_write_size(redis_command(&command.args, p, false)?)?;
+            check_write_size(redis_command(&command.args, p, false, &mut true)?)?;
         }
         Some(read_request::Op::Get(get)) => {
             hashkey_in_partition(&get.hashkey, p)?;
