@@ -17,8 +17,18 @@ const DEFAULT_META: &str = "127.0.0.1:34601,127.0.0.1:34602,127.0.0.1:34603";
 #[derive(Parser)]
 #[command(name = "tern", version, about = "Tern: a strongly consistent, replicated, partitioned key-value store")]
 struct Cli {
+    /// How the processes log (to stderr): `text` (coloured only on a terminal) or `json` (one
+    /// object per line).
+    #[arg(long, global = true, value_enum, default_value = "text", env = "TERN_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -206,9 +216,15 @@ enum Command {
     },
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => logs.json().init(),
+        // Colour codes only where a person reads them: not in a file or a pipe.
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 /// Ctrl-C and SIGTERM, registered before anything starts so that an early signal still stops cleanly.
@@ -236,7 +252,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Playground { data_dir, meta_port, server_port, servers, meta_replicas, redis_port } => {
-            init_logging();
+            init_logging(cli.log_format);
             let signals = StopSignals::install()?;
             let redis_port = (redis_port != 0).then_some(redis_port);
             let cfg = playground::PlaygroundConfig {
@@ -266,7 +282,7 @@ async fn main() -> anyhow::Result<()> {
             pg.shutdown().await;
         }
         Command::Meta { data_dir, listen, id, peers, node_grace_seconds, raft_tick_ms, election_ticks } => {
-            init_logging();
+            init_logging(cli.log_format);
             let signals = StopSignals::install()?;
             if node_grace_seconds == 0 {
                 bail!("--node-grace-seconds must be positive");
@@ -323,7 +339,7 @@ async fn main() -> anyhow::Result<()> {
             zone,
             leader_priority,
         } => {
-            init_logging();
+            init_logging(cli.log_format);
             let signals = StopSignals::install()?;
             if raft_tick_ms.is_some_and(|t| t == 0 || t > 10_000) {
                 bail!("--raft-tick-ms must be between 1 and 10000");
@@ -364,7 +380,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Proxy { listen, meta, table, password, max_clients, threads } => {
-            init_logging();
+            init_logging(cli.log_format);
             let signals = StopSignals::install()?;
             let client = Client::new(ClientConfig::new(meta))?;
             let mut cfg = tern_proxy::ProxyConfig::new(listen, &table);

@@ -293,3 +293,30 @@ fn server_refuses_bad_hibernation_settings() {
     }
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing was created");
 }
+
+/// Logs written to a file carry no terminal colour codes; `--log-format json` writes one JSON
+/// object per line (level, fields, target), for log shippers.
+#[test]
+fn logs_are_plain_in_files_and_json_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    for format in ["text", "json"] {
+        let log = dir.path().join(format!("{format}.log"));
+        let data = dir.path().join(format!("meta-{format}"));
+        let args = ["--log-format", format, "meta", "--data-dir", data.to_str().unwrap(), "--listen", &format!("127.0.0.1:{}", free_port())];
+        let mut meta = Proc::spawn(args.iter().map(|a| a.to_string()).collect(), log.clone());
+        let started = Instant::now();
+        while std::fs::read_to_string(&log).unwrap_or_default().lines().count() < 2 && started.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        meta.kill();
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.lines().count() >= 2, "{format}: the meta node logged: {text}");
+        assert!(!text.contains('\u{1b}'), "{format}: no colour codes in a file: {text}");
+        if format == "json" {
+            for line in text.lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                assert!(v.get("level").is_some() && v.get("fields").is_some(), "{line}");
+            }
+        }
+    }
+}
