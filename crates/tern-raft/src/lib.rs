@@ -23,6 +23,7 @@ pub mod keys;
 pub mod log_store;
 pub mod log_writer;
 pub mod meta_link;
+pub mod raft_log;
 pub mod read;
 pub mod redis;
 pub mod replica;

@@ -250,7 +250,7 @@ impl Replica {
         config.validate().map_err(|e| TernError::Internal(format!("raft config: {e}")))?;
         let restarted = bootstrap_voters.is_none() && !fresh_log;
         let votes_refused_until_tick = if restarted && !cfg.planted.vote_right_after_restart { cfg.election_tick as u64 } else { 0 };
-        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let logger = crate::raft_log::logger(group);
         let raw = RawNode::new(&config, storage, &logger).map_err(|e| TernError::Internal(format!("raft: {e}")))?;
         files.create_dir_all(&snapshot_dir).map_err(|e| TernError::Internal(format!("create {}: {e}", snapshot_dir.display())))?;
         Ok(Replica {
@@ -687,6 +687,9 @@ impl Replica {
                 fail_reads(b.reads, self.not_leader());
             }
             fail_reads(std::mem::take(&mut self.waiting_reads), self.not_leader());
+        }
+        if leader != self.was_leader {
+            tracing::info!(group = %self.group, term = self.raw.raft.term, "{}", if leader { "leads" } else { "no longer leads" });
         }
         if leader && !self.was_leader {
             // Proposals of an earlier term of ours were either committed by the leaders in between or
