@@ -155,6 +155,7 @@ impl Replica {
                     self.removed = true;
                     tracing::info!(group = %self.group, peer = self.peer_id, "removed from the group; going quiet");
                 }
+                tracing::info!(group = %self.group, voters = ?cs.voters, learners = ?cs.learners, outgoing = ?cs.voters_outgoing, "membership changed");
                 batch.set_conf_state(cs.clone());
                 self.raw.mut_store().set_conf_state(cs);
             }

@@ -64,6 +64,7 @@ impl Replica {
         meta.set_conf_state(state.conf_state);
         self.raw.mut_store().set_generated_snapshot(snap);
         self.remove_old_snapshots(&name);
+        tracing::info!(group = %self.group, index = state.applied_index, "made a snapshot for a peer that fell behind the log");
     }
 
     /// Keeps the newest generated checkpoint and one before it (a transfer may still be reading it).
