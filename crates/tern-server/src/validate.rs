@@ -252,6 +252,50 @@ mod tests {
         }
     }
 
+    fn redis(partition: u32, transaction: bool, commands: &[&[&str]]) -> WriteRequest {
+        let commands = commands
+            .iter()
+            .map(|c| tern_proto::RedisCommand { args: c.iter().map(|a| bytes::Bytes::copy_from_slice(a.as_bytes())).collect() })
+            .collect();
+        WriteRequest {
+            partition: Some(PartitionRef { table_id: 1, partition, partition_count: 8 }),
+            op: Some(write_request::Op::Redis(tern_proto::RedisWrite { commands, transaction })),
+            ..Default::default()
+        }
+    }
+
+    /// Redis commands are checked before they reach a replica: known names, a write sent as a
+    /// write, keys in the addressed partition (a later key elsewhere is CROSSSLOT), one command
+    /// unless it is a transaction, the size of the whole.
+    #[test]
+    fn rejects_bad_redis_commands() {
+        let p = partition_of(b"k", 8);
+        let same = (0..).map(|i| format!("s{i}")).find(|k| partition_of(k.as_bytes(), 8) == p).unwrap();
+        let other = (0..).map(|i| format!("o{i}")).find(|k| partition_of(k.as_bytes(), 8) != p).unwrap();
+        let message = |r: Result<GroupId, TernError>| r.unwrap_err().to_string();
+        assert_eq!(write(&redis(p, false, &[&["LPUSH", "k", "a"]])).unwrap(), GroupId::new(1, p));
+        assert_eq!(write(&redis(p, false, &[&["RENAME", "k", &same]])).unwrap(), GroupId::new(1, p));
+        assert!(message(write(&redis(p, false, &[&["FROBNICATE", "k"]]))).contains("unknown Redis command"));
+        assert!(message(write(&redis(p, false, &[&["RENAME", "k", &other]]))).contains("CROSSSLOT"));
+        assert!(message(write(&redis(p, true, &[&["SET", "k", "1"], &["SET", &other, "1"]]))).contains("CROSSSLOT"));
+        assert!(message(write(&redis(p, false, &[&["SET", &other, "1"]]))).contains("belongs to partition"));
+        assert!(message(write(&redis(p, false, &[&["SET", "k", "1"], &["SET", "k", "2"]]))).contains("one command"));
+        assert!(message(write(&redis(p, false, &[]))).contains("one command"));
+        assert!(message(write(&redis(p, true, &[&["TERN.WATCHED"]]))).contains("needs a key"));
+        let big = "x".repeat(limits::WRITE_REQUEST_BYTES_MAX);
+        assert!(message(write(&redis(p, false, &[&["SET", "k", &big]]))).contains("limit"));
+        let read = |args: &[&str]| ReadRequest {
+            partition: Some(PartitionRef { table_id: 1, partition: p, partition_count: 8 }),
+            op: Some(read_request::Op::Redis(tern_proto::RedisCommand {
+                args: args.iter().map(|a| bytes::Bytes::copy_from_slice(a.as_bytes())).collect(),
+            })),
+            ..Default::default()
+        };
+        assert_eq!(super::read(&read(&["LRANGE", "k", "0", "-1"])).unwrap(), GroupId::new(1, p));
+        assert!(message(super::read(&read(&["LPUSH", "k", "a"]))).contains("writes"));
+        assert!(message(super::read(&read(&["SUNION", "k", &other]))).contains("CROSSSLOT"));
+    }
+
     /// Writes addressed to the wrong partition, oversized values and missing fields are rejected with
     /// messages that name the problem.
     #[test]

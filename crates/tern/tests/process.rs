@@ -299,6 +299,9 @@ fn server_refuses_bad_hibernation_settings() {
 #[test]
 fn logs_are_plain_in_files_and_json_on_request() {
     let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tern")).args(["--log-format", "yaml", "meta", "--data-dir", "unused"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--log-format") && stderr.contains("text, json"), "{stderr}");
     for format in ["text", "json"] {
         let log = dir.path().join(format!("{format}.log"));
         let data = dir.path().join(format!("meta-{format}"));
