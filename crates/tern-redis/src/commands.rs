@@ -197,10 +197,12 @@ fn index() -> &'static HashMap<&'static str, &'static Spec> {
 
 /// The command named `name` (any case), if this crate executes it.
 pub fn spec(name: &[u8]) -> Option<&'static Spec> {
-    if name.len() > 32 {
-        return None;
-    }
-    index().get(args::upper(name).as_str()).copied()
+    // Upper-cased on the stack: every command of every request comes through here.
+    let mut upper = [0u8; 32];
+    let upper = upper.get_mut(..name.len())?;
+    upper.copy_from_slice(name);
+    upper.make_ascii_uppercase();
+    index().get(std::str::from_utf8(upper).ok()?).copied()
 }
 
 /// Every command this crate executes.
